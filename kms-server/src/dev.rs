@@ -1,0 +1,95 @@
+//! `kms-server dev`: a self-contained quick start in one directory (software
+//! master key, throwaway CA and certificates, client configs, keyring `default`).
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use crate::auth::{Grant, Role};
+use crate::config::{CONFIG_VERSION, MasterConfig, ServerConfig, TlsConfig};
+use crate::pki::{DevPkiPaths, create_dev_pki};
+use crate::server::{ServerError, init};
+
+/// Dev identities and their roles. `dev` holds every role on every keyring.
+pub const DEV_IDENTITIES: &[(&str, &[Role], &str)] = &[
+    ("sealer", &[Role::Sealer], "default"),
+    ("restorer", &[Role::Restorer], "default"),
+    ("officer", &[Role::Officer], "*"),
+    ("auditor", &[Role::Auditor], "*"),
+    ("dev", &[Role::Sealer, Role::Restorer, Role::Officer, Role::Auditor], "*"),
+];
+
+/// The keyring every dev setup has.
+pub const DEFAULT_KEYRING: &str = "default";
+
+pub fn config_path(dir: &Path) -> PathBuf {
+    dir.join("server.toml")
+}
+
+/// Creates the dev directory on first run; returns its config.
+pub fn prepare(dir: &Path, listen: SocketAddr) -> Result<(ServerConfig, bool), ServerError> {
+    let cfg_path = config_path(dir);
+    if cfg_path.exists() {
+        let mut cfg = ServerConfig::load(&cfg_path)?;
+        cfg.listen = listen;
+        return Ok((cfg, false));
+    }
+    create_private_dir(dir)?;
+    let pki_dir = dir.join("pki");
+    let names: Vec<&str> = DEV_IDENTITIES.iter().map(|(n, _, _)| *n).collect();
+    let pki = create_dev_pki(&pki_dir, &names)?;
+    let cfg = ServerConfig {
+        version: CONFIG_VERSION,
+        listen,
+        data_dir: dir.join("data"),
+        tls: TlsConfig { cert: pki.server_cert, key: pki.server_key, client_ca: pki.ca_cert },
+        master: MasterConfig::Software { key_file: dir.join("master.key"), passphrase_file: None, passphrase_env: None },
+        grants: DEV_IDENTITIES
+            .iter()
+            .map(|(name, roles, ring)| Grant {
+                principal: (*name).to_owned(),
+                roles: roles.iter().copied().collect::<BTreeSet<_>>(),
+                keyrings: vec![(*ring).to_owned()],
+            })
+            .collect(),
+    };
+    init(&cfg)?;
+    cfg.save(&cfg_path)?;
+    Ok((cfg, true))
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), ServerError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| ServerError::Io { path: dir.to_owned(), source: e })
+}
+
+/// Writes `DIR/clients/NAME.toml` for every dev identity, pointing at `addr`.
+pub fn write_client_configs(dir: &Path, addr: SocketAddr) -> Result<PathBuf, ServerError> {
+    let clients = dir.join("clients");
+    create_private_dir(&clients)?;
+    let pki_dir = dir.join("pki");
+    let paths = DevPkiPaths::under(&pki_dir);
+    for (name, _, _) in DEV_IDENTITIES {
+        let text = format!(
+            "# Kluis client config for the dev identity {name:?}, written by `kms-server dev`.\n\
+             version = 1\n\
+             endpoint = \"https://{addr}\"\n\
+             server_name = \"localhost\"\n\
+             ca = \"{ca}\"\n\
+             cert = \"{cert}\"\n\
+             key = \"{key}\"\n",
+            ca = paths.ca_cert.display(),
+            cert = DevPkiPaths::client_cert(&pki_dir, name).display(),
+            key = DevPkiPaths::client_key(&pki_dir, name).display(),
+        );
+        let p = clients.join(format!("{name}.toml"));
+        let tmp = clients.join(format!(".{name}.toml.tmp"));
+        std::fs::write(&tmp, text).map_err(|e| ServerError::Io { path: tmp.clone(), source: e })?;
+        std::fs::rename(&tmp, &p).map_err(|e| ServerError::Io { path: p.clone(), source: e })?;
+    }
+    Ok(clients)
+}

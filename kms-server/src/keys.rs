@@ -1,0 +1,573 @@
+//! The key hierarchy: keyrings of versioned keyring keys (wrapped by the master
+//! key), and per-backup data keys wrapped by a keyring key with AAD binding the
+//! key id, keyring, version and backup context.
+//!
+//! Every function takes the auth layer's [`Authorized`] proof and checks that it
+//! covers the operation; nothing here trusts a caller-supplied principal.
+
+use std::collections::{BTreeMap, HashMap};
+use std::str::FromStr;
+use std::sync::{Arc, RwLock};
+
+use ring::rand::SystemRandom;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+use zeroize::Zeroizing;
+
+use crate::auth::{Action, Authorized};
+use crate::master::{MasterError, MasterKeyProvider};
+use crate::secret::{Key256, aes_gcm_open, aes_gcm_seal, random_array};
+use crate::store::{
+    DataKeyRecord, KeyState, KeyringRecord, Store, StoreError, VersionRecord, VersionState, WriteOp,
+};
+
+/// Format byte of a wrapped data key blob.
+const WRAPPED_DK_FORMAT: u8 = 1;
+/// `format(1) || version(4) || nonce(12) || ciphertext(32) || tag(16)`.
+pub const WRAPPED_DK_LEN: usize = 1 + 4 + 12 + 32 + 16;
+const MASTER_CHECK_META: &str = "master_check";
+const ESCROW_META: &str = "escrow";
+const MASTER_CHECK_AAD: &[u8] = b"kluis/v1/master-check";
+
+/// Errors of the key layer.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("invalid {field}: {reason}")]
+    InvalidArgument { field: &'static str, reason: &'static str },
+    #[error("keyring {name:?} does not exist")]
+    KeyringNotFound { name: String },
+    #[error("keyring {name:?} already exists")]
+    KeyringExists { name: String },
+    #[error("data key {key_id} is not known to this server (sealed by another Kluis server, or never issued)")]
+    UnknownKeyId { key_id: String },
+    #[error("data key {key_id} belongs to keyring {actual:?}, not {claimed:?}")]
+    KeyringMismatch { key_id: String, claimed: String, actual: String },
+    #[error("data key {key_id} was destroyed on {date}")]
+    Destroyed { key_id: String, date: String },
+    #[error("keyring {keyring:?} version {version} is retired")]
+    VersionRetired { keyring: String, version: u32 },
+    #[error("the wrapped data key {key_id} does not authenticate: it was altered, or its context does not match")]
+    UnwrapFailed { key_id: String },
+    #[error("the master key does not open this store ({master}); wrong key file or token key")]
+    MasterMismatch { master: String },
+    #[error("keyring {keyring:?} version {version} could not be unwrapped by the master key")]
+    KeyringUnwrap { keyring: String, version: u32, source: MasterError },
+    #[error(transparent)]
+    Master(#[from] MasterError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the escrow manifest is not valid: {reason}")]
+    EscrowManifest { reason: &'static str },
+    #[error("the authorization does not cover this operation")]
+    NotCovered,
+    #[error("the system random number generator failed")]
+    Rng,
+    #[error("a blocking task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// A keyring in memory: metadata plus the unwrapped version keys.
+struct LiveKeyring {
+    record: KeyringRecord,
+    keys: BTreeMap<u32, Arc<Key256>>,
+}
+
+impl LiveKeyring {
+    fn current(&self) -> Option<(u32, Arc<Key256>)> {
+        self.record
+            .versions
+            .iter()
+            .filter(|v| v.state == VersionState::Active)
+            .map(|v| v.version)
+            .max()
+            .and_then(|v| self.keys.get(&v).map(|k| (v, k.clone())))
+    }
+}
+
+/// The escrow manifest in force, as the server keeps it.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct EscrowInfo {
+    pub ceremony_id: String,
+    pub recovery_recipient: String,
+    pub threshold: u32,
+    pub shares: u32,
+    pub custodians: Vec<String>,
+    pub installed: i64,
+    pub manifest_json: String,
+}
+
+/// The part of `manifest.json` the server reads (the format belongs to `kmsctl escrow`).
+#[derive(Deserialize)]
+struct ManifestView {
+    ceremony_id: String,
+    recovery_recipient: String,
+    threshold: u32,
+    shares: u32,
+    custodians: Vec<CustodianView>,
+}
+
+#[derive(Deserialize)]
+struct CustodianView {
+    name: String,
+}
+
+/// A freshly issued data key. Holds the plaintext key: no `Debug`.
+pub struct IssuedDataKey {
+    pub key_id: String,
+    pub data_key: Key256,
+    pub wrapped: Vec<u8>,
+    pub keyring: String,
+    pub version: u32,
+    pub recovery_recipient: Option<String>,
+}
+
+/// An unwrapped data key. Holds the plaintext key: no `Debug`.
+pub struct UnwrappedDataKey {
+    pub data_key: Key256,
+    pub keyring: String,
+    pub version: u32,
+    pub backup_id: String,
+}
+
+/// Keyring metadata for listings.
+#[derive(Clone, Debug)]
+pub struct KeyringInfo {
+    pub name: String,
+    pub created: i64,
+    pub retention_days: u32,
+    pub current_version: u32,
+    pub versions: Vec<(u32, i64, VersionState)>,
+    pub issued_keys: u64,
+}
+
+/// The key manager: the service layer behind the gRPC handlers.
+pub struct KeyManager {
+    store: Store,
+    master: Arc<dyn MasterKeyProvider>,
+    rings: RwLock<HashMap<String, LiveKeyring>>,
+    escrow: RwLock<Option<EscrowInfo>>,
+    admin: Mutex<()>,
+    rng: SystemRandom,
+}
+
+pub fn now_unix() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+fn format_date(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| unix.to_string())
+}
+
+/// Validates a keyring name: 1 to 64 of `[A-Za-z0-9._-]`, starting with a letter or digit.
+pub fn validate_keyring_name(name: &str) -> Result<(), KeyError> {
+    let bad = |reason| Err(KeyError::InvalidArgument { field: "keyring", reason });
+    if name.is_empty() {
+        return bad("must not be empty");
+    }
+    if name.len() > 64 {
+        return bad("must be at most 64 characters");
+    }
+    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
+        return bad("may contain only letters, digits, '.', '_' and '-'");
+    }
+    if !name.as_bytes()[0].is_ascii_alphanumeric() {
+        return bad("must start with a letter or digit");
+    }
+    Ok(())
+}
+
+fn validate_text(field: &'static str, s: &str, max: usize, allow_empty: bool) -> Result<(), KeyError> {
+    if s.is_empty() && !allow_empty {
+        return Err(KeyError::InvalidArgument { field, reason: "must not be empty" });
+    }
+    if s.len() > max {
+        return Err(KeyError::InvalidArgument { field, reason: "is too long" });
+    }
+    if s.chars().any(char::is_control) {
+        return Err(KeyError::InvalidArgument { field, reason: "must not contain control characters" });
+    }
+    Ok(())
+}
+
+fn parse_key_id(s: &str) -> Result<[u8; 16], KeyError> {
+    let bad = KeyError::InvalidArgument { field: "key_id", reason: "must be 32 lowercase hex characters" };
+    if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        return Err(bad);
+    }
+    let mut id = [0u8; 16];
+    hex::decode_to_slice(s, &mut id).map_err(|_| bad)?;
+    Ok(id)
+}
+
+fn lp(out: &mut Vec<u8>, s: &[u8]) {
+    out.extend_from_slice(&(s.len() as u32).to_be_bytes());
+    out.extend_from_slice(s);
+}
+
+/// AAD of a keyring key under the master key.
+fn krk_aad(keyring: &str, version: u32) -> Vec<u8> {
+    let mut a = b"kluis/v1/krk\0".to_vec();
+    lp(&mut a, keyring.as_bytes());
+    a.extend_from_slice(&version.to_be_bytes());
+    a
+}
+
+/// AAD of a data key under a keyring key: binds key id, keyring, version and backup context.
+fn dk_aad(key_id: &[u8; 16], keyring: &str, version: u32, backup_id: &str, labels: &[(String, String)]) -> Vec<u8> {
+    let mut a = b"kluis/v1/dk\0".to_vec();
+    a.extend_from_slice(key_id);
+    lp(&mut a, keyring.as_bytes());
+    a.extend_from_slice(&version.to_be_bytes());
+    lp(&mut a, backup_id.as_bytes());
+    a.extend_from_slice(&(labels.len() as u32).to_be_bytes());
+    for (k, v) in labels {
+        lp(&mut a, k.as_bytes());
+        lp(&mut a, v.as_bytes());
+    }
+    a
+}
+
+impl KeyManager {
+    /// Initialises a fresh store for `master`: records a check value so that a
+    /// later start with the wrong master key is refused.
+    pub fn init_store(store: &Store, master: &dyn MasterKeyProvider) -> Result<(), KeyError> {
+        if store.get_meta(MASTER_CHECK_META)?.is_some() {
+            return Err(KeyError::Store(StoreError::AlreadyExists { path: store.path().to_owned() }));
+        }
+        let rng = SystemRandom::new();
+        let probe: Zeroizing<[u8; 32]> = Zeroizing::new(random_array(&rng).map_err(|_| KeyError::Rng)?);
+        let blob = master.wrap(MASTER_CHECK_AAD, probe.as_ref())?;
+        store.write_blocking(WriteOp::PutMeta { key: MASTER_CHECK_META, value: blob })?;
+        Ok(())
+    }
+
+    /// Opens the key manager: checks the master key against the store and
+    /// unwraps every keyring key into memory.
+    pub fn open(store: Store, master: Arc<dyn MasterKeyProvider>) -> Result<Self, KeyError> {
+        let check = store
+            .get_meta(MASTER_CHECK_META)?
+            .ok_or_else(|| KeyError::Store(StoreError::NotInitialised { path: store.path().to_owned() }))?;
+        master
+            .unwrap(MASTER_CHECK_AAD, &check)
+            .map_err(|e| match e {
+                MasterError::UnwrapFailed => KeyError::MasterMismatch { master: master.describe() },
+                other => KeyError::Master(other),
+            })?;
+        let mut rings = HashMap::new();
+        for record in store.keyrings()? {
+            let mut keys = BTreeMap::new();
+            for v in &record.versions {
+                let raw = master
+                    .unwrap(&krk_aad(&record.name, v.version), &v.wrapped_key)
+                    .map_err(|e| KeyError::KeyringUnwrap { keyring: record.name.clone(), version: v.version, source: e })?;
+                let key = Key256::from_slice(&raw).ok_or(KeyError::KeyringUnwrap {
+                    keyring: record.name.clone(),
+                    version: v.version,
+                    source: MasterError::UnwrapFailed,
+                })?;
+                keys.insert(v.version, Arc::new(key));
+            }
+            rings.insert(record.name.clone(), LiveKeyring { record, keys });
+        }
+        let escrow = match store.get_meta(ESCROW_META)? {
+            Some(bytes) => Some(
+                postcard::from_bytes(&bytes)
+                    .map_err(|e| StoreError::Decode { what: "escrow", source: e })?,
+            ),
+            None => None,
+        };
+        Ok(Self {
+            store,
+            master,
+            rings: RwLock::new(rings),
+            escrow: RwLock::new(escrow),
+            admin: Mutex::new(()),
+            rng: SystemRandom::new(),
+        })
+    }
+
+    pub fn master(&self) -> &Arc<dyn MasterKeyProvider> {
+        &self.master
+    }
+
+    fn check(auth: &Authorized, action: Action, keyring: Option<&str>) -> Result<(), KeyError> {
+        if auth.covers(action, keyring) { Ok(()) } else { Err(KeyError::NotCovered) }
+    }
+
+    fn has_keyring(&self, name: &str) -> bool {
+        self.rings.read().map(|r| r.contains_key(name)).unwrap_or(false)
+    }
+
+    /// Creates a keyring with version 1. Used by the officer API and by `kms-server dev`.
+    pub async fn create_keyring(
+        &self,
+        auth: &Authorized,
+        name: &str,
+        retention_days: u32,
+    ) -> Result<KeyringInfo, KeyError> {
+        Self::check(auth, Action::CreateKeyring, Some(name))?;
+        self.create_keyring_unchecked(name, retention_days).await
+    }
+
+    /// Keyring creation for the server's own bootstrap (`kms-server dev`).
+    pub async fn create_keyring_unchecked(&self, name: &str, retention_days: u32) -> Result<KeyringInfo, KeyError> {
+        validate_keyring_name(name)?;
+        let _guard = self.admin.lock().await;
+        if self.has_keyring(name) {
+            return Err(KeyError::KeyringExists { name: name.to_owned() });
+        }
+        let key = Key256::generate(&self.rng).map_err(|_| KeyError::Rng)?;
+        let master = self.master.clone();
+        let aad = krk_aad(name, 1);
+        let (key, wrapped) = tokio::task::spawn_blocking(move || {
+            let w = master.wrap(&aad, key.expose());
+            (key, w)
+        })
+        .await?;
+        let wrapped = wrapped?;
+        let now = now_unix();
+        let record = KeyringRecord {
+            name: name.to_owned(),
+            created: now,
+            retention_days,
+            versions: vec![VersionRecord { version: 1, created: now, state: VersionState::Active, wrapped_key: wrapped }],
+        };
+        self.store.write(WriteOp::PutKeyring(record.clone())).await?;
+        let mut keys = BTreeMap::new();
+        keys.insert(1, Arc::new(key));
+        let live = LiveKeyring { record, keys };
+        let info = self.info_of(&live)?;
+        if let Ok(mut rings) = self.rings.write() {
+            rings.insert(name.to_owned(), live);
+        }
+        Ok(info)
+    }
+
+    fn info_of(&self, live: &LiveKeyring) -> Result<KeyringInfo, KeyError> {
+        Ok(KeyringInfo {
+            name: live.record.name.clone(),
+            created: live.record.created,
+            retention_days: live.record.retention_days,
+            current_version: live.current().map(|(v, _)| v).unwrap_or(0),
+            versions: live.record.versions.iter().map(|v| (v.version, v.created, v.state)).collect(),
+            issued_keys: self.store.issued_count(&live.record.name)?,
+        })
+    }
+
+    pub fn get_keyring(&self, auth: &Authorized, name: &str) -> Result<KeyringInfo, KeyError> {
+        Self::check(auth, Action::GetKeyring, Some(name))?;
+        let rings = self.rings.read().map_err(|_| KeyError::NotCovered)?;
+        let live = rings.get(name).ok_or_else(|| KeyError::KeyringNotFound { name: name.to_owned() })?;
+        self.info_of(live)
+    }
+
+    /// All keyrings, sorted by name; `visible` filters by the caller's scope.
+    pub fn list_keyrings(
+        &self,
+        auth: &Authorized,
+        visible: impl Fn(&str) -> bool,
+    ) -> Result<Vec<KeyringInfo>, KeyError> {
+        Self::check(auth, Action::ListKeyrings, None)?;
+        let rings = self.rings.read().map_err(|_| KeyError::NotCovered)?;
+        let mut out = Vec::new();
+        for (name, live) in rings.iter() {
+            if visible(name) {
+                out.push(self.info_of(live)?);
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// Issues a fresh data key for one backup object, durably recorded before it returns.
+    pub async fn generate_data_key(
+        &self,
+        auth: &Authorized,
+        keyring: &str,
+        backup_id: &str,
+        labels: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<IssuedDataKey, KeyError> {
+        Self::check(auth, Action::GenerateDataKey, Some(keyring))?;
+        validate_text("backup_id", backup_id, 256, false)?;
+        let mut labels: Vec<(String, String)> = labels.into_iter().collect();
+        if labels.len() > 32 {
+            return Err(KeyError::InvalidArgument { field: "labels", reason: "at most 32 labels" });
+        }
+        for (k, v) in &labels {
+            validate_text("labels", k, 64, false)?;
+            validate_text("labels", v, 256, true)?;
+        }
+        labels.sort();
+        let (version, krk, retention_days) = {
+            let rings = self.rings.read().map_err(|_| KeyError::NotCovered)?;
+            let live = rings
+                .get(keyring)
+                .ok_or_else(|| KeyError::KeyringNotFound { name: keyring.to_owned() })?;
+            let (v, k) = live
+                .current()
+                .ok_or(KeyError::VersionRetired { keyring: keyring.to_owned(), version: 0 })?;
+            (v, k, live.record.retention_days)
+        };
+        let id: [u8; 16] = random_array(&self.rng).map_err(|_| KeyError::Rng)?;
+        let data_key = Key256::generate(&self.rng).map_err(|_| KeyError::Rng)?;
+        let aad = dk_aad(&id, keyring, version, backup_id, &labels);
+        let sealed = aes_gcm_seal(&krk, &self.rng, &aad, data_key.expose()).map_err(|_| KeyError::Rng)?;
+        let mut wrapped = Vec::with_capacity(WRAPPED_DK_LEN);
+        wrapped.push(WRAPPED_DK_FORMAT);
+        wrapped.extend_from_slice(&version.to_be_bytes());
+        wrapped.extend_from_slice(&sealed);
+        let recovery_recipient = self.escrow.read().ok().and_then(|e| e.as_ref().map(|e| e.recovery_recipient.clone()));
+        let created = now_unix();
+        let record = DataKeyRecord {
+            keyring: keyring.to_owned(),
+            version,
+            backup_id: backup_id.to_owned(),
+            labels,
+            created,
+            expires: (retention_days > 0).then(|| created + i64::from(retention_days) * 86_400),
+            state: KeyState::Active,
+            issued_to: auth.principal().name().to_owned(),
+            escrowed: recovery_recipient.is_some(),
+        };
+        self.store.write(WriteOp::IssueDataKey { id, record }).await?;
+        Ok(IssuedDataKey {
+            key_id: hex::encode(id),
+            data_key,
+            wrapped,
+            keyring: keyring.to_owned(),
+            version,
+            recovery_recipient,
+        })
+    }
+
+    /// Unwraps a data key: key known and not destroyed, keyring matches, version
+    /// not retired, AAD (from the registry record) authenticates.
+    pub fn unwrap_data_key(
+        &self,
+        auth: &Authorized,
+        key_id: &str,
+        keyring: &str,
+        wrapped: &[u8],
+    ) -> Result<UnwrappedDataKey, KeyError> {
+        Self::check(auth, Action::UnwrapDataKey, Some(keyring))?;
+        let id = parse_key_id(key_id)?;
+        if wrapped.len() != WRAPPED_DK_LEN || wrapped[0] != WRAPPED_DK_FORMAT {
+            return Err(KeyError::InvalidArgument { field: "wrapped_key", reason: "not a Kluis v1 wrapped data key" });
+        }
+        let record = self
+            .store
+            .data_key(&id)?
+            .ok_or_else(|| KeyError::UnknownKeyId { key_id: key_id.to_owned() })?;
+        if record.keyring != keyring {
+            return Err(KeyError::KeyringMismatch {
+                key_id: key_id.to_owned(),
+                claimed: keyring.to_owned(),
+                actual: record.keyring,
+            });
+        }
+        if let KeyState::Destroyed { at } = record.state {
+            return Err(KeyError::Destroyed { key_id: key_id.to_owned(), date: format_date(at) });
+        }
+        let mut vbytes = [0u8; 4];
+        vbytes.copy_from_slice(&wrapped[1..5]);
+        let version = u32::from_be_bytes(vbytes);
+        if version != record.version {
+            return Err(KeyError::UnwrapFailed { key_id: key_id.to_owned() });
+        }
+        let krk = {
+            let rings = self.rings.read().map_err(|_| KeyError::NotCovered)?;
+            let live = rings
+                .get(keyring)
+                .ok_or_else(|| KeyError::KeyringNotFound { name: keyring.to_owned() })?;
+            let state = live.record.versions.iter().find(|v| v.version == version).map(|v| v.state);
+            if state != Some(VersionState::Active) {
+                return Err(KeyError::VersionRetired { keyring: keyring.to_owned(), version });
+            }
+            live.keys.get(&version).cloned().ok_or(KeyError::UnwrapFailed { key_id: key_id.to_owned() })?
+        };
+        let aad = dk_aad(&id, keyring, version, &record.backup_id, &record.labels);
+        let raw = aes_gcm_open(&krk, &aad, &wrapped[5..]).map_err(|_| KeyError::UnwrapFailed { key_id: key_id.to_owned() })?;
+        let data_key = Key256::from_slice(&raw).ok_or(KeyError::UnwrapFailed { key_id: key_id.to_owned() })?;
+        Ok(UnwrappedDataKey { data_key, keyring: record.keyring, version, backup_id: record.backup_id })
+    }
+
+    /// Installs the escrow manifest in force.
+    pub async fn install_escrow(&self, auth: &Authorized, manifest_json: &str) -> Result<EscrowInfo, KeyError> {
+        Self::check(auth, Action::InstallEscrow, None)?;
+        let m: ManifestView = serde_json::from_str(manifest_json)
+            .map_err(|_| KeyError::EscrowManifest { reason: "not a Kluis escrow manifest (JSON with ceremony_id, recovery_recipient, threshold, shares, custodians)" })?;
+        if age::x25519::Recipient::from_str(&m.recovery_recipient).is_err() {
+            return Err(KeyError::EscrowManifest { reason: "recovery_recipient is not an age X25519 recipient" });
+        }
+        if m.threshold < 2 || m.threshold > m.shares || m.custodians.len() != m.shares as usize {
+            return Err(KeyError::EscrowManifest { reason: "threshold, shares and custodians do not agree" });
+        }
+        validate_text("manifest_json", &m.ceremony_id, 128, false)?;
+        let info = EscrowInfo {
+            ceremony_id: m.ceremony_id,
+            recovery_recipient: m.recovery_recipient,
+            threshold: m.threshold,
+            shares: m.shares,
+            custodians: m.custodians.into_iter().map(|c| c.name).collect(),
+            installed: now_unix(),
+            manifest_json: manifest_json.to_owned(),
+        };
+        let bytes = postcard::to_allocvec(&info).map_err(|e| StoreError::Encode { what: "escrow", source: e })?;
+        let _guard = self.admin.lock().await;
+        self.store.write(WriteOp::PutMeta { key: ESCROW_META, value: bytes }).await?;
+        if let Ok(mut e) = self.escrow.write() {
+            *e = Some(info.clone());
+        }
+        Ok(info)
+    }
+
+    /// The escrow manifest in force, and how many live keys have no recovery stanza.
+    pub fn escrow_status(&self, auth: &Authorized) -> Result<(Option<EscrowInfo>, u64), KeyError> {
+        Self::check(auth, Action::GetEscrowStatus, None)?;
+        let info = self.escrow.read().ok().and_then(|e| e.clone());
+        let mut without = 0u64;
+        self.store.for_each_data_key(|_, rec| {
+            if !rec.escrowed && matches!(rec.state, KeyState::Active) {
+                without += 1;
+            }
+        })?;
+        Ok((info, without))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keyring_names() {
+        assert!(validate_keyring_name("ehr-db").is_ok());
+        assert!(validate_keyring_name("pacs.images_2").is_ok());
+        for bad in ["", "-x", "a b", "é", &"x".repeat(65)] {
+            assert!(validate_keyring_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn key_ids() {
+        assert!(parse_key_id(&"ab".repeat(16)).is_ok());
+        assert!(parse_key_id(&"AB".repeat(16)).is_err());
+        assert!(parse_key_id("abc").is_err());
+    }
+
+    #[test]
+    fn aad_binds_every_field() {
+        let id = [1u8; 16];
+        let base = dk_aad(&id, "r", 1, "b", &[("k".into(), "v".into())]);
+        assert_ne!(base, dk_aad(&[2u8; 16], "r", 1, "b", &[("k".into(), "v".into())]));
+        assert_ne!(base, dk_aad(&id, "s", 1, "b", &[("k".into(), "v".into())]));
+        assert_ne!(base, dk_aad(&id, "r", 2, "b", &[("k".into(), "v".into())]));
+        assert_ne!(base, dk_aad(&id, "r", 1, "c", &[("k".into(), "v".into())]));
+        assert_ne!(base, dk_aad(&id, "r", 1, "b", &[("k".into(), "w".into())]));
+        // Length prefixes: moving a byte between fields changes the AAD.
+        assert_ne!(dk_aad(&id, "ab", 1, "c", &[]), dk_aad(&id, "a", 1, "bc", &[]));
+    }
+}

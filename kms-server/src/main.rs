@@ -1,0 +1,131 @@
+//! `kms-server`: the Kluis key service.
+#![forbid(unsafe_code)]
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use kms_server::config::ServerConfig;
+use kms_server::dev::{self, DEFAULT_KEYRING};
+use kms_server::keys::KeyError;
+use kms_server::server::{self, ServerError};
+
+#[derive(Parser)]
+#[command(name = "kms-server", version, about = "Kluis key service for backup encryption keys")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Quick start: everything in one directory (software master key, dev CA and
+    /// certificates, client configs in DIR/clients, keyring `default`).
+    Dev {
+        #[arg(long, default_value = "./kluis-dev")]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: SocketAddr,
+    },
+    /// Create the master key and the store for a config (once).
+    Init {
+        #[arg(long, env = "KLUIS_SERVER_CONFIG")]
+        config: PathBuf,
+    },
+    /// Serve with a config file.
+    Serve {
+        #[arg(long, env = "KLUIS_SERVER_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KLUIS_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("kms-server: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli.cmd)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kms-server: {e}");
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                eprintln!("  caused by: {s}");
+                src = s.source();
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+            return;
+        }
+    }
+    let _ = ctrl_c.await;
+}
+
+fn announce(addr: SocketAddr) {
+    // Tests and scripts wait for this exact line on stdout.
+    println!("kms-server listening on {addr}");
+    let _ = std::io::stdout().flush();
+}
+
+async fn run(cmd: Cmd) -> Result<(), ServerError> {
+    match cmd {
+        Cmd::Dev { data_dir, listen } => {
+            let data_dir = std::path::absolute(&data_dir)
+                .map_err(|e| ServerError::Io { path: data_dir.clone(), source: e })?;
+            let (cfg, created) = dev::prepare(&data_dir, listen)?;
+            let keys = server::open_keys(&cfg)?;
+            match keys.create_keyring_unchecked(DEFAULT_KEYRING, 0).await {
+                Ok(_) | Err(KeyError::KeyringExists { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+            let listener = server::bind(&cfg).await?;
+            let addr = listener.local_addr().map_err(|e| ServerError::Bind { addr: cfg.listen, source: e })?;
+            let clients = dev::write_client_configs(&data_dir, addr)?;
+            eprintln!(
+                "kms-server dev: {} {}\n  client configs: {}/{{sealer,restorer,officer,auditor,dev}}.toml\n  e.g. export KLUIS_CLIENT_CONFIG={}/dev.toml",
+                if created { "created" } else { "reusing" },
+                data_dir.display(),
+                clients.display(),
+                clients.display()
+            );
+            announce(addr);
+            server::serve(&cfg, keys, listener, shutdown_signal()).await
+        }
+        Cmd::Init { config } => {
+            let cfg = ServerConfig::load(&config)?;
+            server::init(&cfg)?;
+            eprintln!("kms-server: initialised store {}", cfg.store_path().display());
+            Ok(())
+        }
+        Cmd::Serve { config } => {
+            let cfg = ServerConfig::load(&config)?;
+            let keys = server::open_keys(&cfg)?;
+            let listener = server::bind(&cfg).await?;
+            let addr = listener.local_addr().map_err(|e| ServerError::Bind { addr: cfg.listen, source: e })?;
+            announce(addr);
+            server::serve(&cfg, keys, listener, shutdown_signal()).await
+        }
+    }
+}

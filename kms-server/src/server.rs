@@ -1,0 +1,160 @@
+//! Start-up and the gRPC server: open the master key and the store, build the
+//! key manager, serve KeyService, AdminService, health and reflection over mTLS.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use kluis_proto::v1::admin_service_server::AdminServiceServer;
+use kluis_proto::v1::key_service_server::KeyServiceServer;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+use crate::api::Api;
+use crate::auth::Policy;
+use crate::config::{ConfigError, MasterConfig, ServerConfig};
+use crate::keys::{KeyError, KeyManager};
+use crate::master::pkcs11::{PinSource, Pkcs11MasterKey};
+use crate::master::software::{PassphraseSource, SoftwareMasterKey, check_key_file_permissions};
+use crate::master::{MasterError, MasterKeyProvider};
+use crate::pki::PkiError;
+use crate::store::{Store, StoreError};
+
+/// Why the server could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Master(#[from] MasterError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error("TLS file {path} could not be read: {source}")]
+    TlsFile { path: PathBuf, source: std::io::Error },
+    #[error("TLS setup failed: {0}")]
+    Tls(#[source] tonic::transport::Error),
+    #[error("could not listen on {addr}: {source}")]
+    Bind { addr: std::net::SocketAddr, source: std::io::Error },
+    #[error("gRPC reflection setup failed: {0}")]
+    Reflection(#[source] tonic_reflection::server::Error),
+    #[error("gRPC server failed: {0}")]
+    Serve(#[source] tonic::transport::Error),
+    #[error("the [master] PKCS#11 config needs pin_file or pin_env (the PIN is never inline in the config)")]
+    PinSourceMissing,
+    #[error("could not create {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+fn passphrase_source(passphrase_file: &Option<PathBuf>, passphrase_env: &Option<String>) -> PassphraseSource {
+    match (passphrase_file, passphrase_env) {
+        (Some(f), _) => PassphraseSource::File(f.clone()),
+        (None, Some(v)) => PassphraseSource::Env(v.clone()),
+        (None, None) => PassphraseSource::None,
+    }
+}
+
+fn pin_source(pin_file: &Option<PathBuf>, pin_env: &Option<String>) -> Result<PinSource, ServerError> {
+    match (pin_file, pin_env) {
+        (Some(f), _) => Ok(PinSource::File(f.clone())),
+        (None, Some(v)) => Ok(PinSource::Env(v.clone())),
+        (None, None) => Err(ServerError::PinSourceMissing),
+    }
+}
+
+/// Opens the configured master-key provider (refusing unsafe key files).
+pub fn open_master(cfg: &MasterConfig) -> Result<Arc<dyn MasterKeyProvider>, ServerError> {
+    match cfg {
+        MasterConfig::Software { key_file, passphrase_file, passphrase_env } => Ok(Arc::new(
+            SoftwareMasterKey::open(key_file, &passphrase_source(passphrase_file, passphrase_env))?,
+        )),
+        MasterConfig::Pkcs11 { module, token_label, key_label, pin_file, pin_env } => Ok(Arc::new(
+            Pkcs11MasterKey::open(module, token_label, key_label, &pin_source(pin_file, pin_env)?)?,
+        )),
+    }
+}
+
+/// `kms-server init`: creates the master key (software: a new key file) and an empty store.
+pub fn init(cfg: &ServerConfig) -> Result<(), ServerError> {
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| ServerError::Io { path: cfg.data_dir.clone(), source: e })?;
+    let store_path = cfg.store_path();
+    if store_path.exists() {
+        return Err(StoreError::AlreadyExists { path: store_path }.into());
+    }
+    let master: Arc<dyn MasterKeyProvider> = match &cfg.master {
+        MasterConfig::Software { key_file, passphrase_file, passphrase_env } => Arc::new(SoftwareMasterKey::create(
+            key_file,
+            &passphrase_source(passphrase_file, passphrase_env),
+        )?),
+        MasterConfig::Pkcs11 { module, token_label, key_label, pin_file, pin_env } => Arc::new(
+            Pkcs11MasterKey::create(module, token_label, key_label, &pin_source(pin_file, pin_env)?)?,
+        ),
+    };
+    let store = Store::create(&store_path)?;
+    KeyManager::init_store(&store, master.as_ref())?;
+    Ok(())
+}
+
+/// Opens master key and store and returns the key manager; every failure says why.
+pub fn open_keys(cfg: &ServerConfig) -> Result<Arc<KeyManager>, ServerError> {
+    let master = open_master(&cfg.master)?;
+    master.health()?;
+    let store = Store::open(&cfg.store_path())?;
+    Ok(Arc::new(KeyManager::open(store, master)?))
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, ServerError> {
+    std::fs::read(path).map_err(|e| ServerError::TlsFile { path: path.to_owned(), source: e })
+}
+
+/// Binds the listen address (port 0 picks a free port).
+pub async fn bind(cfg: &ServerConfig) -> Result<tokio::net::TcpListener, ServerError> {
+    tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| ServerError::Bind { addr: cfg.listen, source: e })
+}
+
+/// Serves until `shutdown` resolves.
+pub async fn serve(
+    cfg: &ServerConfig,
+    keys: Arc<KeyManager>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    check_key_file_permissions(&cfg.tls.key).map_err(|e| match e {
+        MasterError::KeyFilePermissions { path, mode } => {
+            ServerError::TlsFile { path, source: std::io::Error::other(format!("TLS key readable by group or others (mode {mode:o}); run chmod 600")) }
+        }
+        other => ServerError::Master(other),
+    })?;
+    let identity = Identity::from_pem(read(&cfg.tls.cert)?, read(&cfg.tls.key)?);
+    let tls = ServerTlsConfig::new()
+        .identity(identity)
+        .client_ca_root(Certificate::from_pem(read(&cfg.tls.client_ca)?))
+        .client_auth_optional(false);
+    let policy = Arc::new(Policy::new(cfg.grants.clone()));
+    let api = Api::new(keys, policy);
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<KeyServiceServer<Api>>().await;
+    health_reporter.set_serving::<AdminServiceServer<Api>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(kluis_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(ServerError::Reflection)?;
+
+    Server::builder()
+        .tls_config(tls)
+        .map_err(ServerError::Tls)?
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(KeyServiceServer::new(api.clone()))
+        .add_service(AdminServiceServer::new(api))
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
+        .await
+        .map_err(ServerError::Serve)
+}

@@ -1,0 +1,344 @@
+//! Persistence in a single redb file.
+//!
+//! All writes go through one writer thread that commits them in groups: every
+//! caller waits until its write is in a committed, fsynced transaction
+//! (redb `Durability::Immediate`), but concurrent callers share one commit.
+//! Reads use their own read transactions and never wait for the writer.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const KEYRINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("keyrings");
+const DATA_KEYS: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("data_keys");
+const ISSUED: TableDefinition<&str, u64> = TableDefinition::new("issued_per_keyring");
+
+/// Largest number of writes committed in one transaction.
+const MAX_BATCH: usize = 4096;
+
+/// Errors of the store layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store database error: {0}")]
+    Db(#[from] redb::Error),
+    #[error("store {path} already exists; refusing to initialise over it")]
+    AlreadyExists { path: PathBuf },
+    #[error("store {path} does not exist; run `kms-server init` first")]
+    NotInitialised { path: PathBuf },
+    #[error("store record {what} could not be encoded: {source}")]
+    Encode { what: &'static str, source: postcard::Error },
+    #[error("store record {what} is corrupt: {source}")]
+    Decode { what: &'static str, source: postcard::Error },
+    #[error("the store writer has stopped; the server is shutting down or failed")]
+    WriterGone,
+    #[error("a write in the same group commit failed; nothing of the group was committed")]
+    GroupFailed,
+}
+
+fn dberr<E: Into<redb::Error>>(e: E) -> StoreError {
+    StoreError::Db(e.into())
+}
+
+/// State of one keyring version.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VersionState {
+    Active,
+    Retired,
+}
+
+/// One keyring version: its key wrapped by the master key.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct VersionRecord {
+    pub version: u32,
+    pub created: i64,
+    pub state: VersionState,
+    /// The keyring key wrapped by the master key (AAD binds keyring and version).
+    pub wrapped_key: Vec<u8>,
+}
+
+/// A keyring as stored.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct KeyringRecord {
+    pub name: String,
+    pub created: i64,
+    pub retention_days: u32,
+    pub versions: Vec<VersionRecord>,
+}
+
+/// State of an issued data key.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyState {
+    Active,
+    Destroyed { at: i64 },
+}
+
+/// The registry record of one issued data key. It holds no key material.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct DataKeyRecord {
+    pub keyring: String,
+    pub version: u32,
+    pub backup_id: String,
+    pub labels: Vec<(String, String)>,
+    pub created: i64,
+    pub expires: Option<i64>,
+    pub state: KeyState,
+    pub issued_to: String,
+    /// Whether a recovery recipient went out with this key (its file has an escrow stanza).
+    pub escrowed: bool,
+}
+
+/// One durable write.
+pub enum WriteOp {
+    PutMeta { key: &'static str, value: Vec<u8> },
+    PutKeyring(KeyringRecord),
+    IssueDataKey { id: [u8; 16], record: DataKeyRecord },
+}
+
+type Reply = oneshot::Sender<Result<(), StoreError>>;
+
+/// Handle to the redb store. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<Database>,
+    writer: mpsc::Sender<(WriteOp, Reply)>,
+    path: PathBuf,
+}
+
+impl Store {
+    /// Creates a new store file; fails if one exists.
+    pub fn create(path: &Path) -> Result<Self, StoreError> {
+        if path.exists() {
+            return Err(StoreError::AlreadyExists { path: path.to_owned() });
+        }
+        let db = Database::create(path).map_err(dberr)?;
+        let txn = db.begin_write().map_err(dberr)?;
+        {
+            txn.open_table(META).map_err(dberr)?;
+            txn.open_table(KEYRINGS).map_err(dberr)?;
+            txn.open_table(DATA_KEYS).map_err(dberr)?;
+            txn.open_table(ISSUED).map_err(dberr)?;
+        }
+        txn.commit().map_err(dberr)?;
+        Ok(Self::start(db, path))
+    }
+
+    /// Opens an existing store file; fails if there is none.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if !path.exists() {
+            return Err(StoreError::NotInitialised { path: path.to_owned() });
+        }
+        let db = Database::open(path).map_err(dberr)?;
+        Ok(Self::start(db, path))
+    }
+
+    fn start(db: Database, path: &Path) -> Self {
+        let db = Arc::new(db);
+        let (tx, rx) = mpsc::channel::<(WriteOp, Reply)>();
+        let wdb = db.clone();
+        std::thread::Builder::new()
+            .name("kluis-store-writer".into())
+            .spawn(move || writer_loop(&wdb, &rx))
+            .map(|_| ())
+            .unwrap_or_else(|e| tracing::error!(error = %e, "could not start the store writer"));
+        Self { db, writer: tx, path: path.to_owned() }
+    }
+
+    /// The store file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes one operation durably, sharing the commit with concurrent writers.
+    pub async fn write(&self, op: WriteOp) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.writer.send((op, tx)).map_err(|_| StoreError::WriterGone)?;
+        rx.await.map_err(|_| StoreError::WriterGone)?
+    }
+
+    /// [`write`](Self::write) for synchronous callers (start-up, CLI commands).
+    pub fn write_blocking(&self, op: WriteOp) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.writer.send((op, tx)).map_err(|_| StoreError::WriterGone)?;
+        rx.blocking_recv().map_err(|_| StoreError::WriterGone)?
+    }
+
+    pub fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let t = txn.open_table(META).map_err(dberr)?;
+        Ok(t.get(key).map_err(dberr)?.map(|v| v.value().to_vec()))
+    }
+
+    pub fn keyrings(&self) -> Result<Vec<KeyringRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let t = txn.open_table(KEYRINGS).map_err(dberr)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(dberr)? {
+            let (_, v) = row.map_err(dberr)?;
+            out.push(
+                postcard::from_bytes(v.value())
+                    .map_err(|e| StoreError::Decode { what: "keyring", source: e })?,
+            );
+        }
+        Ok(out)
+    }
+
+    pub fn data_key(&self, id: &[u8; 16]) -> Result<Option<DataKeyRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let t = txn.open_table(DATA_KEYS).map_err(dberr)?;
+        match t.get(id).map_err(dberr)? {
+            None => Ok(None),
+            Some(v) => Ok(Some(
+                postcard::from_bytes(v.value())
+                    .map_err(|e| StoreError::Decode { what: "data key", source: e })?,
+            )),
+        }
+    }
+
+    /// Number of data keys issued from a keyring.
+    pub fn issued_count(&self, keyring: &str) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let t = txn.open_table(ISSUED).map_err(dberr)?;
+        Ok(t.get(keyring).map_err(dberr)?.map(|v| v.value()).unwrap_or(0))
+    }
+
+    /// Visits every data key record (id, record) in key-id order.
+    pub fn for_each_data_key(
+        &self,
+        mut f: impl FnMut(&[u8; 16], &DataKeyRecord),
+    ) -> Result<(), StoreError> {
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let t = txn.open_table(DATA_KEYS).map_err(dberr)?;
+        for row in t.iter().map_err(dberr)? {
+            let (k, v) = row.map_err(dberr)?;
+            let rec: DataKeyRecord = postcard::from_bytes(v.value())
+                .map_err(|e| StoreError::Decode { what: "data key", source: e })?;
+            f(&k.value(), &rec);
+        }
+        Ok(())
+    }
+}
+
+fn writer_loop(database: &Database, rx: &mpsc::Receiver<(WriteOp, Reply)>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(item) => batch.push(item),
+                Err(_) => break,
+            }
+        }
+        let (ops, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+        match commit_batch(database, ops) {
+            Ok(()) => {
+                for r in replies {
+                    let _ = r.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, writes = replies.len(), "store commit failed");
+                let mut first = Some(e);
+                for r in replies {
+                    let _ = r.send(Err(first.take().unwrap_or(StoreError::GroupFailed)));
+                }
+            }
+        }
+    }
+}
+
+fn commit_batch(database: &Database, ops: Vec<WriteOp>) -> Result<(), StoreError> {
+    let txn = database.begin_write().map_err(dberr)?;
+    {
+        let mut meta = txn.open_table(META).map_err(dberr)?;
+        let mut keyrings = txn.open_table(KEYRINGS).map_err(dberr)?;
+        let mut keys = txn.open_table(DATA_KEYS).map_err(dberr)?;
+        let mut issued = txn.open_table(ISSUED).map_err(dberr)?;
+        let mut counts: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+        for op in ops {
+            match op {
+                WriteOp::PutMeta { key, value } => {
+                    meta.insert(key, value.as_slice()).map_err(dberr)?;
+                }
+                WriteOp::PutKeyring(rec) => {
+                    let bytes = postcard::to_allocvec(&rec)
+                        .map_err(|e| StoreError::Encode { what: "keyring", source: e })?;
+                    keyrings.insert(rec.name.as_str(), bytes.as_slice()).map_err(dberr)?;
+                }
+                WriteOp::IssueDataKey { id, record } => {
+                    let bytes = postcard::to_allocvec(&record)
+                        .map_err(|e| StoreError::Encode { what: "data key", source: e })?;
+                    keys.insert(id, bytes.as_slice()).map_err(dberr)?;
+                    *counts.entry(record.keyring).or_default() += 1;
+                }
+            }
+        }
+        for (ring, n) in counts {
+            let cur = issued.get(ring.as_str()).map_err(dberr)?.map(|v| v.value()).unwrap_or(0);
+            issued.insert(ring.as_str(), cur + n).map_err(dberr)?;
+        }
+    }
+    txn.commit().map_err(dberr)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(ring: &str) -> DataKeyRecord {
+        DataKeyRecord {
+            keyring: ring.into(),
+            version: 1,
+            backup_id: "b".into(),
+            labels: vec![("host".into(), "h1".into())],
+            created: 1,
+            expires: None,
+            state: KeyState::Active,
+            issued_to: "sealer".into(),
+            escrowed: false,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writes_are_all_durable_after_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let store = Store::create(&path).unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..200u8 {
+            let s = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut id = [0u8; 16];
+                id[0] = i;
+                s.write(WriteOp::IssueDataKey { id, record: rec("r") }).await
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        drop(store);
+        // The writer thread holds the database until it drains; wait for it to let go.
+        let store = loop {
+            match Store::open(&path) {
+                Ok(s) => break s,
+                Err(StoreError::Db(redb::Error::DatabaseAlreadyOpen)) => std::thread::yield_now(),
+                Err(e) => panic!("{e}"),
+            }
+        };
+        assert_eq!(store.issued_count("r").unwrap(), 200);
+        let mut id = [0u8; 16];
+        id[0] = 199;
+        assert_eq!(store.data_key(&id).unwrap().unwrap().backup_id, "b");
+        assert!(matches!(Store::create(&path), Err(StoreError::AlreadyExists { .. })));
+    }
+
+    #[test]
+    fn registry_record_is_small() {
+        let bytes = postcard::to_allocvec(&rec("ehr-db")).unwrap();
+        assert!(bytes.len() < 64, "{}", bytes.len());
+    }
+}
