@@ -99,14 +99,51 @@ pub enum WriteOp {
     IssueDataKey { id: [u8; 16], record: DataKeyRecord },
 }
 
-type Reply = oneshot::Sender<Result<(), StoreError>>;
+/// How the writer answers: to an async waiter or to a blocked thread.
+enum Reply {
+    Async(oneshot::Sender<Result<(), StoreError>>),
+    Blocking(mpsc::SyncSender<Result<(), StoreError>>),
+}
 
-/// Handle to the redb store. Cheap to clone.
+impl Reply {
+    fn send(self, r: Result<(), StoreError>) {
+        let _ = match self {
+            Reply::Async(tx) => tx.send(r).map_err(|_| ()),
+            Reply::Blocking(tx) => tx.send(r).map_err(|_| ()),
+        };
+    }
+}
+
+/// Handle to the redb store. Cheap to clone; the last clone dropped stops the
+/// writer thread and waits for it, so the file is closed when it returns.
 #[derive(Clone)]
 pub struct Store {
     db: Arc<Database>,
-    writer: mpsc::Sender<(WriteOp, Reply)>,
+    writer: Arc<Writer>,
     path: PathBuf,
+}
+
+struct Writer {
+    tx: std::sync::Mutex<Option<mpsc::Sender<(WriteOp, Reply)>>>,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Writer {
+    fn send(&self, item: (WriteOp, Reply)) -> Result<(), StoreError> {
+        let guard = self.tx.lock().map_err(|_| StoreError::WriterGone)?;
+        guard.as_ref().ok_or(StoreError::WriterGone)?.send(item).map_err(|_| StoreError::WriterGone)
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if let Ok(mut tx) = self.tx.lock() {
+            tx.take();
+        }
+        if let Some(handle) = self.thread.lock().ok().and_then(|mut t| t.take()) {
+            let _ = handle.join();
+        }
+    }
 }
 
 impl Store {
@@ -140,12 +177,13 @@ impl Store {
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel::<(WriteOp, Reply)>();
         let wdb = db.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("kluis-store-writer".into())
             .spawn(move || writer_loop(&wdb, &rx))
-            .map(|_| ())
-            .unwrap_or_else(|e| tracing::error!(error = %e, "could not start the store writer"));
-        Self { db, writer: tx, path: path.to_owned() }
+            .map_err(|e| tracing::error!(error = %e, "could not start the store writer"))
+            .ok();
+        let writer = Writer { tx: std::sync::Mutex::new(Some(tx)), thread: std::sync::Mutex::new(thread) };
+        Self { db, writer: Arc::new(writer), path: path.to_owned() }
     }
 
     /// The store file's path.
@@ -156,15 +194,16 @@ impl Store {
     /// Writes one operation durably, sharing the commit with concurrent writers.
     pub async fn write(&self, op: WriteOp) -> Result<(), StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.writer.send((op, tx)).map_err(|_| StoreError::WriterGone)?;
+        self.writer.send((op, Reply::Async(tx)))?;
         rx.await.map_err(|_| StoreError::WriterGone)?
     }
 
-    /// [`write`](Self::write) for synchronous callers (start-up, CLI commands).
+    /// [`write`](Self::write) for synchronous callers (start-up, CLI commands);
+    /// safe to call from inside an async runtime.
     pub fn write_blocking(&self, op: WriteOp) -> Result<(), StoreError> {
-        let (tx, rx) = oneshot::channel();
-        self.writer.send((op, tx)).map_err(|_| StoreError::WriterGone)?;
-        rx.blocking_recv().map_err(|_| StoreError::WriterGone)?
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.writer.send((op, Reply::Blocking(tx)))?;
+        rx.recv().map_err(|_| StoreError::WriterGone)?
     }
 
     pub fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -236,14 +275,14 @@ fn writer_loop(database: &Database, rx: &mpsc::Receiver<(WriteOp, Reply)>) {
         match commit_batch(database, ops) {
             Ok(()) => {
                 for r in replies {
-                    let _ = r.send(Ok(()));
+                    r.send(Ok(()));
                 }
             }
             Err(e) => {
                 tracing::error!(error = %e, writes = replies.len(), "store commit failed");
                 let mut first = Some(e);
                 for r in replies {
-                    let _ = r.send(Err(first.take().unwrap_or(StoreError::GroupFailed)));
+                    r.send(Err(first.take().unwrap_or(StoreError::GroupFailed)));
                 }
             }
         }
@@ -321,14 +360,7 @@ mod tests {
             t.await.unwrap().unwrap();
         }
         drop(store);
-        // The writer thread holds the database until it drains; wait for it to let go.
-        let store = loop {
-            match Store::open(&path) {
-                Ok(s) => break s,
-                Err(StoreError::Db(redb::Error::DatabaseAlreadyOpen)) => std::thread::yield_now(),
-                Err(e) => panic!("{e}"),
-            }
-        };
+        let store = Store::open(&path).unwrap();
         assert_eq!(store.issued_count("r").unwrap(), 200);
         let mut id = [0u8; 16];
         id[0] = 199;
