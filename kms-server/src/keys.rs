@@ -359,6 +359,7 @@ impl KeyManager {
 
     pub fn get_keyring(&self, auth: &Authorized, name: &str) -> Result<KeyringInfo, KeyError> {
         Self::check(auth, Action::GetKeyring, Some(name))?;
+        validate_keyring_name(name)?;
         let rings = self.rings.read().map_err(|_| KeyError::NotCovered)?;
         let live = rings.get(name).ok_or_else(|| KeyError::KeyringNotFound { name: name.to_owned() })?;
         self.info_of(live)
@@ -391,6 +392,7 @@ impl KeyManager {
         labels: impl IntoIterator<Item = (String, String)>,
     ) -> Result<IssuedDataKey, KeyError> {
         Self::check(auth, Action::GenerateDataKey, Some(keyring))?;
+        validate_keyring_name(keyring)?;
         validate_text("backup_id", backup_id, 256, false)?;
         let mut labels: Vec<(String, String)> = labels.into_iter().collect();
         if labels.len() > 32 {
@@ -453,6 +455,7 @@ impl KeyManager {
         wrapped: &[u8],
     ) -> Result<UnwrappedDataKey, KeyError> {
         Self::check(auth, Action::UnwrapDataKey, Some(keyring))?;
+        validate_keyring_name(keyring)?;
         let id = parse_key_id(key_id)?;
         if wrapped.len() != WRAPPED_DK_LEN || wrapped[0] != WRAPPED_DK_FORMAT {
             return Err(KeyError::InvalidArgument { field: "wrapped_key", reason: "not a Kluis v1 wrapped data key" });

@@ -1,0 +1,195 @@
+//! `kmsctl`: for the security officer, the auditor and the custodians.
+//! Exit codes: 0 success, 1 failure, 2 usage, 3 server unreachable, 4 refused by the server.
+#![forbid(unsafe_code)]
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use kms_client::client::{ClientError, KeyringInfo, KmsClient};
+use kms_client::config::ClientConfig;
+use kms_client::escrow::cli::{OfflineEscrowCommand, run_offline};
+
+#[derive(Parser)]
+#[command(name = "kmsctl", version, about = "Kluis administration: keyrings, escrow")]
+struct Cli {
+    /// Client config (endpoint, CA, certificate, key).
+    #[arg(long, global = true, env = "KLUIS_CLIENT_CONFIG")]
+    client_config: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Keyrings: one per backup job or policy.
+    #[command(subcommand)]
+    Keyring(KeyringCmd),
+    /// Escrow of the recovery key among custodians.
+    #[command(subcommand)]
+    Escrow(EscrowCmd),
+}
+
+#[derive(Subcommand)]
+enum KeyringCmd {
+    /// Create a keyring (officer).
+    Create {
+        name: String,
+        /// Retention of issued data keys in days (0: until destroyed).
+        #[arg(long, default_value_t = 0)]
+        retention_days: u32,
+    },
+    /// List keyrings.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one keyring.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum EscrowCmd {
+    /// Install a ceremony's manifest at the server (officer): its recovery
+    /// recipient goes out with every data key from then on.
+    Install { manifest: PathBuf },
+    /// Show the manifest in force and how many live keys predate it.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    #[command(flatten)]
+    Offline(OfflineEscrowCommand),
+}
+
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        let code = if e.is_unreachable() {
+            3
+        } else if e.is_refusal() {
+            4
+        } else {
+            1
+        };
+        Failure { code, message: e.to_string() }
+    }
+}
+
+fn fail(message: impl Into<String>) -> Failure {
+    Failure { code: 1, message: message.into() }
+}
+
+fn date(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| unix.to_string())
+}
+
+fn print_keyring(out: &mut dyn Write, k: &KeyringInfo) -> std::io::Result<()> {
+    writeln!(out, "keyring:         {}", k.name)?;
+    writeln!(out, "current version: {}", k.current_version)?;
+    writeln!(out, "created:         {}", date(k.created_unix))?;
+    let retention = if k.retention_days == 0 { "until destroyed".to_owned() } else { format!("{} days", k.retention_days) };
+    writeln!(out, "retention:       {retention}")?;
+    writeln!(out, "issued keys:     {}", k.issued_keys)?;
+    for v in &k.versions {
+        writeln!(out, "  v{:<4} {:<8} created {}", v.version, v.state, date(v.created_unix))?;
+    }
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    let mut out = std::io::stdout().lock();
+    let io = |e: std::io::Error| fail(format!("writing output failed: {e}"));
+    if let Cmd::Escrow(EscrowCmd::Offline(cmd)) = cli.cmd {
+        return run_offline(cmd, &mut out).map_err(|e| fail(e.to_string()));
+    }
+    let cfg = ClientConfig::from_arg_or_env(cli.client_config.as_deref()).map_err(|e| fail(e.to_string()))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| fail(format!("cannot start the async runtime: {e}")))?;
+    rt.block_on(async {
+        let client = KmsClient::connect(&cfg).await?;
+        match cli.cmd {
+            Cmd::Keyring(KeyringCmd::Create { name, retention_days }) => {
+                let k = client.create_keyring(&name, retention_days).await?;
+                print_keyring(&mut out, &k).map_err(io)?;
+            }
+            Cmd::Keyring(KeyringCmd::List { json }) => {
+                let list = client.list_keyrings().await?;
+                if json {
+                    serde_json::to_writer_pretty(&mut out, &list).map_err(|e| fail(e.to_string()))?;
+                    writeln!(out).map_err(io)?;
+                } else {
+                    writeln!(out, "{:<24} {:>7} {:>12}  created", "KEYRING", "VERSION", "ISSUED KEYS").map_err(io)?;
+                    for k in list {
+                        writeln!(out, "{:<24} {:>7} {:>12}  {}", k.name, k.current_version, k.issued_keys, date(k.created_unix))
+                            .map_err(io)?;
+                    }
+                }
+            }
+            Cmd::Keyring(KeyringCmd::Show { name, json }) => {
+                let k = client.get_keyring(&name).await?;
+                if json {
+                    serde_json::to_writer_pretty(&mut out, &k).map_err(|e| fail(e.to_string()))?;
+                    writeln!(out).map_err(io)?;
+                } else {
+                    print_keyring(&mut out, &k).map_err(io)?;
+                }
+            }
+            Cmd::Escrow(EscrowCmd::Install { manifest }) => {
+                let text = std::fs::read_to_string(&manifest)
+                    .map_err(|e| fail(format!("cannot read manifest {}: {e}", manifest.display())))?;
+                let s = client.install_escrow(&text).await?;
+                writeln!(
+                    out,
+                    "installed escrow ceremony {} ({} of {}); recovery recipient {}",
+                    s.ceremony_id, s.threshold, s.shares, s.recovery_recipient
+                )
+                .map_err(io)?;
+            }
+            Cmd::Escrow(EscrowCmd::Status { json }) => {
+                let s = client.escrow_status().await?;
+                if json {
+                    serde_json::to_writer_pretty(&mut out, &s).map_err(|e| fail(e.to_string()))?;
+                    writeln!(out).map_err(io)?;
+                } else if s.installed {
+                    writeln!(out, "ceremony:            {}", s.ceremony_id).map_err(io)?;
+                    writeln!(out, "recovery recipient:  {}", s.recovery_recipient).map_err(io)?;
+                    writeln!(out, "threshold:           {} of {}", s.threshold, s.shares).map_err(io)?;
+                    writeln!(out, "custodians:          {}", s.custodians.join(", ")).map_err(io)?;
+                    writeln!(out, "installed:           {}", date(s.installed_unix)).map_err(io)?;
+                    writeln!(out, "keys without escrow: {}", s.keys_without_escrow).map_err(io)?;
+                } else {
+                    writeln!(out, "no escrow manifest installed").map_err(io)?;
+                    writeln!(out, "keys without escrow: {}", s.keys_without_escrow).map_err(io)?;
+                }
+            }
+            Cmd::Escrow(EscrowCmd::Offline(_)) => {}
+        }
+        Ok(())
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("kmsctl: error: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}

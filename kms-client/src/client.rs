@@ -1,0 +1,275 @@
+//! The typed async client. Generated protobuf types stay inside this module.
+
+use std::collections::BTreeMap;
+
+use kluis_proto::v1 as pb;
+use kluis_proto::v1::admin_service_client::AdminServiceClient;
+use kluis_proto::v1::key_service_client::KeyServiceClient;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use zeroize::Zeroize;
+
+use crate::config::{ClientConfig, ConfigError};
+use crate::secret::DataKey;
+
+/// Errors talking to the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("could not read {path}: {source}")]
+    ReadFile { path: std::path::PathBuf, source: std::io::Error },
+    #[error("invalid server endpoint {endpoint:?}: {source}")]
+    Endpoint { endpoint: String, source: tonic::transport::Error },
+    #[error("cannot reach the Kluis server at {endpoint}: {source}")]
+    Connect { endpoint: String, source: tonic::transport::Error },
+    #[error("the Kluis server refused: {message}")]
+    PermissionDenied { message: String },
+    #[error("the Kluis server did not accept this client's certificate: {message}")]
+    Unauthenticated { message: String },
+    #[error("{message}")]
+    NotFound { message: String },
+    #[error("the server rejected the request: {message}")]
+    InvalidArgument { message: String },
+    #[error("{message}")]
+    FailedPrecondition { message: String },
+    #[error("{message}")]
+    AlreadyExists { message: String },
+    #[error("the Kluis server at {endpoint} is unavailable: {message}")]
+    Unavailable { endpoint: String, message: String },
+    #[error("the Kluis server at {endpoint} did not answer in time")]
+    DeadlineExceeded { endpoint: String },
+    #[error("the Kluis server failed ({code:?}): {message}")]
+    Server { code: tonic::Code, message: String },
+    #[error("the server's answer is malformed: {what}")]
+    BadResponse { what: &'static str },
+}
+
+impl ClientError {
+    /// True when the server could not be reached or did not answer.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, ClientError::Connect { .. } | ClientError::Unavailable { .. } | ClientError::DeadlineExceeded { .. })
+    }
+    /// True when the server refused the caller (role, certificate).
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, ClientError::PermissionDenied { .. } | ClientError::Unauthenticated { .. })
+    }
+}
+
+/// A data key issued for one backup. Holds the plaintext key: no `Debug`.
+pub struct IssuedKey {
+    pub key_id: String,
+    pub keyring: String,
+    pub version: u32,
+    pub data_key: DataKey,
+    pub wrapped: Vec<u8>,
+    /// The escrow recovery recipient (`age1...`) in force, if any.
+    pub recovery_recipient: Option<String>,
+}
+
+/// An unwrapped data key with the context the server recorded.
+pub struct UnwrappedKey {
+    pub data_key: DataKey,
+    pub keyring: String,
+    pub version: u32,
+    pub backup_id: String,
+}
+
+/// Keyring metadata.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct KeyringInfo {
+    pub name: String,
+    pub current_version: u32,
+    pub created_unix: i64,
+    pub retention_days: u32,
+    pub issued_keys: u64,
+    pub versions: Vec<KeyringVersionInfo>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct KeyringVersionInfo {
+    pub version: u32,
+    pub created_unix: i64,
+    pub state: String,
+}
+
+/// The escrow manifest in force at the server.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct EscrowStatus {
+    pub installed: bool,
+    pub ceremony_id: String,
+    pub recovery_recipient: String,
+    pub threshold: u32,
+    pub shares: u32,
+    pub installed_unix: i64,
+    pub custodians: Vec<String>,
+    pub keys_without_escrow: u64,
+}
+
+/// A connection to the Kluis server. Cheap to clone.
+#[derive(Clone)]
+pub struct KmsClient {
+    keys: KeyServiceClient<Channel>,
+    admin: AdminServiceClient<Channel>,
+    endpoint: String,
+}
+
+fn read(path: &std::path::Path) -> Result<Vec<u8>, ClientError> {
+    std::fs::read(path).map_err(|e| ClientError::ReadFile { path: path.to_owned(), source: e })
+}
+
+impl KmsClient {
+    /// Connects with mTLS, within the config's connect deadline.
+    pub async fn connect(cfg: &ClientConfig) -> Result<Self, ClientError> {
+        cfg.check_key_permissions()?;
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read(&cfg.ca)?))
+            .identity(Identity::from_pem(read(&cfg.cert)?, read(&cfg.key)?));
+        if let Some(name) = &cfg.server_name {
+            tls = tls.domain_name(name.clone());
+        }
+        let endpoint = Endpoint::from_shared(cfg.endpoint.clone())
+            .and_then(|e| e.tls_config(tls))
+            .map_err(|e| ClientError::Endpoint { endpoint: cfg.endpoint.clone(), source: e })?
+            .connect_timeout(cfg.connect_timeout())
+            .timeout(cfg.timeout());
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| ClientError::Connect { endpoint: cfg.endpoint.clone(), source: e })?;
+        Ok(Self {
+            keys: KeyServiceClient::new(channel.clone()),
+            admin: AdminServiceClient::new(channel),
+            endpoint: cfg.endpoint.clone(),
+        })
+    }
+
+    fn status(&self, s: tonic::Status) -> ClientError {
+        let message = s.message().to_owned();
+        match s.code() {
+            tonic::Code::PermissionDenied => ClientError::PermissionDenied { message },
+            tonic::Code::Unauthenticated => ClientError::Unauthenticated { message },
+            tonic::Code::NotFound => ClientError::NotFound { message },
+            tonic::Code::InvalidArgument => ClientError::InvalidArgument { message },
+            tonic::Code::FailedPrecondition => ClientError::FailedPrecondition { message },
+            tonic::Code::AlreadyExists => ClientError::AlreadyExists { message },
+            tonic::Code::Unavailable => ClientError::Unavailable { endpoint: self.endpoint.clone(), message },
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+                ClientError::DeadlineExceeded { endpoint: self.endpoint.clone() }
+            }
+            code => ClientError::Server { code, message },
+        }
+    }
+
+    /// Asks for a fresh data key for one backup object.
+    pub async fn generate_data_key(
+        &self,
+        keyring: &str,
+        backup_id: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<IssuedKey, ClientError> {
+        let req = pb::GenerateDataKeyRequest {
+            keyring: keyring.to_owned(),
+            backup_id: backup_id.to_owned(),
+            labels: labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        };
+        let mut r = self.keys.clone().generate_data_key(req).await.map_err(|s| self.status(s))?.into_inner();
+        let data_key = DataKey::from_slice(&r.plaintext_key);
+        r.plaintext_key.zeroize();
+        let data_key = data_key.ok_or(ClientError::BadResponse { what: "data key is not 32 bytes" })?;
+        Ok(IssuedKey {
+            key_id: std::mem::take(&mut r.key_id),
+            keyring: std::mem::take(&mut r.keyring),
+            version: r.keyring_version,
+            data_key,
+            wrapped: std::mem::take(&mut r.wrapped_key),
+            recovery_recipient: Some(std::mem::take(&mut r.recovery_recipient)).filter(|s| !s.is_empty()),
+        })
+    }
+
+    /// Asks the server to unwrap a data key (needs the restorer role on the keyring).
+    pub async fn unwrap_data_key(&self, key_id: &str, keyring: &str, wrapped: &[u8]) -> Result<UnwrappedKey, ClientError> {
+        let req = pb::UnwrapDataKeyRequest {
+            key_id: key_id.to_owned(),
+            wrapped_key: wrapped.to_vec(),
+            keyring: keyring.to_owned(),
+        };
+        let mut r = self.keys.clone().unwrap_data_key(req).await.map_err(|s| self.status(s))?.into_inner();
+        let data_key = DataKey::from_slice(&r.plaintext_key);
+        r.plaintext_key.zeroize();
+        Ok(UnwrappedKey {
+            data_key: data_key.ok_or(ClientError::BadResponse { what: "data key is not 32 bytes" })?,
+            keyring: std::mem::take(&mut r.keyring),
+            version: r.keyring_version,
+            backup_id: std::mem::take(&mut r.backup_id),
+        })
+    }
+
+    pub async fn create_keyring(&self, name: &str, retention_days: u32) -> Result<KeyringInfo, ClientError> {
+        let req = pb::CreateKeyringRequest { name: name.to_owned(), retention_days };
+        let r = self.admin.clone().create_keyring(req).await.map_err(|s| self.status(s))?;
+        Ok(keyring_info(r.into_inner()))
+    }
+
+    pub async fn list_keyrings(&self) -> Result<Vec<KeyringInfo>, ClientError> {
+        let r = self.admin.clone().list_keyrings(pb::ListKeyringsRequest {}).await.map_err(|s| self.status(s))?;
+        Ok(r.into_inner().keyrings.into_iter().map(keyring_info).collect())
+    }
+
+    pub async fn get_keyring(&self, name: &str) -> Result<KeyringInfo, ClientError> {
+        let r = self
+            .admin
+            .clone()
+            .get_keyring(pb::GetKeyringRequest { name: name.to_owned() })
+            .await
+            .map_err(|s| self.status(s))?;
+        Ok(keyring_info(r.into_inner()))
+    }
+
+    pub async fn install_escrow(&self, manifest_json: &str) -> Result<EscrowStatus, ClientError> {
+        let r = self
+            .admin
+            .clone()
+            .install_escrow(pb::InstallEscrowRequest { manifest_json: manifest_json.to_owned() })
+            .await
+            .map_err(|s| self.status(s))?;
+        Ok(escrow_status(r.into_inner()))
+    }
+
+    pub async fn escrow_status(&self) -> Result<EscrowStatus, ClientError> {
+        let r = self
+            .admin
+            .clone()
+            .get_escrow_status(pb::GetEscrowStatusRequest {})
+            .await
+            .map_err(|s| self.status(s))?;
+        Ok(escrow_status(r.into_inner()))
+    }
+}
+
+fn keyring_info(k: pb::Keyring) -> KeyringInfo {
+    KeyringInfo {
+        name: k.name,
+        current_version: k.current_version,
+        created_unix: k.created_unix,
+        retention_days: k.retention_days,
+        issued_keys: k.issued_keys,
+        versions: k
+            .versions
+            .into_iter()
+            .map(|v| KeyringVersionInfo { version: v.version, created_unix: v.created_unix, state: v.state })
+            .collect(),
+    }
+}
+
+fn escrow_status(s: pb::EscrowStatus) -> EscrowStatus {
+    EscrowStatus {
+        installed: s.installed,
+        ceremony_id: s.ceremony_id,
+        recovery_recipient: s.recovery_recipient,
+        threshold: s.threshold,
+        shares: s.shares,
+        installed_unix: s.installed_unix,
+        custodians: s.custodians,
+        keys_without_escrow: s.keys_without_escrow,
+    }
+}

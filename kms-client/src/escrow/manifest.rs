@@ -1,0 +1,239 @@
+//! The ceremony manifest (`manifest.json`): public, installed on the server, given to every
+//! custodian. It holds no secret: the commitments are hashes of shares that reveal nothing
+//! a guesser of the 256-bit key could not already check against the recovery recipient.
+
+use std::path::{Path, PathBuf};
+
+use ring::digest;
+use serde::{Deserialize, Serialize};
+
+use super::error::{EscrowError, ManifestProblem};
+use super::fsutil;
+use super::recipient;
+
+/// The value of the manifest's `format` field.
+pub const MANIFEST_FORMAT: &str = "kluis-escrow-manifest/v1";
+
+/// The manifest's file name inside a ceremony directory.
+pub const MANIFEST_FILE_NAME: &str = "manifest.json";
+
+/// A manifest is a few KiB; anything above this is not one.
+const MANIFEST_SIZE_LIMIT: usize = 1 << 20;
+
+/// Domain separation for share commitments.
+const COMMITMENT_DOMAIN: &[u8] = b"kluis-escrow-share-commitment/v1\0";
+
+/// The public record of one escrow ceremony.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Always [`MANIFEST_FORMAT`].
+    pub format: String,
+    /// Random 128-bit id, 32 lowercase hex digits.
+    pub ceremony_id: String,
+    /// When the ceremony ran, RFC 3339 UTC.
+    pub created: String,
+    /// The recovery recipient (`age1...`) that sealed backups are encrypted to.
+    pub recovery_recipient: String,
+    /// Shares needed to rebuild the recovery key (k).
+    pub threshold: u8,
+    /// Shares made (n), one per custodian.
+    pub shares: u8,
+    /// One entry per custodian.
+    pub custodians: Vec<CustodianEntry>,
+    /// The ceremony this one replaces (re-share), if any.
+    #[serde(default)]
+    pub replaces: Option<String>,
+}
+
+/// One custodian of a ceremony.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustodianEntry {
+    /// Custodian name (`[A-Za-z0-9._-]{1,64}`); the share file is `share-NAME.age`.
+    pub name: String,
+    /// The age recipient the share file was encrypted to.
+    pub recipient: String,
+    /// The share index (Shamir x coordinate), 1..=shares.
+    pub index: u8,
+    /// [`share_commitment`] of this custodian's share, 64 lowercase hex digits.
+    pub commitment: String,
+}
+
+impl Manifest {
+    /// Reads and checks a manifest. `path` may be the ceremony directory, in which case
+    /// its `manifest.json` is read.
+    pub fn load(path: &Path) -> Result<Manifest, EscrowError> {
+        let path: PathBuf = if path.is_dir() {
+            path.join(MANIFEST_FILE_NAME)
+        } else {
+            path.to_owned()
+        };
+        let bytes = fsutil::read_file_limited(&path, MANIFEST_SIZE_LIMIT)?;
+        Self::parse(&bytes, &path)
+    }
+
+    /// Parses and checks a manifest from JSON text (errors name the file `manifest.json`).
+    pub fn from_json(json: &str) -> Result<Manifest, EscrowError> {
+        Self::parse(json.as_bytes(), Path::new(MANIFEST_FILE_NAME))
+    }
+
+    fn parse(bytes: &[u8], path: &Path) -> Result<Manifest, EscrowError> {
+        let manifest: Manifest =
+            serde_json::from_slice(bytes).map_err(|source| EscrowError::ManifestParse {
+                path: path.to_owned(),
+                source,
+            })?;
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
+    /// The manifest as pretty JSON with a final newline.
+    pub fn to_json(&self) -> Result<String, EscrowError> {
+        let mut s = serde_json::to_string_pretty(self)
+            .map_err(|source| EscrowError::ManifestSerialize { source })?;
+        s.push('\n');
+        Ok(s)
+    }
+
+    /// The custodian holding share `index`.
+    pub fn custodian(&self, index: u8) -> Option<&CustodianEntry> {
+        self.custodians.iter().find(|c| c.index == index)
+    }
+
+    /// Checks internal consistency: format, ids, recipients, threshold, one custodian per
+    /// index 1..=shares, unique names, well-formed commitments.
+    pub fn validate(&self) -> Result<(), ManifestProblem> {
+        if self.format != MANIFEST_FORMAT {
+            return Err(ManifestProblem::UnsupportedFormat {
+                found: self.format.clone(),
+            });
+        }
+        if !is_lower_hex(&self.ceremony_id, 32) {
+            return Err(ManifestProblem::BadCeremonyId);
+        }
+        if let Some(old) = &self.replaces
+            && (!is_lower_hex(old, 32) || *old == self.ceremony_id)
+        {
+            return Err(ManifestProblem::BadReplaces);
+        }
+        if time::OffsetDateTime::parse(
+            &self.created,
+            &time::format_description::well_known::Rfc3339,
+        )
+        .is_err()
+        {
+            return Err(ManifestProblem::BadCreated);
+        }
+        if self
+            .recovery_recipient
+            .parse::<age::x25519::Recipient>()
+            .is_err()
+        {
+            return Err(ManifestProblem::BadRecoveryRecipient);
+        }
+        if self.threshold < 2 {
+            return Err(ManifestProblem::ThresholdTooSmall {
+                threshold: self.threshold,
+            });
+        }
+        if self.threshold > self.shares {
+            return Err(ManifestProblem::ThresholdAboveShares {
+                threshold: self.threshold,
+                shares: self.shares,
+            });
+        }
+        if self.custodians.len() != usize::from(self.shares) {
+            return Err(ManifestProblem::CustodianCount {
+                listed: self.custodians.len(),
+                shares: self.shares,
+            });
+        }
+        let mut seen_index = [false; 256];
+        let mut names: Vec<String> = Vec::with_capacity(self.custodians.len());
+        for c in &self.custodians {
+            if !valid_custodian_name(&c.name) {
+                return Err(ManifestProblem::BadCustodianName {
+                    name: c.name.clone(),
+                });
+            }
+            let folded = c.name.to_ascii_lowercase();
+            if names.contains(&folded) {
+                return Err(ManifestProblem::DuplicateCustodian {
+                    name: c.name.clone(),
+                });
+            }
+            names.push(folded);
+            if c.index == 0 || c.index > self.shares {
+                return Err(ManifestProblem::BadIndex {
+                    custodian: c.name.clone(),
+                    index: c.index,
+                    shares: self.shares,
+                });
+            }
+            let slot = &mut seen_index[usize::from(c.index)];
+            if *slot {
+                return Err(ManifestProblem::DuplicateIndex { index: c.index });
+            }
+            *slot = true;
+            if !is_lower_hex(&c.commitment, 64) {
+                return Err(ManifestProblem::BadCommitment {
+                    custodian: c.name.clone(),
+                });
+            }
+            if recipient::parse_recipient(&c.name, &c.recipient).is_err() {
+                return Err(ManifestProblem::BadCustodianRecipient {
+                    custodian: c.name.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The commitment to one share: lowercase hex SHA-256 over
+///
+/// ```text
+/// "kluis-escrow-share-commitment/v1" 0x00
+/// u32be(len(ceremony_id)) ceremony_id (ASCII hex)
+/// index (1 byte)
+/// u32be(len(share)) share (the blahaj share bytes: index byte, then 32 y bytes)
+/// ```
+///
+/// It lets one share be checked on its own, without any other share.
+pub fn share_commitment(ceremony_id: &str, index: u8, share: &[u8]) -> String {
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    ctx.update(COMMITMENT_DOMAIN);
+    ctx.update(&len_be(ceremony_id.len()));
+    ctx.update(ceremony_id.as_bytes());
+    ctx.update(&[index]);
+    ctx.update(&len_be(share.len()));
+    ctx.update(share);
+    hex::encode(ctx.finish())
+}
+
+fn len_be(len: usize) -> [u8; 4] {
+    u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes()
+}
+
+/// Compares two byte strings in time independent of where they differ.
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
+}
+
+/// `[A-Za-z0-9._-]{1,64}`: custodian names become file names.
+pub(crate) fn valid_custodian_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Exactly `len` lowercase hexadecimal digits.
+pub(crate) fn is_lower_hex(s: &str, len: usize) -> bool {
+    s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}

@@ -1,0 +1,12 @@
+//! Kluis client side: the typed gRPC client ([`client`]), the sealed-file format
+//! ([`sealed`], a standard age v1 file), the hook operations ([`hook`]) and the
+//! escrow ceremony and recovery ([`escrow`]).
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod config;
+pub mod escrow;
+pub mod hook;
+pub mod output;
+pub mod sealed;
+pub mod secret;

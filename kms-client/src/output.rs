@@ -1,0 +1,106 @@
+//! Output that is all or nothing: a file output is written to a temporary file
+//! beside the target and renamed over it only when the whole stream succeeded.
+
+use std::fs::File;
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use crate::sealed::IO_BUF;
+
+/// Where results go: stdout, or a file replaced atomically on [`Output::commit`].
+pub enum Output {
+    Stdout(BufWriter<io::Stdout>),
+    File { tmp: BufWriter<tempfile::NamedTempFile>, dest: PathBuf },
+}
+
+/// Errors finishing a file output.
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    #[error("cannot create a temporary file next to {path}: {source}")]
+    Create { path: PathBuf, source: io::Error },
+    #[error("cannot finish writing {path}: {source}")]
+    Finish { path: PathBuf, source: io::Error },
+}
+
+impl Output {
+    /// `None` or `-` is stdout.
+    pub fn create(path: Option<&Path>) -> Result<Self, OutputError> {
+        match path {
+            None => Ok(Output::Stdout(BufWriter::with_capacity(IO_BUF, io::stdout()))),
+            Some(p) if p == Path::new("-") => Ok(Output::Stdout(BufWriter::with_capacity(IO_BUF, io::stdout()))),
+            Some(p) => {
+                let dir = match p.parent() {
+                    Some(d) if !d.as_os_str().is_empty() => d,
+                    _ => Path::new("."),
+                };
+                let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let tmp = tempfile::Builder::new()
+                    .prefix(&format!(".{name}."))
+                    .suffix(".partial")
+                    .tempfile_in(dir)
+                    .map_err(|e| OutputError::Create { path: p.to_owned(), source: e })?;
+                Ok(Output::File { tmp: BufWriter::with_capacity(IO_BUF, tmp), dest: p.to_owned() })
+            }
+        }
+    }
+
+    /// Makes the output final: flush (and for a file: fsync, rename, fsync the directory).
+    pub fn commit(self) -> Result<(), OutputError> {
+        match self {
+            Output::Stdout(mut w) => w.flush().map_err(|e| OutputError::Finish { path: PathBuf::from("<stdout>"), source: e }),
+            Output::File { tmp, dest } => {
+                let fin = |e| OutputError::Finish { path: dest.clone(), source: e };
+                let tmp = tmp.into_inner().map_err(|e| fin(e.into_error()))?;
+                tmp.as_file().sync_all().map_err(fin)?;
+                tmp.persist(&dest).map_err(|e| fin(e.error))?;
+                let dir = dest.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+                if let Ok(d) = File::open(dir) {
+                    let _ = d.sync_all();
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Write for Output {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Output::Stdout(w) => w.write(buf),
+            Output::File { tmp, .. } => tmp.write(buf),
+        }
+    }
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        match self {
+            Output::Stdout(w) => w.write_all(buf),
+            Output::File { tmp, .. } => tmp.write_all(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Output::Stdout(w) => w.flush(),
+            Output::File { tmp, .. } => tmp.flush(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_output_appears_only_on_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("out.bin");
+        let mut o = Output::create(Some(&dest)).unwrap();
+        o.write_all(b"hello").unwrap();
+        assert!(!dest.exists());
+        drop(o);
+        assert!(!dest.exists());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "temp file left behind");
+        let mut o = Output::create(Some(&dest)).unwrap();
+        o.write_all(b"hello").unwrap();
+        o.commit().unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), b"hello");
+    }
+}

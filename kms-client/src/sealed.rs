@@ -1,0 +1,411 @@
+//! The sealed-file format: a standard age v1 file.
+//!
+//! Header stanzas:
+//! - `-> kluis KEYRING KEY_ID` whose body is the server-wrapped data key
+//!   followed by the age file key encrypted (ChaCha20-Poly1305, zero nonce, as
+//!   age's own X25519 stanza does) under a key derived from the data key with
+//!   HKDF-SHA-256 (salt `KEYRING \0 KEY_ID`, label `kluis/v1/file-key`);
+//! - `-> X25519 ...` to the escrow recovery recipient, when the server hands one out.
+//!
+//! Payload: age STREAM (ChaCha20-Poly1305, 64 KiB chunks). So the custodians'
+//! recovery identity opens any sealed file with the stock `age` tool, and
+//! unsealing ignores stanzas it does not know.
+
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::io::{self, BufReader, Read, Write};
+use std::str::FromStr;
+
+use age::secrecy::ExposeSecret;
+use age_core::format::{FILE_KEY_BYTES, FileKey, Stanza};
+use age_core::primitives::{aead_decrypt, aead_encrypt, hkdf};
+use zeroize::Zeroizing;
+
+use crate::client::{ClientError, IssuedKey};
+use crate::secret::DataKey;
+
+/// The age stanza tag of a Kluis data key.
+pub const STANZA_TAG: &str = "kluis";
+const FILE_KEY_LABEL: &[u8] = b"kluis/v1/file-key";
+const ENC_FILE_KEY_LEN: usize = FILE_KEY_BYTES + 16;
+const AGE_MAGIC: &[u8] = b"age-encryption.org/";
+/// I/O buffer size for the payload copy.
+pub const IO_BUF: usize = 1 << 20;
+
+/// Errors sealing a stream.
+#[derive(Debug, thiserror::Error)]
+pub enum SealError {
+    #[error("the server handed out a recovery recipient that is not an age X25519 recipient")]
+    BadRecoveryRecipient,
+    #[error("could not build the age header: {0}")]
+    Header(#[source] age::EncryptError),
+    #[error("reading the input failed: {0}")]
+    ReadInput(#[source] io::Error),
+    #[error("writing the sealed output failed: {0}")]
+    WriteOutput(#[source] io::Error),
+}
+
+/// Errors unsealing a stream.
+#[derive(Debug, thiserror::Error)]
+pub enum UnsealError {
+    #[error("the input is empty, not a sealed backup")]
+    Empty,
+    #[error("the input is not a sealed backup (no age v1 header)")]
+    NotSealed,
+    #[error("the header of the sealed file is damaged or truncated")]
+    HeaderDamaged,
+    #[error("the header of the sealed file was altered (header MAC does not verify)")]
+    HeaderMac,
+    #[error("the Kluis stanza is malformed: {reason}")]
+    StanzaMalformed { reason: &'static str },
+    #[error("no stanza in this file can be opened: it has no Kluis stanza and no stanza for the given recovery identity")]
+    NoMatchingStanza,
+    #[error("the data key from the server does not open this file's key (the Kluis stanza was altered)")]
+    FileKeyMismatch,
+    #[error("{0}")]
+    Server(#[source] ClientError),
+    #[error("the sealed file is truncated (its last chunk is missing)")]
+    Truncated,
+    #[error("the sealed payload is damaged, truncated or altered (a chunk failed to authenticate)")]
+    PayloadDamaged,
+    #[error("reading the sealed input failed: {0}")]
+    ReadInput(#[source] io::Error),
+    #[error("writing the plaintext failed: {0}")]
+    WriteOutput(#[source] io::Error),
+}
+
+/// The contents of a Kluis stanza.
+pub struct KluisStanza {
+    pub keyring: String,
+    pub key_id: String,
+    pub wrapped: Vec<u8>,
+    enc_file_key: Vec<u8>,
+}
+
+fn wrap_key(dk: &DataKey, keyring: &str, key_id: &str) -> Zeroizing<[u8; 32]> {
+    let mut salt = Vec::with_capacity(keyring.len() + 1 + key_id.len());
+    salt.extend_from_slice(keyring.as_bytes());
+    salt.push(0);
+    salt.extend_from_slice(key_id.as_bytes());
+    Zeroizing::new(hkdf(&salt, FILE_KEY_LABEL, dk.expose()))
+}
+
+/// Reads a Kluis stanza; `Ok(None)` if the stanza is of another kind.
+pub fn parse_stanza(s: &Stanza) -> Result<Option<KluisStanza>, UnsealError> {
+    if s.tag != STANZA_TAG {
+        return Ok(None);
+    }
+    let [keyring, key_id] = s.args.as_slice() else {
+        return Err(UnsealError::StanzaMalformed { reason: "expected two arguments (keyring, key id)" });
+    };
+    if s.body.len() <= ENC_FILE_KEY_LEN {
+        return Err(UnsealError::StanzaMalformed { reason: "body too short" });
+    }
+    let (wrapped, enc) = s.body.split_at(s.body.len() - ENC_FILE_KEY_LEN);
+    Ok(Some(KluisStanza {
+        keyring: keyring.clone(),
+        key_id: key_id.clone(),
+        wrapped: wrapped.to_vec(),
+        enc_file_key: enc.to_vec(),
+    }))
+}
+
+/// age recipient for a server-issued data key.
+struct KluisRecipient<'a> {
+    key: &'a IssuedKey,
+}
+
+impl age::Recipient for KluisRecipient<'_> {
+    fn wrap_file_key(&self, file_key: &FileKey) -> Result<(Vec<Stanza>, HashSet<String>), age::EncryptError> {
+        let wk = wrap_key(&self.key.data_key, &self.key.keyring, &self.key.key_id);
+        let mut body = self.key.wrapped.clone();
+        body.extend_from_slice(&aead_encrypt(&wk, file_key.expose_secret()));
+        Ok((
+            vec![Stanza {
+                tag: STANZA_TAG.to_owned(),
+                args: vec![self.key.keyring.clone(), self.key.key_id.clone()],
+                body,
+            }],
+            HashSet::new(),
+        ))
+    }
+}
+
+/// age identity that resolves a Kluis stanza to its data key (normally by asking
+/// the server) and remembers why it failed, so the caller gets the real reason.
+pub struct KluisIdentity<F>
+where
+    F: Fn(&KluisStanza) -> Result<DataKey, ClientError>,
+{
+    resolve: F,
+    failure: RefCell<Option<UnsealError>>,
+}
+
+impl<F> KluisIdentity<F>
+where
+    F: Fn(&KluisStanza) -> Result<DataKey, ClientError>,
+{
+    pub fn new(resolve: F) -> Self {
+        Self { resolve, failure: RefCell::new(None) }
+    }
+
+    fn fail(&self, e: UnsealError) -> Option<Result<FileKey, age::DecryptError>> {
+        *self.failure.borrow_mut() = Some(e);
+        Some(Err(age::DecryptError::KeyDecryptionFailed))
+    }
+
+    /// Why resolving failed, if it did.
+    pub fn take_failure(&self) -> Option<UnsealError> {
+        self.failure.borrow_mut().take()
+    }
+}
+
+impl<F> age::Identity for KluisIdentity<F>
+where
+    F: Fn(&KluisStanza) -> Result<DataKey, ClientError>,
+{
+    fn unwrap_stanza(&self, stanza: &Stanza) -> Option<Result<FileKey, age::DecryptError>> {
+        let st = match parse_stanza(stanza) {
+            Ok(Some(st)) => st,
+            Ok(None) => return None,
+            Err(e) => return self.fail(e),
+        };
+        let dk = match (self.resolve)(&st) {
+            Ok(dk) => dk,
+            Err(e) => return self.fail(UnsealError::Server(e)),
+        };
+        let wk = wrap_key(&dk, &st.keyring, &st.key_id);
+        match aead_decrypt(&wk, FILE_KEY_BYTES, &st.enc_file_key) {
+            Ok(mut pt) => {
+                let fk = FileKey::try_init_with_mut(|k: &mut [u8; FILE_KEY_BYTES]| {
+                    k.copy_from_slice(&pt);
+                    Ok::<(), ()>(())
+                });
+                zeroize::Zeroize::zeroize(&mut pt);
+                match fk {
+                    Ok(fk) => Some(Ok(fk)),
+                    Err(()) => self.fail(UnsealError::FileKeyMismatch),
+                }
+            }
+            Err(_) => self.fail(UnsealError::FileKeyMismatch),
+        }
+    }
+}
+
+/// Bytes moved by a seal or unseal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Moved {
+    pub plaintext_bytes: u64,
+}
+
+/// Seals `input` into `output` for `key` (and its recovery recipient, if any).
+/// The caller must treat any error as "no sealed output": the age stream is
+/// only complete after the final chunk, which this writes last.
+pub fn seal<R: Read, W: Write>(key: &IssuedKey, mut input: R, output: W) -> Result<(W, Moved), SealError> {
+    let kluis = KluisRecipient { key };
+    let recovery = match &key.recovery_recipient {
+        Some(r) => Some(age::x25519::Recipient::from_str(r).map_err(|_| SealError::BadRecoveryRecipient)?),
+        None => None,
+    };
+    let mut recipients: Vec<&dyn age::Recipient> = vec![&kluis];
+    if let Some(r) = &recovery {
+        recipients.push(r);
+    }
+    let enc = age::Encryptor::with_recipients(recipients.into_iter()).map_err(SealError::Header)?;
+    let mut w = enc.wrap_output(output).map_err(SealError::WriteOutput)?;
+    let mut buf = vec![0u8; IO_BUF];
+    let mut total = 0u64;
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(SealError::ReadInput(e)),
+        };
+        w.write_all(&buf[..n]).map_err(SealError::WriteOutput)?;
+        total += n as u64;
+    }
+    let mut out = w.finish().map_err(SealError::WriteOutput)?;
+    out.flush().map_err(SealError::WriteOutput)?;
+    Ok((out, Moved { plaintext_bytes: total }))
+}
+
+/// Reads up to `AGE_MAGIC.len()` bytes to tell "not an age file" from a damaged one.
+fn sniff<R: Read>(input: &mut R) -> Result<Vec<u8>, UnsealError> {
+    let mut prefix = vec![0u8; AGE_MAGIC.len()];
+    let mut got = 0;
+    while got < prefix.len() {
+        match input.read(&mut prefix[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(UnsealError::ReadInput(e)),
+        }
+    }
+    prefix.truncate(got);
+    if got == 0 {
+        return Err(UnsealError::Empty);
+    }
+    if !AGE_MAGIC.starts_with(&prefix) || got < AGE_MAGIC.len() {
+        return Err(UnsealError::NotSealed);
+    }
+    Ok(prefix)
+}
+
+fn header_error(e: age::DecryptError) -> UnsealError {
+    match e {
+        age::DecryptError::InvalidMac => UnsealError::HeaderMac,
+        age::DecryptError::NoMatchingKeys => UnsealError::NoMatchingStanza,
+        age::DecryptError::Io(e) => UnsealError::ReadInput(e),
+        _ => UnsealError::HeaderDamaged,
+    }
+}
+
+/// The resolver type of an unseal that uses no server.
+pub type NoServer = fn(&KluisStanza) -> Result<DataKey, ClientError>;
+
+/// Unseals `input` into `output` with the given identities (a [`KluisIdentity`]
+/// and/or recovery identities). Bytes are written only after their chunk
+/// authenticated; an error at any point means the output must be discarded.
+pub fn unseal<R: Read, W: Write, F>(
+    mut input: R,
+    kluis: Option<&KluisIdentity<F>>,
+    others: &[&dyn age::Identity],
+    mut output: W,
+) -> Result<(W, Moved), UnsealError>
+where
+    F: Fn(&KluisStanza) -> Result<DataKey, ClientError>,
+{
+    let prefix = sniff(&mut input)?;
+    let reader = BufReader::with_capacity(IO_BUF, io::Cursor::new(prefix).chain(input));
+    let dec = age::Decryptor::new_buffered(reader).map_err(header_error)?;
+    let mut ids: Vec<&dyn age::Identity> = Vec::with_capacity(others.len() + 1);
+    if let Some(k) = kluis {
+        ids.push(k);
+    }
+    ids.extend_from_slice(others);
+    let mut r = match dec.decrypt(ids.into_iter()) {
+        Ok(r) => r,
+        Err(e) => {
+            if let Some(f) = kluis.and_then(KluisIdentity::take_failure) {
+                return Err(f);
+            }
+            return Err(header_error(e));
+        }
+    };
+    let mut buf = vec![0u8; IO_BUF];
+    let mut total = 0u64;
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) => {
+                return Err(match e.kind() {
+                    io::ErrorKind::Interrupted => continue,
+                    io::ErrorKind::UnexpectedEof => UnsealError::Truncated,
+                    io::ErrorKind::InvalidData => UnsealError::PayloadDamaged,
+                    _ => UnsealError::ReadInput(e),
+                });
+            }
+        };
+        output.write_all(&buf[..n]).map_err(UnsealError::WriteOutput)?;
+        total += n as u64;
+    }
+    output.flush().map_err(UnsealError::WriteOutput)?;
+    Ok((output, Moved { plaintext_bytes: total }))
+}
+
+/// Reads only the header of a sealed file and returns its Kluis stanza.
+pub fn read_kluis_stanza<R: Read>(input: R) -> Result<KluisStanza, UnsealError> {
+    // Decrypting with an identity that records the stanza and declines.
+    let seen: RefCell<Option<KluisStanza>> = RefCell::new(None);
+    let probe = KluisIdentity::new(|st: &KluisStanza| {
+        *seen.borrow_mut() = Some(KluisStanza {
+            keyring: st.keyring.clone(),
+            key_id: st.key_id.clone(),
+            wrapped: st.wrapped.clone(),
+            enc_file_key: st.enc_file_key.clone(),
+        });
+        Err(ClientError::BadResponse { what: "header probe" })
+    });
+    let _ = unseal(input, Some(&probe), &[], io::sink());
+    seen.into_inner().ok_or(UnsealError::NoMatchingStanza)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn issued(recovery: Option<String>) -> IssuedKey {
+        IssuedKey {
+            key_id: "00112233445566778899aabbccddeeff".into(),
+            keyring: "default".into(),
+            version: 1,
+            data_key: DataKey::from_slice(&[7u8; 32]).unwrap(),
+            wrapped: vec![1u8; 65],
+            recovery_recipient: recovery,
+        }
+    }
+
+    fn resolver(st: &KluisStanza) -> Result<DataKey, ClientError> {
+        assert_eq!(st.wrapped, vec![1u8; 65]);
+        Ok(DataKey::from_slice(&[7u8; 32]).unwrap())
+    }
+
+    #[test]
+    fn round_trip_and_age_interop() {
+        let id = age::x25519::Identity::generate();
+        let key = issued(Some(id.to_public().to_string()));
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let (sealed, m) = seal(&key, data.as_slice(), Vec::new()).unwrap();
+        assert_eq!(m.plaintext_bytes, data.len() as u64);
+        let ident = KluisIdentity::new(resolver);
+        let (out, _) = unseal(sealed.as_slice(), Some(&ident), &[], Vec::new()).unwrap();
+        assert_eq!(out, data);
+        // The recovery identity alone, through the age crate's own decryptor.
+        let dec = age::Decryptor::new(sealed.as_slice()).unwrap();
+        let mut r = dec.decrypt(std::iter::once(&id as &dyn age::Identity)).unwrap();
+        let mut out2 = Vec::new();
+        r.read_to_end(&mut out2).unwrap();
+        assert_eq!(out2, data);
+        // And through our unseal with no server at all.
+        let none: Option<&KluisIdentity<NoServer>> = None;
+        let (out3, _) = unseal(sealed.as_slice(), none, &[&id], Vec::new()).unwrap();
+        assert_eq!(out3, data);
+        let st = read_kluis_stanza(sealed.as_slice()).unwrap();
+        assert_eq!(st.key_id, key.key_id);
+    }
+
+    #[test]
+    fn tampering_is_detected_and_named() {
+        let key = issued(None);
+        let data = vec![42u8; 70_000];
+        let (sealed, _) = seal(&key, data.as_slice(), Vec::new()).unwrap();
+        let ident = KluisIdentity::new(resolver);
+        let run = |bytes: &[u8]| unseal(bytes, Some(&ident), &[], Vec::new()).map(|_| ());
+        // Payload bit flip.
+        let mut bad = sealed.clone();
+        let n = bad.len();
+        bad[n - 100] ^= 1;
+        assert!(matches!(run(&bad), Err(UnsealError::PayloadDamaged)));
+        // Truncation at a chunk boundary and mid-chunk.
+        let hdr_end = sealed.windows(4).position(|w| w == b"\n---").unwrap() + 48;
+        let first_chunk_end = hdr_end + 16 + 65536 + 16;
+        assert!(matches!(run(&sealed[..first_chunk_end]), Err(UnsealError::Truncated | UnsealError::PayloadDamaged)));
+        assert!(matches!(run(&sealed[..n - 10]), Err(UnsealError::PayloadDamaged)));
+        // Header MAC.
+        let mut bad = sealed.clone();
+        let mac_pos = sealed.windows(4).position(|w| w == b"--- ").unwrap() + 6;
+        bad[mac_pos] = if bad[mac_pos] == b'A' { b'B' } else { b'A' };
+        assert!(matches!(run(&bad), Err(UnsealError::HeaderMac | UnsealError::HeaderDamaged)));
+        // Not an age file; empty.
+        assert!(matches!(run(b"hello world, this is not sealed"), Err(UnsealError::NotSealed)));
+        assert!(matches!(run(b""), Err(UnsealError::Empty)));
+        // A resolver whose key is wrong: the file key does not open.
+        let wrong = KluisIdentity::new(|_: &KluisStanza| Ok(DataKey::from_slice(&[8u8; 32]).unwrap()));
+        assert!(matches!(
+            unseal(sealed.as_slice(), Some(&wrong), &[], Vec::new()),
+            Err(UnsealError::FileKeyMismatch)
+        ));
+    }
+}

@@ -1,0 +1,19 @@
+//! Client-side key material: zeroized on drop, no `Debug`/`Display`.
+
+use zeroize::Zeroizing;
+
+/// A 256-bit data key as handed out by the server.
+pub struct DataKey(Zeroizing<[u8; 32]>);
+
+impl DataKey {
+    /// Takes exactly 32 bytes; anything else is `None`.
+    pub fn from_slice(bytes: &[u8]) -> Option<Self> {
+        let arr: [u8; 32] = bytes.try_into().ok()?;
+        Some(Self(Zeroizing::new(arr)))
+    }
+
+    /// The raw key bytes.
+    pub fn expose(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
