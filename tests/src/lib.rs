@@ -1,0 +1,203 @@
+//! Harness for the end-to-end tests: starts the real `kms-server` binary on
+//! port 0 in a temp dir and runs the real CLIs against it.
+//!
+//! The binaries must be built first (`cargo build --workspace --bins`, which the
+//! project's test command does).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+/// Path of a workspace binary next to the running test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build the binaries first with `cargo build --workspace --bins` (the README test command does)",
+        p.display()
+    );
+    p
+}
+
+/// A running `kms-server dev` in its own temp directory.
+pub struct Server {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub addr: String,
+    stderr_path: PathBuf,
+}
+
+impl Server {
+    /// Starts `kms-server dev` on 127.0.0.1:0 in a fresh temp dir.
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Server { child: None, dir, addr: String::new(), stderr_path: PathBuf::new() };
+        s.spawn();
+        s
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("kluis")
+    }
+
+    fn spawn(&mut self) {
+        self.stderr_path = self.dir.path().join(format!("server-{}.log", self.addr.len() + rand_suffix()));
+        let log = std::fs::File::create(&self.stderr_path).unwrap();
+        let mut child = Command::new(bin("kms-server"))
+            .args(["dev", "--data-dir"])
+            .arg(self.data_dir())
+            .args(["--listen", "127.0.0.1:0"])
+            .env("KLUIS_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        // Blocks until the server announces itself or exits; no sleeping.
+        let addr = loop {
+            match lines.next() {
+                Some(Ok(line)) => {
+                    if let Some(a) = line.strip_prefix("kms-server listening on ") {
+                        break a.to_owned();
+                    }
+                }
+                _ => {
+                    let _ = child.wait();
+                    panic!("kms-server exited before listening:\n{}", std::fs::read_to_string(&self.stderr_path).unwrap_or_default());
+                }
+            }
+        };
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        self.addr = addr;
+        self.child = Some(child);
+    }
+
+    /// The client config of a dev identity (sealer, restorer, officer, auditor, dev).
+    pub fn client(&self, name: &str) -> PathBuf {
+        self.data_dir().join("clients").join(format!("{name}.toml"))
+    }
+
+    /// SIGKILL, no chance to flush anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// Starts again on the same data directory (new port; client configs are rewritten).
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+}
+
+fn rand_suffix() -> usize {
+    let mut b = [0u8; 4];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).unwrap();
+    u32::from_le_bytes(b) as usize
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Runs a binary with args and stdin bytes; returns its output.
+pub fn run(name: &str, args: &[&str], stdin: &[u8]) -> Output {
+    run_env(name, args, stdin, &[])
+}
+
+pub fn run_env(name: &str, args: &[&str], stdin: &[u8], env: &[(&str, &Path)]) -> Output {
+    let mut cmd = Command::new(bin(name));
+    cmd.args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).env_remove("KLUIS_CLIENT_CONFIG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut sin = child.stdin.take().unwrap();
+    let data = stdin.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = sin.write_all(&data);
+    });
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    out
+}
+
+/// `backup-hook seal` of `data` as `identity`; returns the sealed bytes (asserts success).
+pub fn seal(server: &Server, identity: &str, keyring: &str, backup_id: &str, data: &[u8]) -> Vec<u8> {
+    let cfg = server.client(identity);
+    let out = run(
+        "backup-hook",
+        &["--client-config", cfg.to_str().unwrap(), "seal", "--keyring", keyring, "--backup-id", backup_id],
+        data,
+    );
+    assert!(out.status.success(), "seal failed: {}", String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}
+
+/// `backup-hook unseal` of `sealed` as `identity`; returns the output.
+pub fn unseal(server: &Server, identity: &str, sealed: &[u8]) -> Output {
+    let cfg = server.client(identity);
+    run("backup-hook", &["--client-config", cfg.to_str().unwrap(), "unseal"], sealed)
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Deterministic pseudo-random bytes (xorshift), for big streams without big buffers.
+pub struct Pattern {
+    state: u64,
+    left: u64,
+}
+
+impl Pattern {
+    pub fn new(seed: u64, len: u64) -> Self {
+        Self { state: seed | 1, left: len }
+    }
+}
+
+impl Read for Pattern {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = (buf.len() as u64).min(self.left) as usize;
+        for chunk in buf[..n].chunks_mut(8) {
+            self.state ^= self.state << 13;
+            self.state ^= self.state >> 7;
+            self.state ^= self.state << 17;
+            let b = self.state.to_le_bytes();
+            chunk.copy_from_slice(&b[..chunk.len()]);
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+/// SHA-256 and length of everything read from `r`.
+pub fn digest_reader(mut r: impl Read) -> (String, u64) {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let k = r.read(&mut buf).unwrap();
+        if k == 0 {
+            break;
+        }
+        ctx.update(&buf[..k]);
+        n += k as u64;
+    }
+    (hex::encode(ctx.finish().as_ref()), n)
+}
