@@ -26,8 +26,14 @@ pub fn config_path(dir: &Path) -> PathBuf {
     dir.join("server.toml")
 }
 
+/// The master key of a dev setup: a key file in the directory, or a PKCS#11 token.
+pub enum DevMaster {
+    Software,
+    Pkcs11 { module: PathBuf, token_label: String, key_label: String, pin_file: PathBuf },
+}
+
 /// Creates the dev directory on first run; returns its config.
-pub fn prepare(dir: &Path, listen: SocketAddr) -> Result<(ServerConfig, bool), ServerError> {
+pub fn prepare(dir: &Path, listen: SocketAddr, master: DevMaster) -> Result<(ServerConfig, bool), ServerError> {
     let cfg_path = config_path(dir);
     if cfg_path.exists() {
         let mut cfg = ServerConfig::load(&cfg_path)?;
@@ -43,7 +49,14 @@ pub fn prepare(dir: &Path, listen: SocketAddr) -> Result<(ServerConfig, bool), S
         listen,
         data_dir: dir.join("data"),
         tls: TlsConfig { cert: pki.server_cert, key: pki.server_key, client_ca: pki.ca_cert },
-        master: MasterConfig::Software { key_file: dir.join("master.key"), passphrase_file: None, passphrase_env: None },
+        master: match master {
+            DevMaster::Software => {
+                MasterConfig::Software { key_file: dir.join("master.key"), passphrase_file: None, passphrase_env: None }
+            }
+            DevMaster::Pkcs11 { module, token_label, key_label, pin_file } => {
+                MasterConfig::Pkcs11 { module, token_label, key_label, pin_file: Some(pin_file), pin_env: None }
+            }
+        },
         grants: DEV_IDENTITIES
             .iter()
             .map(|(name, roles, ring)| Grant {

@@ -28,6 +28,19 @@ enum Cmd {
         data_dir: PathBuf,
         #[arg(long, default_value = "127.0.0.1:8443")]
         listen: SocketAddr,
+        /// Keep the master key on a PKCS#11 token instead of a key file (first run only):
+        /// path of the module, e.g. /usr/lib/softhsm/libsofthsm2.so.
+        #[arg(long, requires_all = ["pkcs11_token_label", "pkcs11_pin_file"])]
+        pkcs11_module: Option<PathBuf>,
+        /// Label of the token holding the master key.
+        #[arg(long)]
+        pkcs11_token_label: Option<String>,
+        /// Label of the master key on the token (created on first run if absent).
+        #[arg(long, default_value = "kluis-master")]
+        pkcs11_key_label: String,
+        /// File holding the token's user PIN.
+        #[arg(long)]
+        pkcs11_pin_file: Option<PathBuf>,
     },
     /// Create the master key and the store for a config (once).
     Init {
@@ -91,10 +104,17 @@ fn announce(addr: SocketAddr) {
 
 async fn run(cmd: Cmd) -> Result<(), ServerError> {
     match cmd {
-        Cmd::Dev { data_dir, listen } => {
+        Cmd::Dev { data_dir, listen, pkcs11_module, pkcs11_token_label, pkcs11_key_label, pkcs11_pin_file } => {
             let data_dir = std::path::absolute(&data_dir)
                 .map_err(|e| ServerError::Io { path: data_dir.clone(), source: e })?;
-            let (cfg, created) = dev::prepare(&data_dir, listen)?;
+            let master = match (pkcs11_module, pkcs11_token_label, pkcs11_pin_file) {
+                (Some(module), Some(token_label), Some(pin_file)) => {
+                    let pin_file = std::path::absolute(&pin_file).map_err(|e| ServerError::Io { path: pin_file.clone(), source: e })?;
+                    dev::DevMaster::Pkcs11 { module, token_label, key_label: pkcs11_key_label, pin_file }
+                }
+                _ => dev::DevMaster::Software,
+            };
+            let (cfg, created) = dev::prepare(&data_dir, listen, master)?;
             let keys = server::open_keys(&cfg)?;
             match keys.create_keyring_unchecked(DEFAULT_KEYRING, 0).await {
                 Ok(_) | Err(KeyError::KeyringExists { .. }) => {}

@@ -97,6 +97,8 @@ pub enum WriteOp {
     PutMeta { key: &'static str, value: Vec<u8> },
     PutKeyring(KeyringRecord),
     IssueDataKey { id: [u8; 16], record: DataKeyRecord },
+    /// Several writes that must land together or not at all (e.g. master-key migration).
+    Atomic(Vec<WriteOp>),
 }
 
 /// How the writer answers: to an async waiter or to a blocked thread.
@@ -289,7 +291,19 @@ fn writer_loop(database: &Database, rx: &mpsc::Receiver<(WriteOp, Reply)>) {
     }
 }
 
+fn flatten(ops: Vec<WriteOp>, out: &mut Vec<WriteOp>) {
+    for op in ops {
+        match op {
+            WriteOp::Atomic(inner) => flatten(inner, out),
+            other => out.push(other),
+        }
+    }
+}
+
 fn commit_batch(database: &Database, ops: Vec<WriteOp>) -> Result<(), StoreError> {
+    // A group commit is one transaction, so an Atomic group inside it is atomic too.
+    let mut flat = Vec::with_capacity(ops.len());
+    flatten(ops, &mut flat);
     let txn = database.begin_write().map_err(dberr)?;
     {
         let mut meta = txn.open_table(META).map_err(dberr)?;
@@ -297,7 +311,7 @@ fn commit_batch(database: &Database, ops: Vec<WriteOp>) -> Result<(), StoreError
         let mut keys = txn.open_table(DATA_KEYS).map_err(dberr)?;
         let mut issued = txn.open_table(ISSUED).map_err(dberr)?;
         let mut counts: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
-        for op in ops {
+        for op in flat {
             match op {
                 WriteOp::PutMeta { key, value } => {
                     meta.insert(key, value.as_slice()).map_err(dberr)?;
@@ -313,6 +327,7 @@ fn commit_batch(database: &Database, ops: Vec<WriteOp>) -> Result<(), StoreError
                     keys.insert(id, bytes.as_slice()).map_err(dberr)?;
                     *counts.entry(record.keyring).or_default() += 1;
                 }
+                WriteOp::Atomic(_) => {}
             }
         }
         for (ring, n) in counts {
