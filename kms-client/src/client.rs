@@ -22,6 +22,8 @@ pub enum ClientError {
     Endpoint { endpoint: String, source: tonic::transport::Error },
     #[error("cannot reach the Kluis server at {endpoint}: {source}")]
     Connect { endpoint: String, source: tonic::transport::Error },
+    #[error("the TLS connection to {endpoint} was refused ({detail}); check that this client's certificate is signed by the server's client CA, unexpired and not revoked")]
+    TlsRejected { endpoint: String, detail: String },
     #[error("the Kluis server refused: {message}")]
     PermissionDenied { message: String },
     #[error("the Kluis server did not accept this client's certificate: {message}")]
@@ -51,7 +53,10 @@ impl ClientError {
     }
     /// True when the server refused the caller (role, certificate).
     pub fn is_refusal(&self) -> bool {
-        matches!(self, ClientError::PermissionDenied { .. } | ClientError::Unauthenticated { .. })
+        matches!(
+            self,
+            ClientError::PermissionDenied { .. } | ClientError::Unauthenticated { .. } | ClientError::TlsRejected { .. }
+        )
     }
 }
 
@@ -145,6 +150,9 @@ impl KmsClient {
 
     fn status(&self, s: tonic::Status) -> ClientError {
         let message = s.message().to_owned();
+        if let Some(detail) = tls_failure(&s) {
+            return ClientError::TlsRejected { endpoint: self.endpoint.clone(), detail };
+        }
         match s.code() {
             tonic::Code::PermissionDenied => ClientError::PermissionDenied { message },
             tonic::Code::Unauthenticated => ClientError::Unauthenticated { message },
@@ -244,6 +252,19 @@ impl KmsClient {
             .map_err(|s| self.status(s))?;
         Ok(escrow_status(r.into_inner()))
     }
+}
+
+/// A TLS-layer failure hidden behind a transport error, described by the deepest source.
+fn tls_failure(s: &tonic::Status) -> Option<String> {
+    let mut chain = Vec::new();
+    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(s);
+    while let Some(e) = src {
+        chain.push(e.to_string());
+        src = e.source();
+    }
+    let joined = chain.join(": ").to_lowercase();
+    let tls = ["certificate", "alert", "tls", "handshake"].iter().any(|k| joined.contains(k));
+    tls.then(|| chain.last().cloned().unwrap_or_default())
 }
 
 fn keyring_info(k: pb::Keyring) -> KeyringInfo {

@@ -23,19 +23,66 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// Where the server's master key lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Provider {
+    /// A key file in the data directory.
+    Software,
+    /// A non-extractable key on a real SoftHSM2 token made for this server.
+    SoftHsm,
+}
+
+/// The SoftHSM2 PKCS#11 module (Debian package softhsm2).
+pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+
+/// A SoftHSM2 token in its own temp directory (its own softhsm2.conf).
+pub struct SoftHsmToken {
+    pub conf: PathBuf,
+    pub pin_file: PathBuf,
+    pub label: String,
+}
+
+impl SoftHsmToken {
+    /// Creates `dir/softhsm2.conf`, `dir/tokens/` and a token labelled `label` (user PIN 1234).
+    pub fn create(dir: &Path, label: &str) -> Self {
+        let tokens = dir.join("tokens");
+        std::fs::create_dir_all(&tokens).unwrap();
+        let conf = dir.join("softhsm2.conf");
+        std::fs::write(&conf, format!("directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n", tokens.display())).unwrap();
+        let pin_file = dir.join("pin");
+        std::fs::write(&pin_file, "1234\n").unwrap();
+        std::fs::set_permissions(&pin_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        let out = Command::new("softhsm2-util")
+            .args(["--init-token", "--free", "--label", label, "--pin", "1234", "--so-pin", "5678"])
+            .env("SOFTHSM2_CONF", &conf)
+            .output()
+            .expect("softhsm2-util (Debian package softhsm2) is required");
+        assert!(out.status.success(), "softhsm2-util: {}", String::from_utf8_lossy(&out.stderr));
+        Self { conf, pin_file, label: label.to_owned() }
+    }
+}
+
 /// A running `kms-server dev` in its own temp directory.
 pub struct Server {
     child: Option<Child>,
     pub dir: tempfile::TempDir,
     pub addr: String,
+    pub provider: Provider,
+    pub token: Option<SoftHsmToken>,
     stderr_path: PathBuf,
 }
 
 impl Server {
-    /// Starts `kms-server dev` on 127.0.0.1:0 in a fresh temp dir.
+    /// Starts `kms-server dev` with a software master key on 127.0.0.1:0 in a fresh temp dir.
     pub fn start() -> Self {
+        Self::start_with(Provider::Software)
+    }
+
+    /// Starts `kms-server dev` with the given master-key provider.
+    pub fn start_with(provider: Provider) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Server { child: None, dir, addr: String::new(), stderr_path: PathBuf::new() };
+        let token = (provider == Provider::SoftHsm).then(|| SoftHsmToken::create(&dir.path().join("hsm"), "kluis-test"));
+        let mut s = Server { child: None, dir, addr: String::new(), provider, token, stderr_path: PathBuf::new() };
         s.spawn();
         s
     }
@@ -47,11 +94,14 @@ impl Server {
     fn spawn(&mut self) {
         self.stderr_path = self.dir.path().join(format!("server-{}.log", self.addr.len() + rand_suffix()));
         let log = std::fs::File::create(&self.stderr_path).unwrap();
-        let mut child = Command::new(bin("kms-server"))
-            .args(["dev", "--data-dir"])
-            .arg(self.data_dir())
-            .args(["--listen", "127.0.0.1:0"])
-            .env("KLUIS_LOG", "warn")
+        let mut cmd = Command::new(bin("kms-server"));
+        cmd.args(["dev", "--data-dir"]).arg(self.data_dir()).args(["--listen", "127.0.0.1:0"]).env("KLUIS_LOG", "warn");
+        if let Some(t) = &self.token {
+            cmd.args(["--pkcs11-module", SOFTHSM_MODULE, "--pkcs11-token-label", &t.label, "--pkcs11-pin-file"])
+                .arg(&t.pin_file)
+                .env("SOFTHSM2_CONF", &t.conf);
+        }
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
@@ -200,4 +250,18 @@ pub fn digest_reader(mut r: impl Read) -> (String, u64) {
         n += k as u64;
     }
     (hex::encode(ctx.finish().as_ref()), n)
+}
+
+/// Runs each named test function `fn name(p: Provider)` once per master-key
+/// provider: `software::name` and `softhsm::name`, from one test source.
+#[macro_export]
+macro_rules! per_provider {
+    ($($name:ident),* $(,)?) => {
+        mod software {
+            $( #[test] fn $name() { super::$name($crate::Provider::Software) } )*
+        }
+        mod softhsm {
+            $( #[test] fn $name() { super::$name($crate::Provider::SoftHsm) } )*
+        }
+    };
 }

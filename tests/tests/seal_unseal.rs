@@ -7,15 +7,28 @@ use std::process::{Command, Stdio};
 use age::secrecy::ExposeSecret;
 use kluis_tests::*;
 
+per_provider!(
+    round_trip_at_chunk_boundaries,
+    round_trip_200_mib_stream_through_a_pipe,
+    sealed_file_is_a_standard_age_file_that_the_recovery_identity_opens,
+    tampered_truncated_and_foreign_files_are_refused,
+    sealer_cannot_unseal_and_restorer_can,
+    unreachable_server_fails_fast_with_a_clear_message,
+    broken_pipe_while_sealing_is_a_failure,
+    unknown_keyring_and_bad_arguments_are_named,
+    kmsctl_keyring_create_list_show,
+    dev_restart_reuses_keys_and_data,
+    write_is_flushed_to_output_file_atomically,
+);
+
 fn sample(len: usize) -> Vec<u8> {
     let mut v = vec![0u8; len];
     Pattern::new(len as u64 + 7, len as u64).read_exact(&mut v).unwrap();
     v
 }
 
-#[test]
-fn round_trip_at_chunk_boundaries() {
-    let server = Server::start();
+fn round_trip_at_chunk_boundaries(p: Provider) {
+    let server = Server::start_with(p);
     for len in [0usize, 1, 65_536, 65_537, 3 * 65_536 + 5] {
         let data = sample(len);
         let sealed = seal(&server, "sealer", "default", &format!("b-{len}"), &data);
@@ -26,10 +39,9 @@ fn round_trip_at_chunk_boundaries() {
     }
 }
 
-#[test]
-fn round_trip_200_mib_stream_through_a_pipe() {
+fn round_trip_200_mib_stream_through_a_pipe(p: Provider) {
     const LEN: u64 = 200 << 20;
-    let server = Server::start();
+    let server = Server::start_with(p);
     let sealer = server.client("sealer");
     let restorer = server.client("restorer");
     let mut seal = Command::new(bin("backup-hook"))
@@ -75,9 +87,8 @@ fn install_recovery(server: &Server, recipient: &str) {
     assert!(out.status.success(), "{}", stderr(&out));
 }
 
-#[test]
-fn sealed_file_is_a_standard_age_file_that_the_recovery_identity_opens() {
-    let server = Server::start();
+fn sealed_file_is_a_standard_age_file_that_the_recovery_identity_opens(p: Provider) {
+    let server = Server::start_with(p);
     // Before any escrow: a Kluis stanza only; the age crate still parses the header.
     let plain = seal(&server, "sealer", "default", "no-escrow", b"before escrow");
     assert!(age::Decryptor::new(plain.as_slice()).is_ok());
@@ -134,9 +145,8 @@ fn assert_refused(server: &Server, sealed: &[u8], code: i32, needle: &str) {
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temp file may be left behind");
 }
 
-#[test]
-fn tampered_truncated_and_foreign_files_are_refused() {
-    let server = Server::start();
+fn tampered_truncated_and_foreign_files_are_refused(p: Provider) {
+    let server = Server::start_with(p);
     let data = sample(200_000);
     let sealed = seal(&server, "sealer", "default", "victim", &data);
     let header_end = sealed.windows(4).position(|w| w == b"\n---").unwrap();
@@ -169,14 +179,13 @@ fn tampered_truncated_and_foreign_files_are_refused() {
     assert_refused(&server, b"just some plaintext that is not age", 5, "not a sealed backup");
 
     // A file sealed by another server (another master key, another registry).
-    let other = Server::start();
+    let other = Server::start_with(p);
     let foreign = seal(&other, "sealer", "default", "elsewhere", b"foreign data");
     assert_refused(&server, &foreign, 4, "not known to this server");
 }
 
-#[test]
-fn sealer_cannot_unseal_and_restorer_can() {
-    let server = Server::start();
+fn sealer_cannot_unseal_and_restorer_can(p: Provider) {
+    let server = Server::start_with(p);
     let sealed = seal(&server, "sealer", "default", "ransomware-story", b"patient records");
     let out = unseal(&server, "sealer", &sealed);
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
@@ -187,9 +196,8 @@ fn sealer_cannot_unseal_and_restorer_can() {
     assert_eq!(out.stdout, b"patient records");
 }
 
-#[test]
-fn unreachable_server_fails_fast_with_a_clear_message() {
-    let server = Server::start();
+fn unreachable_server_fails_fast_with_a_clear_message(p: Provider) {
+    let server = Server::start_with(p);
     let cfg_text = std::fs::read_to_string(server.client("sealer")).unwrap();
     // Point at a port nothing listens on: bind one, then close it.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -201,9 +209,8 @@ fn unreachable_server_fails_fast_with_a_clear_message() {
     assert!(out.stdout.is_empty(), "no sealed output on failure");
 }
 
-#[test]
-fn broken_pipe_while_sealing_is_a_failure() {
-    let server = Server::start();
+fn broken_pipe_while_sealing_is_a_failure(p: Provider) {
+    let server = Server::start_with(p);
     let cfg = server.client("sealer");
     let mut child = Command::new(bin("backup-hook"))
         .args(["--client-config", cfg.to_str().unwrap(), "seal", "--keyring", "default", "--backup-id", "pipe"])
@@ -224,9 +231,8 @@ fn broken_pipe_while_sealing_is_a_failure() {
     assert!(stderr(&out).contains("broken pipe"), "{}", stderr(&out));
 }
 
-#[test]
-fn unknown_keyring_and_bad_arguments_are_named() {
-    let server = Server::start();
+fn unknown_keyring_and_bad_arguments_are_named(p: Provider) {
+    let server = Server::start_with(p);
     let cfg = server.client("dev");
     let out = run("backup-hook", &["--client-config", cfg.to_str().unwrap(), "seal", "--keyring", "nope", "--backup-id", "x"], b"d");
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
@@ -239,9 +245,8 @@ fn unknown_keyring_and_bad_arguments_are_named() {
     assert!(stderr(&out).contains("KLUIS_CLIENT_CONFIG"), "{}", stderr(&out));
 }
 
-#[test]
-fn kmsctl_keyring_create_list_show() {
-    let server = Server::start();
+fn kmsctl_keyring_create_list_show(p: Provider) {
+    let server = Server::start_with(p);
     let officer = server.client("officer");
     let o = officer.to_str().unwrap();
     let out = run("kmsctl", &["--client-config", o, "keyring", "create", "ehr-db", "--retention-days", "90"], b"");
@@ -266,9 +271,8 @@ fn kmsctl_keyring_create_list_show() {
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
 }
 
-#[test]
-fn dev_restart_reuses_keys_and_data() {
-    let mut server = Server::start();
+fn dev_restart_reuses_keys_and_data(p: Provider) {
+    let mut server = Server::start_with(p);
     let sealed = seal(&server, "sealer", "default", "before-restart", b"kept");
     server.restart();
     let out = unseal(&server, "restorer", &sealed);
@@ -277,9 +281,8 @@ fn dev_restart_reuses_keys_and_data() {
     assert!(server.log().is_empty() || !server.log().contains("ERROR"), "{}", server.log());
 }
 
-#[test]
-fn write_is_flushed_to_output_file_atomically() {
-    let server = Server::start();
+fn write_is_flushed_to_output_file_atomically(p: Provider) {
+    let server = Server::start_with(p);
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("in.bin");
     let sealed = dir.path().join("out.age");
