@@ -25,9 +25,9 @@ use crate::store::{
 const WRAPPED_DK_FORMAT: u8 = 1;
 /// `format(1) || version(4) || nonce(12) || ciphertext(32) || tag(16)`.
 pub const WRAPPED_DK_LEN: usize = 1 + 4 + 12 + 32 + 16;
-const MASTER_CHECK_META: &str = "master_check";
+pub(crate) const MASTER_CHECK_META: &str = "master_check";
 const ESCROW_META: &str = "escrow";
-const MASTER_CHECK_AAD: &[u8] = b"kluis/v1/master-check";
+pub(crate) const MASTER_CHECK_AAD: &[u8] = b"kluis/v1/master-check";
 
 /// Errors of the key layer.
 #[derive(Debug, thiserror::Error)]
@@ -208,7 +208,7 @@ fn lp(out: &mut Vec<u8>, s: &[u8]) {
 }
 
 /// AAD of a keyring key under the master key.
-fn krk_aad(keyring: &str, version: u32) -> Vec<u8> {
+pub(crate) fn krk_aad(keyring: &str, version: u32) -> Vec<u8> {
     let mut a = b"kluis/v1/krk\0".to_vec();
     lp(&mut a, keyring.as_bytes());
     a.extend_from_slice(&version.to_be_bytes());

@@ -7,9 +7,26 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod dev;
+pub mod health;
 pub mod keys;
 pub mod master;
+pub mod migrate;
 pub mod pki;
 pub mod secret;
 pub mod server;
 pub mod store;
+
+/// One line for an error and its causes (each cause added unless already in the text).
+pub fn one_line(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let t = s.to_string();
+        if !line.contains(&t) {
+            line.push_str(": ");
+            line.push_str(&t);
+        }
+        src = s.source();
+    }
+    line.replace('\n', " ")
+}

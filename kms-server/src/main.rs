@@ -52,6 +52,18 @@ enum Cmd {
         #[arg(long, env = "KLUIS_SERVER_CONFIG")]
         config: PathBuf,
     },
+    /// Rewrap every keyring key from one master key to another, in one atomic commit
+    /// (software -> PKCS#11, PKCS#11 -> another token key, software -> another key file).
+    /// Both configs must name the same store; stop kms-server first. The `--to` key is
+    /// created if it does not exist yet; the old key is never deleted.
+    MigrateMaster {
+        /// Config whose [master] opens the store now.
+        #[arg(long)]
+        from: PathBuf,
+        /// Config whose [master] should open the store afterwards (serve with it).
+        #[arg(long)]
+        to: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -73,12 +85,8 @@ fn main() -> ExitCode {
     match rt.block_on(run(cli.cmd)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("kms-server: {e}");
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                eprintln!("  caused by: {s}");
-                src = s.source();
-            }
+            // One line, whatever the cause chain.
+            eprintln!("kms-server: {}", kms_server::one_line(&e));
             ExitCode::FAILURE
         }
     }
@@ -146,6 +154,11 @@ async fn run(cmd: Cmd) -> Result<(), ServerError> {
             let addr = listener.local_addr().map_err(|e| ServerError::Bind { addr: cfg.listen, source: e })?;
             announce(addr);
             server::serve(&cfg, keys, listener, shutdown_signal()).await
+        }
+        Cmd::MigrateMaster { from, to } => {
+            let report = kms_server::migrate::migrate_master(&from, &to).map_err(Box::new)?;
+            eprint!("{report}");
+            Ok(())
         }
     }
 }

@@ -12,6 +12,8 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::api::Api;
 use crate::auth::Policy;
+use crate::health::HealthService;
+use tonic_health::pb::health_server::HealthServer;
 use crate::config::{ConfigError, MasterConfig, ServerConfig};
 use crate::keys::{KeyError, KeyManager};
 use crate::master::pkcs11::{PinSource, Pkcs11MasterKey};
@@ -45,6 +47,8 @@ pub enum ServerError {
     Serve(#[source] tonic::transport::Error),
     #[error("the [master] PKCS#11 config needs pin_file or pin_env (the PIN is never inline in the config)")]
     PinSourceMissing,
+    #[error(transparent)]
+    Migrate(#[from] Box<crate::migrate::MigrateError>),
     #[error("could not create {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
 }
@@ -136,22 +140,23 @@ pub async fn serve(
         .client_ca_root(Certificate::from_pem(read(&cfg.tls.client_ca)?))
         .client_auth_optional(false);
     let policy = Arc::new(Policy::new(cfg.grants.clone()));
+    let health_service = HealthServer::new(HealthService::new(keys.master().clone()));
     let api = Api::new(keys, policy);
-
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<KeyServiceServer<Api>>().await;
-    health_reporter.set_serving::<AdminServiceServer<Api>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(kluis_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(ServerError::Reflection)?;
+    // Reflection v1 and the older v1alpha (still what many grpcurl builds ask for).
+    let reflection_builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(kluis_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection = reflection_builder().build_v1().map_err(ServerError::Reflection)?;
+    let reflection_alpha = reflection_builder().build_v1alpha().map_err(ServerError::Reflection)?;
 
     Server::builder()
         .tls_config(tls)
         .map_err(ServerError::Tls)?
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_alpha)
         .add_service(KeyServiceServer::new(api.clone()))
         .add_service(AdminServiceServer::new(api))
         .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)

@@ -1,0 +1,303 @@
+//! `kms-server migrate-master`: rewraps every keyring key from one master-key
+//! provider to another (software -> PKCS#11, PKCS#11 -> another token key,
+//! software -> another key file).
+//!
+//! Both configs must name the same store. The `from` master must open the
+//! store's master check; the `to` master is opened, or created if its key does
+//! not exist yet. Every keyring version is unwrapped with `from` and wrapped with
+//! `to` under the same AAD, and the new keyring records and a new master check
+//! are written in ONE store transaction (`WriteOp::Atomic`): after a crash at any
+//! point exactly one of the two masters opens the whole store, never a mix.
+//! The old key is never deleted; the operator retires it after checking.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use kluis_hsm::HsmError;
+use zeroize::Zeroizing;
+
+use crate::config::{ConfigError, MasterConfig, ServerConfig};
+use crate::keys::{MASTER_CHECK_AAD, MASTER_CHECK_META, krk_aad};
+use crate::master::pkcs11::{PinSource, Pkcs11MasterKey};
+use crate::master::software::{PassphraseSource, SoftwareMasterKey};
+use crate::master::{MasterError, MasterKeyProvider};
+use crate::secret::Key256;
+use crate::server::{ServerError, open_master};
+use crate::store::{KeyringRecord, Store, StoreError, WriteOp};
+
+/// Test-only fault injection: `before-commit` or `after-commit` makes the
+/// migration call `std::process::abort()` right before or right after the
+/// atomic write, so tests can prove crash safety with real processes. Unset (or
+/// any other value) changes nothing.
+pub const ABORT_ENV: &str = "KLUIS_TEST_ABORT_MIGRATION";
+
+/// Why a migration was refused or failed. Nothing is written unless the whole
+/// migration is written.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("--{which} config: {err}")]
+    Config { which: &'static str, #[source] err: ConfigError },
+    #[error(
+        "--from and --to name different stores ({from} and {to}); both configs must have the same data_dir"
+    )]
+    DifferentStores { from: PathBuf, to: PathBuf },
+    #[error("the store {path} is in use by another process (Database already open): stop kms-server first")]
+    StoreLocked { path: PathBuf },
+    #[error("the store {path} could not be opened: {err}")]
+    Store { path: PathBuf, #[source] err: StoreError },
+    #[error("the --from master key could not be opened: {err}")]
+    FromMaster { #[source] err: ServerError },
+    #[error(
+        "the --from master key does not open this store ({master}); if a migration already completed, serve with its --to config"
+    )]
+    FromMismatch { master: String },
+    #[error("keyring {keyring:?} version {version} could not be unwrapped by the --from master key: {err}")]
+    Unwrap { keyring: String, version: u32, #[source] err: MasterError },
+    #[error("the --to master key could not be opened or created: {err}")]
+    ToMaster { #[source] err: MasterError },
+    #[error("the --to [master] PKCS#11 config needs pin_file or pin_env")]
+    ToPinSourceMissing,
+    #[error("the --to master key already opens this store ({master}): it is the --from key, nothing to migrate")]
+    SameKey { master: String },
+    #[error("wrapping with the --to master key failed ({what}): {err}")]
+    Wrap { what: String, #[source] err: MasterError },
+    #[error("writing the rewrapped keyrings failed; nothing was changed, the --from key still opens the store: {err}")]
+    Write { #[source] err: StoreError },
+    #[error(
+        "the migration was committed but reading it back with the --to key failed ({what}): {err}; do not retire the --from key"
+    )]
+    Verify { what: String, err: String },
+}
+
+/// What a successful migration did.
+#[derive(Debug, Clone)]
+pub struct MigrationReport {
+    /// The store file.
+    pub store: PathBuf,
+    /// Description of the old master key.
+    pub from: String,
+    /// Description of the new master key.
+    pub to: String,
+    /// Whether the new key was created by this migration.
+    pub to_created: bool,
+    /// Keyrings rewrapped, with their versions.
+    pub keyrings: Vec<(String, Vec<u32>)>,
+    /// The `--to` config file, when known (to name it in the report).
+    pub to_config: Option<PathBuf>,
+}
+
+impl MigrationReport {
+    /// Number of keyring versions rewrapped.
+    pub fn versions(&self) -> usize {
+        self.keyrings.iter().map(|(_, v)| v.len()).sum()
+    }
+}
+
+impl fmt::Display for MigrationReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "kms-server migrate-master: store {}", self.store.display())?;
+        writeln!(f, "  from: {}", self.from)?;
+        writeln!(f, "  to:   {}{}", self.to, if self.to_created { " (created now)" } else { "" })?;
+        writeln!(
+            f,
+            "  rewrapped {} keyring(s), {} version(s); master check rewrapped; one atomic commit",
+            self.keyrings.len(),
+            self.versions()
+        )?;
+        for (name, versions) in &self.keyrings {
+            let vs: Vec<String> = versions.iter().map(|v| format!("v{v}")).collect();
+            writeln!(f, "    {name}: {}", vs.join(", "))?;
+        }
+        writeln!(f, "  verified: the new master key opens the store and every keyring version")?;
+        let to = self.to_config.as_ref().map_or_else(|| "<TO>".to_owned(), |p| p.display().to_string());
+        writeln!(f, "Next: serve with the --to config (`kms-server serve --config {to}`); the --from config is now refused.")?;
+        writeln!(
+            f,
+            "The old master key was NOT deleted: retire it yourself once the new one serves and restores."
+        )
+    }
+}
+
+
+/// `kms-server migrate-master --from FROM --to TO` on config files.
+pub fn migrate_master(from: &Path, to: &Path) -> Result<MigrationReport, MigrateError> {
+    let from_cfg = ServerConfig::load(from).map_err(|err| MigrateError::Config { which: "from", err })?;
+    let to_cfg = ServerConfig::load(to).map_err(|err| MigrateError::Config { which: "to", err })?;
+    let mut report = migrate_master_configs(&from_cfg, &to_cfg)?;
+    report.to_config = Some(to.to_owned());
+    Ok(report)
+}
+
+fn canonical(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| std::path::absolute(p).unwrap_or_else(|_| p.to_owned()))
+}
+
+/// A keyring version's key, unwrapped by the `from` master (zeroized on drop).
+struct Unwrapped {
+    ring: usize,
+    version: usize,
+    key: Key256,
+}
+
+/// The migration on loaded configs.
+pub fn migrate_master_configs(from: &ServerConfig, to: &ServerConfig) -> Result<MigrationReport, MigrateError> {
+    let store_path = from.store_path();
+    if canonical(&from.data_dir) != canonical(&to.data_dir) {
+        return Err(MigrateError::DifferentStores { from: from.data_dir.clone(), to: to.data_dir.clone() });
+    }
+    let store = Store::open(&store_path).map_err(|err| match err {
+        StoreError::Db(redb::Error::DatabaseAlreadyOpen | redb::Error::LockProtocolMismatch) => {
+            MigrateError::StoreLocked { path: store_path.clone() }
+        }
+        err => MigrateError::Store { path: store_path.clone(), err },
+    })?;
+    let store_err = |err| MigrateError::Store { path: store_path.clone(), err };
+
+    // 1. The old master must open the store.
+    let old = open_master(&from.master).map_err(|err| MigrateError::FromMaster { err })?;
+    old.health().map_err(|err| MigrateError::FromMaster { err: err.into() })?;
+    let check = store
+        .get_meta(MASTER_CHECK_META)
+        .map_err(store_err)?
+        .ok_or_else(|| store_err(StoreError::NotInitialised { path: store_path.clone() }))?;
+    let probe: Zeroizing<Vec<u8>> = old.unwrap(MASTER_CHECK_AAD, &check).map_err(|e| match e {
+        MasterError::UnwrapFailed => MigrateError::FromMismatch { master: old.describe() },
+        err => MigrateError::FromMaster { err: err.into() },
+    })?;
+
+    // 2. Unwrap every keyring version before touching the new key, so a store the
+    //    old key cannot fully open is refused without creating anything.
+    let records = store.keyrings().map_err(store_err)?;
+    let mut keys: Vec<Unwrapped> = Vec::new();
+    for (ri, record) in records.iter().enumerate() {
+        for (vi, v) in record.versions.iter().enumerate() {
+            let unwrap_err = |err| MigrateError::Unwrap { keyring: record.name.clone(), version: v.version, err };
+            let raw = old.unwrap(&krk_aad(&record.name, v.version), &v.wrapped_key).map_err(unwrap_err)?;
+            let key = Key256::from_slice(&raw).ok_or_else(|| unwrap_err(MasterError::UnwrapFailed))?;
+            keys.push(Unwrapped { ring: ri, version: vi, key });
+        }
+    }
+
+    // 3. Open or create the new master; it must not be the old key.
+    let (new, to_created) = open_or_create(&to.master)?;
+    new.health().map_err(|err| MigrateError::ToMaster { err })?;
+    if new.unwrap(MASTER_CHECK_AAD, &check).is_ok() {
+        return Err(MigrateError::SameKey { master: new.describe() });
+    }
+
+    // 4. Rewrap everything under the same AAD.
+    let mut new_records: Vec<KeyringRecord> = records.clone();
+    for u in &keys {
+        let rec = &mut new_records[u.ring];
+        let version = rec.versions[u.version].version;
+        let aad = krk_aad(&rec.name, version);
+        rec.versions[u.version].wrapped_key = new.wrap(&aad, u.key.expose()).map_err(|err| MigrateError::Wrap {
+            what: format!("keyring {:?} version {version}", rec.name),
+            err,
+        })?;
+    }
+    let new_check = new
+        .wrap(MASTER_CHECK_AAD, &probe)
+        .map_err(|err| MigrateError::Wrap { what: "master check".into(), err })?;
+    let mut ops: Vec<WriteOp> = new_records.iter().cloned().map(WriteOp::PutKeyring).collect();
+    ops.push(WriteOp::PutMeta { key: MASTER_CHECK_META, value: new_check });
+
+    // 5. One transaction: all keyrings and the master check, or nothing.
+    test_abort_point("before-commit");
+    store.write_blocking(WriteOp::Atomic(ops)).map_err(|err| MigrateError::Write { err })?;
+    test_abort_point("after-commit");
+
+    // 6. Read back what was committed and check the new key opens all of it.
+    verify(&store, new.as_ref(), &keys, &records)?;
+    drop(store);
+
+    Ok(MigrationReport {
+        store: store_path,
+        from: old.describe(),
+        to: new.describe(),
+        to_created,
+        keyrings: records.iter().map(|r| (r.name.clone(), r.versions.iter().map(|v| v.version).collect())).collect(),
+        to_config: None,
+    })
+}
+
+/// Test-only: see [`ABORT_ENV`].
+fn test_abort_point(point: &str) {
+    if std::env::var(ABORT_ENV).is_ok_and(|v| v == point) {
+        eprintln!("kms-server migrate-master: {ABORT_ENV}={point}: aborting (test fault injection)");
+        std::process::abort();
+    }
+}
+
+fn verify(
+    store: &Store,
+    new: &dyn MasterKeyProvider,
+    keys: &[Unwrapped],
+    records: &[KeyringRecord],
+) -> Result<(), MigrateError> {
+    let fail = |what: String, err: String| MigrateError::Verify { what, err };
+    let check = store
+        .get_meta(MASTER_CHECK_META)
+        .map_err(|e| fail("master check".into(), e.to_string()))?
+        .ok_or_else(|| fail("master check".into(), "missing".into()))?;
+    new.unwrap(MASTER_CHECK_AAD, &check).map_err(|e| fail("master check".into(), e.to_string()))?;
+    let stored = store.keyrings().map_err(|e| fail("keyrings".into(), e.to_string()))?;
+    for u in keys {
+        let rec = &records[u.ring];
+        let version = rec.versions[u.version].version;
+        let what = format!("keyring {:?} version {version}", rec.name);
+        let wrapped = stored
+            .iter()
+            .find(|r| r.name == rec.name)
+            .and_then(|r| r.versions.iter().find(|v| v.version == version))
+            .ok_or_else(|| fail(what.clone(), "missing after commit".into()))?;
+        let raw = new
+            .unwrap(&krk_aad(&rec.name, version), &wrapped.wrapped_key)
+            .map_err(|e| fail(what.clone(), e.to_string()))?;
+        if raw.as_slice() != u.key.expose().as_slice() {
+            return Err(fail(what, "a different key came back".into()));
+        }
+    }
+    Ok(())
+}
+
+fn passphrase_source(file: &Option<PathBuf>, env: &Option<String>) -> PassphraseSource {
+    match (file, env) {
+        (Some(f), _) => PassphraseSource::File(f.clone()),
+        (None, Some(v)) => PassphraseSource::Env(v.clone()),
+        (None, None) => PassphraseSource::None,
+    }
+}
+
+/// Opens the `to` master key, creating it if it does not exist yet. Returns whether it was created.
+fn open_or_create(cfg: &MasterConfig) -> Result<(Arc<dyn MasterKeyProvider>, bool), MigrateError> {
+    let to_err = |err| MigrateError::ToMaster { err };
+    match cfg {
+        MasterConfig::Software { key_file, passphrase_file, passphrase_env } => {
+            let pass = passphrase_source(passphrase_file, passphrase_env);
+            match SoftwareMasterKey::open(key_file, &pass) {
+                Ok(k) => Ok((Arc::new(k), false)),
+                Err(MasterError::ReadKeyFile { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                    Ok((Arc::new(SoftwareMasterKey::create(key_file, &pass).map_err(to_err)?), true))
+                }
+                Err(err) => Err(to_err(err)),
+            }
+        }
+        MasterConfig::Pkcs11 { module, token_label, key_label, pin_file, pin_env } => {
+            let pin = || match (pin_file, pin_env) {
+                (Some(f), _) => Ok(PinSource::File(f.clone())),
+                (None, Some(v)) => Ok(PinSource::Env(v.clone())),
+                (None, None) => Err(MigrateError::ToPinSourceMissing),
+            };
+            match Pkcs11MasterKey::open(module, token_label, key_label, &pin()?) {
+                Ok(k) => Ok((Arc::new(k), false)),
+                Err(MasterError::Hsm(e)) if matches!(*e, HsmError::KeyMissing { .. }) => Ok((
+                    Arc::new(Pkcs11MasterKey::create(module, token_label, key_label, &pin()?).map_err(to_err)?),
+                    true,
+                )),
+                Err(err) => Err(to_err(err)),
+            }
+        }
+    }
+}

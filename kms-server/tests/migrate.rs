@@ -1,0 +1,413 @@
+//! Issue 3, point 5: `kms-server migrate-master`, with real processes, a real
+//! SoftHSM2 token in a temp dir, and the real `backup-hook` and `kmsctl`.
+//!
+//! The binaries must be built first: `cargo build --workspace --bins`.
+//! SOFTHSM2_CONF is given to child processes only (never set in this process).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+const MISMATCH: &str = "the master key does not open this store";
+
+/// Path of a workspace binary next to the running test executable (as tests/src/lib.rs).
+fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let p = dir.join(name);
+    assert!(p.exists(), "{} is missing: build the binaries first with `cargo build --workspace --bins`", p.display());
+    p
+}
+
+/// A SoftHSM2 token in its own directory (its own softhsm2.conf), user PIN 1234.
+struct Token {
+    conf: PathBuf,
+    pin_file: PathBuf,
+    label: String,
+}
+
+impl Token {
+    fn create(dir: &Path, label: &str) -> Self {
+        let tokens = dir.join("tokens");
+        std::fs::create_dir_all(&tokens).unwrap();
+        let conf = dir.join("softhsm2.conf");
+        std::fs::write(&conf, format!("directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n", tokens.display()))
+            .unwrap();
+        let pin_file = dir.join("pin");
+        std::fs::write(&pin_file, "1234\n").unwrap();
+        std::fs::set_permissions(&pin_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        let out = Command::new("softhsm2-util")
+            .args(["--init-token", "--free", "--label", label, "--pin", "1234", "--so-pin", "5678"])
+            .env("SOFTHSM2_CONF", &conf)
+            .output()
+            .expect("softhsm2-util (Debian package softhsm2) is required");
+        assert!(out.status.success(), "softhsm2-util: {}", String::from_utf8_lossy(&out.stderr));
+        Self { conf, pin_file, label: label.to_owned() }
+    }
+
+    /// A `[master]` table for a key labelled `key_label` on this token.
+    fn master(&self, key_label: &str) -> toml::Table {
+        let mut t = toml::Table::new();
+        t.insert("provider".into(), "pkcs11".into());
+        t.insert("module".into(), SOFTHSM_MODULE.into());
+        t.insert("token_label".into(), self.label.clone().into());
+        t.insert("key_label".into(), key_label.into());
+        t.insert("pin_file".into(), self.pin_file.to_str().unwrap().into());
+        t
+    }
+}
+
+/// One test's world: a temp dir, the dev data dir, an optional token.
+struct World {
+    tmp: tempfile::TempDir,
+    token: Option<Token>,
+    child: Option<Child>,
+    addr: String,
+    logs: u32,
+}
+
+impl World {
+    fn new(with_token: bool) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let token = with_token.then(|| Token::create(&tmp.path().join("hsm"), "kluis-mig"));
+        Self { tmp, token, child: None, addr: String::new(), logs: 0 }
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.tmp.path().join("kluis")
+    }
+
+    /// The config `kms-server dev` wrote (the FROM config of a migration).
+    fn server_toml(&self) -> PathBuf {
+        self.data_dir().join("server.toml")
+    }
+
+    fn cmd(&self, name: &str) -> Command {
+        let mut c = Command::new(bin(name));
+        c.current_dir(self.tmp.path()).env("KLUIS_LOG", "warn").env_remove("KLUIS_CLIENT_CONFIG");
+        if let Some(t) = &self.token {
+            c.env("SOFTHSM2_CONF", &t.conf);
+        }
+        c
+    }
+
+    /// Spawns a server command; returns Ok once it listens, Err(stderr) if it exits first.
+    fn spawn(&mut self, mut cmd: Command) -> Result<(), String> {
+        assert!(self.child.is_none(), "a server is already running");
+        self.logs += 1;
+        let log_path = self.tmp.path().join(format!("server-{}.log", self.logs));
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::from(log)).spawn().unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let addr = loop {
+            match lines.next() {
+                Some(Ok(line)) => {
+                    if let Some(a) = line.strip_prefix("kms-server listening on ") {
+                        break a.to_owned();
+                    }
+                }
+                _ => {
+                    child.wait().unwrap();
+                    return Err(std::fs::read_to_string(&log_path).unwrap_or_default());
+                }
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        self.addr = addr;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// `kms-server dev` on port 0 (master key on the token if `pkcs11_key` is given).
+    fn start_dev(&mut self, pkcs11_key: Option<&str>) {
+        let mut cmd = self.cmd("kms-server");
+        cmd.args(["dev", "--data-dir"]).arg(self.data_dir()).args(["--listen", "127.0.0.1:0"]);
+        if let Some(key) = pkcs11_key {
+            let t = self.token.as_ref().unwrap();
+            cmd.args(["--pkcs11-module", SOFTHSM_MODULE, "--pkcs11-token-label", &t.label, "--pkcs11-key-label", key])
+                .arg("--pkcs11-pin-file")
+                .arg(&t.pin_file);
+        }
+        self.spawn(cmd).unwrap_or_else(|log| panic!("kms-server dev did not start:\n{log}"));
+    }
+
+    /// `kms-server serve --config CONFIG`: Ok once listening, Err(stderr) if refused.
+    fn serve(&mut self, config: &Path) -> Result<(), String> {
+        let mut cmd = self.cmd("kms-server");
+        cmd.arg("serve").arg("--config").arg(config);
+        self.spawn(cmd)
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// A client config of a dev identity, pointing at the running server's address
+    /// (the dev-written ones hold the port of the dev run).
+    fn client(&self, identity: &str) -> PathBuf {
+        let orig = self.data_dir().join("clients").join(format!("{identity}.toml"));
+        let text = std::fs::read_to_string(&orig).unwrap();
+        let text: String = text
+            .lines()
+            .map(|l| if l.starts_with("endpoint") { format!("endpoint = \"https://{}\"\n", self.addr) } else { format!("{l}\n") })
+            .collect();
+        let dir = self.tmp.path().join("clients-now");
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(format!("{identity}.toml"));
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn run(&self, name: &str, args: &[&str], stdin: &[u8]) -> Output {
+        let mut child = self.cmd(name)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut sin = child.stdin.take().unwrap();
+        let data = stdin.to_vec();
+        let writer = std::thread::spawn(move || {
+            let _ = sin.write_all(&data);
+        });
+        let out = child.wait_with_output().unwrap();
+        writer.join().unwrap();
+        out
+    }
+
+    fn seal(&self, identity: &str, keyring: &str, backup_id: &str, data: &[u8]) -> Vec<u8> {
+        let cfg = self.client(identity);
+        let out = self.run(
+            "backup-hook",
+            &["--client-config", cfg.to_str().unwrap(), "seal", "--keyring", keyring, "--backup-id", backup_id],
+            data,
+        );
+        assert!(out.status.success(), "seal failed: {}", stderr(&out));
+        out.stdout
+    }
+
+    fn create_keyring(&self, name: &str) {
+        let cfg = self.client("officer");
+        let out = self.run("kmsctl", &["--client-config", cfg.to_str().unwrap(), "keyring", "create", name], b"");
+        assert!(out.status.success(), "keyring create: {}", stderr(&out));
+    }
+
+    /// Unseals every backup against the running server and checks the bytes.
+    fn unseal_all(&self, backups: &[Backup]) {
+        for b in backups {
+            let cfg = self.client(b.restorer);
+            let out = self.run("backup-hook", &["--client-config", cfg.to_str().unwrap(), "unseal"], &b.sealed);
+            assert!(out.status.success(), "unseal of {} failed: {}", b.id, stderr(&out));
+            assert!(out.stdout == b.plain, "backup {} did not unseal byte-identically", b.id);
+        }
+    }
+
+    /// Writes `name` = the dev server.toml with `[master]` replaced.
+    fn config_with_master(&self, name: &str, master: toml::Table) -> PathBuf {
+        let mut cfg: toml::Table = std::fs::read_to_string(self.server_toml()).unwrap().parse().unwrap();
+        cfg.insert("master".into(), master.into());
+        let p = self.tmp.path().join(name);
+        std::fs::write(&p, toml::to_string(&cfg).unwrap()).unwrap();
+        p
+    }
+
+    fn software_master(&self, key_file: &Path) -> toml::Table {
+        let mut t = toml::Table::new();
+        t.insert("provider".into(), "software".into());
+        t.insert("key_file".into(), key_file.to_str().unwrap().into());
+        t
+    }
+
+    fn migrate(&self, from: &Path, to: &Path, abort: Option<&str>) -> Output {
+        let mut cmd = self.cmd("kms-server");
+        cmd.arg("migrate-master").arg("--from").arg(from).arg("--to").arg(to);
+        if let Some(point) = abort {
+            cmd.env("KLUIS_TEST_ABORT_MIGRATION", point);
+        }
+        cmd.output().unwrap()
+    }
+
+    /// Seals 3 backups in `default` (as sealer) and 1 in a new keyring `ehr-db` (as dev).
+    fn seal_sample(&self) -> Vec<Backup> {
+        let mut out = Vec::new();
+        for (i, len) in [0usize, 1000, 70_000].into_iter().enumerate() {
+            let plain: Vec<u8> = (0..len).map(|j| (j * 31 + i * 7) as u8).collect();
+            let id = format!("default-{i}");
+            let sealed = self.seal("sealer", "default", &id, &plain);
+            out.push(Backup { id, plain, sealed, restorer: "restorer" });
+        }
+        self.create_keyring("ehr-db");
+        let plain = b"ehr database dump".repeat(500);
+        let sealed = self.seal("dev", "ehr-db", "ehr-0", &plain);
+        out.push(Backup { id: "ehr-0".into(), plain, sealed, restorer: "dev" });
+        out
+    }
+
+    /// The store opens fully with `ok` (serves, unseals all) and is refused with `refused`.
+    fn exactly_one_opens(&mut self, ok: &Path, refused: &Path, backups: &[Backup]) {
+        let err = self.serve(refused).err().unwrap_or_else(|| panic!("{} should be refused", refused.display()));
+        assert!(err.contains(MISMATCH), "{err}");
+        self.serve(ok).unwrap_or_else(|log| panic!("{} should serve:\n{log}", ok.display()));
+        self.unseal_all(backups);
+        self.stop();
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+struct Backup {
+    id: String,
+    plain: Vec<u8>,
+    sealed: Vec<u8>,
+    restorer: &'static str,
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A refusal: exit code 1, exactly one line on stderr, containing `needle`.
+fn assert_refused(out: &Output, needle: &str) {
+    let err = stderr(out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "not one line: {err}");
+    assert!(err.starts_with("kms-server: "), "{err}");
+    assert!(err.contains(needle), "expected {needle:?} in: {err}");
+}
+
+/// Software -> SoftHSM2: everything sealed before unseals after, through a server
+/// started with the new config; the old config is refused.
+#[test]
+fn software_to_softhsm_rewraps_every_keyring() {
+    let mut w = World::new(true);
+    w.start_dev(None);
+    let backups = w.seal_sample();
+    w.stop();
+    let from = w.server_toml();
+    let to = w.config_with_master("to.toml", w.token.as_ref().unwrap().master("kluis-master-new"));
+
+    let out = w.migrate(&from, &to, None);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("rewrapped 2 keyring(s), 2 version(s)"), "{err}");
+    assert!(err.contains("from: software master key"), "{err}");
+    assert!(err.contains("to:   PKCS#11 key \"kluis-master-new\" on token \"kluis-mig\" (created now)"), "{err}");
+    assert!(err.contains("serve with the --to config"), "{err}");
+    assert!(err.contains("NOT deleted"), "{err}");
+    assert!(w.data_dir().join("master.key").exists(), "the old key file must be kept");
+
+    w.exactly_one_opens(&to, &from, &backups);
+    // And the new master keeps working for new backups.
+    w.serve(&to).unwrap();
+    let more = vec![Backup {
+        id: "after".into(),
+        plain: b"after migration".to_vec(),
+        sealed: w.seal("sealer", "default", "after", b"after migration"),
+        restorer: "restorer",
+    }];
+    w.unseal_all(&more);
+}
+
+/// A crash right before the commit leaves the store under the old key (and the
+/// migration can simply be run again).
+#[test]
+fn crash_before_commit_keeps_the_old_master() {
+    let mut w = World::new(true);
+    w.start_dev(None);
+    let backups = w.seal_sample();
+    w.stop();
+    let from = w.server_toml();
+    let to = w.config_with_master("to.toml", w.token.as_ref().unwrap().master("kluis-master-new"));
+
+    let out = w.migrate(&from, &to, Some("before-commit"));
+    assert!(!out.status.success(), "the process should have aborted: {}", stderr(&out));
+    assert_eq!(out.status.code(), None, "killed by a signal: {}", stderr(&out));
+    w.exactly_one_opens(&from, &to, &backups);
+
+    // Running it again completes it; the token key made by the crashed run is reused.
+    let out = w.migrate(&from, &to, None);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(!err.contains("created now") && err.contains("rewrapped 2 keyring(s)"), "{err}");
+    w.exactly_one_opens(&to, &from, &backups);
+}
+
+/// A crash right after the commit leaves the store under the new key. Here the
+/// old master is itself a SoftHSM2 key: PKCS#11 -> another token key.
+#[test]
+fn crash_after_commit_has_the_new_master() {
+    let mut w = World::new(true);
+    w.start_dev(Some("kluis-master"));
+    let backups = w.seal_sample();
+    w.stop();
+    let from = w.server_toml();
+    let to = w.config_with_master("to.toml", w.token.as_ref().unwrap().master("kluis-master-2"));
+
+    let out = w.migrate(&from, &to, Some("after-commit"));
+    assert!(!out.status.success(), "the process should have aborted: {}", stderr(&out));
+    assert_eq!(out.status.code(), None, "killed by a signal: {}", stderr(&out));
+    w.exactly_one_opens(&to, &from, &backups);
+}
+
+/// Refusals change nothing and say why in one line; then a valid software ->
+/// software migration succeeds.
+#[test]
+fn refusals_and_software_to_software() {
+    let mut w = World::new(false);
+    w.start_dev(None);
+    let backups = w.seal_sample();
+    let from = w.server_toml();
+    let new_key = w.tmp.path().join("master-2.key");
+    let to = w.config_with_master("to.toml", w.software_master(&new_key));
+
+    // The server holds the store.
+    let out = w.migrate(&from, &to, None);
+    assert_refused(&out, "stop kms-server first");
+    w.stop();
+    assert!(!new_key.exists(), "a refused migration must not create the new key");
+
+    // The --to config names another store.
+    let mut other: toml::Table = std::fs::read_to_string(&to).unwrap().parse().unwrap();
+    other.insert("data_dir".into(), w.tmp.path().join("elsewhere").to_str().unwrap().into());
+    let other_path = w.tmp.path().join("other-store.toml");
+    std::fs::write(&other_path, toml::to_string(&other).unwrap()).unwrap();
+    assert_refused(&w.migrate(&from, &other_path, None), "same data_dir");
+
+    // The --from master does not open the store.
+    let stranger = w.tmp.path().join("stranger.key");
+    kms_server::master::software::SoftwareMasterKey::create(
+        &stranger,
+        &kms_server::master::software::PassphraseSource::None,
+    )
+    .unwrap();
+    let wrong_from = w.config_with_master("wrong-from.toml", w.software_master(&stranger));
+    assert_refused(&w.migrate(&wrong_from, &to, None), "the --from master key does not open this store");
+
+    // --to is the same key as --from.
+    assert_refused(&w.migrate(&from, &from, None), "nothing to migrate");
+    assert!(!new_key.exists(), "a refused migration must not create the new key");
+
+    // Nothing changed: the old config still serves everything.
+    w.serve(&from).unwrap();
+    w.unseal_all(&backups);
+    w.stop();
+
+    // Software -> another key file.
+    let out = w.migrate(&from, &to, None);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("(created now)") && err.contains("rewrapped 2 keyring(s), 2 version(s)"), "{err}");
+    assert!(new_key.exists());
+    w.exactly_one_opens(&to, &from, &backups);
+}
