@@ -24,6 +24,8 @@ pub enum ClientError {
     Connect { endpoint: String, source: tonic::transport::Error },
     #[error("the TLS connection to {endpoint} was refused ({detail}); check that this client's certificate is signed by the server's client CA, unexpired and not revoked")]
     TlsRejected { endpoint: String, detail: String },
+    #[error("the Kluis server at {endpoint} closed the connection during the request; if it persists, check that this client's certificate is signed by the server's client CA, unexpired and not revoked")]
+    ConnectionClosed { endpoint: String },
     #[error("the Kluis server refused: {message}")]
     PermissionDenied { message: String },
     #[error("the Kluis server did not accept this client's certificate: {message}")]
@@ -49,7 +51,13 @@ pub enum ClientError {
 impl ClientError {
     /// True when the server could not be reached or did not answer.
     pub fn is_unreachable(&self) -> bool {
-        matches!(self, ClientError::Connect { .. } | ClientError::Unavailable { .. } | ClientError::DeadlineExceeded { .. })
+        matches!(
+            self,
+            ClientError::Connect { .. }
+                | ClientError::Unavailable { .. }
+                | ClientError::DeadlineExceeded { .. }
+                | ClientError::ConnectionClosed { .. }
+        )
     }
     /// True when the server refused the caller (role, certificate).
     pub fn is_refusal(&self) -> bool {
@@ -152,6 +160,12 @@ impl KmsClient {
         let message = s.message().to_owned();
         if let Some(detail) = tls_failure(&s) {
             return ClientError::TlsRejected { endpoint: self.endpoint.clone(), detail };
+        }
+        // With TLS 1.3 a server that rejects the client certificate may close the
+        // connection before the client reads its alert: the request is then only
+        // "canceled". Say what that usually means.
+        if matches!(s.code(), tonic::Code::Cancelled | tonic::Code::Unknown) && std::error::Error::source(&s).is_some() {
+            return ClientError::ConnectionClosed { endpoint: self.endpoint.clone() };
         }
         match s.code() {
             tonic::Code::PermissionDenied => ClientError::PermissionDenied { message },
