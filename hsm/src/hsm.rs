@@ -294,6 +294,12 @@ impl Hsm {
                 Attribute::Extractable(false),
                 Attribute::Encrypt(true),
                 Attribute::Decrypt(true),
+                // Least privilege: the key only encrypts and decrypts with AES-GCM.
+                Attribute::Wrap(false),
+                Attribute::Unwrap(false),
+                Attribute::Sign(false),
+                Attribute::Verify(false),
+                Attribute::Derive(false),
                 Attribute::ValueLen(AES256_VALUE_LEN),
                 Attribute::Label(label.as_bytes().to_vec()),
             ];

@@ -74,6 +74,9 @@ pub enum MasterConfig {
         pin_file: Option<PathBuf>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pin_env: Option<String>,
+        /// After the token went away, milliseconds between reconnect attempts (default 1000).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reconnect_backoff_ms: Option<u64>,
     },
 }
 

@@ -54,7 +54,14 @@ pub fn prepare(dir: &Path, listen: SocketAddr, master: DevMaster) -> Result<(Ser
                 MasterConfig::Software { key_file: dir.join("master.key"), passphrase_file: None, passphrase_env: None }
             }
             DevMaster::Pkcs11 { module, token_label, key_label, pin_file } => {
-                MasterConfig::Pkcs11 { module, token_label, key_label, pin_file: Some(pin_file), pin_env: None }
+                MasterConfig::Pkcs11 {
+                    module,
+                    token_label,
+                    key_label,
+                    pin_file: Some(pin_file),
+                    pin_env: None,
+                    reconnect_backoff_ms: None,
+                }
             }
         },
         grants: DEV_IDENTITIES

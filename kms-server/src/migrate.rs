@@ -19,7 +19,7 @@ use zeroize::Zeroizing;
 
 use crate::config::{ConfigError, MasterConfig, ServerConfig};
 use crate::keys::{MASTER_CHECK_AAD, MASTER_CHECK_META, krk_aad};
-use crate::master::pkcs11::{PinSource, Pkcs11MasterKey};
+use crate::master::pkcs11::Pkcs11MasterKey;
 use crate::master::software::{PassphraseSource, SoftwareMasterKey};
 use crate::master::{MasterError, MasterKeyProvider};
 use crate::secret::Key256;
@@ -284,18 +284,16 @@ fn open_or_create(cfg: &MasterConfig) -> Result<(Arc<dyn MasterKeyProvider>, boo
                 Err(err) => Err(to_err(err)),
             }
         }
-        MasterConfig::Pkcs11 { module, token_label, key_label, pin_file, pin_env } => {
-            let pin = || match (pin_file, pin_env) {
-                (Some(f), _) => Ok(PinSource::File(f.clone())),
-                (None, Some(v)) => Ok(PinSource::Env(v.clone())),
-                (None, None) => Err(MigrateError::ToPinSourceMissing),
+        MasterConfig::Pkcs11 { .. } => {
+            let settings = match crate::server::pkcs11_settings(cfg) {
+                Some(Ok(s)) => s,
+                _ => return Err(MigrateError::ToPinSourceMissing),
             };
-            match Pkcs11MasterKey::open(module, token_label, key_label, &pin()?) {
+            match Pkcs11MasterKey::open(&settings) {
                 Ok(k) => Ok((Arc::new(k), false)),
-                Err(MasterError::Hsm(e)) if matches!(*e, HsmError::KeyMissing { .. }) => Ok((
-                    Arc::new(Pkcs11MasterKey::create(module, token_label, key_label, &pin()?).map_err(to_err)?),
-                    true,
-                )),
+                Err(MasterError::Hsm(e)) if matches!(*e, HsmError::KeyMissing { .. }) => {
+                    Ok((Arc::new(Pkcs11MasterKey::create(&settings).map_err(to_err)?), true))
+                }
                 Err(err) => Err(to_err(err)),
             }
         }

@@ -16,7 +16,7 @@ use crate::health::HealthService;
 use tonic_health::pb::health_server::HealthServer;
 use crate::config::{ConfigError, MasterConfig, ServerConfig};
 use crate::keys::{KeyError, KeyManager};
-use crate::master::pkcs11::{PinSource, Pkcs11MasterKey};
+use crate::master::pkcs11::{Pkcs11MasterKey, Pkcs11Settings};
 use crate::master::software::{PassphraseSource, SoftwareMasterKey, check_key_file_permissions};
 use crate::master::{MasterError, MasterKeyProvider};
 use crate::pki::PkiError;
@@ -61,11 +61,14 @@ fn passphrase_source(passphrase_file: &Option<PathBuf>, passphrase_env: &Option<
     }
 }
 
-fn pin_source(pin_file: &Option<PathBuf>, pin_env: &Option<String>) -> Result<PinSource, ServerError> {
-    match (pin_file, pin_env) {
-        (Some(f), _) => Ok(PinSource::File(f.clone())),
-        (None, Some(v)) => Ok(PinSource::Env(v.clone())),
-        (None, None) => Err(ServerError::PinSourceMissing),
+/// The PKCS#11 settings of a `[master]` section, if it is one.
+pub fn pkcs11_settings(cfg: &MasterConfig) -> Option<Result<Pkcs11Settings, ServerError>> {
+    match cfg {
+        MasterConfig::Pkcs11 { module, token_label, key_label, pin_file, pin_env, reconnect_backoff_ms } => Some(
+            Pkcs11Settings::from_fields(module, token_label, key_label, pin_file, pin_env, *reconnect_backoff_ms)
+                .ok_or(ServerError::PinSourceMissing),
+        ),
+        MasterConfig::Software { .. } => None,
     }
 }
 
@@ -75,9 +78,10 @@ pub fn open_master(cfg: &MasterConfig) -> Result<Arc<dyn MasterKeyProvider>, Ser
         MasterConfig::Software { key_file, passphrase_file, passphrase_env } => Ok(Arc::new(
             SoftwareMasterKey::open(key_file, &passphrase_source(passphrase_file, passphrase_env))?,
         )),
-        MasterConfig::Pkcs11 { module, token_label, key_label, pin_file, pin_env } => Ok(Arc::new(
-            Pkcs11MasterKey::open(module, token_label, key_label, &pin_source(pin_file, pin_env)?)?,
-        )),
+        MasterConfig::Pkcs11 { .. } => match pkcs11_settings(cfg) {
+            Some(s) => Ok(Arc::new(Pkcs11MasterKey::open(&s?)?)),
+            None => Err(ServerError::PinSourceMissing),
+        },
     }
 }
 
@@ -93,9 +97,10 @@ pub fn init(cfg: &ServerConfig) -> Result<(), ServerError> {
             key_file,
             &passphrase_source(passphrase_file, passphrase_env),
         )?),
-        MasterConfig::Pkcs11 { module, token_label, key_label, pin_file, pin_env } => Arc::new(
-            Pkcs11MasterKey::create(module, token_label, key_label, &pin_source(pin_file, pin_env)?)?,
-        ),
+        MasterConfig::Pkcs11 { .. } => match pkcs11_settings(&cfg.master) {
+            Some(s) => Arc::new(Pkcs11MasterKey::create(&s?)?),
+            None => return Err(ServerError::PinSourceMissing),
+        },
     };
     let store = Store::create(&store_path)?;
     KeyManager::init_store(&store, master.as_ref())?;

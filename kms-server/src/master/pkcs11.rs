@@ -1,9 +1,10 @@
 //! PKCS#11 master key: a non-extractable, sensitive AES-256 token key found by
 //! label (never by a stored handle), used with CKM_AES_GCM and a random IV.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::time::Duration;
 
-use kluis_hsm::{Hsm, HsmError, Pin};
+use kluis_hsm::{Hsm, HsmConfig, HsmError, Pin};
 use zeroize::Zeroizing;
 
 use super::{MasterError, MasterKeyProvider};
@@ -29,6 +30,43 @@ impl PinSource {
     }
 }
 
+/// Everything needed to reach the master key on a token.
+pub struct Pkcs11Settings {
+    pub module: PathBuf,
+    pub token_label: String,
+    pub key_label: String,
+    pub pin: PinSource,
+    /// After the token went away, how long to wait between attempts to reconnect.
+    pub reconnect_backoff: Duration,
+}
+
+impl Pkcs11Settings {
+    /// From the `[master]` fields of a config; `None` when neither `pin_file` nor `pin_env` is set.
+    pub fn from_fields(
+        module: &std::path::Path,
+        token_label: &str,
+        key_label: &str,
+        pin_file: &Option<PathBuf>,
+        pin_env: &Option<String>,
+        reconnect_backoff_ms: Option<u64>,
+    ) -> Option<Self> {
+        let pin = match (pin_file, pin_env) {
+            (Some(f), _) => PinSource::File(f.clone()),
+            (None, Some(v)) => PinSource::Env(v.clone()),
+            (None, None) => return None,
+        };
+        Some(Self {
+            module: module.to_owned(),
+            token_label: token_label.to_owned(),
+            key_label: key_label.to_owned(),
+            pin,
+            reconnect_backoff: reconnect_backoff_ms
+                .map(Duration::from_millis)
+                .unwrap_or(kluis_hsm::DEFAULT_RECONNECT_BACKOFF),
+        })
+    }
+}
+
 /// The PKCS#11 master-key provider.
 pub struct Pkcs11MasterKey {
     hsm: Hsm,
@@ -36,24 +74,26 @@ pub struct Pkcs11MasterKey {
 }
 
 impl Pkcs11MasterKey {
-    fn connect(module: &Path, token_label: &str, pin: &PinSource) -> Result<Hsm, MasterError> {
-        let pin = pin.read()?;
-        Hsm::open(module, token_label, &pin, POOL_SIZE).map_err(|e| MasterError::Hsm(Box::new(e)))
+    fn connect(s: &Pkcs11Settings) -> Result<Hsm, MasterError> {
+        let pin = s.pin.read()?;
+        let mut cfg = HsmConfig::new(&s.module, s.token_label.clone(), POOL_SIZE);
+        cfg.reconnect_backoff = s.reconnect_backoff;
+        Hsm::open_with(&cfg, &pin).map_err(|e| MasterError::Hsm(Box::new(e)))
     }
 
     /// Opens the token and checks that the key is a protected AES-256 master key.
-    pub fn open(module: &Path, token_label: &str, key_label: &str, pin: &PinSource) -> Result<Self, MasterError> {
-        let hsm = Self::connect(module, token_label, pin)?;
-        hsm.check_master_key(key_label).map_err(|e| MasterError::Hsm(Box::new(e)))?;
-        Ok(Self { hsm, key_label: key_label.to_owned() })
+    pub fn open(s: &Pkcs11Settings) -> Result<Self, MasterError> {
+        let hsm = Self::connect(s)?;
+        hsm.check_master_key(&s.key_label).map_err(|e| MasterError::Hsm(Box::new(e)))?;
+        Ok(Self { hsm, key_label: s.key_label.clone() })
     }
 
     /// Generates the master key on the token; refuses if a key with the label exists.
-    pub fn create(module: &Path, token_label: &str, key_label: &str, pin: &PinSource) -> Result<Self, MasterError> {
-        let hsm = Self::connect(module, token_label, pin)?;
-        hsm.generate_aes256_key(key_label).map_err(|e| MasterError::Hsm(Box::new(e)))?;
-        hsm.check_master_key(key_label).map_err(|e| MasterError::Hsm(Box::new(e)))?;
-        Ok(Self { hsm, key_label: key_label.to_owned() })
+    pub fn create(s: &Pkcs11Settings) -> Result<Self, MasterError> {
+        let hsm = Self::connect(s)?;
+        hsm.generate_aes256_key(&s.key_label).map_err(|e| MasterError::Hsm(Box::new(e)))?;
+        hsm.check_master_key(&s.key_label).map_err(|e| MasterError::Hsm(Box::new(e)))?;
+        Ok(Self { hsm, key_label: s.key_label.clone() })
     }
 }
 
