@@ -1,0 +1,848 @@
+//! Escrow end to end: the real `kms-server`, `kmsctl` and `backup-hook` binaries, the stock
+//! `age` and `age-keygen` commands (Debian package `age`) and the `age` crate.
+//!
+//! docs/disaster-recovery.md quotes the commands run here, with the same flags: change one,
+//! change the other.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::str::FromStr;
+
+use kluis_tests::*;
+
+// ---------------------------------------------------------------------------------------
+// helpers
+// ---------------------------------------------------------------------------------------
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn out_text(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn sample(seed: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    Pattern::new(seed, len as u64).read_exact(&mut v).unwrap();
+    v
+}
+
+/// Runs a stock system command (`age`, `age-keygen`).
+fn stock(cmd: &str, args: &[&str]) -> Output {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("`{cmd}` could not be run ({e}); install it with `apt-get install age`"))
+}
+
+fn kmsctl(args: &[&str]) -> Output {
+    run("kmsctl", args, b"")
+}
+
+fn ok(o: &Output, what: &str) {
+    assert!(o.status.success(), "{what} failed ({:?}): {}{}", o.status.code(), out_text(o), stderr(o));
+}
+
+/// Asserts a failure with exit code `code` whose standard error contains every needle.
+fn refused(o: &Output, code: i32, needles: &[&str]) -> String {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(code), "stdout: {}\nstderr: {err}", out_text(o));
+    for n in needles {
+        assert!(err.contains(n), "expected {n:?} in: {err}");
+    }
+    err
+}
+
+/// One custodian: a name, their own age identity file (made by the stock `age-keygen`) and
+/// its public recipient.
+struct Custodian {
+    name: String,
+    key: PathBuf,
+    recipient: String,
+}
+
+fn keygen(dir: &Path, name: &str) -> Custodian {
+    let key = dir.join(format!("{name}.key"));
+    ok(&stock("age-keygen", &["-o", s(&key)]), "age-keygen -o");
+    let y = stock("age-keygen", &["-y", s(&key)]);
+    ok(&y, "age-keygen -y");
+    let recipient = out_text(&y).trim().to_owned();
+    assert!(recipient.starts_with("age1"), "{recipient}");
+    Custodian { name: name.to_owned(), key, recipient }
+}
+
+fn custodians(dir: &Path, names: &[&str]) -> Vec<Custodian> {
+    names.iter().map(|n| keygen(dir, n)).collect()
+}
+
+fn custodian_args(cs: &[Custodian]) -> Vec<String> {
+    cs.iter().flat_map(|c| ["--custodian".to_owned(), format!("{}={}", c.name, c.recipient)]).collect()
+}
+
+/// `kmsctl escrow ceremony --threshold K --custodian NAME=RECIPIENT ... --out DIR`;
+/// returns the manifest path and its JSON.
+fn ceremony(out_dir: &Path, threshold: u8, cs: &[Custodian]) -> (PathBuf, serde_json::Value) {
+    let k = threshold.to_string();
+    let extra = custodian_args(cs);
+    let mut args = vec!["escrow", "ceremony", "--threshold", &k];
+    args.extend(extra.iter().map(String::as_str));
+    args.extend(["--out", s(out_dir)]);
+    let o = kmsctl(&args);
+    ok(&o, "escrow ceremony");
+    assert!(out_text(&o).contains("The recovery private key was not written anywhere."), "{}", out_text(&o));
+    let manifest = out_dir.join("manifest.json");
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    assert_eq!(json["threshold"], u64::from(threshold));
+    assert_eq!(json["shares"], cs.len() as u64);
+    for c in cs {
+        let share = out_dir.join(format!("share-{}.age", c.name));
+        let bytes = std::fs::read(&share).unwrap();
+        assert!(bytes.starts_with(b"age-encryption.org/v1\n"), "{} is not an age file", share.display());
+        // No share text is ever written in clear.
+        assert!(!String::from_utf8_lossy(&bytes).contains("kluis-escrow-share"));
+    }
+    // No identity file in the ceremony directory: the private key is not on disk.
+    for e in std::fs::read_dir(out_dir).unwrap() {
+        let text = std::fs::read(e.unwrap().path()).unwrap();
+        assert!(!String::from_utf8_lossy(&text).contains("AGE-SECRET-KEY-"));
+    }
+    (manifest, json)
+}
+
+/// The custodian decrypts their own share file with the stock command
+/// `age -d -i me.key share-NAME.age > share-NAME.txt`.
+fn decrypt_share(ceremony_dir: &Path, c: &Custodian, into: &Path) -> PathBuf {
+    let share = ceremony_dir.join(format!("share-{}.age", c.name));
+    let o = stock("age", &["-d", "-i", s(&c.key), s(&share)]);
+    ok(&o, "age -d of a share file");
+    let txt = into.join(format!("share-{}.txt", c.name));
+    std::fs::write(&txt, &o.stdout).unwrap();
+    txt
+}
+
+/// `kmsctl escrow combine --manifest M [--identity ID ...] -o OUT SHARE...`
+fn combine(manifest: &Path, identities: &[&Path], out: &Path, shares: &[&Path]) -> Output {
+    let mut args = vec!["escrow", "combine", "--manifest", s(manifest)];
+    for i in identities {
+        args.extend(["--identity", s(i)]);
+    }
+    args.extend(["-o", s(out)]);
+    args.extend(shares.iter().map(|p| s(p)));
+    kmsctl(&args)
+}
+
+fn verify_share(manifest: &Path, share: &Path) -> Output {
+    kmsctl(&["escrow", "verify-share", "--manifest", s(manifest), s(share)])
+}
+
+/// The public recipient of an identity file, as `age-keygen -y` prints it.
+fn recipient_of(identity_file: &Path) -> String {
+    let o = stock("age-keygen", &["-y", s(identity_file)]);
+    ok(&o, "age-keygen -y");
+    out_text(&o).trim().to_owned()
+}
+
+/// The age crate: open `sealed` with an identity file, as any third-party tool would.
+fn age_crate_decrypt(identity_file: &Path, sealed: &[u8]) -> Result<Vec<u8>, String> {
+    let ids = age::IdentityFile::from_file(s(identity_file).to_owned())
+        .map_err(|e| e.to_string())?
+        .into_identities()
+        .map_err(|e| e.to_string())?;
+    let dec = age::Decryptor::new(sealed).map_err(|e| e.to_string())?;
+    let mut r = dec.decrypt(ids.iter().map(|i| i.as_ref() as &dyn age::Identity)).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    r.read_to_end(&mut out).map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+/// The age header of a sealed file (up to the MAC line).
+fn header(sealed: &[u8]) -> String {
+    let end = sealed.windows(4).position(|w| w == b"\n---").unwrap();
+    String::from_utf8_lossy(&sealed[..end]).into_owned()
+}
+
+fn has_recovery_stanza(sealed: &[u8]) -> bool {
+    header(sealed).contains("\n-> X25519 ")
+}
+
+#[cfg(unix)]
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+fn install(server: &Server, identity: &str, manifest: &Path) -> Output {
+    let cfg = server.client(identity);
+    kmsctl(&["--client-config", s(&cfg), "escrow", "install", s(manifest)])
+}
+
+fn status_json(server: &Server, identity: &str) -> serde_json::Value {
+    let cfg = server.client(identity);
+    let o = kmsctl(&["--client-config", s(&cfg), "escrow", "status", "--json"]);
+    ok(&o, "escrow status --json");
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// Every share file of a ceremony decrypted with the age crate (for the tests that are not
+/// about the stock command); returns the share text paths in custodian order.
+fn decrypt_all_with_crate(ceremony_dir: &Path, cs: &[Custodian], into: &Path) -> Vec<PathBuf> {
+    cs.iter()
+        .map(|c| {
+            let sealed = std::fs::read(ceremony_dir.join(format!("share-{}.age", c.name))).unwrap();
+            let text = age_crate_decrypt(&c.key, &sealed).unwrap();
+            let p = into.join(format!("share-{}.txt", c.name));
+            std::fs::write(&p, text).unwrap();
+            p
+        })
+        .collect()
+}
+
+const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// Standard padded base64 (the test crate has no base64 dependency).
+fn b64_encode(bytes: &[u8]) -> String {
+    let mut out = String::new();
+    for c in bytes.chunks(3) {
+        let n = (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(B64[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn b64_decode(text: &str) -> Vec<u8> {
+    let mut bits = 0u32;
+    let mut n = 0;
+    let mut out = Vec::new();
+    for ch in text.trim_end_matches('=').bytes() {
+        bits = (bits << 6) | B64.iter().position(|&b| b == ch).unwrap() as u32;
+        n += 6;
+        if n >= 8 {
+            n -= 8;
+            out.push((bits >> n) as u8);
+        }
+    }
+    out
+}
+
+/// Replaces the `share:` value of a share text via `f` on the decoded bytes.
+fn edit_share_text(text: &str, f: impl FnOnce(&mut Vec<u8>)) -> String {
+    let mut f = Some(f);
+    text.lines()
+        .map(|l| match l.strip_prefix("share: ") {
+            Some(v) => {
+                let mut bytes = b64_decode(v);
+                assert_eq!(b64_encode(&bytes), v, "base64 helper");
+                assert_eq!(bytes.len(), 33);
+                (f.take().unwrap())(&mut bytes);
+                format!("share: {}", b64_encode(&bytes))
+            }
+            None => l.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n"
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. the full disaster
+// ---------------------------------------------------------------------------------------
+
+/// Server, disk and data directory are gone; only the sealed files, the manifest and three
+/// of five custodians (with their own age keys) remain. Every backup comes back, byte for
+/// byte, three ways: backup-hook, the stock `age` command, and the age crate.
+#[test]
+fn disaster_three_of_five_custodians_recover_every_backup_with_no_server() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let keys = w.join("custodian-keys");
+    std::fs::create_dir(&keys).unwrap();
+    let cs = custodians(&keys, &["alice", "bob", "carol", "dave", "erin"]);
+    let cer = w.join("ceremony");
+    let (manifest, mjson) = ceremony(&cer, 3, &cs);
+    let recovery_recipient = mjson["recovery_recipient"].as_str().unwrap().to_owned();
+
+    let mut server = Server::start();
+    ok(&install(&server, "officer", &manifest), "escrow install");
+    let officer = server.client("officer");
+    ok(&kmsctl(&["--client-config", s(&officer), "keyring", "create", "pacs-images"]), "keyring create");
+
+    // Several backups through the server: empty, tiny, exactly one chunk, > 64 KiB, two
+    // keyrings. Kept outside the server's directory (they are on the backup storage).
+    let backups_dir = w.join("backups");
+    std::fs::create_dir(&backups_dir).unwrap();
+    let plan: [(&str, &str, &str, usize); 5] = [
+        ("sealer", "default", "empty", 0),
+        ("sealer", "default", "tiny", 1),
+        ("sealer", "default", "one-chunk", 65_536),
+        ("sealer", "default", "ehr-db-full", 200_003),
+        ("dev", "pacs-images", "pacs-full", 3 * 65_536 + 5),
+    ];
+    let mut backups = Vec::new();
+    for (i, (who, keyring, id, len)) in plan.iter().enumerate() {
+        let data = sample(i as u64 + 11, *len);
+        let sealed = seal(&server, who, keyring, id, &data);
+        let h = header(&sealed);
+        assert!(h.contains(&format!("\n-> kluis {keyring} ")), "{h}");
+        assert!(has_recovery_stanza(&sealed), "{id}: no recovery stanza: {h}");
+        let path = backups_dir.join(format!("{id}.age"));
+        std::fs::write(&path, &sealed).unwrap();
+        backups.push((path, data));
+    }
+
+    // The yearly rehearsal: every custodian checks their still-encrypted share file with
+    // their own key, writing nothing in clear.
+    for c in &cs {
+        let share = cer.join(format!("share-{}.age", c.name));
+        let o = kmsctl(&["escrow", "verify-share", "--manifest", s(&manifest), "--identity", s(&c.key), s(&share)]);
+        ok(&o, "verify-share --identity");
+        assert!(out_text(&o).contains(&format!("(custodian {}) is intact", c.name)), "{}", out_text(&o));
+    }
+
+    // The disaster: the server dies and its disk (keys, master key, store, client configs) is gone.
+    server.kill9();
+    std::fs::remove_dir_all(server.data_dir()).unwrap();
+    assert!(!server.data_dir().exists());
+
+    // Three custodians, each on their own, decrypt their share with the stock `age` command
+    // and check it against the manifest.
+    let rec = w.join("recovery");
+    std::fs::create_dir(&rec).unwrap();
+    let chosen = [&cs[1], &cs[2], &cs[4]];
+    let mut texts = Vec::new();
+    for c in chosen {
+        let txt = decrypt_share(&cer, c, &rec);
+        let text = std::fs::read_to_string(&txt).unwrap();
+        assert!(text.starts_with("kluis-escrow-share v1\n"), "{text}");
+        let v = verify_share(&manifest, &txt);
+        ok(&v, "verify-share");
+        assert!(
+            out_text(&v).contains(&format!("(custodian {}) is intact and belongs to this ceremony; 3 of 5 shares are needed", c.name)),
+            "{}",
+            out_text(&v)
+        );
+        texts.push(txt);
+    }
+
+    // Combine three decrypted texts into recovery.key.
+    let key = rec.join("recovery.key");
+    let o = combine(&manifest, &[], &key, &[&texts[0], &texts[1], &texts[2]]);
+    ok(&o, "escrow combine");
+    assert!(
+        out_text(&o)
+            .contains(&format!("rebuilt the recovery identity from 3 shares; its recipient {recovery_recipient} matches the manifest")),
+        "{}",
+        out_text(&o)
+    );
+    #[cfg(unix)]
+    assert_eq!(mode(&key), 0o600, "recovery.key must be private");
+    assert_eq!(recipient_of(&key), recovery_recipient);
+    // combine never writes over an existing file.
+    let again = combine(&manifest, &[], &key, &[&texts[0], &texts[1], &texts[2]]);
+    refused(&again, 1, &["already exists; the recovery identity is never written over an existing file"]);
+
+    // Every backup, three independent ways, with no server, no disk and no HSM.
+    for (path, data) in &backups {
+        let name = path.file_stem().unwrap().to_str().unwrap();
+        let restored = rec.join(format!("{name}.hook.out"));
+        let o = run("backup-hook", &["unseal", "--recovery-identity", s(&key), "-i", s(path), "-o", s(&restored)], b"");
+        ok(&o, "backup-hook unseal --recovery-identity");
+        assert!(std::fs::read(&restored).unwrap() == *data, "{name}: backup-hook output differs");
+
+        let restored = rec.join(format!("{name}.age.out"));
+        let o = stock("age", &["-d", "-i", s(&key), "-o", s(&restored), s(path)]);
+        ok(&o, "age -d -i recovery.key -o");
+        // The stock age 1.1 opens its -o file on the first write: an empty backup leaves no
+        // file at all (the doc says so).
+        let got = match std::fs::read(&restored) {
+            Err(e) if data.is_empty() && e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            r => r.unwrap(),
+        };
+        assert!(got == *data, "{name}: age -o output differs");
+        let o = stock("age", &["-d", "-i", s(&key), s(path)]);
+        ok(&o, "age -d -i recovery.key");
+        assert!(o.stdout == *data, "{name}: age output differs");
+
+        let sealed = std::fs::read(path).unwrap();
+        assert!(age_crate_decrypt(&key, &sealed).unwrap() == *data, "{name}: age crate output differs");
+    }
+
+    // The loop of docs/disaster-recovery.md, verbatim, in a shell with the binaries on PATH.
+    let loop_dir = w.join("restore-loop");
+    std::fs::create_dir(&loop_dir).unwrap();
+    for (path, _) in &backups {
+        std::fs::copy(path, loop_dir.join(path.file_name().unwrap())).unwrap();
+    }
+    std::fs::copy(&key, loop_dir.join("recovery.key")).unwrap();
+    let bin_dir = bin("backup-hook").parent().unwrap().to_owned();
+    let path_env = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg(r#"for f in *.age; do backup-hook unseal --recovery-identity recovery.key -i "$f" -o "${f%.age}.restored" || echo "FAILED: $f"; done"#)
+        .current_dir(&loop_dir)
+        .env("PATH", path_env)
+        .output()
+        .unwrap();
+    ok(&o, "the restore loop");
+    assert!(!out_text(&o).contains("FAILED"), "{}{}", out_text(&o), stderr(&o));
+    for (path, data) in &backups {
+        let restored = loop_dir.join(format!("{}.restored", path.file_stem().unwrap().to_str().unwrap()));
+        assert!(std::fs::read(&restored).unwrap() == *data, "{}: loop output differs", restored.display());
+    }
+
+    // The recovery key opens nothing it should not: a file encrypted to someone else fails.
+    let other = age::x25519::Identity::generate();
+    let foreign = age::encrypt(&other.to_public(), b"not yours").unwrap();
+    let fpath = rec.join("foreign.age");
+    std::fs::write(&fpath, foreign).unwrap();
+    let o = run("backup-hook", &["unseal", "--recovery-identity", s(&key), "-i", s(&fpath)], b"");
+    assert!(!o.status.success());
+    assert!(o.stdout.is_empty());
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. every subset
+// ---------------------------------------------------------------------------------------
+
+fn subsets(n: usize, k: usize) -> Vec<Vec<usize>> {
+    fn go(start: usize, n: usize, k: usize, cur: &mut Vec<usize>, out: &mut Vec<Vec<usize>>) {
+        if cur.len() == k {
+            out.push(cur.clone());
+            return;
+        }
+        for i in start..n {
+            cur.push(i);
+            go(i + 1, n, k, cur, out);
+            cur.pop();
+        }
+    }
+    let mut out = Vec::new();
+    go(0, n, k, &mut Vec::new(), &mut out);
+    out
+}
+
+/// All 10 three-of-five subsets rebuild the manifest's recovery key (and it opens a file
+/// sealed to it); all 10 two-share subsets are refused with "not enough shares".
+#[test]
+fn every_three_of_five_subset_combines_and_every_pair_is_refused() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let cs = custodians(w, &["c1", "c2", "c3", "c4", "c5"]);
+    let cer = w.join("ceremony");
+    let (manifest, mjson) = ceremony(&cer, 3, &cs);
+    let recipient = mjson["recovery_recipient"].as_str().unwrap().to_owned();
+    let texts = decrypt_all_with_crate(&cer, &cs, w);
+
+    // A file encrypted to the recovery recipient, as a sealed backup's X25519 stanza is.
+    let secret = sample(5, 70_000);
+    let to_recovery = age::x25519::Recipient::from_str(&recipient).unwrap();
+    let encrypted = age::encrypt(&to_recovery, &secret).unwrap();
+
+    let triples = subsets(5, 3);
+    assert_eq!(triples.len(), 10);
+    for (n, t) in triples.iter().enumerate() {
+        let key = w.join(format!("recovery-3-{n}.key"));
+        let o = if n == 0 {
+            // Mixed: two decrypted texts and one encrypted file opened with --identity.
+            let enc = cer.join(format!("share-{}.age", cs[t[2]].name));
+            combine(&manifest, &[&cs[t[2]].key], &key, &[&texts[t[0]], &texts[t[1]], &enc])
+        } else {
+            let shares: Vec<&Path> = t.iter().map(|&i| texts[i].as_path()).collect();
+            combine(&manifest, &[], &key, &shares)
+        };
+        ok(&o, &format!("combine {t:?}"));
+        assert_eq!(recipient_of(&key), recipient, "subset {t:?}");
+        assert!(age_crate_decrypt(&key, &encrypted).unwrap() == secret, "subset {t:?}");
+    }
+
+    let pairs = subsets(5, 2);
+    assert_eq!(pairs.len(), 10);
+    for (n, p) in pairs.iter().enumerate() {
+        let key = w.join(format!("recovery-2-{n}.key"));
+        // Half the pairs as decrypted texts, half as still-encrypted files opened with --identity.
+        let o = if n % 2 == 0 {
+            combine(&manifest, &[], &key, &[&texts[p[0]], &texts[p[1]]])
+        } else {
+            let files: Vec<PathBuf> = p.iter().map(|&i| cer.join(format!("share-{}.age", cs[i].name))).collect();
+            combine(&manifest, &[&cs[p[0]].key, &cs[p[1]].key], &key, &[&files[0], &files[1]])
+        };
+        refused(&o, 1, &["kmsctl: error: not enough shares: 2 valid, 3 needed to rebuild the recovery key; find more custodians"]);
+        assert!(!key.exists(), "no recovery key may be written for {p:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. bad shares
+// ---------------------------------------------------------------------------------------
+
+/// Damaged, duplicated, foreign and index-0 shares are each refused with their own message,
+/// naming the share file (and the custodian where known) before anything is combined; no
+/// recovery key is ever written on failure.
+#[test]
+fn bad_shares_are_named_and_refused_before_combining() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let cs = custodians(w, &["alice", "bob", "carol", "dave", "erin"]);
+    let cer = w.join("ceremony");
+    let (manifest, mjson) = ceremony(&cer, 3, &cs);
+    let ceremony_id = mjson["ceremony_id"].as_str().unwrap().to_owned();
+    let texts = decrypt_all_with_crate(&cer, &cs, w);
+    let key = w.join("recovery.key");
+    let mut messages: Vec<(&str, String)> = Vec::new();
+
+    // (a) One flipped byte in bob's share value (not the index byte).
+    let bob = std::fs::read_to_string(&texts[1]).unwrap();
+    let bad = w.join("bad-bob.txt");
+    std::fs::write(&bad, edit_share_text(&bob, |b| b[7] ^= 0x01)).unwrap();
+    let needle = "share 2 of custodian \"bob\" is damaged or altered: it does not match the commitment in the manifest";
+    let e = refused(&verify_share(&manifest, &bad), 1, &[needle, "bad-bob.txt"]);
+    assert!(!e.contains(&bob.lines().find(|l| l.starts_with("share: ")).unwrap()[7..]), "secret in message: {e}");
+    // In combine the good shares come first: bob's is still named, and nothing is written.
+    let o = combine(&manifest, &[], &key, &[&texts[0], &texts[2], &bad]);
+    let e = refused(&o, 1, &[needle, "bad-bob.txt"]);
+    assert!(out_text(&o).contains("share 1 (custodian alice) is intact"), "{}", out_text(&o));
+    assert!(!key.exists());
+    messages.push(("flipped share byte", e));
+
+    // (a') One flipped byte in the payload of bob's encrypted share file.
+    let mut enc = std::fs::read(cer.join("share-bob.age")).unwrap();
+    let n = enc.len();
+    enc[n - 5] ^= 0x01;
+    let bad_enc = w.join("share-bob-damaged.age");
+    std::fs::write(&bad_enc, enc).unwrap();
+    let o = kmsctl(&["escrow", "verify-share", "--manifest", s(&manifest), "--identity", s(&cs[1].key), s(&bad_enc)]);
+    refused(&o, 1, &["share-bob-damaged.age", "could not decrypt the share file; it is damaged or truncated"]);
+    let o = combine(&manifest, &[&cs[1].key], &key, &[&texts[0], &texts[2], &bad_enc]);
+    let e = refused(&o, 1, &["share-bob-damaged.age", "could not decrypt the share file; it is damaged or truncated"]);
+    assert!(!key.exists());
+    messages.push(("damaged share file", e));
+
+    // (b) The same share twice (also under another file name): refused, even with a third share.
+    let copy = w.join("copy-of-alice.txt");
+    std::fs::copy(&texts[0], &copy).unwrap();
+    let dup = "the share of custodian \"alice\" (index 1) was given twice; give each share once";
+    let e = refused(&combine(&manifest, &[], &key, &[&texts[0], &texts[1], &copy]), 1, &[dup, "copy-of-alice.txt"]);
+    assert!(!key.exists());
+    refused(&combine(&manifest, &[], &key, &[&texts[0], &texts[0], &texts[1]]), 1, &[dup]);
+    assert!(!key.exists());
+    messages.push(("duplicate", e));
+
+    // (c) A share of another ceremony (same custodians and keys, new ceremony).
+    let cer2 = w.join("ceremony-2");
+    let (_, m2) = ceremony(&cer2, 3, &cs);
+    let other_id = m2["ceremony_id"].as_str().unwrap().to_owned();
+    let other_dir = w.join("other");
+    std::fs::create_dir(&other_dir).unwrap();
+    let foreign = decrypt_share(&cer2, &cs[3], &other_dir);
+    let fneedle = format!(
+        "this share (custodian \"dave\") belongs to ceremony {other_id}, not to ceremony {ceremony_id} of this manifest: wrong manifest, or a share of a ceremony that was replaced by a re-share"
+    );
+    refused(&verify_share(&manifest, &foreign), 1, &[&fneedle]);
+    let e = refused(&combine(&manifest, &[], &key, &[&texts[0], &texts[1], &foreign]), 1, &[&fneedle]);
+    assert!(!key.exists());
+    messages.push(("foreign ceremony", e));
+    // The encrypted foreign file with its owner's identity: the same refusal.
+    let o = combine(&manifest, &[&cs[3].key], &key, &[&texts[0], &texts[1], &cer2.join("share-dave.age")]);
+    refused(&o, 1, &[&fneedle]);
+
+    // (d) A share edited to index 0: the index line alone, and the line plus the share byte.
+    let carol = std::fs::read_to_string(&texts[2]).unwrap();
+    let zero_line = w.join("carol-index0.txt");
+    std::fs::write(&zero_line, carol.replace("\nindex: 3\n", "\nindex: 0\n")).unwrap();
+    let zero_both = w.join("carol-index0-both.txt");
+    std::fs::write(&zero_both, edit_share_text(&carol.replace("\nindex: 3\n", "\nindex: 0\n"), |b| b[0] = 0)).unwrap();
+    let zneedle = "the share has index 0, which no valid share has; it was altered";
+    for z in [&zero_line, &zero_both] {
+        refused(&verify_share(&manifest, z), 1, &[zneedle]);
+        let e = refused(&combine(&manifest, &[], &key, &[&texts[0], &texts[1], z]), 1, &[zneedle]);
+        assert!(!key.exists());
+        if z == &zero_line {
+            messages.push(("index 0", e));
+        }
+    }
+
+    // (e) An encrypted share with somebody else's identity.
+    let o = combine(&manifest, &[&cs[0].key], &key, &[&texts[0], &texts[1], &cer.join("share-carol.age")]);
+    let e = refused(&o, 1, &["none of the given identities can open this share file"]);
+    assert!(!key.exists());
+    messages.push(("wrong identity", e));
+
+    // (f) A still-encrypted share without --identity.
+    let o = verify_share(&manifest, &cer.join("share-carol.age"));
+    let e = refused(&o, 1, &["share file is still age-encrypted; decrypt it with `age -d -i YOUR_KEY` or pass --identity"]);
+    messages.push(("still encrypted", e));
+
+    // (g) Not a share at all, and a truncated copy of one.
+    let not_share = w.join("notes.txt");
+    std::fs::write(&not_share, "shopping list\n").unwrap();
+    let e = refused(
+        &verify_share(&manifest, &not_share),
+        1,
+        &["this is not a Kluis escrow share (it does not start with \"kluis-escrow-share v1\")"],
+    );
+    messages.push(("not a share", e));
+    let cut = w.join("share-dave-cut.txt");
+    let dave = std::fs::read_to_string(&texts[3]).unwrap();
+    std::fs::write(&cut, dave.lines().take(5).collect::<Vec<_>>().join("\n")).unwrap();
+    let e = refused(&verify_share(&manifest, &cut), 1, &["the share has no \"shares\" line; it is incomplete or was edited"]);
+    messages.push(("truncated", e));
+
+    // Every case has its own message.
+    for (i, (a, ma)) in messages.iter().enumerate() {
+        assert_eq!(ma.lines().count(), 1, "{a}: one line expected: {ma}");
+        for (b, mb) in &messages[i + 1..] {
+            assert_ne!(ma, mb, "{a} and {b} give the same message");
+        }
+    }
+    // After all that, three good shares still combine.
+    ok(&combine(&manifest, &[], &key, &[&texts[0], &texts[1], &texts[2]]), "combine after the refusals");
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. re-share
+// ---------------------------------------------------------------------------------------
+
+/// 3-of-5 re-shared to a new 2-of-3 set: same recovery recipient, old backups open with two
+/// new shares, the leaving custodian's old share does not mix with the new set, and the new
+/// manifest installs with the recipient unchanged.
+#[test]
+fn reshare_to_new_custodians_keeps_old_backups_recoverable() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let old = custodians(w, &["alice", "bob", "carol", "dave", "erin"]);
+    let new = custodians(w, &["frank", "grace", "heidi"]);
+    let cer = w.join("ceremony-2025");
+    let (old_manifest, old_json) = ceremony(&cer, 3, &old);
+    let old_id = old_json["ceremony_id"].as_str().unwrap().to_owned();
+    let recipient = old_json["recovery_recipient"].as_str().unwrap().to_owned();
+
+    let server = Server::start();
+    ok(&install(&server, "officer", &old_manifest), "install the old ceremony");
+    let data = sample(9, 100_000);
+    let sealed_old = seal(&server, "sealer", "default", "before-reshare", &data);
+    let old_backup = w.join("before-reshare.age");
+    std::fs::write(&old_backup, &sealed_old).unwrap();
+
+    // alice and bob bring decrypted share texts, carol her still-encrypted share file and
+    // her key (--identity); erin leaves.
+    let rs = w.join("reshare");
+    std::fs::create_dir(&rs).unwrap();
+    let alice_txt = decrypt_share(&cer, &old[0], &rs);
+    let bob_txt = decrypt_share(&cer, &old[1], &rs);
+    let carol_age = cer.join("share-carol.age");
+    let cer2 = w.join("ceremony-2026");
+    let extra = custodian_args(&new);
+    let mut args = vec!["escrow", "reshare", "--manifest", s(&old_manifest), "--threshold", "2"];
+    args.extend(extra.iter().map(String::as_str));
+    args.extend(["--out", s(&cer2), "--identity", s(&old[2].key)]);
+    args.extend([s(&alice_txt), s(&bob_txt), s(&carol_age)]);
+    let o = kmsctl(&args);
+    ok(&o, "escrow reshare");
+    assert!(
+        out_text(&o).contains(&format!("This ceremony replaces ceremony {old_id}; the recovery recipient is unchanged")),
+        "{}",
+        out_text(&o)
+    );
+
+    let new_manifest = cer2.join("manifest.json");
+    let new_json: serde_json::Value = serde_json::from_slice(&std::fs::read(&new_manifest).unwrap()).unwrap();
+    let new_id = new_json["ceremony_id"].as_str().unwrap().to_owned();
+    assert_eq!(new_json["replaces"], old_id.as_str());
+    assert_ne!(new_id, old_id);
+    assert_eq!(new_json["recovery_recipient"], recipient.as_str());
+    assert_eq!(new_json["threshold"], 2);
+    assert_eq!(new_json["shares"], 3);
+    let names: Vec<&str> = new_json["custodians"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["frank", "grace", "heidi"]);
+
+    // Two new custodians rebuild the key; the backup sealed before the re-share opens.
+    let rec = w.join("recovery");
+    std::fs::create_dir(&rec).unwrap();
+    let grace = decrypt_share(&cer2, &new[1], &rec);
+    let heidi = decrypt_share(&cer2, &new[2], &rec);
+    let key = rec.join("recovery.key");
+    ok(&combine(&new_manifest, &[], &key, &[&grace, &heidi]), "combine two new shares");
+    assert_eq!(recipient_of(&key), recipient);
+    let restored = rec.join("before-reshare.tar");
+    ok(
+        &run("backup-hook", &["unseal", "--recovery-identity", s(&key), "-i", s(&old_backup), "-o", s(&restored)], b""),
+        "unseal an old backup with the re-shared key",
+    );
+    assert!(std::fs::read(&restored).unwrap() == data);
+
+    // The leaving custodian's old share does not combine with a new share...
+    let erin_old = decrypt_share(&cer, &old[4], &rec);
+    let key2 = rec.join("erin.key");
+    let o = combine(&new_manifest, &[], &key2, &[&erin_old, &grace]);
+    refused(
+        &o,
+        1,
+        &[&format!("this share (custodian \"erin\") belongs to ceremony {old_id}, not to ceremony {new_id}"), "replaced by a re-share"],
+    );
+    assert!(!key2.exists());
+    // ...nor with the old manifest and a new share (the new share is foreign there)...
+    let o = combine(&old_manifest, &[], &key2, &[&erin_old, &grace]);
+    refused(&o, 1, &[&format!("this share (custodian \"grace\") belongs to ceremony {new_id}, not to ceremony {old_id}")]);
+    assert!(!key2.exists());
+    // ...and alone it is not enough.
+    let o = combine(&old_manifest, &[], &key2, &[&erin_old]);
+    refused(&o, 1, &["not enough shares: 1 valid, 3 needed to rebuild the recovery key"]);
+    assert!(!key2.exists());
+
+    // Installing the new manifest: new ceremony, same recovery recipient, new custodians.
+    let before = status_json(&server, "officer");
+    assert_eq!(before["ceremony_id"], old_id.as_str());
+    ok(&install(&server, "officer", &new_manifest), "install the new ceremony");
+    let after = status_json(&server, "auditor");
+    assert_eq!(after["installed"], true);
+    assert_eq!(after["ceremony_id"], new_id.as_str());
+    assert_eq!(after["recovery_recipient"], recipient.as_str());
+    assert_eq!(after["recovery_recipient"], before["recovery_recipient"]);
+    assert_eq!(after["threshold"], 2);
+    assert_eq!(after["shares"], 3);
+    assert_eq!(after["custodians"], serde_json::json!(["frank", "grace", "heidi"]));
+    // Backups sealed after the switch open with the new shares too.
+    let data2 = sample(10, 1234);
+    let sealed_new = seal(&server, "sealer", "default", "after-reshare", &data2);
+    assert!(age_crate_decrypt(&key, &sealed_new).unwrap() == data2);
+
+    // Documented limit: the secret is the same, so three OLD shares with the OLD manifest
+    // still rebuild it. Old custodians must destroy their old share files.
+    let old_texts: Vec<PathBuf> = old[2..].iter().map(|c| decrypt_share(&cer, c, &rec)).collect();
+    let key3 = rec.join("old-set.key");
+    ok(&combine(&old_manifest, &[], &key3, &[&old_texts[0], &old_texts[1], &old_texts[2]]), "old set");
+    assert_eq!(recipient_of(&key3), recipient);
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. status and keys without escrow
+// ---------------------------------------------------------------------------------------
+
+/// Keys issued before any escrow install are counted in keys_without_escrow, and their
+/// files are exactly those without a recovery stanza; after the install every seal carries
+/// the stanza and the count stays.
+#[test]
+fn status_counts_exactly_the_keys_sealed_before_the_install() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let cs = custodians(w, &["a", "b", "c"]);
+    let cer = w.join("ceremony");
+    let (manifest, mjson) = ceremony(&cer, 2, &cs);
+    let ceremony_id = mjson["ceremony_id"].as_str().unwrap().to_owned();
+    let recipient = mjson["recovery_recipient"].as_str().unwrap().to_owned();
+
+    let server = Server::start();
+    let st = status_json(&server, "officer");
+    assert_eq!(st["installed"], false);
+    assert_eq!(st["keys_without_escrow"], 0);
+    let officer = server.client("officer");
+    let o = kmsctl(&["--client-config", s(&officer), "escrow", "status"]);
+    ok(&o, "escrow status");
+    assert!(out_text(&o).contains("no escrow manifest installed\nkeys without escrow: 0"), "{}", out_text(&o));
+
+    let mut files: Vec<(Vec<u8>, Vec<u8>, bool)> = Vec::new(); // (sealed, data, sealed after install)
+    for i in 0..3 {
+        let data = sample(20 + i, 1000 + i as usize);
+        files.push((seal(&server, "sealer", "default", &format!("pre-{i}"), &data), data, false));
+    }
+    let st = status_json(&server, "auditor");
+    assert_eq!(st["keys_without_escrow"], 3, "{st}");
+
+    let o = install(&server, "officer", &manifest);
+    ok(&o, "escrow install");
+    assert!(
+        out_text(&o).contains(&format!("installed escrow ceremony {ceremony_id} (2 of 3); recovery recipient {recipient}")),
+        "{}",
+        out_text(&o)
+    );
+    let st = status_json(&server, "officer");
+    assert_eq!(st["installed"], true);
+    assert_eq!(st["ceremony_id"], ceremony_id.as_str());
+    assert_eq!(st["recovery_recipient"], recipient.as_str());
+    assert_eq!(st["threshold"], 2);
+    assert_eq!(st["shares"], 3);
+    assert_eq!(st["custodians"], serde_json::json!(["a", "b", "c"]));
+    assert_eq!(st["keys_without_escrow"], 3, "installing does not change old files: {st}");
+
+    for i in 0..4 {
+        let data = sample(30 + i, 70_000 + i as usize);
+        files.push((seal(&server, "sealer", "default", &format!("post-{i}"), &data), data, true));
+    }
+    let st = status_json(&server, "auditor");
+    assert_eq!(st["keys_without_escrow"], 3, "seals after the install carry escrow: {st}");
+    let o = kmsctl(&["--client-config", s(&officer), "escrow", "status"]);
+    ok(&o, "escrow status");
+    let text = out_text(&o);
+    for want in [
+        format!("ceremony:            {ceremony_id}"),
+        format!("recovery recipient:  {recipient}"),
+        "threshold:           2 of 3".to_owned(),
+        "custodians:          a, b, c".to_owned(),
+        "keys without escrow: 3".to_owned(),
+    ] {
+        assert!(text.contains(&want), "{want:?} missing in:\n{text}");
+    }
+
+    // The files without a recovery stanza are exactly the ones sealed before the install,
+    // and the recovery key opens exactly the others.
+    let texts = decrypt_all_with_crate(&cer, &cs, w);
+    let key = w.join("recovery.key");
+    ok(&combine(&manifest, &[], &key, &[&texts[0], &texts[2]]), "combine");
+    let without = files.iter().filter(|(sealed, _, _)| !has_recovery_stanza(sealed)).count() as u64;
+    assert_eq!(st["keys_without_escrow"], without);
+    for (sealed, data, after) in &files {
+        assert_eq!(has_recovery_stanza(sealed), *after, "{}", header(sealed));
+        match age_crate_decrypt(&key, sealed) {
+            Ok(d) => assert!(*after && d == *data, "a pre-install file opened with the recovery key"),
+            Err(e) => assert!(!*after, "a post-install file did not open: {e}"),
+        }
+    }
+    // backup-hook and the stock tool agree on a pre-install file: the recovery key cannot
+    // open it, nothing is written.
+    let pre = w.join("pre-0.age");
+    std::fs::write(&pre, &files[0].0).unwrap();
+    let restored = w.join("pre-0.tar");
+    let o = run("backup-hook", &["unseal", "--recovery-identity", s(&key), "-i", s(&pre), "-o", s(&restored)], b"");
+    refused(&o, 5, &["backup-hook: error: no stanza in this file can be opened"]);
+    assert!(!restored.exists());
+    let o = stock("age", &["-d", "-i", s(&key), "-o", s(&restored), s(&pre)]);
+    assert!(!o.status.success(), "age opened a pre-install file");
+    assert!(stderr(&o).contains("no identity matched any of the recipients"), "{}", stderr(&o));
+    assert!(!restored.exists());
+}
+
+// ---------------------------------------------------------------------------------------
+// 6. roles
+// ---------------------------------------------------------------------------------------
+
+/// Only an officer installs the escrow: a sealer, a restorer and an auditor are refused
+/// with exit code 4 and a message naming them, and nothing changes.
+#[test]
+fn only_an_officer_installs_the_escrow() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let cs = custodians(w, &["a", "b"]);
+    let (manifest, _) = ceremony(&w.join("ceremony"), 2, &cs);
+    let server = Server::start();
+    for who in ["sealer", "restorer", "auditor"] {
+        let o = install(&server, who, &manifest);
+        refused(&o, 4, &[&format!("principal \"{who}\" may not InstallEscrow")]);
+        assert!(o.stdout.is_empty());
+    }
+    // A sealer may not read the status either.
+    let sealer = server.client("sealer");
+    let o = kmsctl(&["--client-config", s(&sealer), "escrow", "status", "--json"]);
+    refused(&o, 4, &["principal \"sealer\" may not GetEscrowStatus"]);
+    let st = status_json(&server, "auditor");
+    assert_eq!(st["installed"], false, "{st}");
+    ok(&install(&server, "officer", &manifest), "officer install");
+    assert_eq!(status_json(&server, "auditor")["installed"], true);
+}
