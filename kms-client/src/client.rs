@@ -116,6 +116,8 @@ pub struct EscrowStatus {
     pub installed_unix: i64,
     pub custodians: Vec<String>,
     pub keys_without_escrow: u64,
+    /// Recovery recipients in force earlier; backups sealed then need those ceremonies' shares.
+    pub previous_recipients: Vec<String>,
 }
 
 /// A connection to the Kluis server. Cheap to clone.
@@ -247,11 +249,12 @@ impl KmsClient {
         Ok(keyring_info(r.into_inner()))
     }
 
-    pub async fn install_escrow(&self, manifest_json: &str) -> Result<EscrowStatus, ClientError> {
+    /// Installs a manifest; `allow_new_recipient` is needed to switch to a different recovery recipient.
+    pub async fn install_escrow(&self, manifest_json: &str, allow_new_recipient: bool) -> Result<EscrowStatus, ClientError> {
         let r = self
             .admin
             .clone()
-            .install_escrow(pb::InstallEscrowRequest { manifest_json: manifest_json.to_owned() })
+            .install_escrow(pb::InstallEscrowRequest { manifest_json: manifest_json.to_owned(), allow_new_recipient })
             .await
             .map_err(|s| self.status(s))?;
         Ok(escrow_status(r.into_inner()))
@@ -306,5 +309,6 @@ fn escrow_status(s: pb::EscrowStatus) -> EscrowStatus {
         installed_unix: s.installed_unix,
         custodians: s.custodians,
         keys_without_escrow: s.keys_without_escrow,
+        previous_recipients: s.previous_recipients,
     }
 }

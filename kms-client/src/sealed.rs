@@ -60,6 +60,10 @@ pub enum UnsealError {
     StanzaMalformed { reason: &'static str },
     #[error("no stanza in this file can be opened: it has no Kluis stanza and no stanza for the given recovery identity")]
     NoMatchingStanza,
+    #[error("this backup has no escrow copy of its key (it was sealed before an escrow was installed); the file is not damaged, but only the Kluis server that sealed it can open it")]
+    NoEscrowStanza,
+    #[error("this backup's escrow copy is for another recovery key (another ceremony, or an earlier recovery recipient); the file is not damaged: use that ceremony's shares")]
+    OtherRecoveryKey,
     #[error("the data key from the server does not open this file's key (the Kluis stanza was altered)")]
     FileKeyMismatch,
     #[error("{0}")]
@@ -192,6 +196,19 @@ where
     }
 }
 
+/// Records the tags of the stanzas it is shown and opens none of them.
+#[derive(Default)]
+struct TagProbe {
+    tags: RefCell<Vec<String>>,
+}
+
+impl age::Identity for TagProbe {
+    fn unwrap_stanza(&self, stanza: &Stanza) -> Option<Result<FileKey, age::DecryptError>> {
+        self.tags.borrow_mut().push(stanza.tag.clone());
+        None
+    }
+}
+
 /// Bytes moved by a seal or unseal.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Moved {
@@ -279,16 +296,28 @@ where
     let prefix = sniff(&mut input)?;
     let reader = BufReader::with_capacity(IO_BUF, io::Cursor::new(prefix).chain(input));
     let dec = age::Decryptor::new_buffered(reader).map_err(header_error)?;
-    let mut ids: Vec<&dyn age::Identity> = Vec::with_capacity(others.len() + 1);
+    let probe = TagProbe::default();
+    let mut ids: Vec<&dyn age::Identity> = Vec::with_capacity(others.len() + 2);
     if let Some(k) = kluis {
         ids.push(k);
     }
     ids.extend_from_slice(others);
+    ids.push(&probe);
     let mut r = match dec.decrypt(ids.into_iter()) {
         Ok(r) => r,
         Err(e) => {
             if let Some(f) = kluis.and_then(KluisIdentity::take_failure) {
                 return Err(f);
+            }
+            if matches!(e, age::DecryptError::NoMatchingKeys) && kluis.is_none() {
+                // Offline: say why the recovery identity does not open this file.
+                let tags = probe.tags.borrow();
+                if tags.iter().any(|t| t == "X25519") {
+                    return Err(UnsealError::OtherRecoveryKey);
+                }
+                if tags.iter().any(|t| t == STANZA_TAG) {
+                    return Err(UnsealError::NoEscrowStanza);
+                }
             }
             return Err(header_error(e));
         }
@@ -374,6 +403,12 @@ mod tests {
         assert_eq!(out3, data);
         let st = read_kluis_stanza(sealed.as_slice()).unwrap();
         assert_eq!(st.key_id, key.key_id);
+        // Another recovery identity: named as such, not as damage.
+        let other = age::x25519::Identity::generate();
+        assert!(matches!(unseal(sealed.as_slice(), none, &[&other], Vec::new()), Err(UnsealError::OtherRecoveryKey)));
+        // A file without an escrow stanza.
+        let (plain, _) = seal(&issued(None), data.as_slice(), Vec::new()).unwrap();
+        assert!(matches!(unseal(plain.as_slice(), none, &[&id], Vec::new()), Err(UnsealError::NoEscrowStanza)));
     }
 
     #[test]

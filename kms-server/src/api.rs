@@ -54,7 +54,9 @@ fn key_status(e: KeyError) -> Status {
         KeyError::KeyringNotFound { .. } | KeyError::UnknownKeyId { .. } => Status::not_found(msg),
         KeyError::KeyringExists { .. } => Status::already_exists(msg),
         KeyError::KeyringMismatch { .. } | KeyError::UnwrapFailed { .. } => Status::invalid_argument(msg),
-        KeyError::Destroyed { .. } | KeyError::VersionRetired { .. } => Status::failed_precondition(msg),
+        KeyError::Destroyed { .. } | KeyError::VersionRetired { .. } | KeyError::EscrowRecipientChange { .. } => {
+            Status::failed_precondition(msg)
+        }
         KeyError::Master(MasterError::Unavailable(_)) | KeyError::Store(StoreError::WriterGone) => {
             Status::unavailable(msg)
         }
@@ -172,7 +174,8 @@ impl pb::admin_service_server::AdminService for Api {
     #[instrument(skip_all, fields(principal))]
     async fn install_escrow(&self, req: Request<pb::InstallEscrowRequest>) -> Result<Response<pb::EscrowStatus>, Status> {
         let auth = self.authorize(&req, Action::InstallEscrow, None)?;
-        self.keys.install_escrow(&auth, &req.get_ref().manifest_json).await.map_err(key_status)?;
+        let r = req.get_ref();
+        self.keys.install_escrow(&auth, &r.manifest_json, r.allow_new_recipient).await.map_err(key_status)?;
         let status_auth = self.authorize(&req, Action::GetEscrowStatus, None)?;
         self.escrow_status_pb(&status_auth)
     }
@@ -202,6 +205,7 @@ impl Api {
                 custodians: i.custodians,
                 keys_without_escrow: without,
                 manifest_json: i.manifest_json,
+                previous_recipients: i.previous_recipients,
             },
         }))
     }

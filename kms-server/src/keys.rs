@@ -58,6 +58,8 @@ pub enum KeyError {
     Store(#[from] StoreError),
     #[error("the escrow manifest is not valid: {reason}")]
     EscrowManifest { reason: &'static str },
+    #[error("the manifest's recovery recipient {new} differs from the one in force ({current}, ceremony {ceremony}); backups sealed so far stay recoverable only with that ceremony's shares, so keep them. Install with --new-recipient to switch anyway")]
+    EscrowRecipientChange { current: String, new: String, ceremony: String },
     #[error("the authorization does not cover this operation")]
     NotCovered,
     #[error("the system random number generator failed")]
@@ -94,11 +96,14 @@ pub struct EscrowInfo {
     pub custodians: Vec<String>,
     pub installed: i64,
     pub manifest_json: String,
+    /// Recovery recipients in force before this one (oldest first).
+    pub previous_recipients: Vec<String>,
 }
 
 /// The part of `manifest.json` the server reads (the format belongs to `kmsctl escrow`).
 #[derive(Deserialize)]
 struct ManifestView {
+    format: String,
     ceremony_id: String,
     recovery_recipient: String,
     threshold: u32,
@@ -109,7 +114,12 @@ struct ManifestView {
 #[derive(Deserialize)]
 struct CustodianView {
     name: String,
+    recipient: String,
+    index: u32,
+    commitment: String,
 }
+
+const MANIFEST_FORMAT: &str = "kluis-escrow-manifest/v1";
 
 /// A freshly issued data key. Holds the plaintext key: no `Debug`.
 pub struct IssuedDataKey {
@@ -498,17 +508,52 @@ impl KeyManager {
     }
 
     /// Installs the escrow manifest in force.
-    pub async fn install_escrow(&self, auth: &Authorized, manifest_json: &str) -> Result<EscrowInfo, KeyError> {
+    pub async fn install_escrow(
+        &self,
+        auth: &Authorized,
+        manifest_json: &str,
+        allow_new_recipient: bool,
+    ) -> Result<EscrowInfo, KeyError> {
         Self::check(auth, Action::InstallEscrow, None)?;
         let m: ManifestView = serde_json::from_str(manifest_json)
-            .map_err(|_| KeyError::EscrowManifest { reason: "not a Kluis escrow manifest (JSON with ceremony_id, recovery_recipient, threshold, shares, custodians)" })?;
+            .map_err(|_| KeyError::EscrowManifest { reason: "not a Kluis escrow manifest (manifest.json of `kmsctl escrow ceremony`)" })?;
+        if m.format != MANIFEST_FORMAT {
+            return Err(KeyError::EscrowManifest { reason: "format is not kluis-escrow-manifest/v1" });
+        }
         if age::x25519::Recipient::from_str(&m.recovery_recipient).is_err() {
             return Err(KeyError::EscrowManifest { reason: "recovery_recipient is not an age X25519 recipient" });
         }
         if m.threshold < 2 || m.threshold > m.shares || m.custodians.len() != m.shares as usize {
             return Err(KeyError::EscrowManifest { reason: "threshold, shares and custodians do not agree" });
         }
+        let mut seen = std::collections::BTreeSet::new();
+        for c in &m.custodians {
+            if c.name.is_empty() || c.recipient.is_empty() || c.index == 0 || c.index > m.shares || !seen.insert(c.index) {
+                return Err(KeyError::EscrowManifest { reason: "a custodian entry lacks a name or recipient, or has a bad or repeated index" });
+            }
+            if c.commitment.len() != 64 || !c.commitment.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(KeyError::EscrowManifest { reason: "a custodian entry lacks its share commitment" });
+            }
+            if c.recipient == m.recovery_recipient {
+                return Err(KeyError::EscrowManifest { reason: "a custodian's recipient is the recovery recipient itself" });
+            }
+        }
         validate_text("manifest_json", &m.ceremony_id, 128, false)?;
+        let _guard = self.admin.lock().await;
+        let current = self.escrow.read().ok().and_then(|e| e.clone());
+        let mut previous_recipients = current.as_ref().map(|c| c.previous_recipients.clone()).unwrap_or_default();
+        if let Some(cur) = &current {
+            if cur.recovery_recipient != m.recovery_recipient {
+                if !allow_new_recipient {
+                    return Err(KeyError::EscrowRecipientChange {
+                        current: cur.recovery_recipient.clone(),
+                        new: m.recovery_recipient,
+                        ceremony: cur.ceremony_id.clone(),
+                    });
+                }
+                previous_recipients.push(cur.recovery_recipient.clone());
+            }
+        }
         let info = EscrowInfo {
             ceremony_id: m.ceremony_id,
             recovery_recipient: m.recovery_recipient,
@@ -517,9 +562,9 @@ impl KeyManager {
             custodians: m.custodians.into_iter().map(|c| c.name).collect(),
             installed: now_unix(),
             manifest_json: manifest_json.to_owned(),
+            previous_recipients,
         };
         let bytes = postcard::to_allocvec(&info).map_err(|e| StoreError::Encode { what: "escrow", source: e })?;
-        let _guard = self.admin.lock().await;
         self.store.write(WriteOp::PutMeta { key: ESCROW_META, value: bytes }).await?;
         if let Ok(mut e) = self.escrow.write() {
             *e = Some(info.clone());

@@ -811,7 +811,7 @@ fn status_counts_exactly_the_keys_sealed_before_the_install() {
     std::fs::write(&pre, &files[0].0).unwrap();
     let restored = w.join("pre-0.tar");
     let o = run("backup-hook", &["unseal", "--recovery-identity", s(&key), "-i", s(&pre), "-o", s(&restored)], b"");
-    refused(&o, 5, &["backup-hook: error: no stanza in this file can be opened"]);
+    refused(&o, 5, &["backup-hook: error: this backup has no escrow copy of its key (it was sealed before an escrow was installed); the file is not damaged"]);
     assert!(!restored.exists());
     let o = stock("age", &["-d", "-i", s(&key), "-o", s(&restored), s(&pre)]);
     assert!(!o.status.success(), "age opened a pre-install file");
@@ -845,4 +845,37 @@ fn only_an_officer_installs_the_escrow() {
     assert_eq!(st["installed"], false, "{st}");
     ok(&install(&server, "officer", &manifest), "officer install");
     assert_eq!(status_json(&server, "auditor")["installed"], true);
+}
+
+#[test]
+fn forged_manifests_and_silent_recipient_switches_are_refused() {
+    let server = Server::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let cs = custodians(tmp.path(), &["ann", "bob", "cas"]);
+    let (manifest, json) = ceremony(&tmp.path().join("first"), 2, &cs);
+
+    // A manifest with fields missing or edited is refused before it reaches the server.
+    let forged = tmp.path().join("forged.json");
+    std::fs::write(&forged, r#"{"format":"nonsense","ceremony_id":"x","recovery_recipient":"age1x","threshold":2,"shares":2,"custodians":[]}"#).unwrap();
+    let o = install(&server, "officer", &forged);
+    refused(&o, 1, &["kmsctl: error:", "forged.json"]);
+    let mut edited = json.clone();
+    edited["custodians"][0]["commitment"] = serde_json::Value::String("00".repeat(31));
+    std::fs::write(&forged, serde_json::to_string(&edited).unwrap()).unwrap();
+    refused(&install(&server, "officer", &forged), 1, &["kmsctl: error:"]);
+    assert_eq!(status_json(&server, "officer")["installed"], false);
+
+    // The ceremony directory works as well as the manifest path.
+    ok(&install(&server, "officer", manifest.parent().unwrap()), "install from the ceremony directory");
+
+    // An unrelated ceremony (another recipient) is not installed silently over it.
+    let (other, other_json) = ceremony(&tmp.path().join("second"), 2, &cs);
+    let o = install(&server, "officer", &other);
+    refused(&o, 1, &["differs from the one in force", "--new-recipient"]);
+    assert_eq!(status_json(&server, "officer")["recovery_recipient"], json["recovery_recipient"]);
+    let cfg = server.client("officer");
+    ok(&kmsctl(&["--client-config", s(&cfg), "escrow", "install", "--new-recipient", s(&other)]), "install --new-recipient");
+    let st = status_json(&server, "officer");
+    assert_eq!(st["recovery_recipient"], other_json["recovery_recipient"]);
+    assert_eq!(st["previous_recipients"], serde_json::json!([json["recovery_recipient"]]));
 }

@@ -72,19 +72,43 @@ fn round_trip_200_mib_stream_through_a_pipe(p: Provider) {
     assert_eq!(got.1, LEN);
 }
 
-fn install_recovery(server: &Server, recipient: &str) {
-    let manifest = serde_json::json!({
-        "ceremony_id": "test-ceremony",
-        "recovery_recipient": recipient,
-        "threshold": 2,
-        "shares": 2,
-        "custodians": [{"name": "a"}, {"name": "b"}],
-    });
-    let path = server.dir.path().join("manifest.json");
-    std::fs::write(&path, manifest.to_string()).unwrap();
-    let officer = server.client("officer");
-    let out = run("kmsctl", &["--client-config", officer.to_str().unwrap(), "escrow", "install", path.to_str().unwrap()], b"");
+/// A real 2-of-2 ceremony, installed at the server; returns the combined recovery identity.
+fn install_recovery(server: &Server) -> age::x25519::Identity {
+    let dir = server.dir.path().join("escrow");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut args = vec!["escrow".to_owned(), "ceremony".into(), "--threshold".into(), "2".into()];
+    let mut ids = Vec::new();
+    for name in ["ann", "bob"] {
+        let id = age::x25519::Identity::generate();
+        let path = dir.join(format!("{name}.key"));
+        std::fs::write(&path, format!("{}\n", id.to_string().expose_secret())).unwrap();
+        args.extend(["--custodian".into(), format!("{name}={}", id.to_public())]);
+        ids.push(path);
+    }
+    let ceremony = dir.join("ceremony");
+    args.extend(["--out".into(), ceremony.to_str().unwrap().into()]);
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run("kmsctl", &argv, b"");
     assert!(out.status.success(), "{}", stderr(&out));
+    let officer = server.client("officer");
+    let manifest = ceremony.join("manifest.json");
+    let out = run("kmsctl", &["--client-config", officer.to_str().unwrap(), "escrow", "install", manifest.to_str().unwrap()], b"");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let key = dir.join("recovery.key");
+    let out = run(
+        "kmsctl",
+        &[
+            "escrow", "combine", "--manifest", manifest.to_str().unwrap(),
+            "--identity", ids[0].to_str().unwrap(), "--identity", ids[1].to_str().unwrap(),
+            "-o", key.to_str().unwrap(),
+            ceremony.join("share-ann.age").to_str().unwrap(), ceremony.join("share-bob.age").to_str().unwrap(),
+        ],
+        b"",
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = std::fs::read_to_string(&key).unwrap();
+    let secret = text.lines().find(|l| l.starts_with("AGE-SECRET-KEY-1")).unwrap();
+    secret.parse().unwrap()
 }
 
 fn sealed_file_is_a_standard_age_file_that_the_recovery_identity_opens(p: Provider) {
@@ -96,8 +120,7 @@ fn sealed_file_is_a_standard_age_file_that_the_recovery_identity_opens(p: Provid
     assert!(header.contains("\n-> kluis default "), "{header}");
     assert!(!header.contains("X25519"), "{header}");
 
-    let identity = age::x25519::Identity::generate();
-    install_recovery(&server, &identity.to_public().to_string());
+    let identity = install_recovery(&server);
     let data = sample(300_000);
     let sealed = seal(&server, "sealer", "default", "with-escrow", &data);
     let header = String::from_utf8_lossy(&sealed[..sealed.windows(4).position(|w| w == b"\n---").unwrap()]).into_owned();

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use kms_client::client::{ClientError, KeyringInfo, KmsClient};
 use kms_client::config::ClientConfig;
+use kms_client::escrow::Manifest;
 use kms_client::escrow::cli::{OfflineEscrowCommand, run_offline};
 
 #[derive(Parser)]
@@ -57,7 +58,13 @@ enum KeyringCmd {
 enum EscrowCmd {
     /// Install a ceremony's manifest at the server (officer): its recovery
     /// recipient goes out with every data key from then on.
-    Install { manifest: PathBuf },
+    Install {
+        /// manifest.json, or the ceremony directory holding it.
+        manifest: PathBuf,
+        /// Allow switching to a recovery recipient different from the one in force.
+        #[arg(long)]
+        new_recipient: bool,
+    },
     /// Show the manifest in force and how many live keys predate it.
     Status {
         #[arg(long)]
@@ -149,10 +156,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     print_keyring(&mut out, &k).map_err(io)?;
                 }
             }
-            Cmd::Escrow(EscrowCmd::Install { manifest }) => {
-                let text = std::fs::read_to_string(&manifest)
-                    .map_err(|e| fail(format!("cannot read manifest {}: {e}", manifest.display())))?;
-                let s = client.install_escrow(&text).await?;
+            Cmd::Escrow(EscrowCmd::Install { manifest, new_recipient }) => {
+                // Full validation here (format, commitments, recipients) before the server sees it.
+                let m = Manifest::load(&manifest).map_err(|e| fail(e.to_string()))?;
+                let text = m.to_json().map_err(|e| fail(e.to_string()))?;
+                let s = client.install_escrow(&text, new_recipient).await?;
                 writeln!(
                     out,
                     "installed escrow ceremony {} ({} of {}); recovery recipient {}",
@@ -172,6 +180,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     writeln!(out, "custodians:          {}", s.custodians.join(", ")).map_err(io)?;
                     writeln!(out, "installed:           {}", date(s.installed_unix)).map_err(io)?;
                     writeln!(out, "keys without escrow: {}", s.keys_without_escrow).map_err(io)?;
+                    for r in &s.previous_recipients {
+                        writeln!(out, "earlier recipient:   {r} (backups sealed while it was in force need its ceremony's shares)")
+                            .map_err(io)?;
+                    }
                 } else {
                     writeln!(out, "no escrow manifest installed").map_err(io)?;
                     writeln!(out, "keys without escrow: {}", s.keys_without_escrow).map_err(io)?;

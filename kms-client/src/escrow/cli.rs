@@ -132,6 +132,13 @@ pub fn run_offline(cmd: OfflineEscrowCommand, out: &mut dyn Write) -> Result<(),
             if target.symlink_metadata().is_ok() {
                 return Err(EscrowError::IdentityFileExists { path: target });
             }
+            let parent = match target.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => std::path::PathBuf::from("."),
+            };
+            if let Err(e) = std::fs::metadata(&parent) {
+                return Err(EscrowError::io("create the recovery identity in", parent, e));
+            }
             let texts = read_and_check(out, &manifest, &identities, &shares)?;
             let identity = ceremony::combine(&manifest, &texts)?;
             identity.write_identity_file(&target)?;
