@@ -542,17 +542,15 @@ impl KeyManager {
         let _guard = self.admin.lock().await;
         let current = self.escrow.read().ok().and_then(|e| e.clone());
         let mut previous_recipients = current.as_ref().map(|c| c.previous_recipients.clone()).unwrap_or_default();
-        if let Some(cur) = &current {
-            if cur.recovery_recipient != m.recovery_recipient {
-                if !allow_new_recipient {
-                    return Err(KeyError::EscrowRecipientChange {
-                        current: cur.recovery_recipient.clone(),
-                        new: m.recovery_recipient,
-                        ceremony: cur.ceremony_id.clone(),
-                    });
-                }
-                previous_recipients.push(cur.recovery_recipient.clone());
+        if let Some(cur) = current.as_ref().filter(|c| c.recovery_recipient != m.recovery_recipient) {
+            if !allow_new_recipient {
+                return Err(KeyError::EscrowRecipientChange {
+                    current: cur.recovery_recipient.clone(),
+                    new: m.recovery_recipient,
+                    ceremony: cur.ceremony_id.clone(),
+                });
             }
+            previous_recipients.push(cur.recovery_recipient.clone());
         }
         let info = EscrowInfo {
             ceremony_id: m.ceremony_id,
