@@ -126,3 +126,22 @@ fn hsm_extractable_key_is_not_accepted_as_master_key() {
     let err = serve_fails(&config(&s), &[("SOFTHSM2_CONF", conf.as_path())]);
     assert!(err.contains("weak-key") && err.to_lowercase().contains("extractable"), "{err}");
 }
+
+#[test]
+fn hsm_init_refuses_to_overwrite_an_existing_token_key() {
+    let s = stopped(Provider::SoftHsm);
+    let conf = hsm_env(&s);
+    // A fresh store, but the token already holds `kluis-master`.
+    std::fs::remove_file(s.data_dir().join("data/kluis.redb")).unwrap();
+    let out = Command::new(bin("kms-server"))
+        .args(["init", "--config"])
+        .arg(config(&s))
+        .env("SOFTHSM2_CONF", &conf)
+        .env("KLUIS_LOG", "error")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("kluis-master") && err.contains("exists"), "{err}");
+    assert!(!s.data_dir().join("data/kluis.redb").exists(), "no store may be created when init refuses");
+}
