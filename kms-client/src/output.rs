@@ -7,10 +7,12 @@ use std::path::{Path, PathBuf};
 
 use crate::sealed::IO_BUF;
 
-/// Where results go: stdout, or a file replaced atomically on [`Output::commit`].
+/// Where results go: stdout, a regular file replaced atomically on
+/// [`Output::commit`], or a special file (`/dev/null`, a FIFO) written directly.
 pub enum Output {
     Stdout(BufWriter<io::Stdout>),
     File { tmp: BufWriter<tempfile::NamedTempFile>, dest: PathBuf },
+    Special { file: BufWriter<File>, dest: PathBuf },
 }
 
 /// Errors finishing a file output.
@@ -28,6 +30,14 @@ impl Output {
         match path {
             None => Ok(Output::Stdout(BufWriter::with_capacity(IO_BUF, io::stdout()))),
             Some(p) if p == Path::new("-") => Ok(Output::Stdout(BufWriter::with_capacity(IO_BUF, io::stdout()))),
+            Some(p) if std::fs::metadata(p).map(|m| !m.is_file() && !m.is_dir()).unwrap_or(false) => {
+                // A device or FIFO cannot be replaced by a rename (and must never be).
+                let file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(p)
+                    .map_err(|e| OutputError::Create { path: p.to_owned(), source: e })?;
+                Ok(Output::Special { file: BufWriter::with_capacity(IO_BUF, file), dest: p.to_owned() })
+            }
             Some(p) => {
                 let dir = match p.parent() {
                     Some(d) if !d.as_os_str().is_empty() => d,
@@ -48,6 +58,7 @@ impl Output {
     pub fn commit(self) -> Result<(), OutputError> {
         match self {
             Output::Stdout(mut w) => w.flush().map_err(|e| OutputError::Finish { path: PathBuf::from("<stdout>"), source: e }),
+            Output::Special { mut file, dest } => file.flush().map_err(|e| OutputError::Finish { path: dest, source: e }),
             Output::File { tmp, dest } => {
                 let fin = |e| OutputError::Finish { path: dest.clone(), source: e };
                 let tmp = tmp.into_inner().map_err(|e| fin(e.into_error()))?;
@@ -68,18 +79,21 @@ impl Write for Output {
         match self {
             Output::Stdout(w) => w.write(buf),
             Output::File { tmp, .. } => tmp.write(buf),
+            Output::Special { file, .. } => file.write(buf),
         }
     }
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
         match self {
             Output::Stdout(w) => w.write_all(buf),
             Output::File { tmp, .. } => tmp.write_all(buf),
+            Output::Special { file, .. } => file.write_all(buf),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
         match self {
             Output::Stdout(w) => w.flush(),
             Output::File { tmp, .. } => tmp.flush(),
+            Output::Special { file, .. } => file.flush(),
         }
     }
 }
@@ -102,5 +116,15 @@ mod tests {
         o.write_all(b"hello").unwrap();
         o.commit().unwrap();
         assert_eq!(std::fs::read(&dest).unwrap(), b"hello");
+    }
+
+    #[test]
+    fn dev_null_is_written_not_replaced() {
+        let mut o = Output::create(Some(Path::new("/dev/null"))).unwrap();
+        assert!(matches!(o, Output::Special { .. }));
+        o.write_all(b"discarded").unwrap();
+        o.commit().unwrap();
+        let meta = std::fs::metadata("/dev/null").unwrap();
+        assert!(std::os::unix::fs::FileTypeExt::is_char_device(&meta.file_type()), "/dev/null must stay a device");
     }
 }
