@@ -3,6 +3,7 @@
 //! escrow ceremony and recovery ([`escrow`]).
 #![forbid(unsafe_code)]
 
+pub mod cert;
 pub mod client;
 pub mod config;
 pub mod escrow;

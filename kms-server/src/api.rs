@@ -8,7 +8,7 @@ use kluis_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
-use crate::auth::{Action, AuthError, Authorized, Policy, Principal};
+use crate::auth::{Action, AuthError, Authenticator, Authorized, Policy, Principal};
 use crate::keys::{KeyError, KeyManager, KeyringInfo};
 use crate::master::MasterError;
 use crate::store::{StoreError, VersionState};
@@ -18,32 +18,35 @@ use crate::store::{StoreError, VersionState};
 pub struct Api {
     keys: Arc<KeyManager>,
     policy: Arc<Policy>,
+    authn: Arc<Authenticator>,
 }
 
 impl Api {
-    pub fn new(keys: Arc<KeyManager>, policy: Arc<Policy>) -> Self {
-        Self { keys, policy }
+    pub fn new(keys: Arc<KeyManager>, policy: Arc<Policy>, authn: Arc<Authenticator>) -> Self {
+        Self { keys, policy, authn }
     }
 
     fn authorize<T>(&self, req: &Request<T>, action: Action, keyring: Option<&str>) -> Result<Authorized, Status> {
-        let principal = principal_of(req).map_err(auth_status)?;
+        let principal = self.principal_of(req).map_err(auth_status)?;
         tracing::Span::current().record("principal", principal.name());
         self.policy.authorize(&principal, action, keyring).map_err(auth_status)
     }
-}
 
-fn principal_of<T>(req: &Request<T>) -> Result<Principal, AuthError> {
-    let certs = req.peer_certs().ok_or(AuthError::NoCertificate)?;
-    let leaf = certs.first().ok_or(AuthError::NoCertificate)?;
-    Principal::from_certificate(leaf.as_ref())
+    fn principal_of<T>(&self, req: &Request<T>) -> Result<Principal, AuthError> {
+        let certs = req.peer_certs().ok_or(AuthError::NoCertificate)?;
+        let leaf = certs.first().ok_or(AuthError::NoCertificate)?;
+        self.authn.authenticate(leaf.as_ref())
+    }
 }
 
 fn auth_status(e: AuthError) -> Status {
     match e {
         AuthError::Denied { .. } | AuthError::DeniedGlobal { .. } => Status::permission_denied(e.to_string()),
-        AuthError::NoCertificate | AuthError::BadCertificate | AuthError::NoCommonName => {
-            Status::unauthenticated(e.to_string())
-        }
+        AuthError::NoCertificate
+        | AuthError::BadCertificate
+        | AuthError::NoCommonName
+        | AuthError::NoSan { .. }
+        | AuthError::Revoked { .. } => Status::unauthenticated(e.to_string()),
     }
 }
 

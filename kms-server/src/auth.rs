@@ -81,6 +81,23 @@ pub enum AuthError {
     Denied { principal: String, action: &'static str, keyring: String },
     #[error("principal {principal:?} may not {action}")]
     DeniedGlobal { principal: String, action: &'static str },
+    #[error("the client certificate has no {kind} subject alternative name, which this server uses as the identity")]
+    NoSan { kind: &'static str },
+    #[error("the client certificate of {principal:?} (SHA-256 {fingerprint}) is revoked")]
+    Revoked { principal: String, fingerprint: String },
+}
+
+/// Which part of the client certificate names the principal.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IdentitySource {
+    /// The subject common name.
+    #[default]
+    Cn,
+    /// The first URI subject alternative name (e.g. `spiffe://clinic/backup01`).
+    SanUri,
+    /// The first DNS subject alternative name.
+    SanDns,
 }
 
 /// An authenticated caller, named by its certificate's common name.
@@ -93,21 +110,132 @@ impl Principal {
     }
 
     /// The principal of a DER-encoded, already TLS-verified client certificate.
-    pub fn from_certificate(der: &[u8]) -> Result<Self, AuthError> {
+    pub fn from_certificate(der: &[u8], source: IdentitySource) -> Result<Self, AuthError> {
+        use x509_parser::extensions::GeneralName;
         let (_, cert) =
             x509_parser::parse_x509_certificate(der).map_err(|_| AuthError::BadCertificate)?;
-        let cn = cert
-            .subject()
-            .iter_common_name()
-            .next()
-            .and_then(|cn| cn.as_str().ok())
-            .ok_or(AuthError::NoCommonName)?;
-        Ok(Self(cn.to_owned()))
+        let san = |want_uri: bool| -> Option<String> {
+            let ext = cert.subject_alternative_name().ok().flatten()?;
+            ext.value.general_names.iter().find_map(|n| match (n, want_uri) {
+                (GeneralName::URI(u), true) => Some((*u).to_owned()),
+                (GeneralName::DNSName(d), false) => Some((*d).to_owned()),
+                _ => None,
+            })
+        };
+        match source {
+            IdentitySource::Cn => {
+                let cn = cert
+                    .subject()
+                    .iter_common_name()
+                    .next()
+                    .and_then(|cn| cn.as_str().ok())
+                    .ok_or(AuthError::NoCommonName)?;
+                Ok(Self(cn.to_owned()))
+            }
+            IdentitySource::SanUri => san(true).map(Self).ok_or(AuthError::NoSan { kind: "URI" }),
+            IdentitySource::SanDns => san(false).map(Self).ok_or(AuthError::NoSan { kind: "DNS" }),
+        }
     }
 
     #[cfg(test)]
     pub fn for_test(name: &str) -> Self {
         Self(name.to_owned())
+    }
+}
+
+/// A deny list of client certificates (SHA-256 fingerprints of the DER, hex, one
+/// per line; `#` comments), re-read whenever the file changes: revoking needs no restart.
+pub struct RevocationList {
+    path: std::path::PathBuf,
+    state: std::sync::Mutex<RevocationState>,
+}
+
+#[derive(Default)]
+struct RevocationState {
+    stamp: Option<(std::time::SystemTime, u64)>,
+    fingerprints: std::collections::HashSet<String>,
+}
+
+/// Errors loading the deny list at start.
+#[derive(Debug, thiserror::Error)]
+pub enum RevocationError {
+    #[error("revocation list {path} could not be read: {source}")]
+    Read { path: std::path::PathBuf, source: std::io::Error },
+    #[error("revocation list {path}, line {line}: not a SHA-256 fingerprint (64 hex digits, colons allowed)")]
+    Parse { path: std::path::PathBuf, line: usize },
+}
+
+impl RevocationList {
+    /// Loads the list; a missing or malformed file refuses the start.
+    pub fn load(path: &std::path::Path) -> Result<Self, RevocationError> {
+        let list = Self { path: path.to_owned(), state: std::sync::Mutex::new(RevocationState::default()) };
+        let fresh = list.read()?;
+        if let Ok(mut st) = list.state.lock() {
+            *st = fresh;
+        }
+        Ok(list)
+    }
+
+    fn read(&self) -> Result<RevocationState, RevocationError> {
+        let err = |e| RevocationError::Read { path: self.path.clone(), source: e };
+        let meta = std::fs::metadata(&self.path).map_err(err)?;
+        let text = std::fs::read_to_string(&self.path).map_err(err)?;
+        let mut fingerprints = std::collections::HashSet::new();
+        for (i, raw) in text.lines().enumerate() {
+            let line = raw.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            let hex: String = line.chars().filter(|c| *c != ':').collect::<String>().to_ascii_lowercase();
+            if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(RevocationError::Parse { path: self.path.clone(), line: i + 1 });
+            }
+            fingerprints.insert(hex);
+        }
+        Ok(RevocationState { stamp: meta.modified().ok().map(|m| (m, meta.len())), fingerprints })
+    }
+
+    /// Refuses a revoked certificate. Re-reads the file if it changed; if it became
+    /// unreadable, keeps the last good list and says so in the log.
+    pub fn check(&self, principal: &Principal, der: &[u8]) -> Result<(), AuthError> {
+        let stamp = std::fs::metadata(&self.path).ok().and_then(|m| m.modified().ok().map(|t| (t, m.len())));
+        let Ok(mut st) = self.state.lock() else { return Ok(()) };
+        if stamp != st.stamp {
+            match self.read() {
+                Ok(fresh) => {
+                    tracing::info!(path = %self.path.display(), entries = fresh.fingerprints.len(), "revocation list reloaded");
+                    *st = fresh;
+                }
+                Err(e) => tracing::error!(error = %e, "revocation list unreadable; keeping the previous one"),
+            }
+        }
+        let fp = hex::encode(ring::digest::digest(&ring::digest::SHA256, der));
+        if st.fingerprints.contains(&fp) {
+            tracing::warn!(principal = %principal.0, fingerprint = %fp, "revoked certificate refused");
+            return Err(AuthError::Revoked { principal: principal.0.clone(), fingerprint: fp });
+        }
+        Ok(())
+    }
+}
+
+/// Turns a verified client certificate into a principal, refusing revoked ones.
+pub struct Authenticator {
+    source: IdentitySource,
+    revoked: Option<RevocationList>,
+}
+
+impl Authenticator {
+    pub fn new(source: IdentitySource, revoked: Option<RevocationList>) -> Self {
+        Self { source, revoked }
+    }
+
+    /// The principal of the leaf certificate (DER) the TLS layer verified.
+    pub fn authenticate(&self, leaf_der: &[u8]) -> Result<Principal, AuthError> {
+        let p = Principal::from_certificate(leaf_der, self.source)?;
+        if let Some(r) = &self.revoked {
+            r.check(&p, leaf_der)?;
+        }
+        Ok(p)
     }
 }
 

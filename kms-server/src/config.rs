@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::auth::Grant;
+use crate::auth::{Grant, IdentitySource};
 
 /// The only config version this build understands.
 pub const CONFIG_VERSION: u32 = 1;
@@ -39,9 +39,24 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     pub tls: TlsConfig,
     pub master: MasterConfig,
+    /// How client certificates become principals, and which are revoked.
+    #[serde(default, skip_serializing_if = "AuthConfig::is_default")]
+    pub auth: AuthConfig,
     /// Who may do what on which keyrings. Anything not granted is refused.
     #[serde(default, rename = "grant")]
     pub grants: Vec<Grant>,
+}
+
+/// `[auth]`: identity mapping and revocation.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// `cn` (default), `san-uri` or `san-dns`.
+    #[serde(default)]
+    pub identity: IdentitySource,
+    /// A deny list of certificate SHA-256 fingerprints, re-read when it changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked: Option<PathBuf>,
 }
 
 /// Server TLS: certificate and key, and the CA that signs client certificates.
@@ -80,6 +95,12 @@ pub enum MasterConfig {
     },
 }
 
+impl AuthConfig {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
 impl ServerConfig {
     /// Reads and validates a config file; relative paths become relative to its directory.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -105,6 +126,9 @@ impl ServerConfig {
         abs(&mut self.tls.cert);
         abs(&mut self.tls.key);
         abs(&mut self.tls.client_ca);
+        if let Some(p) = &mut self.auth.revoked {
+            abs(p);
+        }
         match &mut self.master {
             MasterConfig::Software { key_file, passphrase_file, .. } => {
                 abs(key_file);

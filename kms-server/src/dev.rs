@@ -64,6 +64,7 @@ pub fn prepare(dir: &Path, listen: SocketAddr, master: DevMaster) -> Result<(Ser
                 }
             }
         },
+        auth: Default::default(),
         grants: DEV_IDENTITIES
             .iter()
             .map(|(name, roles, ring)| Grant {

@@ -11,7 +11,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::api::Api;
-use crate::auth::Policy;
+use crate::auth::{Authenticator, Policy, RevocationError, RevocationList};
 use crate::health::HealthService;
 use tonic_health::pb::health_server::HealthServer;
 use crate::config::{ConfigError, MasterConfig, ServerConfig};
@@ -35,6 +35,8 @@ pub enum ServerError {
     Keys(#[from] KeyError),
     #[error(transparent)]
     Pki(#[from] PkiError),
+    #[error(transparent)]
+    Revocation(#[from] RevocationError),
     #[error("TLS file {path} could not be read: {source}")]
     TlsFile { path: PathBuf, source: std::io::Error },
     #[error("TLS setup failed: {0}")]
@@ -145,8 +147,13 @@ pub async fn serve(
         .client_ca_root(Certificate::from_pem(read(&cfg.tls.client_ca)?))
         .client_auth_optional(false);
     let policy = Arc::new(Policy::new(cfg.grants.clone()));
+    let revoked = match &cfg.auth.revoked {
+        Some(p) => Some(RevocationList::load(p)?),
+        None => None,
+    };
+    let authn = Arc::new(Authenticator::new(cfg.auth.identity, revoked));
     let health_service = HealthServer::new(HealthService::new(keys.master().clone()));
-    let api = Api::new(keys, policy);
+    let api = Api::new(keys, policy, authn);
     // Reflection v1 and the older v1alpha (still what many grpcurl builds ask for).
     let reflection_builder = || {
         tonic_reflection::server::Builder::configure()

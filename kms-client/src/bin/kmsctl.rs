@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use kms_client::cert;
 use kms_client::client::{ClientError, KeyringInfo, KmsClient};
 use kms_client::config::ClientConfig;
 use kms_client::escrow::Manifest;
@@ -30,6 +31,41 @@ enum Cmd {
     /// Escrow of the recovery key among custodians.
     #[command(subcommand)]
     Escrow(EscrowCmd),
+    /// Client certificates from a CA directory (tests and small sites; real
+    /// deployments use their own PKI).
+    #[command(subcommand)]
+    Cert(CertCmd),
+}
+
+#[derive(Subcommand)]
+enum CertCmd {
+    /// Issue a client certificate: writes OUT/NAME.pem and OUT/NAME.key (0600).
+    Issue {
+        /// Directory with ca.pem and ca.key (for `kms-server dev`: DATA_DIR/pki).
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// Subject common name: the principal the server sees.
+        #[arg(long)]
+        name: String,
+        /// Where to write the files (default: CA_DIR/clients).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// A URI subject alternative name (repeatable), for servers that map SANs.
+        #[arg(long)]
+        san_uri: Vec<String>,
+        /// A DNS subject alternative name (repeatable).
+        #[arg(long)]
+        san_dns: Vec<String>,
+        /// Validity in days from now (ignored with --not-after).
+        #[arg(long, default_value_t = 365)]
+        days: i64,
+        /// Start of validity, RFC 3339 (default: one hour ago).
+        #[arg(long)]
+        not_before: Option<String>,
+        /// End of validity, RFC 3339.
+        #[arg(long)]
+        not_after: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -122,6 +158,20 @@ fn run(cli: Cli) -> Result<(), Failure> {
     if let Cmd::Escrow(EscrowCmd::Offline(cmd)) = cli.cmd {
         return run_offline(cmd, &mut out).map_err(|e| fail(e.to_string()));
     }
+    if let Cmd::Cert(CertCmd::Issue { ca_dir, name, out: out_dir, san_uri, san_dns, days, not_before, not_after }) = cli.cmd {
+        let parse = |s: &str| {
+            time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                .map_err(|e| fail(format!("{s:?} is not an RFC 3339 time: {e}")))
+        };
+        let now = time::OffsetDateTime::now_utc();
+        let not_before = match not_before { Some(s) => parse(&s)?, None => now - time::Duration::hours(1) };
+        let not_after = match not_after { Some(s) => parse(&s)?, None => now + time::Duration::days(days) };
+        let out_dir = out_dir.unwrap_or_else(|| ca_dir.join("clients"));
+        let req = cert::CertRequest { name, san_uris: san_uri, san_dns, not_before, not_after };
+        let issued = cert::issue(&ca_dir, &out_dir, &req).map_err(|e| fail(e.to_string()))?;
+        writeln!(out, "certificate: {}\nkey:         {}", issued.cert.display(), issued.key.display()).map_err(io)?;
+        return Ok(());
+    }
     let cfg = ClientConfig::from_arg_or_env(cli.client_config.as_deref()).map_err(|e| fail(e.to_string()))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -189,7 +239,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     writeln!(out, "keys without escrow: {}", s.keys_without_escrow).map_err(io)?;
                 }
             }
-            Cmd::Escrow(EscrowCmd::Offline(_)) => {}
+            Cmd::Escrow(EscrowCmd::Offline(_)) | Cmd::Cert(_) => {}
         }
         Ok(())
     })
