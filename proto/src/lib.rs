@@ -35,6 +35,8 @@ pub mod v1 {
     }
 }
 
+pub mod audit;
+
 /// The encoded `FileDescriptorSet` of the contract, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("kluis_v1_descriptor");
 
