@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use kluis_proto::v1 as pb;
 use kluis_proto::v1::admin_service_client::AdminServiceClient;
+use kluis_proto::v1::audit_service_client::AuditServiceClient;
 use kluis_proto::v1::key_service_client::KeyServiceClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use zeroize::Zeroize;
@@ -125,6 +126,7 @@ pub struct EscrowStatus {
 pub struct KmsClient {
     keys: KeyServiceClient<Channel>,
     admin: AdminServiceClient<Channel>,
+    audit: AuditServiceClient<Channel>,
     endpoint: String,
 }
 
@@ -153,7 +155,8 @@ impl KmsClient {
             .map_err(|e| ClientError::Connect { endpoint: cfg.endpoint.clone(), source: e })?;
         Ok(Self {
             keys: KeyServiceClient::new(channel.clone()),
-            admin: AdminServiceClient::new(channel),
+            admin: AdminServiceClient::new(channel.clone()),
+            audit: AuditServiceClient::new(channel),
             endpoint: cfg.endpoint.clone(),
         })
     }
@@ -282,6 +285,30 @@ fn tls_failure(s: &tonic::Status) -> Option<String> {
     let joined = chain.join(": ").to_lowercase();
     let tls = ["certificate", "alert", "tls", "handshake"].iter().any(|k| joined.contains(k));
     tls.then(|| chain.last().cloned().unwrap_or_default())
+}
+
+impl KmsClient {
+    /// The audit trail as JSON lines ending with a signed head; `since` is RFC 3339, `tail` 0 for all.
+    pub async fn export_audit(&self, since: Option<&str>, tail: u64) -> Result<Vec<String>, ClientError> {
+        let req = pb::ExportAuditRequest { since: since.unwrap_or_default().to_owned(), tail };
+        let mut stream = self.audit.clone().export_audit(req).await.map_err(|s| self.status(s))?.into_inner();
+        let mut lines = Vec::new();
+        while let Some(line) = stream.message().await.map_err(|s| self.status(s))? {
+            lines.push(line.json);
+        }
+        Ok(lines)
+    }
+
+    /// The server's Ed25519 audit public key (32 bytes).
+    pub async fn audit_public_key(&self) -> Result<Vec<u8>, ClientError> {
+        let r = self
+            .audit
+            .clone()
+            .get_audit_public_key(pb::GetAuditPublicKeyRequest {})
+            .await
+            .map_err(|s| self.status(s))?;
+        Ok(r.into_inner().ed25519)
+    }
 }
 
 fn keyring_info(k: pb::Keyring) -> KeyringInfo {

@@ -11,7 +11,7 @@ use tracing::instrument;
 use crate::auth::{Action, AuthError, Authenticator, Authorized, Policy, Principal};
 use crate::keys::{KeyError, KeyManager, KeyringInfo};
 use crate::master::MasterError;
-use crate::store::{StoreError, VersionState};
+use crate::store::{AuditEvent, StoreError, VersionState};
 
 /// Shared state of the handlers.
 #[derive(Clone)]
@@ -21,15 +21,95 @@ pub struct Api {
     authn: Arc<Authenticator>,
 }
 
+/// The audit entry of one request, filled in as the handler learns more.
+struct Ev {
+    principal: String,
+    action: Action,
+    keyring: Option<String>,
+    key_id: Option<String>,
+    backup_id: Option<String>,
+}
+
+impl Ev {
+    fn new(action: Action, keyring: Option<&str>) -> Self {
+        Self { principal: "<unauthenticated>".into(), action, keyring: keyring.map(str::to_owned), key_id: None, backup_id: None }
+    }
+
+    fn with_outcome(&self, outcome: String) -> AuditEvent {
+        let mut e = audit_event(&self.principal, self.action.name(), self.keyring.as_deref(), self.backup_id.as_deref(), &outcome);
+        e.key_id = self.key_id.clone();
+        e
+    }
+
+    fn ok(&self) -> AuditEvent {
+        self.with_outcome("ok".into())
+    }
+}
+
+/// An audit event stamped now (RFC 3339 UTC, milliseconds).
+pub fn audit_event(principal: &str, action: &str, keyring: Option<&str>, backup_id: Option<&str>, outcome: &str) -> AuditEvent {
+    let now = time::OffsetDateTime::now_utc();
+    let time = format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        now.year(),
+        u8::from(now.month()),
+        now.day(),
+        now.hour(),
+        now.minute(),
+        now.second(),
+        now.millisecond()
+    );
+    AuditEvent {
+        time,
+        principal: principal.to_owned(),
+        action: action.to_owned(),
+        keyring: keyring.map(str::to_owned),
+        key_id: None,
+        backup_id: backup_id.map(str::to_owned),
+        outcome: outcome.to_owned(),
+    }
+}
+
+fn outcome_of(s: &Status) -> String {
+    match s.code() {
+        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => format!("denied: {}", s.message()),
+        code => format!("failed: {code:?}: {}", s.message()),
+    }
+}
+
 impl Api {
     pub fn new(keys: Arc<KeyManager>, policy: Arc<Policy>, authn: Arc<Authenticator>) -> Self {
         Self { keys, policy, authn }
     }
 
-    fn authorize<T>(&self, req: &Request<T>, action: Action, keyring: Option<&str>) -> Result<Authorized, Status> {
-        let principal = self.principal_of(req).map_err(auth_status)?;
-        tracing::Span::current().record("principal", principal.name());
-        self.policy.authorize(&principal, action, keyring).map_err(auth_status)
+    /// Authenticates and authorizes; a refusal is audited before it is returned.
+    async fn authorize<T>(&self, req: &Request<T>, ev: &mut Ev) -> Result<Authorized, Status> {
+        let decision = match self.principal_of(req) {
+            Ok(principal) => {
+                ev.principal = principal.name().to_owned();
+                tracing::Span::current().record("principal", principal.name());
+                self.policy.authorize(&principal, ev.action, ev.keyring.as_deref())
+            }
+            Err(e) => Err(e),
+        };
+        match decision {
+            Ok(a) => Ok(a),
+            Err(e) => Err(self.fail(ev, auth_status(e)).await),
+        }
+    }
+
+    /// Audits a failed request and returns the status to send (UNAVAILABLE if
+    /// even the audit entry cannot be written: fail closed).
+    async fn fail(&self, ev: &Ev, status: Status) -> Status {
+        match self.keys.audit(ev.with_outcome(outcome_of(&status))).await {
+            Ok(()) => status,
+            Err(e) => audit_unavailable(e),
+        }
+    }
+
+    /// Audits a successful request that wrote nothing else.
+    async fn done(&self, ev: &Ev) -> Result<(), Status> {
+        self.keys.audit(ev.ok()).await.map_err(audit_unavailable)
     }
 
     fn principal_of<T>(&self, req: &Request<T>) -> Result<Principal, AuthError> {
@@ -37,6 +117,11 @@ impl Api {
         let leaf = certs.first().ok_or(AuthError::NoCertificate)?;
         self.authn.authenticate(leaf.as_ref())
     }
+}
+
+fn audit_unavailable(e: KeyError) -> Status {
+    tracing::error!(error = %e, "audit trail not writable; request refused");
+    Status::unavailable(format!("the audit trail cannot be written, so nothing was done: {e}"))
 }
 
 fn auth_status(e: AuthError) -> Status {
@@ -101,13 +186,16 @@ impl pb::key_service_server::KeyService for Api {
         &self,
         req: Request<pb::GenerateDataKeyRequest>,
     ) -> Result<Response<pb::GenerateDataKeyResponse>, Status> {
-        let auth = self.authorize(&req, Action::GenerateDataKey, Some(&req.get_ref().keyring))?;
+        let mut ev = Ev::new(Action::GenerateDataKey, Some(&req.get_ref().keyring));
+        ev.backup_id = Some(req.get_ref().backup_id.clone());
+        let auth = self.authorize(&req, &mut ev).await?;
         let r = req.into_inner();
-        let issued = self
-            .keys
-            .generate_data_key(&auth, &r.keyring, &r.backup_id, r.labels)
-            .await
-            .map_err(key_status)?;
+        // On success the audit entry is committed with the registry record.
+        let issued = match self.keys.generate_data_key(&auth, &r.keyring, &r.backup_id, r.labels, ev.ok()).await {
+            Ok(k) => k,
+            Err(e @ KeyError::Store(_)) => return Err(audit_unavailable(e)),
+            Err(e) => return Err(self.fail(&ev, key_status(e)).await),
+        };
         tracing::info!(key_id = %issued.key_id, version = issued.version, "data key issued");
         Ok(Response::new(pb::GenerateDataKeyResponse {
             key_id: issued.key_id,
@@ -124,15 +212,19 @@ impl pb::key_service_server::KeyService for Api {
         &self,
         req: Request<pb::UnwrapDataKeyRequest>,
     ) -> Result<Response<pb::UnwrapDataKeyResponse>, Status> {
-        let auth = self.authorize(&req, Action::UnwrapDataKey, Some(&req.get_ref().keyring))?;
+        let mut ev = Ev::new(Action::UnwrapDataKey, Some(&req.get_ref().keyring));
+        ev.key_id = Some(req.get_ref().key_id.clone());
+        let auth = self.authorize(&req, &mut ev).await?;
         let r = req.into_inner();
-        let k = self
-            .keys
-            .unwrap_data_key(&auth, &r.key_id, &r.keyring, &r.wrapped_key)
-            .map_err(|e| {
+        let k = match self.keys.unwrap_data_key(&auth, &r.key_id, &r.keyring, &r.wrapped_key) {
+            Ok(k) => k,
+            Err(e) => {
                 tracing::warn!(error = %e, "unwrap refused");
-                key_status(e)
-            })?;
+                return Err(self.fail(&ev, key_status(e)).await);
+            }
+        };
+        ev.backup_id = Some(k.backup_id.clone());
+        self.done(&ev).await?;
         tracing::info!("data key unwrapped");
         Ok(Response::new(pb::UnwrapDataKeyResponse {
             plaintext_key: k.data_key.expose().to_vec(),
@@ -147,11 +239,17 @@ impl pb::key_service_server::KeyService for Api {
 impl pb::admin_service_server::AdminService for Api {
     #[instrument(skip_all, fields(principal, keyring = %req.get_ref().name))]
     async fn create_keyring(&self, req: Request<pb::CreateKeyringRequest>) -> Result<Response<pb::Keyring>, Status> {
-        let auth = self.authorize(&req, Action::CreateKeyring, Some(&req.get_ref().name))?;
+        let mut ev = Ev::new(Action::CreateKeyring, Some(&req.get_ref().name));
+        let auth = self.authorize(&req, &mut ev).await?;
         let r = req.into_inner();
-        let k = self.keys.create_keyring(&auth, &r.name, r.retention_days).await.map_err(key_status)?;
-        tracing::info!("keyring created");
-        Ok(Response::new(keyring_pb(k)))
+        match self.keys.create_keyring(&auth, &r.name, r.retention_days, ev.ok()).await {
+            Ok(k) => {
+                tracing::info!("keyring created");
+                Ok(Response::new(keyring_pb(k)))
+            }
+            Err(e @ KeyError::Store(_)) => Err(audit_unavailable(e)),
+            Err(e) => Err(self.fail(&ev, key_status(e)).await),
+        }
     }
 
     #[instrument(skip_all, fields(principal))]
@@ -159,27 +257,42 @@ impl pb::admin_service_server::AdminService for Api {
         &self,
         req: Request<pb::ListKeyringsRequest>,
     ) -> Result<Response<pb::ListKeyringsResponse>, Status> {
-        let auth = self.authorize(&req, Action::ListKeyrings, None)?;
-        let list = self
-            .keys
-            .list_keyrings(&auth, |name| self.policy.may_see(&auth, name))
-            .map_err(key_status)?;
-        Ok(Response::new(pb::ListKeyringsResponse { keyrings: list.into_iter().map(keyring_pb).collect() }))
+        let mut ev = Ev::new(Action::ListKeyrings, None);
+        let auth = self.authorize(&req, &mut ev).await?;
+        match self.keys.list_keyrings(&auth, |name| self.policy.may_see(&auth, name)) {
+            Ok(list) => {
+                self.done(&ev).await?;
+                Ok(Response::new(pb::ListKeyringsResponse { keyrings: list.into_iter().map(keyring_pb).collect() }))
+            }
+            Err(e) => Err(self.fail(&ev, key_status(e)).await),
+        }
     }
 
     #[instrument(skip_all, fields(principal, keyring = %req.get_ref().name))]
     async fn get_keyring(&self, req: Request<pb::GetKeyringRequest>) -> Result<Response<pb::Keyring>, Status> {
-        let auth = self.authorize(&req, Action::GetKeyring, Some(&req.get_ref().name))?;
-        let k = self.keys.get_keyring(&auth, &req.get_ref().name).map_err(key_status)?;
-        Ok(Response::new(keyring_pb(k)))
+        let mut ev = Ev::new(Action::GetKeyring, Some(&req.get_ref().name));
+        let auth = self.authorize(&req, &mut ev).await?;
+        match self.keys.get_keyring(&auth, &req.get_ref().name) {
+            Ok(k) => {
+                self.done(&ev).await?;
+                Ok(Response::new(keyring_pb(k)))
+            }
+            Err(e) => Err(self.fail(&ev, key_status(e)).await),
+        }
     }
 
     #[instrument(skip_all, fields(principal))]
     async fn install_escrow(&self, req: Request<pb::InstallEscrowRequest>) -> Result<Response<pb::EscrowStatus>, Status> {
-        let auth = self.authorize(&req, Action::InstallEscrow, None)?;
+        let mut ev = Ev::new(Action::InstallEscrow, None);
+        let auth = self.authorize(&req, &mut ev).await?;
         let r = req.get_ref();
-        self.keys.install_escrow(&auth, &r.manifest_json, r.allow_new_recipient).await.map_err(key_status)?;
-        let status_auth = self.authorize(&req, Action::GetEscrowStatus, None)?;
+        match self.keys.install_escrow(&auth, &r.manifest_json, r.allow_new_recipient, ev.ok()).await {
+            Ok(_) => {}
+            Err(e @ KeyError::Store(_)) => return Err(audit_unavailable(e)),
+            Err(e) => return Err(self.fail(&ev, key_status(e)).await),
+        }
+        let mut status_ev = Ev::new(Action::GetEscrowStatus, None);
+        let status_auth = self.authorize(&req, &mut status_ev).await?;
         self.escrow_status_pb(&status_auth)
     }
 
@@ -188,8 +301,45 @@ impl pb::admin_service_server::AdminService for Api {
         &self,
         req: Request<pb::GetEscrowStatusRequest>,
     ) -> Result<Response<pb::EscrowStatus>, Status> {
-        let auth = self.authorize(&req, Action::GetEscrowStatus, None)?;
-        self.escrow_status_pb(&auth)
+        let mut ev = Ev::new(Action::GetEscrowStatus, None);
+        let auth = self.authorize(&req, &mut ev).await?;
+        match self.escrow_status_pb(&auth) {
+            Ok(r) => {
+                self.done(&ev).await?;
+                Ok(r)
+            }
+            Err(s) => Err(self.fail(&ev, s).await),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::audit_service_server::AuditService for Api {
+    type ExportAuditStream = tokio_stream::Iter<std::vec::IntoIter<Result<pb::AuditLine, Status>>>;
+
+    #[instrument(skip_all, fields(principal))]
+    async fn export_audit(&self, req: Request<pb::ExportAuditRequest>) -> Result<Response<Self::ExportAuditStream>, Status> {
+        let mut ev = Ev::new(Action::ExportAudit, None);
+        let auth = self.authorize(&req, &mut ev).await?;
+        // The export is itself audited first, so it appears in the trail it returns.
+        self.done(&ev).await?;
+        let r = req.get_ref();
+        let since = (!r.since.is_empty()).then_some(r.since.as_str());
+        let lines = self.keys.audit_export(&auth, since, r.tail).map_err(key_status)?;
+        let items: Vec<Result<pb::AuditLine, Status>> = lines.into_iter().map(|json| Ok(pb::AuditLine { json })).collect();
+        Ok(Response::new(tokio_stream::iter(items)))
+    }
+
+    #[instrument(skip_all, fields(principal))]
+    async fn get_audit_public_key(
+        &self,
+        req: Request<pb::GetAuditPublicKeyRequest>,
+    ) -> Result<Response<pb::AuditPublicKey>, Status> {
+        let mut ev = Ev::new(Action::GetAuditPublicKey, None);
+        let auth = self.authorize(&req, &mut ev).await?;
+        let key = self.keys.audit_public_key(&auth).map_err(key_status)?;
+        self.done(&ev).await?;
+        Ok(Response::new(pb::AuditPublicKey { ed25519: key }))
     }
 }
 

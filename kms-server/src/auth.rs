@@ -40,6 +40,8 @@ pub enum Action {
     GetKeyring,
     InstallEscrow,
     GetEscrowStatus,
+    ExportAudit,
+    GetAuditPublicKey,
 }
 
 impl Action {
@@ -49,9 +51,11 @@ impl Action {
             Action::GenerateDataKey => &[Role::Sealer],
             Action::UnwrapDataKey => &[Role::Restorer],
             Action::CreateKeyring | Action::InstallEscrow => &[Role::Officer],
-            Action::ListKeyrings | Action::GetKeyring | Action::GetEscrowStatus => {
-                &[Role::Officer, Role::Auditor]
-            }
+            Action::ListKeyrings
+            | Action::GetKeyring
+            | Action::GetEscrowStatus
+            | Action::ExportAudit
+            | Action::GetAuditPublicKey => &[Role::Officer, Role::Auditor],
         }
     }
 
@@ -64,6 +68,8 @@ impl Action {
             Action::GetKeyring => "GetKeyring",
             Action::InstallEscrow => "InstallEscrow",
             Action::GetEscrowStatus => "GetEscrowStatus",
+            Action::ExportAudit => "ExportAudit",
+            Action::GetAuditPublicKey => "GetAuditPublicKey",
         }
     }
 }

@@ -14,7 +14,7 @@ use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 use crate::master::MasterKeyProvider;
 
 /// Services this server reports on ("" is the server as a whole).
-const SERVICES: &[&str] = &["", "kluis.v1.KeyService", "kluis.v1.AdminService"];
+const SERVICES: &[&str] = &["", "kluis.v1.KeyService", "kluis.v1.AdminService", "kluis.v1.AuditService"];
 /// How often `Watch` re-checks the provider.
 const WATCH_INTERVAL: Duration = Duration::from_secs(5);
 

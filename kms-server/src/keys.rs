@@ -18,7 +18,7 @@ use crate::auth::{Action, Authorized};
 use crate::master::{MasterError, MasterKeyProvider};
 use crate::secret::{Key256, aes_gcm_open, aes_gcm_seal, random_array};
 use crate::store::{
-    DataKeyRecord, KeyState, KeyringRecord, Store, StoreError, VersionRecord, VersionState, WriteOp,
+    AuditEvent, DataKeyRecord, KeyState, KeyringRecord, Store, StoreError, VersionRecord, VersionState, WriteOp,
 };
 
 /// Format byte of a wrapped data key blob.
@@ -27,6 +27,9 @@ const WRAPPED_DK_FORMAT: u8 = 1;
 pub const WRAPPED_DK_LEN: usize = 1 + 4 + 12 + 32 + 16;
 pub(crate) const MASTER_CHECK_META: &str = "master_check";
 const ESCROW_META: &str = "escrow";
+/// The server's Ed25519 audit key (PKCS#8), wrapped by the master key.
+pub(crate) const AUDIT_KEY_META: &str = "audit_key";
+pub(crate) const AUDIT_KEY_AAD: &[u8] = b"kluis/v1/audit-signing-key";
 pub(crate) const MASTER_CHECK_AAD: &[u8] = b"kluis/v1/master-check";
 
 /// Errors of the key layer.
@@ -66,6 +69,8 @@ pub enum KeyError {
     Rng,
     #[error("a blocking task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error("the audit key could not be opened: {reason}")]
+    AuditKey { reason: &'static str },
 }
 
 /// A keyring in memory: metadata plus the unwrapped version keys.
@@ -154,6 +159,7 @@ pub struct KeyringInfo {
 pub struct KeyManager {
     store: Store,
     master: Arc<dyn MasterKeyProvider>,
+    audit_key: Arc<ring::signature::Ed25519KeyPair>,
     rings: RwLock<HashMap<String, LiveKeyring>>,
     escrow: RwLock<Option<EscrowInfo>>,
     admin: Mutex<()>,
@@ -282,6 +288,8 @@ impl KeyManager {
             }
             rings.insert(record.name.clone(), LiveKeyring { record, keys });
         }
+        let audit_key = Arc::new(Self::audit_key(&store, master.as_ref())?);
+        store.set_audit_signer(audit_key.clone());
         let escrow = match store.get_meta(ESCROW_META)? {
             Some(bytes) => Some(
                 postcard::from_bytes(&bytes)
@@ -292,6 +300,7 @@ impl KeyManager {
         Ok(Self {
             store,
             master,
+            audit_key,
             rings: RwLock::new(rings),
             escrow: RwLock::new(escrow),
             admin: Mutex::new(()),
@@ -301,6 +310,75 @@ impl KeyManager {
 
     pub fn master(&self) -> &Arc<dyn MasterKeyProvider> {
         &self.master
+    }
+
+    /// Opens the audit signing key (wrapped by the master key), creating it on first use.
+    fn audit_key(store: &Store, master: &dyn MasterKeyProvider) -> Result<ring::signature::Ed25519KeyPair, KeyError> {
+        let bad = |reason| KeyError::AuditKey { reason };
+        let pkcs8: Zeroizing<Vec<u8>> = match store.get_meta(AUDIT_KEY_META)? {
+            Some(blob) => master.unwrap(AUDIT_KEY_AAD, &blob)?,
+            None => {
+                let rng = SystemRandom::new();
+                let doc = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).map_err(|_| KeyError::Rng)?;
+                let blob = master.wrap(AUDIT_KEY_AAD, doc.as_ref())?;
+                store.write_blocking(WriteOp::PutMeta { key: AUDIT_KEY_META, value: blob })?;
+                Zeroizing::new(doc.as_ref().to_vec())
+            }
+        };
+        ring::signature::Ed25519KeyPair::from_pkcs8(&pkcs8).map_err(|_| bad("not an Ed25519 PKCS#8 key"))
+    }
+
+    /// The audit public key (32 bytes), for `kmsctl audit verify`.
+    pub fn audit_public_key(&self, auth: &Authorized) -> Result<Vec<u8>, KeyError> {
+        Self::check(auth, Action::GetAuditPublicKey, None)?;
+        use ring::signature::KeyPair;
+        Ok(self.audit_key.public_key().as_ref().to_vec())
+    }
+
+    /// Writes one audit entry durably (fail closed: an error means the request must fail).
+    pub async fn audit(&self, ev: AuditEvent) -> Result<(), KeyError> {
+        Ok(self.store.write(WriteOp::Audit(ev)).await?)
+    }
+
+    /// The audit trail as export lines (records and checkpoints), ending with a signed head.
+    pub fn audit_export(
+        &self,
+        auth: &Authorized,
+        since: Option<&str>,
+        tail: u64,
+    ) -> Result<Vec<String>, KeyError> {
+        Self::check(auth, Action::ExportAudit, None)?;
+        use kluis_proto::audit::ExportLine;
+        let enc = |l: &ExportLine| serde_json::to_string(l).map_err(|e| KeyError::Store(StoreError::AuditEncode(e)));
+        let mut rows = Vec::new();
+        let mut from = 1u64;
+        loop {
+            let page = self.store.audit_page(from, 4096)?;
+            let Some((last, _)) = page.last() else { break };
+            from = last.seq + 1;
+            rows.extend(page);
+        }
+        if let Some(t) = since {
+            // RFC 3339 UTC strings of one format sort as times.
+            rows.retain(|(r, _)| r.time.as_str() >= t);
+        }
+        if tail > 0 && rows.len() as u64 > tail {
+            rows.drain(..rows.len() - tail as usize);
+        }
+        let mut out = Vec::with_capacity(rows.len() + 1);
+        let mut head = None;
+        for (rec, cp) in rows {
+            head = Some((rec.seq, rec.hash.clone()));
+            out.push(enc(&ExportLine::Record(rec))?);
+            if let Some(c) = cp {
+                out.push(enc(&ExportLine::Checkpoint { checkpoint: c })?);
+            }
+        }
+        if let Some((seq, hash)) = head {
+            let head = crate::store::sign_checkpoint(&self.audit_key, seq, &hash);
+            out.push(enc(&ExportLine::Head { head })?);
+        }
+        Ok(out)
     }
 
     fn check(auth: &Authorized, action: Action, keyring: Option<&str>) -> Result<(), KeyError> {
@@ -317,13 +395,19 @@ impl KeyManager {
         auth: &Authorized,
         name: &str,
         retention_days: u32,
+        audit: AuditEvent,
     ) -> Result<KeyringInfo, KeyError> {
         Self::check(auth, Action::CreateKeyring, Some(name))?;
-        self.create_keyring_unchecked(name, retention_days).await
+        self.create_keyring_unchecked(name, retention_days, audit).await
     }
 
     /// Keyring creation for the server's own bootstrap (`kms-server dev`).
-    pub async fn create_keyring_unchecked(&self, name: &str, retention_days: u32) -> Result<KeyringInfo, KeyError> {
+    pub async fn create_keyring_unchecked(
+        &self,
+        name: &str,
+        retention_days: u32,
+        audit: AuditEvent,
+    ) -> Result<KeyringInfo, KeyError> {
         validate_keyring_name(name)?;
         let _guard = self.admin.lock().await;
         if self.has_keyring(name) {
@@ -345,7 +429,7 @@ impl KeyManager {
             retention_days,
             versions: vec![VersionRecord { version: 1, created: now, state: VersionState::Active, wrapped_key: wrapped }],
         };
-        self.store.write(WriteOp::PutKeyring(record.clone())).await?;
+        self.store.write(WriteOp::Atomic(vec![WriteOp::PutKeyring(record.clone()), WriteOp::Audit(audit)])).await?;
         let mut keys = BTreeMap::new();
         keys.insert(1, Arc::new(key));
         let live = LiveKeyring { record, keys };
@@ -400,6 +484,7 @@ impl KeyManager {
         keyring: &str,
         backup_id: &str,
         labels: impl IntoIterator<Item = (String, String)>,
+        mut audit: AuditEvent,
     ) -> Result<IssuedDataKey, KeyError> {
         Self::check(auth, Action::GenerateDataKey, Some(keyring))?;
         validate_keyring_name(keyring)?;
@@ -444,7 +529,9 @@ impl KeyManager {
             issued_to: auth.principal().name().to_owned(),
             escrowed: recovery_recipient.is_some(),
         };
-        self.store.write(WriteOp::IssueDataKey { id, record }).await?;
+        // The registry record and its audit entry land in one transaction.
+        audit.key_id = Some(hex::encode(id));
+        self.store.write(WriteOp::Atomic(vec![WriteOp::IssueDataKey { id, record }, WriteOp::Audit(audit)])).await?;
         Ok(IssuedDataKey {
             key_id: hex::encode(id),
             data_key,
@@ -513,6 +600,7 @@ impl KeyManager {
         auth: &Authorized,
         manifest_json: &str,
         allow_new_recipient: bool,
+        audit: AuditEvent,
     ) -> Result<EscrowInfo, KeyError> {
         Self::check(auth, Action::InstallEscrow, None)?;
         let m: ManifestView = serde_json::from_str(manifest_json)
@@ -563,7 +651,9 @@ impl KeyManager {
             previous_recipients,
         };
         let bytes = postcard::to_allocvec(&info).map_err(|e| StoreError::Encode { what: "escrow", source: e })?;
-        self.store.write(WriteOp::PutMeta { key: ESCROW_META, value: bytes }).await?;
+        self.store
+            .write(WriteOp::Atomic(vec![WriteOp::PutMeta { key: ESCROW_META, value: bytes }, WriteOp::Audit(audit)]))
+            .await?;
         if let Ok(mut e) = self.escrow.write() {
             *e = Some(info.clone());
         }

@@ -124,7 +124,14 @@ async fn run(cmd: Cmd) -> Result<(), ServerError> {
             };
             let (cfg, created) = dev::prepare(&data_dir, listen, master)?;
             let keys = server::open_keys(&cfg)?;
-            match keys.create_keyring_unchecked(DEFAULT_KEYRING, 0).await {
+            let bootstrap = kms_server::api::audit_event(
+                "kms-server dev",
+                "CreateKeyring",
+                Some(DEFAULT_KEYRING),
+                None,
+                "ok: dev bootstrap",
+            );
+            match keys.create_keyring_unchecked(DEFAULT_KEYRING, 0, bootstrap).await {
                 Ok(_) | Err(KeyError::KeyringExists { .. }) => {}
                 Err(e) => return Err(e.into()),
             }

@@ -18,7 +18,7 @@ use kluis_hsm::HsmError;
 use zeroize::Zeroizing;
 
 use crate::config::{ConfigError, MasterConfig, ServerConfig};
-use crate::keys::{MASTER_CHECK_AAD, MASTER_CHECK_META, krk_aad};
+use crate::keys::{AUDIT_KEY_AAD, AUDIT_KEY_META, MASTER_CHECK_AAD, MASTER_CHECK_META, krk_aad};
 use crate::master::pkcs11::Pkcs11MasterKey;
 use crate::master::software::{PassphraseSource, SoftwareMasterKey};
 use crate::master::{MasterError, MasterKeyProvider};
@@ -202,6 +202,16 @@ pub fn migrate_master_configs(from: &ServerConfig, to: &ServerConfig) -> Result<
         .map_err(|err| MigrateError::Wrap { what: "master check".into(), err })?;
     let mut ops: Vec<WriteOp> = new_records.iter().cloned().map(WriteOp::PutKeyring).collect();
     ops.push(WriteOp::PutMeta { key: MASTER_CHECK_META, value: new_check });
+    // The audit signing key is wrapped by the master key too.
+    if let Some(blob) = store.get_meta(AUDIT_KEY_META).map_err(store_err)? {
+        let pkcs8 = old
+            .unwrap(AUDIT_KEY_AAD, &blob)
+            .map_err(|err| MigrateError::Unwrap { keyring: "(audit signing key)".into(), version: 0, err })?;
+        let rewrapped = new
+            .wrap(AUDIT_KEY_AAD, &pkcs8)
+            .map_err(|err| MigrateError::Wrap { what: "audit signing key".into(), err })?;
+        ops.push(WriteOp::PutMeta { key: AUDIT_KEY_META, value: rewrapped });
+    }
 
     // 5. One transaction: all keyrings and the master check, or nothing.
     test_abort_point("before-commit");
@@ -242,6 +252,9 @@ fn verify(
         .map_err(|e| fail("master check".into(), e.to_string()))?
         .ok_or_else(|| fail("master check".into(), "missing".into()))?;
     new.unwrap(MASTER_CHECK_AAD, &check).map_err(|e| fail("master check".into(), e.to_string()))?;
+    if let Some(blob) = store.get_meta(AUDIT_KEY_META).map_err(|e| fail("audit key".into(), e.to_string()))? {
+        new.unwrap(AUDIT_KEY_AAD, &blob).map_err(|e| fail("audit signing key".into(), e.to_string()))?;
+    }
     let stored = store.keyrings().map_err(|e| fail("keyrings".into(), e.to_string()))?;
     for u in keys {
         let rec = &records[u.ring];

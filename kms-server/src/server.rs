@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use kluis_proto::v1::admin_service_server::AdminServiceServer;
+use kluis_proto::v1::audit_service_server::AuditServiceServer;
 use kluis_proto::v1::key_service_server::KeyServiceServer;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
@@ -170,7 +171,8 @@ pub async fn serve(
         .add_service(reflection)
         .add_service(reflection_alpha)
         .add_service(KeyServiceServer::new(api.clone()))
-        .add_service(AdminServiceServer::new(api))
+        .add_service(AdminServiceServer::new(api.clone()))
+        .add_service(AuditServiceServer::new(api))
         .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
         .await
         .map_err(ServerError::Serve)

@@ -17,6 +17,12 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const KEYRINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("keyrings");
 const DATA_KEYS: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("data_keys");
 const ISSUED: TableDefinition<&str, u64> = TableDefinition::new("issued_per_keyring");
+const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+const CHECKPOINTS: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_checkpoints");
+
+/// Test-only fault injection: with this variable set to `1` every audit write
+/// fails, to prove that requests then fail closed. It changes nothing otherwise.
+pub const FAIL_AUDIT_ENV: &str = "KLUIS_TEST_FAIL_AUDIT";
 
 /// Largest number of writes committed in one transaction.
 const MAX_BATCH: usize = 4096;
@@ -38,6 +44,10 @@ pub enum StoreError {
     WriterGone,
     #[error("a write in the same group commit failed; nothing of the group was committed")]
     GroupFailed,
+    #[error("the audit trail cannot be written (fault injected for a test)")]
+    AuditInjected,
+    #[error("audit record could not be encoded: {0}")]
+    AuditEncode(#[source] serde_json::Error),
 }
 
 fn dberr<E: Into<redb::Error>>(e: E) -> StoreError {
@@ -99,6 +109,28 @@ pub enum WriteOp {
     IssueDataKey { id: [u8; 16], record: DataKeyRecord },
     /// Several writes that must land together or not at all (e.g. master-key migration).
     Atomic(Vec<WriteOp>),
+    /// An audit entry; the writer assigns its sequence number and chain hash.
+    Audit(AuditEvent),
+}
+
+/// An audit entry before it is chained.
+#[derive(Clone, Debug)]
+pub struct AuditEvent {
+    pub time: String,
+    pub principal: String,
+    pub action: String,
+    pub keyring: Option<String>,
+    pub key_id: Option<String>,
+    pub backup_id: Option<String>,
+    pub outcome: String,
+}
+
+/// The writer's view of the audit chain head, and the key that signs checkpoints.
+struct AuditChain {
+    next_seq: u64,
+    prev: String,
+    signer: Arc<std::sync::RwLock<Option<Arc<ring::signature::Ed25519KeyPair>>>>,
+    fail: bool,
 }
 
 /// How the writer answers: to an async waiter or to a blocked thread.
@@ -123,6 +155,7 @@ pub struct Store {
     db: Arc<Database>,
     writer: Arc<Writer>,
     path: PathBuf,
+    signer: Arc<std::sync::RwLock<Option<Arc<ring::signature::Ed25519KeyPair>>>>,
 }
 
 struct Writer {
@@ -161,9 +194,11 @@ impl Store {
             txn.open_table(KEYRINGS).map_err(dberr)?;
             txn.open_table(DATA_KEYS).map_err(dberr)?;
             txn.open_table(ISSUED).map_err(dberr)?;
+            txn.open_table(AUDIT).map_err(dberr)?;
+            txn.open_table(CHECKPOINTS).map_err(dberr)?;
         }
         txn.commit().map_err(dberr)?;
-        Ok(Self::start(db, path))
+        Self::start(db, path)
     }
 
     /// Opens an existing store file; fails if there is none.
@@ -172,20 +207,75 @@ impl Store {
             return Err(StoreError::NotInitialised { path: path.to_owned() });
         }
         let db = Database::open(path).map_err(dberr)?;
-        Ok(Self::start(db, path))
+        Self::start(db, path)
     }
 
-    fn start(db: Database, path: &Path) -> Self {
+    fn start(db: Database, path: &Path) -> Result<Self, StoreError> {
         let db = Arc::new(db);
+        let (next_seq, prev) = {
+            let txn = db.begin_write().map_err(dberr)?;
+            let head = {
+                let audit = txn.open_table(AUDIT).map_err(dberr)?;
+                txn.open_table(CHECKPOINTS).map_err(dberr)?;
+                match audit.last().map_err(dberr)? {
+                    Some((k, v)) => {
+                        let rec: kluis_proto::audit::AuditRecord = serde_json::from_slice(v.value())
+                            .map_err(|_| StoreError::Decode { what: "audit record", source: postcard::Error::DeserializeBadEncoding })?;
+                        (k.value() + 1, rec.hash)
+                    }
+                    None => (1, kluis_proto::audit::GENESIS.to_owned()),
+                }
+            };
+            txn.commit().map_err(dberr)?;
+            head
+        };
+        let signer = Arc::new(std::sync::RwLock::new(None));
+        let mut chain = AuditChain {
+            next_seq,
+            prev,
+            signer: signer.clone(),
+            fail: std::env::var(FAIL_AUDIT_ENV).is_ok_and(|v| v == "1"),
+        };
         let (tx, rx) = mpsc::channel::<(WriteOp, Reply)>();
         let wdb = db.clone();
         let thread = std::thread::Builder::new()
             .name("kluis-store-writer".into())
-            .spawn(move || writer_loop(&wdb, &rx))
+            .spawn(move || writer_loop(&wdb, &rx, &mut chain))
             .map_err(|e| tracing::error!(error = %e, "could not start the store writer"))
             .ok();
         let writer = Writer { tx: std::sync::Mutex::new(Some(tx)), thread: std::sync::Mutex::new(thread) };
-        Self { db, writer: Arc::new(writer), path: path.to_owned() }
+        Ok(Self { db, writer: Arc::new(writer), path: path.to_owned(), signer })
+    }
+
+    /// Sets the key that signs audit checkpoints (the server's audit key).
+    pub fn set_audit_signer(&self, key: Arc<ring::signature::Ed25519KeyPair>) {
+        if let Ok(mut s) = self.signer.write() {
+            *s = Some(key);
+        }
+    }
+
+    /// Audit records with `seq >= from`, at most `limit`, in order, with the
+    /// checkpoints among them.
+    pub fn audit_page(
+        &self,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<(kluis_proto::audit::AuditRecord, Option<kluis_proto::audit::Checkpoint>)>, StoreError> {
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let audit = txn.open_table(AUDIT).map_err(dberr)?;
+        let cps = txn.open_table(CHECKPOINTS).map_err(dberr)?;
+        let mut out = Vec::new();
+        for row in audit.range(from..).map_err(dberr)?.take(limit) {
+            let (k, v) = row.map_err(dberr)?;
+            let bad = |_| StoreError::Decode { what: "audit record", source: postcard::Error::DeserializeBadEncoding };
+            let rec: kluis_proto::audit::AuditRecord = serde_json::from_slice(v.value()).map_err(bad)?;
+            let cp = match cps.get(k.value()).map_err(dberr)? {
+                Some(c) => Some(serde_json::from_slice(c.value()).map_err(bad)?),
+                None => None,
+            };
+            out.push((rec, cp));
+        }
+        Ok(out)
     }
 
     /// The store file's path.
@@ -264,7 +354,7 @@ impl Store {
     }
 }
 
-fn writer_loop(database: &Database, rx: &mpsc::Receiver<(WriteOp, Reply)>) {
+fn writer_loop(database: &Database, rx: &mpsc::Receiver<(WriteOp, Reply)>, chain: &mut AuditChain) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -274,7 +364,7 @@ fn writer_loop(database: &Database, rx: &mpsc::Receiver<(WriteOp, Reply)>) {
             }
         }
         let (ops, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-        match commit_batch(database, ops) {
+        match commit_batch(database, ops, chain) {
             Ok(()) => {
                 for r in replies {
                     r.send(Ok(()));
@@ -300,12 +390,20 @@ fn flatten(ops: Vec<WriteOp>, out: &mut Vec<WriteOp>) {
     }
 }
 
-fn commit_batch(database: &Database, ops: Vec<WriteOp>) -> Result<(), StoreError> {
+fn commit_batch(database: &Database, ops: Vec<WriteOp>, chain: &mut AuditChain) -> Result<(), StoreError> {
     // A group commit is one transaction, so an Atomic group inside it is atomic too.
     let mut flat = Vec::with_capacity(ops.len());
     flatten(ops, &mut flat);
+    if chain.fail && flat.iter().any(|op| matches!(op, WriteOp::Audit(_))) {
+        return Err(StoreError::AuditInjected);
+    }
+    // The chain head advances only if the transaction commits.
+    let (mut next_seq, mut prev) = (chain.next_seq, chain.prev.clone());
+    let signer = chain.signer.read().ok().and_then(|s| s.clone());
     let txn = database.begin_write().map_err(dberr)?;
     {
+        let mut audit = txn.open_table(AUDIT).map_err(dberr)?;
+        let mut checkpoints = txn.open_table(CHECKPOINTS).map_err(dberr)?;
         let mut meta = txn.open_table(META).map_err(dberr)?;
         let mut keyrings = txn.open_table(KEYRINGS).map_err(dberr)?;
         let mut keys = txn.open_table(DATA_KEYS).map_err(dberr)?;
@@ -328,6 +426,30 @@ fn commit_batch(database: &Database, ops: Vec<WriteOp>) -> Result<(), StoreError
                     *counts.entry(record.keyring).or_default() += 1;
                 }
                 WriteOp::Atomic(_) => {}
+                WriteOp::Audit(ev) => {
+                    let mut rec = kluis_proto::audit::AuditRecord {
+                        seq: next_seq,
+                        time: ev.time,
+                        principal: ev.principal,
+                        action: ev.action,
+                        keyring: ev.keyring,
+                        key_id: ev.key_id,
+                        backup_id: ev.backup_id,
+                        outcome: ev.outcome,
+                        prev: prev.clone(),
+                        hash: String::new(),
+                    };
+                    rec.hash = rec.compute_hash();
+                    let bytes = serde_json::to_vec(&rec).map_err(StoreError::AuditEncode)?;
+                    audit.insert(next_seq, bytes.as_slice()).map_err(dberr)?;
+                    if let Some(key) = signer.as_ref().filter(|_| next_seq % kluis_proto::audit::CHECKPOINT_EVERY == 0) {
+                        let cp = sign_checkpoint(key, next_seq, &rec.hash);
+                        let bytes = serde_json::to_vec(&cp).map_err(StoreError::AuditEncode)?;
+                        checkpoints.insert(next_seq, bytes.as_slice()).map_err(dberr)?;
+                    }
+                    prev = rec.hash;
+                    next_seq += 1;
+                }
             }
         }
         for (ring, n) in counts {
@@ -336,7 +458,20 @@ fn commit_batch(database: &Database, ops: Vec<WriteOp>) -> Result<(), StoreError
         }
     }
     txn.commit().map_err(dberr)?;
+    chain.next_seq = next_seq;
+    chain.prev = prev;
     Ok(())
+}
+
+/// Signs `(seq, hash)` with the audit key.
+pub fn sign_checkpoint(key: &ring::signature::Ed25519KeyPair, seq: u64, hash: &str) -> kluis_proto::audit::Checkpoint {
+    use base64::Engine;
+    let sig = key.sign(&kluis_proto::audit::checkpoint_message(seq, hash));
+    kluis_proto::audit::Checkpoint {
+        seq,
+        hash: hash.to_owned(),
+        signature: base64::engine::general_purpose::STANDARD.encode(sig.as_ref()),
+    }
 }
 
 #[cfg(test)]

@@ -69,6 +69,8 @@ pub struct Server {
     pub addr: String,
     pub provider: Provider,
     pub token: Option<SoftHsmToken>,
+    /// Extra environment for the server process (applies from the next start).
+    pub env: Vec<(String, String)>,
     stderr_path: PathBuf,
 }
 
@@ -82,7 +84,7 @@ impl Server {
     pub fn start_with(provider: Provider) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let token = (provider == Provider::SoftHsm).then(|| SoftHsmToken::create(&dir.path().join("hsm"), "kluis-test"));
-        let mut s = Server { child: None, dir, addr: String::new(), provider, token, stderr_path: PathBuf::new() };
+        let mut s = Server { child: None, dir, addr: String::new(), provider, token, env: Vec::new(), stderr_path: PathBuf::new() };
         s.spawn();
         s
     }
@@ -96,6 +98,9 @@ impl Server {
         let log = std::fs::File::create(&self.stderr_path).unwrap();
         let mut cmd = Command::new(bin("kms-server"));
         cmd.args(["dev", "--data-dir"]).arg(self.data_dir()).args(["--listen", "127.0.0.1:0"]).env("KLUIS_LOG", "warn");
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
         if let Some(t) = &self.token {
             cmd.args(["--pkcs11-module", SOFTHSM_MODULE, "--pkcs11-token-label", &t.label, "--pkcs11-pin-file"])
                 .arg(&t.pin_file)

@@ -1,5 +1,6 @@
 //! `kmsctl`: for the security officer, the auditor and the custodians.
-//! Exit codes: 0 success, 1 failure, 2 usage, 3 server unreachable, 4 refused by the server.
+//! Exit codes: 0 success, 1 failure, 2 usage, 3 server unreachable, 4 refused by the server,
+//! 5 an audit export that does not verify.
 #![forbid(unsafe_code)]
 
 use std::io::Write;
@@ -7,6 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use kluis_proto::audit::ExportLine;
 use kms_client::cert;
 use kms_client::client::{ClientError, KeyringInfo, KmsClient};
 use kms_client::config::ClientConfig;
@@ -31,10 +33,38 @@ enum Cmd {
     /// Escrow of the recovery key among custodians.
     #[command(subcommand)]
     Escrow(EscrowCmd),
+    /// The tamper-evident audit trail.
+    #[command(subcommand)]
+    Audit(AuditCmd),
     /// Client certificates from a CA directory (tests and small sites; real
     /// deployments use their own PKI).
     #[command(subcommand)]
     Cert(CertCmd),
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// The last N entries, one per line.
+    Tail {
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: u64,
+    },
+    /// The trail as JSON lines with signed checkpoints and head: `kmsctl audit export > audit.jsonl`.
+    Export {
+        /// Only entries at or after this time (RFC 3339, e.g. 2026-11-01T00:00:00Z).
+        #[arg(long)]
+        since: Option<String>,
+    },
+    /// The server's audit public key: `kmsctl audit public-key > audit.pub`.
+    PublicKey,
+    /// Check an export offline; names the first changed, removed, reordered or inserted entry.
+    Verify {
+        /// The export (JSON lines).
+        file: PathBuf,
+        /// The audit public key file (from `kmsctl audit public-key`); without it the key is fetched from the server.
+        #[arg(long)]
+        public_key: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -172,6 +202,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
         writeln!(out, "certificate: {}\nkey:         {}", issued.cert.display(), issued.key.display()).map_err(io)?;
         return Ok(());
     }
+    if let Cmd::Audit(AuditCmd::Verify { file, public_key: Some(key_file) }) = &cli.cmd {
+        let key = read_public_key(key_file)?;
+        return verify_audit(&mut out, file, &key);
+    }
     let cfg = ClientConfig::from_arg_or_env(cli.client_config.as_deref()).map_err(|e| fail(e.to_string()))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -239,10 +273,67 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     writeln!(out, "keys without escrow: {}", s.keys_without_escrow).map_err(io)?;
                 }
             }
+            Cmd::Audit(AuditCmd::Tail { lines }) => {
+                for l in client.export_audit(None, lines).await? {
+                    if let Ok(ExportLine::Record(r)) = serde_json::from_str::<ExportLine>(&l) {
+                        writeln!(
+                            out,
+                            "{:>8} {} {:<16} {:<18} {:<14} {}{}",
+                            r.seq,
+                            r.time,
+                            r.principal,
+                            r.action,
+                            r.keyring.as_deref().unwrap_or("-"),
+                            r.outcome,
+                            r.key_id.map(|k| format!(" key {k}")).unwrap_or_default()
+                        )
+                        .map_err(io)?;
+                    }
+                }
+            }
+            Cmd::Audit(AuditCmd::Export { since }) => {
+                for l in client.export_audit(since.as_deref(), 0).await? {
+                    writeln!(out, "{l}").map_err(io)?;
+                }
+            }
+            Cmd::Audit(AuditCmd::PublicKey) => {
+                let key = client.audit_public_key().await?;
+                writeln!(out, "# Kluis audit public key (Ed25519), for kmsctl audit verify --public-key\n{}", hex::encode(key))
+                    .map_err(io)?;
+            }
+            Cmd::Audit(AuditCmd::Verify { file, public_key: _ }) => {
+                let key = client.audit_public_key().await?;
+                verify_audit(&mut out, &file, &key)?;
+            }
             Cmd::Escrow(EscrowCmd::Offline(_)) | Cmd::Cert(_) => {}
         }
         Ok(())
     })
+}
+
+fn read_public_key(path: &std::path::Path) -> Result<Vec<u8>, Failure> {
+    let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read {}: {e}", path.display())))?;
+    let line = text.lines().map(str::trim).find(|l| !l.is_empty() && !l.starts_with('#')).unwrap_or("");
+    match hex::decode(line) {
+        Ok(k) if k.len() == 32 => Ok(k),
+        _ => Err(fail(format!("{} is not a Kluis audit public key (64 hex digits)", path.display()))),
+    }
+}
+
+fn verify_audit(out: &mut dyn Write, file: &std::path::Path, key: &[u8]) -> Result<(), Failure> {
+    let text = std::fs::read_to_string(file).map_err(|e| fail(format!("cannot read {}: {e}", file.display())))?;
+    match kluis_proto::audit::verify_export(&text, key) {
+        Ok(v) => {
+            writeln!(
+                out,
+                "audit trail intact: entries {}..{} ({} entries, {} signed checkpoints, signed head)",
+                v.first_seq, v.last_seq, v.records, v.checkpoints
+            )
+            .map_err(|e| fail(e.to_string()))?;
+            Ok(())
+        }
+        Err(e) => Err(Failure { code: 5, message: format!("audit trail NOT intact: {e}") }),
+    }
 }
 
 fn main() -> ExitCode {
