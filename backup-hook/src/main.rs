@@ -6,19 +6,26 @@
 //! 4 refused by the server (role, unknown or destroyed key),
 //! 5 integrity (not a sealed file, damaged, truncated, altered),
 //! 6 input/output failure (including a closed pipe).
+//!
+//! `passphrase` uses the same codes: 3 also when its own overall deadline (`--timeout`)
+//! passes, 5 when the key file is not a passphrase key file, 1 when `--create` finds the
+//! key file already there.
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{self, BufReader, Read};
+use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::mpsc;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use kms_client::client::ClientError;
 use kms_client::config::ClientConfig;
 use kms_client::hook::{Hook, HookError, unseal_offline};
 use kms_client::output::{Output, OutputError};
+use kms_client::passphrase::{self, KeyFile, Passphrase, PassphraseError};
 use kms_client::sealed::{IO_BUF, SealError, UnsealError};
 
 #[derive(Parser)]
@@ -65,6 +72,37 @@ enum Cmd {
         #[command(flatten)]
         io: Io,
     },
+    /// Print the repository passphrase kept sealed in a key file, as one base64 line
+    /// (for restic --password-command, BORG_PASSCOMMAND, KOPIA_PASSWORD, ...); or with
+    /// --create make a new key file. Never prompts.
+    Passphrase(PassphraseArgs),
+}
+
+#[derive(Args)]
+struct PassphraseArgs {
+    /// Make a new random 256-bit passphrase and seal it into --key-file (a new file, mode
+    /// 0600, never written over); prints nothing secret.
+    #[arg(long, requires_all = ["keyring", "name"])]
+    create: bool,
+    /// With --create: the keyring to seal the passphrase under.
+    #[arg(long, requires = "create")]
+    keyring: Option<String>,
+    /// With --create: the passphrase's name; its backup id is passphrase/NAME.
+    #[arg(long, requires = "create")]
+    name: Option<String>,
+    /// With --create: a label KEY=VALUE bound to the data key (repeatable); kind=passphrase
+    /// is always added.
+    #[arg(long = "label", value_parser = parse_label, requires = "create")]
+    labels: Vec<(String, String)>,
+    /// The sealed key file holding the passphrase.
+    #[arg(long)]
+    key_file: PathBuf,
+    /// An age identity file of the escrow recovery key: open the key file with no server.
+    #[arg(long, conflicts_with = "create")]
+    recovery_identity: Option<PathBuf>,
+    /// Overall deadline in seconds; after it the command fails (exit 3), whatever it waits for.
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    timeout: u64,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -87,6 +125,7 @@ impl Failure {
 }
 
 const EXIT_OTHER: u8 = 1;
+const EXIT_USAGE: u8 = 2;
 const EXIT_UNREACHABLE: u8 = 3;
 const EXIT_REFUSED: u8 = 4;
 const EXIT_INTEGRITY: u8 = 5;
@@ -153,9 +192,117 @@ fn load_recovery(path: &Path) -> Result<Vec<Box<dyn age::Identity + Send + Sync>
         .map_err(|e| Failure::new(EXIT_OTHER, format!("recovery identity {} is not usable: {e}", path.display())))
 }
 
+impl From<PassphraseError> for Failure {
+    fn from(e: PassphraseError) -> Self {
+        match e {
+            PassphraseError::Hook { path, source } => {
+                let f = Failure::from(*source);
+                Failure::new(f.code, format!("{}: {}", path.display(), f.message))
+            }
+            PassphraseError::InvalidName { .. } | PassphraseError::ReservedLabel { .. } => Failure::new(EXIT_USAGE, e.to_string()),
+            PassphraseError::Read { .. } | PassphraseError::Write { .. } | PassphraseError::Directory { .. } => {
+                Failure::new(EXIT_IO, e.to_string())
+            }
+            PassphraseError::TooLarge { .. } | PassphraseError::NotPassphrase { .. } => Failure::new(EXIT_INTEGRITY, e.to_string()),
+            PassphraseError::Exists { .. } | PassphraseError::Random => Failure::new(EXIT_OTHER, e.to_string()),
+        }
+    }
+}
+
+/// Runs `work` on its own thread and waits at most `secs` for it. On the deadline the
+/// command fails with `on_timeout` and the process exits with the work still blocked:
+/// a backup tool that calls us (restic, borg) would otherwise wait forever.
+fn with_deadline<T: Send + 'static>(
+    secs: u64,
+    on_timeout: String,
+    work: impl FnOnce() -> Result<T, Failure> + Send + 'static,
+) -> Result<T, Failure> {
+    let (tx, rx) = mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name("passphrase".into())
+        .spawn(move || {
+            let _ = tx.send(work());
+        })
+        .map_err(|e| Failure::new(EXIT_OTHER, format!("cannot start a worker thread: {e}")))?;
+    match rx.recv_timeout(Duration::from_secs(secs)) {
+        Ok(r) => r,
+        Err(mpsc::RecvTimeoutError::Timeout) => Err(Failure::new(EXIT_UNREACHABLE, on_timeout)),
+        Err(mpsc::RecvTimeoutError::Disconnected) => Err(Failure::new(EXIT_OTHER, "the passphrase worker stopped unexpectedly")),
+    }
+}
+
+fn run_passphrase(client_config: Option<&Path>, args: &PassphraseArgs) -> Result<(), Failure> {
+    let secs = args.timeout;
+    let key_file = args.key_file.clone();
+    if args.create {
+        let (Some(keyring), Some(name)) = (args.keyring.clone(), args.name.clone()) else {
+            return Err(Failure::new(EXIT_USAGE, "--create needs --keyring and --name"));
+        };
+        // Refuse before any server round trip.
+        passphrase::backup_id(&name)?;
+        passphrase::check_new_key_file(&key_file)?;
+        let cfg = ClientConfig::from_arg_or_env(client_config).map_err(|e| Failure::new(EXIT_OTHER, e.to_string()))?;
+        let labels: BTreeMap<String, String> = args.labels.iter().cloned().collect();
+        let on_timeout = format!(
+            "no answer from the Kluis server {} within the {secs} s deadline (--timeout); {} was not created, or if it exists it is complete",
+            cfg.endpoint,
+            key_file.display()
+        );
+        let report = with_deadline(secs, on_timeout, move || {
+            let hook = Hook::connect(&cfg)?;
+            Ok(passphrase::create(&hook, &keyring, &name, &labels, &key_file)?)
+        })?;
+        println!(
+            "created {}: a new 256-bit passphrase sealed under keyring {} (key id {}, backup id {}); escrow copy: {}",
+            report.key_file.display(),
+            report.keyring,
+            report.key_id,
+            report.backup_id,
+            if report.escrowed { "yes" } else { "NO" }
+        );
+        if !report.escrowed {
+            eprintln!(
+                "backup-hook: warning: no escrow is installed at the server: without the server this key file, and the repository behind it, cannot be recovered"
+            );
+        }
+        return Ok(());
+    }
+
+    let pass: Passphrase = match &args.recovery_identity {
+        Some(path) => {
+            let path = path.clone();
+            let on_timeout = format!("could not open {} within the {secs} s deadline (--timeout)", key_file.display());
+            with_deadline(secs, on_timeout, move || {
+                let file = KeyFile::read(&key_file)?;
+                let ids = load_recovery(&path)?;
+                let refs: Vec<&dyn age::Identity> = ids.iter().map(|b| b.as_ref() as &dyn age::Identity).collect();
+                Ok(file.open_offline(&refs)?)
+            })?
+        }
+        None => {
+            let cfg = ClientConfig::from_arg_or_env(client_config).map_err(|e| Failure::new(EXIT_OTHER, e.to_string()))?;
+            let on_timeout = format!(
+                "no answer from the Kluis server {} within the {secs} s deadline (--timeout); the server is unreachable or too slow",
+                cfg.endpoint
+            );
+            with_deadline(secs, on_timeout, move || {
+                // A missing or wrong file fails before any server round trip.
+                let file = KeyFile::read(&key_file)?;
+                let hook = Hook::connect(&cfg)?;
+                Ok(file.open(&hook)?)
+            })?
+        }
+    };
+    let mut out = io::stdout().lock();
+    out.write_all(pass.expose_line())
+        .and_then(|()| out.flush())
+        .map_err(|e| io_failure("writing the passphrase to standard output failed", &e))
+}
+
 fn run(cli: Cli) -> Result<(), Failure> {
     let config = || ClientConfig::from_arg_or_env(cli.client_config.as_deref()).map_err(|e| Failure::new(EXIT_OTHER, e.to_string()));
     match &cli.cmd {
+        Cmd::Passphrase(args) => run_passphrase(cli.client_config.as_deref(), args),
         Cmd::Seal { keyring, backup_id, labels, io } => {
             let labels: BTreeMap<String, String> = labels.iter().cloned().collect();
             let hook = Hook::connect(&config()?)?;

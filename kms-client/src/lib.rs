@@ -9,5 +9,6 @@ pub mod config;
 pub mod escrow;
 pub mod hook;
 pub mod output;
+pub mod passphrase;
 pub mod sealed;
 pub mod secret;
