@@ -149,10 +149,12 @@ impl KmsClient {
             .map_err(|e| ClientError::Endpoint { endpoint: cfg.endpoint.clone(), source: e })?
             .connect_timeout(cfg.connect_timeout())
             .timeout(cfg.timeout());
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| ClientError::Connect { endpoint: cfg.endpoint.clone(), source: e })?;
+        // The endpoint's connect timeout covers TCP only; the deadline must also
+        // cover the TLS handshake (a peer that accepts but never answers).
+        let channel = match tokio::time::timeout(cfg.connect_timeout(), endpoint.connect()).await {
+            Ok(r) => r.map_err(|e| ClientError::Connect { endpoint: cfg.endpoint.clone(), source: e })?,
+            Err(_) => return Err(ClientError::DeadlineExceeded { endpoint: cfg.endpoint.clone() }),
+        };
         Ok(Self {
             keys: KeyServiceClient::new(channel.clone()),
             admin: AdminServiceClient::new(channel.clone()),

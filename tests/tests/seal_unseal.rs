@@ -323,3 +323,18 @@ fn write_is_flushed_to_output_file_atomically(p: Provider) {
     assert_eq!(&head, b"age-encryption.org/v1\n");
     let _ = std::io::stdout().flush();
 }
+
+#[test]
+fn a_server_that_never_answers_tls_hits_the_connect_deadline() {
+    let server = Server::start();
+    // Accepts TCP (the kernel completes the handshake into the backlog) but never speaks TLS.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let text = std::fs::read_to_string(server.client("sealer")).unwrap();
+    let cfg = server.dir.path().join("hung.toml");
+    std::fs::write(&cfg, text.replace(&server.addr, &hung.local_addr().unwrap().to_string()) + "connect_timeout_secs = 1\n").unwrap();
+    let out = run("backup-hook", &["--client-config", cfg.to_str().unwrap(), "seal", "--keyring", "default", "--backup-id", "x"], b"data");
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("did not answer in time"), "{}", stderr(&out));
+    assert!(out.stdout.is_empty());
+    drop(hung);
+}
