@@ -11,7 +11,7 @@ use tracing::instrument;
 use crate::auth::{Action, AuthError, Authenticator, Authorized, Policy, Principal};
 use crate::keys::{KeyError, KeyManager, KeyringInfo};
 use crate::master::MasterError;
-use crate::store::{AuditEvent, StoreError, VersionState};
+use crate::store::{AuditEvent, RestoreTestRecord, StoreError, VersionState};
 
 /// Shared state of the handlers.
 #[derive(Clone)]
@@ -233,10 +233,53 @@ impl pb::key_service_server::KeyService for Api {
             backup_id: k.backup_id,
         }))
     }
+
+    #[instrument(skip_all, fields(principal, keyring = %req.get_ref().keyring, key_id = %req.get_ref().key_id))]
+    async fn record_restore_test(
+        &self,
+        req: Request<pb::RecordRestoreTestRequest>,
+    ) -> Result<Response<pb::RecordRestoreTestResponse>, Status> {
+        let mut ev = Ev::new(Action::RecordRestoreTest, Some(&req.get_ref().keyring));
+        ev.key_id = Some(req.get_ref().key_id.clone()).filter(|k| !k.is_empty());
+        let auth = self.authorize(&req, &mut ev).await?;
+        let r = req.into_inner();
+        let outcome = if r.ok { "ok: restore test passed".to_owned() } else { format!("ok: restore test FAILED: {}", r.detail) };
+        let rec = RestoreTestRecord {
+            time: 0,
+            keyring: r.keyring,
+            key_id: r.key_id,
+            backup_id: r.backup_id,
+            ok: r.ok,
+            detail: r.detail,
+            bytes: r.bytes,
+            duration_ms: r.duration_ms,
+            host: r.host,
+            principal: String::new(),
+        };
+        match self.keys.record_restore_test(&auth, rec, ev.with_outcome(outcome)).await {
+            Ok(()) => Ok(Response::new(pb::RecordRestoreTestResponse {})),
+            Err(e @ KeyError::Store(_)) => Err(audit_unavailable(e)),
+            Err(e) => Err(self.fail(&ev, key_status(e)).await),
+        }
+    }
 }
 
 #[tonic::async_trait]
 impl pb::admin_service_server::AdminService for Api {
+    #[instrument(skip_all, fields(principal, keyring = %req.get_ref().name))]
+    async fn rotate_keyring(&self, req: Request<pb::RotateKeyringRequest>) -> Result<Response<pb::Keyring>, Status> {
+        let mut ev = Ev::new(Action::RotateKeyring, Some(&req.get_ref().name));
+        let auth = self.authorize(&req, &mut ev).await?;
+        match self.keys.rotate_keyring(&auth, &req.get_ref().name, ev.ok()).await {
+            Ok(k) => {
+                tracing::info!(version = k.current_version, "keyring rotated");
+                Ok(Response::new(keyring_pb(k)))
+            }
+            Err(e @ KeyError::Store(_)) => Err(audit_unavailable(e)),
+            Err(e) => Err(self.fail(&ev, key_status(e)).await),
+        }
+    }
+
     #[instrument(skip_all, fields(principal, keyring = %req.get_ref().name))]
     async fn create_keyring(&self, req: Request<pb::CreateKeyringRequest>) -> Result<Response<pb::Keyring>, Status> {
         let mut ev = Ev::new(Action::CreateKeyring, Some(&req.get_ref().name));

@@ -42,6 +42,8 @@ pub enum Action {
     GetEscrowStatus,
     ExportAudit,
     GetAuditPublicKey,
+    RotateKeyring,
+    RecordRestoreTest,
 }
 
 impl Action {
@@ -49,7 +51,8 @@ impl Action {
     pub fn permitted_roles(self) -> &'static [Role] {
         match self {
             Action::GenerateDataKey => &[Role::Sealer],
-            Action::UnwrapDataKey => &[Role::Restorer],
+            Action::UnwrapDataKey | Action::RecordRestoreTest => &[Role::Restorer],
+            Action::RotateKeyring => &[Role::Officer],
             Action::CreateKeyring | Action::InstallEscrow => &[Role::Officer],
             Action::ListKeyrings
             | Action::GetKeyring
@@ -70,6 +73,8 @@ impl Action {
             Action::GetEscrowStatus => "GetEscrowStatus",
             Action::ExportAudit => "ExportAudit",
             Action::GetAuditPublicKey => "GetAuditPublicKey",
+            Action::RotateKeyring => "RotateKeyring",
+            Action::RecordRestoreTest => "RecordRestoreTest",
         }
     }
 }

@@ -18,7 +18,8 @@ use crate::auth::{Action, Authorized};
 use crate::master::{MasterError, MasterKeyProvider};
 use crate::secret::{Key256, aes_gcm_open, aes_gcm_seal, random_array};
 use crate::store::{
-    AuditEvent, DataKeyRecord, KeyState, KeyringRecord, Store, StoreError, VersionRecord, VersionState, WriteOp,
+    AuditEvent, DataKeyRecord, KeyState, KeyringRecord, RestoreTestRecord, Store, StoreError, VersionRecord,
+    VersionState, WriteOp,
 };
 
 /// Format byte of a wrapped data key blob.
@@ -438,6 +439,67 @@ impl KeyManager {
             rings.insert(name.to_owned(), live);
         }
         Ok(info)
+    }
+
+    /// Adds a version to a keyring: new data keys use it, older versions keep unwrapping.
+    pub async fn rotate_keyring(&self, auth: &Authorized, name: &str, audit: AuditEvent) -> Result<KeyringInfo, KeyError> {
+        Self::check(auth, Action::RotateKeyring, Some(name))?;
+        validate_keyring_name(name)?;
+        let _guard = self.admin.lock().await;
+        let mut record = {
+            let rings = self.rings.read().map_err(|_| KeyError::NotCovered)?;
+            rings.get(name).ok_or_else(|| KeyError::KeyringNotFound { name: name.to_owned() })?.record.clone()
+        };
+        let version = record.versions.iter().map(|v| v.version).max().unwrap_or(0) + 1;
+        let key = Key256::generate(&self.rng).map_err(|_| KeyError::Rng)?;
+        let master = self.master.clone();
+        let aad = krk_aad(name, version);
+        let (key, wrapped) = tokio::task::spawn_blocking(move || {
+            let w = master.wrap(&aad, key.expose());
+            (key, w)
+        })
+        .await?;
+        record.versions.push(VersionRecord { version, created: now_unix(), state: VersionState::Active, wrapped_key: wrapped? });
+        self.store.write(WriteOp::Atomic(vec![WriteOp::PutKeyring(record.clone()), WriteOp::Audit(audit)])).await?;
+        let mut rings = self.rings.write().map_err(|_| KeyError::NotCovered)?;
+        let live = rings.get_mut(name).ok_or_else(|| KeyError::KeyringNotFound { name: name.to_owned() })?;
+        live.keys.insert(version, Arc::new(key));
+        live.record = record;
+        let info = KeyringInfo {
+            name: live.record.name.clone(),
+            created: live.record.created,
+            retention_days: live.record.retention_days,
+            current_version: version,
+            versions: live.record.versions.iter().map(|v| (v.version, v.created, v.state)).collect(),
+            issued_keys: self.store.issued_count(name)?,
+        };
+        Ok(info)
+    }
+
+    /// Records a restore test. The backup id comes from the registry when the key is known.
+    pub async fn record_restore_test(
+        &self,
+        auth: &Authorized,
+        mut rec: RestoreTestRecord,
+        audit: AuditEvent,
+    ) -> Result<(), KeyError> {
+        Self::check(auth, Action::RecordRestoreTest, Some(&rec.keyring))?;
+        validate_keyring_name(&rec.keyring)?;
+        validate_text("detail", &rec.detail, 1024, true)?;
+        validate_text("host", &rec.host, 256, true)?;
+        if !rec.key_id.is_empty() {
+            let id = parse_key_id(&rec.key_id)?;
+            if let Some(k) = self.store.data_key(&id)? {
+                if k.keyring != rec.keyring {
+                    return Err(KeyError::KeyringMismatch { key_id: rec.key_id, claimed: rec.keyring, actual: k.keyring });
+                }
+                rec.backup_id = k.backup_id;
+            }
+        }
+        rec.principal = auth.principal().name().to_owned();
+        rec.time = now_unix();
+        self.store.write(WriteOp::Atomic(vec![WriteOp::RestoreTest(rec), WriteOp::Audit(audit)])).await?;
+        Ok(())
     }
 
     fn info_of(&self, live: &LiveKeyring) -> Result<KeyringInfo, KeyError> {

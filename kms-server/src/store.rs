@@ -19,6 +19,7 @@ const DATA_KEYS: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("data_k
 const ISSUED: TableDefinition<&str, u64> = TableDefinition::new("issued_per_keyring");
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 const CHECKPOINTS: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_checkpoints");
+const RESTORE_TESTS: TableDefinition<u64, &[u8]> = TableDefinition::new("restore_tests");
 
 /// Test-only fault injection: with this variable set to `1` every audit write
 /// fails, to prove that requests then fail closed. It changes nothing otherwise.
@@ -111,6 +112,23 @@ pub enum WriteOp {
     Atomic(Vec<WriteOp>),
     /// An audit entry; the writer assigns its sequence number and chain hash.
     Audit(AuditEvent),
+    /// A restore test result; the writer assigns its id.
+    RestoreTest(RestoreTestRecord),
+}
+
+/// The outcome of one restore test (`backup-hook verify`).
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct RestoreTestRecord {
+    pub time: i64,
+    pub keyring: String,
+    pub key_id: String,
+    pub backup_id: String,
+    pub ok: bool,
+    pub detail: String,
+    pub bytes: u64,
+    pub duration_ms: u64,
+    pub host: String,
+    pub principal: String,
 }
 
 /// An audit entry before it is chained.
@@ -196,6 +214,7 @@ impl Store {
             txn.open_table(ISSUED).map_err(dberr)?;
             txn.open_table(AUDIT).map_err(dberr)?;
             txn.open_table(CHECKPOINTS).map_err(dberr)?;
+            txn.open_table(RESTORE_TESTS).map_err(dberr)?;
         }
         txn.commit().map_err(dberr)?;
         Self::start(db, path)
@@ -217,6 +236,7 @@ impl Store {
             let head = {
                 let audit = txn.open_table(AUDIT).map_err(dberr)?;
                 txn.open_table(CHECKPOINTS).map_err(dberr)?;
+                txn.open_table(RESTORE_TESTS).map_err(dberr)?;
                 match audit.last().map_err(dberr)? {
                     Some((k, v)) => {
                         let rec: kluis_proto::audit::AuditRecord = serde_json::from_slice(v.value())
@@ -252,6 +272,21 @@ impl Store {
         if let Ok(mut s) = self.signer.write() {
             *s = Some(key);
         }
+    }
+
+    /// Every restore test, oldest first.
+    pub fn restore_tests(&self) -> Result<Vec<(u64, RestoreTestRecord)>, StoreError> {
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let t = txn.open_table(RESTORE_TESTS).map_err(dberr)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(dberr)? {
+            let (k, v) = row.map_err(dberr)?;
+            out.push((
+                k.value(),
+                postcard::from_bytes(v.value()).map_err(|e| StoreError::Decode { what: "restore test", source: e })?,
+            ));
+        }
+        Ok(out)
     }
 
     /// Audit records with `seq >= from`, at most `limit`, in order, with the
@@ -404,6 +439,7 @@ fn commit_batch(database: &Database, ops: Vec<WriteOp>, chain: &mut AuditChain) 
     {
         let mut audit = txn.open_table(AUDIT).map_err(dberr)?;
         let mut checkpoints = txn.open_table(CHECKPOINTS).map_err(dberr)?;
+        let mut tests = txn.open_table(RESTORE_TESTS).map_err(dberr)?;
         let mut meta = txn.open_table(META).map_err(dberr)?;
         let mut keyrings = txn.open_table(KEYRINGS).map_err(dberr)?;
         let mut keys = txn.open_table(DATA_KEYS).map_err(dberr)?;
@@ -426,6 +462,11 @@ fn commit_batch(database: &Database, ops: Vec<WriteOp>, chain: &mut AuditChain) 
                     *counts.entry(record.keyring).or_default() += 1;
                 }
                 WriteOp::Atomic(_) => {}
+                WriteOp::RestoreTest(rec) => {
+                    let id = tests.last().map_err(dberr)?.map(|(k, _)| k.value() + 1).unwrap_or(1);
+                    let bytes = postcard::to_allocvec(&rec).map_err(|e| StoreError::Encode { what: "restore test", source: e })?;
+                    tests.insert(id, bytes.as_slice()).map_err(dberr)?;
+                }
                 WriteOp::Audit(ev) => {
                     let mut rec = kluis_proto::audit::AuditRecord {
                         seq: next_seq,
