@@ -72,6 +72,16 @@ enum Cmd {
         #[command(flatten)]
         io: Io,
     },
+    /// Restore test: unwrap the key, authenticate every chunk to the end, write no
+    /// plaintext, and record the outcome (also a failure) at the server.
+    Verify {
+        /// Sealed file (default: stdin).
+        #[arg(short = 'i', long = "input")]
+        input: Option<PathBuf>,
+        /// Name of this host in the record (default: the system host name).
+        #[arg(long)]
+        host: Option<String>,
+    },
     /// Print the repository passphrase kept sealed in a key file, as one base64 line
     /// (for restic --password-command, BORG_PASSCOMMAND, KOPIA_PASSWORD, ...); or with
     /// --create make a new key file. Never prompts.
@@ -310,6 +320,34 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let output = Output::create(io.output.as_deref())?;
             let (output, _report) = hook.seal(keyring, backup_id, &labels, input, output)?;
             output.commit()?;
+            Ok(())
+        }
+        Cmd::Verify { input, host } => {
+            let hook = Hook::connect(&config()?)?;
+            let reader = open_input(input.as_deref())?;
+            let host = host.clone().unwrap_or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default()
+            });
+            let report = hook.verify(reader, &host);
+            if let Some(e) = report.failure {
+                let mut f = Failure::from(e);
+                if report.keyring.is_some() && report.record_error.is_none() {
+                    f.message.push_str(" (failed restore test recorded at the server)");
+                }
+                return Err(f);
+            }
+            if let Some(e) = report.record_error {
+                let mut f = client_failure(&e);
+                f.message = format!("the backup verified, but the restore test could not be recorded: {}", f.message);
+                return Err(f);
+            }
+            eprintln!(
+                "backup-hook: verified {} bytes of keyring {} key {} in {:.1} s; restore test recorded",
+                report.bytes,
+                report.keyring.unwrap_or_default(),
+                report.key_id.unwrap_or_default(),
+                report.duration.as_secs_f64()
+            );
             Ok(())
         }
         Cmd::Unseal { recovery_identity, io } => {

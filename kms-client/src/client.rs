@@ -88,6 +88,19 @@ pub struct UnwrappedKey {
     pub backup_id: String,
 }
 
+/// The outcome of one restore test, as reported to the server.
+#[derive(Clone, Debug)]
+pub struct RestoreTest {
+    pub keyring: String,
+    pub key_id: String,
+    pub backup_id: String,
+    pub ok: bool,
+    pub detail: String,
+    pub bytes: u64,
+    pub duration_ms: u64,
+    pub host: String,
+}
+
 /// Keyring metadata.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct KeyringInfo {
@@ -237,6 +250,33 @@ impl KmsClient {
         let req = pb::CreateKeyringRequest { name: name.to_owned(), retention_days };
         let r = self.admin.clone().create_keyring(req).await.map_err(|s| self.status(s))?;
         Ok(keyring_info(r.into_inner()))
+    }
+
+    /// Adds a version to a keyring (officer).
+    pub async fn rotate_keyring(&self, name: &str) -> Result<KeyringInfo, ClientError> {
+        let r = self
+            .admin
+            .clone()
+            .rotate_keyring(pb::RotateKeyringRequest { name: name.to_owned() })
+            .await
+            .map_err(|s| self.status(s))?;
+        Ok(keyring_info(r.into_inner()))
+    }
+
+    /// Records the outcome of a restore test (restorer).
+    pub async fn record_restore_test(&self, t: &RestoreTest) -> Result<(), ClientError> {
+        let req = pb::RecordRestoreTestRequest {
+            keyring: t.keyring.clone(),
+            key_id: t.key_id.clone(),
+            backup_id: t.backup_id.clone(),
+            ok: t.ok,
+            detail: t.detail.clone(),
+            bytes: t.bytes,
+            duration_ms: t.duration_ms,
+            host: t.host.clone(),
+        };
+        self.keys.clone().record_restore_test(req).await.map_err(|s| self.status(s))?;
+        Ok(())
     }
 
     pub async fn list_keyrings(&self) -> Result<Vec<KeyringInfo>, ClientError> {

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 
-use crate::client::{ClientError, KmsClient};
+use crate::client::{ClientError, KmsClient, RestoreTest};
 use crate::config::{ClientConfig, ConfigError};
 use crate::sealed::{self, KluisIdentity, KluisStanza, Moved, SealError, UnsealError};
 use crate::secret::DataKey;
@@ -93,6 +93,61 @@ impl Hook {
                 .map(|u| u.data_key)
         });
         Ok(sealed::unseal(input, Some(&ident), recovery, output)?)
+    }
+}
+
+/// What `verify` found (also recorded at the server).
+pub struct VerifyReport {
+    pub keyring: Option<String>,
+    pub key_id: Option<String>,
+    pub bytes: u64,
+    pub duration: std::time::Duration,
+    /// `None` when every chunk authenticated.
+    pub failure: Option<HookError>,
+    /// Set when the result could not be recorded at the server.
+    pub record_error: Option<ClientError>,
+}
+
+impl Hook {
+    /// A restore test: unwraps the key, authenticates every chunk to the end, writes
+    /// no plaintext, and records the outcome (success or failure) at the server.
+    pub fn verify<R: Read>(&self, input: R, host: &str) -> VerifyReport {
+        let started = std::time::Instant::now();
+        let seen: std::cell::RefCell<Option<(String, String)>> = std::cell::RefCell::new(None);
+        let ident = KluisIdentity::new(|st: &KluisStanza| -> Result<DataKey, ClientError> {
+            *seen.borrow_mut() = Some((st.keyring.clone(), st.key_id.clone()));
+            self.rt
+                .block_on(self.client.unwrap_data_key(&st.key_id, &st.keyring, &st.wrapped))
+                .map(|u| u.data_key)
+        });
+        let result = sealed::unseal(input, Some(&ident), &[], std::io::sink());
+        let duration = started.elapsed();
+        let (bytes, failure) = match result {
+            Ok((_, moved)) => (moved.plaintext_bytes, None),
+            Err(e) => (0, Some(HookError::Unseal(e))),
+        };
+        let (keyring, key_id) = match seen.into_inner() {
+            Some((k, i)) => (Some(k), Some(i)),
+            None => (None, None),
+        };
+        let mut report = VerifyReport { keyring, key_id, bytes, duration, failure, record_error: None };
+        // A file too damaged to name its keyring cannot be attributed; it still fails.
+        if let Some(keyring) = report.keyring.clone() {
+            let t = RestoreTest {
+                keyring,
+                key_id: report.key_id.clone().unwrap_or_default(),
+                backup_id: String::new(),
+                ok: report.failure.is_none(),
+                detail: report.failure.as_ref().map(ToString::to_string).unwrap_or_default(),
+                bytes: report.bytes,
+                duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
+                host: host.to_owned(),
+            };
+            if let Err(e) = self.rt.block_on(self.client.record_restore_test(&t)) {
+                report.record_error = Some(e);
+            }
+        }
+        report
     }
 }
 

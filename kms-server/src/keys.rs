@@ -481,7 +481,7 @@ impl KeyManager {
         &self,
         auth: &Authorized,
         mut rec: RestoreTestRecord,
-        audit: AuditEvent,
+        mut audit: AuditEvent,
     ) -> Result<(), KeyError> {
         Self::check(auth, Action::RecordRestoreTest, Some(&rec.keyring))?;
         validate_keyring_name(&rec.keyring)?;
@@ -498,6 +498,7 @@ impl KeyManager {
         }
         rec.principal = auth.principal().name().to_owned();
         rec.time = now_unix();
+        audit.backup_id = Some(rec.backup_id.clone()).filter(|b| !b.is_empty());
         self.store.write(WriteOp::Atomic(vec![WriteOp::RestoreTest(rec), WriteOp::Audit(audit)])).await?;
         Ok(())
     }

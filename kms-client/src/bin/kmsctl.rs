@@ -112,6 +112,8 @@ enum KeyringCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Add a version: new data keys use it; older versions keep unsealing (officer).
+    Rotate { name: String },
     /// Show one keyring.
     Show {
         name: String,
@@ -216,6 +218,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
         match cli.cmd {
             Cmd::Keyring(KeyringCmd::Create { name, retention_days }) => {
                 let k = client.create_keyring(&name, retention_days).await?;
+                print_keyring(&mut out, &k).map_err(io)?;
+            }
+            Cmd::Keyring(KeyringCmd::Rotate { name }) => {
+                let k = client.rotate_keyring(&name).await?;
                 print_keyring(&mut out, &k).map_err(io)?;
             }
             Cmd::Keyring(KeyringCmd::List { json }) => {

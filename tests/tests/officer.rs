@@ -1,0 +1,95 @@
+//! The security officer's rotation and the restore operator's restore tests.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use base64::Engine;
+use kluis_tests::*;
+
+per_provider!(rotation_adds_a_version_and_old_backups_still_unseal);
+
+fn kmsctl_as(server: &Server, who: &str, args: &[&str]) -> std::process::Output {
+    let cfg = server.client(who);
+    let mut all = vec!["--client-config", cfg.to_str().unwrap()];
+    all.extend_from_slice(args);
+    run("kmsctl", &all, b"")
+}
+
+/// The keyring version inside a sealed file's Kluis stanza (wrapped key byte 1..5).
+fn stanza_version(sealed: &[u8]) -> u32 {
+    let text = String::from_utf8_lossy(&sealed[..sealed.windows(4).position(|w| w == b"\n---").unwrap() + 1]).into_owned();
+    let mut lines = text.lines().skip_while(|l| !l.starts_with("-> kluis ")).skip(1);
+    let mut b64 = String::new();
+    for l in lines.by_ref() {
+        b64.push_str(l);
+        if l.len() < 64 {
+            break;
+        }
+    }
+    let body = base64::engine::general_purpose::STANDARD_NO_PAD.decode(b64).unwrap();
+    u32::from_be_bytes(body[1..5].try_into().unwrap())
+}
+
+fn rotation_adds_a_version_and_old_backups_still_unseal(p: Provider) {
+    let server = Server::start_with(p);
+    let before = seal(&server, "sealer", "default", "before-rotation", b"old backup");
+    assert_eq!(stanza_version(&before), 1);
+    let out = kmsctl_as(&server, "sealer", &["keyring", "rotate", "default"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    let out = kmsctl_as(&server, "officer", &["keyring", "rotate", "default"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("current version: 2"), "{}", String::from_utf8_lossy(&out.stdout));
+    let after = seal(&server, "sealer", "default", "after-rotation", b"new backup");
+    assert_eq!(stanza_version(&after), 2, "new seals use the new version");
+    for (sealed, plain) in [(&before, &b"old backup"[..]), (&after, &b"new backup"[..])] {
+        let out = unseal(&server, "restorer", sealed);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert_eq!(out.stdout, plain);
+    }
+    let out = kmsctl_as(&server, "auditor", &["keyring", "show", "default", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["current_version"], 2);
+    assert_eq!(v["versions"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn verify_is_a_recorded_restore_test_that_writes_no_plaintext() {
+    let server = Server::start();
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+    let sealed = seal(&server, "sealer", "default", "ehr/weekly/2026-W47", &data);
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.age");
+    std::fs::write(&good, &sealed).unwrap();
+    let restorer = server.client("restorer");
+    let r = restorer.to_str().unwrap();
+
+    let out = run("backup-hook", &["--client-config", r, "verify", "-i", good.to_str().unwrap(), "--host", "restore01"], b"");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(out.stdout.is_empty(), "verify writes no plaintext");
+    assert!(stderr(&out).contains("verified 200000 bytes") && stderr(&out).contains("restore test recorded"), "{}", stderr(&out));
+
+    let mut bad = sealed.clone();
+    let n = bad.len();
+    bad[n - 500] ^= 1;
+    let badf = dir.path().join("bad.age");
+    std::fs::write(&badf, &bad).unwrap();
+    let out = run("backup-hook", &["--client-config", r, "verify", "-i", badf.to_str().unwrap(), "--host", "restore01"], b"");
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(stderr(&out).contains("payload is damaged") && stderr(&out).contains("failed restore test recorded"), "{}", stderr(&out));
+    assert!(out.stdout.is_empty());
+
+    // A sealer cannot run restore tests (it cannot unwrap).
+    let s = server.client("sealer");
+    let out = run("backup-hook", &["--client-config", s.to_str().unwrap(), "verify", "-i", good.to_str().unwrap()], b"");
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+
+    // Both tests are in the audit trail with the backup id from the registry.
+    let out = kmsctl_as(&server, "auditor", &["audit", "export"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let tests: Vec<&str> =
+        text.lines().filter(|l| l.contains("\"action\":\"RecordRestoreTest\"") && l.contains("\"outcome\":\"ok: ")).collect();
+    assert_eq!(tests.len(), 2, "{text}");
+    assert!(tests.iter().all(|t| t.contains("\"backup_id\":\"ehr/weekly/2026-W47\"")), "{tests:?}");
+    // The sealer's attempt is in the trail as a refusal.
+    assert!(text.lines().any(|l| l.contains("\"principal\":\"sealer\"") && l.contains("RecordRestoreTest") && l.contains("denied")));
+    assert!(tests[0].contains("restore test passed") && tests[0].contains("\"principal\":\"restorer\""), "{}", tests[0]);
+    assert!(tests[1].contains("restore test FAILED") && tests[1].contains("payload is damaged"), "{}", tests[1]);
+}
