@@ -88,6 +88,23 @@ pub struct UnwrappedKey {
     pub backup_id: String,
 }
 
+/// One grant: who holds which role on which keyrings, and where it comes from.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct GrantInfo {
+    pub principal: String,
+    pub role: String,
+    pub keyring: String,
+    /// `config` (the server's config file) or `runtime` (granted by an officer).
+    pub source: String,
+}
+
+fn grants(g: pb::Grants) -> Vec<GrantInfo> {
+    g.grants
+        .into_iter()
+        .map(|e| GrantInfo { principal: e.principal, role: e.role, keyring: e.keyring, source: e.source })
+        .collect()
+}
+
 /// The outcome of one restore test, as reported to the server.
 #[derive(Clone, Debug)]
 pub struct RestoreTest {
@@ -261,6 +278,24 @@ impl KmsClient {
             .await
             .map_err(|s| self.status(s))?;
         Ok(keyring_info(r.into_inner()))
+    }
+
+    /// Grants (`grant = true`) or revokes a role on a keyring at run time (officer).
+    pub async fn change_grant(&self, keyring: &str, principal: &str, role: &str, grant: bool) -> Result<Vec<GrantInfo>, ClientError> {
+        let req = pb::ChangeGrantRequest { keyring: keyring.to_owned(), principal: principal.to_owned(), role: role.to_owned(), grant };
+        let r = self.admin.clone().change_grant(req).await.map_err(|s| self.status(s))?;
+        Ok(grants(r.into_inner()))
+    }
+
+    /// The grants on a keyring, from the server config and from officers.
+    pub async fn list_grants(&self, keyring: &str) -> Result<Vec<GrantInfo>, ClientError> {
+        let r = self
+            .admin
+            .clone()
+            .list_grants(pb::ListGrantsRequest { keyring: keyring.to_owned() })
+            .await
+            .map_err(|s| self.status(s))?;
+        Ok(grants(r.into_inner()))
     }
 
     /// Records the outcome of a restore test (restorer).

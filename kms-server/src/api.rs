@@ -139,7 +139,9 @@ fn key_status(e: KeyError) -> Status {
     let msg = e.to_string();
     match e {
         KeyError::InvalidArgument { .. } | KeyError::EscrowManifest { .. } => Status::invalid_argument(msg),
-        KeyError::KeyringNotFound { .. } | KeyError::UnknownKeyId { .. } => Status::not_found(msg),
+        KeyError::KeyringNotFound { .. } | KeyError::UnknownKeyId { .. } | KeyError::GrantNotFound { .. } => {
+            Status::not_found(msg)
+        }
         KeyError::KeyringExists { .. } => Status::already_exists(msg),
         KeyError::KeyringMismatch { .. } | KeyError::UnwrapFailed { .. } => Status::invalid_argument(msg),
         KeyError::Destroyed { .. } | KeyError::VersionRetired { .. } | KeyError::EscrowRecipientChange { .. } => {
@@ -266,6 +268,36 @@ impl pb::key_service_server::KeyService for Api {
 
 #[tonic::async_trait]
 impl pb::admin_service_server::AdminService for Api {
+    #[instrument(skip_all, fields(principal, keyring = %req.get_ref().keyring))]
+    async fn change_grant(&self, req: Request<pb::ChangeGrantRequest>) -> Result<Response<pb::Grants>, Status> {
+        let mut ev = Ev::new(Action::ChangeGrant, Some(&req.get_ref().keyring));
+        let auth = self.authorize(&req, &mut ev).await?;
+        let r = req.into_inner();
+        let what = format!("ok: {} {} {}", if r.grant { "granted" } else { "revoked" }, r.role, r.principal);
+        match self.keys.change_grant(&auth, &r.keyring, &r.principal, &r.role, r.grant, ev.with_outcome(what)).await {
+            Ok(set) => {
+                self.policy.set_runtime(&set);
+                tracing::info!(principal = %r.principal, role = %r.role, grant = r.grant, "grant changed");
+                Ok(Response::new(self.grants_pb(&r.keyring)))
+            }
+            Err(e @ KeyError::Store(_)) => Err(audit_unavailable(e)),
+            Err(e) => Err(self.fail(&ev, key_status(e)).await),
+        }
+    }
+
+    #[instrument(skip_all, fields(principal, keyring = %req.get_ref().keyring))]
+    async fn list_grants(&self, req: Request<pb::ListGrantsRequest>) -> Result<Response<pb::Grants>, Status> {
+        let mut ev = Ev::new(Action::ListGrants, Some(&req.get_ref().keyring));
+        let auth = self.authorize(&req, &mut ev).await?;
+        match self.keys.check_list_grants(&auth, &req.get_ref().keyring) {
+            Ok(()) => {
+                self.done(&ev).await?;
+                Ok(Response::new(self.grants_pb(&req.get_ref().keyring)))
+            }
+            Err(e) => Err(self.fail(&ev, key_status(e)).await),
+        }
+    }
+
     #[instrument(skip_all, fields(principal, keyring = %req.get_ref().name))]
     async fn rotate_keyring(&self, req: Request<pb::RotateKeyringRequest>) -> Result<Response<pb::Keyring>, Status> {
         let mut ev = Ev::new(Action::RotateKeyring, Some(&req.get_ref().name));
@@ -387,6 +419,29 @@ impl pb::audit_service_server::AuditService for Api {
 }
 
 impl Api {
+    /// Grants that apply to `keyring`, from the config and the runtime set.
+    fn grants_pb(&self, keyring: &str) -> pb::Grants {
+        let mut grants = Vec::new();
+        for g in self.policy.config_grants() {
+            if g.keyrings.iter().any(|k| k == "*" || k == keyring) {
+                for r in &g.roles {
+                    grants.push(pb::GrantEntry {
+                        principal: g.principal.clone(),
+                        role: r.to_string(),
+                        keyring: g.keyrings.join(","),
+                        source: "config".into(),
+                    });
+                }
+            }
+        }
+        for g in self.keys.runtime_grants().unwrap_or_default() {
+            if g.keyring == keyring {
+                grants.push(pb::GrantEntry { principal: g.principal, role: g.role.to_string(), keyring: g.keyring, source: "runtime".into() });
+            }
+        }
+        pb::Grants { grants }
+    }
+
     fn escrow_status_pb(&self, auth: &Authorized) -> Result<Response<pb::EscrowStatus>, Status> {
         let (info, without) = self.keys.escrow_status(auth).map_err(key_status)?;
         Ok(Response::new(match info {

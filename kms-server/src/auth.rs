@@ -19,6 +19,19 @@ pub enum Role {
     Auditor,
 }
 
+impl std::str::FromStr for Role {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        match s {
+            "sealer" => Ok(Role::Sealer),
+            "restorer" => Ok(Role::Restorer),
+            "officer" => Ok(Role::Officer),
+            "auditor" => Ok(Role::Auditor),
+            _ => Err(()),
+        }
+    }
+}
+
 impl fmt::Display for Role {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -44,6 +57,8 @@ pub enum Action {
     GetAuditPublicKey,
     RotateKeyring,
     RecordRestoreTest,
+    ChangeGrant,
+    ListGrants,
 }
 
 impl Action {
@@ -52,7 +67,8 @@ impl Action {
         match self {
             Action::GenerateDataKey => &[Role::Sealer],
             Action::UnwrapDataKey | Action::RecordRestoreTest => &[Role::Restorer],
-            Action::RotateKeyring => &[Role::Officer],
+            Action::RotateKeyring | Action::ChangeGrant => &[Role::Officer],
+            Action::ListGrants => &[Role::Officer, Role::Auditor],
             Action::CreateKeyring | Action::InstallEscrow => &[Role::Officer],
             Action::ListKeyrings
             | Action::GetKeyring
@@ -75,6 +91,8 @@ impl Action {
             Action::GetAuditPublicKey => "GetAuditPublicKey",
             Action::RotateKeyring => "RotateKeyring",
             Action::RecordRestoreTest => "RecordRestoreTest",
+            Action::ChangeGrant => "ChangeGrant",
+            Action::ListGrants => "ListGrants",
         }
     }
 }
@@ -293,15 +311,45 @@ impl Authorized {
     }
 }
 
-/// Deny-by-default policy from the server configuration.
-#[derive(Clone, Debug, Default)]
+/// A role on one keyring granted at run time by an officer (stored in the store).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RuntimeGrant {
+    pub principal: String,
+    pub role: Role,
+    pub keyring: String,
+}
+
+/// Deny-by-default policy: the config file's grants plus the runtime grants.
+#[derive(Debug, Default)]
 pub struct Policy {
-    grants: Vec<Grant>,
+    config: Vec<Grant>,
+    runtime: std::sync::RwLock<Vec<Grant>>,
 }
 
 impl Policy {
     pub fn new(grants: Vec<Grant>) -> Self {
-        Self { grants }
+        Self { config: grants, runtime: std::sync::RwLock::new(Vec::new()) }
+    }
+
+    /// Replaces the runtime grants (after a ChangeGrant, or at start).
+    pub fn set_runtime(&self, grants: &[RuntimeGrant]) {
+        let as_grants = grants
+            .iter()
+            .map(|g| Grant { principal: g.principal.clone(), roles: [g.role].into(), keyrings: vec![g.keyring.clone()] })
+            .collect();
+        if let Ok(mut r) = self.runtime.write() {
+            *r = as_grants;
+        }
+    }
+
+    /// The config file's grants (for listings).
+    pub fn config_grants(&self) -> &[Grant] {
+        &self.config
+    }
+
+    /// Whether any grant, from the config or the runtime set, satisfies `pred`.
+    fn any_grant(&self, pred: impl Fn(&Grant) -> bool) -> bool {
+        self.config.iter().any(&pred) || self.runtime.read().map(|r| r.iter().any(&pred)).unwrap_or(false)
     }
 
     /// Checks `principal` for `action`; `keyring` is `None` for actions not tied to one
@@ -314,8 +362,9 @@ impl Policy {
         keyring: Option<&str>,
     ) -> Result<Authorized, AuthError> {
         let roles = action.permitted_roles();
-        let ok = self.grants.iter().filter(|g| g.principal == principal.0).any(|g| {
-            g.roles.iter().any(|r| roles.contains(r))
+        let ok = self.any_grant(|g| {
+            g.principal == principal.0
+                && g.roles.iter().any(|r| roles.contains(r))
                 && match (keyring, action) {
                     (Some(k), _) => g.covers(k),
                     (None, Action::ListKeyrings) => !g.keyrings.is_empty(),
@@ -336,10 +385,7 @@ impl Policy {
     /// Whether an authorized lister may see `keyring` in a listing.
     pub fn may_see(&self, auth: &Authorized, keyring: &str) -> bool {
         let roles = auth.action.permitted_roles();
-        self.grants
-            .iter()
-            .filter(|g| g.principal == auth.principal.0)
-            .any(|g| g.roles.iter().any(|r| roles.contains(r)) && g.covers(keyring))
+        self.any_grant(|g| g.principal == auth.principal.0 && g.roles.iter().any(|r| roles.contains(r)) && g.covers(keyring))
     }
 }
 

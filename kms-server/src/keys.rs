@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 use zeroize::Zeroizing;
 
-use crate::auth::{Action, Authorized};
+use crate::auth::{Action, Authorized, Role, RuntimeGrant};
 use crate::master::{MasterError, MasterKeyProvider};
 use crate::secret::{Key256, aes_gcm_open, aes_gcm_seal, random_array};
 use crate::store::{
@@ -28,6 +28,7 @@ const WRAPPED_DK_FORMAT: u8 = 1;
 pub const WRAPPED_DK_LEN: usize = 1 + 4 + 12 + 32 + 16;
 pub(crate) const MASTER_CHECK_META: &str = "master_check";
 const ESCROW_META: &str = "escrow";
+const GRANTS_META: &str = "runtime_grants";
 /// The server's Ed25519 audit key (PKCS#8), wrapped by the master key.
 pub(crate) const AUDIT_KEY_META: &str = "audit_key";
 pub(crate) const AUDIT_KEY_AAD: &[u8] = b"kluis/v1/audit-signing-key";
@@ -70,6 +71,8 @@ pub enum KeyError {
     Rng,
     #[error("a blocking task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error("principal {principal:?} has no runtime grant of {role} on keyring {keyring:?} (grants from the config file are changed there)")]
+    GrantNotFound { principal: String, role: String, keyring: String },
     #[error("the audit key could not be opened: {reason}")]
     AuditKey { reason: &'static str },
 }
@@ -501,6 +504,59 @@ impl KeyManager {
         audit.backup_id = Some(rec.backup_id.clone()).filter(|b| !b.is_empty());
         self.store.write(WriteOp::Atomic(vec![WriteOp::RestoreTest(rec), WriteOp::Audit(audit)])).await?;
         Ok(())
+    }
+
+    /// The runtime grants (officer-made), as stored.
+    pub fn runtime_grants(&self) -> Result<Vec<RuntimeGrant>, KeyError> {
+        match self.store.get_meta(GRANTS_META)? {
+            Some(b) => Ok(postcard::from_bytes(&b).map_err(|e| StoreError::Decode { what: "grants", source: e })?),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Grants (or revokes) `role` on `keyring` to `principal`; returns the new runtime set.
+    pub async fn change_grant(
+        &self,
+        auth: &Authorized,
+        keyring: &str,
+        principal: &str,
+        role: &str,
+        grant: bool,
+        audit: AuditEvent,
+    ) -> Result<Vec<RuntimeGrant>, KeyError> {
+        Self::check(auth, Action::ChangeGrant, Some(keyring))?;
+        validate_keyring_name(keyring)?;
+        validate_text("principal", principal, 256, false)?;
+        let role: Role = role
+            .parse()
+            .map_err(|()| KeyError::InvalidArgument { field: "role", reason: "must be sealer, restorer, officer or auditor" })?;
+        if !self.has_keyring(keyring) {
+            return Err(KeyError::KeyringNotFound { name: keyring.to_owned() });
+        }
+        let _guard = self.admin.lock().await;
+        let mut set = self.runtime_grants()?;
+        let g = RuntimeGrant { principal: principal.to_owned(), role, keyring: keyring.to_owned() };
+        if grant {
+            if !set.contains(&g) {
+                set.push(g);
+                set.sort();
+            }
+        } else {
+            let before = set.len();
+            set.retain(|x| *x != g);
+            if set.len() == before {
+                return Err(KeyError::GrantNotFound { principal: principal.to_owned(), role: role.to_string(), keyring: keyring.to_owned() });
+            }
+        }
+        let bytes = postcard::to_allocvec(&set).map_err(|e| StoreError::Encode { what: "grants", source: e })?;
+        self.store.write(WriteOp::Atomic(vec![WriteOp::PutMeta { key: GRANTS_META, value: bytes }, WriteOp::Audit(audit)])).await?;
+        Ok(set)
+    }
+
+    /// Checks that `auth` may list the grants of `keyring`.
+    pub fn check_list_grants(&self, auth: &Authorized, keyring: &str) -> Result<(), KeyError> {
+        Self::check(auth, Action::ListGrants, Some(keyring))?;
+        validate_keyring_name(keyring)
     }
 
     fn info_of(&self, live: &LiveKeyring) -> Result<KeyringInfo, KeyError> {

@@ -148,6 +148,7 @@ pub async fn serve(
         .client_ca_root(Certificate::from_pem(read(&cfg.tls.client_ca)?))
         .client_auth_optional(false);
     let policy = Arc::new(Policy::new(cfg.grants.clone()));
+    policy.set_runtime(&keys.runtime_grants()?);
     let revoked = match &cfg.auth.revoked {
         Some(p) => Some(RevocationList::load(p)?),
         None => None,

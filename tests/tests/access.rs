@@ -161,9 +161,29 @@ enum Rpc {
     GetKeyring,
     InstallEscrow,
     EscrowStatus,
+    Rotate,
+    ChangeGrant,
+    ListGrants,
+    RecordRestoreTest,
+    ExportAudit,
+    AuditPublicKey,
 }
 
-const ALL: [Rpc; 7] = [Rpc::Generate, Rpc::Unwrap, Rpc::CreateKeyring, Rpc::ListKeyrings, Rpc::GetKeyring, Rpc::InstallEscrow, Rpc::EscrowStatus];
+const ALL: [Rpc; 13] = [
+    Rpc::Generate,
+    Rpc::Unwrap,
+    Rpc::CreateKeyring,
+    Rpc::ListKeyrings,
+    Rpc::GetKeyring,
+    Rpc::InstallEscrow,
+    Rpc::EscrowStatus,
+    Rpc::Rotate,
+    Rpc::ChangeGrant,
+    Rpc::ListGrants,
+    Rpc::RecordRestoreTest,
+    Rpc::ExportAudit,
+    Rpc::AuditPublicKey,
+];
 
 /// The expected answer of each cell: who may call what on keyring `default`.
 fn allowed(who: &str, rpc: Rpc) -> bool {
@@ -171,9 +191,9 @@ fn allowed(who: &str, rpc: Rpc) -> bool {
     match who {
         "dev" => true,
         "sealer" => rpc == Generate,
-        "restorer" => rpc == Unwrap,
-        "officer" => matches!(rpc, CreateKeyring | ListKeyrings | GetKeyring | InstallEscrow | EscrowStatus),
-        "auditor" => matches!(rpc, ListKeyrings | GetKeyring | EscrowStatus),
+        "restorer" => matches!(rpc, Unwrap | RecordRestoreTest),
+        "officer" => !matches!(rpc, Generate | Unwrap | RecordRestoreTest),
+        "auditor" => matches!(rpc, ListKeyrings | GetKeyring | EscrowStatus | ListGrants | ExportAudit | AuditPublicKey),
         // Sealer and restorer, but only on keyring `pacs`.
         "pacs-only" => false,
         // Valid certificate from the right CA, but no grant at all.
@@ -190,7 +210,8 @@ struct Fixture {
 
 async fn call(ch: Channel, rpc: Rpc, f: &Fixture, n: usize) -> Result<(), tonic::Status> {
     let mut keys = pb::key_service_client::KeyServiceClient::new(ch.clone());
-    let mut admin = pb::admin_service_client::AdminServiceClient::new(ch);
+    let mut admin = pb::admin_service_client::AdminServiceClient::new(ch.clone());
+    let mut audit = pb::audit_service_client::AuditServiceClient::new(ch);
     match rpc {
         Rpc::Generate => keys
             .generate_data_key(pb::GenerateDataKeyRequest { keyring: "default".into(), backup_id: format!("table-{n}"), labels: Default::default() })
@@ -208,6 +229,24 @@ async fn call(ch: Channel, rpc: Rpc, f: &Fixture, n: usize) -> Result<(), tonic:
             .await
             .map(drop),
         Rpc::EscrowStatus => admin.get_escrow_status(pb::GetEscrowStatusRequest {}).await.map(drop),
+        Rpc::Rotate => admin.rotate_keyring(pb::RotateKeyringRequest { name: "default".into() }).await.map(drop),
+        Rpc::ChangeGrant => admin
+            .change_grant(pb::ChangeGrantRequest { keyring: "default".into(), principal: format!("p{n}"), role: "auditor".into(), grant: true })
+            .await
+            .map(drop),
+        Rpc::ListGrants => admin.list_grants(pb::ListGrantsRequest { keyring: "default".into() }).await.map(drop),
+        Rpc::RecordRestoreTest => keys
+            .record_restore_test(pb::RecordRestoreTestRequest {
+                keyring: "default".into(),
+                key_id: f.key_id.clone(),
+                ok: true,
+                host: "table".into(),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        Rpc::ExportAudit => audit.export_audit(pb::ExportAuditRequest { since: String::new(), tail: 5 }).await.map(drop),
+        Rpc::AuditPublicKey => audit.get_audit_public_key(pb::GetAuditPublicKeyRequest {}).await.map(drop),
     }
 }
 
@@ -267,7 +306,7 @@ async fn every_rpc_by_every_role_matches_the_table() {
             }
         }
     }
-    assert_eq!(cells, 7 * 7);
+    assert_eq!(cells, 7 * ALL.len());
     // The role on another keyring works there.
     let (_, c, k) = identities.iter().find(|(w, _, _)| *w == "pacs-only").unwrap();
     let ch = channel(&server, c, k).await;
@@ -275,4 +314,54 @@ async fn every_rpc_by_every_role_matches_the_table() {
         .generate_data_key(pb::GenerateDataKeyRequest { keyring: "pacs".into(), backup_id: "p".into(), labels: Default::default() })
         .await;
     assert!(on_pacs.is_ok(), "{on_pacs:?}");
+}
+
+#[test]
+fn officer_grants_and_revokes_at_run_time_stored_and_audited() {
+    let mut server = Server::start();
+    let officer = server.client("officer");
+    let o = officer.to_str().unwrap();
+    assert!(run("kmsctl", &["--client-config", o, "keyring", "create", "ehr-db"], b"").status.success());
+    let (cert, key) = issue(&server, "backup02", &[]);
+    let cfg = client_config(&server, "backup02", &cert, &key);
+    let seal_ehr = |cfg: &Path| {
+        run("backup-hook", &["--client-config", cfg.to_str().unwrap(), "seal", "--keyring", "ehr-db", "--backup-id", "e"], b"d")
+    };
+    assert_eq!(seal_ehr(&cfg).status.code(), Some(4), "no grant yet");
+
+    // A sealer cannot grant itself anything.
+    let sealer = server.client("sealer");
+    let out = run("kmsctl", &["--client-config", sealer.to_str().unwrap(), "keyring", "grant", "ehr-db", "--principal", "sealer", "--role", "restorer"], b"");
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+
+    let out = run("kmsctl", &["--client-config", o, "keyring", "grant", "ehr-db", "--principal", "backup02", "--role", "sealer"], b"");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(seal_ehr(&cfg).status.success(), "granted at run time");
+    // Only on that keyring, and only that role.
+    let out = run("backup-hook", &["--client-config", cfg.to_str().unwrap(), "seal", "--keyring", "default", "--backup-id", "e"], b"d");
+    assert_eq!(out.status.code(), Some(4));
+    let out = run("kmsctl", &["--client-config", o, "keyring", "grants", "ehr-db", "--json"], b"");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v.as_array().unwrap().iter().any(|g| g["principal"] == "backup02" && g["role"] == "sealer" && g["source"] == "runtime"), "{v}");
+    let out = run("kmsctl", &["--client-config", o, "keyring", "grant", "ehr-db", "--principal", "backup02", "--role", "janitor"], b"");
+    assert!(stderr(&out).contains("invalid role"), "{}", stderr(&out));
+
+    // Stored: survives a restart.
+    server.restart();
+    let cfg = client_config(&server, "backup02-2", &cert, &key);
+    assert!(seal_ehr(&cfg).status.success(), "the grant was not stored");
+    let officer = server.client("officer");
+    let o = officer.to_str().unwrap();
+    let out = run("kmsctl", &["--client-config", o, "keyring", "revoke", "ehr-db", "--principal", "backup02", "--role", "sealer"], b"");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(seal_ehr(&cfg).status.code(), Some(4), "revoked at run time");
+    let out = run("kmsctl", &["--client-config", o, "keyring", "revoke", "ehr-db", "--principal", "backup02", "--role", "sealer"], b"");
+    assert!(stderr(&out).contains("has no runtime grant"), "{}", stderr(&out));
+
+    // Audited.
+    let auditor = server.client("auditor");
+    let out = run("kmsctl", &["--client-config", auditor.to_str().unwrap(), "audit", "export"], b"");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains("\"action\":\"ChangeGrant\"") && text.contains("ok: granted sealer backup02") && text.contains("ok: revoked sealer backup02"), "{text}");
+    assert!(text.lines().any(|l| l.contains("ChangeGrant") && l.contains("\"principal\":\"sealer\"") && l.contains("denied")));
 }

@@ -114,6 +114,29 @@ enum KeyringCmd {
     },
     /// Add a version: new data keys use it; older versions keep unsealing (officer).
     Rotate { name: String },
+    /// Grant a role on a keyring to a principal (officer; stored and audited).
+    Grant {
+        name: String,
+        #[arg(long)]
+        principal: String,
+        /// sealer, restorer, officer or auditor
+        #[arg(long)]
+        role: String,
+    },
+    /// Revoke a role granted with `keyring grant` (officer).
+    Revoke {
+        name: String,
+        #[arg(long)]
+        principal: String,
+        #[arg(long)]
+        role: String,
+    },
+    /// Who holds which role on a keyring.
+    Grants {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Show one keyring.
     Show {
         name: String,
@@ -219,6 +242,26 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Cmd::Keyring(KeyringCmd::Create { name, retention_days }) => {
                 let k = client.create_keyring(&name, retention_days).await?;
                 print_keyring(&mut out, &k).map_err(io)?;
+            }
+            Cmd::Keyring(KeyringCmd::Grant { name, principal, role }) => {
+                client.change_grant(&name, &principal, &role, true).await?;
+                writeln!(out, "granted {role} on keyring {name} to {principal}").map_err(io)?;
+            }
+            Cmd::Keyring(KeyringCmd::Revoke { name, principal, role }) => {
+                client.change_grant(&name, &principal, &role, false).await?;
+                writeln!(out, "revoked {role} on keyring {name} from {principal}").map_err(io)?;
+            }
+            Cmd::Keyring(KeyringCmd::Grants { name, json }) => {
+                let list = client.list_grants(&name).await?;
+                if json {
+                    serde_json::to_writer_pretty(&mut out, &list).map_err(|e| fail(e.to_string()))?;
+                    writeln!(out).map_err(io)?;
+                } else {
+                    writeln!(out, "{:<32} {:<9} {:<20} SOURCE", "PRINCIPAL", "ROLE", "KEYRINGS").map_err(io)?;
+                    for g in list {
+                        writeln!(out, "{:<32} {:<9} {:<20} {}", g.principal, g.role, g.keyring, g.source).map_err(io)?;
+                    }
+                }
             }
             Cmd::Keyring(KeyringCmd::Rotate { name }) => {
                 let k = client.rotate_keyring(&name).await?;
