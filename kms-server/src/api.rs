@@ -11,6 +11,7 @@ use tracing::instrument;
 use crate::auth::{Action, AuthError, Authenticator, Authorized, Policy, Principal};
 use crate::keys::{KeyError, KeyManager, KeyringInfo};
 use crate::master::MasterError;
+use crate::metrics::Metrics;
 use crate::store::{AuditEvent, RestoreTestRecord, StoreError, VersionState};
 
 /// Shared state of the handlers.
@@ -19,6 +20,7 @@ pub struct Api {
     keys: Arc<KeyManager>,
     policy: Arc<Policy>,
     authn: Arc<Authenticator>,
+    metrics: Arc<Metrics>,
 }
 
 /// The audit entry of one request, filled in as the handler learns more.
@@ -28,12 +30,17 @@ struct Ev {
     keyring: Option<String>,
     key_id: Option<String>,
     backup_id: Option<String>,
+    started: std::time::Instant,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for Ev {
+    fn drop(&mut self) {
+        self.metrics.observe(self.action.name(), self.started.elapsed());
+    }
 }
 
 impl Ev {
-    fn new(action: Action, keyring: Option<&str>) -> Self {
-        Self { principal: "<unauthenticated>".into(), action, keyring: keyring.map(str::to_owned), key_id: None, backup_id: None }
-    }
 
     fn with_outcome(&self, outcome: String) -> AuditEvent {
         let mut e = audit_event(&self.principal, self.action.name(), self.keyring.as_deref(), self.backup_id.as_deref(), &outcome);
@@ -78,8 +85,21 @@ fn outcome_of(s: &Status) -> String {
 }
 
 impl Api {
-    pub fn new(keys: Arc<KeyManager>, policy: Arc<Policy>, authn: Arc<Authenticator>) -> Self {
-        Self { keys, policy, authn }
+    pub fn new(keys: Arc<KeyManager>, policy: Arc<Policy>, authn: Arc<Authenticator>, metrics: Arc<Metrics>) -> Self {
+        Self { keys, policy, authn, metrics }
+    }
+
+    /// The audit entry of a new request (also times it for the latency metric).
+    fn ev(&self, action: Action, keyring: Option<&str>) -> Ev {
+        Ev {
+            principal: "<unauthenticated>".into(),
+            action,
+            keyring: keyring.map(str::to_owned),
+            key_id: None,
+            backup_id: None,
+            started: std::time::Instant::now(),
+            metrics: self.metrics.clone(),
+        }
     }
 
     /// Authenticates and authorizes; a refusal is audited before it is returned.
@@ -94,22 +114,38 @@ impl Api {
         };
         match decision {
             Ok(a) => Ok(a),
-            Err(e) => Err(self.fail(ev, auth_status(e)).await),
+            Err(e) => {
+                let reason = match e {
+                    AuthError::Denied { .. } | AuthError::DeniedGlobal { .. } => "permission",
+                    AuthError::Revoked { .. } => "revoked",
+                    _ => "unauthenticated",
+                };
+                self.metrics.refused(ev.action.name(), reason);
+                Err(self.fail(ev, auth_status(e)).await)
+            }
         }
     }
 
     /// Audits a failed request and returns the status to send (UNAVAILABLE if
     /// even the audit entry cannot be written: fail closed).
     async fn fail(&self, ev: &Ev, status: Status) -> Status {
+        if !matches!(status.code(), tonic::Code::PermissionDenied | tonic::Code::Unauthenticated) {
+            self.metrics.failed(ev.action.name(), status.code());
+        }
         match self.keys.audit(ev.with_outcome(outcome_of(&status))).await {
             Ok(()) => status,
-            Err(e) => audit_unavailable(e),
+            Err(e) => self.audit_unavailable(e),
         }
     }
 
     /// Audits a successful request that wrote nothing else.
     async fn done(&self, ev: &Ev) -> Result<(), Status> {
-        self.keys.audit(ev.ok()).await.map_err(audit_unavailable)
+        self.keys.audit(ev.ok()).await.map_err(|e| self.audit_unavailable(e))
+    }
+
+    fn audit_unavailable(&self, e: KeyError) -> Status {
+        self.metrics.audit_failure();
+        audit_unavailable(e)
     }
 
     fn principal_of<T>(&self, req: &Request<T>) -> Result<Principal, AuthError> {
@@ -188,16 +224,17 @@ impl pb::key_service_server::KeyService for Api {
         &self,
         req: Request<pb::GenerateDataKeyRequest>,
     ) -> Result<Response<pb::GenerateDataKeyResponse>, Status> {
-        let mut ev = Ev::new(Action::GenerateDataKey, Some(&req.get_ref().keyring));
+        let mut ev = self.ev(Action::GenerateDataKey, Some(&req.get_ref().keyring));
         ev.backup_id = Some(req.get_ref().backup_id.clone());
         let auth = self.authorize(&req, &mut ev).await?;
         let r = req.into_inner();
         // On success the audit entry is committed with the registry record.
         let issued = match self.keys.generate_data_key(&auth, &r.keyring, &r.backup_id, r.labels, ev.ok()).await {
             Ok(k) => k,
-            Err(e @ KeyError::Store(_)) => return Err(audit_unavailable(e)),
+            Err(e @ KeyError::Store(_)) => return Err(self.audit_unavailable(e)),
             Err(e) => return Err(self.fail(&ev, key_status(e)).await),
         };
+        self.metrics.issued();
         tracing::info!(key_id = %issued.key_id, version = issued.version, "data key issued");
         Ok(Response::new(pb::GenerateDataKeyResponse {
             key_id: issued.key_id,
@@ -214,7 +251,7 @@ impl pb::key_service_server::KeyService for Api {
         &self,
         req: Request<pb::UnwrapDataKeyRequest>,
     ) -> Result<Response<pb::UnwrapDataKeyResponse>, Status> {
-        let mut ev = Ev::new(Action::UnwrapDataKey, Some(&req.get_ref().keyring));
+        let mut ev = self.ev(Action::UnwrapDataKey, Some(&req.get_ref().keyring));
         ev.key_id = Some(req.get_ref().key_id.clone());
         let auth = self.authorize(&req, &mut ev).await?;
         let r = req.into_inner();
@@ -227,6 +264,7 @@ impl pb::key_service_server::KeyService for Api {
         };
         ev.backup_id = Some(k.backup_id.clone());
         self.done(&ev).await?;
+        self.metrics.unwrapped();
         tracing::info!("data key unwrapped");
         Ok(Response::new(pb::UnwrapDataKeyResponse {
             plaintext_key: k.data_key.expose().to_vec(),
@@ -241,7 +279,7 @@ impl pb::key_service_server::KeyService for Api {
         &self,
         req: Request<pb::RecordRestoreTestRequest>,
     ) -> Result<Response<pb::RecordRestoreTestResponse>, Status> {
-        let mut ev = Ev::new(Action::RecordRestoreTest, Some(&req.get_ref().keyring));
+        let mut ev = self.ev(Action::RecordRestoreTest, Some(&req.get_ref().keyring));
         ev.key_id = Some(req.get_ref().key_id.clone()).filter(|k| !k.is_empty());
         let auth = self.authorize(&req, &mut ev).await?;
         let r = req.into_inner();
@@ -260,7 +298,7 @@ impl pb::key_service_server::KeyService for Api {
         };
         match self.keys.record_restore_test(&auth, rec, ev.with_outcome(outcome)).await {
             Ok(()) => Ok(Response::new(pb::RecordRestoreTestResponse {})),
-            Err(e @ KeyError::Store(_)) => Err(audit_unavailable(e)),
+            Err(e @ KeyError::Store(_)) => Err(self.audit_unavailable(e)),
             Err(e) => Err(self.fail(&ev, key_status(e)).await),
         }
     }
@@ -270,7 +308,7 @@ impl pb::key_service_server::KeyService for Api {
 impl pb::admin_service_server::AdminService for Api {
     #[instrument(skip_all, fields(principal, keyring = %req.get_ref().keyring))]
     async fn change_grant(&self, req: Request<pb::ChangeGrantRequest>) -> Result<Response<pb::Grants>, Status> {
-        let mut ev = Ev::new(Action::ChangeGrant, Some(&req.get_ref().keyring));
+        let mut ev = self.ev(Action::ChangeGrant, Some(&req.get_ref().keyring));
         let auth = self.authorize(&req, &mut ev).await?;
         let r = req.into_inner();
         let what = format!("ok: {} {} {}", if r.grant { "granted" } else { "revoked" }, r.role, r.principal);
@@ -280,14 +318,14 @@ impl pb::admin_service_server::AdminService for Api {
                 tracing::info!(principal = %r.principal, role = %r.role, grant = r.grant, "grant changed");
                 Ok(Response::new(self.grants_pb(&r.keyring)))
             }
-            Err(e @ KeyError::Store(_)) => Err(audit_unavailable(e)),
+            Err(e @ KeyError::Store(_)) => Err(self.audit_unavailable(e)),
             Err(e) => Err(self.fail(&ev, key_status(e)).await),
         }
     }
 
     #[instrument(skip_all, fields(principal, keyring = %req.get_ref().keyring))]
     async fn list_grants(&self, req: Request<pb::ListGrantsRequest>) -> Result<Response<pb::Grants>, Status> {
-        let mut ev = Ev::new(Action::ListGrants, Some(&req.get_ref().keyring));
+        let mut ev = self.ev(Action::ListGrants, Some(&req.get_ref().keyring));
         let auth = self.authorize(&req, &mut ev).await?;
         match self.keys.check_list_grants(&auth, &req.get_ref().keyring) {
             Ok(()) => {
@@ -300,21 +338,21 @@ impl pb::admin_service_server::AdminService for Api {
 
     #[instrument(skip_all, fields(principal, keyring = %req.get_ref().name))]
     async fn rotate_keyring(&self, req: Request<pb::RotateKeyringRequest>) -> Result<Response<pb::Keyring>, Status> {
-        let mut ev = Ev::new(Action::RotateKeyring, Some(&req.get_ref().name));
+        let mut ev = self.ev(Action::RotateKeyring, Some(&req.get_ref().name));
         let auth = self.authorize(&req, &mut ev).await?;
         match self.keys.rotate_keyring(&auth, &req.get_ref().name, ev.ok()).await {
             Ok(k) => {
                 tracing::info!(version = k.current_version, "keyring rotated");
                 Ok(Response::new(keyring_pb(k)))
             }
-            Err(e @ KeyError::Store(_)) => Err(audit_unavailable(e)),
+            Err(e @ KeyError::Store(_)) => Err(self.audit_unavailable(e)),
             Err(e) => Err(self.fail(&ev, key_status(e)).await),
         }
     }
 
     #[instrument(skip_all, fields(principal, keyring = %req.get_ref().name))]
     async fn create_keyring(&self, req: Request<pb::CreateKeyringRequest>) -> Result<Response<pb::Keyring>, Status> {
-        let mut ev = Ev::new(Action::CreateKeyring, Some(&req.get_ref().name));
+        let mut ev = self.ev(Action::CreateKeyring, Some(&req.get_ref().name));
         let auth = self.authorize(&req, &mut ev).await?;
         let r = req.into_inner();
         match self.keys.create_keyring(&auth, &r.name, r.retention_days, ev.ok()).await {
@@ -322,7 +360,7 @@ impl pb::admin_service_server::AdminService for Api {
                 tracing::info!("keyring created");
                 Ok(Response::new(keyring_pb(k)))
             }
-            Err(e @ KeyError::Store(_)) => Err(audit_unavailable(e)),
+            Err(e @ KeyError::Store(_)) => Err(self.audit_unavailable(e)),
             Err(e) => Err(self.fail(&ev, key_status(e)).await),
         }
     }
@@ -332,7 +370,7 @@ impl pb::admin_service_server::AdminService for Api {
         &self,
         req: Request<pb::ListKeyringsRequest>,
     ) -> Result<Response<pb::ListKeyringsResponse>, Status> {
-        let mut ev = Ev::new(Action::ListKeyrings, None);
+        let mut ev = self.ev(Action::ListKeyrings, None);
         let auth = self.authorize(&req, &mut ev).await?;
         match self.keys.list_keyrings(&auth, |name| self.policy.may_see(&auth, name)) {
             Ok(list) => {
@@ -345,7 +383,7 @@ impl pb::admin_service_server::AdminService for Api {
 
     #[instrument(skip_all, fields(principal, keyring = %req.get_ref().name))]
     async fn get_keyring(&self, req: Request<pb::GetKeyringRequest>) -> Result<Response<pb::Keyring>, Status> {
-        let mut ev = Ev::new(Action::GetKeyring, Some(&req.get_ref().name));
+        let mut ev = self.ev(Action::GetKeyring, Some(&req.get_ref().name));
         let auth = self.authorize(&req, &mut ev).await?;
         match self.keys.get_keyring(&auth, &req.get_ref().name) {
             Ok(k) => {
@@ -358,15 +396,15 @@ impl pb::admin_service_server::AdminService for Api {
 
     #[instrument(skip_all, fields(principal))]
     async fn install_escrow(&self, req: Request<pb::InstallEscrowRequest>) -> Result<Response<pb::EscrowStatus>, Status> {
-        let mut ev = Ev::new(Action::InstallEscrow, None);
+        let mut ev = self.ev(Action::InstallEscrow, None);
         let auth = self.authorize(&req, &mut ev).await?;
         let r = req.get_ref();
         match self.keys.install_escrow(&auth, &r.manifest_json, r.allow_new_recipient, ev.ok()).await {
             Ok(_) => {}
-            Err(e @ KeyError::Store(_)) => return Err(audit_unavailable(e)),
+            Err(e @ KeyError::Store(_)) => return Err(self.audit_unavailable(e)),
             Err(e) => return Err(self.fail(&ev, key_status(e)).await),
         }
-        let mut status_ev = Ev::new(Action::GetEscrowStatus, None);
+        let mut status_ev = self.ev(Action::GetEscrowStatus, None);
         let status_auth = self.authorize(&req, &mut status_ev).await?;
         self.escrow_status_pb(&status_auth)
     }
@@ -376,7 +414,7 @@ impl pb::admin_service_server::AdminService for Api {
         &self,
         req: Request<pb::GetEscrowStatusRequest>,
     ) -> Result<Response<pb::EscrowStatus>, Status> {
-        let mut ev = Ev::new(Action::GetEscrowStatus, None);
+        let mut ev = self.ev(Action::GetEscrowStatus, None);
         let auth = self.authorize(&req, &mut ev).await?;
         match self.escrow_status_pb(&auth) {
             Ok(r) => {
@@ -394,7 +432,7 @@ impl pb::audit_service_server::AuditService for Api {
 
     #[instrument(skip_all, fields(principal))]
     async fn export_audit(&self, req: Request<pb::ExportAuditRequest>) -> Result<Response<Self::ExportAuditStream>, Status> {
-        let mut ev = Ev::new(Action::ExportAudit, None);
+        let mut ev = self.ev(Action::ExportAudit, None);
         let auth = self.authorize(&req, &mut ev).await?;
         // The export is itself audited first, so it appears in the trail it returns.
         self.done(&ev).await?;
@@ -410,7 +448,7 @@ impl pb::audit_service_server::AuditService for Api {
         &self,
         req: Request<pb::GetAuditPublicKeyRequest>,
     ) -> Result<Response<pb::AuditPublicKey>, Status> {
-        let mut ev = Ev::new(Action::GetAuditPublicKey, None);
+        let mut ev = self.ev(Action::GetAuditPublicKey, None);
         let auth = self.authorize(&req, &mut ev).await?;
         let key = self.keys.audit_public_key(&auth).map_err(key_status)?;
         self.done(&ev).await?;

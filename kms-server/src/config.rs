@@ -37,6 +37,9 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Directory of the redb store (`kluis.redb`).
     pub data_dir: PathBuf,
+    /// Plain-HTTP Prometheus endpoint (`GET /metrics`), e.g. `127.0.0.1:9464`; off if absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<SocketAddr>,
     pub tls: TlsConfig,
     pub master: MasterConfig,
     /// How client certificates become principals, and which are revoked.

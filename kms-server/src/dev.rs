@@ -48,6 +48,7 @@ pub fn prepare(dir: &Path, listen: SocketAddr, master: DevMaster) -> Result<(Ser
         version: CONFIG_VERSION,
         listen,
         data_dir: dir.join("data"),
+        metrics_listen: None,
         tls: TlsConfig { cert: pki.server_cert, key: pki.server_key, client_ca: pki.ca_cert },
         master: match master {
             DevMaster::Software => {

@@ -10,6 +10,7 @@ pub mod dev;
 pub mod health;
 pub mod keys;
 pub mod master;
+pub mod metrics;
 pub mod migrate;
 pub mod pki;
 pub mod secret;

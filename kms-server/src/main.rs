@@ -104,6 +104,14 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
+async fn metrics_listener(cfg: &ServerConfig) -> Result<Option<tokio::net::TcpListener>, ServerError> {
+    let l = server::bind_metrics(cfg).await?;
+    if let Some(addr) = l.as_ref().and_then(|l| l.local_addr().ok()) {
+        println!("kms-server metrics on http://{addr}/metrics");
+    }
+    Ok(l)
+}
+
 fn announce(addr: SocketAddr) {
     // Tests and scripts wait for this exact line on stdout.
     println!("kms-server listening on {addr}");
@@ -145,8 +153,9 @@ async fn run(cmd: Cmd) -> Result<(), ServerError> {
                 clients.display(),
                 clients.display()
             );
+            let metrics = metrics_listener(&cfg).await?;
             announce(addr);
-            server::serve(&cfg, keys, listener, shutdown_signal()).await
+            server::serve(&cfg, keys, listener, metrics, shutdown_signal()).await
         }
         Cmd::Init { config } => {
             let cfg = ServerConfig::load(&config)?;
@@ -159,8 +168,9 @@ async fn run(cmd: Cmd) -> Result<(), ServerError> {
             let keys = server::open_keys(&cfg)?;
             let listener = server::bind(&cfg).await?;
             let addr = listener.local_addr().map_err(|e| ServerError::Bind { addr: cfg.listen, source: e })?;
+            let metrics = metrics_listener(&cfg).await?;
             announce(addr);
-            server::serve(&cfg, keys, listener, shutdown_signal()).await
+            server::serve(&cfg, keys, listener, metrics, shutdown_signal()).await
         }
         Cmd::MigrateMaster { from, to } => {
             let report = kms_server::migrate::migrate_master(&from, &to).map_err(Box::new)?;

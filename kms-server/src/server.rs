@@ -14,6 +14,7 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use crate::api::Api;
 use crate::auth::{Authenticator, Policy, RevocationError, RevocationList};
 use crate::health::HealthService;
+use crate::metrics::Metrics;
 use tonic_health::pb::health_server::HealthServer;
 use crate::config::{ConfigError, MasterConfig, ServerConfig};
 use crate::keys::{KeyError, KeyManager};
@@ -129,11 +130,23 @@ pub async fn bind(cfg: &ServerConfig) -> Result<tokio::net::TcpListener, ServerE
         .map_err(|e| ServerError::Bind { addr: cfg.listen, source: e })
 }
 
+/// Binds the metrics endpoint, if configured.
+pub async fn bind_metrics(cfg: &ServerConfig) -> Result<Option<tokio::net::TcpListener>, ServerError> {
+    match cfg.metrics_listen {
+        None => Ok(None),
+        Some(addr) => tokio::net::TcpListener::bind(addr)
+            .await
+            .map(Some)
+            .map_err(|e| ServerError::Bind { addr, source: e }),
+    }
+}
+
 /// Serves until `shutdown` resolves.
 pub async fn serve(
     cfg: &ServerConfig,
     keys: Arc<KeyManager>,
     listener: tokio::net::TcpListener,
+    metrics_listener: Option<tokio::net::TcpListener>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
     check_key_file_permissions(&cfg.tls.key).map_err(|e| match e {
@@ -155,7 +168,11 @@ pub async fn serve(
     };
     let authn = Arc::new(Authenticator::new(cfg.auth.identity, revoked));
     let health_service = HealthServer::new(HealthService::new(keys.master().clone()));
-    let api = Api::new(keys, policy, authn);
+    let metrics = Arc::new(Metrics::default());
+    if let Some(l) = metrics_listener {
+        tokio::spawn(crate::metrics::serve(l, metrics.clone(), keys.master().clone()));
+    }
+    let api = Api::new(keys, policy, authn, metrics);
     // Reflection v1 and the older v1alpha (still what many grpcurl builds ask for).
     let reflection_builder = || {
         tonic_reflection::server::Builder::configure()

@@ -71,6 +71,8 @@ pub struct Server {
     pub token: Option<SoftHsmToken>,
     /// Extra environment for the server process (applies from the next start).
     pub env: Vec<(String, String)>,
+    /// `host:port` of the metrics endpoint, if the config enables it.
+    pub metrics_addr: Option<String>,
     stderr_path: PathBuf,
 }
 
@@ -84,7 +86,7 @@ impl Server {
     pub fn start_with(provider: Provider) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let token = (provider == Provider::SoftHsm).then(|| SoftHsmToken::create(&dir.path().join("hsm"), "kluis-test"));
-        let mut s = Server { child: None, dir, addr: String::new(), provider, token, env: Vec::new(), stderr_path: PathBuf::new() };
+        let mut s = Server { child: None, dir, addr: String::new(), provider, token, env: Vec::new(), metrics_addr: None, stderr_path: PathBuf::new() };
         s.spawn();
         s
     }
@@ -118,6 +120,9 @@ impl Server {
         let addr = loop {
             match lines.next() {
                 Some(Ok(line)) => {
+                    if let Some(a) = line.strip_prefix("kms-server metrics on http://") {
+                        self.metrics_addr = a.strip_suffix("/metrics").map(str::to_owned);
+                    }
                     if let Some(a) = line.strip_prefix("kms-server listening on ") {
                         break a.to_owned();
                     }

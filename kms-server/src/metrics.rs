@@ -1,0 +1,145 @@
+//! Prometheus metrics on a separate plain-HTTP listener (`metrics_listen`), for
+//! operations: issuances, unwraps, refusals by action and reason, audit write
+//! failures, master-key (HSM) health, request latency. No secrets and no
+//! principal names appear in metrics.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::master::MasterKeyProvider;
+
+/// Latency bucket upper bounds, seconds.
+const BUCKETS: [f64; 12] = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+
+#[derive(Default)]
+struct Histogram {
+    counts: [u64; BUCKETS.len() + 1],
+    sum: f64,
+}
+
+/// Counters and histograms, shared by the handlers.
+#[derive(Default)]
+pub struct Metrics {
+    issued: AtomicU64,
+    unwrapped: AtomicU64,
+    audit_failures: AtomicU64,
+    refusals: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    errors: Mutex<BTreeMap<(&'static str, String), u64>>,
+    latency: Mutex<BTreeMap<&'static str, Histogram>>,
+}
+
+impl Metrics {
+    pub fn issued(&self) {
+        self.issued.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn unwrapped(&self) {
+        self.unwrapped.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn audit_failure(&self) {
+        self.audit_failures.fetch_add(1, Ordering::Relaxed);
+    }
+    /// A refused request (`reason`: permission, unauthenticated, revoked).
+    pub fn refused(&self, action: &'static str, reason: &'static str) {
+        if let Ok(mut m) = self.refusals.lock() {
+            *m.entry((action, reason)).or_default() += 1;
+        }
+    }
+    /// A request that failed after authorization, by gRPC code.
+    pub fn failed(&self, action: &'static str, code: tonic::Code) {
+        if let Ok(mut m) = self.errors.lock() {
+            *m.entry((action, format!("{code:?}"))).or_default() += 1;
+        }
+    }
+    pub fn observe(&self, action: &'static str, took: Duration) {
+        let secs = took.as_secs_f64();
+        if let Ok(mut m) = self.latency.lock() {
+            let h = m.entry(action).or_default();
+            let i = BUCKETS.iter().position(|b| secs <= *b).unwrap_or(BUCKETS.len());
+            h.counts[i] += 1;
+            h.sum += secs;
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self, master_healthy: bool) -> String {
+        let mut o = String::new();
+        let _ = writeln!(o, "# HELP kluis_data_keys_issued_total Data keys issued (durably recorded).");
+        let _ = writeln!(o, "# TYPE kluis_data_keys_issued_total counter");
+        let _ = writeln!(o, "kluis_data_keys_issued_total {}", self.issued.load(Ordering::Relaxed));
+        let _ = writeln!(o, "# HELP kluis_data_keys_unwrapped_total Data keys unwrapped.");
+        let _ = writeln!(o, "# TYPE kluis_data_keys_unwrapped_total counter");
+        let _ = writeln!(o, "kluis_data_keys_unwrapped_total {}", self.unwrapped.load(Ordering::Relaxed));
+        let _ = writeln!(o, "# HELP kluis_audit_write_failures_total Requests refused because the audit trail could not be written.");
+        let _ = writeln!(o, "# TYPE kluis_audit_write_failures_total counter");
+        let _ = writeln!(o, "kluis_audit_write_failures_total {}", self.audit_failures.load(Ordering::Relaxed));
+        let _ = writeln!(o, "# HELP kluis_master_key_up Whether the master-key provider (HSM token) answers.");
+        let _ = writeln!(o, "# TYPE kluis_master_key_up gauge");
+        let _ = writeln!(o, "kluis_master_key_up {}", u8::from(master_healthy));
+        let _ = writeln!(o, "# HELP kluis_refusals_total Refused requests by action and reason.");
+        let _ = writeln!(o, "# TYPE kluis_refusals_total counter");
+        if let Ok(m) = self.refusals.lock() {
+            for ((action, reason), n) in m.iter() {
+                let _ = writeln!(o, "kluis_refusals_total{{action=\"{action}\",reason=\"{reason}\"}} {n}");
+            }
+        }
+        let _ = writeln!(o, "# HELP kluis_request_errors_total Requests that failed after authorization, by gRPC code.");
+        let _ = writeln!(o, "# TYPE kluis_request_errors_total counter");
+        if let Ok(m) = self.errors.lock() {
+            for ((action, code), n) in m.iter() {
+                let _ = writeln!(o, "kluis_request_errors_total{{action=\"{action}\",code=\"{code}\"}} {n}");
+            }
+        }
+        let _ = writeln!(o, "# HELP kluis_request_duration_seconds Request latency by action, including the durable audit write.");
+        let _ = writeln!(o, "# TYPE kluis_request_duration_seconds histogram");
+        if let Ok(m) = self.latency.lock() {
+            for (action, h) in m.iter() {
+                let mut cum = 0;
+                for (i, b) in BUCKETS.iter().enumerate() {
+                    cum += h.counts[i];
+                    let _ = writeln!(o, "kluis_request_duration_seconds_bucket{{action=\"{action}\",le=\"{b}\"}} {cum}");
+                }
+                cum += h.counts[BUCKETS.len()];
+                let _ = writeln!(o, "kluis_request_duration_seconds_bucket{{action=\"{action}\",le=\"+Inf\"}} {cum}");
+                let _ = writeln!(o, "kluis_request_duration_seconds_sum{{action=\"{action}\"}} {}", h.sum);
+                let _ = writeln!(o, "kluis_request_duration_seconds_count{{action=\"{action}\"}} {cum}");
+            }
+        }
+        o
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until the process ends.
+pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, master: Arc<dyn MasterKeyProvider>) {
+    loop {
+        let Ok((mut sock, _)) = listener.accept().await else { continue };
+        let metrics = metrics.clone();
+        let master = master.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let n = match tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf)).await {
+                Ok(Ok(n)) => n,
+                _ => return,
+            };
+            let req = String::from_utf8_lossy(&buf[..n]);
+            let response = if req.starts_with("GET /metrics ") || req.starts_with("GET /metrics\r") {
+                let m = master.clone();
+                let healthy = tokio::task::spawn_blocking(move || m.health().is_ok()).await.unwrap_or(false);
+                let body = metrics.render(healthy);
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+            } else {
+                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_owned()
+            };
+            let _ = sock.write_all(response.as_bytes()).await;
+            let _ = sock.shutdown().await;
+        });
+    }
+}
