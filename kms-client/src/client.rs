@@ -88,6 +88,30 @@ pub struct UnwrappedKey {
     pub backup_id: String,
 }
 
+/// A dual-control request.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ApprovalInfo {
+    pub id: u64,
+    pub action: String,
+    pub requested_by: String,
+    pub requested_unix: i64,
+    pub expires_unix: i64,
+    pub state: String,
+    pub approved_by: String,
+}
+
+fn approval(a: pb::Approval) -> ApprovalInfo {
+    ApprovalInfo {
+        id: a.id,
+        action: a.action,
+        requested_by: a.requested_by,
+        requested_unix: a.requested_unix,
+        expires_unix: a.expires_unix,
+        state: a.state,
+        approved_by: a.approved_by,
+    }
+}
+
 /// One grant: who holds which role on which keyrings, and where it comes from.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct GrantInfo {
@@ -296,6 +320,25 @@ impl KmsClient {
             .await
             .map_err(|s| self.status(s))?;
         Ok(grants(r.into_inner()))
+    }
+
+    /// Asks to retire versions below `below` (officer); returns the pending approval.
+    pub async fn retire_versions(&self, keyring: &str, below: u32) -> Result<ApprovalInfo, ClientError> {
+        let req = pb::RetireKeyringVersionsRequest { keyring: keyring.to_owned(), below_version: below };
+        let r = self.admin.clone().retire_keyring_versions(req).await.map_err(|s| self.status(s))?;
+        Ok(approval(r.into_inner()))
+    }
+
+    /// Approves another officer's pending request; it is carried out at once.
+    pub async fn approve(&self, id: u64) -> Result<ApprovalInfo, ClientError> {
+        let r = self.admin.clone().approve(pb::ApproveRequest { id }).await.map_err(|s| self.status(s))?;
+        Ok(approval(r.into_inner()))
+    }
+
+    /// All approval requests.
+    pub async fn approvals(&self) -> Result<Vec<ApprovalInfo>, ClientError> {
+        let r = self.admin.clone().list_approvals(pb::ListApprovalsRequest {}).await.map_err(|s| self.status(s))?;
+        Ok(r.into_inner().approvals.into_iter().map(approval).collect())
     }
 
     /// Records the outcome of a restore test (restorer).

@@ -175,8 +175,13 @@ fn key_status(e: KeyError) -> Status {
     let msg = e.to_string();
     match e {
         KeyError::InvalidArgument { .. } | KeyError::EscrowManifest { .. } => Status::invalid_argument(msg),
-        KeyError::KeyringNotFound { .. } | KeyError::UnknownKeyId { .. } | KeyError::GrantNotFound { .. } => {
-            Status::not_found(msg)
+        KeyError::KeyringNotFound { .. }
+        | KeyError::UnknownKeyId { .. }
+        | KeyError::GrantNotFound { .. }
+        | KeyError::ApprovalNotFound { .. } => Status::not_found(msg),
+        KeyError::SelfApproval { .. } => Status::permission_denied(msg),
+        KeyError::ApprovalExpired { .. } | KeyError::ApprovalDone { .. } | KeyError::BadRetire { .. } => {
+            Status::failed_precondition(msg)
         }
         KeyError::KeyringExists { .. } => Status::already_exists(msg),
         KeyError::KeyringMismatch { .. } | KeyError::UnwrapFailed { .. } => Status::invalid_argument(msg),
@@ -304,8 +309,76 @@ impl pb::key_service_server::KeyService for Api {
     }
 }
 
+fn approval_pb(a: crate::store::ApprovalRecord) -> pb::Approval {
+    let action = match &a.action {
+        crate::store::PendingAction::RetireVersions { keyring, below } => {
+            format!("retire keyring {keyring} versions below {below}")
+        }
+    };
+    let state = if a.approved_by.is_some() {
+        "approved"
+    } else if crate::keys::now_unix() >= a.expires {
+        "expired"
+    } else {
+        "pending"
+    };
+    pb::Approval {
+        id: a.id,
+        action,
+        requested_by: a.requested_by,
+        requested_unix: a.requested,
+        expires_unix: a.expires,
+        state: state.to_owned(),
+        approved_by: a.approved_by.unwrap_or_default(),
+    }
+}
+
 #[tonic::async_trait]
 impl pb::admin_service_server::AdminService for Api {
+    #[instrument(skip_all, fields(principal, keyring = %req.get_ref().keyring))]
+    async fn retire_keyring_versions(
+        &self,
+        req: Request<pb::RetireKeyringVersionsRequest>,
+    ) -> Result<Response<pb::Approval>, Status> {
+        let mut ev = self.ev(Action::RetireVersions, Some(&req.get_ref().keyring));
+        let auth = self.authorize(&req, &mut ev).await?;
+        let r = req.get_ref();
+        let outcome = format!("ok: pending approval to retire versions below {}", r.below_version);
+        match self.keys.request_retire(&auth, &r.keyring, r.below_version, ev.with_outcome(outcome)).await {
+            Ok(a) => Ok(Response::new(approval_pb(a))),
+            Err(e @ KeyError::Store(_)) => Err(self.audit_unavailable(e)),
+            Err(e) => Err(self.fail(&ev, key_status(e)).await),
+        }
+    }
+
+    #[instrument(skip_all, fields(principal, id = req.get_ref().id))]
+    async fn approve(&self, req: Request<pb::ApproveRequest>) -> Result<Response<pb::Approval>, Status> {
+        let mut ev = self.ev(Action::Approve, None);
+        let auth = self.authorize(&req, &mut ev).await?;
+        let id = req.get_ref().id;
+        match self.keys.approve(&auth, id, ev.with_outcome(format!("ok: approved and carried out request {id}"))).await {
+            Ok(a) => {
+                tracing::warn!(id, "destructive request approved and carried out");
+                Ok(Response::new(approval_pb(a)))
+            }
+            Err(e @ KeyError::Store(_)) => Err(self.audit_unavailable(e)),
+            Err(e) => Err(self.fail(&ev, key_status(e)).await),
+        }
+    }
+
+    #[instrument(skip_all, fields(principal))]
+    async fn list_approvals(&self, req: Request<pb::ListApprovalsRequest>) -> Result<Response<pb::Approvals>, Status> {
+        let mut ev = self.ev(Action::ListApprovals, None);
+        let auth = self.authorize(&req, &mut ev).await?;
+        match self.keys.approvals(&auth) {
+            Ok(list) => {
+                self.done(&ev).await?;
+                Ok(Response::new(pb::Approvals { approvals: list.into_iter().map(approval_pb).collect() }))
+            }
+            Err(e) => Err(self.fail(&ev, key_status(e)).await),
+        }
+    }
+
     #[instrument(skip_all, fields(principal, keyring = %req.get_ref().keyring))]
     async fn change_grant(&self, req: Request<pb::ChangeGrantRequest>) -> Result<Response<pb::Grants>, Status> {
         let mut ev = self.ev(Action::ChangeGrant, Some(&req.get_ref().keyring));

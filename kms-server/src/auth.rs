@@ -59,6 +59,9 @@ pub enum Action {
     RecordRestoreTest,
     ChangeGrant,
     ListGrants,
+    RetireVersions,
+    Approve,
+    ListApprovals,
 }
 
 impl Action {
@@ -67,7 +70,8 @@ impl Action {
         match self {
             Action::GenerateDataKey => &[Role::Sealer],
             Action::UnwrapDataKey | Action::RecordRestoreTest => &[Role::Restorer],
-            Action::RotateKeyring | Action::ChangeGrant => &[Role::Officer],
+            Action::RotateKeyring | Action::ChangeGrant | Action::RetireVersions | Action::Approve => &[Role::Officer],
+            Action::ListApprovals => &[Role::Officer, Role::Auditor],
             Action::ListGrants => &[Role::Officer, Role::Auditor],
             Action::CreateKeyring | Action::InstallEscrow => &[Role::Officer],
             Action::ListKeyrings
@@ -93,6 +97,9 @@ impl Action {
             Action::RecordRestoreTest => "RecordRestoreTest",
             Action::ChangeGrant => "ChangeGrant",
             Action::ListGrants => "ListGrants",
+            Action::RetireVersions => "RetireKeyringVersions",
+            Action::Approve => "Approve",
+            Action::ListApprovals => "ListApprovals",
         }
     }
 }

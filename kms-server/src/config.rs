@@ -37,6 +37,9 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Directory of the redb store (`kluis.redb`).
     pub data_dir: PathBuf,
+    /// How long a destructive request waits for a second officer's approval, seconds (default 86400).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval_ttl_secs: Option<u64>,
     /// Plain-HTTP Prometheus endpoint (`GET /metrics`), e.g. `127.0.0.1:9464`; off if absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<SocketAddr>,

@@ -49,6 +49,7 @@ pub fn prepare(dir: &Path, listen: SocketAddr, master: DevMaster) -> Result<(Ser
         listen,
         data_dir: dir.join("data"),
         metrics_listen: None,
+        approval_ttl_secs: None,
         tls: TlsConfig { cert: pki.server_cert, key: pki.server_key, client_ca: pki.ca_cert },
         master: match master {
             DevMaster::Software => {

@@ -18,9 +18,12 @@ use crate::auth::{Action, Authorized, Role, RuntimeGrant};
 use crate::master::{MasterError, MasterKeyProvider};
 use crate::secret::{Key256, aes_gcm_open, aes_gcm_seal, random_array};
 use crate::store::{
-    AuditEvent, DataKeyRecord, KeyState, KeyringRecord, RestoreTestRecord, Store, StoreError, VersionRecord,
-    VersionState, WriteOp,
+    ApprovalRecord, AuditEvent, DataKeyRecord, KeyState, KeyringRecord, PendingAction, RestoreTestRecord, Store,
+    StoreError, VersionRecord, VersionState, WriteOp,
 };
+
+/// Default time a destructive request waits for a second officer.
+pub const DEFAULT_APPROVAL_TTL_SECS: u64 = 86_400;
 
 /// Format byte of a wrapped data key blob.
 const WRAPPED_DK_FORMAT: u8 = 1;
@@ -49,7 +52,7 @@ pub enum KeyError {
     KeyringMismatch { key_id: String, claimed: String, actual: String },
     #[error("data key {key_id} was destroyed on {date}")]
     Destroyed { key_id: String, date: String },
-    #[error("keyring {keyring:?} version {version} is retired")]
+    #[error("keyring {keyring:?} version {version} is retired: the server no longer unwraps its keys (the escrow recovery key still opens backups that carry an escrow stanza)")]
     VersionRetired { keyring: String, version: u32 },
     #[error("the wrapped data key {key_id} does not authenticate: it was altered, or its context does not match")]
     UnwrapFailed { key_id: String },
@@ -73,6 +76,16 @@ pub enum KeyError {
     Join(#[from] tokio::task::JoinError),
     #[error("principal {principal:?} has no runtime grant of {role} on keyring {keyring:?} (grants from the config file are changed there)")]
     GrantNotFound { principal: String, role: String, keyring: String },
+    #[error("no approval request {id}")]
+    ApprovalNotFound { id: u64 },
+    #[error("approval request {id} expired on {date}; ask again")]
+    ApprovalExpired { id: u64, date: String },
+    #[error("approval request {id} was made by {principal:?}; a second, different officer must approve it")]
+    SelfApproval { id: u64, principal: String },
+    #[error("approval request {id} was already approved by {by:?}")]
+    ApprovalDone { id: u64, by: String },
+    #[error("cannot retire versions below {below} of keyring {keyring:?}: {reason}")]
+    BadRetire { keyring: String, below: u32, reason: &'static str },
     #[error("the audit key could not be opened: {reason}")]
     AuditKey { reason: &'static str },
 }
@@ -168,6 +181,7 @@ pub struct KeyManager {
     escrow: RwLock<Option<EscrowInfo>>,
     admin: Mutex<()>,
     rng: SystemRandom,
+    approval_ttl_secs: u64,
 }
 
 pub fn now_unix() -> i64 {
@@ -309,6 +323,7 @@ impl KeyManager {
             escrow: RwLock::new(escrow),
             admin: Mutex::new(()),
             rng: SystemRandom::new(),
+            approval_ttl_secs: DEFAULT_APPROVAL_TTL_SECS,
         })
     }
 
@@ -504,6 +519,102 @@ impl KeyManager {
         audit.backup_id = Some(rec.backup_id.clone()).filter(|b| !b.is_empty());
         self.store.write(WriteOp::Atomic(vec![WriteOp::RestoreTest(rec), WriteOp::Audit(audit)])).await?;
         Ok(())
+    }
+
+    /// How long destructive requests wait for a second officer.
+    pub fn with_approval_ttl(mut self, secs: u64) -> Self {
+        self.approval_ttl_secs = secs;
+        self
+    }
+
+    /// A request to retire versions below `below`: destructive, so it only creates a
+    /// pending approval that another officer must approve.
+    pub async fn request_retire(
+        &self,
+        auth: &Authorized,
+        keyring: &str,
+        below: u32,
+        audit: AuditEvent,
+    ) -> Result<ApprovalRecord, KeyError> {
+        Self::check(auth, Action::RetireVersions, Some(keyring))?;
+        validate_keyring_name(keyring)?;
+        let current = {
+            let rings = self.rings.read().map_err(|_| KeyError::NotCovered)?;
+            let live = rings.get(keyring).ok_or_else(|| KeyError::KeyringNotFound { name: keyring.to_owned() })?;
+            live.current().map(|(v, _)| v).unwrap_or(0)
+        };
+        if below < 2 {
+            return Err(KeyError::BadRetire { keyring: keyring.to_owned(), below, reason: "there is no version below 1" });
+        }
+        if below > current {
+            return Err(KeyError::BadRetire {
+                keyring: keyring.to_owned(),
+                below,
+                reason: "the current version must stay active (rotate first)",
+            });
+        }
+        let _guard = self.admin.lock().await;
+        let id = self.store.approvals()?.iter().map(|a| a.id).max().unwrap_or(0) + 1;
+        let now = now_unix();
+        let rec = ApprovalRecord {
+            id,
+            action: PendingAction::RetireVersions { keyring: keyring.to_owned(), below },
+            requested_by: auth.principal().name().to_owned(),
+            requested: now,
+            expires: now.saturating_add(i64::try_from(self.approval_ttl_secs).unwrap_or(i64::MAX)),
+            approved_by: None,
+            approved: None,
+        };
+        self.store.write(WriteOp::Atomic(vec![WriteOp::PutApproval(rec.clone()), WriteOp::Audit(audit)])).await?;
+        Ok(rec)
+    }
+
+    /// Approves and carries out a pending request of another officer.
+    pub async fn approve(&self, auth: &Authorized, id: u64, audit: AuditEvent) -> Result<ApprovalRecord, KeyError> {
+        Self::check(auth, Action::Approve, None)?;
+        let _guard = self.admin.lock().await;
+        let mut rec = self.store.approvals()?.into_iter().find(|a| a.id == id).ok_or(KeyError::ApprovalNotFound { id })?;
+        if let Some(by) = &rec.approved_by {
+            return Err(KeyError::ApprovalDone { id, by: by.clone() });
+        }
+        let now = now_unix();
+        if now >= rec.expires {
+            return Err(KeyError::ApprovalExpired { id, date: format_date(rec.expires) });
+        }
+        if rec.requested_by == auth.principal().name() {
+            return Err(KeyError::SelfApproval { id, principal: rec.requested_by });
+        }
+        rec.approved_by = Some(auth.principal().name().to_owned());
+        rec.approved = Some(now);
+        match rec.action.clone() {
+            PendingAction::RetireVersions { keyring, below } => {
+                let mut record = {
+                    let rings = self.rings.read().map_err(|_| KeyError::NotCovered)?;
+                    rings.get(&keyring).ok_or_else(|| KeyError::KeyringNotFound { name: keyring.clone() })?.record.clone()
+                };
+                for v in record.versions.iter_mut().filter(|v| v.version < below) {
+                    v.state = VersionState::Retired;
+                }
+                self.store
+                    .write(WriteOp::Atomic(vec![
+                        WriteOp::PutKeyring(record.clone()),
+                        WriteOp::PutApproval(rec.clone()),
+                        WriteOp::Audit(audit),
+                    ]))
+                    .await?;
+                let mut rings = self.rings.write().map_err(|_| KeyError::NotCovered)?;
+                if let Some(live) = rings.get_mut(&keyring) {
+                    live.record = record;
+                }
+            }
+        }
+        Ok(rec)
+    }
+
+    /// All approvals, oldest first.
+    pub fn approvals(&self, auth: &Authorized) -> Result<Vec<ApprovalRecord>, KeyError> {
+        Self::check(auth, Action::ListApprovals, None)?;
+        Ok(self.store.approvals()?)
     }
 
     /// The runtime grants (officer-made), as stored.
@@ -702,7 +813,7 @@ impl KeyManager {
                 .get(keyring)
                 .ok_or_else(|| KeyError::KeyringNotFound { name: keyring.to_owned() })?;
             let state = live.record.versions.iter().find(|v| v.version == version).map(|v| v.state);
-            if state != Some(VersionState::Active) {
+                if state != Some(VersionState::Active) {
                 return Err(KeyError::VersionRetired { keyring: keyring.to_owned(), version });
             }
             live.keys.get(&version).cloned().ok_or(KeyError::UnwrapFailed { key_id: key_id.to_owned() })?

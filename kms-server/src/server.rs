@@ -116,7 +116,8 @@ pub fn open_keys(cfg: &ServerConfig) -> Result<Arc<KeyManager>, ServerError> {
     let master = open_master(&cfg.master)?;
     master.health()?;
     let store = Store::open(&cfg.store_path())?;
-    Ok(Arc::new(KeyManager::open(store, master)?))
+    let ttl = cfg.approval_ttl_secs.unwrap_or(crate::keys::DEFAULT_APPROVAL_TTL_SECS);
+    Ok(Arc::new(KeyManager::open(store, master)?.with_approval_ttl(ttl)))
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, ServerError> {

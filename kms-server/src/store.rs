@@ -20,6 +20,7 @@ const ISSUED: TableDefinition<&str, u64> = TableDefinition::new("issued_per_keyr
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 const CHECKPOINTS: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_checkpoints");
 const RESTORE_TESTS: TableDefinition<u64, &[u8]> = TableDefinition::new("restore_tests");
+const APPROVALS: TableDefinition<u64, &[u8]> = TableDefinition::new("approvals");
 
 /// Test-only fault injection: with this variable set to `1` every audit write
 /// fails, to prove that requests then fail closed. It changes nothing otherwise.
@@ -114,6 +115,26 @@ pub enum WriteOp {
     Audit(AuditEvent),
     /// A restore test result; the writer assigns its id.
     RestoreTest(RestoreTestRecord),
+    /// A dual-control approval (new or updated).
+    PutApproval(ApprovalRecord),
+}
+
+/// A destructive action waiting for (or given) a second officer's approval.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct ApprovalRecord {
+    pub id: u64,
+    pub action: PendingAction,
+    pub requested_by: String,
+    pub requested: i64,
+    pub expires: i64,
+    pub approved_by: Option<String>,
+    pub approved: Option<i64>,
+}
+
+/// The destructive actions that need dual control.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum PendingAction {
+    RetireVersions { keyring: String, below: u32 },
 }
 
 /// The outcome of one restore test (`backup-hook verify`).
@@ -215,6 +236,7 @@ impl Store {
             txn.open_table(AUDIT).map_err(dberr)?;
             txn.open_table(CHECKPOINTS).map_err(dberr)?;
             txn.open_table(RESTORE_TESTS).map_err(dberr)?;
+            txn.open_table(APPROVALS).map_err(dberr)?;
         }
         txn.commit().map_err(dberr)?;
         Self::start(db, path)
@@ -237,6 +259,7 @@ impl Store {
                 let audit = txn.open_table(AUDIT).map_err(dberr)?;
                 txn.open_table(CHECKPOINTS).map_err(dberr)?;
                 txn.open_table(RESTORE_TESTS).map_err(dberr)?;
+                txn.open_table(APPROVALS).map_err(dberr)?;
                 match audit.last().map_err(dberr)? {
                     Some((k, v)) => {
                         let rec: kluis_proto::audit::AuditRecord = serde_json::from_slice(v.value())
@@ -272,6 +295,18 @@ impl Store {
         if let Ok(mut s) = self.signer.write() {
             *s = Some(key);
         }
+    }
+
+    /// Every approval, oldest first.
+    pub fn approvals(&self) -> Result<Vec<ApprovalRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let t = txn.open_table(APPROVALS).map_err(dberr)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(dberr)? {
+            let (_, v) = row.map_err(dberr)?;
+            out.push(postcard::from_bytes(v.value()).map_err(|e| StoreError::Decode { what: "approval", source: e })?);
+        }
+        Ok(out)
     }
 
     /// Every restore test, oldest first.
@@ -440,6 +475,7 @@ fn commit_batch(database: &Database, ops: Vec<WriteOp>, chain: &mut AuditChain) 
         let mut audit = txn.open_table(AUDIT).map_err(dberr)?;
         let mut checkpoints = txn.open_table(CHECKPOINTS).map_err(dberr)?;
         let mut tests = txn.open_table(RESTORE_TESTS).map_err(dberr)?;
+        let mut approvals = txn.open_table(APPROVALS).map_err(dberr)?;
         let mut meta = txn.open_table(META).map_err(dberr)?;
         let mut keyrings = txn.open_table(KEYRINGS).map_err(dberr)?;
         let mut keys = txn.open_table(DATA_KEYS).map_err(dberr)?;
@@ -462,6 +498,10 @@ fn commit_batch(database: &Database, ops: Vec<WriteOp>, chain: &mut AuditChain) 
                     *counts.entry(record.keyring).or_default() += 1;
                 }
                 WriteOp::Atomic(_) => {}
+                WriteOp::PutApproval(rec) => {
+                    let bytes = postcard::to_allocvec(&rec).map_err(|e| StoreError::Encode { what: "approval", source: e })?;
+                    approvals.insert(rec.id, bytes.as_slice()).map_err(dberr)?;
+                }
                 WriteOp::RestoreTest(rec) => {
                     let id = tests.last().map_err(dberr)?.map(|(k, _)| k.value() + 1).unwrap_or(1);
                     let bytes = postcard::to_allocvec(&rec).map_err(|e| StoreError::Encode { what: "restore test", source: e })?;

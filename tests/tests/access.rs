@@ -167,9 +167,12 @@ enum Rpc {
     RecordRestoreTest,
     ExportAudit,
     AuditPublicKey,
+    Retire,
+    Approve,
+    ListApprovals,
 }
 
-const ALL: [Rpc; 13] = [
+const ALL: [Rpc; 16] = [
     Rpc::Generate,
     Rpc::Unwrap,
     Rpc::CreateKeyring,
@@ -183,6 +186,9 @@ const ALL: [Rpc; 13] = [
     Rpc::RecordRestoreTest,
     Rpc::ExportAudit,
     Rpc::AuditPublicKey,
+    Rpc::Retire,
+    Rpc::Approve,
+    Rpc::ListApprovals,
 ];
 
 /// The expected answer of each cell: who may call what on keyring `default`.
@@ -193,7 +199,7 @@ fn allowed(who: &str, rpc: Rpc) -> bool {
         "sealer" => rpc == Generate,
         "restorer" => matches!(rpc, Unwrap | RecordRestoreTest),
         "officer" => !matches!(rpc, Generate | Unwrap | RecordRestoreTest),
-        "auditor" => matches!(rpc, ListKeyrings | GetKeyring | EscrowStatus | ListGrants | ExportAudit | AuditPublicKey),
+        "auditor" => matches!(rpc, ListKeyrings | GetKeyring | EscrowStatus | ListGrants | ExportAudit | AuditPublicKey | ListApprovals),
         // Sealer and restorer, but only on keyring `pacs`.
         "pacs-only" => false,
         // Valid certificate from the right CA, but no grant at all.
@@ -247,6 +253,17 @@ async fn call(ch: Channel, rpc: Rpc, f: &Fixture, n: usize) -> Result<(), tonic:
             .map(drop),
         Rpc::ExportAudit => audit.export_audit(pb::ExportAuditRequest { since: String::new(), tail: 5 }).await.map(drop),
         Rpc::AuditPublicKey => audit.get_audit_public_key(pb::GetAuditPublicKeyRequest {}).await.map(drop),
+        // Versions below 2 exist once an officer has rotated (Rotate runs earlier in ALL).
+        Rpc::Retire => admin
+            .retire_keyring_versions(pb::RetireKeyringVersionsRequest { keyring: "default".into(), below_version: 2 })
+            .await
+            .map(drop),
+        // An id that does not exist: an authorized caller gets NOT_FOUND, past the policy.
+        Rpc::Approve => match admin.approve(pb::ApproveRequest { id: 999_999 }).await {
+            Err(s) if s.code() == Code::NotFound => Ok(()),
+            other => other.map(drop),
+        },
+        Rpc::ListApprovals => admin.list_approvals(pb::ListApprovalsRequest {}).await.map(drop),
     }
 }
 

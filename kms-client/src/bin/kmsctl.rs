@@ -36,6 +36,13 @@ enum Cmd {
     /// The tamper-evident audit trail.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Approve another officer's destructive request (dual control); it runs at once.
+    Approve { id: u64 },
+    /// Destructive requests: pending, approved, expired.
+    Approvals {
+        #[arg(long)]
+        json: bool,
+    },
     /// Client certificates from a CA directory (tests and small sites; real
     /// deployments use their own PKI).
     #[command(subcommand)]
@@ -114,6 +121,12 @@ enum KeyringCmd {
     },
     /// Add a version: new data keys use it; older versions keep unsealing (officer).
     Rotate { name: String },
+    /// Stop unwraps under versions below N (destructive: needs a second officer's `kmsctl approve`).
+    Retire {
+        name: String,
+        #[arg(long)]
+        below_version: u32,
+    },
     /// Grant a role on a keyring to a principal (officer; stored and audited).
     Grant {
         name: String,
@@ -242,6 +255,43 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Cmd::Keyring(KeyringCmd::Create { name, retention_days }) => {
                 let k = client.create_keyring(&name, retention_days).await?;
                 print_keyring(&mut out, &k).map_err(io)?;
+            }
+            Cmd::Keyring(KeyringCmd::Retire { name, below_version }) => {
+                let a = client.retire_versions(&name, below_version).await?;
+                writeln!(
+                    out,
+                    "request {} is pending: {}\nA second officer approves it with: kmsctl approve {} (before {})",
+                    a.id,
+                    a.action,
+                    a.id,
+                    date(a.expires_unix)
+                )
+                .map_err(io)?;
+            }
+            Cmd::Approve { id } => {
+                let a = client.approve(id).await?;
+                writeln!(out, "approved and carried out request {}: {} (requested by {})", a.id, a.action, a.requested_by).map_err(io)?;
+            }
+            Cmd::Approvals { json } => {
+                let list = client.approvals().await?;
+                if json {
+                    serde_json::to_writer_pretty(&mut out, &list).map_err(|e| fail(e.to_string()))?;
+                    writeln!(out).map_err(io)?;
+                } else {
+                    for a in list {
+                        writeln!(
+                            out,
+                            "{:>4} {:<9} {} (by {}, expires {}{})",
+                            a.id,
+                            a.state,
+                            a.action,
+                            a.requested_by,
+                            date(a.expires_unix),
+                            if a.approved_by.is_empty() { String::new() } else { format!(", approved by {}", a.approved_by) }
+                        )
+                        .map_err(io)?;
+                    }
+                }
             }
             Cmd::Keyring(KeyringCmd::Grant { name, principal, role }) => {
                 client.change_grant(&name, &principal, &role, true).await?;
