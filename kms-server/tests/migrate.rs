@@ -9,55 +9,19 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
-const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+use kluis_tests::{SOFTHSM_MODULE, SoftHsmToken as Token, bin};
+
 const MISMATCH: &str = "the master key does not open this store";
 
-/// Path of a workspace binary next to the running test executable (as tests/src/lib.rs).
-fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let p = dir.join(name);
-    assert!(p.exists(), "{} is missing: build the binaries first with `cargo build --workspace --bins`", p.display());
-    p
-}
-
-/// A SoftHSM2 token in its own directory (its own softhsm2.conf), user PIN 1234.
-struct Token {
-    conf: PathBuf,
-    pin_file: PathBuf,
-    label: String,
-}
-
-impl Token {
-    fn create(dir: &Path, label: &str) -> Self {
-        let tokens = dir.join("tokens");
-        std::fs::create_dir_all(&tokens).unwrap();
-        let conf = dir.join("softhsm2.conf");
-        std::fs::write(&conf, format!("directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n", tokens.display()))
-            .unwrap();
-        let pin_file = dir.join("pin");
-        std::fs::write(&pin_file, "1234\n").unwrap();
-        std::fs::set_permissions(&pin_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-        let out = Command::new("softhsm2-util")
-            .args(["--init-token", "--free", "--label", label, "--pin", "1234", "--so-pin", "5678"])
-            .env("SOFTHSM2_CONF", &conf)
-            .output()
-            .expect("softhsm2-util (Debian package softhsm2) is required");
-        assert!(out.status.success(), "softhsm2-util: {}", String::from_utf8_lossy(&out.stderr));
-        Self { conf, pin_file, label: label.to_owned() }
-    }
-
-    /// A `[master]` table for a key labelled `key_label` on this token.
-    fn master(&self, key_label: &str) -> toml::Table {
-        let mut t = toml::Table::new();
-        t.insert("provider".into(), "pkcs11".into());
-        t.insert("module".into(), SOFTHSM_MODULE.into());
-        t.insert("token_label".into(), self.label.clone().into());
-        t.insert("key_label".into(), key_label.into());
-        t.insert("pin_file".into(), self.pin_file.to_str().unwrap().into());
-        t
-    }
+/// A `[master]` table for a key labelled `key_label` on `token`.
+fn master(token: &Token, key_label: &str) -> toml::Table {
+    let mut t = toml::Table::new();
+    t.insert("provider".into(), "pkcs11".into());
+    t.insert("module".into(), SOFTHSM_MODULE.into());
+    t.insert("token_label".into(), token.label.clone().into());
+    t.insert("key_label".into(), key_label.into());
+    t.insert("pin_file".into(), token.pin_file.to_str().unwrap().into());
+    t
 }
 
 /// One test's world: a temp dir, the dev data dir, an optional token.
@@ -295,7 +259,7 @@ fn software_to_softhsm_rewraps_every_keyring() {
     let backups = w.seal_sample();
     w.stop();
     let from = w.server_toml();
-    let to = w.config_with_master("to.toml", w.token.as_ref().unwrap().master("kluis-master-new"));
+    let to = w.config_with_master("to.toml", master(w.token.as_ref().unwrap(), "kluis-master-new"));
 
     let out = w.migrate(&from, &to, None);
     let err = stderr(&out);
@@ -328,7 +292,7 @@ fn crash_before_commit_keeps_the_old_master() {
     let backups = w.seal_sample();
     w.stop();
     let from = w.server_toml();
-    let to = w.config_with_master("to.toml", w.token.as_ref().unwrap().master("kluis-master-new"));
+    let to = w.config_with_master("to.toml", master(w.token.as_ref().unwrap(), "kluis-master-new"));
 
     let out = w.migrate(&from, &to, Some("before-commit"));
     assert!(!out.status.success(), "the process should have aborted: {}", stderr(&out));
@@ -352,7 +316,7 @@ fn crash_after_commit_has_the_new_master() {
     let backups = w.seal_sample();
     w.stop();
     let from = w.server_toml();
-    let to = w.config_with_master("to.toml", w.token.as_ref().unwrap().master("kluis-master-2"));
+    let to = w.config_with_master("to.toml", master(w.token.as_ref().unwrap(), "kluis-master-2"));
 
     let out = w.migrate(&from, &to, Some("after-commit"));
     assert!(!out.status.success(), "the process should have aborted: {}", stderr(&out));
