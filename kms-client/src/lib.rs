@@ -12,3 +12,4 @@ pub mod output;
 pub mod passphrase;
 pub mod sealed;
 pub mod secret;
+pub mod stream;

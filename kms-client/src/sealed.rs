@@ -10,10 +10,14 @@
 //! Payload: age STREAM (ChaCha20-Poly1305, 64 KiB chunks). So the custodians'
 //! recovery identity opens any sealed file with the stock `age` tool, and
 //! unsealing ignores stanzas it does not know.
+//!
+//! The header and the payload are written and read by [`crate::stream`]
+//! (`ring`'s ChaCha20-Poly1305, chunks on several threads); the stanzas are
+//! made and opened by the `age` crate's recipients and identities.
 
 use std::cell::RefCell;
 use std::collections::HashSet;
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::str::FromStr;
 
 use age::secrecy::ExposeSecret;
@@ -23,12 +27,12 @@ use zeroize::Zeroizing;
 
 use crate::client::{ClientError, IssuedKey};
 use crate::secret::DataKey;
+use crate::stream::{self, StreamError, Tuning, header};
 
 /// The age stanza tag of a Kluis data key.
 pub const STANZA_TAG: &str = "kluis";
 const FILE_KEY_LABEL: &[u8] = b"kluis/v1/file-key";
 const ENC_FILE_KEY_LEN: usize = FILE_KEY_BYTES + 16;
-const AGE_MAGIC: &[u8] = b"age-encryption.org/";
 /// I/O buffer size for the payload copy.
 pub const IO_BUF: usize = 1 << 20;
 
@@ -218,61 +222,62 @@ pub struct Moved {
 /// Seals `input` into `output` for `key` (and its recovery recipient, if any).
 /// The caller must treat any error as "no sealed output": the age stream is
 /// only complete after the final chunk, which this writes last.
-pub fn seal<R: Read, W: Write>(key: &IssuedKey, mut input: R, output: W) -> Result<(W, Moved), SealError> {
-    let kluis = KluisRecipient { key };
+pub fn seal<R: Read, W: Write>(key: &IssuedKey, input: R, output: W) -> Result<(W, Moved), SealError> {
+    seal_with(key, input, output, Tuning::default())
+}
+
+fn other(msg: &'static str) -> io::Error {
+    io::Error::other(msg)
+}
+
+/// [`seal`] with the given stream tuning (threads, batch size).
+pub(crate) fn seal_with<R: Read, W: Write>(
+    key: &IssuedKey,
+    mut input: R,
+    mut output: W,
+    tuning: Tuning,
+) -> Result<(W, Moved), SealError> {
     let recovery = match &key.recovery_recipient {
         Some(r) => Some(age::x25519::Recipient::from_str(r).map_err(|_| SealError::BadRecoveryRecipient)?),
         None => None,
     };
-    let mut recipients: Vec<&dyn age::Recipient> = vec![&kluis];
+    let file_key = FileKey::try_init_with_mut(|k: &mut [u8; FILE_KEY_BYTES]| stream::random(k))
+        .map_err(|_| SealError::Header(age::EncryptError::Io(other("the system random generator failed"))))?;
+    let (mut stanzas, _) = age::Recipient::wrap_file_key(&KluisRecipient { key }, &file_key).map_err(SealError::Header)?;
     if let Some(r) = &recovery {
-        recipients.push(r);
+        stanzas.extend(age::Recipient::wrap_file_key(r, &file_key).map_err(SealError::Header)?.0);
     }
-    let enc = age::Encryptor::with_recipients(recipients.into_iter()).map_err(SealError::Header)?;
-    let mut w = enc.wrap_output(output).map_err(SealError::WriteOutput)?;
-    let mut buf = vec![0u8; IO_BUF];
-    let mut total = 0u64;
-    loop {
-        let n = match input.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(SealError::ReadInput(e)),
-        };
-        w.write_all(&buf[..n]).map_err(SealError::WriteOutput)?;
-        total += n as u64;
-    }
-    let mut out = w.finish().map_err(SealError::WriteOutput)?;
-    out.flush().map_err(SealError::WriteOutput)?;
-    Ok((out, Moved { plaintext_bytes: total }))
+    let hdr = header::write(&file_key, &stanzas).map_err(|e| match e {
+        header::HeaderError::Unwritable(why) => SealError::Header(age::EncryptError::Io(other(why))),
+        _ => SealError::Header(age::EncryptError::Io(other("the age header could not be written"))),
+    })?;
+    output.write_all(&hdr).map_err(SealError::WriteOutput)?;
+    let total = stream::seal_payload(&file_key, &mut input, &mut output, tuning).map_err(|e| match e {
+        StreamError::ReadInput(e) => SealError::ReadInput(e),
+        StreamError::WriteOutput(e) => SealError::WriteOutput(e),
+        StreamError::Internal(why) => SealError::Header(age::EncryptError::Io(other(why))),
+        StreamError::Truncated | StreamError::Damaged => {
+            SealError::Header(age::EncryptError::Io(other("sealing the payload failed")))
+        }
+    })?;
+    output.flush().map_err(SealError::WriteOutput)?;
+    Ok((output, Moved { plaintext_bytes: total }))
 }
 
-/// Reads up to `AGE_MAGIC.len()` bytes to tell "not an age file" from a damaged one.
-fn sniff<R: Read>(input: &mut R) -> Result<Vec<u8>, UnsealError> {
-    let mut prefix = vec![0u8; AGE_MAGIC.len()];
-    let mut got = 0;
-    while got < prefix.len() {
-        match input.read(&mut prefix[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(UnsealError::ReadInput(e)),
-        }
+fn header_read_error(e: header::HeaderError) -> UnsealError {
+    match e {
+        header::HeaderError::Empty => UnsealError::Empty,
+        header::HeaderError::NotAge => UnsealError::NotSealed,
+        header::HeaderError::Read(e) => UnsealError::ReadInput(e),
+        header::HeaderError::Damaged | header::HeaderError::Unwritable(_) => UnsealError::HeaderDamaged,
     }
-    prefix.truncate(got);
-    if got == 0 {
-        return Err(UnsealError::Empty);
-    }
-    if !AGE_MAGIC.starts_with(&prefix) || got < AGE_MAGIC.len() {
-        return Err(UnsealError::NotSealed);
-    }
-    Ok(prefix)
 }
 
 fn header_error(e: age::DecryptError) -> UnsealError {
     match e {
         age::DecryptError::InvalidMac => UnsealError::HeaderMac,
-        age::DecryptError::NoMatchingKeys => UnsealError::NoMatchingStanza,
+        // No identity opens a stanza; or one recognised its stanza and could not open it.
+        age::DecryptError::NoMatchingKeys | age::DecryptError::DecryptionFailed => UnsealError::NoMatchingStanza,
         age::DecryptError::Io(e) => UnsealError::ReadInput(e),
         _ => UnsealError::HeaderDamaged,
     }
@@ -285,17 +290,27 @@ pub type NoServer = fn(&KluisStanza) -> Result<DataKey, ClientError>;
 /// and/or recovery identities). Bytes are written only after their chunk
 /// authenticated; an error at any point means the output must be discarded.
 pub fn unseal<R: Read, W: Write, F>(
-    mut input: R,
+    input: R,
     kluis: Option<&KluisIdentity<F>>,
     others: &[&dyn age::Identity],
-    mut output: W,
+    output: W,
 ) -> Result<(W, Moved), UnsealError>
 where
     F: Fn(&KluisStanza) -> Result<DataKey, ClientError>,
 {
-    let prefix = sniff(&mut input)?;
-    let reader = BufReader::with_capacity(IO_BUF, io::Cursor::new(prefix).chain(input));
-    let dec = age::Decryptor::new_buffered(reader).map_err(header_error)?;
+    unseal_with(input, kluis, others, output, Tuning::default())
+}
+
+/// Finds the file key: the first identity that opens a stanza wins (Kluis
+/// first, then the recovery identities), as the `age` crate does.
+fn unwrap_file_key<F>(
+    stanzas: &[Stanza],
+    kluis: Option<&KluisIdentity<F>>,
+    others: &[&dyn age::Identity],
+) -> Result<FileKey, UnsealError>
+where
+    F: Fn(&KluisStanza) -> Result<DataKey, ClientError>,
+{
     let probe = TagProbe::default();
     let mut ids: Vec<&dyn age::Identity> = Vec::with_capacity(others.len() + 2);
     if let Some(k) = kluis {
@@ -303,8 +318,12 @@ where
     }
     ids.extend_from_slice(others);
     ids.push(&probe);
-    let mut r = match dec.decrypt(ids.into_iter()) {
-        Ok(r) => r,
+    let found = ids
+        .iter()
+        .find_map(|id| id.unwrap_stanzas(stanzas))
+        .unwrap_or(Err(age::DecryptError::NoMatchingKeys));
+    match found {
+        Ok(fk) => Ok(fk),
         Err(e) => {
             if let Some(f) = kluis.and_then(KluisIdentity::take_failure) {
                 return Err(f);
@@ -319,46 +338,46 @@ where
                     return Err(UnsealError::NoEscrowStanza);
                 }
             }
-            return Err(header_error(e));
+            Err(header_error(e))
         }
-    };
-    let mut buf = vec![0u8; IO_BUF];
-    let mut total = 0u64;
-    loop {
-        let n = match r.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) => {
-                return Err(match e.kind() {
-                    io::ErrorKind::Interrupted => continue,
-                    io::ErrorKind::UnexpectedEof => UnsealError::Truncated,
-                    io::ErrorKind::InvalidData => UnsealError::PayloadDamaged,
-                    _ => UnsealError::ReadInput(e),
-                });
-            }
-        };
-        output.write_all(&buf[..n]).map_err(UnsealError::WriteOutput)?;
-        total += n as u64;
     }
+}
+
+/// [`unseal`] with the given stream tuning (threads, batch size).
+pub(crate) fn unseal_with<R: Read, W: Write, F>(
+    mut input: R,
+    kluis: Option<&KluisIdentity<F>>,
+    others: &[&dyn age::Identity],
+    mut output: W,
+    tuning: Tuning,
+) -> Result<(W, Moved), UnsealError>
+where
+    F: Fn(&KluisStanza) -> Result<DataKey, ClientError>,
+{
+    let (hdr, read_past) = header::read(&mut input).map_err(header_read_error)?;
+    let file_key = unwrap_file_key(&hdr.stanzas, kluis, others)?;
+    hdr.verify_mac(&file_key).map_err(|_| UnsealError::HeaderMac)?;
+    let mut payload = io::Cursor::new(read_past).chain(input);
+    let total = stream::open_payload(&file_key, &mut payload, &mut output, tuning).map_err(|e| match e {
+        StreamError::ReadInput(e) => UnsealError::ReadInput(e),
+        StreamError::WriteOutput(e) => UnsealError::WriteOutput(e),
+        StreamError::Truncated => UnsealError::Truncated,
+        StreamError::Damaged => UnsealError::PayloadDamaged,
+        StreamError::Internal(why) => UnsealError::ReadInput(other(why)),
+    })?;
     output.flush().map_err(UnsealError::WriteOutput)?;
     Ok((output, Moved { plaintext_bytes: total }))
 }
 
 /// Reads only the header of a sealed file and returns its Kluis stanza.
-pub fn read_kluis_stanza<R: Read>(input: R) -> Result<KluisStanza, UnsealError> {
-    // Decrypting with an identity that records the stanza and declines.
-    let seen: RefCell<Option<KluisStanza>> = RefCell::new(None);
-    let probe = KluisIdentity::new(|st: &KluisStanza| {
-        *seen.borrow_mut() = Some(KluisStanza {
-            keyring: st.keyring.clone(),
-            key_id: st.key_id.clone(),
-            wrapped: st.wrapped.clone(),
-            enc_file_key: st.enc_file_key.clone(),
-        });
-        Err(ClientError::BadResponse { what: "header probe" })
-    });
-    let _ = unseal(input, Some(&probe), &[], io::sink());
-    seen.into_inner().ok_or(UnsealError::NoMatchingStanza)
+pub fn read_kluis_stanza<R: Read>(mut input: R) -> Result<KluisStanza, UnsealError> {
+    let (hdr, _) = header::read(&mut input).map_err(header_read_error)?;
+    for s in &hdr.stanzas {
+        if let Some(st) = parse_stanza(s)? {
+            return Ok(st);
+        }
+    }
+    Err(UnsealError::NoMatchingStanza)
 }
 
 #[cfg(test)]
