@@ -126,6 +126,14 @@ struct Report {
     /// CPU used by the server (--server-pid) during the measurement, in cores.
     #[serde(skip_serializing_if = "Option::is_none")]
     server_cpu_cores: Option<f64>,
+    /// CPU used by everything else on the machine during the measurement (needs --server-pid), in cores.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    other_cpu_cores: Option<f64>,
+    /// CPU time the hypervisor gave to other guests during the measurement (steal), in cores.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    steal_cpu_cores: Option<f64>,
+    /// Cores this process may use.
+    machine_cores: usize,
 }
 
 fn main() -> ExitCode {
@@ -325,6 +333,31 @@ async fn worker(mut call: Call, measure_from: Instant, end: Instant, timeout: Du
     }
 }
 
+/// Machine-wide CPU time from /proc/stat, seconds: (busy, steal). Busy counts
+/// every non-idle state except steal (time the hypervisor gave to others).
+fn machine_cpu_seconds() -> Option<(f64, f64)> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = text.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<f64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal (guest time is inside user).
+    let [user, nice, system, _idle, _iowait, irq, softirq, steal] = *v.get(..8)? else { return None };
+    Some(((user + nice + system + irq + softirq) / USER_HZ, steal / USER_HZ))
+}
+
+/// CPU counters at one moment.
+#[derive(Clone, Copy)]
+struct CpuSample {
+    client: Option<f64>,
+    server: Option<f64>,
+    machine: Option<(f64, f64)>,
+}
+
+impl CpuSample {
+    fn now(server_pid: Option<u32>) -> Self {
+        Self { client: cpu_seconds(None), server: server_pid.and_then(|p| cpu_seconds(Some(p))), machine: machine_cpu_seconds() }
+    }
+}
+
 /// (utime + stime) of a process in seconds, from /proc.
 fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
     let path = match pid {
@@ -394,10 +427,10 @@ async fn run(cli: Cli) -> Result<Report, String> {
     }
 
     tokio::time::sleep_until(measure_from.into()).await;
-    let cpu0 = (cpu_seconds(None), cli.server_pid.and_then(|p| cpu_seconds(Some(p))));
+    let cpu0 = CpuSample::now(cli.server_pid);
     let m0 = Instant::now();
     tokio::time::sleep_until(end.into()).await;
-    let cpu1 = (cpu_seconds(None), cli.server_pid.and_then(|p| cpu_seconds(Some(p))));
+    let cpu1 = CpuSample::now(cli.server_pid);
     let measured = (Instant::now() - m0).as_secs_f64();
 
     let mut hist = Histogram::new();
@@ -427,8 +460,18 @@ async fn run(cli: Cli) -> Result<Report, String> {
         }
     }
 
-    let cores = |a: Option<f64>, b: Option<f64>| match (a, b) {
-        (Some(a), Some(b)) if measured > 0.0 => Some(((b - a) / measured * 100.0).round() / 100.0),
+    let delta = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if measured > 0.0 => Some((b - a) / measured),
+        _ => None,
+    };
+    let round2 = |x: f64| (x * 100.0).round() / 100.0;
+    let client_cores = delta(cpu0.client, cpu1.client);
+    let server_cores = delta(cpu0.server, cpu1.server);
+    let busy_cores = delta(cpu0.machine.map(|m| m.0), cpu1.machine.map(|m| m.0));
+    let steal_cores = delta(cpu0.machine.map(|m| m.1), cpu1.machine.map(|m| m.1));
+    // Everything else the machine ran meanwhile (other builds, tests), only when the server is known.
+    let other_cores = match (busy_cores, client_cores, server_cores) {
+        (Some(b), Some(c), Some(s)) => Some((b - c - s).max(0.0)),
         _ => None,
     };
     let errors_total = errors.values().sum();
@@ -454,8 +497,11 @@ async fn run(cli: Cli) -> Result<Report, String> {
             mean: (hist.mean() * 10.0).round() / 10.0,
         },
         unwrap_keys,
-        client_cpu_cores: cores(cpu0.0, cpu1.0),
-        server_cpu_cores: cores(cpu0.1, cpu1.1),
+        client_cpu_cores: client_cores.map(round2),
+        server_cpu_cores: server_cores.map(round2),
+        other_cpu_cores: other_cores.map(round2),
+        steal_cpu_cores: steal_cores.map(round2),
+        machine_cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
     };
     let line = human(&report);
     if cli.json {
@@ -496,10 +542,17 @@ fn human(r: &Report) -> String {
         line.push_str(&format!(" (errors: {})", e.join(", ")));
     }
     if let Some(cpu) = r.client_cpu_cores {
-        line.push_str(&format!("; cpu: loadgen {cpu:.2} cores"));
+        line.push_str(&format!("; cpu: loadgen {cpu:.2}"));
         if let Some(s) = r.server_cpu_cores {
-            line.push_str(&format!(", server {s:.2} cores"));
+            line.push_str(&format!(", server {s:.2}"));
         }
+        if let Some(o) = r.other_cpu_cores {
+            line.push_str(&format!(", others {o:.2}"));
+        }
+        if let Some(st) = r.steal_cpu_cores {
+            line.push_str(&format!(", steal {st:.2}"));
+        }
+        line.push_str(&format!(" of {} cores", r.machine_cores));
     }
     line
 }
