@@ -192,7 +192,7 @@ pub async fn serve(
         .add_service(KeyServiceServer::new(api.clone()))
         .add_service(AdminServiceServer::new(api.clone()))
         .add_service(AuditServiceServer::new(api))
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
         .await
         .map_err(ServerError::Serve)
 }
