@@ -483,15 +483,7 @@ impl KeyManager {
         let live = rings.get_mut(name).ok_or_else(|| KeyError::KeyringNotFound { name: name.to_owned() })?;
         live.keys.insert(version, Arc::new(key));
         live.record = record;
-        let info = KeyringInfo {
-            name: live.record.name.clone(),
-            created: live.record.created,
-            retention_days: live.record.retention_days,
-            current_version: version,
-            versions: live.record.versions.iter().map(|v| (v.version, v.created, v.state)).collect(),
-            issued_keys: self.store.issued_count(name)?,
-        };
-        Ok(info)
+        self.info_of(live)
     }
 
     /// Records a restore test. The backup id comes from the registry when the key is known.
