@@ -9,6 +9,12 @@
 //! are written in ONE store transaction (`WriteOp::Atomic`): after a crash at any
 //! point exactly one of the two masters opens the whole store, never a mix.
 //! The old key is never deleted; the operator retires it after checking.
+//!
+//! After `kmsctl master rotate` the store is wrapped by generation N of the
+//! configured key (META `master_generation`, see
+//! [`MasterKeyProvider::generation`]); the `from` side opens that generation.
+//! After migration the store is wrapped by the `to` config's key itself, so the
+//! same transaction records generation 1.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -18,10 +24,12 @@ use kluis_hsm::HsmError;
 use zeroize::Zeroizing;
 
 use crate::config::{ConfigError, MasterConfig, ServerConfig};
-use crate::keys::{AUDIT_KEY_AAD, AUDIT_KEY_META, MASTER_CHECK_AAD, MASTER_CHECK_META, krk_aad};
-use crate::master::pkcs11::Pkcs11MasterKey;
-use crate::master::software::{PassphraseSource, SoftwareMasterKey};
-use crate::master::{MasterError, MasterKeyProvider};
+use crate::keys::{
+    AUDIT_KEY_AAD, AUDIT_KEY_META, MASTER_CHECK_AAD, MASTER_CHECK_META, MASTER_GENERATION_META, krk_aad,
+};
+use crate::master::pkcs11::{Pkcs11MasterKey, generation_label};
+use crate::master::software::{PassphraseSource, SoftwareMasterKey, generation_path};
+use crate::master::{MasterError, MasterKeyProvider, decode_generation, encode_generation};
 use crate::secret::Key256;
 use crate::server::{ServerError, open_master};
 use crate::store::{KeyringRecord, Store, StoreError, WriteOp};
@@ -48,6 +56,16 @@ pub enum MigrateError {
     Store { path: PathBuf, #[source] err: StoreError },
     #[error("the --from master key could not be opened: {err}")]
     FromMaster { #[source] err: ServerError },
+    #[error("the store's master-key generation record could not be read: {err}")]
+    GenerationRecord { #[source] err: MasterError },
+    #[error(
+        "the store is wrapped by generation {generation} of the --from master key (after `kmsctl master rotate`), which could not be opened: {err}"
+    )]
+    FromGeneration { generation: u32, #[source] err: MasterError },
+    #[error(
+        "the --to master key is generation {retired} of the --from master key, which this store was rotated away from (it is at generation {current}); name a new key in --to"
+    )]
+    RetiredGeneration { retired: u32, current: u32 },
     #[error(
         "the --from master key does not open this store ({master}); if a migration already completed, serve with its --to config"
     )]
@@ -154,9 +172,18 @@ pub fn migrate_master_configs(from: &ServerConfig, to: &ServerConfig) -> Result<
     })?;
     let store_err = |err| MigrateError::Store { path: store_path.clone(), err };
 
-    // 1. The old master must open the store.
-    let old = open_master(&from.master).map_err(|err| MigrateError::FromMaster { err })?;
+    // 1. The old master must open the store: the generation of the --from key the store records
+    //    (`kmsctl master rotate` moves it to `<key>.g<N>` siblings of the configured key).
+    let generation = decode_generation(store.get_meta(MASTER_GENERATION_META).map_err(store_err)?.as_deref())
+        .map_err(|err| MigrateError::GenerationRecord { err })?;
+    let base = open_master(&from.master).map_err(|err| MigrateError::FromMaster { err })?;
+    let old = if generation == 1 {
+        base
+    } else {
+        base.generation(generation, false).map_err(|err| MigrateError::FromGeneration { generation, err })?
+    };
     old.health().map_err(|err| MigrateError::FromMaster { err: err.into() })?;
+    refuse_retired_generation(&from.master, &to.master, generation)?;
     let check = store
         .get_meta(MASTER_CHECK_META)
         .map_err(store_err)?
@@ -202,6 +229,8 @@ pub fn migrate_master_configs(from: &ServerConfig, to: &ServerConfig) -> Result<
         .map_err(|err| MigrateError::Wrap { what: "master check".into(), err })?;
     let mut ops: Vec<WriteOp> = new_records.iter().cloned().map(WriteOp::PutKeyring).collect();
     ops.push(WriteOp::PutMeta { key: MASTER_CHECK_META, value: new_check });
+    // The store is now wrapped by the --to config's key itself: generation 1 of that config.
+    ops.push(WriteOp::PutMeta { key: MASTER_GENERATION_META, value: encode_generation(1) });
     // The audit signing key is wrapped by the master key too.
     if let Some(blob) = store.get_meta(AUDIT_KEY_META).map_err(store_err)? {
         let pkcs8 = old
@@ -252,6 +281,13 @@ fn verify(
         .map_err(|e| fail("master check".into(), e.to_string()))?
         .ok_or_else(|| fail("master check".into(), "missing".into()))?;
     new.unwrap(MASTER_CHECK_AAD, &check).map_err(|e| fail("master check".into(), e.to_string()))?;
+    let generation = store
+        .get_meta(MASTER_GENERATION_META)
+        .map_err(|e| fail("master generation".into(), e.to_string()))
+        .and_then(|v| decode_generation(v.as_deref()).map_err(|e| fail("master generation".into(), e.to_string())))?;
+    if generation != 1 {
+        return Err(fail("master generation".into(), format!("generation {generation} recorded, not 1")));
+    }
     if let Some(blob) = store.get_meta(AUDIT_KEY_META).map_err(|e| fail("audit key".into(), e.to_string()))? {
         new.unwrap(AUDIT_KEY_AAD, &blob).map_err(|e| fail("audit signing key".into(), e.to_string()))?;
     }
@@ -270,6 +306,28 @@ fn verify(
             .map_err(|e| fail(what.clone(), e.to_string()))?;
         if raw.as_slice() != u.key.expose().as_slice() {
             return Err(fail(what, "a different key came back".into()));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a --to key that is an earlier generation of the --from key than the store's current
+/// one (for example --to = --from after a rotation): that key was rotated away from and must not
+/// become the master key again.
+fn refuse_retired_generation(from: &MasterConfig, to: &MasterConfig, current: u32) -> Result<(), MigrateError> {
+    for retired in 1..current {
+        let same = match (from, to) {
+            (MasterConfig::Software { key_file: f, .. }, MasterConfig::Software { key_file: t, .. }) => {
+                generation_path(f, retired).is_ok_and(|p| canonical(&p) == canonical(t))
+            }
+            (
+                MasterConfig::Pkcs11 { token_label: ft, key_label: fk, .. },
+                MasterConfig::Pkcs11 { token_label: tt, key_label: tk, .. },
+            ) => ft == tt && generation_label(fk, retired).is_ok_and(|l| &l == tk),
+            _ => false,
+        };
+        if same {
+            return Err(MigrateError::RetiredGeneration { retired, current });
         }
     }
     Ok(())

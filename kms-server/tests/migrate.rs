@@ -375,3 +375,186 @@ fn refusals_and_software_to_software() {
     assert!(new_key.exists());
     w.exactly_one_opens(&to, &from, &backups);
 }
+
+// ---- Master-key generations (`kmsctl master rotate`, issue #6 point 3) ----
+
+/// Store META key of the master-key generation (see `kms_server::keys`).
+const GENERATION_META: &str = "master_generation";
+
+impl World {
+    fn store_path(&self) -> PathBuf {
+        kms_server::config::ServerConfig::load(&self.server_toml()).unwrap().store_path()
+    }
+
+    /// The generation the store records (absent = 1).
+    fn store_generation(&self) -> u32 {
+        let store = kms_server::store::Store::open(&self.store_path()).unwrap();
+        let value = store.get_meta(GENERATION_META).unwrap();
+        kms_server::master::decode_generation(value.as_deref()).unwrap()
+    }
+
+    /// Puts the (stopped) dev store at generation 2 of its configured master key, as
+    /// `kmsctl master rotate` does: every keyring is rewrapped under the `.g2` sibling of the
+    /// configured key (created by a migration to a config naming that sibling, which also records
+    /// generation 1), then generation 2 is recorded. `g2_master` is a `[master]` naming the sibling.
+    fn rotate_to_generation_two(&self, g2_master: toml::Table) {
+        let g2 = self.config_with_master("g2.toml", g2_master);
+        let out = self.migrate(&self.server_toml(), &g2, None);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(stderr(&out).contains("(created now)"), "{}", stderr(&out));
+        assert_eq!(self.store_generation(), 1);
+        let store = kms_server::store::Store::open(&self.store_path()).unwrap();
+        store
+            .write_blocking(kms_server::store::WriteOp::PutMeta {
+                key: GENERATION_META,
+                value: kms_server::master::encode_generation(2),
+            })
+            .unwrap();
+        drop(store);
+        assert_eq!(self.store_generation(), 2);
+    }
+}
+
+/// The store is at generation 2 of the software --from key (`master.key.g2`): migration opens
+/// that generation, records generation 1 for the --to key in the same commit, and refuses to
+/// go back to the retired generation 1 or to a --from config that cannot reach generation 2.
+#[test]
+fn software_store_at_generation_two_migrates() {
+    let mut w = World::new(false);
+    w.start_dev(None);
+    let backups = w.seal_sample();
+    w.stop();
+    let from = w.server_toml();
+    let base_key = w.data_dir().join("master.key");
+    let g2_key = w.data_dir().join("master.key.g2");
+    w.rotate_to_generation_two(w.software_master(&g2_key));
+    let new_key = w.tmp.path().join("master-new.key");
+    let to = w.config_with_master("to.toml", w.software_master(&new_key));
+
+    // --to = the configured key itself: generation 1, which the store was rotated away from.
+    assert_refused(&w.migrate(&from, &from, None), "rotated away from (it is at generation 2)");
+    // A --from config whose generation 2 does not exist (master.key.g2.g2).
+    let g2_cfg = w.tmp.path().join("g2.toml");
+    assert_refused(&w.migrate(&g2_cfg, &to, None), "generation 2 of the --from master key");
+    assert!(!new_key.exists(), "a refused migration must not create the new key");
+    assert_eq!(w.store_generation(), 2);
+
+    let out = w.migrate(&from, &to, None);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains(&format!("from: software master key {}", g2_key.display())), "{err}");
+    assert!(err.contains("(created now)") && err.contains("rewrapped 2 keyring(s), 2 version(s)"), "{err}");
+    assert_eq!(w.store_generation(), 1, "the --to key itself wraps the store now");
+    assert!(base_key.exists() && g2_key.exists(), "old keys are never deleted");
+    w.exactly_one_opens(&to, &from, &backups);
+}
+
+/// The same on a SoftHSM2 token: the store is at generation 2 of the token key
+/// (`kluis-master.g2`), migrated to another token key.
+#[test]
+fn softhsm_store_at_generation_two_migrates() {
+    let mut w = World::new(true);
+    w.start_dev(Some("kluis-master"));
+    let backups = w.seal_sample();
+    w.stop();
+    let from = w.server_toml();
+    let token = w.token.as_ref().unwrap();
+    w.rotate_to_generation_two(master(token, "kluis-master.g2"));
+    let to = w.config_with_master("to.toml", master(token, "kluis-master-new"));
+
+    assert_refused(&w.migrate(&from, &from, None), "rotated away from (it is at generation 2)");
+    let out = w.migrate(&from, &to, None);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("from: PKCS#11 key \"kluis-master.g2\" on token \"kluis-mig\""), "{err}");
+    assert!(err.contains("to:   PKCS#11 key \"kluis-master-new\" on token \"kluis-mig\" (created now)"), "{err}");
+    assert_eq!(w.store_generation(), 1);
+    w.exactly_one_opens(&to, &from, &backups);
+}
+
+/// Runs `body` in a child process of this test binary with `SOFTHSM2_CONF` set for it (this
+/// process never sets it: `set_var` is unsafe here and would race with parallel tests).
+fn in_softhsm_child(name: &str, body: impl FnOnce(&Token)) {
+    const CHILD: &str = "KLUIS_MIGRATE_TEST_CHILD";
+    const DIR: &str = "KLUIS_MIGRATE_TEST_DIR";
+    if std::env::var_os(CHILD).is_some_and(|v| v == name) {
+        let dir = PathBuf::from(std::env::var_os(DIR).unwrap());
+        let token = Token {
+            conf: dir.join("softhsm2.conf"),
+            pin_file: dir.join("pin"),
+            label: std::fs::read_to_string(dir.join("label")).unwrap(),
+        };
+        body(&token);
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let token = Token::create(tmp.path(), "kluis-gen");
+    std::fs::write(tmp.path().join("label"), &token.label).unwrap();
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env("SOFTHSM2_CONF", &token.conf)
+        .env(CHILD, name)
+        .env(DIR, tmp.path())
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+    assert!(out.status.success(), "child test failed:\n{text}");
+    assert!(text.contains("1 passed"), "the child did not run the test:\n{text}");
+}
+
+/// `generation` on a real token: `<label>.g2` is a new, sensitive, non-extractable AES-256 key
+/// on the same token, refuses to be created twice, opens again, and stays relative to the
+/// configured label.
+#[test]
+fn pkcs11_generation_on_softhsm() {
+    use kms_server::master::pkcs11::{Pkcs11MasterKey, Pkcs11Settings, PinSource};
+    use kms_server::master::{MasterError, MasterKeyProvider};
+
+    in_softhsm_child("pkcs11_generation_on_softhsm", |token| {
+        let settings = Pkcs11Settings {
+            module: SOFTHSM_MODULE.into(),
+            token_label: token.label.clone(),
+            key_label: "kluis-master".into(),
+            pin: PinSource::File(token.pin_file.clone()),
+            reconnect_backoff: std::time::Duration::from_millis(100),
+        };
+        let g1 = Pkcs11MasterKey::create(&settings).unwrap();
+        let blob1 = g1.wrap(b"aad", b"keyring key").unwrap();
+
+        let g2 = g1.generation_key(2, true).unwrap();
+        assert_eq!(g2.key_label(), "kluis-master.g2");
+        assert_eq!(g2.describe(), "PKCS#11 key \"kluis-master.g2\" on token \"kluis-gen\"");
+        let info = g2.key_info().unwrap();
+        assert!(!info.extractable && info.never_extractable, "{info:?}");
+        assert!(info.sensitive && info.always_sensitive && info.token, "{info:?}");
+        assert!(info.encrypt && info.decrypt, "{info:?}");
+        assert_eq!(info.value_len, Some(32));
+
+        // A different key than generation 1.
+        let blob2 = g2.wrap(b"aad", b"keyring key").unwrap();
+        assert!(matches!(g2.unwrap(b"aad", &blob1), Err(MasterError::UnwrapFailed)));
+        assert!(matches!(g1.unwrap(b"aad", &blob2), Err(MasterError::UnwrapFailed)));
+
+        // Refuses to create an existing generation, from either provider.
+        for err in [g1.generation(2, true).err().unwrap(), g2.generation(2, true).err().unwrap(), g2.generation(1, true).err().unwrap()] {
+            assert!(
+                matches!(&err, MasterError::Hsm(e) if matches!(**e, kluis_hsm::HsmError::KeyExists { .. })),
+                "{err:?}"
+            );
+        }
+        // Opens again, through the trait object and from a fresh login.
+        assert_eq!(g1.generation(2, false).unwrap().unwrap(b"aad", &blob2).unwrap().as_slice(), b"keyring key");
+        let fresh = Pkcs11MasterKey::open(&settings).unwrap();
+        assert_eq!(fresh.generation(2, false).unwrap().unwrap(b"aad", &blob2).unwrap().as_slice(), b"keyring key");
+
+        // Relative to the configured label, not kluis-master.g2.g3.
+        let g3 = g2.generation_key(3, true).unwrap();
+        assert_eq!(g3.key_label(), "kluis-master.g3");
+        assert_eq!(g3.generation(1, false).unwrap().unwrap(b"aad", &blob1).unwrap().as_slice(), b"keyring key");
+
+        // A missing generation is KeyMissing; generation 0 is refused.
+        let err = g1.generation(4, false).err().unwrap();
+        assert!(matches!(&err, MasterError::Hsm(e) if matches!(**e, kluis_hsm::HsmError::KeyMissing { .. })), "{err:?}");
+        assert!(matches!(g1.generation(0, true), Err(MasterError::InvalidGeneration { generation: 0 })));
+    });
+}

@@ -5,6 +5,8 @@
 pub mod pkcs11;
 pub mod software;
 
+use std::sync::Arc;
+
 use zeroize::Zeroizing;
 
 /// Errors of the master-key layer.
@@ -36,6 +38,26 @@ pub enum MasterError {
     Hsm(#[source] Box<kluis_hsm::HsmError>),
     #[error("master key provider unavailable: {0}")]
     Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("master key generation {generation} is invalid: generations start at 1 (the configured key)")]
+    InvalidGeneration { generation: u32 },
+    #[error("the store's master-key generation record is {len} bytes long, not 4 (u32 big-endian)")]
+    GenerationRecord { len: usize },
+}
+
+/// The store META value recording master-key generation `generation` (u32 big-endian).
+pub fn encode_generation(generation: u32) -> Vec<u8> {
+    generation.to_be_bytes().to_vec()
+}
+
+/// Reads the store META value of the master-key generation: absent means 1 (the configured key
+/// itself); anything but 4 bytes, or generation 0, is an error.
+pub fn decode_generation(value: Option<&[u8]>) -> Result<u32, MasterError> {
+    let Some(bytes) = value else { return Ok(1) };
+    let arr: [u8; 4] = bytes.try_into().map_err(|_| MasterError::GenerationRecord { len: bytes.len() })?;
+    match u32::from_be_bytes(arr) {
+        0 => Err(MasterError::InvalidGeneration { generation: 0 }),
+        g => Ok(g),
+    }
 }
 
 /// A master key: wraps and unwraps keyring keys with AES-256-GCM and AAD.
@@ -51,4 +73,28 @@ pub trait MasterKeyProvider: Send + Sync {
     fn unwrap(&self, aad: &[u8], blob: &[u8]) -> Result<Zeroizing<Vec<u8>>, MasterError>;
     /// Whether the provider can serve requests now.
     fn health(&self) -> Result<(), MasterError>;
+    /// The key of `generation` of this configured master key: generation 1 is the configured key
+    /// itself; generation g > 1 is a sibling: the key file `<key_file>.g<g>` (same directory, same
+    /// passphrase source, mode 0600) or the token key labelled `<key_label>.g<g>` on the same token.
+    /// `create = false` opens an existing one (error if missing); `create = true` makes a new one and
+    /// refuses to overwrite an existing key (KeyFileExists / HSM KeyExists).
+    ///
+    /// Always relative to the configured base key, also when called on a provider that is itself
+    /// a generation g > 1. Generation 0 is [`MasterError::InvalidGeneration`].
+    fn generation(&self, generation: u32, create: bool) -> Result<Arc<dyn MasterKeyProvider>, MasterError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generation_record_round_trip() {
+        assert_eq!(decode_generation(None).unwrap(), 1);
+        assert_eq!(encode_generation(1), vec![0, 0, 0, 1]);
+        assert_eq!(decode_generation(Some(&encode_generation(7))).unwrap(), 7);
+        assert_eq!(decode_generation(Some(&[0, 0, 1, 0])).unwrap(), 256);
+        assert!(matches!(decode_generation(Some(&[0, 0, 0, 0])), Err(MasterError::InvalidGeneration { generation: 0 })));
+        assert!(matches!(decode_generation(Some(&[2])), Err(MasterError::GenerationRecord { len: 1 })));
+    }
 }

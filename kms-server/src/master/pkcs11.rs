@@ -2,6 +2,7 @@
 //! label (never by a stored handle), used with CKM_AES_GCM and a random IV.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use kluis_hsm::{Hsm, HsmConfig, HsmError, Pin};
@@ -69,8 +70,22 @@ impl Pkcs11Settings {
 
 /// The PKCS#11 master-key provider.
 pub struct Pkcs11MasterKey {
-    hsm: Hsm,
+    /// Shared by every generation of this configured key: one login, one session pool.
+    hsm: Arc<Hsm>,
+    /// The label of this generation's key.
     key_label: String,
+    /// The configured key label (generation 1): generations are always named after it.
+    base_label: String,
+}
+
+/// The token key label of `generation` of the configured label `base`: `base` itself for
+/// generation 1, `<base>.g<N>` for N > 1.
+pub fn generation_label(base: &str, generation: u32) -> Result<String, MasterError> {
+    match generation {
+        0 => Err(MasterError::InvalidGeneration { generation }),
+        1 => Ok(base.to_owned()),
+        g => Ok(format!("{base}.g{g}")),
+    }
 }
 
 impl Pkcs11MasterKey {
@@ -85,7 +100,7 @@ impl Pkcs11MasterKey {
     pub fn open(s: &Pkcs11Settings) -> Result<Self, MasterError> {
         let hsm = Self::connect(s)?;
         hsm.check_master_key(&s.key_label).map_err(|e| MasterError::Hsm(Box::new(e)))?;
-        Ok(Self { hsm, key_label: s.key_label.clone() })
+        Ok(Self { hsm: Arc::new(hsm), key_label: s.key_label.clone(), base_label: s.key_label.clone() })
     }
 
     /// Generates the master key on the token; refuses if a key with the label exists.
@@ -93,7 +108,17 @@ impl Pkcs11MasterKey {
         let hsm = Self::connect(s)?;
         hsm.generate_aes256_key(&s.key_label).map_err(|e| MasterError::Hsm(Box::new(e)))?;
         hsm.check_master_key(&s.key_label).map_err(|e| MasterError::Hsm(Box::new(e)))?;
-        Ok(Self { hsm, key_label: s.key_label.clone() })
+        Ok(Self { hsm: Arc::new(hsm), key_label: s.key_label.clone(), base_label: s.key_label.clone() })
+    }
+
+    /// The label of the token key this provider uses.
+    pub fn key_label(&self) -> &str {
+        &self.key_label
+    }
+
+    /// The attributes the token reports for this provider's key (for checks and tests).
+    pub fn key_info(&self) -> Result<kluis_hsm::KeyInfo, MasterError> {
+        self.hsm.find_key(&self.key_label).map_err(hsm_err)
     }
 }
 
@@ -120,5 +145,24 @@ impl MasterKeyProvider for Pkcs11MasterKey {
 
     fn health(&self) -> Result<(), MasterError> {
         self.hsm.health().map_err(hsm_err)
+    }
+
+    fn generation(&self, generation: u32, create: bool) -> Result<Arc<dyn MasterKeyProvider>, MasterError> {
+        Ok(Arc::new(self.generation_key(generation, create)?))
+    }
+}
+
+impl Pkcs11MasterKey {
+    /// [`MasterKeyProvider::generation`] with the concrete type: the key `<base label>.g<N>` on the
+    /// same token, through the same logged-in session pool. Creating uses the least-privilege
+    /// template of [`Hsm::generate_aes256_key`] and refuses an existing label (`HsmError::KeyExists`);
+    /// either way the key must pass [`Hsm::check_master_key`].
+    pub fn generation_key(&self, generation: u32, create: bool) -> Result<Self, MasterError> {
+        let label = generation_label(&self.base_label, generation)?;
+        if create {
+            self.hsm.generate_aes256_key(&label).map_err(hsm_err)?;
+        }
+        self.hsm.check_master_key(&label).map_err(hsm_err)?;
+        Ok(Self { hsm: Arc::clone(&self.hsm), key_label: label, base_label: self.base_label.clone() })
     }
 }
