@@ -151,6 +151,76 @@ pub struct KeyringInfo {
     pub retention_days: u32,
     pub issued_keys: u64,
     pub versions: Vec<KeyringVersionInfo>,
+    pub rotation_period_days: u32,
+    /// 0: no rotation period.
+    pub next_rotation_unix: i64,
+    pub held: bool,
+    pub hold_reason: String,
+    pub hold_by: String,
+    pub hold_since_unix: i64,
+    /// 0 unless destroyed.
+    pub destroyed_unix: i64,
+}
+
+/// Registry facts of one data key (no key material).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DataKeyInfo {
+    pub key_id: String,
+    pub keyring: String,
+    pub keyring_version: u32,
+    pub backup_id: String,
+    pub created_unix: i64,
+    /// 0: does not expire.
+    pub expires_unix: i64,
+    pub state: String,
+    pub destroyed_unix: i64,
+    pub issued_to: String,
+    pub escrowed: bool,
+    pub labels: BTreeMap<String, String>,
+    pub destruction_id: u64,
+}
+
+/// A scheduled (or cancelled, or carried out) destruction.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DestructionInfo {
+    pub id: u64,
+    pub target_kind: String,
+    pub target: String,
+    pub keyring: String,
+    pub requested_by: String,
+    pub requested_unix: i64,
+    pub due_unix: i64,
+    pub state: String,
+    pub cancelled_by: String,
+    pub done_unix: i64,
+    pub approval_id: u64,
+    pub reason: String,
+}
+
+/// What a destroy request led to.
+#[derive(Clone, Debug, serde::Serialize)]
+pub enum DestroyOutcome {
+    /// Dual control: a second officer must approve.
+    PendingApproval(ApprovalInfo),
+    /// Scheduled after the waiting period.
+    Scheduled(DestructionInfo),
+}
+
+/// The master key in force after a rotation.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct MasterStatus {
+    pub generation: u32,
+    pub description: String,
+    pub keyrings_rewrapped: u32,
+    pub versions_rewrapped: u32,
+}
+
+/// A data key re-wrapped under the keyring's current version.
+#[derive(Clone, Debug)]
+pub struct Rewrapped {
+    pub wrapped: Vec<u8>,
+    pub version: u32,
+    pub previous_version: u32,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -288,7 +358,12 @@ impl KmsClient {
     }
 
     pub async fn create_keyring(&self, name: &str, retention_days: u32) -> Result<KeyringInfo, ClientError> {
-        let req = pb::CreateKeyringRequest { name: name.to_owned(), retention_days };
+        self.create_keyring_with(name, retention_days, 0).await
+    }
+
+    /// Creates a keyring with a retention and an automatic rotation period (days; 0 = none).
+    pub async fn create_keyring_with(&self, name: &str, retention_days: u32, rotation_period_days: u32) -> Result<KeyringInfo, ClientError> {
+        let req = pb::CreateKeyringRequest { name: name.to_owned(), retention_days, rotation_period_days };
         let r = self.admin.clone().create_keyring(req).await.map_err(|s| self.status(s))?;
         Ok(keyring_info(r.into_inner()))
     }
@@ -408,6 +483,95 @@ fn tls_failure(s: &tonic::Status) -> Option<String> {
 }
 
 impl KmsClient {
+    /// Re-wraps a data key under the keyring's current version (restorer).
+    pub async fn rewrap_data_key(&self, key_id: &str, keyring: &str, wrapped: &[u8]) -> Result<Rewrapped, ClientError> {
+        let req = pb::RewrapDataKeyRequest { key_id: key_id.to_owned(), wrapped_key: wrapped.to_vec(), keyring: keyring.to_owned() };
+        let r = self.keys.clone().rewrap_data_key(req).await.map_err(|s| self.status(s))?.into_inner();
+        Ok(Rewrapped { wrapped: r.wrapped_key, version: r.keyring_version, previous_version: r.previous_version })
+    }
+
+    /// Asks to remove the escrow manifest in force (officer; dual control).
+    pub async fn remove_escrow(&self) -> Result<ApprovalInfo, ClientError> {
+        let r = self.admin.clone().remove_escrow(pb::RemoveEscrowRequest {}).await.map_err(|s| self.status(s))?;
+        Ok(approval(r.into_inner()))
+    }
+
+    /// Changes a keyring's retention and/or rotation period (officer).
+    pub async fn set_keyring_policy(&self, name: &str, retention_days: Option<u32>, rotation_period_days: Option<u32>) -> Result<KeyringInfo, ClientError> {
+        let req = pb::SetKeyringPolicyRequest { name: name.to_owned(), retention_days, rotation_period_days };
+        let r = self.admin.clone().set_keyring_policy(req).await.map_err(|s| self.status(s))?;
+        Ok(keyring_info(r.into_inner()))
+    }
+
+    /// Places (`hold = true`) or releases a legal hold on a keyring (officer).
+    pub async fn set_legal_hold(&self, keyring: &str, hold: bool, reason: &str) -> Result<KeyringInfo, ClientError> {
+        let req = pb::SetLegalHoldRequest { keyring: keyring.to_owned(), hold, reason: reason.to_owned() };
+        let r = self.admin.clone().set_legal_hold(req).await.map_err(|s| self.status(s))?;
+        Ok(keyring_info(r.into_inner()))
+    }
+
+    /// Registry facts of one data key (officer, auditor).
+    pub async fn get_data_key(&self, key_id: &str) -> Result<DataKeyInfo, ClientError> {
+        let r = self.admin.clone().get_data_key(pb::GetDataKeyRequest { key_id: key_id.to_owned() }).await.map_err(|s| self.status(s))?;
+        let k = r.into_inner();
+        Ok(DataKeyInfo {
+            key_id: k.key_id,
+            keyring: k.keyring,
+            keyring_version: k.keyring_version,
+            backup_id: k.backup_id,
+            created_unix: k.created_unix,
+            expires_unix: k.expires_unix,
+            state: k.state,
+            destroyed_unix: k.destroyed_unix,
+            issued_to: k.issued_to,
+            escrowed: k.escrowed,
+            labels: k.labels.into_iter().collect(),
+            destruction_id: k.destruction_id,
+        })
+    }
+
+    /// Asks to destroy one data key (officer).
+    pub async fn destroy_key(&self, key_id: &str) -> Result<DestroyOutcome, ClientError> {
+        let r = self.admin.clone().destroy_key(pb::DestroyKeyRequest { key_id: key_id.to_owned() }).await.map_err(|s| self.status(s))?;
+        destroy_outcome(r.into_inner())
+    }
+
+    /// Asks to destroy a keyring (officer; always dual control).
+    pub async fn destroy_keyring(&self, name: &str) -> Result<DestroyOutcome, ClientError> {
+        let r = self.admin.clone().destroy_keyring(pb::DestroyKeyringRequest { name: name.to_owned() }).await.map_err(|s| self.status(s))?;
+        destroy_outcome(r.into_inner())
+    }
+
+    /// Cancels a scheduled destruction (officer).
+    pub async fn cancel_destruction(&self, id: u64) -> Result<DestructionInfo, ClientError> {
+        let r = self.admin.clone().cancel_destruction(pb::CancelDestructionRequest { id }).await.map_err(|s| self.status(s))?;
+        Ok(destruction(r.into_inner()))
+    }
+
+    /// Every destruction, scheduled or past (officer, auditor).
+    pub async fn destructions(&self) -> Result<Vec<DestructionInfo>, ClientError> {
+        let r = self.admin.clone().list_destructions(pb::ListDestructionsRequest {}).await.map_err(|s| self.status(s))?;
+        Ok(r.into_inner().destructions.into_iter().map(destruction).collect())
+    }
+
+    /// Creates a new master key and rewraps the keyring keys under it (officer).
+    pub async fn rotate_master(&self) -> Result<MasterStatus, ClientError> {
+        let r = self.admin.clone().rotate_master(pb::RotateMasterRequest {}).await.map_err(|s| self.status(s))?.into_inner();
+        Ok(MasterStatus {
+            generation: r.generation,
+            description: r.description,
+            keyrings_rewrapped: r.keyrings_rewrapped,
+            versions_rewrapped: r.versions_rewrapped,
+        })
+    }
+
+    /// The compliance report (officer, auditor).
+    pub async fn report(&self, since: Option<&str>) -> Result<kluis_proto::report::Report, ClientError> {
+        let req = pb::GetReportRequest { since: since.unwrap_or_default().to_owned() };
+        let r = self.admin.clone().get_report(req).await.map_err(|s| self.status(s))?.into_inner();
+        serde_json::from_str(&r.json).map_err(|_| ClientError::BadResponse { what: "report is not kluis-report/v1 JSON" })
+    }
+
     /// The audit trail as JSON lines ending with a signed head; `since` is RFC 3339, `tail` 0 for all.
     pub async fn export_audit(&self, since: Option<&str>, tail: u64) -> Result<Vec<String>, ClientError> {
         let req = pb::ExportAuditRequest { since: since.unwrap_or_default().to_owned(), tail };
@@ -431,6 +595,31 @@ impl KmsClient {
     }
 }
 
+fn destruction(d: pb::Destruction) -> DestructionInfo {
+    DestructionInfo {
+        id: d.id,
+        target_kind: d.target_kind,
+        target: d.target,
+        keyring: d.keyring,
+        requested_by: d.requested_by,
+        requested_unix: d.requested_unix,
+        due_unix: d.due_unix,
+        state: d.state,
+        cancelled_by: d.cancelled_by,
+        done_unix: d.done_unix,
+        approval_id: d.approval_id,
+        reason: d.reason,
+    }
+}
+
+fn destroy_outcome(r: pb::DestroyResponse) -> Result<DestroyOutcome, ClientError> {
+    match (r.approval, r.destruction) {
+        (Some(a), None) => Ok(DestroyOutcome::PendingApproval(approval(a))),
+        (None, Some(d)) => Ok(DestroyOutcome::Scheduled(destruction(d))),
+        _ => Err(ClientError::BadResponse { what: "destroy answer must carry an approval or a destruction" }),
+    }
+}
+
 fn keyring_info(k: pb::Keyring) -> KeyringInfo {
     KeyringInfo {
         name: k.name,
@@ -443,6 +632,13 @@ fn keyring_info(k: pb::Keyring) -> KeyringInfo {
             .into_iter()
             .map(|v| KeyringVersionInfo { version: v.version, created_unix: v.created_unix, state: v.state })
             .collect(),
+        rotation_period_days: k.rotation_period_days,
+        next_rotation_unix: k.next_rotation_unix,
+        held: k.held,
+        hold_reason: k.hold_reason,
+        hold_by: k.hold_by,
+        hold_since_unix: k.hold_since_unix,
+        destroyed_unix: k.destroyed_unix,
     }
 }
 

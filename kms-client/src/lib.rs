@@ -10,6 +10,7 @@ pub mod escrow;
 pub mod hook;
 pub mod output;
 pub mod passphrase;
+pub mod report;
 pub mod sealed;
 pub mod secret;
 pub mod stream;

@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 use tracing::instrument;
 
 use crate::auth::{Action, AuthError, Authenticator, Authorized, Policy, Principal};
-use crate::keys::{KeyError, KeyManager, KeyringInfo};
+use crate::keys::{DestroyOutcome, KeyError, KeyManager, KeyringInfo};
 use crate::master::MasterError;
 use crate::metrics::Metrics;
 use crate::store::{AuditEvent, RestoreTestRecord, StoreError, VersionState};
@@ -176,6 +176,7 @@ fn key_status(e: KeyError) -> Status {
     match e {
         KeyError::InvalidArgument { .. } | KeyError::EscrowManifest { .. } => Status::invalid_argument(msg),
         KeyError::KeyringNotFound { .. }
+        | KeyError::DestructionNotFound { .. }
         | KeyError::UnknownKeyId { .. }
         | KeyError::GrantNotFound { .. }
         | KeyError::ApprovalNotFound { .. } => Status::not_found(msg),
@@ -185,7 +186,15 @@ fn key_status(e: KeyError) -> Status {
         }
         KeyError::KeyringExists { .. } => Status::already_exists(msg),
         KeyError::KeyringMismatch { .. } | KeyError::UnwrapFailed { .. } => Status::invalid_argument(msg),
-        KeyError::Destroyed { .. } | KeyError::VersionRetired { .. } | KeyError::EscrowRecipientChange { .. } => {
+        KeyError::Destroyed { .. }
+        | KeyError::KeyringDestroyed { .. }
+        | KeyError::LegalHold { .. }
+        | KeyError::NoHold { .. }
+        | KeyError::AlreadyScheduled { .. }
+        | KeyError::DestructionNotPending { .. }
+        | KeyError::NoEscrow
+        | KeyError::VersionRetired { .. }
+        | KeyError::EscrowRecipientChange { .. } => {
             Status::failed_precondition(msg)
         }
         KeyError::Master(MasterError::Unavailable(_)) | KeyError::Store(StoreError::WriterGone) => {
@@ -219,6 +228,45 @@ fn keyring_pb(k: KeyringInfo) -> pb::Keyring {
         created_unix: k.created,
         retention_days: k.retention_days,
         issued_keys: k.issued_keys,
+        rotation_period_days: k.rotation_period_days,
+        next_rotation_unix: k.next_rotation.unwrap_or(0),
+        held: k.hold.is_some(),
+        hold_reason: k.hold.as_ref().map(|h| h.reason.clone()).unwrap_or_default(),
+        hold_by: k.hold.as_ref().map(|h| h.by.clone()).unwrap_or_default(),
+        hold_since_unix: k.hold.as_ref().map(|h| h.since).unwrap_or(0),
+        destroyed_unix: k.destroyed.unwrap_or(0),
+    }
+}
+
+fn destruction_pb(d: crate::store::DestructionRecord, held: bool) -> pb::Destruction {
+    use crate::store::{DestructionReason, DestructionState, DestructionTarget};
+    let (kind, target) = match &d.target {
+        DestructionTarget::Key { id, .. } => ("key", hex::encode(id)),
+        DestructionTarget::Keyring { name } => ("keyring", name.clone()),
+    };
+    let (state, by, done) = match &d.state {
+        DestructionState::Scheduled if held => ("held", String::new(), 0),
+        DestructionState::Scheduled => ("scheduled", String::new(), 0),
+        DestructionState::Cancelled { by, at } => ("cancelled", by.clone(), *at),
+        DestructionState::Done { at } => ("destroyed", String::new(), *at),
+    };
+    pb::Destruction {
+        id: d.id,
+        target_kind: kind.into(),
+        target,
+        keyring: d.target.keyring().to_owned(),
+        requested_by: d.requested_by,
+        requested_unix: d.requested,
+        due_unix: d.due,
+        state: state.into(),
+        cancelled_by: by,
+        done_unix: done,
+        approval_id: d.approval.unwrap_or(0),
+        reason: match d.reason {
+            DestructionReason::Request => "request",
+            DestructionReason::Expiry => "expiry",
+        }
+        .into(),
     }
 }
 
@@ -260,7 +308,7 @@ impl pb::key_service_server::KeyService for Api {
         ev.key_id = Some(req.get_ref().key_id.clone());
         let auth = self.authorize(&req, &mut ev).await?;
         let r = req.into_inner();
-        let k = match self.keys.unwrap_data_key(&auth, &r.key_id, &r.keyring, &r.wrapped_key) {
+        let k = match self.keys.unwrap_data_key(&auth, &r.key_id, &r.keyring, &r.wrapped_key).await {
             Ok(k) => k,
             Err(e) => {
                 tracing::warn!(error = %e, "unwrap refused");
@@ -307,17 +355,32 @@ impl pb::key_service_server::KeyService for Api {
             Err(e) => Err(self.fail(&ev, key_status(e)).await),
         }
     }
+
+    #[instrument(skip_all, fields(principal, keyring = %req.get_ref().keyring, key_id = %req.get_ref().key_id))]
+    async fn rewrap_data_key(
+        &self,
+        req: Request<pb::RewrapDataKeyRequest>,
+    ) -> Result<Response<pb::RewrapDataKeyResponse>, Status> {
+        let mut ev = self.ev(Action::RewrapDataKey, Some(&req.get_ref().keyring));
+        ev.key_id = Some(req.get_ref().key_id.clone());
+        let auth = self.authorize(&req, &mut ev).await?;
+        let r = req.into_inner();
+        match self.keys.rewrap_data_key(&auth, &r.key_id, &r.keyring, &r.wrapped_key, ev.ok()).await {
+            Ok((wrapped_key, keyring_version, previous_version)) => {
+                tracing::info!(from = previous_version, to = keyring_version, "data key rewrapped");
+                Ok(Response::new(pb::RewrapDataKeyResponse { wrapped_key, keyring_version, previous_version }))
+            }
+            Err(e @ KeyError::Store(_)) => Err(self.audit_unavailable(e)),
+            Err(e) => Err(self.fail(&ev, key_status(e)).await),
+        }
+    }
 }
 
-fn approval_pb(a: crate::store::ApprovalRecord) -> pb::Approval {
-    let action = match &a.action {
-        crate::store::PendingAction::RetireVersions { keyring, below } => {
-            format!("retire keyring {keyring} versions below {below}")
-        }
-    };
+fn approval_pb(a: crate::store::ApprovalRecord, now: i64) -> pb::Approval {
+    let action = crate::keys::describe_action(&a.action);
     let state = if a.approved_by.is_some() {
         "approved"
-    } else if crate::keys::now_unix() >= a.expires {
+    } else if now >= a.expires {
         "expired"
     } else {
         "pending"
@@ -345,7 +408,7 @@ impl pb::admin_service_server::AdminService for Api {
         let r = req.get_ref();
         let outcome = format!("ok: pending approval to retire versions below {}", r.below_version);
         match self.keys.request_retire(&auth, &r.keyring, r.below_version, ev.with_outcome(outcome)).await {
-            Ok(a) => Ok(Response::new(approval_pb(a))),
+            Ok(a) => Ok(Response::new(approval_pb(a, self.keys.now()))),
             Err(e @ KeyError::Store(_)) => Err(self.audit_unavailable(e)),
             Err(e) => Err(self.fail(&ev, key_status(e)).await),
         }
@@ -359,7 +422,7 @@ impl pb::admin_service_server::AdminService for Api {
         match self.keys.approve(&auth, id, ev.with_outcome(format!("ok: approved and carried out request {id}"))).await {
             Ok(a) => {
                 tracing::warn!(id, "destructive request approved and carried out");
-                Ok(Response::new(approval_pb(a)))
+                Ok(Response::new(approval_pb(a, self.keys.now())))
             }
             Err(e @ KeyError::Store(_)) => Err(self.audit_unavailable(e)),
             Err(e) => Err(self.fail(&ev, key_status(e)).await),
@@ -373,7 +436,7 @@ impl pb::admin_service_server::AdminService for Api {
         match self.keys.approvals(&auth) {
             Ok(list) => {
                 self.done(&ev).await?;
-                Ok(Response::new(pb::Approvals { approvals: list.into_iter().map(approval_pb).collect() }))
+                Ok(Response::new(pb::Approvals { approvals: list.into_iter().map(|a| approval_pb(a, self.keys.now())).collect() }))
             }
             Err(e) => Err(self.fail(&ev, key_status(e)).await),
         }
@@ -428,7 +491,7 @@ impl pb::admin_service_server::AdminService for Api {
         let mut ev = self.ev(Action::CreateKeyring, Some(&req.get_ref().name));
         let auth = self.authorize(&req, &mut ev).await?;
         let r = req.into_inner();
-        match self.keys.create_keyring(&auth, &r.name, r.retention_days, ev.ok()).await {
+        match self.keys.create_keyring(&auth, &r.name, r.retention_days, r.rotation_period_days, ev.ok()).await {
             Ok(k) => {
                 tracing::info!("keyring created");
                 Ok(Response::new(keyring_pb(k)))
@@ -497,6 +560,166 @@ impl pb::admin_service_server::AdminService for Api {
             Err(s) => Err(self.fail(&ev, s).await),
         }
     }
+    #[instrument(skip_all, fields(principal))]
+    async fn remove_escrow(&self, req: Request<pb::RemoveEscrowRequest>) -> Result<Response<pb::Approval>, Status> {
+        let mut ev = self.ev(Action::RemoveEscrow, None);
+        let auth = self.authorize(&req, &mut ev).await?;
+        match self.keys.request_remove_escrow(&auth, ev.with_outcome("ok: pending approval to remove the escrow manifest".into())).await {
+            Ok(a) => Ok(Response::new(approval_pb(a, self.keys.now()))),
+            Err(e @ KeyError::Store(_)) => Err(self.audit_unavailable(e)),
+            Err(e) => Err(self.fail(&ev, key_status(e)).await),
+        }
+    }
+
+    #[instrument(skip_all, fields(principal, keyring = %req.get_ref().name))]
+    async fn set_keyring_policy(&self, req: Request<pb::SetKeyringPolicyRequest>) -> Result<Response<pb::Keyring>, Status> {
+        let mut ev = self.ev(Action::SetKeyringPolicy, Some(&req.get_ref().name));
+        let auth = self.authorize(&req, &mut ev).await?;
+        let r = req.into_inner();
+        let what = format!("ok: retention_days={:?} rotation_period_days={:?}", r.retention_days, r.rotation_period_days);
+        match self.keys.set_keyring_policy(&auth, &r.name, r.retention_days, r.rotation_period_days, ev.with_outcome(what)).await {
+            Ok(k) => Ok(Response::new(keyring_pb(k))),
+            Err(e @ KeyError::Store(_)) => Err(self.audit_unavailable(e)),
+            Err(e) => Err(self.fail(&ev, key_status(e)).await),
+        }
+    }
+
+    #[instrument(skip_all, fields(principal, keyring = %req.get_ref().keyring))]
+    async fn set_legal_hold(&self, req: Request<pb::SetLegalHoldRequest>) -> Result<Response<pb::Keyring>, Status> {
+        let mut ev = self.ev(Action::SetLegalHold, Some(&req.get_ref().keyring));
+        let auth = self.authorize(&req, &mut ev).await?;
+        let r = req.into_inner();
+        let what = if r.hold { format!("ok: legal hold placed: {}", r.reason) } else { "ok: legal hold released".to_owned() };
+        match self.keys.set_legal_hold(&auth, &r.keyring, r.hold, &r.reason, ev.with_outcome(what)).await {
+            Ok(k) => {
+                tracing::warn!(hold = r.hold, "legal hold changed");
+                Ok(Response::new(keyring_pb(k)))
+            }
+            Err(e @ KeyError::Store(_)) => Err(self.audit_unavailable(e)),
+            Err(e) => Err(self.fail(&ev, key_status(e)).await),
+        }
+    }
+
+    #[instrument(skip_all, fields(principal, key_id = %req.get_ref().key_id))]
+    async fn get_data_key(&self, req: Request<pb::GetDataKeyRequest>) -> Result<Response<pb::DataKeyInfo>, Status> {
+        let mut ev = self.ev(Action::GetDataKey, None);
+        ev.key_id = Some(req.get_ref().key_id.clone());
+        let auth = self.authorize_for_key(&req, &mut ev, &req.get_ref().key_id).await?;
+        let key_id = req.get_ref().key_id.clone();
+        match self.keys.get_data_key(&auth, &key_id) {
+            Ok((k, sched)) => {
+                ev.backup_id = Some(k.backup_id.clone());
+                self.done(&ev).await?;
+                let (state, destroyed) = match k.state {
+                    crate::store::KeyState::Active => ("active", 0),
+                    crate::store::KeyState::Destroyed { at } => ("destroyed", at),
+                };
+                Ok(Response::new(pb::DataKeyInfo {
+                    key_id,
+                    keyring: k.keyring,
+                    keyring_version: k.version,
+                    backup_id: k.backup_id,
+                    created_unix: k.created,
+                    expires_unix: k.expires.unwrap_or(0),
+                    state: state.into(),
+                    destroyed_unix: destroyed,
+                    issued_to: k.issued_to,
+                    escrowed: k.escrowed,
+                    labels: k.labels.into_iter().collect(),
+                    destruction_id: sched.unwrap_or(0),
+                }))
+            }
+            Err(e) => Err(self.fail(&ev, key_status(e)).await),
+        }
+    }
+
+    #[instrument(skip_all, fields(principal, key_id = %req.get_ref().key_id))]
+    async fn destroy_key(&self, req: Request<pb::DestroyKeyRequest>) -> Result<Response<pb::DestroyResponse>, Status> {
+        let mut ev = self.ev(Action::DestroyKey, None);
+        ev.key_id = Some(req.get_ref().key_id.clone());
+        let auth = self.authorize_for_key(&req, &mut ev, &req.get_ref().key_id).await?;
+        let outcome = "ok: destruction requested".to_owned();
+        match self.keys.request_destroy_key(&auth, &req.get_ref().key_id, ev.with_outcome(outcome)).await {
+            Ok(o) => Ok(Response::new(self.destroy_pb(o))),
+            Err(e @ KeyError::Store(_)) => Err(self.audit_unavailable(e)),
+            Err(e) => Err(self.fail(&ev, key_status(e)).await),
+        }
+    }
+
+    #[instrument(skip_all, fields(principal, keyring = %req.get_ref().name))]
+    async fn destroy_keyring(&self, req: Request<pb::DestroyKeyringRequest>) -> Result<Response<pb::DestroyResponse>, Status> {
+        let mut ev = self.ev(Action::DestroyKeyring, Some(&req.get_ref().name));
+        let auth = self.authorize(&req, &mut ev).await?;
+        let outcome = "ok: pending approval to destroy the keyring".to_owned();
+        match self.keys.request_destroy_keyring(&auth, &req.get_ref().name, ev.with_outcome(outcome)).await {
+            Ok(o) => Ok(Response::new(self.destroy_pb(o))),
+            Err(e @ KeyError::Store(_)) => Err(self.audit_unavailable(e)),
+            Err(e) => Err(self.fail(&ev, key_status(e)).await),
+        }
+    }
+
+    #[instrument(skip_all, fields(principal, id = req.get_ref().id))]
+    async fn cancel_destruction(&self, req: Request<pb::CancelDestructionRequest>) -> Result<Response<pb::Destruction>, Status> {
+        let id = req.get_ref().id;
+        let keyring = self.keys.destruction_keyring(id);
+        let mut ev = self.ev(Action::CancelDestruction, keyring.as_deref());
+        let auth = self.authorize(&req, &mut ev).await?;
+        match self.keys.cancel_destruction(&auth, id, ev.with_outcome(format!("ok: destruction {id} cancelled"))).await {
+            Ok(d) => Ok(Response::new(destruction_pb(d, false))),
+            Err(e @ KeyError::Store(_)) => Err(self.audit_unavailable(e)),
+            Err(e) => Err(self.fail(&ev, key_status(e)).await),
+        }
+    }
+
+    #[instrument(skip_all, fields(principal))]
+    async fn list_destructions(&self, req: Request<pb::ListDestructionsRequest>) -> Result<Response<pb::Destructions>, Status> {
+        let mut ev = self.ev(Action::ListDestructions, None);
+        let auth = self.authorize(&req, &mut ev).await?;
+        match self.keys.destructions(&auth, |k| self.policy.may_see(&auth, k)) {
+            Ok(list) => {
+                self.done(&ev).await?;
+                let destructions = list
+                    .into_iter()
+                    .map(|d| {
+                        let held = self.keys.is_held(d.target.keyring());
+                        destruction_pb(d, held)
+                    })
+                    .collect();
+                Ok(Response::new(pb::Destructions { destructions }))
+            }
+            Err(e) => Err(self.fail(&ev, key_status(e)).await),
+        }
+    }
+
+    #[instrument(skip_all, fields(principal))]
+    async fn rotate_master(&self, req: Request<pb::RotateMasterRequest>) -> Result<Response<pb::MasterStatus>, Status> {
+        let mut ev = self.ev(Action::RotateMaster, None);
+        let auth = self.authorize(&req, &mut ev).await?;
+        match self.keys.rotate_master(&auth, ev.ok()).await {
+            Ok(m) => Ok(Response::new(pb::MasterStatus {
+                generation: m.generation,
+                description: m.description,
+                keyrings_rewrapped: m.keyrings,
+                versions_rewrapped: m.versions,
+            })),
+            Err(e @ KeyError::Store(_)) => Err(self.audit_unavailable(e)),
+            Err(e) => Err(self.fail(&ev, key_status(e)).await),
+        }
+    }
+
+    #[instrument(skip_all, fields(principal))]
+    async fn get_report(&self, req: Request<pb::GetReportRequest>) -> Result<Response<pb::Report>, Status> {
+        let mut ev = self.ev(Action::GetReport, None);
+        let auth = self.authorize(&req, &mut ev).await?;
+        let since = Some(req.get_ref().since.as_str()).filter(|s| !s.is_empty());
+        let report = match self.keys.report(&auth, since, |k| self.policy.may_see(&auth, k)) {
+            Ok(r) => r,
+            Err(e) => return Err(self.fail(&ev, key_status(e)).await),
+        };
+        let json = serde_json::to_string(&report).map_err(|e| Status::internal(format!("report encoding: {e}")))?;
+        self.done(&ev).await?;
+        Ok(Response::new(pb::Report { json }))
+    }
 }
 
 #[tonic::async_trait]
@@ -530,6 +753,27 @@ impl pb::audit_service_server::AuditService for Api {
 }
 
 impl Api {
+    /// Authorizes an action on a key: on its keyring when the key is known; an unknown
+    /// key id is authorized as a global action, so it is NOT_FOUND only to callers
+    /// with the role on every keyring.
+    async fn authorize_for_key<T>(&self, req: &Request<T>, ev: &mut Ev, key_id: &str) -> Result<Authorized, Status> {
+        match self.keys.keyring_of(key_id) {
+            Ok(k) => ev.keyring = k,
+            Err(e) => {
+                let _ = self.authorize(req, ev).await?;
+                return Err(self.fail(ev, key_status(e)).await);
+            }
+        }
+        self.authorize(req, ev).await
+    }
+
+    fn destroy_pb(&self, o: DestroyOutcome) -> pb::DestroyResponse {
+        match o {
+            DestroyOutcome::Pending(a) => pb::DestroyResponse { approval: Some(approval_pb(a, self.keys.now())), destruction: None },
+            DestroyOutcome::Scheduled(d) => pb::DestroyResponse { approval: None, destruction: Some(destruction_pb(d, false)) },
+        }
+    }
+
     /// Grants that apply to `keyring`, from the config and the runtime set.
     fn grants_pb(&self, keyring: &str) -> pb::Grants {
         let mut grants = Vec::new();

@@ -62,6 +62,17 @@ pub enum Action {
     RetireVersions,
     Approve,
     ListApprovals,
+    RewrapDataKey,
+    RemoveEscrow,
+    SetKeyringPolicy,
+    SetLegalHold,
+    GetDataKey,
+    DestroyKey,
+    DestroyKeyring,
+    CancelDestruction,
+    ListDestructions,
+    RotateMaster,
+    GetReport,
 }
 
 impl Action {
@@ -69,7 +80,15 @@ impl Action {
     pub fn permitted_roles(self) -> &'static [Role] {
         match self {
             Action::GenerateDataKey => &[Role::Sealer],
-            Action::UnwrapDataKey | Action::RecordRestoreTest => &[Role::Restorer],
+            Action::UnwrapDataKey | Action::RecordRestoreTest | Action::RewrapDataKey => &[Role::Restorer],
+            Action::RemoveEscrow
+            | Action::SetKeyringPolicy
+            | Action::SetLegalHold
+            | Action::DestroyKey
+            | Action::DestroyKeyring
+            | Action::CancelDestruction
+            | Action::RotateMaster => &[Role::Officer],
+            Action::GetDataKey | Action::ListDestructions | Action::GetReport => &[Role::Officer, Role::Auditor],
             Action::RotateKeyring | Action::ChangeGrant | Action::RetireVersions | Action::Approve => &[Role::Officer],
             Action::ListApprovals => &[Role::Officer, Role::Auditor],
             Action::ListGrants => &[Role::Officer, Role::Auditor],
@@ -100,6 +119,17 @@ impl Action {
             Action::RetireVersions => "RetireKeyringVersions",
             Action::Approve => "Approve",
             Action::ListApprovals => "ListApprovals",
+            Action::RewrapDataKey => "RewrapDataKey",
+            Action::RemoveEscrow => "RemoveEscrow",
+            Action::SetKeyringPolicy => "SetKeyringPolicy",
+            Action::SetLegalHold => "SetLegalHold",
+            Action::GetDataKey => "GetDataKey",
+            Action::DestroyKey => "DestroyKey",
+            Action::DestroyKeyring => "DestroyKeyring",
+            Action::CancelDestruction => "CancelDestruction",
+            Action::ListDestructions => "ListDestructions",
+            Action::RotateMaster => "RotateMaster",
+            Action::GetReport => "GetReport",
         }
     }
 }

@@ -40,6 +40,14 @@ pub struct ServerConfig {
     /// How long a destructive request waits for a second officer's approval, seconds (default 86400).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approval_ttl_secs: Option<u64>,
+    /// Waiting period between a destruction request (or its approval) and the destruction, days (default 7).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destruction_wait_days: Option<u32>,
+    /// How often the server runs its scheduled work (rotation periods, due destructions,
+    /// expired keys), seconds (default 60). Requests never wait for it: a request that
+    /// meets due work does it first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maintenance_interval_secs: Option<u64>,
     /// Plain-HTTP Prometheus endpoint (`GET /metrics`), e.g. `127.0.0.1:9464`; off if absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<SocketAddr>,

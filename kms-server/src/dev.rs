@@ -50,6 +50,8 @@ pub fn prepare(dir: &Path, listen: SocketAddr, master: DevMaster) -> Result<(Ser
         data_dir: dir.join("data"),
         metrics_listen: None,
         approval_ttl_secs: None,
+        destruction_wait_days: None,
+        maintenance_interval_secs: None,
         tls: TlsConfig { cert: pki.server_cert, key: pki.server_key, client_ca: pki.ca_cert },
         master: match master {
             DevMaster::Software => {

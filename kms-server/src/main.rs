@@ -139,7 +139,7 @@ async fn run(cmd: Cmd) -> Result<(), ServerError> {
                 None,
                 "ok: dev bootstrap",
             );
-            match keys.create_keyring_unchecked(DEFAULT_KEYRING, 0, bootstrap).await {
+            match keys.create_keyring_unchecked(DEFAULT_KEYRING, 0, 0, bootstrap).await {
                 Ok(_) | Err(KeyError::KeyringExists { .. }) => {}
                 Err(e) => return Err(e.into()),
             }

@@ -117,7 +117,8 @@ pub fn open_keys(cfg: &ServerConfig) -> Result<Arc<KeyManager>, ServerError> {
     master.health()?;
     let store = Store::open(&cfg.store_path())?;
     let ttl = cfg.approval_ttl_secs.unwrap_or(crate::keys::DEFAULT_APPROVAL_TTL_SECS);
-    Ok(Arc::new(KeyManager::open(store, master)?.with_approval_ttl(ttl)))
+    let wait = cfg.destruction_wait_days.unwrap_or(crate::keys::DEFAULT_DESTRUCTION_WAIT_DAYS);
+    Ok(Arc::new(KeyManager::open(store, master)?.with_approval_ttl(ttl).with_destruction_wait_days(wait)))
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, ServerError> {
@@ -139,6 +140,21 @@ pub async fn bind_metrics(cfg: &ServerConfig) -> Result<Option<tokio::net::TcpLi
             .await
             .map(Some)
             .map_err(|e| ServerError::Bind { addr, source: e }),
+    }
+}
+
+/// Runs the scheduled work (rotation periods, due destructions, expired keys) every
+/// `interval` (it also runs once at start, before the server listens).
+async fn maintenance_loop(keys: Arc<KeyManager>, interval: std::time::Duration) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match keys.maintain().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(actions = n, "scheduled maintenance done"),
+            Err(e) => tracing::error!(error = %e, "scheduled maintenance failed; retrying at the next tick"),
+        }
     }
 }
 
@@ -173,6 +189,13 @@ pub async fn serve(
     if let Some(l) = metrics_listener {
         tokio::spawn(crate::metrics::serve(l, metrics.clone(), keys.master().clone()));
     }
+    // Work that fell due while the server was down is done before it answers anyone.
+    match keys.maintain().await {
+        Ok(n) => tracing::info!(actions = n, "start-up maintenance done"),
+        Err(e) => tracing::error!(error = %e, "start-up maintenance failed; retrying on schedule"),
+    }
+    let interval = std::time::Duration::from_secs(cfg.maintenance_interval_secs.unwrap_or(60).max(1));
+    tokio::spawn(maintenance_loop(keys.clone(), interval));
     let api = Api::new(keys, policy, authn, metrics);
     // Reflection v1 and the older v1alpha (still what many grpcurl builds ask for).
     let reflection_builder = || {

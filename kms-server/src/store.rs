@@ -21,6 +21,9 @@ const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 const CHECKPOINTS: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_checkpoints");
 const RESTORE_TESTS: TableDefinition<u64, &[u8]> = TableDefinition::new("restore_tests");
 const APPROVALS: TableDefinition<u64, &[u8]> = TableDefinition::new("approvals");
+const DESTRUCTIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("destructions");
+/// Index of data keys by expiry: (expires, key id) for every active key that expires.
+const EXPIRY: TableDefinition<(i64, [u8; 16]), ()> = TableDefinition::new("expiry_index");
 
 /// Test-only fault injection: with this variable set to `1` every audit write
 /// fails, to prove that requests then fail closed. It changes nothing otherwise.
@@ -80,6 +83,67 @@ pub struct KeyringRecord {
     pub created: i64,
     pub retention_days: u32,
     pub versions: Vec<VersionRecord>,
+    /// Automatic rotation this many days after the current version was made; 0 = none.
+    pub rotation_period_days: u32,
+    /// A legal hold: nothing of this keyring is destroyed while it is set.
+    pub hold: Option<Hold>,
+    /// Set when the keyring was destroyed: its version keys are erased, a tombstone stays.
+    pub destroyed: Option<i64>,
+}
+
+/// A legal hold on a keyring.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Hold {
+    pub by: String,
+    pub since: i64,
+    pub reason: String,
+}
+
+/// What a destruction destroys.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum DestructionTarget {
+    Key { id: [u8; 16], keyring: String },
+    Keyring { name: String },
+}
+
+impl DestructionTarget {
+    pub fn keyring(&self) -> &str {
+        match self {
+            DestructionTarget::Key { keyring, .. } => keyring,
+            DestructionTarget::Keyring { name } => name,
+        }
+    }
+}
+
+/// Where a destruction stands.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum DestructionState {
+    Scheduled,
+    Cancelled { by: String, at: i64 },
+    Done { at: i64 },
+}
+
+/// Why a destruction happens.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DestructionReason {
+    /// An officer asked for it.
+    Request,
+    /// The key reached the end of its keyring's retention period.
+    Expiry,
+}
+
+/// A scheduled or past destruction: the record stays after the key is gone.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct DestructionRecord {
+    pub id: u64,
+    pub target: DestructionTarget,
+    pub requested_by: String,
+    pub requested: i64,
+    pub due: i64,
+    pub state: DestructionState,
+    /// The dual-control approval it came from.
+    pub approval: Option<u64>,
+    pub reason: DestructionReason,
 }
 
 /// State of an issued data key.
@@ -117,6 +181,11 @@ pub enum WriteOp {
     RestoreTest(RestoreTestRecord),
     /// A dual-control approval (new or updated).
     PutApproval(ApprovalRecord),
+    /// Replaces the registry record of an issued key (rewrap, destruction); keeps the
+    /// expiry index in step (a destroyed key leaves it).
+    PutDataKey { id: [u8; 16], record: DataKeyRecord },
+    /// A destruction record (new or updated).
+    PutDestruction(DestructionRecord),
 }
 
 /// A destructive action waiting for (or given) a second officer's approval.
@@ -135,6 +204,12 @@ pub struct ApprovalRecord {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub enum PendingAction {
     RetireVersions { keyring: String, below: u32 },
+    /// Schedule destruction of one data key before its expiry.
+    DestroyKey { id: [u8; 16], keyring: String },
+    /// Schedule destruction of a keyring.
+    DestroyKeyring { keyring: String },
+    /// Remove the escrow manifest in force.
+    RemoveEscrow,
 }
 
 /// The outcome of one restore test (`backup-hook verify`).
@@ -237,6 +312,8 @@ impl Store {
             txn.open_table(CHECKPOINTS).map_err(dberr)?;
             txn.open_table(RESTORE_TESTS).map_err(dberr)?;
             txn.open_table(APPROVALS).map_err(dberr)?;
+            txn.open_table(DESTRUCTIONS).map_err(dberr)?;
+            txn.open_table(EXPIRY).map_err(dberr)?;
         }
         txn.commit().map_err(dberr)?;
         Self::start(db, path)
@@ -260,6 +337,8 @@ impl Store {
                 txn.open_table(CHECKPOINTS).map_err(dberr)?;
                 txn.open_table(RESTORE_TESTS).map_err(dberr)?;
                 txn.open_table(APPROVALS).map_err(dberr)?;
+                txn.open_table(DESTRUCTIONS).map_err(dberr)?;
+                txn.open_table(EXPIRY).map_err(dberr)?;
                 match audit.last().map_err(dberr)? {
                     Some((k, v)) => {
                         let rec: kluis_proto::audit::AuditRecord = serde_json::from_slice(v.value())
@@ -305,6 +384,47 @@ impl Store {
         for row in t.iter().map_err(dberr)? {
             let (_, v) = row.map_err(dberr)?;
             out.push(postcard::from_bytes(v.value()).map_err(|e| StoreError::Decode { what: "approval", source: e })?);
+        }
+        Ok(out)
+    }
+
+    /// Every destruction record, oldest first.
+    pub fn destructions(&self) -> Result<Vec<DestructionRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let t = txn.open_table(DESTRUCTIONS).map_err(dberr)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(dberr)? {
+            let (_, v) = row.map_err(dberr)?;
+            out.push(postcard::from_bytes(v.value()).map_err(|e| StoreError::Decode { what: "destruction", source: e })?);
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` active keys whose expiry is at or before `now`, earliest first.
+    /// Keys of keyrings for which `skip` is true (held, destroyed) are passed over.
+    pub fn expired_keys(
+        &self,
+        now: i64,
+        limit: usize,
+        skip: &dyn Fn(&str) -> bool,
+    ) -> Result<Vec<([u8; 16], DataKeyRecord)>, StoreError> {
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let idx = txn.open_table(EXPIRY).map_err(dberr)?;
+        let keys = txn.open_table(DATA_KEYS).map_err(dberr)?;
+        let mut out = Vec::new();
+        for row in idx.range(..=(now, [0xff; 16])).map_err(dberr)? {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, _) = row.map_err(dberr)?;
+            let (_, id) = k.value();
+            if let Some(v) = keys.get(id).map_err(dberr)? {
+                let rec: DataKeyRecord =
+                    postcard::from_bytes(v.value()).map_err(|e| StoreError::Decode { what: "data key", source: e })?;
+                if matches!(rec.state, KeyState::Active) && !skip(&rec.keyring) {
+                    out.push((id, rec));
+                }
+            }
         }
         Ok(out)
     }
@@ -480,6 +600,8 @@ fn commit_batch(database: &Database, ops: Vec<WriteOp>, chain: &mut AuditChain) 
         let mut keyrings = txn.open_table(KEYRINGS).map_err(dberr)?;
         let mut keys = txn.open_table(DATA_KEYS).map_err(dberr)?;
         let mut issued = txn.open_table(ISSUED).map_err(dberr)?;
+        let mut destructions = txn.open_table(DESTRUCTIONS).map_err(dberr)?;
+        let mut expiry = txn.open_table(EXPIRY).map_err(dberr)?;
         let mut counts: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
         for op in flat {
             match op {
@@ -495,7 +617,22 @@ fn commit_batch(database: &Database, ops: Vec<WriteOp>, chain: &mut AuditChain) 
                     let bytes = postcard::to_allocvec(&record)
                         .map_err(|e| StoreError::Encode { what: "data key", source: e })?;
                     keys.insert(id, bytes.as_slice()).map_err(dberr)?;
+                    if let Some(at) = record.expires {
+                        expiry.insert((at, id), ()).map_err(dberr)?;
+                    }
                     *counts.entry(record.keyring).or_default() += 1;
+                }
+                WriteOp::PutDataKey { id, record } => {
+                    let bytes = postcard::to_allocvec(&record)
+                        .map_err(|e| StoreError::Encode { what: "data key", source: e })?;
+                    keys.insert(id, bytes.as_slice()).map_err(dberr)?;
+                    if let (Some(at), KeyState::Destroyed { .. }) = (record.expires, record.state) {
+                        expiry.remove((at, id)).map_err(dberr)?;
+                    }
+                }
+                WriteOp::PutDestruction(rec) => {
+                    let bytes = postcard::to_allocvec(&rec).map_err(|e| StoreError::Encode { what: "destruction", source: e })?;
+                    destructions.insert(rec.id, bytes.as_slice()).map_err(dberr)?;
                 }
                 WriteOp::Atomic(_) => {}
                 WriteOp::PutApproval(rec) => {

@@ -170,9 +170,20 @@ enum Rpc {
     Retire,
     Approve,
     ListApprovals,
+    Rewrap,
+    RemoveEscrow,
+    SetKeyringPolicy,
+    GetDataKey,
+    DestroyKey,
+    DestroyKeyring,
+    SetLegalHold,
+    CancelDestruction,
+    ListDestructions,
+    RotateMaster,
+    GetReport,
 }
 
-const ALL: [Rpc; 16] = [
+const ALL: [Rpc; 27] = [
     Rpc::Generate,
     Rpc::Unwrap,
     Rpc::CreateKeyring,
@@ -189,6 +200,18 @@ const ALL: [Rpc; 16] = [
     Rpc::Retire,
     Rpc::Approve,
     Rpc::ListApprovals,
+    Rpc::Rewrap,
+    Rpc::RemoveEscrow,
+    Rpc::SetKeyringPolicy,
+    Rpc::GetDataKey,
+    Rpc::DestroyKey,
+    Rpc::DestroyKeyring,
+    // After the destroy requests: a hold would refuse them.
+    Rpc::SetLegalHold,
+    Rpc::CancelDestruction,
+    Rpc::ListDestructions,
+    Rpc::RotateMaster,
+    Rpc::GetReport,
 ];
 
 /// The expected answer of each cell: who may call what on keyring `default`.
@@ -197,9 +220,21 @@ fn allowed(who: &str, rpc: Rpc) -> bool {
     match who {
         "dev" => true,
         "sealer" => rpc == Generate,
-        "restorer" => matches!(rpc, Unwrap | RecordRestoreTest),
-        "officer" => !matches!(rpc, Generate | Unwrap | RecordRestoreTest),
-        "auditor" => matches!(rpc, ListKeyrings | GetKeyring | EscrowStatus | ListGrants | ExportAudit | AuditPublicKey | ListApprovals),
+        "restorer" => matches!(rpc, Unwrap | RecordRestoreTest | Rewrap),
+        "officer" => !matches!(rpc, Generate | Unwrap | RecordRestoreTest | Rewrap),
+        "auditor" => matches!(
+            rpc,
+            ListKeyrings
+                | GetKeyring
+                | EscrowStatus
+                | ListGrants
+                | ExportAudit
+                | AuditPublicKey
+                | ListApprovals
+                | GetDataKey
+                | ListDestructions
+                | GetReport
+        ),
         // Sealer and restorer, but only on keyring `pacs`.
         "pacs-only" => false,
         // Valid certificate from the right CA, but no grant at all.
@@ -227,7 +262,10 @@ async fn call(ch: Channel, rpc: Rpc, f: &Fixture, n: usize) -> Result<(), tonic:
             .unwrap_data_key(pb::UnwrapDataKeyRequest { key_id: f.key_id.clone(), wrapped_key: f.wrapped.clone(), keyring: "default".into() })
             .await
             .map(drop),
-        Rpc::CreateKeyring => admin.create_keyring(pb::CreateKeyringRequest { name: format!("ring-{n}"), retention_days: 0 }).await.map(drop),
+        Rpc::CreateKeyring => admin
+            .create_keyring(pb::CreateKeyringRequest { name: format!("ring-{n}"), retention_days: 0, rotation_period_days: 0 })
+            .await
+            .map(drop),
         Rpc::ListKeyrings => admin.list_keyrings(pb::ListKeyringsRequest {}).await.map(drop),
         Rpc::GetKeyring => admin.get_keyring(pb::GetKeyringRequest { name: "default".into() }).await.map(drop),
         Rpc::InstallEscrow => admin
@@ -264,6 +302,32 @@ async fn call(ch: Channel, rpc: Rpc, f: &Fixture, n: usize) -> Result<(), tonic:
             other => other.map(drop),
         },
         Rpc::ListApprovals => admin.list_approvals(pb::ListApprovalsRequest {}).await.map(drop),
+        Rpc::Rewrap => keys
+            .rewrap_data_key(pb::RewrapDataKeyRequest { key_id: f.key_id.clone(), wrapped_key: f.wrapped.clone(), keyring: "default".into() })
+            .await
+            .map(drop),
+        // Escrow is in force (InstallEscrow runs earlier): each request waits for approval.
+        Rpc::RemoveEscrow => admin.remove_escrow(pb::RemoveEscrowRequest {}).await.map(drop),
+        Rpc::SetKeyringPolicy => admin
+            .set_keyring_policy(pb::SetKeyringPolicyRequest { name: "default".into(), retention_days: None, rotation_period_days: Some(0) })
+            .await
+            .map(drop),
+        Rpc::GetDataKey => admin.get_data_key(pb::GetDataKeyRequest { key_id: f.key_id.clone() }).await.map(drop),
+        // The key does not expire: the answer is a pending approval, nothing is destroyed.
+        Rpc::DestroyKey => admin.destroy_key(pb::DestroyKeyRequest { key_id: f.key_id.clone() }).await.map(drop),
+        Rpc::DestroyKeyring => admin.destroy_keyring(pb::DestroyKeyringRequest { name: "default".into() }).await.map(drop),
+        // Placed and released, so that the next identity's destroy requests are not held.
+        Rpc::SetLegalHold => {
+            admin.set_legal_hold(pb::SetLegalHoldRequest { keyring: "default".into(), hold: true, reason: format!("case {n}") }).await?;
+            admin.set_legal_hold(pb::SetLegalHoldRequest { keyring: "default".into(), hold: false, reason: String::new() }).await.map(drop)
+        }
+        Rpc::CancelDestruction => match admin.cancel_destruction(pb::CancelDestructionRequest { id: 999_999 }).await {
+            Err(s) if s.code() == Code::NotFound => Ok(()),
+            other => other.map(drop),
+        },
+        Rpc::ListDestructions => admin.list_destructions(pb::ListDestructionsRequest {}).await.map(drop),
+        Rpc::RotateMaster => admin.rotate_master(pb::RotateMasterRequest {}).await.map(drop),
+        Rpc::GetReport => admin.get_report(pb::GetReportRequest { since: String::new() }).await.map(drop),
     }
 }
 

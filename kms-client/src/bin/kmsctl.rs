@@ -10,13 +10,13 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use kluis_proto::audit::ExportLine;
 use kms_client::cert;
-use kms_client::client::{ClientError, KeyringInfo, KmsClient};
+use kms_client::client::{ClientError, DestroyOutcome, DestructionInfo, KeyringInfo, KmsClient};
 use kms_client::config::ClientConfig;
 use kms_client::escrow::Manifest;
 use kms_client::escrow::cli::{OfflineEscrowCommand, run_offline};
 
 #[derive(Parser)]
-#[command(name = "kmsctl", version, about = "Kluis administration: keyrings, escrow")]
+#[command(name = "kmsctl", version, about = "Kluis administration: keyrings, keys, escrow, audit, reports")]
 struct Cli {
     /// Client config (endpoint, CA, certificate, key).
     #[arg(long, global = true, env = "KLUIS_CLIENT_CONFIG")]
@@ -47,6 +47,54 @@ enum Cmd {
     /// deployments use their own PKI).
     #[command(subcommand)]
     Cert(CertCmd),
+    /// One data key: registry facts, destruction.
+    #[command(subcommand)]
+    Key(KeyCmd),
+    /// Scheduled destructions: list, cancel.
+    #[command(subcommand)]
+    Destruction(DestructionCmd),
+    /// The master key.
+    #[command(subcommand)]
+    Master(MasterCmd),
+    /// The compliance report per keyring (officer, auditor).
+    Report {
+        /// Only events at or after this time (RFC 3339, e.g. 2026-01-01T00:00:00Z).
+        #[arg(long)]
+        since: Option<String>,
+        /// text, json or html (a single self-contained page).
+        #[arg(long, default_value = "text")]
+        format: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCmd {
+    /// Registry facts of a data key (no key material).
+    Show {
+        key_id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Schedule destruction of a data key after the waiting period (before its
+    /// expiry this needs a second officer's `kmsctl approve`).
+    Destroy { key_id: String },
+}
+
+#[derive(Subcommand)]
+enum DestructionCmd {
+    /// Scheduled and past destructions.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a scheduled destruction.
+    Cancel { id: u64 },
+}
+
+#[derive(Subcommand)]
+enum MasterCmd {
+    /// Create a new master key (file or token key) and rewrap every keyring key under it.
+    Rotate,
 }
 
 #[derive(Subcommand)]
@@ -113,7 +161,29 @@ enum KeyringCmd {
         /// Retention of issued data keys in days (0: until destroyed).
         #[arg(long, default_value_t = 0)]
         retention_days: u32,
+        /// Rotate automatically this many days after each version (0: only by hand).
+        #[arg(long, default_value_t = 0)]
+        rotation_period_days: u32,
     },
+    /// Change retention (for keys issued from now on) and/or the rotation period (officer).
+    Policy {
+        name: String,
+        #[arg(long)]
+        retention_days: Option<u32>,
+        #[arg(long)]
+        rotation_period_days: Option<u32>,
+    },
+    /// Place a legal hold: nothing of the keyring is destroyed until it is released (officer).
+    Hold {
+        name: String,
+        /// Why (case number, request).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Release a legal hold (officer).
+    Release { name: String },
+    /// Schedule destruction of the keyring and every key in it (needs a second officer's `kmsctl approve`).
+    Destroy { name: String },
     /// List keyrings.
     List {
         #[arg(long)]
@@ -174,6 +244,9 @@ enum EscrowCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Remove the manifest in force (needs a second officer's `kmsctl approve`); keys
+    /// issued afterwards carry no recovery stanza.
+    Remove,
     #[command(flatten)]
     Offline(OfflineEscrowCommand),
 }
@@ -214,10 +287,49 @@ fn print_keyring(out: &mut dyn Write, k: &KeyringInfo) -> std::io::Result<()> {
     let retention = if k.retention_days == 0 { "until destroyed".to_owned() } else { format!("{} days", k.retention_days) };
     writeln!(out, "retention:       {retention}")?;
     writeln!(out, "issued keys:     {}", k.issued_keys)?;
+    if k.rotation_period_days > 0 {
+        writeln!(out, "rotation:        every {} days; next {}", k.rotation_period_days, date(k.next_rotation_unix))?;
+    }
+    if k.held {
+        writeln!(out, "legal hold:      since {} by {}: {}", date(k.hold_since_unix), k.hold_by, k.hold_reason)?;
+    }
+    if k.destroyed_unix != 0 {
+        writeln!(out, "DESTROYED:       {}", date(k.destroyed_unix))?;
+    }
     for v in &k.versions {
         writeln!(out, "  v{:<4} {:<8} created {}", v.version, v.state, date(v.created_unix))?;
     }
     Ok(())
+}
+
+fn print_destruction(out: &mut dyn Write, d: &DestructionInfo) -> std::io::Result<()> {
+    let when = match d.state.as_str() {
+        "destroyed" => format!("destroyed on {}", date(d.done_unix)),
+        "cancelled" => format!("cancelled by {} on {}", d.cancelled_by, date(d.done_unix)),
+        "held" => format!("due {} but blocked by a legal hold", date(d.due_unix)),
+        _ => format!("due {}", date(d.due_unix)),
+    };
+    writeln!(out, "{:>4} {:<9} {} {} ({}; requested by {}): {when}", d.id, d.state, d.target_kind, d.target, d.reason, d.requested_by)
+}
+
+fn print_destroy(out: &mut dyn Write, o: &DestroyOutcome) -> std::io::Result<()> {
+    match o {
+        DestroyOutcome::PendingApproval(a) => writeln!(
+            out,
+            "request {} is pending: {}\nA second officer approves it with: kmsctl approve {} (before {}); it is then scheduled after the waiting period",
+            a.id,
+            a.action,
+            a.id,
+            date(a.expires_unix)
+        ),
+        DestroyOutcome::Scheduled(d) => writeln!(
+            out,
+            "destruction {} scheduled for {}; cancel with: kmsctl destruction cancel {}",
+            d.id,
+            date(d.due_unix),
+            d.id
+        ),
+    }
 }
 
 fn run(cli: Cli) -> Result<(), Failure> {
@@ -252,9 +364,93 @@ fn run(cli: Cli) -> Result<(), Failure> {
     rt.block_on(async {
         let client = KmsClient::connect(&cfg).await?;
         match cli.cmd {
-            Cmd::Keyring(KeyringCmd::Create { name, retention_days }) => {
-                let k = client.create_keyring(&name, retention_days).await?;
+            Cmd::Keyring(KeyringCmd::Create { name, retention_days, rotation_period_days }) => {
+                let k = client.create_keyring_with(&name, retention_days, rotation_period_days).await?;
                 print_keyring(&mut out, &k).map_err(io)?;
+            }
+            Cmd::Keyring(KeyringCmd::Policy { name, retention_days, rotation_period_days }) => {
+                let k = client.set_keyring_policy(&name, retention_days, rotation_period_days).await?;
+                print_keyring(&mut out, &k).map_err(io)?;
+            }
+            Cmd::Keyring(KeyringCmd::Hold { name, reason }) => {
+                client.set_legal_hold(&name, true, &reason).await?;
+                writeln!(out, "legal hold placed on keyring {name}: nothing of it is destroyed until `kmsctl keyring release {name}`").map_err(io)?;
+            }
+            Cmd::Keyring(KeyringCmd::Release { name }) => {
+                client.set_legal_hold(&name, false, "").await?;
+                writeln!(out, "legal hold on keyring {name} released; due destructions now go ahead").map_err(io)?;
+            }
+            Cmd::Keyring(KeyringCmd::Destroy { name }) => {
+                let o = client.destroy_keyring(&name).await?;
+                print_destroy(&mut out, &o).map_err(io)?;
+            }
+            Cmd::Key(KeyCmd::Destroy { key_id }) => {
+                let o = client.destroy_key(&key_id).await?;
+                print_destroy(&mut out, &o).map_err(io)?;
+            }
+            Cmd::Key(KeyCmd::Show { key_id, json }) => {
+                let k = client.get_data_key(&key_id).await?;
+                if json {
+                    serde_json::to_writer_pretty(&mut out, &k).map_err(|e| fail(e.to_string()))?;
+                    writeln!(out).map_err(io)?;
+                } else {
+                    writeln!(out, "key id:     {}", k.key_id).map_err(io)?;
+                    writeln!(out, "keyring:    {} (version {})", k.keyring, k.keyring_version).map_err(io)?;
+                    writeln!(out, "backup id:  {}", k.backup_id).map_err(io)?;
+                    writeln!(out, "issued:     {} to {}", date(k.created_unix), k.issued_to).map_err(io)?;
+                    let expires = if k.expires_unix == 0 { "never".to_owned() } else { date(k.expires_unix) };
+                    writeln!(out, "expires:    {expires}").map_err(io)?;
+                    writeln!(out, "escrowed:   {}", if k.escrowed { "yes" } else { "no" }).map_err(io)?;
+                    if k.state == "destroyed" {
+                        writeln!(out, "state:      destroyed on {}", date(k.destroyed_unix)).map_err(io)?;
+                    } else {
+                        writeln!(out, "state:      {}", k.state).map_err(io)?;
+                    }
+                    if k.destruction_id != 0 {
+                        writeln!(out, "scheduled:  destruction {}", k.destruction_id).map_err(io)?;
+                    }
+                }
+            }
+            Cmd::Destruction(DestructionCmd::List { json }) => {
+                let list = client.destructions().await?;
+                if json {
+                    serde_json::to_writer_pretty(&mut out, &list).map_err(|e| fail(e.to_string()))?;
+                    writeln!(out).map_err(io)?;
+                } else {
+                    for d in &list {
+                        print_destruction(&mut out, d).map_err(io)?;
+                    }
+                }
+            }
+            Cmd::Destruction(DestructionCmd::Cancel { id }) => {
+                let d = client.cancel_destruction(id).await?;
+                print_destruction(&mut out, &d).map_err(io)?;
+            }
+            Cmd::Escrow(EscrowCmd::Remove) => {
+                let a = client.remove_escrow().await?;
+                writeln!(
+                    out,
+                    "request {} is pending: {}\nA second officer approves it with: kmsctl approve {} (before {})",
+                    a.id,
+                    a.action,
+                    a.id,
+                    date(a.expires_unix)
+                )
+                .map_err(io)?;
+            }
+            Cmd::Master(MasterCmd::Rotate) => {
+                let m = client.rotate_master().await?;
+                writeln!(
+                    out,
+                    "master key generation {} in force: {}\nrewrapped {} versions of {} keyrings (no data key needed rewrapping); the previous key is kept: remove it once no copy of the store from before today is needed",
+                    m.generation, m.description, m.versions_rewrapped, m.keyrings_rewrapped
+                )
+                .map_err(io)?;
+            }
+            Cmd::Report { since, format } => {
+                let format: kms_client::report::ReportFormat = format.parse().map_err(|e: kms_client::report::ReportFormatError| Failure { code: 2, message: e.to_string() })?;
+                let report = client.report(since.as_deref()).await?;
+                out.write_all(kms_client::report::render(&report, format).as_bytes()).map_err(io)?;
             }
             Cmd::Keyring(KeyringCmd::Retire { name, below_version }) => {
                 let a = client.retire_versions(&name, below_version).await?;

@@ -5,6 +5,12 @@
 //! Every function takes the auth layer's [`Authorized`] proof and checks that it
 //! covers the operation; nothing here trusts a caller-supplied principal.
 
+mod lifecycle;
+mod report;
+
+pub use lifecycle::{Clock, DestroyOutcome, MasterRotation, TEST_CLOCK_ENV};
+pub use report::describe_action;
+
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
 use std::sync::{Arc, RwLock};
@@ -18,18 +24,23 @@ use crate::auth::{Action, Authorized, Role, RuntimeGrant};
 use crate::master::{MasterError, MasterKeyProvider};
 use crate::secret::{Key256, aes_gcm_open, aes_gcm_seal, random_array};
 use crate::store::{
-    ApprovalRecord, AuditEvent, DataKeyRecord, KeyState, KeyringRecord, PendingAction, RestoreTestRecord, Store,
-    StoreError, VersionRecord, VersionState, WriteOp,
+    ApprovalRecord, AuditEvent, DataKeyRecord, DestructionRecord, Hold, KeyState, KeyringRecord, PendingAction,
+    RestoreTestRecord, Store, StoreError, VersionRecord, VersionState, WriteOp,
 };
 
 /// Default time a destructive request waits for a second officer.
 pub const DEFAULT_APPROVAL_TTL_SECS: u64 = 86_400;
+/// Default waiting period between a destruction request and the destruction.
+pub const DEFAULT_DESTRUCTION_WAIT_DAYS: u32 = 7;
 
 /// Format byte of a wrapped data key blob.
 const WRAPPED_DK_FORMAT: u8 = 1;
 /// `format(1) || version(4) || nonce(12) || ciphertext(32) || tag(16)`.
 pub const WRAPPED_DK_LEN: usize = 1 + 4 + 12 + 32 + 16;
 pub(crate) const MASTER_CHECK_META: &str = "master_check";
+/// Which generation of the configured master key wraps the store (u32 big-endian;
+/// absent = 1, the configured key itself). `kmsctl master rotate` increments it.
+pub(crate) const MASTER_GENERATION_META: &str = "master_generation";
 const ESCROW_META: &str = "escrow";
 const GRANTS_META: &str = "runtime_grants";
 /// The server's Ed25519 audit key (PKCS#8), wrapped by the master key.
@@ -88,6 +99,22 @@ pub enum KeyError {
     BadRetire { keyring: String, below: u32, reason: &'static str },
     #[error("the audit key could not be opened: {reason}")]
     AuditKey { reason: &'static str },
+    #[error("keyring {keyring:?} was destroyed on {date}: its keys are gone and nothing under it unwraps again")]
+    KeyringDestroyed { keyring: String, date: String },
+    #[error("keyring {keyring:?} is under legal hold since {since} (by {by:?}: {reason}); nothing of it is destroyed until the hold is released")]
+    LegalHold { keyring: String, by: String, since: String, reason: String },
+    #[error("keyring {keyring:?} has no legal hold to release")]
+    NoHold { keyring: String },
+    #[error("{target} already has destruction {id} scheduled for {due}")]
+    AlreadyScheduled { target: String, id: u64, due: String },
+    #[error("no destruction {id}")]
+    DestructionNotFound { id: u64 },
+    #[error("destruction {id} cannot be cancelled: it is {state}")]
+    DestructionNotPending { id: u64, state: &'static str },
+    #[error("no escrow manifest is in force")]
+    NoEscrow,
+    #[error("the new master key (generation {generation}) could not be made or opened")]
+    MasterGeneration { generation: u32, source: MasterError },
 }
 
 /// A keyring in memory: metadata plus the unwrapped version keys.
@@ -120,6 +147,15 @@ pub struct EscrowInfo {
     pub manifest_json: String,
     /// Recovery recipients in force before this one (oldest first).
     pub previous_recipients: Vec<String>,
+    /// Set when the manifest was removed (dual control): no recipient is then in force.
+    pub removed: Option<i64>,
+}
+
+impl EscrowInfo {
+    /// The recovery recipient in force, if the manifest was not removed.
+    pub fn in_force(&self) -> Option<&str> {
+        self.removed.is_none().then_some(self.recovery_recipient.as_str())
+    }
 }
 
 /// The part of `manifest.json` the server reads (the format belongs to `kmsctl escrow`).
@@ -170,12 +206,24 @@ pub struct KeyringInfo {
     pub current_version: u32,
     pub versions: Vec<(u32, i64, VersionState)>,
     pub issued_keys: u64,
+    pub rotation_period_days: u32,
+    /// When the next automatic rotation is due.
+    pub next_rotation: Option<i64>,
+    pub hold: Option<Hold>,
+    pub destroyed: Option<i64>,
 }
 
 /// The key manager: the service layer behind the gRPC handlers.
 pub struct KeyManager {
     store: Store,
-    master: Arc<dyn MasterKeyProvider>,
+    /// The configured master key (generation 1); rotations make its siblings.
+    configured: Arc<dyn MasterKeyProvider>,
+    /// The generation in force and its provider.
+    master: RwLock<(u32, Arc<dyn MasterKeyProvider>)>,
+    clock: Clock,
+    destruction_wait_secs: i64,
+    /// Destructions scheduled and not yet carried out or cancelled (a short list).
+    scheduled: RwLock<Vec<DestructionRecord>>,
     audit_key: Arc<ring::signature::Ed25519KeyPair>,
     rings: RwLock<HashMap<String, LiveKeyring>>,
     escrow: RwLock<Option<EscrowInfo>>,
@@ -188,7 +236,7 @@ pub fn now_unix() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
-fn format_date(unix: i64) -> String {
+pub(crate) fn format_date(unix: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(unix)
         .ok()
         .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
@@ -280,7 +328,17 @@ impl KeyManager {
 
     /// Opens the key manager: checks the master key against the store and
     /// unwraps every keyring key into memory.
-    pub fn open(store: Store, master: Arc<dyn MasterKeyProvider>) -> Result<Self, KeyError> {
+    pub fn open(store: Store, configured: Arc<dyn MasterKeyProvider>) -> Result<Self, KeyError> {
+        let generation = match store.get_meta(MASTER_GENERATION_META)? {
+            Some(b) if b.len() == 4 => u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
+            Some(_) => return Err(KeyError::Store(StoreError::Decode { what: "master generation", source: postcard::Error::DeserializeBadEncoding })),
+            None => 1,
+        };
+        let master = if generation > 1 {
+            configured.generation(generation, false).map_err(|e| KeyError::MasterGeneration { generation, source: e })?
+        } else {
+            configured.clone()
+        };
         let check = store
             .get_meta(MASTER_CHECK_META)?
             .ok_or_else(|| KeyError::Store(StoreError::NotInitialised { path: store.path().to_owned() }))?;
@@ -293,7 +351,7 @@ impl KeyManager {
         let mut rings = HashMap::new();
         for record in store.keyrings()? {
             let mut keys = BTreeMap::new();
-            for v in &record.versions {
+            for v in record.versions.iter().filter(|_| record.destroyed.is_none()) {
                 let raw = master
                     .unwrap(&krk_aad(&record.name, v.version), &v.wrapped_key)
                     .map_err(|e| KeyError::KeyringUnwrap { keyring: record.name.clone(), version: v.version, source: e })?;
@@ -315,9 +373,18 @@ impl KeyManager {
             ),
             None => None,
         };
+        let scheduled = store
+            .destructions()?
+            .into_iter()
+            .filter(|d| d.state == crate::store::DestructionState::Scheduled)
+            .collect();
         Ok(Self {
             store,
-            master,
+            configured,
+            master: RwLock::new((generation, master)),
+            clock: Clock::from_env(),
+            destruction_wait_secs: i64::from(DEFAULT_DESTRUCTION_WAIT_DAYS) * 86_400,
+            scheduled: RwLock::new(scheduled),
             audit_key,
             rings: RwLock::new(rings),
             escrow: RwLock::new(escrow),
@@ -327,8 +394,25 @@ impl KeyManager {
         })
     }
 
-    pub fn master(&self) -> &Arc<dyn MasterKeyProvider> {
-        &self.master
+    /// The master key in force (after rotations, a sibling of the configured one).
+    pub fn master(&self) -> Arc<dyn MasterKeyProvider> {
+        self.master.read().map(|m| m.1.clone()).unwrap_or_else(|_| self.configured.clone())
+    }
+
+    /// The master key generation in force (1 = the configured key).
+    pub fn master_generation(&self) -> u32 {
+        self.master.read().map(|m| m.0).unwrap_or(1)
+    }
+
+    /// The waiting period between a destruction request and the destruction.
+    pub fn with_destruction_wait_days(mut self, days: u32) -> Self {
+        self.destruction_wait_secs = i64::from(days) * 86_400;
+        self
+    }
+
+    /// Now, by the lifecycle clock.
+    pub fn now(&self) -> i64 {
+        self.clock.now()
     }
 
     /// Opens the audit signing key (wrapped by the master key), creating it on first use.
@@ -414,10 +498,11 @@ impl KeyManager {
         auth: &Authorized,
         name: &str,
         retention_days: u32,
+        rotation_period_days: u32,
         audit: AuditEvent,
     ) -> Result<KeyringInfo, KeyError> {
         Self::check(auth, Action::CreateKeyring, Some(name))?;
-        self.create_keyring_unchecked(name, retention_days, audit).await
+        self.create_keyring_unchecked(name, retention_days, rotation_period_days, audit).await
     }
 
     /// Keyring creation for the server's own bootstrap (`kms-server dev`).
@@ -425,6 +510,7 @@ impl KeyManager {
         &self,
         name: &str,
         retention_days: u32,
+        rotation_period_days: u32,
         audit: AuditEvent,
     ) -> Result<KeyringInfo, KeyError> {
         validate_keyring_name(name)?;
@@ -433,7 +519,7 @@ impl KeyManager {
             return Err(KeyError::KeyringExists { name: name.to_owned() });
         }
         let key = Key256::generate(&self.rng).map_err(|_| KeyError::Rng)?;
-        let master = self.master.clone();
+        let master = self.master();
         let aad = krk_aad(name, 1);
         let (key, wrapped) = tokio::task::spawn_blocking(move || {
             let w = master.wrap(&aad, key.expose());
@@ -441,12 +527,15 @@ impl KeyManager {
         })
         .await?;
         let wrapped = wrapped?;
-        let now = now_unix();
+        let now = self.now();
         let record = KeyringRecord {
             name: name.to_owned(),
             created: now,
             retention_days,
             versions: vec![VersionRecord { version: 1, created: now, state: VersionState::Active, wrapped_key: wrapped }],
+            rotation_period_days,
+            hold: None,
+            destroyed: None,
         };
         self.store.write(WriteOp::Atomic(vec![WriteOp::PutKeyring(record.clone()), WriteOp::Audit(audit)])).await?;
         let mut keys = BTreeMap::new();
@@ -464,20 +553,28 @@ impl KeyManager {
         Self::check(auth, Action::RotateKeyring, Some(name))?;
         validate_keyring_name(name)?;
         let _guard = self.admin.lock().await;
+        self.rotate_locked(name, audit).await
+    }
+
+    /// Rotation with the admin lock held (officer request or rotation period).
+    async fn rotate_locked(&self, name: &str, audit: AuditEvent) -> Result<KeyringInfo, KeyError> {
         let mut record = {
             let rings = self.rings.read().map_err(|_| KeyError::NotCovered)?;
             rings.get(name).ok_or_else(|| KeyError::KeyringNotFound { name: name.to_owned() })?.record.clone()
         };
+        if let Some(at) = record.destroyed {
+            return Err(KeyError::KeyringDestroyed { keyring: name.to_owned(), date: format_date(at) });
+        }
         let version = record.versions.iter().map(|v| v.version).max().unwrap_or(0) + 1;
         let key = Key256::generate(&self.rng).map_err(|_| KeyError::Rng)?;
-        let master = self.master.clone();
+        let master = self.master();
         let aad = krk_aad(name, version);
         let (key, wrapped) = tokio::task::spawn_blocking(move || {
             let w = master.wrap(&aad, key.expose());
             (key, w)
         })
         .await?;
-        record.versions.push(VersionRecord { version, created: now_unix(), state: VersionState::Active, wrapped_key: wrapped? });
+        record.versions.push(VersionRecord { version, created: self.now(), state: VersionState::Active, wrapped_key: wrapped? });
         self.store.write(WriteOp::Atomic(vec![WriteOp::PutKeyring(record.clone()), WriteOp::Audit(audit)])).await?;
         let mut rings = self.rings.write().map_err(|_| KeyError::NotCovered)?;
         let live = rings.get_mut(name).ok_or_else(|| KeyError::KeyringNotFound { name: name.to_owned() })?;
@@ -507,7 +604,7 @@ impl KeyManager {
             }
         }
         rec.principal = auth.principal().name().to_owned();
-        rec.time = now_unix();
+        rec.time = self.now();
         audit.backup_id = Some(rec.backup_id.clone()).filter(|b| !b.is_empty());
         self.store.write(WriteOp::Atomic(vec![WriteOp::RestoreTest(rec), WriteOp::Audit(audit)])).await?;
         Ok(())
@@ -546,11 +643,16 @@ impl KeyManager {
             });
         }
         let _guard = self.admin.lock().await;
+        self.new_approval(auth, PendingAction::RetireVersions { keyring: keyring.to_owned(), below }, audit).await
+    }
+
+    /// Records a pending approval (admin lock held by the caller).
+    async fn new_approval(&self, auth: &Authorized, action: PendingAction, audit: AuditEvent) -> Result<ApprovalRecord, KeyError> {
         let id = self.store.approvals()?.iter().map(|a| a.id).max().unwrap_or(0) + 1;
-        let now = now_unix();
+        let now = self.now();
         let rec = ApprovalRecord {
             id,
-            action: PendingAction::RetireVersions { keyring: keyring.to_owned(), below },
+            action,
             requested_by: auth.principal().name().to_owned(),
             requested: now,
             expires: now.saturating_add(i64::try_from(self.approval_ttl_secs).unwrap_or(i64::MAX)),
@@ -569,7 +671,7 @@ impl KeyManager {
         if let Some(by) = &rec.approved_by {
             return Err(KeyError::ApprovalDone { id, by: by.clone() });
         }
-        let now = now_unix();
+        let now = self.now();
         if now >= rec.expires {
             return Err(KeyError::ApprovalExpired { id, date: format_date(rec.expires) });
         }
@@ -599,6 +701,7 @@ impl KeyManager {
                     live.record = record;
                 }
             }
+            other => self.carry_out(&other, &rec, audit).await?,
         }
         Ok(rec)
     }
@@ -670,6 +773,10 @@ impl KeyManager {
             current_version: live.current().map(|(v, _)| v).unwrap_or(0),
             versions: live.record.versions.iter().map(|v| (v.version, v.created, v.state)).collect(),
             issued_keys: self.store.issued_count(&live.record.name)?,
+            rotation_period_days: live.record.rotation_period_days,
+            next_rotation: next_rotation(&live.record),
+            hold: live.record.hold.clone(),
+            destroyed: live.record.destroyed,
         })
     }
 
@@ -720,11 +827,15 @@ impl KeyManager {
             validate_text("labels", v, 256, true)?;
         }
         labels.sort();
+        self.rotate_if_due(keyring).await?;
         let (version, krk, retention_days) = {
             let rings = self.rings.read().map_err(|_| KeyError::NotCovered)?;
             let live = rings
                 .get(keyring)
                 .ok_or_else(|| KeyError::KeyringNotFound { name: keyring.to_owned() })?;
+            if let Some(at) = live.record.destroyed {
+                return Err(KeyError::KeyringDestroyed { keyring: keyring.to_owned(), date: format_date(at) });
+            }
             let (v, k) = live
                 .current()
                 .ok_or(KeyError::VersionRetired { keyring: keyring.to_owned(), version: 0 })?;
@@ -738,8 +849,9 @@ impl KeyManager {
         wrapped.push(WRAPPED_DK_FORMAT);
         wrapped.extend_from_slice(&version.to_be_bytes());
         wrapped.extend_from_slice(&sealed);
-        let recovery_recipient = self.escrow.read().ok().and_then(|e| e.as_ref().map(|e| e.recovery_recipient.clone()));
-        let created = now_unix();
+        let recovery_recipient =
+            self.escrow.read().ok().and_then(|e| e.as_ref().and_then(|e| e.in_force().map(str::to_owned)));
+        let created = self.now();
         let record = DataKeyRecord {
             keyring: keyring.to_owned(),
             version,
@@ -766,7 +878,7 @@ impl KeyManager {
 
     /// Unwraps a data key: key known and not destroyed, keyring matches, version
     /// not retired, AAD (from the registry record) authenticates.
-    pub fn unwrap_data_key(
+    pub async fn unwrap_data_key(
         &self,
         auth: &Authorized,
         key_id: &str,
@@ -774,6 +886,17 @@ impl KeyManager {
         wrapped: &[u8],
     ) -> Result<UnwrappedDataKey, KeyError> {
         Self::check(auth, Action::UnwrapDataKey, Some(keyring))?;
+        self.unwrap_inner(key_id, keyring, wrapped).await.map(|(_, _, k)| k)
+    }
+
+    /// The checks and the unwrap, for unwrap and rewrap. A key whose destruction is
+    /// due (retention over, or a scheduled destruction reached) is destroyed first.
+    async fn unwrap_inner(
+        &self,
+        key_id: &str,
+        keyring: &str,
+        wrapped: &[u8],
+    ) -> Result<([u8; 16], DataKeyRecord, UnwrappedDataKey), KeyError> {
         validate_keyring_name(keyring)?;
         let id = parse_key_id(key_id)?;
         if wrapped.len() != WRAPPED_DK_LEN || wrapped[0] != WRAPPED_DK_FORMAT {
@@ -790,22 +913,22 @@ impl KeyManager {
                 actual: record.keyring,
             });
         }
-        if let KeyState::Destroyed { at } = record.state {
-            return Err(KeyError::Destroyed { key_id: key_id.to_owned(), date: format_date(at) });
-        }
+        self.refuse_destroyed(&id, key_id, &record).await?;
         let mut vbytes = [0u8; 4];
         vbytes.copy_from_slice(&wrapped[1..5]);
+        // Any version the blob authenticates under is genuine (the AAD binds it): a copy
+        // of a file that was not rewrapped keeps opening until its version is retired.
         let version = u32::from_be_bytes(vbytes);
-        if version != record.version {
-            return Err(KeyError::UnwrapFailed { key_id: key_id.to_owned() });
-        }
         let krk = {
             let rings = self.rings.read().map_err(|_| KeyError::NotCovered)?;
             let live = rings
                 .get(keyring)
                 .ok_or_else(|| KeyError::KeyringNotFound { name: keyring.to_owned() })?;
+            if let Some(at) = live.record.destroyed {
+                return Err(KeyError::KeyringDestroyed { keyring: keyring.to_owned(), date: format_date(at) });
+            }
             let state = live.record.versions.iter().find(|v| v.version == version).map(|v| v.state);
-                if state != Some(VersionState::Active) {
+            if state != Some(VersionState::Active) {
                 return Err(KeyError::VersionRetired { keyring: keyring.to_owned(), version });
             }
             live.keys.get(&version).cloned().ok_or(KeyError::UnwrapFailed { key_id: key_id.to_owned() })?
@@ -813,7 +936,45 @@ impl KeyManager {
         let aad = dk_aad(&id, keyring, version, &record.backup_id, &record.labels);
         let raw = aes_gcm_open(&krk, &aad, &wrapped[5..]).map_err(|_| KeyError::UnwrapFailed { key_id: key_id.to_owned() })?;
         let data_key = Key256::from_slice(&raw).ok_or(KeyError::UnwrapFailed { key_id: key_id.to_owned() })?;
-        Ok(UnwrappedDataKey { data_key, keyring: record.keyring, version, backup_id: record.backup_id })
+        let out = UnwrappedDataKey { data_key, keyring: record.keyring.clone(), version, backup_id: record.backup_id.clone() };
+        Ok((id, record, out))
+    }
+
+    /// Re-wraps a data key under the keyring's current version and records the new
+    /// version in the registry (with the audit entry, in one transaction). Returns
+    /// the new blob, its version and the previous version; nothing is written if the
+    /// key is already under the current version (the audit entry still is).
+    pub async fn rewrap_data_key(
+        &self,
+        auth: &Authorized,
+        key_id: &str,
+        keyring: &str,
+        wrapped: &[u8],
+        mut audit: AuditEvent,
+    ) -> Result<(Vec<u8>, u32, u32), KeyError> {
+        Self::check(auth, Action::RewrapDataKey, Some(keyring))?;
+        let (id, mut record, key) = self.unwrap_inner(key_id, keyring, wrapped).await?;
+        let (current, krk) = {
+            let rings = self.rings.read().map_err(|_| KeyError::NotCovered)?;
+            let live = rings.get(keyring).ok_or_else(|| KeyError::KeyringNotFound { name: keyring.to_owned() })?;
+            live.current().ok_or(KeyError::VersionRetired { keyring: keyring.to_owned(), version: key.version })?
+        };
+        audit.backup_id = Some(record.backup_id.clone());
+        if current == key.version {
+            audit.outcome = format!("ok: already under version {current}");
+            self.audit(audit).await?;
+            return Ok((wrapped.to_vec(), current, key.version));
+        }
+        let aad = dk_aad(&id, keyring, current, &record.backup_id, &record.labels);
+        let sealed = aes_gcm_seal(&krk, &self.rng, &aad, key.data_key.expose()).map_err(|_| KeyError::Rng)?;
+        let mut out = Vec::with_capacity(WRAPPED_DK_LEN);
+        out.push(WRAPPED_DK_FORMAT);
+        out.extend_from_slice(&current.to_be_bytes());
+        out.extend_from_slice(&sealed);
+        record.version = current;
+        audit.outcome = format!("ok: version {} -> {current}", key.version);
+        self.store.write(WriteOp::Atomic(vec![WriteOp::PutDataKey { id, record }, WriteOp::Audit(audit)])).await?;
+        Ok((out, current, key.version))
     }
 
     /// Installs the escrow manifest in force.
@@ -852,7 +1013,9 @@ impl KeyManager {
         let _guard = self.admin.lock().await;
         let current = self.escrow.read().ok().and_then(|e| e.clone());
         let mut previous_recipients = current.as_ref().map(|c| c.previous_recipients.clone()).unwrap_or_default();
-        if let Some(cur) = current.as_ref().filter(|c| c.recovery_recipient != m.recovery_recipient) {
+        if let Some(cur) =
+            current.as_ref().filter(|c| c.removed.is_none() && c.recovery_recipient != m.recovery_recipient)
+        {
             if !allow_new_recipient {
                 return Err(KeyError::EscrowRecipientChange {
                     current: cur.recovery_recipient.clone(),
@@ -868,9 +1031,10 @@ impl KeyManager {
             threshold: m.threshold,
             shares: m.shares,
             custodians: m.custodians.into_iter().map(|c| c.name).collect(),
-            installed: now_unix(),
+            installed: self.now(),
             manifest_json: manifest_json.to_owned(),
             previous_recipients,
+            removed: None,
         };
         let bytes = postcard::to_allocvec(&info).map_err(|e| StoreError::Encode { what: "escrow", source: e })?;
         self.store
@@ -887,13 +1051,27 @@ impl KeyManager {
         Self::check(auth, Action::GetEscrowStatus, None)?;
         let info = self.escrow.read().ok().and_then(|e| e.clone());
         let mut without = 0u64;
+        let destroyed_rings: Vec<String> = self
+            .rings
+            .read()
+            .map(|r| r.values().filter(|l| l.record.destroyed.is_some()).map(|l| l.record.name.clone()).collect())
+            .unwrap_or_default();
         self.store.for_each_data_key(|_, rec| {
-            if !rec.escrowed && matches!(rec.state, KeyState::Active) {
+            if !rec.escrowed && matches!(rec.state, KeyState::Active) && !destroyed_rings.contains(&rec.keyring) {
                 without += 1;
             }
         })?;
         Ok((info, without))
     }
+}
+
+/// When the keyring's rotation period next rotates it.
+fn next_rotation(record: &KeyringRecord) -> Option<i64> {
+    if record.rotation_period_days == 0 || record.destroyed.is_some() {
+        return None;
+    }
+    let current = record.versions.iter().filter(|v| v.state == VersionState::Active).map(|v| v.created).max()?;
+    Some(current.saturating_add(i64::from(record.rotation_period_days) * 86_400))
 }
 
 #[cfg(test)]

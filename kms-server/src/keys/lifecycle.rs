@@ -1,0 +1,635 @@
+//! Key lifecycle: rotation periods, retention and expiry, scheduled destruction
+//! with a waiting period, legal holds, escrow removal and master-key rotation.
+//!
+//! Every time-based decision reads [`Clock`], so tests move time forward by
+//! writing a file instead of sleeping. Decisions do not depend on when the
+//! background sweep runs: a request that meets a key whose destruction is due
+//! destroys it first (and is refused as destroyed), and a request that meets a
+//! keyring whose rotation is due rotates it first.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use zeroize::Zeroizing;
+
+use super::{
+    AUDIT_KEY_AAD, AUDIT_KEY_META, ESCROW_META, KeyError, KeyManager, MASTER_CHECK_AAD, MASTER_CHECK_META,
+    MASTER_GENERATION_META, format_date, krk_aad, next_rotation, parse_key_id, validate_keyring_name, validate_text,
+};
+use crate::auth::{Action, Authorized};
+use crate::master::MasterKeyProvider;
+use crate::secret::random_array;
+use crate::store::{
+    ApprovalRecord, AuditEvent, DataKeyRecord, DestructionReason, DestructionRecord, DestructionState,
+    DestructionTarget, Hold, KeyState, PendingAction, StoreError, VersionState, WriteOp,
+};
+
+/// Test hook: a file holding the Unix time the lifecycle clock reads (expiry,
+/// destruction, rotation periods, approvals). Unset in production.
+pub const TEST_CLOCK_ENV: &str = "KLUIS_TEST_CLOCK_FILE";
+
+/// The principal named in audit entries of the server's own scheduled actions.
+const SERVER_PRINCIPAL: &str = "kms-server";
+
+/// Most expired keys destroyed in one sweep step (one transaction).
+const SWEEP_BATCH: usize = 1000;
+
+/// The lifecycle clock: the system clock, or (tests) a time read from a file.
+pub struct Clock {
+    file: Option<PathBuf>,
+}
+
+impl Clock {
+    pub fn from_env() -> Self {
+        Self { file: std::env::var_os(TEST_CLOCK_ENV).map(PathBuf::from) }
+    }
+
+    pub fn now(&self) -> i64 {
+        let system = super::now_unix();
+        let Some(f) = &self.file else { return system };
+        match std::fs::read_to_string(f).ok().and_then(|s| s.trim().parse::<i64>().ok()) {
+            Some(t) => t,
+            None => {
+                tracing::error!(file = %f.display(), "test clock file unreadable; using the system clock");
+                system
+            }
+        }
+    }
+}
+
+/// What a destroy request led to.
+pub enum DestroyOutcome {
+    /// Dual control: a second officer must approve.
+    Pending(ApprovalRecord),
+    /// Scheduled after the waiting period.
+    Scheduled(DestructionRecord),
+}
+
+/// The result of a master-key rotation.
+pub struct MasterRotation {
+    pub generation: u32,
+    pub description: String,
+    pub keyrings: u32,
+    pub versions: u32,
+}
+
+fn server_event(action: &str, keyring: Option<&str>, key_id: Option<String>, outcome: String) -> AuditEvent {
+    let mut e = crate::api::audit_event(SERVER_PRINCIPAL, action, keyring, None, &outcome);
+    e.key_id = key_id;
+    e
+}
+
+impl KeyManager {
+    fn hold_error(keyring: &str, h: &Hold) -> KeyError {
+        KeyError::LegalHold {
+            keyring: keyring.to_owned(),
+            by: h.by.clone(),
+            since: format_date(h.since),
+            reason: h.reason.clone(),
+        }
+    }
+
+    /// The keyring's hold, if any (and whether it exists / was destroyed).
+    fn ring_state(&self, keyring: &str) -> Result<(Option<Hold>, Option<i64>), KeyError> {
+        let rings = self.rings.read().map_err(|_| KeyError::NotCovered)?;
+        let live = rings.get(keyring).ok_or_else(|| KeyError::KeyringNotFound { name: keyring.to_owned() })?;
+        Ok((live.record.hold.clone(), live.record.destroyed))
+    }
+
+    /// Refuses a destroyed key; destroys it first if its destruction is due now.
+    pub(super) async fn refuse_destroyed(&self, id: &[u8; 16], key_id: &str, record: &DataKeyRecord) -> Result<(), KeyError> {
+        if let KeyState::Destroyed { at } = record.state {
+            return Err(KeyError::Destroyed { key_id: key_id.to_owned(), date: format_date(at) });
+        }
+        let now = self.now();
+        let (hold, _) = self.ring_state(&record.keyring)?;
+        if hold.is_some() {
+            return Ok(());
+        }
+        let scheduled = self.scheduled_for(id, &record.keyring);
+        let expired = record.expires.is_some_and(|e| e <= now);
+        let due = scheduled.as_ref().is_some_and(|d| d.due <= now);
+        if !(expired || due) {
+            return Ok(());
+        }
+        let _guard = self.admin.lock().await;
+        match scheduled.filter(|d| d.due <= now) {
+            Some(d) => self.execute(d).await?,
+            None => self.destroy_expired(*id, record.clone()).await?,
+        }
+        let at = match self.store.data_key(id)?.map(|r| r.state) {
+            Some(KeyState::Destroyed { at }) => at,
+            _ => now,
+        };
+        match self.ring_state(&record.keyring)? {
+            (_, Some(at)) => Err(KeyError::KeyringDestroyed { keyring: record.keyring.clone(), date: format_date(at) }),
+            _ => Err(KeyError::Destroyed { key_id: key_id.to_owned(), date: format_date(at) }),
+        }
+    }
+
+    /// The scheduled destruction that covers this key (of the key or its keyring).
+    fn scheduled_for(&self, id: &[u8; 16], keyring: &str) -> Option<DestructionRecord> {
+        let list = self.scheduled.read().ok()?;
+        list.iter()
+            .filter(|d| match &d.target {
+                DestructionTarget::Key { id: k, .. } => k == id,
+                DestructionTarget::Keyring { name } => name == keyring,
+            })
+            .min_by_key(|d| d.due)
+            .cloned()
+    }
+
+    /// Rotates the keyring now if its rotation period has passed.
+    pub(super) async fn rotate_if_due(&self, keyring: &str) -> Result<(), KeyError> {
+        let due = {
+            let rings = self.rings.read().map_err(|_| KeyError::NotCovered)?;
+            rings.get(keyring).and_then(|l| next_rotation(&l.record))
+        };
+        if due.is_none_or(|d| d > self.now()) {
+            return Ok(());
+        }
+        let _guard = self.admin.lock().await;
+        // Another request may have rotated it while this one waited for the lock.
+        let still_due = {
+            let rings = self.rings.read().map_err(|_| KeyError::NotCovered)?;
+            rings.get(keyring).and_then(|l| next_rotation(&l.record)).is_some_and(|d| d <= self.now())
+        };
+        if still_due {
+            let ev = server_event("RotateKeyring", Some(keyring), None, "ok: rotation period reached".into());
+            let info = self.rotate_locked(keyring, ev).await?;
+            tracing::info!(keyring, version = info.current_version, "keyring rotated by its rotation period");
+        }
+        Ok(())
+    }
+
+    /// Changes retention and/or rotation period. A new retention applies to keys issued from now on.
+    pub async fn set_keyring_policy(
+        &self,
+        auth: &Authorized,
+        name: &str,
+        retention_days: Option<u32>,
+        rotation_period_days: Option<u32>,
+        audit: AuditEvent,
+    ) -> Result<super::KeyringInfo, KeyError> {
+        Self::check(auth, Action::SetKeyringPolicy, Some(name))?;
+        validate_keyring_name(name)?;
+        if retention_days.is_none() && rotation_period_days.is_none() {
+            return Err(KeyError::InvalidArgument { field: "retention_days", reason: "give a retention or a rotation period to change" });
+        }
+        let _guard = self.admin.lock().await;
+        self.update_ring(name, audit, |r| {
+            if let Some(d) = r.destroyed {
+                return Err(KeyError::KeyringDestroyed { keyring: r.name.clone(), date: format_date(d) });
+            }
+            if let Some(d) = retention_days {
+                r.retention_days = d;
+            }
+            if let Some(d) = rotation_period_days {
+                r.rotation_period_days = d;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Places or releases a legal hold.
+    pub async fn set_legal_hold(
+        &self,
+        auth: &Authorized,
+        keyring: &str,
+        hold: bool,
+        reason: &str,
+        audit: AuditEvent,
+    ) -> Result<super::KeyringInfo, KeyError> {
+        Self::check(auth, Action::SetLegalHold, Some(keyring))?;
+        validate_keyring_name(keyring)?;
+        if hold {
+            validate_text("reason", reason, 512, false)?;
+        }
+        let now = self.now();
+        let by = auth.principal().name().to_owned();
+        let _guard = self.admin.lock().await;
+        self.update_ring(keyring, audit, |r| {
+            if hold {
+                r.hold = Some(Hold { by, since: now, reason: reason.to_owned() });
+            } else if r.hold.take().is_none() {
+                return Err(KeyError::NoHold { keyring: r.name.clone() });
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Applies `f` to a keyring record and stores it with the audit entry (admin lock held).
+    async fn update_ring(
+        &self,
+        name: &str,
+        audit: AuditEvent,
+        f: impl FnOnce(&mut crate::store::KeyringRecord) -> Result<(), KeyError>,
+    ) -> Result<super::KeyringInfo, KeyError> {
+        let mut record = {
+            let rings = self.rings.read().map_err(|_| KeyError::NotCovered)?;
+            rings.get(name).ok_or_else(|| KeyError::KeyringNotFound { name: name.to_owned() })?.record.clone()
+        };
+        f(&mut record)?;
+        self.store.write(WriteOp::Atomic(vec![WriteOp::PutKeyring(record.clone()), WriteOp::Audit(audit)])).await?;
+        let mut rings = self.rings.write().map_err(|_| KeyError::NotCovered)?;
+        let live = rings.get_mut(name).ok_or_else(|| KeyError::KeyringNotFound { name: name.to_owned() })?;
+        live.record = record;
+        self.info_of(live)
+    }
+
+    /// The keyring of a registered key, for authorization (no check: the caller authorizes on it).
+    pub fn keyring_of(&self, key_id: &str) -> Result<Option<String>, KeyError> {
+        let id = parse_key_id(key_id)?;
+        Ok(self.store.data_key(&id)?.map(|r| r.keyring))
+    }
+
+    /// Registry facts of a key, with the destruction scheduled for it.
+    pub fn get_data_key(&self, auth: &Authorized, key_id: &str) -> Result<(DataKeyRecord, Option<u64>), KeyError> {
+        let id = parse_key_id(key_id)?;
+        let rec = self.store.data_key(&id)?.ok_or_else(|| KeyError::UnknownKeyId { key_id: key_id.to_owned() })?;
+        Self::check(auth, Action::GetDataKey, Some(&rec.keyring))?;
+        let sched = self.scheduled_for(&id, &rec.keyring).map(|d| d.id);
+        Ok((rec, sched))
+    }
+
+    /// Asks to destroy one key: before its expiry this needs a second officer.
+    pub async fn request_destroy_key(&self, auth: &Authorized, key_id: &str, audit: AuditEvent) -> Result<DestroyOutcome, KeyError> {
+        let id = parse_key_id(key_id)?;
+        let rec = self.store.data_key(&id)?.ok_or_else(|| KeyError::UnknownKeyId { key_id: key_id.to_owned() })?;
+        Self::check(auth, Action::DestroyKey, Some(&rec.keyring))?;
+        let _guard = self.admin.lock().await;
+        self.check_destroyable(&DestructionTarget::Key { id, keyring: rec.keyring.clone() }, key_id)?;
+        if let KeyState::Destroyed { at } = rec.state {
+            return Err(KeyError::Destroyed { key_id: key_id.to_owned(), date: format_date(at) });
+        }
+        let action = PendingAction::DestroyKey { id, keyring: rec.keyring.clone() };
+        if rec.expires.is_some_and(|e| e <= self.now()) {
+            let d = self.schedule_with(&action, auth.principal().name(), None, audit).await?;
+            return Ok(DestroyOutcome::Scheduled(d));
+        }
+        Ok(DestroyOutcome::Pending(self.new_approval(auth, action, audit).await?))
+    }
+
+    /// Asks to destroy a keyring: always dual control (a keyring does not expire).
+    pub async fn request_destroy_keyring(&self, auth: &Authorized, name: &str, audit: AuditEvent) -> Result<DestroyOutcome, KeyError> {
+        Self::check(auth, Action::DestroyKeyring, Some(name))?;
+        validate_keyring_name(name)?;
+        let _guard = self.admin.lock().await;
+        self.check_destroyable(&DestructionTarget::Keyring { name: name.to_owned() }, name)?;
+        let action = PendingAction::DestroyKeyring { keyring: name.to_owned() };
+        Ok(DestroyOutcome::Pending(self.new_approval(auth, action, audit).await?))
+    }
+
+    /// Refuses a destruction of a held or destroyed keyring, or a double schedule.
+    fn check_destroyable(&self, target: &DestructionTarget, label: &str) -> Result<(), KeyError> {
+        let keyring = target.keyring();
+        match self.ring_state(keyring)? {
+            (_, Some(at)) => return Err(KeyError::KeyringDestroyed { keyring: keyring.to_owned(), date: format_date(at) }),
+            (Some(h), _) => return Err(Self::hold_error(keyring, &h)),
+            _ => {}
+        }
+        if let Ok(list) = self.scheduled.read()
+            && let Some(d) = list.iter().find(|d| d.target == *target)
+        {
+            return Err(KeyError::AlreadyScheduled { target: label.to_owned(), id: d.id, due: format_date(d.due) });
+        }
+        Ok(())
+    }
+
+    /// Asks to remove the escrow manifest in force (dual control).
+    pub async fn request_remove_escrow(&self, auth: &Authorized, audit: AuditEvent) -> Result<ApprovalRecord, KeyError> {
+        Self::check(auth, Action::RemoveEscrow, None)?;
+        let _guard = self.admin.lock().await;
+        let in_force = self.escrow.read().ok().and_then(|e| e.as_ref().map(|e| e.removed.is_none())).unwrap_or(false);
+        if !in_force {
+            return Err(KeyError::NoEscrow);
+        }
+        self.new_approval(auth, PendingAction::RemoveEscrow, audit).await
+    }
+
+    /// Carries out an approved action other than retiring versions (admin lock held).
+    pub(super) async fn carry_out(&self, action: &PendingAction, approval: &ApprovalRecord, audit: AuditEvent) -> Result<(), KeyError> {
+        match action {
+            PendingAction::RetireVersions { .. } => Err(KeyError::NotCovered),
+            PendingAction::DestroyKey { keyring, .. } | PendingAction::DestroyKeyring { keyring } => {
+                let label = match action {
+                    PendingAction::DestroyKey { id, .. } => hex::encode(id),
+                    _ => keyring.clone(),
+                };
+                let target = match action {
+                    PendingAction::DestroyKey { id, keyring } => DestructionTarget::Key { id: *id, keyring: keyring.clone() },
+                    _ => DestructionTarget::Keyring { name: keyring.clone() },
+                };
+                self.check_destroyable(&target, &label)?;
+                self.schedule_with(action, &approval.requested_by, Some(approval), audit).await.map(|_| ())
+            }
+            PendingAction::RemoveEscrow => {
+                let mut info = self.escrow.read().ok().and_then(|e| e.clone()).ok_or(KeyError::NoEscrow)?;
+                if info.removed.is_some() {
+                    return Err(KeyError::NoEscrow);
+                }
+                info.previous_recipients.push(info.recovery_recipient.clone());
+                info.removed = Some(self.now());
+                let bytes = postcard::to_allocvec(&info).map_err(|e| StoreError::Encode { what: "escrow", source: e })?;
+                self.store
+                    .write(WriteOp::Atomic(vec![
+                        WriteOp::PutMeta { key: ESCROW_META, value: bytes },
+                        WriteOp::PutApproval(approval.clone()),
+                        WriteOp::Audit(audit),
+                    ]))
+                    .await?;
+                if let Ok(mut e) = self.escrow.write() {
+                    *e = Some(info);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Records a scheduled destruction (and the approval that led to it) with its audit entry.
+    async fn schedule_with(
+        &self,
+        action: &PendingAction,
+        requested_by: &str,
+        approval: Option<&ApprovalRecord>,
+        audit: AuditEvent,
+    ) -> Result<DestructionRecord, KeyError> {
+        let target = match action {
+            PendingAction::DestroyKey { id, keyring } => DestructionTarget::Key { id: *id, keyring: keyring.clone() },
+            PendingAction::DestroyKeyring { keyring } => DestructionTarget::Keyring { name: keyring.clone() },
+            _ => return Err(KeyError::NotCovered),
+        };
+        let now = self.now();
+        let rec = DestructionRecord {
+            id: self.next_destruction_id()?,
+            target,
+            requested_by: requested_by.to_owned(),
+            requested: approval.map(|a| a.requested).unwrap_or(now),
+            due: now.saturating_add(self.destruction_wait_secs),
+            state: DestructionState::Scheduled,
+            approval: approval.map(|a| a.id),
+            reason: DestructionReason::Request,
+        };
+        let mut ops = vec![WriteOp::PutDestruction(rec.clone())];
+        if let Some(a) = approval {
+            ops.push(WriteOp::PutApproval(a.clone()));
+        }
+        ops.push(WriteOp::Audit(audit));
+        self.store.write(WriteOp::Atomic(ops)).await?;
+        if let Ok(mut list) = self.scheduled.write() {
+            list.push(rec.clone());
+        }
+        Ok(rec)
+    }
+
+    fn next_destruction_id(&self) -> Result<u64, KeyError> {
+        Ok(self.store.destructions()?.iter().map(|d| d.id).max().unwrap_or(0) + 1)
+    }
+
+    /// Cancels a scheduled destruction.
+    pub async fn cancel_destruction(&self, auth: &Authorized, id: u64, audit: AuditEvent) -> Result<DestructionRecord, KeyError> {
+        let _guard = self.admin.lock().await;
+        let mut rec = self.store.destructions()?.into_iter().find(|d| d.id == id).ok_or(KeyError::DestructionNotFound { id })?;
+        Self::check(auth, Action::CancelDestruction, Some(rec.target.keyring()))?;
+        match rec.state {
+            DestructionState::Scheduled => {}
+            DestructionState::Cancelled { .. } => return Err(KeyError::DestructionNotPending { id, state: "cancelled" }),
+            DestructionState::Done { .. } => return Err(KeyError::DestructionNotPending { id, state: "already carried out" }),
+        }
+        rec.state = DestructionState::Cancelled { by: auth.principal().name().to_owned(), at: self.now() };
+        self.store.write(WriteOp::Atomic(vec![WriteOp::PutDestruction(rec.clone()), WriteOp::Audit(audit)])).await?;
+        if let Ok(mut list) = self.scheduled.write() {
+            list.retain(|d| d.id != id);
+        }
+        Ok(rec)
+    }
+
+    /// The keyring a destruction concerns (for authorization), if it exists.
+    pub fn destruction_keyring(&self, id: u64) -> Option<String> {
+        self.store.destructions().ok()?.into_iter().find(|d| d.id == id).map(|d| d.target.keyring().to_owned())
+    }
+
+    /// Every destruction record the caller may see.
+    pub fn destructions(&self, auth: &Authorized, visible: impl Fn(&str) -> bool) -> Result<Vec<DestructionRecord>, KeyError> {
+        Self::check(auth, Action::ListDestructions, None)?;
+        Ok(self.store.destructions()?.into_iter().filter(|d| visible(d.target.keyring())).collect())
+    }
+
+    /// Whether a scheduled destruction is blocked by its keyring's hold now.
+    pub fn is_held(&self, keyring: &str) -> bool {
+        self.ring_state(keyring).map(|(h, _)| h.is_some()).unwrap_or(false)
+    }
+
+    /// Carries out a due destruction (admin lock held; the caller checked the hold).
+    async fn execute(&self, mut d: DestructionRecord) -> Result<(), KeyError> {
+        let now = self.now();
+        d.state = DestructionState::Done { at: now };
+        let mut ops = Vec::new();
+        match &d.target {
+            DestructionTarget::Key { id, keyring } => {
+                if let Some(mut rec) = self.store.data_key(id)?
+                    && matches!(rec.state, KeyState::Active)
+                {
+                    rec.state = KeyState::Destroyed { at: now };
+                    ops.push(WriteOp::PutDataKey { id: *id, record: rec });
+                }
+                ops.push(WriteOp::PutDestruction(d.clone()));
+                ops.push(WriteOp::Audit(server_event(
+                    "DestroyKey",
+                    Some(keyring),
+                    Some(hex::encode(id)),
+                    format!("ok: destroyed (destruction {}, requested by {})", d.id, d.requested_by),
+                )));
+                self.store.write(WriteOp::Atomic(ops)).await?;
+            }
+            DestructionTarget::Keyring { name } => {
+                let mut record = {
+                    let rings = self.rings.read().map_err(|_| KeyError::NotCovered)?;
+                    rings.get(name).ok_or_else(|| KeyError::KeyringNotFound { name: name.clone() })?.record.clone()
+                };
+                record.destroyed = Some(now);
+                for v in &mut record.versions {
+                    // Erasing the keyring keys destroys every data key under them.
+                    v.wrapped_key.clear();
+                    v.state = VersionState::Retired;
+                }
+                ops.push(WriteOp::PutKeyring(record.clone()));
+                ops.push(WriteOp::PutDestruction(d.clone()));
+                ops.push(WriteOp::Audit(server_event(
+                    "DestroyKeyring",
+                    Some(name),
+                    None,
+                    format!("ok: keyring keys erased (destruction {}, requested by {})", d.id, d.requested_by),
+                )));
+                self.store.write(WriteOp::Atomic(ops)).await?;
+                let mut rings = self.rings.write().map_err(|_| KeyError::NotCovered)?;
+                if let Some(live) = rings.get_mut(name) {
+                    live.record = record;
+                    live.keys.clear();
+                }
+            }
+        }
+        if let Ok(mut list) = self.scheduled.write() {
+            list.retain(|x| x.id != d.id);
+        }
+        tracing::warn!(destruction = d.id, keyring = d.target.keyring(), "destruction carried out");
+        Ok(())
+    }
+
+    /// Destroys one key at the end of its retention (admin lock held).
+    async fn destroy_expired(&self, id: [u8; 16], mut rec: DataKeyRecord) -> Result<(), KeyError> {
+        let now = self.now();
+        let expired = rec.expires.unwrap_or(now);
+        rec.state = KeyState::Destroyed { at: now };
+        let d = DestructionRecord {
+            id: self.next_destruction_id()?,
+            target: DestructionTarget::Key { id, keyring: rec.keyring.clone() },
+            requested_by: SERVER_PRINCIPAL.to_owned(),
+            requested: expired,
+            due: expired,
+            state: DestructionState::Done { at: now },
+            approval: None,
+            reason: DestructionReason::Expiry,
+        };
+        let ev = server_event(
+            "DestroyKey",
+            Some(&rec.keyring),
+            Some(hex::encode(id)),
+            format!("ok: destroyed at the end of its retention (expired {})", format_date(expired)),
+        );
+        self.store
+            .write(WriteOp::Atomic(vec![WriteOp::PutDataKey { id, record: rec }, WriteOp::PutDestruction(d), WriteOp::Audit(ev)]))
+            .await?;
+        Ok(())
+    }
+
+    /// One pass of the scheduled work: due rotations, due destructions (not held),
+    /// expired keys (not held). Returns how many things it did.
+    pub async fn maintain(&self) -> Result<u64, KeyError> {
+        let mut done = 0u64;
+        let names: Vec<String> = self.rings.read().map(|r| r.keys().cloned().collect()).unwrap_or_default();
+        for name in &names {
+            let before = self.rings.read().ok().and_then(|r| r.get(name).map(|l| l.record.versions.len()));
+            self.rotate_if_due(name).await?;
+            if self.rings.read().ok().and_then(|r| r.get(name).map(|l| l.record.versions.len())) != before {
+                done += 1;
+            }
+        }
+        let now = self.now();
+        let due: Vec<DestructionRecord> = self
+            .scheduled
+            .read()
+            .map(|l| l.iter().filter(|d| d.due <= now).cloned().collect())
+            .unwrap_or_default();
+        for d in due {
+            if self.is_held(d.target.keyring()) {
+                continue;
+            }
+            let _guard = self.admin.lock().await;
+            self.execute(d).await?;
+            done += 1;
+        }
+        loop {
+            let skip = |k: &str| self.ring_state(k).map(|(h, dst)| h.is_some() || dst.is_some()).unwrap_or(true);
+            let batch = self.store.expired_keys(now, SWEEP_BATCH, &skip)?;
+            if batch.is_empty() {
+                break;
+            }
+            let _guard = self.admin.lock().await;
+            for (id, rec) in batch {
+                self.destroy_expired(id, rec).await?;
+                done += 1;
+            }
+        }
+        Ok(done)
+    }
+
+    /// Makes the next master-key generation and rewraps every keyring key, the store's
+    /// check value and the audit key under it, in one transaction.
+    pub async fn rotate_master(&self, auth: &Authorized, audit: AuditEvent) -> Result<MasterRotation, KeyError> {
+        Self::check(auth, Action::RotateMaster, None)?;
+        let _guard = self.admin.lock().await;
+        let (generation, old) = {
+            let m = self.master.read().map_err(|_| KeyError::NotCovered)?;
+            (m.0, m.1.clone())
+        };
+        let next = generation + 1;
+        let configured = self.configured.clone();
+        let records: Vec<crate::store::KeyringRecord> =
+            self.rings.read().map_err(|_| KeyError::NotCovered)?.values().map(|l| l.record.clone()).collect();
+        let audit_blob = self.store.get_meta(AUDIT_KEY_META)?;
+        let work = tokio::task::spawn_blocking(move || -> Result<_, KeyError> {
+            // A key of the next generation left by an interrupted rotation is used as it is.
+            let new: Arc<dyn MasterKeyProvider> = match configured.generation(next, true) {
+                Ok(k) => k,
+                Err(first) => configured
+                    .generation(next, false)
+                    .map_err(|_| KeyError::MasterGeneration { generation: next, source: first })?,
+            };
+            let mut out = Vec::with_capacity(records.len());
+            let mut versions = 0u32;
+            for mut r in records {
+                if r.destroyed.is_none() {
+                    for v in &mut r.versions {
+                        let aad = krk_aad(&r.name, v.version);
+                        let raw = old.unwrap(&aad, &v.wrapped_key).map_err(|e| KeyError::KeyringUnwrap {
+                            keyring: r.name.clone(),
+                            version: v.version,
+                            source: e,
+                        })?;
+                        v.wrapped_key = new.wrap(&aad, &raw)?;
+                        versions += 1;
+                    }
+                }
+                out.push(r);
+            }
+            let probe: Zeroizing<[u8; 32]> =
+                Zeroizing::new(random_array(&ring::rand::SystemRandom::new()).map_err(|_| KeyError::Rng)?);
+            let new_check = new.wrap(MASTER_CHECK_AAD, probe.as_ref())?;
+            let new_audit = match audit_blob {
+                Some(b) => Some(new.wrap(AUDIT_KEY_AAD, &old.unwrap(AUDIT_KEY_AAD, &b)?)?),
+                None => None,
+            };
+            // Read back: everything opens with the new key before the store changes.
+            for r in out.iter().filter(|r| r.destroyed.is_none()) {
+                for v in &r.versions {
+                    new.unwrap(&krk_aad(&r.name, v.version), &v.wrapped_key).map_err(|e| KeyError::KeyringUnwrap {
+                        keyring: r.name.clone(),
+                        version: v.version,
+                        source: e,
+                    })?;
+                }
+            }
+            Ok((new, out, versions, new_check, new_audit))
+        })
+        .await??;
+        let (new, records, versions, new_check, new_audit) = work;
+        let keyrings = u32::try_from(records.iter().filter(|r| r.destroyed.is_none()).count()).unwrap_or(u32::MAX);
+        let mut ops: Vec<WriteOp> = records.iter().cloned().map(WriteOp::PutKeyring).collect();
+        ops.push(WriteOp::PutMeta { key: MASTER_CHECK_META, value: new_check });
+        if let Some(a) = new_audit {
+            ops.push(WriteOp::PutMeta { key: AUDIT_KEY_META, value: a });
+        }
+        ops.push(WriteOp::PutMeta { key: MASTER_GENERATION_META, value: next.to_be_bytes().to_vec() });
+        let mut audit = audit;
+        audit.outcome = format!("ok: master key generation {generation} -> {next} ({}); {keyrings} keyrings, {versions} versions rewrapped", new.describe());
+        ops.push(WriteOp::Audit(audit));
+        self.store.write(WriteOp::Atomic(ops)).await?;
+        {
+            let mut rings = self.rings.write().map_err(|_| KeyError::NotCovered)?;
+            for r in records {
+                if let Some(live) = rings.get_mut(&r.name) {
+                    live.record = r;
+                }
+            }
+        }
+        let description = new.describe();
+        if let Ok(mut m) = self.master.write() {
+            *m = (next, new);
+        }
+        tracing::warn!(generation = next, "master key rotated");
+        Ok(MasterRotation { generation: next, description, keyrings, versions })
+    }
+}

@@ -1,0 +1,297 @@
+//! The compliance report, computed from the registry, the audit trail, the restore
+//! tests, destructions and approvals. One pass over each; memory is bounded by the
+//! number of keyrings, tested backups and the capped list of untested backups.
+
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+
+use kluis_proto::report::{
+    ApprovalEntry, BackupEntry, DestructionEntry, DeviationEntry, EscrowEntry, HoldEntry, KeyringReport, MasterEntry,
+    REPORT_FORMAT, Report, RestoreTestEntry, RotationEntry, UNTESTED_CAP, VersionEntry,
+};
+
+use super::{KeyError, KeyManager, format_date, next_rotation};
+use crate::auth::{Action, Authorized};
+use crate::store::{DestructionReason, DestructionRecord, DestructionState, DestructionTarget, KeyState, PendingAction, VersionState};
+
+#[derive(Default)]
+struct Tally {
+    issued: u64,
+    total: u64,
+    active: u64,
+    destroyed: u64,
+    without_escrow: u64,
+    per_version: BTreeMap<u32, u64>,
+    /// Oldest untested active keys (max-heap on created, capped).
+    untested: BinaryHeap<(i64, String, String)>,
+    untested_total: u64,
+}
+
+fn parse_since(since: Option<&str>) -> Result<Option<(i64, String)>, KeyError> {
+    let Some(s) = since.filter(|s| !s.is_empty()) else { return Ok(None) };
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map_err(|_| KeyError::InvalidArgument { field: "since", reason: "must be an RFC 3339 time, e.g. 2026-01-01T00:00:00Z" })?;
+    Ok(Some((t.unix_timestamp(), format_date(t.unix_timestamp()))))
+}
+
+fn destruction_entry(d: &DestructionRecord, held: bool) -> DestructionEntry {
+    let (kind, target) = match &d.target {
+        DestructionTarget::Key { id, .. } => ("key", hex::encode(id)),
+        DestructionTarget::Keyring { name } => ("keyring", name.clone()),
+    };
+    let (state, done) = match &d.state {
+        DestructionState::Scheduled if held => ("held", None),
+        DestructionState::Scheduled => ("scheduled", None),
+        DestructionState::Cancelled { .. } => ("cancelled", None),
+        DestructionState::Done { at } => ("destroyed", Some(format_date(*at))),
+    };
+    DestructionEntry {
+        id: d.id,
+        target_kind: kind.into(),
+        target,
+        requested_by: d.requested_by.clone(),
+        requested: format_date(d.requested),
+        due: format_date(d.due),
+        state: state.into(),
+        reason: match d.reason {
+            DestructionReason::Request => "request",
+            DestructionReason::Expiry => "expiry",
+        }
+        .into(),
+        done,
+    }
+}
+
+/// A human description of a pending action.
+pub fn describe_action(a: &PendingAction) -> String {
+    match a {
+        PendingAction::RetireVersions { keyring, below } => format!("retire keyring {keyring} versions below {below}"),
+        PendingAction::DestroyKey { id, keyring } => format!("destroy data key {} of keyring {keyring}", hex::encode(id)),
+        PendingAction::DestroyKeyring { keyring } => format!("destroy keyring {keyring} and every key in it"),
+        PendingAction::RemoveEscrow => "remove the escrow manifest in force".into(),
+    }
+}
+
+impl KeyManager {
+    /// The report over the keyrings `visible` to the caller.
+    pub fn report(&self, auth: &Authorized, since: Option<&str>, visible: impl Fn(&str) -> bool) -> Result<Report, KeyError> {
+        Self::check(auth, Action::GetReport, None)?;
+        let since = parse_since(since)?;
+        let since_unix = since.as_ref().map(|s| s.0).unwrap_or(i64::MIN);
+        let now = self.now();
+        let records: Vec<crate::store::KeyringRecord> = {
+            let rings = self.rings.read().map_err(|_| KeyError::NotCovered)?;
+            let mut v: Vec<_> = rings.values().filter(|l| visible(&l.record.name)).map(|l| l.record.clone()).collect();
+            v.sort_by(|a, b| a.name.cmp(&b.name));
+            v
+        };
+        let names: HashMap<&str, usize> = records.iter().enumerate().map(|(i, r)| (r.name.as_str(), i)).collect();
+
+        // Restore tests: last per key, failures in the period.
+        let mut last_test: HashMap<String, crate::store::RestoreTestRecord> = HashMap::new();
+        let mut deviations: Vec<Vec<DeviationEntry>> = vec![Vec::new(); records.len()];
+        for (_, t) in self.store.restore_tests()? {
+            let Some(&i) = names.get(t.keyring.as_str()) else { continue };
+            if !t.ok && t.time >= since_unix {
+                deviations[i].push(DeviationEntry {
+                    time: format_date(t.time),
+                    kind: "restore-test-failed".into(),
+                    principal: t.principal.clone(),
+                    key_id: Some(t.key_id.clone()).filter(|k| !k.is_empty()),
+                    backup_id: Some(t.backup_id.clone()).filter(|b| !b.is_empty()),
+                    detail: format!("{} (host {})", t.detail, t.host),
+                    audit_seq: None,
+                });
+            }
+            if !t.key_id.is_empty() {
+                last_test.insert(t.key_id.clone(), t);
+            }
+        }
+
+        // Failed and refused unwraps from the audit trail.
+        let since_text = since.as_ref().map(|s| s.1.clone());
+        let mut from = 1u64;
+        loop {
+            let page = self.store.audit_page(from, 4096)?;
+            let Some((last, _)) = page.last() else { break };
+            from = last.seq + 1;
+            for (r, _) in page {
+                if !matches!(r.action.as_str(), "UnwrapDataKey" | "RewrapDataKey") || r.outcome.starts_with("ok") {
+                    continue;
+                }
+                if since_text.as_ref().is_some_and(|s| r.time.as_str() < s.as_str()) {
+                    continue;
+                }
+                let Some(&i) = r.keyring.as_deref().and_then(|k| names.get(k)) else { continue };
+                let kind = if r.outcome.starts_with("denied") { "unwrap-refused" } else { "unwrap-failed" };
+                deviations[i].push(DeviationEntry {
+                    time: r.time.clone(),
+                    kind: kind.into(),
+                    principal: r.principal.clone(),
+                    key_id: r.key_id.clone(),
+                    backup_id: r.backup_id.clone(),
+                    detail: r.outcome.clone(),
+                    audit_seq: Some(r.seq),
+                });
+            }
+        }
+
+        // One pass over the registry.
+        let mut tallies: Vec<Tally> = records.iter().map(|_| Tally::default()).collect();
+        self.store.for_each_data_key(|id, rec| {
+            let Some(&i) = names.get(rec.keyring.as_str()) else { return };
+            let t = &mut tallies[i];
+            t.total += 1;
+            if rec.created >= since_unix {
+                t.issued += 1;
+            }
+            let destroyed = matches!(rec.state, KeyState::Destroyed { .. }) || records[i].destroyed.is_some();
+            if destroyed {
+                t.destroyed += 1;
+                return;
+            }
+            t.active += 1;
+            *t.per_version.entry(rec.version).or_default() += 1;
+            if !rec.escrowed {
+                t.without_escrow += 1;
+            }
+            let key_id = hex::encode(id);
+            if !last_test.contains_key(&key_id) {
+                t.untested_total += 1;
+                t.untested.push((rec.created, rec.backup_id.clone(), key_id));
+                if t.untested.len() > UNTESTED_CAP {
+                    t.untested.pop();
+                }
+            }
+        })?;
+
+        let destructions = self.store.destructions()?;
+        let mut keyrings = Vec::with_capacity(records.len());
+        for ((r, tally), mut devs) in records.iter().zip(tallies).zip(deviations) {
+            let held = r.hold.is_some();
+            let mine = |d: &&DestructionRecord| d.target.keyring() == r.name;
+            let pending = destructions
+                .iter()
+                .filter(mine)
+                .filter(|d| d.state == DestructionState::Scheduled)
+                .map(|d| destruction_entry(d, held))
+                .collect();
+            let done = destructions
+                .iter()
+                .filter(mine)
+                .filter(|d| matches!(d.state, DestructionState::Done { at } if at >= since_unix))
+                .map(|d| destruction_entry(d, held))
+                .collect();
+            let mut untested: Vec<_> = tally.untested.into_vec();
+            untested.sort();
+            let mut tests: Vec<RestoreTestEntry> = last_test
+                .values()
+                .filter(|t| t.keyring == r.name)
+                .map(|t| RestoreTestEntry {
+                    time: format_date(t.time),
+                    backup_id: t.backup_id.clone(),
+                    key_id: t.key_id.clone(),
+                    ok: t.ok,
+                    detail: t.detail.clone(),
+                    bytes: t.bytes,
+                    duration_ms: t.duration_ms,
+                    host: t.host.clone(),
+                    principal: t.principal.clone(),
+                })
+                .collect();
+            tests.sort_by(|a, b| b.time.cmp(&a.time).then(a.backup_id.cmp(&b.backup_id)));
+            devs.sort_by(|a, b| a.time.cmp(&b.time));
+            let next = next_rotation(r);
+            keyrings.push(KeyringReport {
+                name: r.name.clone(),
+                created: format_date(r.created),
+                retention_days: r.retention_days,
+                rotation_period_days: r.rotation_period_days,
+                keys_issued: tally.issued,
+                keys_issued_total: tally.total,
+                keys_active: tally.active,
+                keys_destroyed: tally.destroyed,
+                keys_without_escrow: tally.without_escrow,
+                versions: r
+                    .versions
+                    .iter()
+                    .map(|v| VersionEntry {
+                        version: v.version,
+                        created: format_date(v.created),
+                        age_days: u64::try_from((now - v.created).max(0) / 86_400).unwrap_or(0),
+                        state: match v.state {
+                            VersionState::Active => "active",
+                            VersionState::Retired => "retired",
+                        }
+                        .into(),
+                        keys: tally.per_version.get(&v.version).copied().unwrap_or(0),
+                    })
+                    .collect(),
+                rotations: r
+                    .versions
+                    .iter()
+                    .filter(|v| v.version > 1 && v.created >= since_unix)
+                    .map(|v| RotationEntry { version: v.version, time: format_date(v.created) })
+                    .collect(),
+                next_rotation: next.map(format_date),
+                rotation_overdue: next.is_some_and(|n| n <= now),
+                untested_backups: untested
+                    .into_iter()
+                    .map(|(created, backup_id, key_id)| BackupEntry { backup_id, key_id, created: format_date(created) })
+                    .collect(),
+                untested_backups_total: tally.untested_total,
+                last_tests: tests,
+                deviations: devs,
+                pending_destructions: pending,
+                destructions_done: done,
+                legal_hold: r.hold.as_ref().map(|h| HoldEntry { by: h.by.clone(), since: format_date(h.since), reason: h.reason.clone() }),
+                destroyed: r.destroyed.map(format_date),
+            });
+        }
+
+        let escrow = self.escrow.read().ok().and_then(|e| e.clone());
+        let escrow = match escrow {
+            Some(e) if e.removed.is_none() => EscrowEntry {
+                installed: true,
+                ceremony_id: Some(e.ceremony_id),
+                recovery_recipient: Some(e.recovery_recipient),
+                threshold: e.threshold,
+                shares: e.shares,
+                custodians: e.custodians,
+                installed_at: Some(format_date(e.installed)),
+                previous_recipients: e.previous_recipients,
+            },
+            other => EscrowEntry {
+                installed: false,
+                ceremony_id: None,
+                recovery_recipient: None,
+                threshold: 0,
+                shares: 0,
+                custodians: Vec::new(),
+                installed_at: None,
+                previous_recipients: other.map(|e| e.previous_recipients).unwrap_or_default(),
+            },
+        };
+        let pending_approvals = self
+            .store
+            .approvals()?
+            .into_iter()
+            .filter(|a| a.approved_by.is_none() && a.expires > now)
+            .map(|a| ApprovalEntry {
+                id: a.id,
+                action: describe_action(&a.action),
+                requested_by: a.requested_by,
+                requested: format_date(a.requested),
+                expires: format_date(a.expires),
+            })
+            .collect();
+        Ok(Report {
+            format: REPORT_FORMAT.into(),
+            generated: format_date(now),
+            since: since.map(|s| s.1),
+            master: MasterEntry { description: self.master().describe(), generation: self.master_generation() },
+            escrow,
+            keyrings,
+            pending_approvals,
+        })
+    }
+}

@@ -1,0 +1,185 @@
+//! The compliance report (`kmsctl report`): what the server computes (`GetReport`,
+//! as JSON) and what `kmsctl` renders as text, JSON or a self-contained HTML page.
+//!
+//! Times are RFC 3339 UTC strings. Lists that could grow with the registry
+//! (untested backups) are capped; the `*_total` field next to them is exact.
+
+use serde::{Deserialize, Serialize};
+
+/// The report format tag.
+pub const REPORT_FORMAT: &str = "kluis-report/v1";
+
+/// Longest list of untested backups a report carries per keyring.
+pub const UNTESTED_CAP: usize = 1000;
+
+/// The whole report.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Report {
+    /// Always [`REPORT_FORMAT`].
+    pub format: String,
+    pub generated: String,
+    /// Events (issuances, rotations, tests, failures) are counted from this time; `None`: all.
+    pub since: Option<String>,
+    /// The master key in force (provider and key, never key bytes) and its generation.
+    pub master: MasterEntry,
+    pub escrow: EscrowEntry,
+    pub keyrings: Vec<KeyringReport>,
+    /// Dual-control requests still waiting for a second officer.
+    pub pending_approvals: Vec<ApprovalEntry>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MasterEntry {
+    pub description: String,
+    pub generation: u32,
+}
+
+/// The escrow manifest in force.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EscrowEntry {
+    pub installed: bool,
+    pub ceremony_id: Option<String>,
+    pub recovery_recipient: Option<String>,
+    pub threshold: u32,
+    pub shares: u32,
+    pub custodians: Vec<String>,
+    pub installed_at: Option<String>,
+    /// Recipients in force earlier; their recovery keys still open older backups.
+    pub previous_recipients: Vec<String>,
+}
+
+/// Everything about one keyring.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyringReport {
+    pub name: String,
+    pub created: String,
+    /// 0: keys do not expire.
+    pub retention_days: u32,
+    /// 0: no automatic rotation.
+    pub rotation_period_days: u32,
+    /// Keys issued in the report period (all time if no `since`).
+    pub keys_issued: u64,
+    /// Keys issued over the keyring's life.
+    pub keys_issued_total: u64,
+    pub keys_active: u64,
+    pub keys_destroyed: u64,
+    /// Active keys whose sealed files carry no escrow (recovery) stanza.
+    pub keys_without_escrow: u64,
+    pub versions: Vec<VersionEntry>,
+    /// Rotations (versions after the first) made in the report period.
+    pub rotations: Vec<RotationEntry>,
+    /// When the next automatic rotation is due (`None`: no rotation period).
+    pub next_rotation: Option<String>,
+    /// True if a rotation period is set and the current version is older than it.
+    pub rotation_overdue: bool,
+    /// Backups (active keys) that were never restore-tested, oldest first, at most [`UNTESTED_CAP`].
+    pub untested_backups: Vec<BackupEntry>,
+    pub untested_backups_total: u64,
+    /// The last restore test of each tested backup.
+    pub last_tests: Vec<RestoreTestEntry>,
+    /// The deviation register: failed restore tests, failed or refused unwraps, in the period.
+    pub deviations: Vec<DeviationEntry>,
+    /// Scheduled (not yet carried out or cancelled) destructions of the keyring or its keys.
+    pub pending_destructions: Vec<DestructionEntry>,
+    /// Destructions carried out in the period.
+    pub destructions_done: Vec<DestructionEntry>,
+    pub legal_hold: Option<HoldEntry>,
+    /// Set if the keyring itself was destroyed (a tombstone).
+    pub destroyed: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VersionEntry {
+    pub version: u32,
+    pub created: String,
+    pub age_days: u64,
+    /// `active` or `retired`.
+    pub state: String,
+    /// Keys issued under this version that are still wrapped by it (after rewraps).
+    pub keys: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotationEntry {
+    pub version: u32,
+    pub time: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupEntry {
+    pub backup_id: String,
+    pub key_id: String,
+    pub created: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreTestEntry {
+    pub time: String,
+    pub backup_id: String,
+    pub key_id: String,
+    pub ok: bool,
+    /// Why it failed (empty on success).
+    pub detail: String,
+    pub bytes: u64,
+    pub duration_ms: u64,
+    pub host: String,
+    pub principal: String,
+}
+
+/// One entry of the deviation register.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviationEntry {
+    pub time: String,
+    /// `restore-test-failed`, `unwrap-failed` or `unwrap-refused`.
+    pub kind: String,
+    pub principal: String,
+    pub key_id: Option<String>,
+    pub backup_id: Option<String>,
+    pub detail: String,
+    /// The audit record's sequence number, if the deviation comes from the audit trail.
+    pub audit_seq: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestructionEntry {
+    pub id: u64,
+    /// `key` or `keyring`.
+    pub target_kind: String,
+    pub target: String,
+    pub requested_by: String,
+    pub requested: String,
+    pub due: String,
+    /// `scheduled`, `held`, `cancelled` or `destroyed`.
+    pub state: String,
+    /// `request` or `expiry`.
+    pub reason: String,
+    pub done: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HoldEntry {
+    pub by: String,
+    pub since: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalEntry {
+    pub id: u64,
+    pub action: String,
+    pub requested_by: String,
+    pub requested: String,
+    pub expires: String,
+}
