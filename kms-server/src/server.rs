@@ -78,9 +78,16 @@ pub fn pkcs11_settings(cfg: &MasterConfig) -> Option<Result<Pkcs11Settings, Serv
 
 /// Opens the configured master-key provider (refusing unsafe key files).
 pub fn open_master(cfg: &MasterConfig) -> Result<Arc<dyn MasterKeyProvider>, ServerError> {
+    open_master_generation(cfg, 1)
+}
+
+/// Opens the configured master key at `generation` (the store's): a software key file
+/// of a later generation is opened without reading the configured (generation 1) file,
+/// so an officer may remove that once no older copy of the store needs it.
+pub fn open_master_generation(cfg: &MasterConfig, generation: u32) -> Result<Arc<dyn MasterKeyProvider>, ServerError> {
     match cfg {
         MasterConfig::Software { key_file, passphrase_file, passphrase_env } => Ok(Arc::new(
-            SoftwareMasterKey::open(key_file, &passphrase_source(passphrase_file, passphrase_env))?,
+            SoftwareMasterKey::open_generation(key_file, generation, &passphrase_source(passphrase_file, passphrase_env))?,
         )),
         MasterConfig::Pkcs11 { .. } => match pkcs11_settings(cfg) {
             Some(s) => Ok(Arc::new(Pkcs11MasterKey::open(&s?)?)),
@@ -113,9 +120,10 @@ pub fn init(cfg: &ServerConfig) -> Result<(), ServerError> {
 
 /// Opens master key and store and returns the key manager; every failure says why.
 pub fn open_keys(cfg: &ServerConfig) -> Result<Arc<KeyManager>, ServerError> {
-    let master = open_master(&cfg.master)?;
-    master.health()?;
     let store = Store::open(&cfg.store_path())?;
+    let generation = crate::master::decode_generation(store.get_meta(crate::keys::MASTER_GENERATION_META)?.as_deref())?;
+    let master = open_master_generation(&cfg.master, generation)?;
+    master.health()?;
     let ttl = cfg.approval_ttl_secs.unwrap_or(crate::keys::DEFAULT_APPROVAL_TTL_SECS);
     let wait = cfg.destruction_wait_days.unwrap_or(crate::keys::DEFAULT_DESTRUCTION_WAIT_DAYS);
     Ok(Arc::new(KeyManager::open(store, master)?.with_approval_ttl(ttl).with_destruction_wait_days(wait)))

@@ -4,7 +4,7 @@
 use base64::Engine;
 use kluis_tests::*;
 
-per_provider!(rotation_adds_a_version_and_old_backups_still_unseal);
+per_provider!(rotation_adds_a_version_and_old_backups_still_unseal, master_rotation_rewraps_keyring_keys_only);
 
 fn kmsctl_as(server: &Server, who: &str, args: &[&str]) -> std::process::Output {
     let cfg = server.client(who);
@@ -48,6 +48,44 @@ fn rotation_adds_a_version_and_old_backups_still_unseal(p: Provider) {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["current_version"], 2);
     assert_eq!(v["versions"].as_array().unwrap().len(), 2);
+}
+
+fn master_rotation_rewraps_keyring_keys_only(p: Provider) {
+    let mut server = Server::start_with(p);
+    let before = seal(&server, "sealer", "default", "before-master-rotation", b"old backup");
+    let out = kmsctl_as(&server, "auditor", &["master", "rotate"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(stderr(&out).contains("may not RotateMaster"), "{}", stderr(&out));
+    let out = kmsctl_as(&server, "officer", &["master", "rotate"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains("master key generation 2 in force") && text.contains(".g2"), "{text}");
+    assert!(text.contains("rewrapped 1 versions of 1 keyrings"), "{text}");
+    let after = seal(&server, "sealer", "default", "after-master-rotation", b"new backup");
+    for (sealed, plain) in [(&before, &b"old backup"[..]), (&after, &b"new backup"[..])] {
+        assert_eq!(unseal(&server, "restorer", sealed).stdout, plain);
+    }
+    // A second rotation, then a restart: the server opens the store's generation.
+    assert!(kmsctl_as(&server, "officer", &["master", "rotate"]).status.success());
+    if p == Provider::Software {
+        // The software key files of generations 1 and 2 are no longer needed by this store.
+        let key = server.data_dir().join("master.key");
+        assert!(server.data_dir().join("master.key.g3").exists());
+        std::fs::rename(&key, server.dir.path().join("master.key.retired")).unwrap();
+        std::fs::rename(server.data_dir().join("master.key.g2"), server.dir.path().join("master.key.g2.retired")).unwrap();
+    }
+    server.restart();
+    for (sealed, plain) in [(&before, &b"old backup"[..]), (&after, &b"new backup"[..])] {
+        let out = unseal(&server, "restorer", sealed);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert_eq!(out.stdout, plain);
+    }
+    let report = kmsctl_as(&server, "auditor", &["report", "--format", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&report.stdout).unwrap();
+    assert_eq!(v["master"]["generation"], 3, "{v}");
+    let out = kmsctl_as(&server, "auditor", &["audit", "tail", "-n", "100"]);
+    let trail = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(trail.lines().filter(|l| l.contains("RotateMaster") && l.contains("ok: master key generation")).count(), 2, "{trail}");
 }
 
 #[test]

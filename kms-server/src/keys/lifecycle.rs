@@ -564,9 +564,10 @@ impl KeyManager {
             // A key of the next generation left by an interrupted rotation is used as it is.
             let new: Arc<dyn MasterKeyProvider> = match configured.generation(next, true) {
                 Ok(k) => k,
-                Err(first) => configured
+                Err(first) if first.is_key_exists() => configured
                     .generation(next, false)
                     .map_err(|_| KeyError::MasterGeneration { generation: next, source: first })?,
+                Err(e) => return Err(KeyError::MasterGeneration { generation: next, source: e }),
             };
             let mut out = Vec::with_capacity(records.len());
             let mut versions = 0u32;
@@ -612,7 +613,7 @@ impl KeyManager {
         if let Some(a) = new_audit {
             ops.push(WriteOp::PutMeta { key: AUDIT_KEY_META, value: a });
         }
-        ops.push(WriteOp::PutMeta { key: MASTER_GENERATION_META, value: next.to_be_bytes().to_vec() });
+        ops.push(WriteOp::PutMeta { key: MASTER_GENERATION_META, value: crate::master::encode_generation(next) });
         let mut audit = audit;
         audit.outcome = format!("ok: master key generation {generation} -> {next} ({}); {keyrings} keyrings, {versions} versions rewrapped", new.describe());
         ops.push(WriteOp::Audit(audit));

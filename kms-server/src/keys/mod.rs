@@ -329,11 +329,7 @@ impl KeyManager {
     /// Opens the key manager: checks the master key against the store and
     /// unwraps every keyring key into memory.
     pub fn open(store: Store, configured: Arc<dyn MasterKeyProvider>) -> Result<Self, KeyError> {
-        let generation = match store.get_meta(MASTER_GENERATION_META)? {
-            Some(b) if b.len() == 4 => u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
-            Some(_) => return Err(KeyError::Store(StoreError::Decode { what: "master generation", source: postcard::Error::DeserializeBadEncoding })),
-            None => 1,
-        };
+        let generation = crate::master::decode_generation(store.get_meta(MASTER_GENERATION_META)?.as_deref())?;
         let master = if generation > 1 {
             configured.generation(generation, false).map_err(|e| KeyError::MasterGeneration { generation, source: e })?
         } else {

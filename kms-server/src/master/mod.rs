@@ -60,6 +60,17 @@ pub fn decode_generation(value: Option<&[u8]>) -> Result<u32, MasterError> {
     }
 }
 
+impl MasterError {
+    /// Whether the error says a key of that name already exists (file or token key).
+    pub fn is_key_exists(&self) -> bool {
+        match self {
+            MasterError::KeyFileExists { .. } => true,
+            MasterError::Hsm(e) => matches!(**e, kluis_hsm::HsmError::KeyExists { .. }),
+            _ => false,
+        }
+    }
+}
+
 /// A master key: wraps and unwraps keyring keys with AES-256-GCM and AAD.
 ///
 /// Implementations must be safe to share between threads; `wrap`/`unwrap` may block

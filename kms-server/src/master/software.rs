@@ -145,6 +145,12 @@ impl SoftwareMasterKey {
         Self::open_at(path, path, passphrase)
     }
 
+    /// Opens generation `generation` of the configured key file `base` without reading
+    /// `base` itself (after a rotation the configured file may be gone).
+    pub fn open_generation(base: &Path, generation: u32, passphrase: &PassphraseSource) -> Result<Self, MasterError> {
+        Self::open_at(&generation_path(base, generation)?, base, passphrase)
+    }
+
     /// Creates the key file `path`, a generation of the configured key file `base`.
     fn create_at(path: &Path, base: &Path, passphrase: &PassphraseSource) -> Result<Self, MasterError> {
         if path.symlink_metadata().is_ok() {
