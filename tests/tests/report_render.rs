@@ -438,3 +438,110 @@ fn element_scanner_sees_through_quoted_attributes() {
     let names = element_names("<p data-x=\"<script>\" title='a>b'>x &lt;script&gt;</p><!-- c --><SCRIPT>1</SCRIPT>");
     assert_eq!(names, ["p", "script"]);
 }
+
+fn kmsctl_as(server: &kluis_tests::Server, who: &str, args: &[&str]) -> std::process::Output {
+    let cfg = server.client(who);
+    let mut all = vec!["--client-config", cfg.to_str().unwrap()];
+    all.extend_from_slice(args);
+    kluis_tests::run("kmsctl", &all, b"")
+}
+
+/// The report of a real server after a scripted scenario: every field the issue
+/// names, from JSON, and the HTML form of the same report in Chromium.
+#[test]
+fn report_of_a_scripted_scenario_from_a_real_server() {
+    use kluis_tests::{Server, run, seal, stderr, unseal};
+    let server = Server::start();
+    let officer = server.client("officer");
+    let o = officer.to_str().unwrap();
+    assert!(run("kmsctl", &["--client-config", o, "keyring", "create", "pacs", "--retention-days", "30", "--rotation-period-days", "90"], b"").status.success());
+    let a = seal(&server, "sealer", "default", "ehr/2026-11-23/full", b"backup a");
+    let b = seal(&server, "sealer", "default", "ehr/2026-11-23/incr", b"backup b");
+    let c = seal(&server, "sealer", "default", HOSTILE_BACKUP_ID, b"backup c");
+    assert!(kmsctl_as(&server, "officer", &["keyring", "rotate", "default"]).status.success());
+
+    // A restore test that passes, and one that fails (a damaged copy of b).
+    let dir = server.dir.path();
+    let (good, bad) = (dir.join("a.kluis"), dir.join("b-damaged.kluis"));
+    std::fs::write(&good, &a).unwrap();
+    let mut damaged = b.clone();
+    let n = damaged.len();
+    damaged[n - 5] ^= 1;
+    std::fs::write(&bad, &damaged).unwrap();
+    let r = server.client("restorer");
+    let r = r.to_str().unwrap();
+    assert!(run("backup-hook", &["--client-config", r, "verify", "-i", good.to_str().unwrap(), "--host", "restore01"], b"").status.success());
+    assert_eq!(run("backup-hook", &["--client-config", r, "verify", "-i", bad.to_str().unwrap(), "--host", "restore01"], b"").status.code(), Some(5));
+    // A refused unwrap (the sealer is write-only) and a failed one (altered wrapped key).
+    assert_eq!(unseal(&server, "sealer", &c).status.code(), Some(4));
+    let mut altered = c.clone();
+    let stanza = altered.windows(3).position(|w| w == b"\n->").unwrap();
+    let line2 = stanza + 1 + altered[stanza + 1..].iter().position(|&x| x == b'\n').unwrap() + 1;
+    altered[line2 + 10] = if altered[line2 + 10] == b'A' { b'B' } else { b'A' };
+    assert_eq!(unseal(&server, "restorer", &altered).status.code(), Some(5));
+    // A pending destruction (dual control) and a legal hold on another keyring.
+    let out = kmsctl_as(&server, "officer", &["keyring", "destroy", "default"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(kmsctl_as(&server, "officer", &["keyring", "hold", "pacs", "--reason", "inspection IGJ-2026-4"]).status.success());
+
+    let out = kmsctl_as(&server, "auditor", &["report", "--format", "json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rep: Report = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rep.format, REPORT_FORMAT);
+    assert_eq!(rep.master.generation, 1);
+    assert!(!rep.escrow.installed);
+    assert_eq!(rep.pending_approvals.len(), 1);
+    assert!(rep.pending_approvals[0].action.contains("destroy keyring default"), "{:?}", rep.pending_approvals);
+    let names: Vec<&str> = rep.keyrings.iter().map(|k| k.name.as_str()).collect();
+    assert_eq!(names, ["default", "pacs"]);
+    let d = &rep.keyrings[0];
+    assert_eq!((d.keys_issued, d.keys_active, d.keys_destroyed, d.keys_without_escrow), (3, 3, 0, 3));
+    assert_eq!(d.versions.iter().map(|v| (v.version, v.state.as_str(), v.keys)).collect::<Vec<_>>(), [(1, "active", 3), (2, "active", 0)]);
+    assert_eq!(d.rotations.iter().map(|r| r.version).collect::<Vec<_>>(), [2]);
+    assert_eq!(d.last_tests.len(), 2);
+    assert!(d.last_tests.iter().any(|t| t.ok && t.backup_id == "ehr/2026-11-23/full" && t.host == "restore01"));
+    assert!(d.last_tests.iter().any(|t| !t.ok && t.backup_id == "ehr/2026-11-23/incr"));
+    assert_eq!(d.untested_backups_total, 1, "only c was never tested");
+    assert_eq!(d.untested_backups[0].backup_id, HOSTILE_BACKUP_ID);
+    let kinds: Vec<&str> = d.deviations.iter().map(|x| x.kind.as_str()).collect();
+    for k in ["restore-test-failed", "unwrap-refused", "unwrap-failed"] {
+        assert!(kinds.contains(&k), "deviation {k} missing from {kinds:?}");
+    }
+    assert!(d.deviations.iter().any(|x| x.kind == "unwrap-refused" && x.principal == "sealer"));
+    assert!(d.pending_destructions.is_empty(), "approval pending, nothing scheduled yet");
+    let p = &rep.keyrings[1];
+    assert_eq!((p.retention_days, p.rotation_period_days), (30, 90));
+    assert!(p.next_rotation.is_some() && !p.rotation_overdue);
+    assert_eq!(p.legal_hold.as_ref().unwrap().reason, "inspection IGJ-2026-4");
+
+    // --since in the future: no events, the standing facts remain.
+    let out = kmsctl_as(&server, "auditor", &["report", "--format", "json", "--since", "2999-01-01T00:00:00Z"]);
+    let later: Report = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(later.keyrings[0].keys_issued, 0);
+    assert_eq!(later.keyrings[0].keys_issued_total, 3);
+    assert!(later.keyrings[0].deviations.is_empty() && later.keyrings[0].rotations.is_empty());
+    let out = kmsctl_as(&server, "auditor", &["report", "--since", "yesterday"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("since"), "{}", stderr(&out));
+    let out = kmsctl_as(&server, "auditor", &["report", "--format", "pdf"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("pdf"), "{}", stderr(&out));
+    assert_eq!(kmsctl_as(&server, "sealer", &["report"]).status.code(), Some(4));
+
+    // Text and HTML of the same server.
+    let text = String::from_utf8(kmsctl_as(&server, "auditor", &["report"]).stdout).unwrap();
+    assert!(text.contains("restore-test-failed") && text.contains("inspection IGJ-2026-4"), "{text}");
+    let out = kmsctl_as(&server, "auditor", &["report", "--format", "html"]);
+    assert!(out.status.success());
+    let html = dir.join("report.html");
+    std::fs::write(&html, &out.stdout).unwrap();
+    let png = dir.join("report.png");
+    let dom = chromium_screenshot(&html, &png);
+    let shot = decode_png(&std::fs::read(&png).unwrap());
+    assert_eq!(shot.width, 1280);
+    for id in ["summary", "escrow", "pending-approvals", "keyring-default", "deviations-default", "untested-default", "restore-tests-default", "hold-pacs"] {
+        assert!(dom.contains(&format!("id=\"{id}\"")), "section {id} missing from the rendered page");
+    }
+    assert!(dom.contains("&lt;script&gt;alert(1)&lt;/script&gt;"), "hostile backup id must be shown escaped");
+    assert!(!element_names(&dom).iter().any(|e| e == "script"), "no script element may reach the page");
+}
