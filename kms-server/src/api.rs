@@ -801,6 +801,13 @@ impl Api {
         let (info, without) = self.keys.escrow_status(auth).map_err(key_status)?;
         Ok(Response::new(match info {
             None => pb::EscrowStatus { installed: false, keys_without_escrow: without, ..Default::default() },
+            // Removed under dual control: nothing in force; the earlier recipients still matter.
+            Some(i) if i.removed.is_some() => pb::EscrowStatus {
+                installed: false,
+                keys_without_escrow: without,
+                previous_recipients: i.previous_recipients,
+                ..Default::default()
+            },
             Some(i) => pb::EscrowStatus {
                 installed: true,
                 ceremony_id: i.ceremony_id,

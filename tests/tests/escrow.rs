@@ -848,6 +848,41 @@ fn only_an_officer_installs_the_escrow() {
 }
 
 #[test]
+fn removing_the_escrow_needs_a_second_officer() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let cs = custodians(w, &["a", "b"]);
+    let (manifest, m) = ceremony(&w.join("ceremony"), 2, &cs);
+    let server = Server::start();
+    ok(&install(&server, "officer", &manifest), "officer install");
+    let before = seal(&server, "sealer", "default", "with-escrow", b"x");
+    assert!(has_recovery_stanza(&before));
+    let ctl = |who: &str, args: &[&str]| {
+        let cfg = server.client(who);
+        let mut all = vec!["--client-config", s(&cfg)];
+        all.extend_from_slice(args);
+        kmsctl(&all)
+    };
+    refused(&ctl("auditor", &["escrow", "remove"]), 4, &["principal \"auditor\" may not RemoveEscrow"]);
+    let o = ctl("officer", &["escrow", "remove"]);
+    ok(&o, "escrow remove");
+    assert!(out_text(&o).contains("kmsctl approve 1"), "{}", out_text(&o));
+    // Pending: the recipient still goes out with new keys; the requester cannot approve.
+    refused(&ctl("officer", &["approve", "1"]), 4, &["a second, different officer must approve it"]);
+    assert!(has_recovery_stanza(&seal(&server, "sealer", "default", "still-escrowed", b"y")));
+    ok(&ctl("dev", &["approve", "1"]), "second officer approves");
+    let st = status_json(&server, "auditor");
+    assert_eq!(st["installed"], false, "{st}");
+    assert_eq!(st["previous_recipients"][0], m["recovery_recipient"], "{st}");
+    assert!(!has_recovery_stanza(&seal(&server, "sealer", "default", "no-escrow", b"z")), "no recipient after removal");
+    refused(&ctl("officer", &["escrow", "remove"]), 1, &["no escrow manifest is in force"]);
+    // Backups sealed while it was in force keep their recovery stanza.
+    assert!(has_recovery_stanza(&before));
+    ok(&install(&server, "officer", &manifest), "re-install after removal");
+    assert_eq!(status_json(&server, "auditor")["installed"], true);
+}
+
+#[test]
 fn forged_manifests_and_silent_recipient_switches_are_refused() {
     let server = Server::start();
     let tmp = tempfile::tempdir().unwrap();

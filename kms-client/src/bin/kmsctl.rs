@@ -566,6 +566,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 } else {
                     writeln!(out, "no escrow manifest installed").map_err(io)?;
                     writeln!(out, "keys without escrow: {}", s.keys_without_escrow).map_err(io)?;
+                    for r in &s.previous_recipients {
+                        writeln!(out, "earlier recipient:   {r} (backups sealed while it was in force need its ceremony's shares)")
+                            .map_err(io)?;
+                    }
                 }
             }
             Cmd::Audit(AuditCmd::Tail { lines }) => {
