@@ -82,15 +82,15 @@ pub fn open_master(cfg: &MasterConfig) -> Result<Arc<dyn MasterKeyProvider>, Ser
 }
 
 /// Opens the configured master key at `generation` (the store's): a software key file
-/// of a later generation is opened without reading the configured (generation 1) file,
-/// so an officer may remove that once no older copy of the store needs it.
+/// (or token key) of a later generation is opened without the configured (generation 1)
+/// one, so an officer may remove that once no older copy of the store needs it.
 pub fn open_master_generation(cfg: &MasterConfig, generation: u32) -> Result<Arc<dyn MasterKeyProvider>, ServerError> {
     match cfg {
         MasterConfig::Software { key_file, passphrase_file, passphrase_env } => Ok(Arc::new(
             SoftwareMasterKey::open_generation(key_file, generation, &passphrase_source(passphrase_file, passphrase_env))?,
         )),
         MasterConfig::Pkcs11 { .. } => match pkcs11_settings(cfg) {
-            Some(s) => Ok(Arc::new(Pkcs11MasterKey::open(&s?)?)),
+            Some(s) => Ok(Arc::new(Pkcs11MasterKey::open_generation(&s?, generation)?)),
             None => Err(ServerError::PinSourceMissing),
         },
     }

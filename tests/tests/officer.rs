@@ -73,6 +73,18 @@ fn master_rotation_rewraps_keyring_keys_only(p: Provider) {
         assert!(server.data_dir().join("master.key.g3").exists());
         std::fs::rename(&key, server.dir.path().join("master.key.retired")).unwrap();
         std::fs::rename(server.data_dir().join("master.key.g2"), server.dir.path().join("master.key.g2.retired")).unwrap();
+    } else {
+        // The token keys of generations 1 and 2 are deleted: the store no longer needs them.
+        let token = server.token.as_ref().unwrap();
+        for label in ["kluis-master", "kluis-master.g2"] {
+            let out = std::process::Command::new("pkcs11-tool")
+                .args(["--module", SOFTHSM_MODULE, "--token-label", &token.label, "--login", "--pin", "1234"])
+                .args(["--delete-object", "--type", "secrkey", "--label", label])
+                .env("SOFTHSM2_CONF", &token.conf)
+                .output()
+                .expect("pkcs11-tool (Debian package opensc) is required");
+            assert!(out.status.success(), "deleting {label}: {}", String::from_utf8_lossy(&out.stderr));
+        }
     }
     server.restart();
     for (sealed, plain) in [(&before, &b"old backup"[..]), (&after, &b"new backup"[..])] {

@@ -103,6 +103,15 @@ impl Pkcs11MasterKey {
         Ok(Self { hsm: Arc::new(hsm), key_label: s.key_label.clone(), base_label: s.key_label.clone() })
     }
 
+    /// Opens generation `generation` of the configured key without needing the
+    /// configured (generation 1) key on the token any more.
+    pub fn open_generation(s: &Pkcs11Settings, generation: u32) -> Result<Self, MasterError> {
+        let hsm = Self::connect(s)?;
+        let label = generation_label(&s.key_label, generation)?;
+        hsm.check_master_key(&label).map_err(|e| MasterError::Hsm(Box::new(e)))?;
+        Ok(Self { hsm: Arc::new(hsm), key_label: label, base_label: s.key_label.clone() })
+    }
+
     /// Generates the master key on the token; refuses if a key with the label exists.
     pub fn create(s: &Pkcs11Settings) -> Result<Self, MasterError> {
         let hsm = Self::connect(s)?;
