@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use kluis_proto::audit::ExportLine;
 use kms_client::cert;
-use kms_client::client::{ClientError, DestroyOutcome, DestructionInfo, KeyringInfo, KmsClient};
+use kms_client::client::{ApprovalInfo, ClientError, DestroyOutcome, DestructionInfo, KeyringInfo, KmsClient};
 use kms_client::config::ClientConfig;
 use kms_client::escrow::Manifest;
 use kms_client::escrow::cli::{OfflineEscrowCommand, run_offline};
@@ -312,16 +312,21 @@ fn print_destruction(out: &mut dyn Write, d: &DestructionInfo) -> std::io::Resul
     writeln!(out, "{:>4} {:<9} {} {} ({}; requested by {}): {when}", d.id, d.state, d.target_kind, d.target, d.reason, d.requested_by)
 }
 
+/// A dual-control request: what it is and how a second officer approves it.
+fn print_pending(out: &mut dyn Write, a: &ApprovalInfo, then: &str) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "request {} is pending: {}\nA second officer approves it with: kmsctl approve {} (before {}){then}",
+        a.id,
+        a.action,
+        a.id,
+        date(a.expires_unix)
+    )
+}
+
 fn print_destroy(out: &mut dyn Write, o: &DestroyOutcome) -> std::io::Result<()> {
     match o {
-        DestroyOutcome::PendingApproval(a) => writeln!(
-            out,
-            "request {} is pending: {}\nA second officer approves it with: kmsctl approve {} (before {}); it is then scheduled after the waiting period",
-            a.id,
-            a.action,
-            a.id,
-            date(a.expires_unix)
-        ),
+        DestroyOutcome::PendingApproval(a) => print_pending(out, a, "; it is then scheduled after the waiting period"),
         DestroyOutcome::Scheduled(d) => writeln!(
             out,
             "destruction {} scheduled for {}; cancel with: kmsctl destruction cancel {}",
@@ -428,15 +433,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
             Cmd::Escrow(EscrowCmd::Remove) => {
                 let a = client.remove_escrow().await?;
-                writeln!(
-                    out,
-                    "request {} is pending: {}\nA second officer approves it with: kmsctl approve {} (before {})",
-                    a.id,
-                    a.action,
-                    a.id,
-                    date(a.expires_unix)
-                )
-                .map_err(io)?;
+                print_pending(&mut out, &a, "").map_err(io)?;
             }
             Cmd::Master(MasterCmd::Rotate) => {
                 let m = client.rotate_master().await?;
@@ -454,15 +451,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
             Cmd::Keyring(KeyringCmd::Retire { name, below_version }) => {
                 let a = client.retire_versions(&name, below_version).await?;
-                writeln!(
-                    out,
-                    "request {} is pending: {}\nA second officer approves it with: kmsctl approve {} (before {})",
-                    a.id,
-                    a.action,
-                    a.id,
-                    date(a.expires_unix)
-                )
-                .map_err(io)?;
+                print_pending(&mut out, &a, "").map_err(io)?;
             }
             Cmd::Approve { id } => {
                 let a = client.approve(id).await?;
