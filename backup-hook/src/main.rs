@@ -10,6 +10,9 @@
 //! `passphrase` uses the same codes: 3 also when its own overall deadline (`--timeout`)
 //! passes, 5 when the key file is not a passphrase key file, 1 when `--create` finds the
 //! key file already there.
+//!
+//! `rewrap` uses the same codes per file; for a batch, the exit code is the first failed
+//! file's (and the message says how many failed).
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
@@ -26,6 +29,7 @@ use kms_client::config::ClientConfig;
 use kms_client::hook::{Hook, HookError, unseal_offline};
 use kms_client::output::{Output, OutputError};
 use kms_client::passphrase::{self, KeyFile, Passphrase, PassphraseError};
+use kms_client::rewrap::{Action, JournalNote, RewrapError, rewrap_file};
 use kms_client::sealed::{IO_BUF, SealError, UnsealError};
 
 #[derive(Parser)]
@@ -86,6 +90,42 @@ enum Cmd {
     /// (for restic --password-command, BORG_PASSCOMMAND, KOPIA_PASSWORD, ...); or with
     /// --create make a new key file. Never prompts.
     Passphrase(PassphraseArgs),
+    /// Move sealed files to the keyring's newest version by rewriting only their header.
+    #[command(long_about = REWRAP_ABOUT)]
+    Rewrap(RewrapArgs),
+}
+
+const REWRAP_ABOUT: &str = "\
+Move sealed files to the keyring's newest version by rewriting only their header.
+
+After `kmsctl keyring rotate`, old backups still name the old keyring version; rewrap them
+before that version is retired. The server re-wraps the same data key under the current
+version, so the payload is neither read nor re-encrypted and the escrow stanza stays as it
+is: the cost does not depend on the file's size. The header is rewritten in place through
+a journal (.NAME.kluis-rewrap next to the file), so a crash leaves the old header, the new
+one, or a journal that the next rewrap of the file completes. A file already under the
+current version is not written at all.
+
+Needs the restorer role on the file's keyring: the age header MAC is keyed from the file
+key, which only the unwrapped data key opens, so a sealer-only identity is refused (exit 4).
+
+Files: as arguments, with -i (repeatable), and/or with --files-from LIST (one path a line;
+'-' reads the list from stdin); one connection serves them all. One line per file on
+stdout; failures on stderr. Exit status: 0 if every file is current, else the first
+failure's code (3 unreachable, 4 refused, 5 integrity: not sealed, damaged or altered,
+6 I/O, 1 other), with the number of failed files.";
+
+#[derive(Args)]
+struct RewrapArgs {
+    /// Sealed files to rewrap.
+    #[arg(value_name = "FILE")]
+    files: Vec<PathBuf>,
+    /// A sealed file to rewrap (repeatable).
+    #[arg(short = 'i', long = "input", value_name = "FILE")]
+    inputs: Vec<PathBuf>,
+    /// Read the files to rewrap from LIST, one path a line ('-': standard input).
+    #[arg(long, value_name = "LIST")]
+    files_from: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -309,10 +349,109 @@ fn run_passphrase(client_config: Option<&Path>, args: &PassphraseArgs) -> Result
         .map_err(|e| io_failure("writing the passphrase to standard output failed", &e))
 }
 
+impl From<RewrapError> for Failure {
+    fn from(e: RewrapError) -> Self {
+        let code = match &e {
+            RewrapError::Integrity(UnsealError::ReadInput(_)) | RewrapError::Io { .. } => EXIT_IO,
+            RewrapError::Integrity(_) | RewrapError::BadJournal { .. } => EXIT_INTEGRITY,
+            RewrapError::NeedsRestorer { .. } => EXIT_REFUSED,
+            RewrapError::Server { source, .. } => client_failure(source).code,
+            RewrapError::ServerMismatch(_) | RewrapError::Busy | RewrapError::Changed => EXIT_OTHER,
+        };
+        Failure::new(code, e.to_string())
+    }
+}
+
+/// The files of a `rewrap`: arguments, then -i, then --files-from.
+fn rewrap_list(args: &RewrapArgs) -> Result<Vec<PathBuf>, Failure> {
+    let mut files: Vec<PathBuf> = args.files.iter().chain(&args.inputs).cloned().collect();
+    if let Some(list) = &args.files_from {
+        let text = if list == Path::new("-") {
+            let mut t = String::new();
+            io::stdin().read_to_string(&mut t).map(|_| t)
+        } else {
+            std::fs::read_to_string(list)
+        }
+        .map_err(|e| Failure::new(EXIT_IO, format!("cannot read the file list {}: {e}", list.display())))?;
+        files.extend(text.lines().filter(|l| !l.trim().is_empty()).map(PathBuf::from));
+    }
+    if files.is_empty() {
+        return Err(Failure::new(EXIT_USAGE, "rewrap: no files given (FILE..., -i FILE or --files-from LIST)"));
+    }
+    if files.iter().any(|f| f == Path::new("-")) {
+        return Err(Failure::new(EXIT_USAGE, "rewrap rewrites files in place; it cannot work on standard input ('-')"));
+    }
+    Ok(files)
+}
+
+fn run_rewrap(cfg: &ClientConfig, args: &RewrapArgs) -> Result<(), Failure> {
+    let files = rewrap_list(args)?;
+    let hook = Hook::connect(cfg)?;
+    let mut first: Option<(u8, PathBuf)> = None;
+    let mut failed = 0usize;
+    let mut out = io::stdout().lock();
+    for path in &files {
+        match rewrap_file(&hook, path) {
+            Ok(r) => {
+                let journal = match r.journal {
+                    JournalNote::None => String::new(),
+                    JournalNote::Completed => "; completed an interrupted rewrap from its journal".to_owned(),
+                    JournalNote::Discarded(why) => {
+                        format!("; removed a leftover rewrap journal that was never applied ({why})")
+                    }
+                };
+                let line = match (r.action, r.journal) {
+                    (Action::AlreadyCurrent, JournalNote::Completed) => {
+                        format!("rewrapped {}: keyring {} version {}{journal}", path.display(), r.keyring, r.to_version)
+                    }
+                    (Action::AlreadyCurrent, _) => format!(
+                        "{}: already current (keyring {} version {}); not written{journal}",
+                        path.display(),
+                        r.keyring,
+                        r.to_version
+                    ),
+                    (Action::InPlace, _) => format!(
+                        "rewrapped {}: keyring {} version {} -> {}{journal}",
+                        path.display(),
+                        r.keyring,
+                        r.from_version,
+                        r.to_version
+                    ),
+                    (Action::Copied, _) => format!(
+                        "rewrapped {}: keyring {} version {} -> {} (the header's length changed, so the whole file was copied and renamed over the original){journal}",
+                        path.display(),
+                        r.keyring,
+                        r.from_version,
+                        r.to_version
+                    ),
+                };
+                writeln!(out, "{line}").map_err(|e| io_failure("writing to standard output failed", &e))?;
+            }
+            Err(e) => {
+                let f = Failure::from(e);
+                eprintln!("backup-hook: {}: {}", path.display(), f.message);
+                failed += 1;
+                if first.is_none() {
+                    first = Some((f.code, path.clone()));
+                }
+            }
+        }
+    }
+    out.flush().map_err(|e| io_failure("writing to standard output failed", &e))?;
+    match first {
+        None => Ok(()),
+        Some((code, path)) => Err(Failure::new(
+            code,
+            format!("rewrap: {failed} of {} file(s) failed (first: {}; its exit code is used)", files.len(), path.display()),
+        )),
+    }
+}
+
 fn run(cli: Cli) -> Result<(), Failure> {
     let config = || ClientConfig::from_arg_or_env(cli.client_config.as_deref()).map_err(|e| Failure::new(EXIT_OTHER, e.to_string()));
     match &cli.cmd {
         Cmd::Passphrase(args) => run_passphrase(cli.client_config.as_deref(), args),
+        Cmd::Rewrap(args) => run_rewrap(&config()?, args),
         Cmd::Seal { keyring, backup_id, labels, io } => {
             let labels: BTreeMap<String, String> = labels.iter().cloned().collect();
             let hook = Hook::connect(&config()?)?;

@@ -11,6 +11,7 @@ pub mod hook;
 pub mod output;
 pub mod passphrase;
 pub mod report;
+pub mod rewrap;
 pub mod sealed;
 pub mod secret;
 pub mod stream;

@@ -1,0 +1,930 @@
+//! Header-only re-wrapping of sealed files under the keyring's newest version.
+//!
+//! After a keyring rotation, old backups still name the old keyring version in
+//! their `kluis` stanza; before that version can be retired they must be moved
+//! to the new one. The data key does not change (the server re-wraps the same
+//! key, RPC `RewrapDataKey`), so the age file key and the payload do not change
+//! either: only the wrapped-data-key part of the Kluis stanza, and the header
+//! MAC, are rewritten. Every other stanza (the escrow `X25519` stanza, ...) is
+//! kept byte for byte, and the payload (its nonce and chunks) is never read or
+//! written.
+//!
+//! # Why this needs the restorer role
+//!
+//! The age header MAC is keyed from the file key
+//! (`HKDF-SHA-256(file key, "", "header")`), and the file key is only reachable
+//! through the data key. So a rewrap unwraps the data key (restorer role),
+//! opens the file key from the stanza, checks the old header MAC (a tampered
+//! header is refused and the file left alone), asks the server to re-wrap, checks
+//! that the re-wrapped key opens the same file key (a second unwrap), and only
+//! then writes the new header with a fresh MAC. A sealer-only identity is refused.
+//!
+//! # Cost and atomicity
+//!
+//! Reading: at most one read step of the header (16 KiB) plus, only when
+//! recovering a journal, the payload nonce and first chunk (64 KiB). Writing: the
+//! header. So the cost is independent of the payload size.
+//!
+//! A server-wrapped data key has a fixed length, so the new header normally has
+//! exactly the old header's length and is written in place:
+//!
+//! 1. the new header is written to a journal `.<name>.kluis-rewrap` next to the
+//!    file; the journal and the directory are fsynced;
+//! 2. the new header is written at offset 0 of the file (`pwrite`), the file is
+//!    fsynced;
+//! 3. the journal is removed, the directory fsynced.
+//!
+//! A crash before step 2 leaves the old header, which is a valid sealed file
+//! (the journal, complete or not, is ignored or completed by the next run). A
+//! crash during step 2 may leave a mix of old and new header bytes, but the
+//! journal is then complete and durable, and the next `rewrap` of the file
+//! completes it: the journal is used only if it is a complete age header whose
+//! Kluis stanza opens (at the server) a file key under which its MAC verifies
+//! **and** under which the file's own payload (the nonce after the header and the
+//! first chunk) authenticates, so a journal can never be applied to a file it was
+//! not made for. A crash after step 2 leaves the new header (plus a journal that
+//! the next run completes again, harmlessly). A journal that does not validate
+//! was never applied (the file is only written once the journal is durable); it
+//! is discarded when the file's own header verifies, and otherwise both are left
+//! alone and the file is reported damaged. The file's inode, owner and mode stay.
+//!
+//! If the new header has another length (a file written by another age
+//! implementation with a different encoding of the Kluis stanza), an in-place
+//! write would shift the payload; then the file is copied into a temporary file
+//! in the same directory with the new header, fsynced and renamed over the
+//! original (atomic replace, but O(payload) and a new inode). The report says so.
+//!
+//! Concurrent rewraps of the same file are kept apart by an advisory lock. A
+//! symlink is followed: the real file is rewritten, and its journal lies next to it.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::ops::Range;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use age_core::format::{FileKey, Stanza, read::legacy_age_stanza};
+use age_core::primitives::hkdf;
+use age_core::secrecy::ExposeSecret;
+use base64::Engine;
+use base64::prelude::BASE64_STANDARD_NO_PAD;
+use ring::aead::{Aad, Nonce};
+use ring::hmac;
+use zeroize::Zeroizing;
+
+use crate::client::{ClientError, Rewrapped, UnwrappedKey};
+use crate::hook::Hook;
+use crate::sealed::{KluisIdentity, KluisStanza, STANZA_TAG, UnsealError, parse_stanza};
+use crate::secret::DataKey;
+use crate::stream::{ENC_CHUNK_SIZE, NONCE_SIZE, PayloadKey, TAG_SIZE, header};
+
+const V1_LINE: &[u8] = b"age-encryption.org/v1\n";
+const HEADER_KEY_LABEL: &[u8] = b"header";
+const JOURNAL_SUFFIX: &str = ".kluis-rewrap";
+
+/// What a rewrap needs from the server. [`Hook`] is the real one.
+pub trait KeyService {
+    /// Unwraps the data key of a Kluis stanza (restorer role).
+    fn unwrap(&self, st: &KluisStanza) -> Result<UnwrappedKey, ClientError>;
+    /// Re-wraps the same data key under the keyring's current version (restorer role).
+    fn rewrap(&self, st: &KluisStanza) -> Result<Rewrapped, ClientError>;
+}
+
+impl KeyService for Hook {
+    fn unwrap(&self, st: &KluisStanza) -> Result<UnwrappedKey, ClientError> {
+        self.block_on(self.client().unwrap_data_key(&st.key_id, &st.keyring, &st.wrapped))
+    }
+
+    fn rewrap(&self, st: &KluisStanza) -> Result<Rewrapped, ClientError> {
+        self.block_on(self.client().rewrap_data_key(&st.key_id, &st.keyring, &st.wrapped))
+    }
+}
+
+/// Why a file was not rewrapped. In every case the file was left as it was
+/// (except [`RewrapError::Io`] while writing the header, whose message says that
+/// the journal keeps the new header and the next run completes it).
+#[derive(Debug, thiserror::Error)]
+pub enum RewrapError {
+    /// The file is not a sealed file, or its header is damaged or was altered.
+    #[error("{0}; the file was not changed")]
+    Integrity(#[source] UnsealError),
+    /// The server refused to unwrap the data key for this identity.
+    #[error(
+        "the Kluis server refused to unwrap the data key (keyring {keyring}): {source}; rewrap needs the restorer role on the keyring, because the age header MAC is keyed from the file key, which only the data key opens; the file was not changed"
+    )]
+    NeedsRestorer {
+        keyring: String,
+        #[source]
+        source: ClientError,
+    },
+    /// Any other server answer (unreachable, retired version, unknown key, ...).
+    #[error("{source}{hint}; the file was not changed")]
+    Server {
+        #[source]
+        source: ClientError,
+        hint: &'static str,
+    },
+    /// The server's re-wrapped key does not open this file's key.
+    #[error("the server's re-wrapped data key does not open this file's key ({0}); nothing was written")]
+    ServerMismatch(&'static str),
+    /// Another process is rewrapping the file.
+    #[error("another process is rewrapping this file (it holds the file's lock); the file was not changed")]
+    Busy,
+    /// The file changed between reading its header and writing the new one.
+    #[error("the file changed while it was being rewrapped; nothing was written, run rewrap again")]
+    Changed,
+    /// A leftover journal and the file's own header both fail to validate.
+    #[error(
+        "the file's header does not verify ({file}) and the rewrap journal {journal} next to it is not valid for this file ({why}); both were left as they are"
+    )]
+    BadJournal { file: UnsealError, journal: PathBuf, why: &'static str },
+    /// Reading or writing failed.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> RewrapError {
+    let what = what.into();
+    move |source| RewrapError::Io { what, source }
+}
+
+/// What was done to the file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// The Kluis stanza already named the keyring's current version; nothing written.
+    AlreadyCurrent,
+    /// The header was rewritten in place (same length; journaled; O(header)).
+    InPlace,
+    /// The header length changed: the file was copied with the new header and
+    /// renamed over the original (O(payload), new inode).
+    Copied,
+}
+
+/// What happened to a rewrap journal found next to the file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JournalNote {
+    /// There was none.
+    None,
+    /// An interrupted rewrap was completed from it.
+    Completed,
+    /// It was not valid for this file (an interrupted run that had not yet written
+    /// the file); it was removed.
+    Discarded(&'static str),
+}
+
+/// The outcome of one file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Report {
+    pub keyring: String,
+    pub key_id: String,
+    /// The version the file's header named when this run read it.
+    pub from_version: u32,
+    /// The version it names now.
+    pub to_version: u32,
+    pub action: Action,
+    pub journal: JournalNote,
+}
+
+/// The journal path of `path`: `.<name>.kluis-rewrap` in the same directory.
+pub fn journal_path(path: &Path) -> Option<PathBuf> {
+    let name = path.file_name()?;
+    let mut j = std::ffi::OsString::from(".");
+    j.push(name);
+    j.push(JOURNAL_SUFFIX);
+    Some(path.with_file_name(j))
+}
+
+fn dir_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), RewrapError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(format!("syncing the directory {} failed", dir.display())))
+}
+
+/// A reader that keeps a copy of what it read (for the raw header bytes).
+struct Recording<R> {
+    inner: R,
+    seen: Vec<u8>,
+}
+
+impl<R: Read> Read for Recording<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.seen.extend_from_slice(&buf[..n]);
+        Ok(n)
+    }
+}
+
+fn header_error(e: header::HeaderError) -> RewrapError {
+    match e {
+        header::HeaderError::Empty => RewrapError::Integrity(UnsealError::Empty),
+        header::HeaderError::NotAge => RewrapError::Integrity(UnsealError::NotSealed),
+        header::HeaderError::Read(e) => RewrapError::Io { what: "reading the header failed".into(), source: e },
+        header::HeaderError::Damaged | header::HeaderError::Unwritable(_) => {
+            RewrapError::Integrity(UnsealError::HeaderDamaged)
+        }
+    }
+}
+
+/// A header as read from the file: its exact bytes, and where its stanzas are.
+struct RawHeader {
+    bytes: Vec<u8>,
+    parsed: header::Header,
+    /// Byte range of each stanza (its `-> ` line through its last body line).
+    spans: Vec<Range<usize>>,
+    /// End of the `---` that closes the MAC input.
+    dashes_end: usize,
+}
+
+impl RawHeader {
+    fn from_bytes(bytes: Vec<u8>) -> Result<Self, RewrapError> {
+        let parsed = header::parse(&bytes).map_err(header_error)?;
+        let damaged = || RewrapError::Integrity(UnsealError::HeaderDamaged);
+        // The same "---" header::parse stops at: the first one at a line start.
+        let from = V1_LINE.len() - 1;
+        let dashes = bytes
+            .get(from..)
+            .and_then(|b| b.windows(4).position(|w| w == b"\n---"))
+            .map(|p| from + p + 1)
+            .ok_or_else(damaged)?;
+        let dashes_end = dashes + 3;
+        let section = &bytes[..dashes_end];
+        let mut spans = Vec::with_capacity(parsed.stanzas.len());
+        let mut pos = V1_LINE.len();
+        while pos < dashes {
+            match legacy_age_stanza(&section[pos..]) {
+                Ok((rest, _)) if section.len() - rest.len() > pos => {
+                    let end = section.len() - rest.len();
+                    spans.push(pos..end);
+                    pos = end;
+                }
+                _ => return Err(damaged()),
+            }
+        }
+        if pos != dashes || spans.len() != parsed.stanzas.len() {
+            return Err(damaged());
+        }
+        Ok(Self { bytes, parsed, spans, dashes_end })
+    }
+
+    /// Reads the header at the start of `file` (one read step, never the payload).
+    fn read(file: &File) -> Result<Self, RewrapError> {
+        let mut rec = Recording { inner: file, seen: Vec::new() };
+        let (_, past) = header::read(&mut rec).map_err(header_error)?;
+        let mut bytes = rec.seen;
+        bytes.truncate(bytes.len() - past.len());
+        Self::from_bytes(bytes)
+    }
+
+    /// The first Kluis stanza: its index and contents.
+    fn kluis(&self) -> Result<(usize, KluisStanza), RewrapError> {
+        for (i, s) in self.parsed.stanzas.iter().enumerate() {
+            if let Some(st) = parse_stanza(s).map_err(RewrapError::Integrity)? {
+                return Ok((i, st));
+            }
+        }
+        Err(RewrapError::Integrity(UnsealError::NoMatchingStanza))
+    }
+}
+
+fn server_error(e: ClientError, keyring: &str) -> RewrapError {
+    match e {
+        ClientError::PermissionDenied { .. } => RewrapError::NeedsRestorer { keyring: keyring.to_owned(), source: e },
+        e => {
+            let hint = if e.to_string().contains("retired") {
+                " (a file whose keyring version is retired can no longer be rewrapped; only the escrow recovery key opens it)"
+            } else {
+                ""
+            };
+            RewrapError::Server { source: e, hint }
+        }
+    }
+}
+
+/// Opens the file key of `stanza` with `dk`.
+fn open_file_key(stanza: &Stanza, dk: &DataKey) -> Result<FileKey, UnsealError> {
+    let ident = KluisIdentity::new(|_: &KluisStanza| {
+        DataKey::from_slice(dk.expose()).ok_or(ClientError::BadResponse { what: "data key" })
+    });
+    match age::Identity::unwrap_stanza(&ident, stanza) {
+        Some(Ok(fk)) => Ok(fk),
+        Some(Err(_)) => Err(ident.take_failure().unwrap_or(UnsealError::FileKeyMismatch)),
+        None => Err(UnsealError::NoMatchingStanza),
+    }
+}
+
+/// Unwraps at the server and opens the file key; verifies `hdr`'s MAC with it.
+fn file_key_of(svc: &dyn KeyService, hdr: &RawHeader) -> Result<(FileKey, KluisStanza, u32), RewrapError> {
+    let (i, st) = hdr.kluis()?;
+    let uk = svc.unwrap(&st).map_err(|e| server_error(e, &st.keyring))?;
+    let fk = open_file_key(&hdr.parsed.stanzas[i], &uk.data_key).map_err(RewrapError::Integrity)?;
+    hdr.parsed.verify_mac(&fk).map_err(|_| RewrapError::Integrity(UnsealError::HeaderMac))?;
+    Ok((fk, st, uk.version))
+}
+
+/// The header with stanza `index` replaced by `stanza` (canonical encoding) and
+/// a new MAC; every other byte up to `---` is kept.
+fn splice(hdr: &RawHeader, index: usize, stanza: &Stanza, fk: &FileKey) -> Result<Vec<u8>, RewrapError> {
+    // The canonical text of the stanza, from the header writer itself.
+    let alone = header::write(fk, std::slice::from_ref(stanza)).map_err(|_| RewrapError::ServerMismatch("the new stanza cannot be encoded"))?;
+    let text_end = alone
+        .windows(4)
+        .position(|w| w == b"\n---")
+        .map(|p| p + 1)
+        .ok_or(RewrapError::ServerMismatch("the new stanza cannot be encoded"))?;
+    let text = &alone[V1_LINE.len()..text_end];
+    let span = hdr.spans[index].clone();
+    let mut out = Vec::with_capacity(hdr.bytes.len() + text.len());
+    out.extend_from_slice(&hdr.bytes[..span.start]);
+    out.extend_from_slice(text);
+    out.extend_from_slice(&hdr.bytes[span.end..hdr.dashes_end]);
+    let key = Zeroizing::new(hkdf(&[], HEADER_KEY_LABEL, fk.expose_secret()));
+    let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, &key[..]), &out);
+    out.push(b' ');
+    out.extend_from_slice(BASE64_STANDARD_NO_PAD.encode(tag.as_ref()).as_bytes());
+    out.push(b'\n');
+    // Cross-check with the header reader: it must parse back and verify.
+    let back = header::parse(&out).map_err(|_| RewrapError::ServerMismatch("the new header does not parse"))?;
+    back.verify_mac(fk).map_err(|_| RewrapError::ServerMismatch("the new header MAC does not verify"))?;
+    Ok(out)
+}
+
+fn read_full_at(file: &File, buf: &mut [u8], mut offset: u64) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match file.read_at(&mut buf[got..], offset) {
+            Ok(0) => break,
+            Ok(n) => {
+                got += n;
+                offset += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+/// True when the payload that starts at `at` (its nonce, then its first chunk)
+/// authenticates under `fk`: binds a header to this file's payload.
+fn first_chunk_opens(file: &File, at: u64, fk: &FileKey) -> io::Result<bool> {
+    let mut nonce = [0u8; NONCE_SIZE];
+    if read_full_at(file, &mut nonce, at)? < NONCE_SIZE {
+        return Ok(false);
+    }
+    let mut chunk = Zeroizing::new(vec![0u8; ENC_CHUNK_SIZE]);
+    let n = read_full_at(file, &mut chunk, at + NONCE_SIZE as u64)?;
+    if n < TAG_SIZE {
+        return Ok(false);
+    }
+    let key = PayloadKey::derive(fk, &nonce);
+    for last in [0u8, 1] {
+        let mut work = Zeroizing::new(chunk[..n].to_vec());
+        let mut iv = [0u8; 12];
+        iv[11] = last;
+        if key.aead().open_in_place(Nonce::assume_unique_for_key(iv), Aad::empty(), &mut work[..]).is_ok() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+enum JournalCheck {
+    /// Valid for this file: apply it.
+    Valid,
+    /// Not a header for this file; never applied.
+    Invalid(&'static str),
+}
+
+/// Checks a journal against the file (see the module docs). Server errors abort.
+fn check_journal(svc: &dyn KeyService, file: &File, journal: &[u8]) -> Result<JournalCheck, RewrapError> {
+    let hdr = match header::read(&mut &journal[..]) {
+        Ok((_, past)) if past.is_empty() => match RawHeader::from_bytes(journal.to_vec()) {
+            Ok(h) => h,
+            Err(_) => return Ok(JournalCheck::Invalid("not a complete age header")),
+        },
+        _ => return Ok(JournalCheck::Invalid("not a complete age header")),
+    };
+    let fk = match file_key_of(svc, &hdr) {
+        Ok((fk, _, _)) => fk,
+        Err(RewrapError::Integrity(_)) => return Ok(JournalCheck::Invalid("its header does not verify")),
+        Err(e) => return Err(e),
+    };
+    match first_chunk_opens(file, journal.len() as u64, &fk) {
+        Ok(true) => Ok(JournalCheck::Valid),
+        Ok(false) => Ok(JournalCheck::Invalid("it was made for another file")),
+        Err(e) => Err(RewrapError::Io { what: "reading the payload's first chunk failed".into(), source: e }),
+    }
+}
+
+/// Writes `new` at offset 0 of `path` through the journal (steps 1-3 of the module docs).
+fn write_in_place(path: &Path, journal: &Path, new: &[u8], journal_written: bool) -> Result<(), RewrapError> {
+    let dir = dir_of(path);
+    if !journal_written {
+        let mut j = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(journal)
+            .map_err(io_err(format!("cannot create the rewrap journal {}", journal.display())))?;
+        j.write_all(new)
+            .and_then(|()| j.sync_all())
+            .map_err(io_err(format!("writing the rewrap journal {} failed; the file was not changed", journal.display())))?;
+        sync_dir(dir)?;
+    }
+    let pending = || {
+        format!(
+            "the journal {} keeps the new header: run rewrap again to complete it (until then the header may be incomplete)",
+            journal.display()
+        )
+    };
+    let w = OpenOptions::new().write(true).open(path).map_err(|e| {
+        if journal_written {
+            RewrapError::Io { what: format!("cannot open the file for writing; {}", pending()), source: e }
+        } else {
+            let _ = fs::remove_file(journal);
+            RewrapError::Io { what: "cannot open the file for writing; the file was not changed".into(), source: e }
+        }
+    })?;
+    w.write_all_at(new, 0)
+        .and_then(|()| w.sync_all())
+        .map_err(io_err(format!("writing the new header failed; {}", pending())))?;
+    fs::remove_file(journal).map_err(io_err(format!(
+        "the new header is written, but removing the journal {} failed",
+        journal.display()
+    )))?;
+    sync_dir(dir)
+}
+
+/// Copies `file` with `new` in place of its first `old_len` bytes into a
+/// temporary file next to `path` and renames it over `path`.
+fn write_copy(path: &Path, file: &File, old_len: usize, new: &[u8]) -> Result<(), RewrapError> {
+    let dir = dir_of(path);
+    let meta = file.metadata().map_err(io_err("reading the file's metadata failed"))?;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".kluis-rewrap.tmp")
+        .tempfile_in(dir)
+        .map_err(io_err(format!("cannot create a temporary file in {}", dir.display())))?;
+    let copy_err = || "copying the file with its new header failed; the file was not changed".to_owned();
+    {
+        let mut out = BufWriter::with_capacity(crate::sealed::IO_BUF, tmp.as_file());
+        out.write_all(new).map_err(io_err(copy_err()))?;
+        let mut src = file;
+        src.seek(SeekFrom::Start(old_len as u64)).map_err(io_err(copy_err()))?;
+        io::copy(&mut BufReader::with_capacity(crate::sealed::IO_BUF, src), &mut out).map_err(io_err(copy_err()))?;
+        out.flush().map_err(io_err(copy_err()))?;
+    }
+    let t = tmp.as_file();
+    let tmeta = t.metadata().map_err(io_err(copy_err()))?;
+    if (tmeta.uid(), tmeta.gid()) != (meta.uid(), meta.gid()) {
+        std::os::unix::fs::fchown(t, Some(meta.uid()), Some(meta.gid()))
+            .map_err(io_err("cannot give the copy the file's owner; the file was not changed"))?;
+    }
+    t.set_permissions(fs::Permissions::from_mode(meta.mode() & 0o7777)).map_err(io_err(copy_err()))?;
+    t.sync_all().map_err(io_err(copy_err()))?;
+    tmp.persist(path).map_err(|e| RewrapError::Io {
+        what: "replacing the file with its rewrapped copy failed; the file was not changed".into(),
+        source: e.error,
+    })?;
+    sync_dir(dir)
+}
+
+/// Rewraps one sealed file in place (see the module docs).
+pub fn rewrap_file(svc: &dyn KeyService, path: &Path) -> Result<Report, RewrapError> {
+    // Through a symlink, the journal and a replacing copy belong next to the real file.
+    let path = &fs::canonicalize(path).map_err(io_err("cannot open the file"))?;
+    let journal = journal_path(path).ok_or_else(|| RewrapError::Io {
+        what: "not a file name".into(),
+        source: io::Error::from(io::ErrorKind::InvalidInput),
+    })?;
+    let file = File::open(path).map_err(io_err("cannot open the file"))?;
+    if !file.metadata().map_err(io_err("cannot read the file's metadata"))?.is_file() {
+        return Err(RewrapError::Io { what: "not a regular file".into(), source: io::Error::from(io::ErrorKind::InvalidInput) });
+    }
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => return Err(RewrapError::Busy),
+        Err(fs::TryLockError::Error(e)) if e.kind() == io::ErrorKind::Unsupported => {}
+        Err(fs::TryLockError::Error(e)) => return Err(RewrapError::Io { what: "cannot lock the file".into(), source: e }),
+    }
+
+    // A journal left by an interrupted run?
+    let mut note = JournalNote::None;
+    let mut discard: Option<&'static str> = None;
+    match read_journal(&journal)? {
+        None => {}
+        Some(bytes) => match check_journal(svc, &file, &bytes)? {
+            JournalCheck::Valid => {
+                write_in_place(path, &journal, &bytes, true)?;
+                note = JournalNote::Completed;
+            }
+            JournalCheck::Invalid(why) => discard = Some(why),
+        },
+    }
+
+    let hdr = match RawHeader::read(&file) {
+        Ok(h) => h,
+        Err(RewrapError::Integrity(e)) => return Err(with_journal(e, &journal, discard)),
+        Err(e) => return Err(e),
+    };
+    let (fk, st, from_version) = match file_key_of(svc, &hdr) {
+        Ok(x) => x,
+        Err(RewrapError::Integrity(e)) => return Err(with_journal(e, &journal, discard)),
+        Err(e) => return Err(e),
+    };
+    if let Some(why) = discard {
+        // The file's own header verifies: the journal was never applied.
+        fs::remove_file(&journal).map_err(io_err(format!("cannot remove the invalid rewrap journal {}", journal.display())))?;
+        sync_dir(dir_of(path))?;
+        note = JournalNote::Discarded(why);
+    }
+    let mut report = Report {
+        keyring: st.keyring.clone(),
+        key_id: st.key_id.clone(),
+        from_version,
+        to_version: from_version,
+        action: Action::AlreadyCurrent,
+        journal: note,
+    };
+
+    let rw = svc.rewrap(&st).map_err(|e| server_error(e, &st.keyring))?;
+    if rw.version == from_version {
+        return Ok(report);
+    }
+    if rw.version < from_version {
+        return Err(RewrapError::ServerMismatch("the server named an older keyring version"));
+    }
+
+    // The new stanza: the re-wrapped key, then the same encrypted file key.
+    let (index, _) = hdr.kluis()?;
+    let old = &hdr.parsed.stanzas[index];
+    let mut body = rw.wrapped.clone();
+    body.extend_from_slice(&old.body[st.wrapped.len()..]);
+    let stanza = Stanza { tag: STANZA_TAG.to_owned(), args: old.args.clone(), body };
+    // Never write a header that does not open: unwrap the new key and check it
+    // yields the same file key (the new MAC is made with the old file key).
+    let new = splice(&hdr, index, &stanza, &fk)?;
+    let check = RawHeader::from_bytes(new.clone()).map_err(|_| RewrapError::ServerMismatch("the new header does not parse"))?;
+    match file_key_of(svc, &check) {
+        Ok((_, _, v)) if v == rw.version => {}
+        Ok(_) => return Err(RewrapError::ServerMismatch("the re-wrapped key names another version")),
+        Err(RewrapError::Integrity(_)) => return Err(RewrapError::ServerMismatch("it opens another file key")),
+        Err(e) => return Err(e),
+    }
+
+    // Nothing may have changed since the header was read.
+    let mut now = vec![0u8; hdr.bytes.len()];
+    let n = read_full_at(&file, &mut now, 0).map_err(io_err("re-reading the header failed"))?;
+    if n != now.len() || now != hdr.bytes {
+        return Err(RewrapError::Changed);
+    }
+    if new.len() == hdr.bytes.len() {
+        write_in_place(path, &journal, &new, false)?;
+        report.action = Action::InPlace;
+    } else {
+        write_copy(path, &file, hdr.bytes.len(), &new)?;
+        report.action = Action::Copied;
+    }
+    report.to_version = rw.version;
+    Ok(report)
+}
+
+fn with_journal(e: UnsealError, journal: &Path, discard: Option<&'static str>) -> RewrapError {
+    match discard {
+        Some(why) => RewrapError::BadJournal { file: e, journal: journal.to_owned(), why },
+        None => RewrapError::Integrity(e),
+    }
+}
+
+/// Reads a journal (bounded by the largest header); `None` if there is none.
+fn read_journal(journal: &Path) -> Result<Option<Vec<u8>>, RewrapError> {
+    let f = match File::open(journal) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(RewrapError::Io { what: format!("cannot open the rewrap journal {}", journal.display()), source: e }),
+    };
+    let mut bytes = Vec::new();
+    f.take(header::MAX_HEADER as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io_err(format!("reading the rewrap journal {} failed", journal.display())))?;
+    Ok(Some(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::cell::Cell;
+    use std::collections::HashMap;
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+    use crate::client::IssuedKey;
+    use crate::sealed;
+
+    /// A pretend server: wrapped = version || (data key XOR pad(version, key id)) || filler.
+    struct Fake {
+        keys: HashMap<String, [u8; 32]>,
+        current: Cell<u32>,
+        retired_below: Cell<u32>,
+        deny: bool,
+        /// Wraps under newer versions are one byte longer (forces the copy path).
+        grow: bool,
+        unwraps: Cell<u32>,
+    }
+
+    fn pad(version: u32, key_id: &str) -> [u8; 32] {
+        hkdf(key_id.as_bytes(), b"fake", &version.to_be_bytes())
+    }
+
+    impl Fake {
+        fn new() -> Self {
+            Self {
+                keys: HashMap::new(),
+                current: Cell::new(1),
+                retired_below: Cell::new(0),
+                deny: false,
+                grow: false,
+                unwraps: Cell::new(0),
+            }
+        }
+
+        fn wrap(&self, key_id: &str, dk: &[u8; 32], version: u32) -> Vec<u8> {
+            let mut w = vec![u8::try_from(version).unwrap()];
+            let p = pad(version, key_id);
+            w.extend(dk.iter().zip(p).map(|(a, b)| a ^ b));
+            let len = if self.grow && version > 1 { 66 } else { 65 };
+            w.resize(len, 0xAA);
+            w
+        }
+
+        fn issue(&mut self, key_id: &str, dk: [u8; 32], recovery: Option<String>) -> IssuedKey {
+            self.keys.insert(key_id.to_owned(), dk);
+            IssuedKey {
+                key_id: key_id.to_owned(),
+                keyring: "default".into(),
+                version: self.current.get(),
+                data_key: DataKey::from_slice(&dk).unwrap(),
+                wrapped: self.wrap(key_id, &dk, self.current.get()),
+                recovery_recipient: recovery,
+            }
+        }
+
+        fn open(&self, st: &KluisStanza) -> Result<([u8; 32], u32), ClientError> {
+            if self.deny {
+                return Err(ClientError::PermissionDenied { message: "sealer may not unwrap".into() });
+            }
+            let dk = self.keys.get(&st.key_id).ok_or(ClientError::NotFound { message: "unknown key".into() })?;
+            let v = u32::from(st.wrapped[0]);
+            if v < self.retired_below.get() {
+                return Err(ClientError::FailedPrecondition { message: format!("keyring default version {v} is retired") });
+            }
+            if st.wrapped != self.wrap(&st.key_id, dk, v) {
+                return Err(ClientError::InvalidArgument { message: "the wrapped key does not open".into() });
+            }
+            Ok((*dk, v))
+        }
+    }
+
+    impl KeyService for Fake {
+        fn unwrap(&self, st: &KluisStanza) -> Result<UnwrappedKey, ClientError> {
+            self.unwraps.set(self.unwraps.get() + 1);
+            let (dk, version) = self.open(st)?;
+            Ok(UnwrappedKey {
+                data_key: DataKey::from_slice(&dk).unwrap(),
+                keyring: st.keyring.clone(),
+                version,
+                backup_id: String::new(),
+            })
+        }
+
+        fn rewrap(&self, st: &KluisStanza) -> Result<Rewrapped, ClientError> {
+            let (dk, v) = self.open(st)?;
+            let cur = self.current.get();
+            Ok(Rewrapped { wrapped: self.wrap(&st.key_id, &dk, cur), version: cur, previous_version: v })
+        }
+    }
+
+    struct Setup {
+        dir: tempfile::TempDir,
+        fake: Fake,
+        recovery: age::x25519::Identity,
+        data: Vec<u8>,
+    }
+
+    fn setup() -> Setup {
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        Setup { dir: tempfile::tempdir().unwrap(), fake: Fake::new(), recovery: age::x25519::Identity::generate(), data }
+    }
+
+    impl Setup {
+        fn seal(&mut self, name: &str, key_id: &str, seed: u8) -> PathBuf {
+            let key = self.fake.issue(key_id, [seed; 32], Some(self.recovery.to_public().to_string()));
+            let (sealed, _) = sealed::seal(&key, self.data.as_slice(), Vec::new()).unwrap();
+            let p = self.dir.path().join(name);
+            fs::write(&p, sealed).unwrap();
+            p
+        }
+
+        fn unseal(&self, bytes: &[u8]) -> Vec<u8> {
+            let ident = KluisIdentity::new(|st: &KluisStanza| self.fake.unwrap(st).map(|u| u.data_key));
+            sealed::unseal(bytes, Some(&ident), &[], Vec::new()).map_err(|e| e.to_string()).unwrap().0
+        }
+
+        fn unseal_recovery(&self, bytes: &[u8]) -> Vec<u8> {
+            let dec = age::Decryptor::new(bytes).unwrap();
+            let mut r = dec.decrypt(std::iter::once(&self.recovery as &dyn age::Identity)).unwrap();
+            let mut out = Vec::new();
+            r.read_to_end(&mut out).unwrap();
+            out
+        }
+    }
+
+    fn header_len(b: &[u8]) -> usize {
+        let p = b.windows(5).position(|w| w == b"\n--- ").unwrap() + 1;
+        p + b[p..].iter().position(|&c| c == b'\n').unwrap() + 1
+    }
+
+    fn stanza_lines(b: &[u8], tag: &str) -> Vec<u8> {
+        let h = &b[..header_len(b)];
+        let text = String::from_utf8(h.to_vec()).unwrap();
+        let start = text.find(&format!("-> {tag}")).unwrap();
+        let end = text[start + 3..].find("\n-> ").or_else(|| text[start + 3..].find("\n---")).unwrap() + start + 4;
+        text.as_bytes()[start..end].to_vec()
+    }
+
+    #[test]
+    fn rewraps_in_place_keeping_payload_and_other_stanzas() {
+        let mut s = setup();
+        let p = s.seal("a.age", "k1", 7);
+        let before = fs::read(&p).unwrap();
+        let ino = fs::metadata(&p).unwrap().ino();
+        s.fake.current.set(3);
+        let r = rewrap_file(&s.fake, &p).unwrap();
+        assert_eq!((r.from_version, r.to_version, r.action, r.journal), (1, 3, Action::InPlace, JournalNote::None));
+        let after = fs::read(&p).unwrap();
+        assert_eq!(after.len(), before.len());
+        let h = header_len(&before);
+        assert_eq!(header_len(&after), h);
+        assert_eq!(after[h..], before[h..], "payload bytes unchanged");
+        assert_ne!(after[..h], before[..h]);
+        assert_eq!(stanza_lines(&after, "X25519"), stanza_lines(&before, "X25519"));
+        assert_eq!(fs::metadata(&p).unwrap().ino(), ino);
+        assert!(!journal_path(&p).unwrap().exists());
+        assert_eq!(sealed::read_kluis_stanza(after.as_slice()).unwrap().wrapped[0], 3);
+        assert_eq!(s.unseal(&after), s.data);
+        assert_eq!(s.unseal_recovery(&after), s.data);
+        // Again: already current, nothing written.
+        let r = rewrap_file(&s.fake, &p).unwrap();
+        assert_eq!((r.from_version, r.to_version, r.action), (3, 3, Action::AlreadyCurrent));
+        assert_eq!(fs::read(&p).unwrap(), after);
+    }
+
+    #[test]
+    fn refusals_and_tampering_leave_the_file_alone() {
+        let mut s = setup();
+        let p = s.seal("a.age", "k1", 7);
+        let before = fs::read(&p).unwrap();
+        s.fake.current.set(2);
+        s.fake.deny = true;
+        assert!(matches!(rewrap_file(&s.fake, &p), Err(RewrapError::NeedsRestorer { .. })));
+        s.fake.deny = false;
+        // A flipped MAC character.
+        let mut bad = before.clone();
+        let m = header_len(&bad) - 10;
+        bad[m] = if bad[m] == b'A' { b'B' } else { b'A' };
+        fs::write(&p, &bad).unwrap();
+        assert!(matches!(rewrap_file(&s.fake, &p), Err(RewrapError::Integrity(UnsealError::HeaderMac))), "{:?}", rewrap_file(&s.fake, &p));
+        assert_eq!(fs::read(&p).unwrap(), bad);
+        // The X25519 stanza altered: the MAC catches it.
+        let mut bad = before.clone();
+        let x = bad.windows(9).position(|w| w == b"-> X25519").unwrap() + 12;
+        bad[x] = if bad[x] == b'A' { b'B' } else { b'A' };
+        fs::write(&p, &bad).unwrap();
+        assert!(matches!(rewrap_file(&s.fake, &p), Err(RewrapError::Integrity(_))));
+        assert_eq!(fs::read(&p).unwrap(), bad);
+        // Not sealed at all.
+        fs::write(&p, b"plain text").unwrap();
+        assert!(matches!(rewrap_file(&s.fake, &p), Err(RewrapError::Integrity(UnsealError::NotSealed))));
+        // A retired version.
+        fs::write(&p, &before).unwrap();
+        s.fake.retired_below.set(2);
+        let e = rewrap_file(&s.fake, &p).unwrap_err();
+        assert!(e.to_string().contains("retired") && e.to_string().contains("recovery key"), "{e}");
+        assert_eq!(fs::read(&p).unwrap(), before);
+        assert!(!journal_path(&p).unwrap().exists());
+    }
+
+    #[test]
+    fn completes_a_journal_left_by_a_crash() {
+        let mut s = setup();
+        let p = s.seal("a.age", "k1", 7);
+        let twin = s.dir.path().join("twin.age");
+        fs::copy(&p, &twin).unwrap();
+        s.fake.current.set(2);
+        rewrap_file(&s.fake, &twin).unwrap();
+        let done = fs::read(&twin).unwrap();
+        let h = header_len(&done);
+        // The crash: journal durable, header half written.
+        let mut torn = fs::read(&p).unwrap();
+        torn[..h / 2].copy_from_slice(&done[..h / 2]);
+        fs::write(&p, &torn).unwrap();
+        fs::write(journal_path(&p).unwrap(), &done[..h]).unwrap();
+        let r = rewrap_file(&s.fake, &p).unwrap();
+        assert_eq!((r.journal, r.action, r.to_version), (JournalNote::Completed, Action::AlreadyCurrent, 2));
+        assert_eq!(fs::read(&p).unwrap(), done);
+        assert!(!journal_path(&p).unwrap().exists());
+        assert_eq!(s.unseal(&done), s.data);
+    }
+
+    #[test]
+    fn a_journal_for_another_file_or_torn_is_never_applied() {
+        let mut s = setup();
+        let a = s.seal("a.age", "k1", 7);
+        let b = s.seal("b.age", "k2", 9);
+        s.fake.current.set(2);
+        rewrap_file(&s.fake, &b).unwrap();
+        let b_new = fs::read(&b).unwrap();
+        let a_old = fs::read(&a).unwrap();
+        // b's (valid) header as a's journal: a's payload does not open under it.
+        fs::write(journal_path(&a).unwrap(), &b_new[..header_len(&b_new)]).unwrap();
+        let r = rewrap_file(&s.fake, &a).unwrap();
+        assert_eq!(r.journal, JournalNote::Discarded("it was made for another file"));
+        assert_eq!((r.action, r.from_version, r.to_version), (Action::InPlace, 1, 2));
+        let a_new = fs::read(&a).unwrap();
+        assert_eq!(a_new[header_len(&a_new)..], a_old[header_len(&a_old)..]);
+        assert_eq!(s.unseal(&a_new), s.data);
+        // A torn journal, and a file whose header is damaged too: both left alone.
+        let mut bad = a_new.clone();
+        bad[30] ^= 0x01;
+        fs::write(&a, &bad).unwrap();
+        fs::write(journal_path(&a).unwrap(), &a_new[..40]).unwrap();
+        assert!(matches!(rewrap_file(&s.fake, &a), Err(RewrapError::BadJournal { .. })));
+        assert_eq!(fs::read(&a).unwrap(), bad);
+        assert!(journal_path(&a).unwrap().exists());
+    }
+
+    #[test]
+    fn a_longer_header_is_copied_and_renamed() {
+        let mut s = setup();
+        s.fake.grow = true;
+        let p = s.seal("a.age", "k1", 7);
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o640)).unwrap();
+        let before = fs::read(&p).unwrap();
+        s.fake.current.set(2);
+        // Through a symlink: the real file is replaced, the link stays a link.
+        let link = s.dir.path().join("link.age");
+        std::os::unix::fs::symlink(&p, &link).unwrap();
+        let r = rewrap_file(&s.fake, &link).unwrap();
+        assert_eq!(r.action, Action::Copied);
+        assert!(fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        fs::remove_file(&link).unwrap();
+        let after = fs::read(&p).unwrap();
+        assert_eq!(after[header_len(&after)..], before[header_len(&before)..]);
+        assert_eq!(stanza_lines(&after, "X25519"), stanza_lines(&before, "X25519"));
+        assert_eq!(fs::metadata(&p).unwrap().mode() & 0o777, 0o640);
+        assert_eq!(s.unseal(&after), s.data);
+        assert_eq!(s.unseal_recovery(&after), s.data);
+        let leftovers: Vec<_> = fs::read_dir(s.dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(leftovers.len(), 1, "{leftovers:?}");
+    }
+
+    #[test]
+    fn a_server_that_rewraps_another_key_is_caught_before_writing() {
+        struct Liar(Fake);
+        impl KeyService for Liar {
+            fn unwrap(&self, st: &KluisStanza) -> Result<UnwrappedKey, ClientError> {
+                self.0.unwrap(st)
+            }
+            fn rewrap(&self, st: &KluisStanza) -> Result<Rewrapped, ClientError> {
+                let (_, v) = self.0.open(st)?;
+                // The wrap of another key (k2's data key under k1's id would not
+                // open; use a key the fake knows for this id but wrong bytes).
+                let wrong = [1u8; 32];
+                Ok(Rewrapped { wrapped: self.0.wrap(&st.key_id, &wrong, 2), version: 2, previous_version: v })
+            }
+        }
+        let mut s = setup();
+        let p = s.seal("a.age", "k1", 7);
+        let before = fs::read(&p).unwrap();
+        s.fake.current.set(2);
+        let liar = Liar(s.fake);
+        let e = rewrap_file(&liar, &p).unwrap_err();
+        assert!(matches!(e, RewrapError::Server { .. } | RewrapError::ServerMismatch(_)), "{e}");
+        assert_eq!(fs::read(&p).unwrap(), before);
+        assert!(!journal_path(&p).unwrap().exists());
+    }
+}
