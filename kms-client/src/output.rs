@@ -10,7 +10,8 @@ use crate::sealed::IO_BUF;
 /// Where results go: stdout, a regular file replaced atomically on
 /// [`Output::commit`], or a special file (`/dev/null`, a FIFO) written directly.
 pub enum Output {
-    Stdout(BufWriter<io::Stdout>),
+    /// Standard output written directly (see [`crate::stream::stdio`]), a pipe grown to 1 MiB.
+    Stdout(BufWriter<File>),
     File { tmp: BufWriter<tempfile::NamedTempFile>, dest: PathBuf },
     Special { file: BufWriter<File>, dest: PathBuf },
 }
@@ -28,8 +29,8 @@ impl Output {
     /// `None` or `-` is stdout.
     pub fn create(path: Option<&Path>) -> Result<Self, OutputError> {
         match path {
-            None => Ok(Output::Stdout(BufWriter::with_capacity(IO_BUF, io::stdout()))),
-            Some(p) if p == Path::new("-") => Ok(Output::Stdout(BufWriter::with_capacity(IO_BUF, io::stdout()))),
+            None => Self::stdout(),
+            Some(p) if p == Path::new("-") => Self::stdout(),
             Some(p) if std::fs::metadata(p).map(|m| !m.is_file() && !m.is_dir()).unwrap_or(false) => {
                 // A device or FIFO cannot be replaced by a rename (and must never be).
                 let file = std::fs::OpenOptions::new()
@@ -52,6 +53,11 @@ impl Output {
                 Ok(Output::File { tmp: BufWriter::with_capacity(IO_BUF, tmp), dest: p.to_owned() })
             }
         }
+    }
+
+    fn stdout() -> Result<Self, OutputError> {
+        let file = crate::stream::stdout_writer().map_err(|e| OutputError::Create { path: PathBuf::from("<stdout>"), source: e })?;
+        Ok(Output::Stdout(BufWriter::with_capacity(IO_BUF, file)))
     }
 
     /// Makes the output final: flush (and for a file: fsync, rename, fsync the directory).

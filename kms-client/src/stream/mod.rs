@@ -16,6 +16,7 @@
 
 pub mod header;
 mod pipeline;
+pub mod stdio;
 
 #[cfg(test)]
 mod tests;
@@ -31,6 +32,7 @@ use zeroize::Zeroizing;
 
 use pipeline::{Direction, run};
 pub use pipeline::{THREADS_ENV, Tuning};
+pub use stdio::{stdin_reader, stdout_writer};
 
 /// Plaintext bytes per chunk.
 pub const CHUNK_SIZE: usize = 64 * 1024;
