@@ -225,10 +225,15 @@ impl From<OutputError> for Failure {
     }
 }
 
+fn stdin_reader() -> Result<Box<dyn Read>, Failure> {
+    kms_client::stream::stdin_reader().map(|f| Box::new(f) as Box<dyn Read>).map_err(|e| io_failure("standard input", &e))
+}
+
 fn open_input(path: Option<&Path>) -> Result<Box<dyn Read>, Failure> {
     match path {
-        None => Ok(Box::new(io::stdin().lock())),
-        Some(p) if p == Path::new("-") => Ok(Box::new(io::stdin().lock())),
+        // fd 0 directly, with big reads and (for a pipe) a 1 MiB pipe buffer.
+        None => stdin_reader(),
+        Some(p) if p == Path::new("-") => stdin_reader(),
         Some(p) => File::open(p)
             .map(|f| Box::new(BufReader::with_capacity(IO_BUF, f)) as Box<dyn Read>)
             .map_err(|e| Failure::new(EXIT_IO, format!("cannot open input {}: {e}", p.display()))),
