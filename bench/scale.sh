@@ -184,7 +184,7 @@ print("```\n\n</details>")
 PY
 
 {
-    echo "## Scale: a registry of $(printf "%'d" "$SCALE_KEYS") keys"
+    echo "## Scale: a registry of $(python3 -c "print(f'{$SCALE_KEYS:,}')") keys"
     echo
     echo "Written by \`bench/scale.sh\`; every figure in this section is from that run."
     echo
