@@ -13,6 +13,9 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
+/// redb's page cache (its default is 1 GiB): bounds the server's memory at any registry size.
+const STORE_CACHE_BYTES: usize = 64 << 20;
+
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const KEYRINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("keyrings");
 const DATA_KEYS: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("data_keys");
@@ -301,7 +304,7 @@ impl Store {
         if path.exists() {
             return Err(StoreError::AlreadyExists { path: path.to_owned() });
         }
-        let db = Database::create(path).map_err(dberr)?;
+        let db = redb::Builder::new().set_cache_size(STORE_CACHE_BYTES).create(path).map_err(dberr)?;
         let txn = db.begin_write().map_err(dberr)?;
         {
             txn.open_table(META).map_err(dberr)?;
@@ -324,7 +327,7 @@ impl Store {
         if !path.exists() {
             return Err(StoreError::NotInitialised { path: path.to_owned() });
         }
-        let db = Database::open(path).map_err(dberr)?;
+        let db = redb::Builder::new().set_cache_size(STORE_CACHE_BYTES).open(path).map_err(dberr)?;
         Self::start(db, path)
     }
 
