@@ -16,6 +16,9 @@ use crate::secret::{Key256, aes_gcm_open, aes_gcm_seal};
 
 const HEADER: &str = "kluis-master-key-v1";
 const AGE_MAGIC: &[u8] = b"age-encryption.org/v1";
+/// Largest scrypt work factor (log2 N) accepted for a passphrase-protected key file (age's
+/// own encryptor picks about 18 here).
+const MAX_SCRYPT_WORK_FACTOR: u8 = 22;
 
 /// The software master-key provider.
 pub struct SoftwareMasterKey {
@@ -191,7 +194,10 @@ impl SoftwareMasterKey {
             let pass = passphrase
                 .read()?
                 .ok_or_else(|| MasterError::PassphraseMissing { path: path.to_owned() })?;
-            let identity = age::scrypt::Identity::new(age::secrecy::SecretString::from(pass.as_str().to_owned()));
+            let mut identity = age::scrypt::Identity::new(age::secrecy::SecretString::from(pass.as_str().to_owned()));
+            // age derives its default limit from a timing of this machine, so a busy machine
+            // refused its own key file; a fixed bound keeps the start independent of load.
+            identity.set_max_work_factor(MAX_SCRYPT_WORK_FACTOR);
             let dec = age::Decryptor::new(raw.as_slice())
                 .map_err(|_| MasterError::KeyFileFormat { path: path.to_owned(), reason: "corrupt age header" })?;
             let mut r = dec
