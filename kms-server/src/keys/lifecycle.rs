@@ -115,7 +115,7 @@ impl KeyManager {
         let _guard = self.admin.lock().await;
         match scheduled.filter(|d| d.due <= now) {
             Some(d) => self.execute(d).await?,
-            None => self.destroy_expired(*id, record.clone()).await?,
+            None => self.destroy_expired(vec![(*id, record.clone())]).await?,
         }
         let at = match self.store.data_key(id)?.map(|r| r.state) {
             Some(KeyState::Destroyed { at }) => at,
@@ -478,30 +478,34 @@ impl KeyManager {
         Ok(())
     }
 
-    /// Destroys one key at the end of its retention (admin lock held).
-    async fn destroy_expired(&self, id: [u8; 16], mut rec: DataKeyRecord) -> Result<(), KeyError> {
+    /// Destroys keys at the end of their retention (admin lock held): one transaction
+    /// for the batch, destruction ids allocated from one read of the records.
+    async fn destroy_expired(&self, keys: Vec<([u8; 16], DataKeyRecord)>) -> Result<(), KeyError> {
         let now = self.now();
-        let expired = rec.expires.unwrap_or(now);
-        rec.state = KeyState::Destroyed { at: now };
-        let d = DestructionRecord {
-            id: self.next_destruction_id()?,
-            target: DestructionTarget::Key { id, keyring: rec.keyring.clone() },
-            requested_by: SERVER_PRINCIPAL.to_owned(),
-            requested: expired,
-            due: expired,
-            state: DestructionState::Done { at: now },
-            approval: None,
-            reason: DestructionReason::Expiry,
-        };
-        let ev = server_event(
-            "DestroyKey",
-            Some(&rec.keyring),
-            Some(hex::encode(id)),
-            format!("ok: destroyed at the end of its retention (expired {})", format_date(expired)),
-        );
-        self.store
-            .write(WriteOp::Atomic(vec![WriteOp::PutDataKey { id, record: rec }, WriteOp::PutDestruction(d), WriteOp::Audit(ev)]))
-            .await?;
+        let first_id = self.next_destruction_id()?;
+        let mut ops = Vec::with_capacity(keys.len() * 3);
+        for (next_id, (id, mut rec)) in (first_id..).zip(keys) {
+            let expired = rec.expires.unwrap_or(now);
+            rec.state = KeyState::Destroyed { at: now };
+            let d = DestructionRecord {
+                id: next_id,
+                target: DestructionTarget::Key { id, keyring: rec.keyring.clone() },
+                requested_by: SERVER_PRINCIPAL.to_owned(),
+                requested: expired,
+                due: expired,
+                state: DestructionState::Done { at: now },
+                approval: None,
+                reason: DestructionReason::Expiry,
+            };
+            let ev = server_event(
+                "DestroyKey",
+                Some(&rec.keyring),
+                Some(hex::encode(id)),
+                format!("ok: destroyed at the end of its retention (expired {})", format_date(expired)),
+            );
+            ops.extend([WriteOp::PutDataKey { id, record: rec }, WriteOp::PutDestruction(d), WriteOp::Audit(ev)]);
+        }
+        self.store.write(WriteOp::Atomic(ops)).await?;
         Ok(())
     }
 
@@ -538,10 +542,8 @@ impl KeyManager {
                 break;
             }
             let _guard = self.admin.lock().await;
-            for (id, rec) in batch {
-                self.destroy_expired(id, rec).await?;
-                done += 1;
-            }
+            done += batch.len() as u64;
+            self.destroy_expired(batch).await?;
         }
         Ok(done)
     }
