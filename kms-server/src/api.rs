@@ -239,34 +239,26 @@ fn keyring_pb(k: KeyringInfo) -> pb::Keyring {
 }
 
 fn destruction_pb(d: crate::store::DestructionRecord, held: bool) -> pb::Destruction {
-    use crate::store::{DestructionReason, DestructionState, DestructionTarget};
-    let (kind, target) = match &d.target {
-        DestructionTarget::Key { id, .. } => ("key", hex::encode(id)),
-        DestructionTarget::Keyring { name } => ("keyring", name.clone()),
-    };
-    let (state, by, done) = match &d.state {
-        DestructionState::Scheduled if held => ("held", String::new(), 0),
-        DestructionState::Scheduled => ("scheduled", String::new(), 0),
-        DestructionState::Cancelled { by, at } => ("cancelled", by.clone(), *at),
-        DestructionState::Done { at } => ("destroyed", String::new(), *at),
+    use crate::store::DestructionState;
+    let (kind, target) = d.kind_and_target();
+    let (by, done) = match &d.state {
+        DestructionState::Cancelled { by, at } => (by.clone(), *at),
+        DestructionState::Done { at } => (String::new(), *at),
+        DestructionState::Scheduled => (String::new(), 0),
     };
     pb::Destruction {
         id: d.id,
         target_kind: kind.into(),
         target,
         keyring: d.target.keyring().to_owned(),
+        state: d.state_name(held).into(),
+        reason: d.reason_name().into(),
         requested_by: d.requested_by,
         requested_unix: d.requested,
         due_unix: d.due,
-        state: state.into(),
         cancelled_by: by,
         done_unix: done,
         approval_id: d.approval.unwrap_or(0),
-        reason: match d.reason {
-            DestructionReason::Request => "request",
-            DestructionReason::Expiry => "expiry",
-        }
-        .into(),
     }
 }
 

@@ -118,6 +118,34 @@ impl DestructionTarget {
     }
 }
 
+impl DestructionRecord {
+    /// `("key", key id)` or `("keyring", name)`.
+    pub fn kind_and_target(&self) -> (&'static str, String) {
+        match &self.target {
+            DestructionTarget::Key { id, .. } => ("key", hex::encode(id)),
+            DestructionTarget::Keyring { name } => ("keyring", name.clone()),
+        }
+    }
+
+    /// `scheduled`, `held` (scheduled, its keyring under a legal hold), `cancelled` or `destroyed`.
+    pub fn state_name(&self, held: bool) -> &'static str {
+        match self.state {
+            DestructionState::Scheduled if held => "held",
+            DestructionState::Scheduled => "scheduled",
+            DestructionState::Cancelled { .. } => "cancelled",
+            DestructionState::Done { .. } => "destroyed",
+        }
+    }
+
+    /// `request` or `expiry`.
+    pub fn reason_name(&self) -> &'static str {
+        match self.reason {
+            DestructionReason::Request => "request",
+            DestructionReason::Expiry => "expiry",
+        }
+    }
+}
+
 /// Where a destruction stands.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub enum DestructionState {

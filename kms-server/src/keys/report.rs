@@ -11,7 +11,7 @@ use kluis_proto::report::{
 
 use super::{KeyError, KeyManager, format_date, next_rotation};
 use crate::auth::{Action, Authorized};
-use crate::store::{DestructionReason, DestructionRecord, DestructionState, DestructionTarget, KeyState, PendingAction, VersionState};
+use crate::store::{DestructionRecord, DestructionState, KeyState, PendingAction, VersionState};
 
 #[derive(Default)]
 struct Tally {
@@ -34,16 +34,7 @@ fn parse_since(since: Option<&str>) -> Result<Option<(i64, String)>, KeyError> {
 }
 
 fn destruction_entry(d: &DestructionRecord, held: bool) -> DestructionEntry {
-    let (kind, target) = match &d.target {
-        DestructionTarget::Key { id, .. } => ("key", hex::encode(id)),
-        DestructionTarget::Keyring { name } => ("keyring", name.clone()),
-    };
-    let (state, done) = match &d.state {
-        DestructionState::Scheduled if held => ("held", None),
-        DestructionState::Scheduled => ("scheduled", None),
-        DestructionState::Cancelled { .. } => ("cancelled", None),
-        DestructionState::Done { at } => ("destroyed", Some(format_date(*at))),
-    };
+    let (kind, target) = d.kind_and_target();
     DestructionEntry {
         id: d.id,
         target_kind: kind.into(),
@@ -51,13 +42,12 @@ fn destruction_entry(d: &DestructionRecord, held: bool) -> DestructionEntry {
         requested_by: d.requested_by.clone(),
         requested: format_date(d.requested),
         due: format_date(d.due),
-        state: state.into(),
-        reason: match d.reason {
-            DestructionReason::Request => "request",
-            DestructionReason::Expiry => "expiry",
-        }
-        .into(),
-        done,
+        state: d.state_name(held).into(),
+        reason: d.reason_name().into(),
+        done: match d.state {
+            DestructionState::Done { at } => Some(format_date(at)),
+            _ => None,
+        },
     }
 }
 
