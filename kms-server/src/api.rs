@@ -55,17 +55,8 @@ impl Ev {
 
 /// An audit event stamped now (RFC 3339 UTC, milliseconds).
 pub fn audit_event(principal: &str, action: &str, keyring: Option<&str>, backup_id: Option<&str>, outcome: &str) -> AuditEvent {
-    let now = time::OffsetDateTime::now_utc();
-    let time = format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
-        now.year(),
-        u8::from(now.month()),
-        now.day(),
-        now.hour(),
-        now.minute(),
-        now.second(),
-        now.millisecond()
-    );
+    let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+    let time = i64::try_from(now).ok().and_then(crate::store::format_audit_time).unwrap_or_default();
     AuditEvent {
         time,
         principal: principal.to_owned(),

@@ -13,6 +13,9 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
+mod audit;
+pub use audit::format_millis as format_audit_time;
+
 /// redb's page cache (its default is 1 GiB): bounds the server's memory at any registry size.
 const STORE_CACHE_BYTES: usize = 64 << 20;
 
@@ -27,6 +30,11 @@ const APPROVALS: TableDefinition<u64, &[u8]> = TableDefinition::new("approvals")
 const DESTRUCTIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("destructions");
 /// Index of data keys by expiry: (expires, key id) for every active key that expires.
 const EXPIRY: TableDefinition<(i64, [u8; 16]), ()> = TableDefinition::new("expiry_index");
+
+/// META key of the store format: absent in format 1; 2 since audit records are stored
+/// compactly (see [`audit`]). A store of a later format than this is refused.
+const FORMAT_META: &str = "store_format";
+const FORMAT: u32 = 2;
 
 /// Test-only fault injection: with this variable set to `1` every audit write
 /// fails, to prove that requests then fail closed. It changes nothing otherwise.
@@ -54,8 +62,18 @@ pub enum StoreError {
     GroupFailed,
     #[error("the audit trail cannot be written (fault injected for a test)")]
     AuditInjected,
-    #[error("audit record could not be encoded: {0}")]
+    #[error("audit checkpoint could not be encoded: {0}")]
     AuditEncode(#[source] serde_json::Error),
+    #[error("audit record {seq} in the store is corrupt: it decodes in no known format")]
+    AuditCorrupt { seq: u64 },
+    #[error("audit record {seq} has no chain hash; it cannot be stored")]
+    AuditUnchained { seq: u64 },
+    #[error("audit checkpoint {seq} in the store is corrupt")]
+    CheckpointCorrupt { seq: u64 },
+    #[error("store {path} has format {found}, newer than this kms-server reads (format {supported}); run the newer version")]
+    NewerFormat { path: PathBuf, found: u32, supported: u32 },
+    #[error("store {path} has an unreadable format marker")]
+    BadFormat { path: PathBuf },
 }
 
 fn dberr<E: Into<redb::Error>>(e: E) -> StoreError {
@@ -335,7 +353,7 @@ impl Store {
         let db = redb::Builder::new().set_cache_size(STORE_CACHE_BYTES).create(path).map_err(dberr)?;
         let txn = db.begin_write().map_err(dberr)?;
         {
-            txn.open_table(META).map_err(dberr)?;
+            txn.open_table(META).map_err(dberr)?.insert(FORMAT_META, FORMAT.to_be_bytes().as_slice()).map_err(dberr)?;
             txn.open_table(KEYRINGS).map_err(dberr)?;
             txn.open_table(DATA_KEYS).map_err(dberr)?;
             txn.open_table(ISSUED).map_err(dberr)?;
@@ -364,6 +382,20 @@ impl Store {
         let (next_seq, prev) = {
             let txn = db.begin_write().map_err(dberr)?;
             let head = {
+                let mut meta = txn.open_table(META).map_err(dberr)?;
+                let found = match meta.get(FORMAT_META).map_err(dberr)? {
+                    None => 1,
+                    Some(v) => <[u8; 4]>::try_from(v.value())
+                        .map(u32::from_be_bytes)
+                        .map_err(|_| StoreError::BadFormat { path: path.to_owned() })?,
+                };
+                if found > FORMAT {
+                    return Err(StoreError::NewerFormat { path: path.to_owned(), found, supported: FORMAT });
+                }
+                if found < FORMAT {
+                    // Format 1 records stay as they are (they are still read); new ones are compact.
+                    meta.insert(FORMAT_META, FORMAT.to_be_bytes().as_slice()).map_err(dberr)?;
+                }
                 let audit = txn.open_table(AUDIT).map_err(dberr)?;
                 txn.open_table(CHECKPOINTS).map_err(dberr)?;
                 txn.open_table(RESTORE_TESTS).map_err(dberr)?;
@@ -371,11 +403,7 @@ impl Store {
                 txn.open_table(DESTRUCTIONS).map_err(dberr)?;
                 txn.open_table(EXPIRY).map_err(dberr)?;
                 match audit.last().map_err(dberr)? {
-                    Some((k, v)) => {
-                        let rec: kluis_proto::audit::AuditRecord = serde_json::from_slice(v.value())
-                            .map_err(|_| StoreError::Decode { what: "audit record", source: postcard::Error::DeserializeBadEncoding })?;
-                        (k.value() + 1, rec.hash)
-                    }
+                    Some((k, v)) => (k.value() + 1, audit::hash_of(k.value(), v.value())?),
                     None => (1, kluis_proto::audit::GENESIS.to_owned()),
                 }
             };
@@ -485,13 +513,22 @@ impl Store {
         let txn = self.db.begin_read().map_err(dberr)?;
         let audit = txn.open_table(AUDIT).map_err(dberr)?;
         let cps = txn.open_table(CHECKPOINTS).map_err(dberr)?;
+        // Format 2 records do not store `prev`: it is the stored hash of the record before.
+        let mut prev = match from.checked_sub(1).filter(|&p| p > 0) {
+            Some(p) => match audit.get(p).map_err(dberr)? {
+                Some(v) => audit::hash_of(p, v.value())?,
+                None => kluis_proto::audit::GENESIS.to_owned(),
+            },
+            None => kluis_proto::audit::GENESIS.to_owned(),
+        };
         let mut out = Vec::new();
         for row in audit.range(from..).map_err(dberr)?.take(limit) {
             let (k, v) = row.map_err(dberr)?;
-            let bad = |_| StoreError::Decode { what: "audit record", source: postcard::Error::DeserializeBadEncoding };
-            let rec: kluis_proto::audit::AuditRecord = serde_json::from_slice(v.value()).map_err(bad)?;
-            let cp = match cps.get(k.value()).map_err(dberr)? {
-                Some(c) => Some(serde_json::from_slice(c.value()).map_err(bad)?),
+            let seq = k.value();
+            let rec = audit::decode(seq, v.value(), &prev)?;
+            prev.clone_from(&rec.hash);
+            let cp = match cps.get(seq).map_err(dberr)? {
+                Some(c) => Some(serde_json::from_slice(c.value()).map_err(|_| StoreError::CheckpointCorrupt { seq })?),
                 None => None,
             };
             out.push((rec, cp));
@@ -689,7 +726,7 @@ fn commit_batch(database: &Database, ops: Vec<WriteOp>, chain: &mut AuditChain) 
                         hash: String::new(),
                     };
                     rec.hash = rec.compute_hash();
-                    let bytes = serde_json::to_vec(&rec).map_err(StoreError::AuditEncode)?;
+                    let bytes = audit::encode(&rec)?;
                     audit.insert(next_seq, bytes.as_slice()).map_err(dberr)?;
                     if let Some(key) = signer.as_ref().filter(|_| next_seq % kluis_proto::audit::CHECKPOINT_EVERY == 0) {
                         let cp = sign_checkpoint(key, next_seq, &rec.hash);
@@ -765,6 +802,121 @@ mod tests {
         id[0] = 199;
         assert_eq!(store.data_key(&id).unwrap().unwrap().backup_id, "b");
         assert!(matches!(Store::create(&path), Err(StoreError::AlreadyExists { .. })));
+    }
+
+    fn event(principal: &str) -> AuditEvent {
+        AuditEvent {
+            time: "2026-11-23T03:08:05.123Z".into(),
+            principal: principal.into(),
+            action: "GenerateDataKey".into(),
+            keyring: Some("default".into()),
+            key_id: Some("00112233445566778899aabbccddeeff".into()),
+            backup_id: Some("b".into()),
+            outcome: "ok".into(),
+        }
+    }
+
+    /// Makes `path` a format 1 store: no format marker, `n` JSON audit records.
+    fn make_format_1(path: &Path, n: u64) -> Vec<kluis_proto::audit::AuditRecord> {
+        drop(Store::create(path).unwrap());
+        let db = Database::open(path).unwrap();
+        let txn = db.begin_write().unwrap();
+        let mut recs = Vec::new();
+        {
+            txn.open_table(META).unwrap().remove(FORMAT_META).unwrap();
+            let mut t = txn.open_table(AUDIT).unwrap();
+            let mut prev = kluis_proto::audit::GENESIS.to_owned();
+            for seq in 1..=n {
+                let e = event("old-host");
+                let mut r = kluis_proto::audit::AuditRecord {
+                    seq,
+                    time: e.time,
+                    principal: e.principal,
+                    action: e.action,
+                    keyring: e.keyring,
+                    key_id: e.key_id,
+                    backup_id: e.backup_id,
+                    outcome: e.outcome,
+                    prev: prev.clone(),
+                    hash: String::new(),
+                };
+                r.hash = r.compute_hash();
+                prev.clone_from(&r.hash);
+                t.insert(seq, serde_json::to_vec(&r).unwrap().as_slice()).unwrap();
+                recs.push(r);
+            }
+        }
+        txn.commit().unwrap();
+        recs
+    }
+
+    #[test]
+    fn a_format_1_store_keeps_its_json_records_and_the_chain_continues_compactly() {
+        use kluis_proto::audit::{ExportLine, verify_export};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let old = make_format_1(&path, 3);
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.get_meta(FORMAT_META).unwrap(), Some(FORMAT.to_be_bytes().to_vec()));
+        for _ in 0..3 {
+            store.write_blocking(WriteOp::Audit(event("new-host"))).unwrap();
+        }
+        let page: Vec<_> = store.audit_page(1, 100).unwrap().into_iter().map(|(r, _)| r).collect();
+        assert_eq!(page.len(), 6);
+        assert_eq!(page[..3], old[..]);
+        assert_eq!(page[3].prev, old[2].hash, "the first compact record chains to the last JSON one");
+        // Stored: JSON before, compact after.
+        {
+            let txn = store.db.begin_read().unwrap();
+            let t = txn.open_table(AUDIT).unwrap();
+            assert_eq!(t.get(3).unwrap().unwrap().value()[0], b'{');
+            assert_eq!(t.get(4).unwrap().unwrap().value()[0], 0x02);
+            assert!(t.get(4).unwrap().unwrap().value().len() < 120);
+        }
+        // Pages that start inside either part rebuild the same records.
+        assert_eq!(store.audit_page(4, 100).unwrap()[0].0, page[3]);
+        assert_eq!(store.audit_page(5, 1).unwrap()[0].0, page[4]);
+        // The whole trail verifies as one export, with a head signed as the server does.
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+        let key = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+        let mut text = String::new();
+        for r in &page {
+            text += &serde_json::to_string(&ExportLine::Record(r.clone())).unwrap();
+            text.push('\n');
+        }
+        let head = ExportLine::Head { head: sign_checkpoint(&key, 6, &page[5].hash) };
+        text += &serde_json::to_string(&head).unwrap();
+        use ring::signature::KeyPair;
+        let v = verify_export(&text, key.public_key().as_ref()).unwrap();
+        assert_eq!((v.first_seq, v.last_seq, v.records), (1, 6, 6));
+        // After a restart the chain head is read from a compact record.
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        store.write_blocking(WriteOp::Audit(event("new-host"))).unwrap();
+        let seventh = store.audit_page(7, 1).unwrap().remove(0).0;
+        assert_eq!(seventh.prev, page[5].hash);
+        assert_eq!(seventh.hash, seventh.compute_hash());
+    }
+
+    #[test]
+    fn a_store_of_a_newer_format_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        drop(Store::create(&path).unwrap());
+        {
+            let db = Database::open(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(META).unwrap().insert(FORMAT_META, 3u32.to_be_bytes().as_slice()).unwrap();
+            txn.commit().unwrap();
+        }
+        match Store::open(&path) {
+            Err(e @ StoreError::NewerFormat { found: 3, supported: 2, .. }) => {
+                assert!(e.to_string().contains("has format 3, newer than this kms-server reads"), "{e}");
+            }
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("a format 3 store was opened"),
+        }
     }
 
     #[test]
