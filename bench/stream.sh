@@ -56,7 +56,10 @@ hyperfine --warmup 1 --runs "$RUNS" --export-json "$W/h.json" -N \
 python3 - "$W/p.json" "$RUNS" \
   "cat | cat (pipe floor)" "cat $W/input | cat > /dev/null" \
   "cat | backup-hook seal | cat" "cat $W/input | $BIN/backup-hook seal --keyring default --backup-id bench | cat > /dev/null" \
-  "cat | backup-hook unseal | cat" "cat $W/input.kluis | $BIN/backup-hook unseal | cat > /dev/null" <<'PY'
+  "cat | backup-hook unseal | cat" "cat $W/input.kluis | $BIN/backup-hook unseal | cat > /dev/null" \
+  "cat | cat, 1 MiB pipe (reference)" "python3 -c 'import fcntl, os, sys; fcntl.fcntl(1, 1031, 1 << 20); os.execvp(\"cat\", [\"cat\", sys.argv[1]])' $W/input | cat > /dev/null" \
+  "cat | cat | cat (reference)" "cat $W/input | cat | cat > /dev/null" \
+  "cat | age -r | cat (peer)" "cat $W/input | age -r $RCPT | cat > /dev/null" <<'PY'
 import json, resource, subprocess, sys, time
 out, runs, pairs = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 cmds = list(zip(pairs[0::2], pairs[1::2]))
@@ -93,7 +96,7 @@ cpu = {r["command"]: r["user"] + r["system"] for r in h + p}
 def row(r):
     name = r["command"]; t = med[name]
     return f"| {name.replace('|', chr(92) + '|')} | {t:.3f} s | {size / t:.0f} MiB/s | {r['user']:.2f} s | {r['system']:.2f} s |"
-print(f"Input: {size} MiB of random bytes in the page cache; {runs} runs each after one warm-up; medians of whole-process wall time (hyperfine for the file rows; the three pipe rows in {runs} interleaved rounds after one warm-up round, timed by the script); "
+print(f"Input: {size} MiB of random bytes in the page cache; {runs} runs each after one warm-up; medians of whole-process wall time (hyperfine for the file rows; the pipe rows in {runs} interleaved rounds after one warm-up round, timed by the script); "
       f"user and system: mean CPU time of all processes of the command. Load average (1 min): {load_before} before, {load_after} after.\n")
 print("| command | median | throughput | user | system |\n|---|---|---|---:|---:|")
 for r in h + p: print(row(r))
@@ -107,6 +110,10 @@ print(f"| unseal vs `age` decrypt | {ad / u:.2f}x | >= 1.5x |")
 rr = {r["command"]: statistics.median(r["ratio_to_floor"]) for r in p}
 print(f"| pipe seal vs `cat \\| cat` | {fl / ps:.2f}x (median of the per-round ratios: {rr['cat | backup-hook seal | cat']:.2f}x) | >= 0.9x |")
 print(f"| pipe unseal vs `cat \\| cat` | {fl / pu:.2f}x (median of the per-round ratios: {rr['cat | backup-hook unseal | cat']:.2f}x) | >= 0.9x |")
+f1, f3, fa = med["cat | cat, 1 MiB pipe (reference)"], med["cat | cat | cat (reference)"], med["cat | age -r | cat (peer)"]
+print(f"| (reference) pipe seal vs `cat \\| cat` with a 1 MiB pipe like the hook's | {f1 / ps:.2f}x | - |")
+print(f"| (reference) pipe seal vs `cat \\| cat \\| cat` (the hook's place taken by `cat`) | {f3 / ps:.2f}x | - |")
+print(f"| (peer) pipe seal vs `cat \\| age -r \\| cat` | {fa / ps:.2f}x | - |")
 bs, bu = cpu["cat | backup-hook seal | cat"] / cores, cpu["cat | backup-hook unseal | cat"] / cores
 print(f"\nCPU bound of the pipes on {cores} cores (CPU time of all three processes / {cores}, i.e. every core busy all the time): "
       f"seal {bs:.3f} s, unseal {bu:.3f} s, so at most {fl / bs:.2f}x and {fl / bu:.2f}x of this floor "
