@@ -185,7 +185,7 @@ FS_TYPE=$(df -PT "$WORK" | awk 'NR == 2 { print $2 " on " $1 }')
 
 mkdir -p "$(dirname "$BENCH_OUT")"
 GIT_REV="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-git diff --quiet HEAD -- 2>/dev/null || GIT_REV="$GIT_REV (uncommitted changes in the tree)"
+git diff --quiet HEAD -- . ':(exclude)docs/benchmarks.md' 2>/dev/null || GIT_REV="$GIT_REV (uncommitted changes in the tree)"
 export RESULTS BENCH_OUT PROVIDERS CONNS STREAMS BENCH_SECONDS BENCH_WARMUP UNWRAP_KEYS COMMAND \
     BENCH_QUIET_WAIT BENCH_ATTEMPTS BENCH_MAX_OTHERS
 F_NPROC=$(nproc)

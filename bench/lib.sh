@@ -16,7 +16,7 @@ bench_machine_md() {
     local model mem avail dirty=""
     model=$(lscpu 2>/dev/null | awk -F: '/^Model name/ {gsub(/^[ \t]+/, "", $2); print $2; exit}')
     mem=$(free -m | awk '/^Mem:/ {printf "%.1f GiB total, %.1f GiB available", $2/1024, $7/1024}')
-    git diff --quiet HEAD 2>/dev/null || dirty=" (uncommitted changes in the tree)"
+    git diff --quiet HEAD -- . ':(exclude)docs/benchmarks.md' 2>/dev/null || dirty=" (uncommitted changes in the tree)"
     echo "| | |"
     echo "|---|---|"
     echo "| CPU | $(nproc) cores, ${model:-unknown} (lscpu: $(lscpu 2>/dev/null | awk -F: '/^Thread\(s\) per core/ {gsub(/ /,"",$2); t=$2} /^Hypervisor vendor/ {gsub(/^[ \t]+/,"",$2); h=$2} END {printf "%s thread(s) per core, hypervisor %s", t, (h ? h : "none")}')) |"
