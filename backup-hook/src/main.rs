@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::mpsc;
@@ -30,7 +30,7 @@ use kms_client::hook::{Hook, HookError, unseal_offline};
 use kms_client::output::{Output, OutputError};
 use kms_client::passphrase::{self, KeyFile, Passphrase, PassphraseError};
 use kms_client::rewrap::{Action, JournalNote, RewrapError, rewrap_file};
-use kms_client::sealed::{IO_BUF, SealError, UnsealError};
+use kms_client::sealed::{SealError, UnsealError};
 
 #[derive(Parser)]
 #[command(name = "backup-hook", version, about = "Seal and unseal backups with Kluis (age v1 files)")]
@@ -234,8 +234,10 @@ fn open_input(path: Option<&Path>) -> Result<Box<dyn Read>, Failure> {
         // fd 0 directly, with big reads and (for a pipe) a 1 MiB pipe buffer.
         None => stdin_reader(),
         Some(p) if p == Path::new("-") => stdin_reader(),
+        // The File itself: the header reader and the payload pipeline already read
+        // in large steps, so a BufReader would only copy every byte once more.
         Some(p) => File::open(p)
-            .map(|f| Box::new(BufReader::with_capacity(IO_BUF, f)) as Box<dyn Read>)
+            .map(|f| Box::new(f) as Box<dyn Read>)
             .map_err(|e| Failure::new(EXIT_IO, format!("cannot open input {}: {e}", p.display()))),
     }
 }
