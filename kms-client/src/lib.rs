@@ -7,6 +7,7 @@ pub mod cert;
 pub mod client;
 pub mod config;
 pub mod escrow;
+mod fsutil;
 pub mod hook;
 pub mod output;
 pub mod passphrase;

@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
@@ -25,6 +25,7 @@ use base64::engine::general_purpose::STANDARD;
 use ring::rand::{SecureRandom, SystemRandom};
 use zeroize::Zeroizing;
 
+use crate::fsutil::{self, ReadLimitedError, WriteNewError, parent_dir};
 use crate::hook::{Hook, HookError, unseal_offline};
 use crate::sealed::UnsealError;
 
@@ -200,7 +201,7 @@ pub fn create(
 /// server round trip lets a missing or wrong file fail at once.
 pub struct KeyFile {
     path: PathBuf,
-    sealed: Vec<u8>,
+    sealed: Zeroizing<Vec<u8>>,
 }
 
 impl KeyFile {
@@ -241,15 +242,12 @@ fn finish(key_file: &Path, res: Result<(), HookError>, out: SecretSink) -> Resul
     Passphrase::parse(out.bytes()).ok_or_else(|| PassphraseError::NotPassphrase { path: key_file.to_owned() })
 }
 
-fn read_key_file(path: &Path) -> Result<Vec<u8>, PassphraseError> {
-    let read_err = |e| PassphraseError::Read { path: path.to_owned(), source: e };
-    let file = fs::File::open(path).map_err(read_err)?;
-    let mut bytes = Vec::new();
-    file.take(MAX_KEY_FILE_BYTES + 1).read_to_end(&mut bytes).map_err(read_err)?;
-    if bytes.len() as u64 > MAX_KEY_FILE_BYTES {
-        return Err(PassphraseError::TooLarge { path: path.to_owned() });
-    }
-    Ok(bytes)
+fn read_key_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, PassphraseError> {
+    let limit = usize::try_from(MAX_KEY_FILE_BYTES).unwrap_or(usize::MAX);
+    fsutil::read_file_limited(path, limit).map_err(|e| match e {
+        ReadLimitedError::Io(e) => PassphraseError::Read { path: path.to_owned(), source: e.source },
+        ReadLimitedError::TooLarge { .. } => PassphraseError::TooLarge { path: path.to_owned() },
+    })
 }
 
 /// Receives the unsealed plaintext into a fixed, zeroized buffer; refuses anything longer
@@ -287,40 +285,18 @@ impl Write for SecretSink {
     }
 }
 
-fn parent_dir(path: &Path) -> &Path {
-    match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    }
-}
-
 /// Writes `bytes` to the new file `path`: a temporary file beside it, mode 0600, synced,
 /// then linked into place without ever replacing an existing file; then the directory is
 /// synced.
 fn write_new_file(path: &Path, bytes: &[u8]) -> Result<(), PassphraseError> {
-    use std::os::unix::fs::PermissionsExt;
     let dir = parent_dir(path);
-    let write_err = |e| PassphraseError::Write { path: path.to_owned(), source: e };
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let mut tmp = tempfile::Builder::new()
-        .prefix(&format!(".{name}."))
-        .suffix(".partial")
-        .permissions(fs::Permissions::from_mode(0o600))
-        .tempfile_in(dir)
-        .map_err(write_err)?;
-    tmp.as_file().set_permissions(fs::Permissions::from_mode(0o600)).map_err(write_err)?;
-    tmp.write_all(bytes).map_err(write_err)?;
-    tmp.as_file().sync_all().map_err(write_err)?;
-    match tmp.persist_noclobber(path) {
-        Ok(_) => {}
-        Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => {
-            return Err(PassphraseError::Exists { path: path.to_owned() });
-        }
-        Err(e) => return Err(write_err(e.error)),
+    match fsutil::write_new_file_atomically(dir, path, &format!(".{name}."), ".partial", bytes, 0o600) {
+        Ok(()) => {}
+        Err(WriteNewError::Exists) => return Err(PassphraseError::Exists { path: path.to_owned() }),
+        Err(WriteNewError::Io(e)) => return Err(PassphraseError::Write { path: path.to_owned(), source: e.source }),
     }
-    if let Ok(d) = fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
+    let _ = fsutil::sync_dir(dir);
     Ok(())
 }
 

@@ -73,6 +73,7 @@ use ring::hmac;
 use zeroize::Zeroizing;
 
 use crate::client::{ClientError, Rewrapped, UnwrappedKey};
+use crate::fsutil::{self, parent_dir};
 use crate::hook::Hook;
 use crate::sealed::{KluisIdentity, KluisStanza, STANZA_TAG, UnsealError, parse_stanza};
 use crate::secret::DataKey;
@@ -198,17 +199,9 @@ pub fn journal_path(path: &Path) -> Option<PathBuf> {
     Some(path.with_file_name(j))
 }
 
-fn dir_of(path: &Path) -> &Path {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    }
-}
-
 fn sync_dir(dir: &Path) -> Result<(), RewrapError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(format!("syncing the directory {} failed", dir.display())))
+    fsutil::sync_dir(dir)
+        .map_err(|e| RewrapError::Io { what: format!("syncing the directory {} failed", dir.display()), source: e.source })
 }
 
 /// A reader that keeps a copy of what it read (for the raw header bytes).
@@ -429,7 +422,7 @@ fn check_journal(svc: &dyn KeyService, file: &File, journal: &[u8]) -> Result<Jo
 
 /// Writes `new` at offset 0 of `path` through the journal (steps 1-3 of the module docs).
 fn write_in_place(path: &Path, journal: &Path, new: &[u8], journal_written: bool) -> Result<(), RewrapError> {
-    let dir = dir_of(path);
+    let dir = parent_dir(path);
     if !journal_written {
         let mut j = OpenOptions::new()
             .write(true)
@@ -470,7 +463,7 @@ fn write_in_place(path: &Path, journal: &Path, new: &[u8], journal_written: bool
 /// Copies `file` with `new` in place of its first `old_len` bytes into a
 /// temporary file next to `path` and renames it over `path`.
 fn write_copy(path: &Path, file: &File, old_len: usize, new: &[u8]) -> Result<(), RewrapError> {
-    let dir = dir_of(path);
+    let dir = parent_dir(path);
     let meta = file.metadata().map_err(io_err("reading the file's metadata failed"))?;
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = tempfile::Builder::new()
@@ -548,7 +541,7 @@ pub fn rewrap_file(svc: &dyn KeyService, path: &Path) -> Result<Report, RewrapEr
     if let Some(why) = discard {
         // The file's own header verifies: the journal was never applied.
         fs::remove_file(&journal).map_err(io_err(format!("cannot remove the invalid rewrap journal {}", journal.display())))?;
-        sync_dir(dir_of(path))?;
+        sync_dir(parent_dir(path))?;
         note = JournalNote::Discarded(why);
     }
     let mut report = Report {

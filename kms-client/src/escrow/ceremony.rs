@@ -8,8 +8,9 @@ use blahaj::{Share, Sharks};
 use ring::rand::{SecureRandom, SystemRandom};
 use zeroize::Zeroizing;
 
+use crate::fsutil;
+
 use super::error::EscrowError;
-use super::fsutil;
 use super::manifest::{self, CustodianEntry, MANIFEST_FILE_NAME, MANIFEST_FORMAT, Manifest};
 use super::recipient::{self, PreparedRecipient};
 use super::secret::{RecoveryIdentity, RecoverySecret};
@@ -291,13 +292,13 @@ fn deal(
     let mut written: Vec<PathBuf> = Vec::with_capacity(files.len() + 1);
     let result = (|| {
         for (name, ciphertext) in &files {
-            let path = fsutil::write_new_file_atomically(out_dir, name, ciphertext, 0o600, |p| {
+            let path = write_new_file(out_dir, name, ciphertext, 0o600, |p| {
                 EscrowError::ShareFileExists { path: p }
             })?;
             written.push(path);
         }
         // The manifest last: its presence means the ceremony is complete.
-        let path = fsutil::write_new_file_atomically(
+        let path = write_new_file(
             out_dir,
             MANIFEST_FILE_NAME,
             json.as_bytes(),
@@ -305,16 +306,33 @@ fn deal(
             |p| EscrowError::ManifestExists { path: p },
         )?;
         written.push(path);
-        fsutil::sync_dir(out_dir)
+        fsutil::sync_dir_if_supported(out_dir).map_err(EscrowError::from)
     })();
     if let Err(e) = result {
         for p in &written {
             let _ = fs::remove_file(p);
         }
-        let _ = fsutil::sync_dir(out_dir);
+        let _ = fsutil::sync_dir_if_supported(out_dir);
         return Err(e);
     }
     Ok(manifest)
+}
+
+/// Writes `bytes` to the new file `dir/name` atomically, never replacing an existing
+/// file (`exists` builds the error for one); returns its path.
+fn write_new_file(
+    dir: &Path,
+    name: &str,
+    bytes: &[u8],
+    mode: u32,
+    exists: impl FnOnce(PathBuf) -> EscrowError,
+) -> Result<PathBuf, EscrowError> {
+    let target = dir.join(name);
+    match fsutil::write_new_file_atomically(dir, &target, ".kluis-escrow-", ".tmp", bytes, mode) {
+        Ok(()) => Ok(target),
+        Err(fsutil::WriteNewError::Exists) => Err(exists(target)),
+        Err(fsutil::WriteNewError::Io(e)) => Err(e.into()),
+    }
 }
 
 /// Verifies every share, refuses duplicates and too few shares, rebuilds the secret and

@@ -9,9 +9,10 @@ use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
 
+use crate::fsutil;
+
 use super::ceremony::{self, Custodian};
 use super::error::EscrowError;
-use super::fsutil;
 use super::manifest::{MANIFEST_FILE_NAME, Manifest};
 use super::share::{self, ShareIdentities, ShareText};
 

@@ -7,6 +7,8 @@
 use std::io;
 use std::path::PathBuf;
 
+use crate::fsutil::{FsError, ReadLimitedError};
+
 /// Everything that can go wrong in an escrow ceremony, share check, combination or re-share.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -497,6 +499,21 @@ pub enum ManifestProblem {
 impl From<ManifestProblem> for EscrowError {
     fn from(problem: ManifestProblem) -> Self {
         EscrowError::ManifestInvalid { problem }
+    }
+}
+
+impl From<FsError> for EscrowError {
+    fn from(e: FsError) -> Self {
+        EscrowError::io(e.action, e.path, e.source)
+    }
+}
+
+impl From<ReadLimitedError> for EscrowError {
+    fn from(e: ReadLimitedError) -> Self {
+        match e {
+            ReadLimitedError::Io(e) => e.into(),
+            ReadLimitedError::TooLarge { path, limit } => EscrowError::FileTooLarge { path, limit },
+        }
     }
 }
 

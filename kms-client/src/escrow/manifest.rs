@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use ring::digest;
 use serde::{Deserialize, Serialize};
 
+use crate::fsutil;
+
 use super::error::{EscrowError, ManifestProblem};
-use super::fsutil;
 use super::recipient;
 
 /// The value of the manifest's `format` field.

@@ -50,7 +50,6 @@
 mod ceremony;
 pub mod cli;
 mod error;
-mod fsutil;
 mod manifest;
 mod recipient;
 mod secret;

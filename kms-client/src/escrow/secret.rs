@@ -10,8 +10,9 @@ use age::secrecy::ExposeSecret;
 use ring::rand::{SecureRandom, SystemRandom};
 use zeroize::Zeroizing;
 
+use crate::fsutil;
+
 use super::error::EscrowError;
-use super::fsutil;
 
 /// Length of an X25519 secret key.
 pub(crate) const SECRET_LEN: usize = 32;
@@ -132,7 +133,7 @@ impl RecoveryIdentity {
             let _ = fs::remove_file(path);
             return result;
         }
-        fsutil::sync_dir(fsutil::parent_dir(path))
+        fsutil::sync_dir_if_supported(fsutil::parent_dir(path)).map_err(EscrowError::from)
     }
 
     fn write_contents(&self, file: &mut fs::File, path: &Path) -> Result<(), EscrowError> {

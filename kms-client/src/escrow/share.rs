@@ -9,8 +9,9 @@ use base64::Engine as _;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
+use crate::fsutil;
+
 use super::error::EscrowError;
-use super::fsutil;
 use super::manifest::{self, Manifest};
 use super::recipient::{self, StderrCallbacks};
 use super::secret::SECRET_LEN;
