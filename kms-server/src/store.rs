@@ -435,28 +435,68 @@ impl Store {
         }
     }
 
-    /// Every approval, oldest first.
-    pub fn approvals(&self) -> Result<Vec<ApprovalRecord>, StoreError> {
+    /// Every record of a table keyed by id, oldest first.
+    fn read_all<T: serde::de::DeserializeOwned>(
+        &self,
+        table: TableDefinition<u64, &[u8]>,
+        what: &'static str,
+    ) -> Result<Vec<(u64, T)>, StoreError> {
         let txn = self.db.begin_read().map_err(dberr)?;
-        let t = txn.open_table(APPROVALS).map_err(dberr)?;
+        let t = txn.open_table(table).map_err(dberr)?;
         let mut out = Vec::new();
         for row in t.iter().map_err(dberr)? {
-            let (_, v) = row.map_err(dberr)?;
-            out.push(postcard::from_bytes(v.value()).map_err(|e| StoreError::Decode { what: "approval", source: e })?);
+            let (k, v) = row.map_err(dberr)?;
+            out.push((k.value(), postcard::from_bytes(v.value()).map_err(|e| StoreError::Decode { what, source: e })?));
         }
         Ok(out)
     }
 
+    /// The record under `id` in a table keyed by id.
+    fn read_one<T: serde::de::DeserializeOwned>(
+        &self,
+        table: TableDefinition<u64, &[u8]>,
+        id: u64,
+        what: &'static str,
+    ) -> Result<Option<T>, StoreError> {
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let t = txn.open_table(table).map_err(dberr)?;
+        match t.get(id).map_err(dberr)? {
+            None => Ok(None),
+            Some(v) => Ok(Some(postcard::from_bytes(v.value()).map_err(|e| StoreError::Decode { what, source: e })?)),
+        }
+    }
+
+    /// One more than the largest id in a table keyed by id (1 for an empty table).
+    fn next_id(&self, table: TableDefinition<u64, &[u8]>) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let t = txn.open_table(table).map_err(dberr)?;
+        Ok(t.last().map_err(dberr)?.map_or(1, |(k, _)| k.value() + 1))
+    }
+
+    /// Every approval, oldest first.
+    pub fn approvals(&self) -> Result<Vec<ApprovalRecord>, StoreError> {
+        Ok(self.read_all(APPROVALS, "approval")?.into_iter().map(|(_, r)| r).collect())
+    }
+
+    pub fn approval(&self, id: u64) -> Result<Option<ApprovalRecord>, StoreError> {
+        self.read_one(APPROVALS, id, "approval")
+    }
+
+    pub fn next_approval_id(&self) -> Result<u64, StoreError> {
+        self.next_id(APPROVALS)
+    }
+
     /// Every destruction record, oldest first.
     pub fn destructions(&self) -> Result<Vec<DestructionRecord>, StoreError> {
-        let txn = self.db.begin_read().map_err(dberr)?;
-        let t = txn.open_table(DESTRUCTIONS).map_err(dberr)?;
-        let mut out = Vec::new();
-        for row in t.iter().map_err(dberr)? {
-            let (_, v) = row.map_err(dberr)?;
-            out.push(postcard::from_bytes(v.value()).map_err(|e| StoreError::Decode { what: "destruction", source: e })?);
-        }
-        Ok(out)
+        Ok(self.read_all(DESTRUCTIONS, "destruction")?.into_iter().map(|(_, r)| r).collect())
+    }
+
+    pub fn destruction(&self, id: u64) -> Result<Option<DestructionRecord>, StoreError> {
+        self.read_one(DESTRUCTIONS, id, "destruction")
+    }
+
+    pub fn next_destruction_id(&self) -> Result<u64, StoreError> {
+        self.next_id(DESTRUCTIONS)
     }
 
     /// Up to `limit` active keys whose expiry is at or before `now`, earliest first.
@@ -490,17 +530,7 @@ impl Store {
 
     /// Every restore test, oldest first.
     pub fn restore_tests(&self) -> Result<Vec<(u64, RestoreTestRecord)>, StoreError> {
-        let txn = self.db.begin_read().map_err(dberr)?;
-        let t = txn.open_table(RESTORE_TESTS).map_err(dberr)?;
-        let mut out = Vec::new();
-        for row in t.iter().map_err(dberr)? {
-            let (k, v) = row.map_err(dberr)?;
-            out.push((
-                k.value(),
-                postcard::from_bytes(v.value()).map_err(|e| StoreError::Decode { what: "restore test", source: e })?,
-            ));
-        }
-        Ok(out)
+        self.read_all(RESTORE_TESTS, "restore test")
     }
 
     /// Audit records with `seq >= from`, at most `limit`, in order, with the

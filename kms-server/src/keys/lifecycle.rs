@@ -363,7 +363,7 @@ impl KeyManager {
         };
         let now = self.now();
         let rec = DestructionRecord {
-            id: self.next_destruction_id()?,
+            id: self.store.next_destruction_id()?,
             target,
             requested_by: requested_by.to_owned(),
             requested: approval.map(|a| a.requested).unwrap_or(now),
@@ -384,14 +384,10 @@ impl KeyManager {
         Ok(rec)
     }
 
-    fn next_destruction_id(&self) -> Result<u64, KeyError> {
-        Ok(self.store.destructions()?.iter().map(|d| d.id).max().unwrap_or(0) + 1)
-    }
-
     /// Cancels a scheduled destruction.
     pub async fn cancel_destruction(&self, auth: &Authorized, id: u64, audit: AuditEvent) -> Result<DestructionRecord, KeyError> {
         let _guard = self.admin.lock().await;
-        let mut rec = self.store.destructions()?.into_iter().find(|d| d.id == id).ok_or(KeyError::DestructionNotFound { id })?;
+        let mut rec = self.store.destruction(id)?.ok_or(KeyError::DestructionNotFound { id })?;
         Self::check(auth, Action::CancelDestruction, Some(rec.target.keyring()))?;
         match rec.state {
             DestructionState::Scheduled => {}
@@ -408,7 +404,7 @@ impl KeyManager {
 
     /// The keyring a destruction concerns (for authorization), if it exists.
     pub fn destruction_keyring(&self, id: u64) -> Option<String> {
-        self.store.destructions().ok()?.into_iter().find(|d| d.id == id).map(|d| d.target.keyring().to_owned())
+        self.store.destruction(id).ok()?.map(|d| d.target.keyring().to_owned())
     }
 
     /// Every destruction record the caller may see.
@@ -482,7 +478,7 @@ impl KeyManager {
     /// for the batch, destruction ids allocated from one read of the records.
     async fn destroy_expired(&self, keys: Vec<([u8; 16], DataKeyRecord)>) -> Result<(), KeyError> {
         let now = self.now();
-        let first_id = self.next_destruction_id()?;
+        let first_id = self.store.next_destruction_id()?;
         let mut ops = Vec::with_capacity(keys.len() * 3);
         for (next_id, (id, mut rec)) in (first_id..).zip(keys) {
             let expired = rec.expires.unwrap_or(now);

@@ -644,7 +644,7 @@ impl KeyManager {
 
     /// Records a pending approval (admin lock held by the caller).
     async fn new_approval(&self, auth: &Authorized, action: PendingAction, audit: AuditEvent) -> Result<ApprovalRecord, KeyError> {
-        let id = self.store.approvals()?.iter().map(|a| a.id).max().unwrap_or(0) + 1;
+        let id = self.store.next_approval_id()?;
         let now = self.now();
         let rec = ApprovalRecord {
             id,
@@ -663,7 +663,7 @@ impl KeyManager {
     pub async fn approve(&self, auth: &Authorized, id: u64, audit: AuditEvent) -> Result<ApprovalRecord, KeyError> {
         Self::check(auth, Action::Approve, None)?;
         let _guard = self.admin.lock().await;
-        let mut rec = self.store.approvals()?.into_iter().find(|a| a.id == id).ok_or(KeyError::ApprovalNotFound { id })?;
+        let mut rec = self.store.approval(id)?.ok_or(KeyError::ApprovalNotFound { id })?;
         if let Some(by) = &rec.approved_by {
             return Err(KeyError::ApprovalDone { id, by: by.clone() });
         }
