@@ -126,7 +126,7 @@ pub fn open_keys(cfg: &ServerConfig) -> Result<Arc<KeyManager>, ServerError> {
     master.health()?;
     let ttl = cfg.approval_ttl_secs.unwrap_or(crate::keys::DEFAULT_APPROVAL_TTL_SECS);
     let wait = cfg.destruction_wait_days.unwrap_or(crate::keys::DEFAULT_DESTRUCTION_WAIT_DAYS);
-    Ok(Arc::new(KeyManager::open(store, master)?.with_approval_ttl(ttl).with_destruction_wait_days(wait)))
+    Ok(Arc::new(KeyManager::open(store, generation, master)?.with_approval_ttl(ttl).with_destruction_wait_days(wait)))
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, ServerError> {

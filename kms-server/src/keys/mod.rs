@@ -216,7 +216,8 @@ pub struct KeyringInfo {
 /// The key manager: the service layer behind the gRPC handlers.
 pub struct KeyManager {
     store: Store,
-    /// The configured master key (generation 1); rotations make its siblings.
+    /// The configured master key as opened at start (its store generation); rotations
+    /// make its siblings.
     configured: Arc<dyn MasterKeyProvider>,
     /// The generation in force and its provider.
     master: RwLock<(u32, Arc<dyn MasterKeyProvider>)>,
@@ -327,14 +328,10 @@ impl KeyManager {
     }
 
     /// Opens the key manager: checks the master key against the store and
-    /// unwraps every keyring key into memory.
-    pub fn open(store: Store, configured: Arc<dyn MasterKeyProvider>) -> Result<Self, KeyError> {
-        let generation = crate::master::decode_generation(store.get_meta(MASTER_GENERATION_META)?.as_deref())?;
-        let master = if generation > 1 {
-            configured.generation(generation, false).map_err(|e| KeyError::MasterGeneration { generation, source: e })?
-        } else {
-            configured.clone()
-        };
+    /// unwraps every keyring key into memory. `master` is generation `generation` of
+    /// the configured key, the one the store records (see [`MASTER_GENERATION_META`]);
+    /// rotations derive the next generation from it.
+    pub fn open(store: Store, generation: u32, master: Arc<dyn MasterKeyProvider>) -> Result<Self, KeyError> {
         let check = store
             .get_meta(MASTER_CHECK_META)?
             .ok_or_else(|| KeyError::Store(StoreError::NotInitialised { path: store.path().to_owned() }))?;
@@ -376,7 +373,7 @@ impl KeyManager {
             .collect();
         Ok(Self {
             store,
-            configured,
+            configured: master.clone(),
             master: RwLock::new((generation, master)),
             clock: Clock::from_env(),
             destruction_wait_secs: i64::from(DEFAULT_DESTRUCTION_WAIT_DAYS) * 86_400,
