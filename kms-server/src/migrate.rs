@@ -197,7 +197,8 @@ pub fn migrate_master_configs(from: &ServerConfig, to: &ServerConfig) -> Result<
     //    old key cannot fully open is refused without creating anything.
     let records = store.keyrings().map_err(store_err)?;
     let mut keys: Vec<Unwrapped> = Vec::new();
-    for (ri, record) in records.iter().enumerate() {
+    // A destroyed keyring has no keys left to move (its wrapped keys were erased).
+    for (ri, record) in records.iter().enumerate().filter(|(_, r)| r.destroyed.is_none()) {
         for (vi, v) in record.versions.iter().enumerate() {
             let unwrap_err = |err| MigrateError::Unwrap { keyring: record.name.clone(), version: v.version, err };
             let raw = old.unwrap(&krk_aad(&record.name, v.version), &v.wrapped_key).map_err(unwrap_err)?;
@@ -256,7 +257,11 @@ pub fn migrate_master_configs(from: &ServerConfig, to: &ServerConfig) -> Result<
         from: old.describe(),
         to: new.describe(),
         to_created,
-        keyrings: records.iter().map(|r| (r.name.clone(), r.versions.iter().map(|v| v.version).collect())).collect(),
+        keyrings: records
+            .iter()
+            .filter(|r| r.destroyed.is_none())
+            .map(|r| (r.name.clone(), r.versions.iter().map(|v| v.version).collect()))
+            .collect(),
         to_config: None,
     })
 }

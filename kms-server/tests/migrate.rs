@@ -449,6 +449,39 @@ fn software_store_at_generation_two_migrates() {
     w.exactly_one_opens(&to, &from, &backups);
 }
 
+/// A destroyed keyring has no wrapped keys left; the migration moves the others and keeps
+/// its tombstone.
+#[test]
+fn a_store_with_a_destroyed_keyring_migrates() {
+    let mut w = World::new(false);
+    w.start_dev(None);
+    let backups = w.seal_sample();
+    w.create_keyring("gone");
+    w.stop();
+    // What a carried-out keyring destruction leaves in the store: the tombstone, no keys.
+    let store_path = w.data_dir().join("data/kluis.redb");
+    {
+        let store = kms_server::store::Store::open(&store_path).unwrap();
+        let mut gone = store.keyrings().unwrap().into_iter().find(|r| r.name == "gone").unwrap();
+        gone.destroyed = Some(1_700_000_000);
+        for v in &mut gone.versions {
+            v.wrapped_key.clear();
+        }
+        store.write_blocking(kms_server::store::WriteOp::PutKeyring(gone)).unwrap();
+    }
+    let from = w.server_toml();
+    let to = w.config_with_master("to.toml", w.software_master(&w.tmp.path().join("master-new.key")));
+    let out = w.migrate(&from, &to, None);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("rewrapped 2 keyring(s), 2 version(s)"), "{err}");
+    let store = kms_server::store::Store::open(&store_path).unwrap();
+    let gone = store.keyrings().unwrap().into_iter().find(|r| r.name == "gone").unwrap();
+    assert!(gone.destroyed.is_some() && gone.versions.iter().all(|v| v.wrapped_key.is_empty()));
+    drop(store);
+    w.exactly_one_opens(&to, &from, &backups);
+}
+
 /// The same on a SoftHSM2 token: the store is at generation 2 of the token key
 /// (`kluis-master.g2`), migrated to another token key.
 #[test]
