@@ -273,6 +273,12 @@ fn fail(message: impl Into<String>) -> Failure {
     Failure { code: 1, message: message.into() }
 }
 
+/// Writes `value` as pretty JSON and a newline.
+fn print_json<T: serde::Serialize + ?Sized>(out: &mut dyn Write, value: &T) -> Result<(), Failure> {
+    serde_json::to_writer_pretty(&mut *out, value).map_err(|e| fail(e.to_string()))?;
+    writeln!(out).map_err(|e| fail(format!("writing output failed: {e}")))
+}
+
 fn date(unix: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(unix)
         .ok()
@@ -396,8 +402,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Cmd::Key(KeyCmd::Show { key_id, json }) => {
                 let k = client.get_data_key(&key_id).await?;
                 if json {
-                    serde_json::to_writer_pretty(&mut out, &k).map_err(|e| fail(e.to_string()))?;
-                    writeln!(out).map_err(io)?;
+                    print_json(&mut out, &k)?;
                 } else {
                     writeln!(out, "key id:     {}", k.key_id).map_err(io)?;
                     writeln!(out, "keyring:    {} (version {})", k.keyring, k.keyring_version).map_err(io)?;
@@ -419,8 +424,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Cmd::Destruction(DestructionCmd::List { json }) => {
                 let list = client.destructions().await?;
                 if json {
-                    serde_json::to_writer_pretty(&mut out, &list).map_err(|e| fail(e.to_string()))?;
-                    writeln!(out).map_err(io)?;
+                    print_json(&mut out, &list)?;
                 } else {
                     for d in &list {
                         print_destruction(&mut out, d).map_err(io)?;
@@ -460,8 +464,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Cmd::Approvals { json } => {
                 let list = client.approvals().await?;
                 if json {
-                    serde_json::to_writer_pretty(&mut out, &list).map_err(|e| fail(e.to_string()))?;
-                    writeln!(out).map_err(io)?;
+                    print_json(&mut out, &list)?;
                 } else {
                     for a in list {
                         writeln!(
@@ -489,8 +492,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Cmd::Keyring(KeyringCmd::Grants { name, json }) => {
                 let list = client.list_grants(&name).await?;
                 if json {
-                    serde_json::to_writer_pretty(&mut out, &list).map_err(|e| fail(e.to_string()))?;
-                    writeln!(out).map_err(io)?;
+                    print_json(&mut out, &list)?;
                 } else {
                     writeln!(out, "{:<32} {:<9} {:<20} SOURCE", "PRINCIPAL", "ROLE", "KEYRINGS").map_err(io)?;
                     for g in list {
@@ -505,8 +507,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Cmd::Keyring(KeyringCmd::List { json }) => {
                 let list = client.list_keyrings().await?;
                 if json {
-                    serde_json::to_writer_pretty(&mut out, &list).map_err(|e| fail(e.to_string()))?;
-                    writeln!(out).map_err(io)?;
+                    print_json(&mut out, &list)?;
                 } else {
                     writeln!(out, "{:<24} {:>7} {:>12}  created", "KEYRING", "VERSION", "ISSUED KEYS").map_err(io)?;
                     for k in list {
@@ -518,8 +519,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Cmd::Keyring(KeyringCmd::Show { name, json }) => {
                 let k = client.get_keyring(&name).await?;
                 if json {
-                    serde_json::to_writer_pretty(&mut out, &k).map_err(|e| fail(e.to_string()))?;
-                    writeln!(out).map_err(io)?;
+                    print_json(&mut out, &k)?;
                 } else {
                     print_keyring(&mut out, &k).map_err(io)?;
                 }
@@ -539,21 +539,17 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Cmd::Escrow(EscrowCmd::Status { json }) => {
                 let s = client.escrow_status().await?;
                 if json {
-                    serde_json::to_writer_pretty(&mut out, &s).map_err(|e| fail(e.to_string()))?;
-                    writeln!(out).map_err(io)?;
-                } else if s.installed {
-                    writeln!(out, "ceremony:            {}", s.ceremony_id).map_err(io)?;
-                    writeln!(out, "recovery recipient:  {}", s.recovery_recipient).map_err(io)?;
-                    writeln!(out, "threshold:           {} of {}", s.threshold, s.shares).map_err(io)?;
-                    writeln!(out, "custodians:          {}", s.custodians.join(", ")).map_err(io)?;
-                    writeln!(out, "installed:           {}", date(s.installed_unix)).map_err(io)?;
-                    writeln!(out, "keys without escrow: {}", s.keys_without_escrow).map_err(io)?;
-                    for r in &s.previous_recipients {
-                        writeln!(out, "earlier recipient:   {r} (backups sealed while it was in force need its ceremony's shares)")
-                            .map_err(io)?;
-                    }
+                    print_json(&mut out, &s)?;
                 } else {
-                    writeln!(out, "no escrow manifest installed").map_err(io)?;
+                    if s.installed {
+                        writeln!(out, "ceremony:            {}", s.ceremony_id).map_err(io)?;
+                        writeln!(out, "recovery recipient:  {}", s.recovery_recipient).map_err(io)?;
+                        writeln!(out, "threshold:           {} of {}", s.threshold, s.shares).map_err(io)?;
+                        writeln!(out, "custodians:          {}", s.custodians.join(", ")).map_err(io)?;
+                        writeln!(out, "installed:           {}", date(s.installed_unix)).map_err(io)?;
+                    } else {
+                        writeln!(out, "no escrow manifest installed").map_err(io)?;
+                    }
                     writeln!(out, "keys without escrow: {}", s.keys_without_escrow).map_err(io)?;
                     for r in &s.previous_recipients {
                         writeln!(out, "earlier recipient:   {r} (backups sealed while it was in force need its ceremony's shares)")
