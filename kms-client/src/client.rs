@@ -357,10 +357,6 @@ impl KmsClient {
         })
     }
 
-    pub async fn create_keyring(&self, name: &str, retention_days: u32) -> Result<KeyringInfo, ClientError> {
-        self.create_keyring_with(name, retention_days, 0).await
-    }
-
     /// Creates a keyring with a retention and an automatic rotation period (days; 0 = none).
     pub async fn create_keyring_with(&self, name: &str, retention_days: u32, rotation_period_days: u32) -> Result<KeyringInfo, ClientError> {
         let req = pb::CreateKeyringRequest { name: name.to_owned(), retention_days, rotation_period_days };

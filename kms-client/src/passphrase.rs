@@ -210,10 +210,6 @@ impl KeyFile {
         Ok(Self { path: path.to_owned(), sealed: read_key_file(path)? })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Opens it through the server (restorer role on its keyring).
     pub fn open(&self, hook: &Hook) -> Result<Passphrase, PassphraseError> {
         let mut out = SecretSink::new();
