@@ -161,6 +161,44 @@ impl Server {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
+
+    /// `kmsctl` as the dev identity `who` (no stdin).
+    pub fn kmsctl(&self, who: &str, args: &[&str]) -> Output {
+        kmsctl(&self.client(who), args)
+    }
+
+    /// `backup-hook` as the dev identity `who`, with `stdin`.
+    pub fn backup_hook(&self, who: &str, args: &[&str], stdin: &[u8]) -> Output {
+        backup_hook(&self.client(who), args, stdin)
+    }
+
+    /// Inserts `lines` at the top level of `server.toml` (after `version = 1`); takes
+    /// effect at the next restart.
+    pub fn set_top_level(&self, lines: &str) {
+        let cfg = self.data_dir().join("server.toml");
+        let text = std::fs::read_to_string(&cfg).unwrap().replacen("version = 1\n", &format!("version = 1\n{lines}"), 1);
+        std::fs::write(&cfg, text).unwrap();
+    }
+
+    /// A second officer for dual control: a certificate `name` from the dev CA, granted
+    /// officer on all keyrings in `server.toml`, then a restart. Returns its client config
+    /// (the officer's, with the new certificate and key).
+    pub fn add_officer(&mut self, name: &str) -> PathBuf {
+        let pki = self.data_dir().join("pki");
+        let out = kmsctl_offline(&["cert", "issue", "--ca-dir", s(&pki), "--name", name]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let cfg = self.data_dir().join("server.toml");
+        let text = std::fs::read_to_string(&cfg).unwrap();
+        std::fs::write(&cfg, text + &format!("\n[[grant]]\nprincipal = \"{name}\"\nroles = [\"officer\"]\nkeyrings = [\"*\"]\n")).unwrap();
+        self.restart();
+        let text = std::fs::read_to_string(self.client("officer"))
+            .unwrap()
+            .replace("officer.pem", &format!("{name}.pem"))
+            .replace("officer.key", &format!("{name}.key"));
+        let p = self.dir.path().join(format!("{name}.toml"));
+        std::fs::write(&p, text).unwrap();
+        p
+    }
 }
 
 fn rand_suffix() -> usize {
@@ -197,26 +235,57 @@ pub fn run_env(name: &str, args: &[&str], stdin: &[u8], env: &[(&str, &Path)]) -
     out
 }
 
+/// `kmsctl --client-config CFG ARGS...` (no stdin).
+pub fn kmsctl(cfg: &Path, args: &[&str]) -> Output {
+    with_config("kmsctl", cfg, args, b"")
+}
+
+/// `backup-hook --client-config CFG ARGS...` with `stdin`.
+pub fn backup_hook(cfg: &Path, args: &[&str], stdin: &[u8]) -> Output {
+    with_config("backup-hook", cfg, args, stdin)
+}
+
+/// `kmsctl` with no client config (offline: `cert issue`, `escrow ceremony`, `audit verify --public-key`, ...).
+pub fn kmsctl_offline(args: &[&str]) -> Output {
+    run("kmsctl", args, b"")
+}
+
+fn with_config(name: &str, cfg: &Path, args: &[&str], stdin: &[u8]) -> Output {
+    let mut all = vec!["--client-config", s(cfg)];
+    all.extend_from_slice(args);
+    run(name, &all, stdin)
+}
+
 /// `backup-hook seal` of `data` as `identity`; returns the sealed bytes (asserts success).
 pub fn seal(server: &Server, identity: &str, keyring: &str, backup_id: &str, data: &[u8]) -> Vec<u8> {
-    let cfg = server.client(identity);
-    let out = run(
-        "backup-hook",
-        &["--client-config", cfg.to_str().unwrap(), "seal", "--keyring", keyring, "--backup-id", backup_id],
-        data,
-    );
+    let out = server.backup_hook(identity, &["seal", "--keyring", keyring, "--backup-id", backup_id], data);
     assert!(out.status.success(), "seal failed: {}", String::from_utf8_lossy(&out.stderr));
     out.stdout
 }
 
 /// `backup-hook unseal` of `sealed` as `identity`; returns the output.
 pub fn unseal(server: &Server, identity: &str, sealed: &[u8]) -> Output {
-    let cfg = server.client(identity);
-    run("backup-hook", &["--client-config", cfg.to_str().unwrap(), "unseal"], sealed)
+    server.backup_hook(identity, &["unseal"], sealed)
 }
 
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A path as `&str` (the temp paths of these tests are UTF-8).
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// The approval request id in what a dual-control request printed ("... kmsctl approve ID ...").
+pub fn approval_id(o: &Output) -> String {
+    let text = stdout(o);
+    let id = text.split("kmsctl approve ").nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or_else(|| panic!("no approval id in {text:?}"));
+    id.trim_end_matches(|c: char| !c.is_ascii_digit()).to_owned()
 }
 
 /// Deterministic pseudo-random bytes (xorshift), for big streams without big buffers.

@@ -16,7 +16,7 @@ fn issue(server: &Server, name: &str, extra: &[&str]) -> (PathBuf, PathBuf) {
     let out_dir = server.dir.path().join("issued");
     let mut args = vec!["cert", "issue", "--ca-dir", pki.to_str().unwrap(), "--name", name, "--out", out_dir.to_str().unwrap()];
     args.extend_from_slice(extra);
-    let out = run("kmsctl", &args, b"");
+    let out = kmsctl_offline(&args);
     assert!(out.status.success(), "{}", stderr(&out));
     (out_dir.join(format!("{name}.pem")), out_dir.join(format!("{name}.key")))
 }
@@ -51,7 +51,7 @@ fn reconfigure(server: &mut Server, extra_toml: &str) {
 }
 
 fn seal_with(cfg: &Path) -> std::process::Output {
-    run("backup-hook", &["--client-config", cfg.to_str().unwrap(), "seal", "--keyring", "default", "--backup-id", "x"], b"data")
+    backup_hook(cfg, &["seal", "--keyring", "default", "--backup-id", "x"], b"data")
 }
 
 fn fingerprint(cert_pem: &Path) -> String {
@@ -335,8 +335,7 @@ async fn call(ch: Channel, rpc: Rpc, f: &Fixture, n: usize) -> Result<(), tonic:
 async fn every_rpc_by_every_role_matches_the_table() {
     let mut server = Server::start();
     reconfigure(&mut server, "\n[[grant]]\nprincipal = \"pacs-only\"\nroles = [\"sealer\", \"restorer\"]\nkeyrings = [\"pacs\"]\n");
-    let officer = server.client("officer");
-    let out = run("kmsctl", &["--client-config", officer.to_str().unwrap(), "keyring", "create", "pacs"], b"");
+    let out = server.kmsctl("officer", &["keyring", "create", "pacs"]);
     assert!(out.status.success(), "{}", stderr(&out));
     // A key to unwrap, and a real escrow manifest to install.
     let dev_pki = server.data_dir().join("pki/clients");
@@ -348,11 +347,7 @@ async fn every_rpc_by_every_role_matches_the_table() {
         .into_inner();
     let ceremony = server.dir.path().join("ceremony");
     let (a, b) = (age::x25519::Identity::generate(), age::x25519::Identity::generate());
-    let out = run(
-        "kmsctl",
-        &["escrow", "ceremony", "--threshold", "2", "--custodian", &format!("a={}", a.to_public()), "--custodian", &format!("b={}", b.to_public()), "--out", ceremony.to_str().unwrap()],
-        b"",
-    );
+    let out = kmsctl_offline(&["escrow", "ceremony", "--threshold", "2", "--custodian", &format!("a={}", a.to_public()), "--custodian", &format!("b={}", b.to_public()), "--out", s(&ceremony)]);
     assert!(out.status.success(), "{}", stderr(&out));
     let fixture = Fixture {
         key_id: issued.key_id.clone(),
@@ -400,48 +395,40 @@ async fn every_rpc_by_every_role_matches_the_table() {
 #[test]
 fn officer_grants_and_revokes_at_run_time_stored_and_audited() {
     let mut server = Server::start();
-    let officer = server.client("officer");
-    let o = officer.to_str().unwrap();
-    assert!(run("kmsctl", &["--client-config", o, "keyring", "create", "ehr-db"], b"").status.success());
+    assert!(server.kmsctl("officer", &["keyring", "create", "ehr-db"]).status.success());
     let (cert, key) = issue(&server, "backup02", &[]);
     let cfg = client_config(&server, "backup02", &cert, &key);
-    let seal_ehr = |cfg: &Path| {
-        run("backup-hook", &["--client-config", cfg.to_str().unwrap(), "seal", "--keyring", "ehr-db", "--backup-id", "e"], b"d")
-    };
+    let seal_ehr = |cfg: &Path| backup_hook(cfg, &["seal", "--keyring", "ehr-db", "--backup-id", "e"], b"d");
     assert_eq!(seal_ehr(&cfg).status.code(), Some(4), "no grant yet");
 
     // A sealer cannot grant itself anything.
-    let sealer = server.client("sealer");
-    let out = run("kmsctl", &["--client-config", sealer.to_str().unwrap(), "keyring", "grant", "ehr-db", "--principal", "sealer", "--role", "restorer"], b"");
+    let out = server.kmsctl("sealer", &["keyring", "grant", "ehr-db", "--principal", "sealer", "--role", "restorer"]);
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
 
-    let out = run("kmsctl", &["--client-config", o, "keyring", "grant", "ehr-db", "--principal", "backup02", "--role", "sealer"], b"");
+    let out = server.kmsctl("officer", &["keyring", "grant", "ehr-db", "--principal", "backup02", "--role", "sealer"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(seal_ehr(&cfg).status.success(), "granted at run time");
     // Only on that keyring, and only that role.
-    let out = run("backup-hook", &["--client-config", cfg.to_str().unwrap(), "seal", "--keyring", "default", "--backup-id", "e"], b"d");
+    let out = backup_hook(&cfg, &["seal", "--keyring", "default", "--backup-id", "e"], b"d");
     assert_eq!(out.status.code(), Some(4));
-    let out = run("kmsctl", &["--client-config", o, "keyring", "grants", "ehr-db", "--json"], b"");
+    let out = server.kmsctl("officer", &["keyring", "grants", "ehr-db", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v.as_array().unwrap().iter().any(|g| g["principal"] == "backup02" && g["role"] == "sealer" && g["source"] == "runtime"), "{v}");
-    let out = run("kmsctl", &["--client-config", o, "keyring", "grant", "ehr-db", "--principal", "backup02", "--role", "janitor"], b"");
+    let out = server.kmsctl("officer", &["keyring", "grant", "ehr-db", "--principal", "backup02", "--role", "janitor"]);
     assert!(stderr(&out).contains("invalid role"), "{}", stderr(&out));
 
     // Stored: survives a restart.
     server.restart();
     let cfg = client_config(&server, "backup02-2", &cert, &key);
     assert!(seal_ehr(&cfg).status.success(), "the grant was not stored");
-    let officer = server.client("officer");
-    let o = officer.to_str().unwrap();
-    let out = run("kmsctl", &["--client-config", o, "keyring", "revoke", "ehr-db", "--principal", "backup02", "--role", "sealer"], b"");
+    let out = server.kmsctl("officer", &["keyring", "revoke", "ehr-db", "--principal", "backup02", "--role", "sealer"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(seal_ehr(&cfg).status.code(), Some(4), "revoked at run time");
-    let out = run("kmsctl", &["--client-config", o, "keyring", "revoke", "ehr-db", "--principal", "backup02", "--role", "sealer"], b"");
+    let out = server.kmsctl("officer", &["keyring", "revoke", "ehr-db", "--principal", "backup02", "--role", "sealer"]);
     assert!(stderr(&out).contains("has no runtime grant"), "{}", stderr(&out));
 
     // Audited.
-    let auditor = server.client("auditor");
-    let out = run("kmsctl", &["--client-config", auditor.to_str().unwrap(), "audit", "export"], b"");
+    let out = server.kmsctl("auditor", &["audit", "export"]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(text.contains("\"action\":\"ChangeGrant\"") && text.contains("ok: granted sealer backup02") && text.contains("ok: revoked sealer backup02"), "{text}");
     assert!(text.lines().any(|l| l.contains("ChangeGrant") && l.contains("\"principal\":\"sealer\"") && l.contains("denied")));

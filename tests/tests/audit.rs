@@ -8,19 +8,12 @@ use kluis_proto::audit::{AuditRecord, ExportLine};
 use redb::ReadableTable;
 use kluis_tests::*;
 
-fn kmsctl_as(server: &Server, who: &str, args: &[&str]) -> std::process::Output {
-    let cfg = server.client(who);
-    let mut all = vec!["--client-config", cfg.to_str().unwrap()];
-    all.extend_from_slice(args);
-    run("kmsctl", &all, b"")
-}
-
 fn export(server: &Server, dir: &Path) -> (PathBuf, PathBuf) {
-    let out = kmsctl_as(server, "auditor", &["audit", "export"]);
+    let out = server.kmsctl("auditor", &["audit", "export"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let file = dir.join("audit.jsonl");
     std::fs::write(&file, &out.stdout).unwrap();
-    let out = kmsctl_as(server, "auditor", &["audit", "public-key"]);
+    let out = server.kmsctl("auditor", &["audit", "public-key"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let key = dir.join("audit.pub");
     std::fs::write(&key, &out.stdout).unwrap();
@@ -29,7 +22,7 @@ fn export(server: &Server, dir: &Path) -> (PathBuf, PathBuf) {
 
 /// Offline verification (no client config, no server).
 fn verify(file: &Path, key: &Path) -> std::process::Output {
-    run("kmsctl", &["audit", "verify", file.to_str().unwrap(), "--public-key", key.to_str().unwrap()], b"")
+    kmsctl_offline(&["audit", "verify", s(file), "--public-key", s(key)])
 }
 
 fn records(file: &Path) -> Vec<AuditRecord> {
@@ -47,9 +40,9 @@ fn mixed_requests(server: &Server) {
     let sealed = seal(server, "sealer", "default", "ehr/2026-11-22/full", b"backup");
     assert!(unseal(server, "restorer", &sealed).status.success());
     assert_eq!(unseal(server, "sealer", &sealed).status.code(), Some(4));
-    assert!(kmsctl_as(server, "officer", &["keyring", "create", "pacs"]).status.success());
-    assert_eq!(kmsctl_as(server, "sealer", &["keyring", "list"]).status.code(), Some(4));
-    assert!(kmsctl_as(server, "auditor", &["keyring", "list"]).status.success());
+    assert!(server.kmsctl("officer", &["keyring", "create", "pacs"]).status.success());
+    assert_eq!(server.kmsctl("sealer", &["keyring", "list"]).status.code(), Some(4));
+    assert!(server.kmsctl("auditor", &["keyring", "list"]).status.success());
 }
 
 fn rewrite(file: &Path, f: impl FnOnce(&mut Vec<String>)) -> PathBuf {
@@ -76,8 +69,7 @@ fn every_request_is_recorded_and_the_export_verifies_offline() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("audit trail intact"), "{}", String::from_utf8_lossy(&out.stdout));
     // Without a key file the key is fetched from the server.
-    let cfg = server.client("auditor");
-    let out = run("kmsctl", &["--client-config", cfg.to_str().unwrap(), "audit", "verify", file.to_str().unwrap()], b"");
+    let out = server.kmsctl("auditor", &["audit", "verify", s(&file)]);
     assert!(out.status.success(), "{}", stderr(&out));
 
     let recs = records(&file);
@@ -97,7 +89,7 @@ fn every_request_is_recorded_and_the_export_verifies_offline() {
     assert!(!std::fs::read_to_string(&file).unwrap().contains("plaintext"));
 
     // `audit tail` shows the newest entries.
-    let out = kmsctl_as(&server, "auditor", &["audit", "tail", "-n", "3"]);
+    let out = server.kmsctl("auditor", &["audit", "tail", "-n", "3"]);
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 3);
 }
@@ -199,17 +191,16 @@ fn when_the_audit_cannot_be_written_nothing_is_issued() {
     let mut server = Server::start();
     server.env.push(("KLUIS_TEST_FAIL_AUDIT".into(), "1".into()));
     server.restart();
-    let cfg = server.client("sealer");
-    let out = run("backup-hook", &["--client-config", cfg.to_str().unwrap(), "seal", "--keyring", "default", "--backup-id", "x"], b"d");
+    let out = server.backup_hook("sealer", &["seal", "--keyring", "default", "--backup-id", "x"], b"d");
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     assert!(stderr(&out).contains("audit trail cannot be written"), "{}", stderr(&out));
     assert!(out.stdout.is_empty());
-    let out = kmsctl_as(&server, "officer", &["keyring", "list"]);
+    let out = server.kmsctl("officer", &["keyring", "list"]);
     assert!(!out.status.success(), "reads are audited too");
     // Back to normal: nothing was issued while the audit was down.
     server.env.clear();
     server.restart();
-    let out = kmsctl_as(&server, "officer", &["keyring", "show", "default", "--json"]);
+    let out = server.kmsctl("officer", &["keyring", "show", "default", "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["issued_keys"], 0);

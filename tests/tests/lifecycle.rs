@@ -4,18 +4,12 @@
 //! by sleeping.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Output;
 
 use kluis_tests::*;
 
 const DAY: i64 = 86_400;
-
-fn ctl(cfg: &Path, args: &[&str]) -> Output {
-    let mut all = vec!["--client-config", cfg.to_str().unwrap()];
-    all.extend_from_slice(args);
-    run("kmsctl", &all, b"")
-}
 
 fn ok(o: &Output) -> String {
     assert!(o.status.success(), "exit {:?}: {}", o.status.code(), stderr(o));
@@ -43,18 +37,8 @@ impl World {
         let t0 = time::OffsetDateTime::now_utc().unix_timestamp();
         std::fs::write(&clock, t0.to_string()).unwrap();
         server.env.push(("KLUIS_TEST_CLOCK_FILE".into(), clock.to_str().unwrap().into()));
-        let pki = server.data_dir().join("pki");
-        ok(&run("kmsctl", &["cert", "issue", "--ca-dir", pki.to_str().unwrap(), "--name", "officer2"], b""));
-        let cfg = server.data_dir().join("server.toml");
-        let text = std::fs::read_to_string(&cfg).unwrap().replacen("version = 1\n", &format!("version = 1\n{top_level}"), 1);
-        std::fs::write(&cfg, text + "\n[[grant]]\nprincipal = \"officer2\"\nroles = [\"officer\"]\nkeyrings = [\"*\"]\n").unwrap();
-        server.restart();
-        let text = std::fs::read_to_string(server.client("officer"))
-            .unwrap()
-            .replace("officer.pem", "officer2.pem")
-            .replace("officer.key", "officer2.key");
-        let officer2 = server.dir.path().join("officer2.toml");
-        std::fs::write(&officer2, text).unwrap();
+        server.set_top_level(top_level);
+        let officer2 = server.add_officer("officer2");
         let officer = server.client("officer");
         World { server, clock, officer, officer2, t0 }
     }
@@ -69,10 +53,10 @@ impl World {
 
     /// The pending approval id printed by a destroy/remove request.
     fn approve_as_second(&self, out: &Output) -> String {
-        let text = ok(out);
-        let id = text.split("kmsctl approve ").nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or_else(|| panic!("no approval in {text}")).to_owned();
-        refused(&ctl(&self.officer, &["approve", &id]), 4, "a second, different officer must approve it");
-        let approved = ok(&ctl(&self.officer2, &["approve", &id]));
+        ok(out);
+        let id = approval_id(out);
+        refused(&kmsctl(&self.officer, &["approve", &id]), 4, "a second, different officer must approve it");
+        let approved = ok(&kmsctl(&self.officer2, &["approve", &id]));
         assert!(approved.contains("approved and carried out"), "{approved}");
         id
     }
@@ -86,7 +70,7 @@ fn key_id(sealed: &[u8]) -> String {
 }
 
 fn destruction_state(w: &World, id: u32) -> String {
-    let out = ok(&ctl(&w.server.client("auditor"), &["destruction", "list", "--json"]));
+    let out = ok(&w.server.kmsctl("auditor", &["destruction", "list", "--json"]));
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let d = v.as_array().unwrap().iter().find(|d| d["id"] == id).unwrap_or_else(|| panic!("no destruction {id} in {out}"));
     d["state"].as_str().unwrap().to_owned()
@@ -100,44 +84,44 @@ fn destruction_is_scheduled_cancelled_held_and_carried_out_after_the_wait() {
     let c = seal(&w.server, "sealer", "default", "ehr/c", b"backup c");
 
     // Not an officer: refused.
-    refused(&ctl(&w.server.client("restorer"), &["key", "destroy", &key_id(&a)]), 4, "may not DestroyKey");
+    refused(&w.server.kmsctl("restorer", &["key", "destroy", &key_id(&a)]), 4, "may not DestroyKey");
 
     // Before expiry (no retention: never expires): dual control, then the waiting period.
-    let out = ctl(&w.officer, &["key", "destroy", &key_id(&a)]);
+    let out = kmsctl(&w.officer, &["key", "destroy", &key_id(&a)]);
     w.approve_as_second(&out);
     assert_eq!(destruction_state(&w, 1), "scheduled");
-    let shown = ok(&ctl(&w.officer, &["key", "show", &key_id(&a)]));
+    let shown = ok(&kmsctl(&w.officer, &["key", "show", &key_id(&a)]));
     assert!(shown.contains("scheduled:  destruction 1"), "{shown}");
-    refused(&ctl(&w.officer, &["key", "destroy", &key_id(&a)]), 1, "already has destruction 1 scheduled");
+    refused(&kmsctl(&w.officer, &["key", "destroy", &key_id(&a)]), 1, "already has destruction 1 scheduled");
     assert_eq!(unseal(&w.server, "restorer", &a).stdout, b"backup a", "still inside the waiting period");
 
     // Cancelled: nothing happens even long after the due date.
-    ok(&ctl(&w.officer2, &["destruction", "cancel", "1"]));
+    ok(&kmsctl(&w.officer2, &["destruction", "cancel", "1"]));
     assert_eq!(destruction_state(&w, 1), "cancelled");
-    refused(&ctl(&w.officer, &["destruction", "cancel", "1"]), 1, "cannot be cancelled: it is cancelled");
+    refused(&kmsctl(&w.officer, &["destruction", "cancel", "1"]), 1, "cannot be cancelled: it is cancelled");
     w.set_time(w.t0 + 8 * DAY);
     assert_eq!(unseal(&w.server, "restorer", &a).stdout, b"backup a");
 
     // Scheduled, then held: the due date passes and nothing is destroyed.
-    let out = ctl(&w.officer, &["key", "destroy", &key_id(&b)]);
+    let out = kmsctl(&w.officer, &["key", "destroy", &key_id(&b)]);
     w.approve_as_second(&out);
-    ok(&ctl(&w.officer, &["keyring", "hold", "default", "--reason", "court order 2026-117"]));
-    refused(&ctl(&w.officer, &["key", "destroy", &key_id(&c)]), 1, "under legal hold");
+    ok(&kmsctl(&w.officer, &["keyring", "hold", "default", "--reason", "court order 2026-117"]));
+    refused(&kmsctl(&w.officer, &["key", "destroy", &key_id(&c)]), 1, "under legal hold");
     w.set_time(w.t0 + 20 * DAY);
     assert_eq!(destruction_state(&w, 2), "held");
     assert_eq!(unseal(&w.server, "restorer", &b).stdout, b"backup b", "a hold blocks a due destruction");
-    let shown = ok(&ctl(&w.officer, &["keyring", "show", "default"]));
+    let shown = ok(&kmsctl(&w.officer, &["keyring", "show", "default"]));
     assert!(shown.contains("legal hold:") && shown.contains("court order 2026-117"), "{shown}");
 
     // Released: the due destruction goes ahead, and the refusal names the date.
-    ok(&ctl(&w.officer, &["keyring", "release", "default"]));
-    refused(&ctl(&w.officer, &["keyring", "release", "default"]), 1, "has no legal hold to release");
+    ok(&kmsctl(&w.officer, &["keyring", "release", "default"]));
+    refused(&kmsctl(&w.officer, &["keyring", "release", "default"]), 1, "has no legal hold to release");
     let out = unseal(&w.server, "restorer", &b);
     let day = &w.date(w.t0 + 20 * DAY)[..10];
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
     assert!(stderr(&out).contains(&format!("was destroyed on {day}")), "{}", stderr(&out));
     assert_eq!(destruction_state(&w, 2), "destroyed");
-    let shown = ok(&ctl(&w.server.client("auditor"), &["key", "show", &key_id(&b)]));
+    let shown = ok(&w.server.kmsctl("auditor", &["key", "show", &key_id(&b)]));
     assert!(shown.contains(&format!("state:      destroyed on {day}")), "{shown}");
     // A tombstone stays: the record, and the refusal, survive a restart.
     let mut server = w.server;
@@ -147,25 +131,25 @@ fn destruction_is_scheduled_cancelled_held_and_carried_out_after_the_wait() {
     assert_eq!(unseal(&server, "restorer", &c).stdout, b"backup c", "other keys are untouched");
     // Every step is in the audit trail, which still verifies.
     let export = server.dir.path().join("audit.jsonl");
-    let text = ok(&ctl(&server.client("auditor"), &["audit", "export"]));
+    let text = ok(&server.kmsctl("auditor", &["audit", "export"]));
     std::fs::write(&export, &text).unwrap();
     assert!(text.contains("\"action\":\"DestroyKey\"") && text.contains("\"principal\":\"kms-server\""), "{text}");
     assert!(text.contains("\"action\":\"SetLegalHold\"") && text.contains("\"action\":\"CancelDestruction\""));
-    ok(&ctl(&server.client("auditor"), &["audit", "verify", export.to_str().unwrap()]));
+    ok(&server.kmsctl("auditor", &["audit", "verify", export.to_str().unwrap()]));
 }
 
 #[test]
 fn expired_keys_are_destroyed_by_the_server_and_after_expiry_one_officer_suffices() {
     // The scheduled sweep runs at start and then hourly: the test restarts to run it.
     let w = World::new("maintenance_interval_secs = 3600\n");
-    ok(&ctl(&w.officer, &["keyring", "create", "short", "--retention-days", "1"]));
+    ok(&kmsctl(&w.officer, &["keyring", "create", "short", "--retention-days", "1"]));
     for role in ["sealer", "restorer"] {
-        ok(&ctl(&w.officer, &["keyring", "grant", "short", "--principal", role, "--role", role]));
+        ok(&kmsctl(&w.officer, &["keyring", "grant", "short", "--principal", role, "--role", role]));
     }
     let x = seal(&w.server, "sealer", "short", "short/x", b"x");
     let y = seal(&w.server, "sealer", "short", "short/y", b"y");
     let kept = seal(&w.server, "sealer", "default", "default/kept", b"kept");
-    let shown = ok(&ctl(&w.officer, &["key", "show", &key_id(&x), "--json"]));
+    let shown = ok(&kmsctl(&w.officer, &["key", "show", &key_id(&x), "--json"]));
     let v: serde_json::Value = serde_json::from_str(&shown).unwrap();
     let expires = v["expires_unix"].as_i64().unwrap();
     assert!((expires - (w.t0 + DAY)).abs() < 120, "expiry = issue + retention: {shown}");
@@ -174,9 +158,9 @@ fn expired_keys_are_destroyed_by_the_server_and_after_expiry_one_officer_suffice
     w.set_time(w.t0 + 2 * DAY);
     let mut w = w;
     w.server.restart();
-    let shown = ok(&ctl(&w.server.client("auditor"), &["key", "show", &key_id(&x)]));
+    let shown = ok(&w.server.kmsctl("auditor", &["key", "show", &key_id(&x)]));
     assert!(shown.contains("state:      destroyed on"), "{shown}");
-    let list = ok(&ctl(&w.server.client("auditor"), &["destruction", "list"]));
+    let list = ok(&w.server.kmsctl("auditor", &["destruction", "list"]));
     assert!(list.contains("expiry") && list.contains(&key_id(&x)), "{list}");
     assert_eq!(unseal(&w.server, "restorer", &kept).stdout, b"kept", "keys of a keyring without retention stay");
     refused(&unseal(&w.server, "restorer", &x), 4, "was destroyed on");
@@ -185,7 +169,7 @@ fn expired_keys_are_destroyed_by_the_server_and_after_expiry_one_officer_suffice
     // A key that expired but that the sweep has not reached yet: one officer schedules it.
     let z = seal(&w.server, "sealer", "short", "short/z", b"z");
     w.set_time(w.t0 + 4 * DAY);
-    let out = ok(&ctl(&w.officer, &["key", "destroy", &key_id(&z)]));
+    let out = ok(&kmsctl(&w.officer, &["key", "destroy", &key_id(&z)]));
     assert!(out.contains("scheduled for"), "no approval needed after expiry: {out}");
     // Meanwhile an unwrap meets the expired key and destroys it then and there.
     refused(&unseal(&w.server, "restorer", &z), 4, "was destroyed on");
@@ -194,28 +178,28 @@ fn expired_keys_are_destroyed_by_the_server_and_after_expiry_one_officer_suffice
 #[test]
 fn a_keyring_is_destroyed_under_dual_control_and_rotates_on_its_period() {
     let w = World::new("");
-    ok(&ctl(&w.officer, &["keyring", "create", "pacs", "--rotation-period-days", "30"]));
+    ok(&kmsctl(&w.officer, &["keyring", "create", "pacs", "--rotation-period-days", "30"]));
     for role in ["sealer", "restorer"] {
-        ok(&ctl(&w.officer, &["keyring", "grant", "pacs", "--principal", role, "--role", role]));
+        ok(&kmsctl(&w.officer, &["keyring", "grant", "pacs", "--principal", role, "--role", role]));
     }
     let p1 = seal(&w.server, "sealer", "pacs", "pacs/1", b"p1");
-    let shown = ok(&ctl(&w.officer, &["keyring", "show", "pacs"]));
+    let shown = ok(&kmsctl(&w.officer, &["keyring", "show", "pacs"]));
     assert!(shown.contains("current version: 1") && shown.contains("rotation:        every 30 days"), "{shown}");
 
     // The period passes: the server rotates by itself (the next issuance meets it first).
     w.set_time(w.t0 + 31 * DAY);
     let p2 = seal(&w.server, "sealer", "pacs", "pacs/2", b"p2");
-    let shown = ok(&ctl(&w.officer, &["keyring", "show", "pacs", "--json"]));
+    let shown = ok(&kmsctl(&w.officer, &["keyring", "show", "pacs", "--json"]));
     let v: serde_json::Value = serde_json::from_str(&shown).unwrap();
     assert_eq!(v["current_version"], 2, "{shown}");
     assert_eq!(v["next_rotation_unix"].as_i64().unwrap(), w.t0 + 61 * DAY, "{shown}");
     assert_eq!(unseal(&w.server, "restorer", &p1).stdout, b"p1", "old versions keep unsealing");
-    let audit = ok(&ctl(&w.server.client("auditor"), &["audit", "tail", "-n", "50"]));
+    let audit = ok(&w.server.kmsctl("auditor", &["audit", "tail", "-n", "50"]));
     assert!(audit.lines().any(|l| l.contains("kms-server") && l.contains("RotateKeyring") && l.contains("rotation period reached")), "{audit}");
 
     // Destroying a keyring always needs a second officer, then waits.
-    refused(&ctl(&w.server.client("auditor"), &["keyring", "destroy", "pacs"]), 4, "may not DestroyKeyring");
-    let out = ctl(&w.officer, &["keyring", "destroy", "pacs"]);
+    refused(&w.server.kmsctl("auditor", &["keyring", "destroy", "pacs"]), 4, "may not DestroyKeyring");
+    let out = kmsctl(&w.officer, &["keyring", "destroy", "pacs"]);
     w.approve_as_second(&out);
     assert_eq!(unseal(&w.server, "restorer", &p2).stdout, b"p2", "inside the waiting period");
     w.set_time(w.t0 + 39 * DAY);
@@ -226,9 +210,9 @@ fn a_keyring_is_destroyed_under_dual_control_and_rotates_on_its_period() {
     let out = run_env("backup-hook", &["seal", "--keyring", "pacs", "--backup-id", "pacs/3"], b"p3", &[("KLUIS_CLIENT_CONFIG", &w.server.client("sealer"))]);
     assert_ne!(out.status.code(), Some(0));
     assert!(stderr(&out).contains("was destroyed on"), "{}", stderr(&out));
-    let shown = ok(&ctl(&w.officer, &["keyring", "show", "pacs"]));
+    let shown = ok(&kmsctl(&w.officer, &["keyring", "show", "pacs"]));
     assert!(shown.contains("DESTROYED:"), "{shown}");
-    refused(&ctl(&w.officer, &["keyring", "create", "pacs"]), 1, "already exists");
+    refused(&kmsctl(&w.officer, &["keyring", "create", "pacs"]), 1, "already exists");
     // The default keyring is untouched.
     let d = seal(&w.server, "sealer", "default", "d", b"d");
     assert_eq!(unseal(&w.server, "restorer", &d).stdout, b"d");

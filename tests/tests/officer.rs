@@ -6,13 +6,6 @@ use kluis_tests::*;
 
 per_provider!(rotation_adds_a_version_and_old_backups_still_unseal, master_rotation_rewraps_keyring_keys_only);
 
-fn kmsctl_as(server: &Server, who: &str, args: &[&str]) -> std::process::Output {
-    let cfg = server.client(who);
-    let mut all = vec!["--client-config", cfg.to_str().unwrap()];
-    all.extend_from_slice(args);
-    run("kmsctl", &all, b"")
-}
-
 /// The keyring version inside a sealed file's Kluis stanza (wrapped key byte 1..5).
 fn stanza_version(sealed: &[u8]) -> u32 {
     let text = String::from_utf8_lossy(&sealed[..sealed.windows(4).position(|w| w == b"\n---").unwrap() + 1]).into_owned();
@@ -32,9 +25,9 @@ fn rotation_adds_a_version_and_old_backups_still_unseal(p: Provider) {
     let server = Server::start_with(p);
     let before = seal(&server, "sealer", "default", "before-rotation", b"old backup");
     assert_eq!(stanza_version(&before), 1);
-    let out = kmsctl_as(&server, "sealer", &["keyring", "rotate", "default"]);
+    let out = server.kmsctl("sealer", &["keyring", "rotate", "default"]);
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
-    let out = kmsctl_as(&server, "officer", &["keyring", "rotate", "default"]);
+    let out = server.kmsctl("officer", &["keyring", "rotate", "default"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("current version: 2"), "{}", String::from_utf8_lossy(&out.stdout));
     let after = seal(&server, "sealer", "default", "after-rotation", b"new backup");
@@ -44,7 +37,7 @@ fn rotation_adds_a_version_and_old_backups_still_unseal(p: Provider) {
         assert!(out.status.success(), "{}", stderr(&out));
         assert_eq!(out.stdout, plain);
     }
-    let out = kmsctl_as(&server, "auditor", &["keyring", "show", "default", "--json"]);
+    let out = server.kmsctl("auditor", &["keyring", "show", "default", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["current_version"], 2);
     assert_eq!(v["versions"].as_array().unwrap().len(), 2);
@@ -53,10 +46,10 @@ fn rotation_adds_a_version_and_old_backups_still_unseal(p: Provider) {
 fn master_rotation_rewraps_keyring_keys_only(p: Provider) {
     let mut server = Server::start_with(p);
     let before = seal(&server, "sealer", "default", "before-master-rotation", b"old backup");
-    let out = kmsctl_as(&server, "auditor", &["master", "rotate"]);
+    let out = server.kmsctl("auditor", &["master", "rotate"]);
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
     assert!(stderr(&out).contains("may not RotateMaster"), "{}", stderr(&out));
-    let out = kmsctl_as(&server, "officer", &["master", "rotate"]);
+    let out = server.kmsctl("officer", &["master", "rotate"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(text.contains("master key generation 2 in force") && text.contains(".g2"), "{text}");
@@ -66,7 +59,7 @@ fn master_rotation_rewraps_keyring_keys_only(p: Provider) {
         assert_eq!(unseal(&server, "restorer", sealed).stdout, plain);
     }
     // A second rotation, then a restart: the server opens the store's generation.
-    assert!(kmsctl_as(&server, "officer", &["master", "rotate"]).status.success());
+    assert!(server.kmsctl("officer", &["master", "rotate"]).status.success());
     if p == Provider::Software {
         // The software key files of generations 1 and 2 are no longer needed by this store.
         let key = server.data_dir().join("master.key");
@@ -92,10 +85,10 @@ fn master_rotation_rewraps_keyring_keys_only(p: Provider) {
         assert!(out.status.success(), "{}", stderr(&out));
         assert_eq!(out.stdout, plain);
     }
-    let report = kmsctl_as(&server, "auditor", &["report", "--format", "json"]);
+    let report = server.kmsctl("auditor", &["report", "--format", "json"]);
     let v: serde_json::Value = serde_json::from_slice(&report.stdout).unwrap();
     assert_eq!(v["master"]["generation"], 3, "{v}");
-    let out = kmsctl_as(&server, "auditor", &["audit", "tail", "-n", "100"]);
+    let out = server.kmsctl("auditor", &["audit", "tail", "-n", "100"]);
     let trail = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(trail.lines().filter(|l| l.contains("RotateMaster") && l.contains("ok: master key generation")).count(), 2, "{trail}");
 }
@@ -108,10 +101,8 @@ fn verify_is_a_recorded_restore_test_that_writes_no_plaintext() {
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("good.age");
     std::fs::write(&good, &sealed).unwrap();
-    let restorer = server.client("restorer");
-    let r = restorer.to_str().unwrap();
 
-    let out = run("backup-hook", &["--client-config", r, "verify", "-i", good.to_str().unwrap(), "--host", "restore01"], b"");
+    let out = server.backup_hook("restorer", &["verify", "-i", s(&good), "--host", "restore01"], b"");
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(out.stdout.is_empty(), "verify writes no plaintext");
     assert!(stderr(&out).contains("verified 200000 bytes") && stderr(&out).contains("restore test recorded"), "{}", stderr(&out));
@@ -121,18 +112,17 @@ fn verify_is_a_recorded_restore_test_that_writes_no_plaintext() {
     bad[n - 500] ^= 1;
     let badf = dir.path().join("bad.age");
     std::fs::write(&badf, &bad).unwrap();
-    let out = run("backup-hook", &["--client-config", r, "verify", "-i", badf.to_str().unwrap(), "--host", "restore01"], b"");
+    let out = server.backup_hook("restorer", &["verify", "-i", s(&badf), "--host", "restore01"], b"");
     assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
     assert!(stderr(&out).contains("payload is damaged") && stderr(&out).contains("failed restore test recorded"), "{}", stderr(&out));
     assert!(out.stdout.is_empty());
 
     // A sealer cannot run restore tests (it cannot unwrap).
-    let s = server.client("sealer");
-    let out = run("backup-hook", &["--client-config", s.to_str().unwrap(), "verify", "-i", good.to_str().unwrap()], b"");
+    let out = server.backup_hook("sealer", &["verify", "-i", s(&good)], b"");
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
 
     // Both tests are in the audit trail with the backup id from the registry.
-    let out = kmsctl_as(&server, "auditor", &["audit", "export"]);
+    let out = server.kmsctl("auditor", &["audit", "export"]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let tests: Vec<&str> =
         text.lines().filter(|l| l.contains("\"action\":\"RecordRestoreTest\"") && l.contains("\"outcome\":\"ok: ")).collect();

@@ -439,26 +439,17 @@ fn element_scanner_sees_through_quoted_attributes() {
     assert_eq!(names, ["p", "script"]);
 }
 
-fn kmsctl_as(server: &kluis_tests::Server, who: &str, args: &[&str]) -> std::process::Output {
-    let cfg = server.client(who);
-    let mut all = vec!["--client-config", cfg.to_str().unwrap()];
-    all.extend_from_slice(args);
-    kluis_tests::run("kmsctl", &all, b"")
-}
-
 /// The report of a real server after a scripted scenario: every field the issue
 /// names, from JSON, and the HTML form of the same report in Chromium.
 #[test]
 fn report_of_a_scripted_scenario_from_a_real_server() {
-    use kluis_tests::{Server, run, seal, stderr, unseal};
+    use kluis_tests::{Server, s, seal, stderr, unseal};
     let server = Server::start();
-    let officer = server.client("officer");
-    let o = officer.to_str().unwrap();
-    assert!(run("kmsctl", &["--client-config", o, "keyring", "create", "pacs", "--retention-days", "30", "--rotation-period-days", "90"], b"").status.success());
+    assert!(server.kmsctl("officer", &["keyring", "create", "pacs", "--retention-days", "30", "--rotation-period-days", "90"]).status.success());
     let a = seal(&server, "sealer", "default", "ehr/2026-11-23/full", b"backup a");
     let b = seal(&server, "sealer", "default", "ehr/2026-11-23/incr", b"backup b");
     let c = seal(&server, "sealer", "default", HOSTILE_BACKUP_ID, b"backup c");
-    assert!(kmsctl_as(&server, "officer", &["keyring", "rotate", "default"]).status.success());
+    assert!(server.kmsctl("officer", &["keyring", "rotate", "default"]).status.success());
 
     // A restore test that passes, and one that fails (a damaged copy of b).
     let dir = server.dir.path();
@@ -468,10 +459,8 @@ fn report_of_a_scripted_scenario_from_a_real_server() {
     let n = damaged.len();
     damaged[n - 5] ^= 1;
     std::fs::write(&bad, &damaged).unwrap();
-    let r = server.client("restorer");
-    let r = r.to_str().unwrap();
-    assert!(run("backup-hook", &["--client-config", r, "verify", "-i", good.to_str().unwrap(), "--host", "restore01"], b"").status.success());
-    assert_eq!(run("backup-hook", &["--client-config", r, "verify", "-i", bad.to_str().unwrap(), "--host", "restore01"], b"").status.code(), Some(5));
+    assert!(server.backup_hook("restorer", &["verify", "-i", s(&good), "--host", "restore01"], b"").status.success());
+    assert_eq!(server.backup_hook("restorer", &["verify", "-i", s(&bad), "--host", "restore01"], b"").status.code(), Some(5));
     // A refused unwrap (the sealer is write-only) and a failed one (altered wrapped key).
     assert_eq!(unseal(&server, "sealer", &c).status.code(), Some(4));
     let mut altered = c.clone();
@@ -480,11 +469,11 @@ fn report_of_a_scripted_scenario_from_a_real_server() {
     altered[line2 + 10] = if altered[line2 + 10] == b'A' { b'B' } else { b'A' };
     assert_eq!(unseal(&server, "restorer", &altered).status.code(), Some(5));
     // A pending destruction (dual control) and a legal hold on another keyring.
-    let out = kmsctl_as(&server, "officer", &["keyring", "destroy", "default"]);
+    let out = server.kmsctl("officer", &["keyring", "destroy", "default"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(kmsctl_as(&server, "officer", &["keyring", "hold", "pacs", "--reason", "inspection IGJ-2026-4"]).status.success());
+    assert!(server.kmsctl("officer", &["keyring", "hold", "pacs", "--reason", "inspection IGJ-2026-4"]).status.success());
 
-    let out = kmsctl_as(&server, "auditor", &["report", "--format", "json"]);
+    let out = server.kmsctl("auditor", &["report", "--format", "json"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let rep: Report = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(rep.format, REPORT_FORMAT);
@@ -515,23 +504,23 @@ fn report_of_a_scripted_scenario_from_a_real_server() {
     assert_eq!(p.legal_hold.as_ref().unwrap().reason, "inspection IGJ-2026-4");
 
     // --since in the future: no events, the standing facts remain.
-    let out = kmsctl_as(&server, "auditor", &["report", "--format", "json", "--since", "2999-01-01T00:00:00Z"]);
+    let out = server.kmsctl("auditor", &["report", "--format", "json", "--since", "2999-01-01T00:00:00Z"]);
     let later: Report = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(later.keyrings[0].keys_issued, 0);
     assert_eq!(later.keyrings[0].keys_issued_total, 3);
     assert!(later.keyrings[0].deviations.is_empty() && later.keyrings[0].rotations.is_empty());
-    let out = kmsctl_as(&server, "auditor", &["report", "--since", "yesterday"]);
+    let out = server.kmsctl("auditor", &["report", "--since", "yesterday"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("since"), "{}", stderr(&out));
-    let out = kmsctl_as(&server, "auditor", &["report", "--format", "pdf"]);
+    let out = server.kmsctl("auditor", &["report", "--format", "pdf"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("pdf"), "{}", stderr(&out));
-    assert_eq!(kmsctl_as(&server, "sealer", &["report"]).status.code(), Some(4));
+    assert_eq!(server.kmsctl("sealer", &["report"]).status.code(), Some(4));
 
     // Text and HTML of the same server.
-    let text = String::from_utf8(kmsctl_as(&server, "auditor", &["report"]).stdout).unwrap();
+    let text = String::from_utf8(server.kmsctl("auditor", &["report"]).stdout).unwrap();
     assert!(text.contains("restore-test-failed") && text.contains("inspection IGJ-2026-4"), "{text}");
-    let out = kmsctl_as(&server, "auditor", &["report", "--format", "html"]);
+    let out = server.kmsctl("auditor", &["report", "--format", "html"]);
     assert!(out.status.success());
     let html = dir.join("report.html");
     std::fs::write(&html, &out.stdout).unwrap();

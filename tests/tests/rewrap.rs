@@ -8,41 +8,20 @@ use std::process::Output;
 
 use kluis_tests::*;
 
-fn ctl(cfg: &Path, args: &[&str]) -> Output {
-    let mut all = vec!["--client-config", cfg.to_str().unwrap()];
-    all.extend_from_slice(args);
-    run("kmsctl", &all, b"")
-}
-
-fn hook(server: &Server, identity: &str, args: &[&str], stdin: &[u8]) -> Output {
-    let cfg = server.client(identity);
-    let mut all = vec!["--client-config", cfg.to_str().unwrap()];
-    all.extend_from_slice(args);
-    run("backup-hook", &all, stdin)
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
 /// Seals `data` into the file `path` as the sealer.
 fn seal_to(server: &Server, path: &Path, backup_id: &str, data: &[u8]) {
-    let out = hook(server, "sealer", &["seal", "--keyring", "default", "--backup-id", backup_id, "-o", p(path)], data);
+    let out = server.backup_hook("sealer", &["seal", "--keyring", "default", "--backup-id", backup_id, "-o", s(path)], data);
     assert!(out.status.success(), "seal: {}", stderr(&out));
 }
 
 fn rewrap(server: &Server, identity: &str, files: &[&Path]) -> Output {
     let mut args = vec!["rewrap"];
-    args.extend(files.iter().map(|f| p(f)));
-    hook(server, identity, &args, b"")
+    args.extend(files.iter().map(|f| s(f)));
+    server.backup_hook(identity, &args, b"")
 }
 
 fn rotate(server: &Server) {
-    let out = ctl(&server.client("officer"), &["keyring", "rotate", "default"]);
+    let out = server.kmsctl("officer", &["keyring", "rotate", "default"]);
     assert!(out.status.success(), "rotate: {}", stderr(&out));
 }
 
@@ -62,29 +41,12 @@ fn tamper_mac(bytes: &mut [u8]) {
     bytes[m] = if bytes[m] == b'A' { b'B' } else { b'A' };
 }
 
-/// A second officer for dual control (as in dual_control.rs).
-fn second_officer(server: &mut Server) -> PathBuf {
-    let pki = server.data_dir().join("pki");
-    let out = run("kmsctl", &["cert", "issue", "--ca-dir", p(&pki), "--name", "officer2"], b"");
-    assert!(out.status.success(), "{}", stderr(&out));
-    let cfg = server.data_dir().join("server.toml");
-    let text = std::fs::read_to_string(&cfg).unwrap();
-    std::fs::write(&cfg, text + "\n[[grant]]\nprincipal = \"officer2\"\nroles = [\"officer\"]\nkeyrings = [\"*\"]\n").unwrap();
-    server.restart();
-    let text = std::fs::read_to_string(server.client("officer")).unwrap().replace("officer.pem", "officer2.pem").replace("officer.key", "officer2.key");
-    let path = server.dir.path().join("officer2.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
 /// Retires the versions below `below` of `default` under dual control.
 fn retire(server: &Server, officer2: &Path, below: &str) {
-    let out = ctl(&server.client("officer"), &["keyring", "retire", "default", "--below-version", below]);
+    let out = server.kmsctl("officer", &["keyring", "retire", "default", "--below-version", below]);
     assert!(out.status.success(), "retire: {}", stderr(&out));
-    let text = stdout(&out);
-    let id = text.split("kmsctl approve ").nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or_else(|| panic!("no approval id in {text:?}"));
-    let id = id.trim_end_matches(|c: char| !c.is_ascii_digit()).to_owned();
-    let out = ctl(officer2, &["approve", &id]);
+    let id = approval_id(&out);
+    let out = kmsctl(officer2, &["approve", &id]);
     assert!(out.status.success(), "approve: {}", stderr(&out));
 }
 
@@ -93,7 +55,7 @@ const BIG: u64 = 100 << 20;
 #[test]
 fn rotate_rewrap_a_100_mib_file_then_retire() {
     let mut server = Server::start();
-    let officer2 = second_officer(&mut server);
+    let officer2 = server.add_officer("officer2");
     let dir = tempfile::tempdir().unwrap();
     let old = dir.path().join("old.age");
     let big = dir.path().join("big.age");
@@ -113,7 +75,7 @@ fn rotate_rewrap_a_100_mib_file_then_retire() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("already current (keyring default version 2)"), "{}", stdout(&out));
     // Old seals still unseal.
-    let out = hook(&server, "restorer", &["unseal", "-i", p(&old)], b"");
+    let out = server.backup_hook("restorer", &["unseal", "-i", s(&old)], b"");
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(out.stdout, b"old backup");
 
@@ -125,7 +87,7 @@ fn rotate_rewrap_a_100_mib_file_then_retire() {
     drop(before);
     let out = rewrap(&server, "restorer", &[&big]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(stdout(&out).trim(), format!("rewrapped {}: keyring default version 1 -> 2", p(&big)));
+    assert_eq!(stdout(&out).trim(), format!("rewrapped {}: keyring default version 1 -> 2", s(&big)));
     assert!(!journal_of(&big).exists());
     let after = std::fs::read(&big).unwrap();
     assert_eq!(std::fs::metadata(&big).unwrap().ino(), ino, "rewritten in place, not replaced");
@@ -136,14 +98,14 @@ fn rotate_rewrap_a_100_mib_file_then_retire() {
     let out = rewrap(&server, "restorer", &[&big]);
     assert!(stdout(&out).contains("already current (keyring default version 2)"), "{}", stdout(&out));
     let restored = dir.path().join("big.out");
-    let out = hook(&server, "restorer", &["unseal", "-i", p(&big), "-o", p(&restored)], b"");
+    let out = server.backup_hook("restorer", &["unseal", "-i", s(&big), "-o", s(&restored)], b"");
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(digest_reader(std::fs::File::open(&restored).unwrap()), (plain_digest.clone(), BIG));
     std::fs::remove_file(&restored).unwrap();
 
     // Retire version 1 (two officers): the un-rewrapped old file is refused, clearly.
     retire(&server, &officer2, "2");
-    let out = hook(&server, "restorer", &["unseal", "-i", p(&old)], b"");
+    let out = server.backup_hook("restorer", &["unseal", "-i", s(&old)], b"");
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
     assert!(stderr(&out).contains("version 1 is retired"), "{}", stderr(&out));
     let old_bytes = std::fs::read(&old).unwrap();
@@ -152,7 +114,7 @@ fn rotate_rewrap_a_100_mib_file_then_retire() {
     assert!(stderr(&out).contains("retired") && stderr(&out).contains("recovery key"), "{}", stderr(&out));
     assert_eq!(std::fs::read(&old).unwrap(), old_bytes);
     // The rewrapped file still opens.
-    let out = hook(&server, "restorer", &["unseal", "-i", p(&big), "-o", p(&restored)], b"");
+    let out = server.backup_hook("restorer", &["unseal", "-i", s(&big), "-o", s(&restored)], b"");
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(digest_reader(std::fs::File::open(&restored).unwrap()), (plain_digest, BIG));
 }
@@ -165,7 +127,7 @@ fn an_already_current_file_is_not_written() {
     seal_to(&server, &f, "a", b"payload");
     let bytes = std::fs::read(&f).unwrap();
     let m = std::fs::metadata(&f).unwrap();
-    let out = hook(&server, "restorer", &["rewrap", "-i", p(&f)], b"");
+    let out = server.backup_hook("restorer", &["rewrap", "-i", s(&f)], b"");
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("already current (keyring default version 1)"), "{}", stdout(&out));
     let m2 = std::fs::metadata(&f).unwrap();
@@ -226,7 +188,7 @@ fn a_journal_left_by_a_crash_is_completed() {
     std::fs::write(&f, &torn).unwrap();
     std::fs::write(journal_of(&f), &done[..h]).unwrap();
     // The torn file does not open as it is.
-    let out = hook(&server, "restorer", &["unseal", "-i", p(&f)], b"");
+    let out = server.backup_hook("restorer", &["unseal", "-i", s(&f)], b"");
     assert!(!out.status.success());
 
     let out = rewrap(&server, "restorer", &[&f]);
@@ -234,7 +196,7 @@ fn a_journal_left_by_a_crash_is_completed() {
     assert!(stdout(&out).contains("completed an interrupted rewrap from its journal"), "{}", stdout(&out));
     assert_eq!(std::fs::read(&f).unwrap(), done);
     assert!(!journal_of(&f).exists());
-    let out = hook(&server, "restorer", &["unseal", "-i", p(&f)], b"");
+    let out = server.backup_hook("restorer", &["unseal", "-i", s(&f)], b"");
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(out.stdout, data);
 }
@@ -253,14 +215,14 @@ fn a_batch_with_one_bad_file_fails_and_does_the_others() {
     std::fs::write(&files[1], &bad).unwrap();
 
     // All three forms: an argument, -i, and --files-from on stdin.
-    let list = format!("{}\n", p(&files[2]));
-    let out = hook(&server, "restorer", &["rewrap", p(&files[0]), "-i", p(&files[1]), "--files-from", "-"], list.as_bytes());
+    let list = format!("{}\n", s(&files[2]));
+    let out = server.backup_hook("restorer", &["rewrap", s(&files[0]), "-i", s(&files[1]), "--files-from", "-"], list.as_bytes());
     assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
     assert!(stderr(&out).contains("1 of 3 file(s) failed"), "{}", stderr(&out));
-    assert!(stderr(&out).contains(&format!("{}: the header of the sealed file was altered", p(&files[1]))), "{}", stderr(&out));
+    assert!(stderr(&out).contains(&format!("{}: the header of the sealed file was altered", s(&files[1]))), "{}", stderr(&out));
     for i in [0, 2] {
-        assert!(stdout(&out).contains(&format!("rewrapped {}: keyring default version 1 -> 2", p(&files[i]))), "{}", stdout(&out));
-        let o = hook(&server, "restorer", &["unseal", "-i", p(&files[i])], b"");
+        assert!(stdout(&out).contains(&format!("rewrapped {}: keyring default version 1 -> 2", s(&files[i]))), "{}", stdout(&out));
+        let o = server.backup_hook("restorer", &["unseal", "-i", s(&files[i])], b"");
         assert!(o.status.success(), "{}", stderr(&o));
         assert_eq!(o.stdout, format!("backup {i}").as_bytes());
     }
