@@ -281,11 +281,57 @@ pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// Asserts `what` succeeded; on failure shows its exit code, stdout and stderr.
+pub fn ok(o: &Output, what: &str) {
+    assert!(o.status.success(), "{what} failed ({:?}):\nstdout: {}\nstderr: {}", o.status.code(), stdout(o), stderr(o));
+}
+
+/// Asserts a failure with exit code `code` whose stderr contains every needle; returns stderr.
+pub fn refused(o: &Output, code: i32, needles: &[&str]) -> String {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(code), "stdout: {}\nstderr: {err}", stdout(o));
+    for n in needles {
+        assert!(err.contains(n), "expected {n:?} in: {err}");
+    }
+    err
+}
+
+/// Stricter than [`refused`]: also exactly one line on stderr and nothing on stdout.
+pub fn refused_one_line(o: &Output, code: i32, needles: &[&str]) -> String {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(code), "stdout: {}\nstderr: {err}", stdout(o));
+    assert!(o.stdout.is_empty(), "stdout on failure: {:?}", stdout(o));
+    assert_eq!(err.lines().count(), 1, "one line on stderr: {err}");
+    for n in needles {
+        assert!(err.contains(n), "expected {n:?} in: {err}");
+    }
+    err
+}
+
 /// The approval request id in what a dual-control request printed ("... kmsctl approve ID ...").
 pub fn approval_id(o: &Output) -> String {
     let text = stdout(o);
     let id = text.split("kmsctl approve ").nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or_else(|| panic!("no approval id in {text:?}"));
     id.trim_end_matches(|c: char| !c.is_ascii_digit()).to_owned()
+}
+
+/// The age header of a sealed file (up to the MAC line).
+pub fn header(sealed: &[u8]) -> String {
+    let end = sealed.windows(4).position(|w| w == b"\n---").unwrap();
+    String::from_utf8_lossy(&sealed[..end]).into_owned()
+}
+
+/// The permission bits of a file.
+pub fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+/// `len` deterministic pseudo-random bytes (see [`Pattern`]).
+pub fn sample(seed: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    Pattern::new(seed, len as u64).read_exact(&mut v).unwrap();
+    v
 }
 
 /// Deterministic pseudo-random bytes (xorshift), for big streams without big buffers.

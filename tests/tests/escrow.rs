@@ -16,44 +16,12 @@ use kluis_tests::*;
 // helpers
 // ---------------------------------------------------------------------------------------
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn out_text(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn sample(seed: u64, len: usize) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    Pattern::new(seed, len as u64).read_exact(&mut v).unwrap();
-    v
-}
-
 /// Runs a stock system command (`age`, `age-keygen`).
 fn stock(cmd: &str, args: &[&str]) -> Output {
     Command::new(cmd)
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("`{cmd}` could not be run ({e}); install it with `apt-get install age`"))
-}
-
-fn kmsctl(args: &[&str]) -> Output {
-    run("kmsctl", args, b"")
-}
-
-fn ok(o: &Output, what: &str) {
-    assert!(o.status.success(), "{what} failed ({:?}): {}{}", o.status.code(), out_text(o), stderr(o));
-}
-
-/// Asserts a failure with exit code `code` whose standard error contains every needle.
-fn refused(o: &Output, code: i32, needles: &[&str]) -> String {
-    let err = stderr(o);
-    assert_eq!(o.status.code(), Some(code), "stdout: {}\nstderr: {err}", out_text(o));
-    for n in needles {
-        assert!(err.contains(n), "expected {n:?} in: {err}");
-    }
-    err
 }
 
 /// One custodian: a name, their own age identity file (made by the stock `age-keygen`) and
@@ -69,7 +37,7 @@ fn keygen(dir: &Path, name: &str) -> Custodian {
     ok(&stock("age-keygen", &["-o", s(&key)]), "age-keygen -o");
     let y = stock("age-keygen", &["-y", s(&key)]);
     ok(&y, "age-keygen -y");
-    let recipient = out_text(&y).trim().to_owned();
+    let recipient = stdout(&y).trim().to_owned();
     assert!(recipient.starts_with("age1"), "{recipient}");
     Custodian { name: name.to_owned(), key, recipient }
 }
@@ -90,9 +58,9 @@ fn ceremony(out_dir: &Path, threshold: u8, cs: &[Custodian]) -> (PathBuf, serde_
     let mut args = vec!["escrow", "ceremony", "--threshold", &k];
     args.extend(extra.iter().map(String::as_str));
     args.extend(["--out", s(out_dir)]);
-    let o = kmsctl(&args);
+    let o = kmsctl_offline(&args);
     ok(&o, "escrow ceremony");
-    assert!(out_text(&o).contains("The recovery private key was not written anywhere."), "{}", out_text(&o));
+    assert!(stdout(&o).contains("The recovery private key was not written anywhere."), "{}", stdout(&o));
     let manifest = out_dir.join("manifest.json");
     let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
     assert_eq!(json["threshold"], u64::from(threshold));
@@ -131,18 +99,18 @@ fn combine(manifest: &Path, identities: &[&Path], out: &Path, shares: &[&Path]) 
     }
     args.extend(["-o", s(out)]);
     args.extend(shares.iter().map(|p| s(p)));
-    kmsctl(&args)
+    kmsctl_offline(&args)
 }
 
 fn verify_share(manifest: &Path, share: &Path) -> Output {
-    kmsctl(&["escrow", "verify-share", "--manifest", s(manifest), s(share)])
+    kmsctl_offline(&["escrow", "verify-share", "--manifest", s(manifest), s(share)])
 }
 
 /// The public recipient of an identity file, as `age-keygen -y` prints it.
 fn recipient_of(identity_file: &Path) -> String {
     let o = stock("age-keygen", &["-y", s(identity_file)]);
     ok(&o, "age-keygen -y");
-    out_text(&o).trim().to_owned()
+    stdout(&o).trim().to_owned()
 }
 
 /// The age crate: open `sealed` with an identity file, as any third-party tool would.
@@ -158,30 +126,16 @@ fn age_crate_decrypt(identity_file: &Path, sealed: &[u8]) -> Result<Vec<u8>, Str
     Ok(out)
 }
 
-/// The age header of a sealed file (up to the MAC line).
-fn header(sealed: &[u8]) -> String {
-    let end = sealed.windows(4).position(|w| w == b"\n---").unwrap();
-    String::from_utf8_lossy(&sealed[..end]).into_owned()
-}
-
 fn has_recovery_stanza(sealed: &[u8]) -> bool {
     header(sealed).contains("\n-> X25519 ")
 }
 
-#[cfg(unix)]
-fn mode(p: &Path) -> u32 {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
-}
-
 fn install(server: &Server, identity: &str, manifest: &Path) -> Output {
-    let cfg = server.client(identity);
-    kmsctl(&["--client-config", s(&cfg), "escrow", "install", s(manifest)])
+    server.kmsctl(identity, &["escrow", "install", s(manifest)])
 }
 
 fn status_json(server: &Server, identity: &str) -> serde_json::Value {
-    let cfg = server.client(identity);
-    let o = kmsctl(&["--client-config", s(&cfg), "escrow", "status", "--json"]);
+    let o = server.kmsctl(identity, &["escrow", "status", "--json"]);
     ok(&o, "escrow status --json");
     serde_json::from_slice(&o.stdout).unwrap()
 }
@@ -273,7 +227,7 @@ fn disaster_three_of_five_custodians_recover_every_backup_with_no_server() {
     let mut server = Server::start();
     ok(&install(&server, "officer", &manifest), "escrow install");
     let officer = server.client("officer");
-    ok(&kmsctl(&["--client-config", s(&officer), "keyring", "create", "pacs-images"]), "keyring create");
+    ok(&kmsctl(&officer, &["keyring", "create", "pacs-images"]), "keyring create");
 
     // Several backups through the server: empty, tiny, exactly one chunk, > 64 KiB, two
     // keyrings. Kept outside the server's directory (they are on the backup storage).
@@ -302,9 +256,9 @@ fn disaster_three_of_five_custodians_recover_every_backup_with_no_server() {
     // their own key, writing nothing in clear.
     for c in &cs {
         let share = cer.join(format!("share-{}.age", c.name));
-        let o = kmsctl(&["escrow", "verify-share", "--manifest", s(&manifest), "--identity", s(&c.key), s(&share)]);
+        let o = kmsctl_offline(&["escrow", "verify-share", "--manifest", s(&manifest), "--identity", s(&c.key), s(&share)]);
         ok(&o, "verify-share --identity");
-        assert!(out_text(&o).contains(&format!("(custodian {}) is intact", c.name)), "{}", out_text(&o));
+        assert!(stdout(&o).contains(&format!("(custodian {}) is intact", c.name)), "{}", stdout(&o));
     }
 
     // The disaster: the server dies and its disk (keys, master key, store, client configs) is gone.
@@ -325,9 +279,9 @@ fn disaster_three_of_five_custodians_recover_every_backup_with_no_server() {
         let v = verify_share(&manifest, &txt);
         ok(&v, "verify-share");
         assert!(
-            out_text(&v).contains(&format!("(custodian {}) is intact and belongs to this ceremony; 3 of 5 shares are needed", c.name)),
+            stdout(&v).contains(&format!("(custodian {}) is intact and belongs to this ceremony; 3 of 5 shares are needed", c.name)),
             "{}",
-            out_text(&v)
+            stdout(&v)
         );
         texts.push(txt);
     }
@@ -337,10 +291,10 @@ fn disaster_three_of_five_custodians_recover_every_backup_with_no_server() {
     let o = combine(&manifest, &[], &key, &[&texts[0], &texts[1], &texts[2]]);
     ok(&o, "escrow combine");
     assert!(
-        out_text(&o)
+        stdout(&o)
             .contains(&format!("rebuilt the recovery identity from 3 shares; its recipient {recovery_recipient} matches the manifest")),
         "{}",
-        out_text(&o)
+        stdout(&o)
     );
     #[cfg(unix)]
     assert_eq!(mode(&key), 0o600, "recovery.key must be private");
@@ -392,7 +346,7 @@ fn disaster_three_of_five_custodians_recover_every_backup_with_no_server() {
         .output()
         .unwrap();
     ok(&o, "the restore loop");
-    assert!(!out_text(&o).contains("FAILED"), "{}{}", out_text(&o), stderr(&o));
+    assert!(!stdout(&o).contains("FAILED"), "{}{}", stdout(&o), stderr(&o));
     for (path, data) in &backups {
         let restored = loop_dir.join(format!("{}.restored", path.file_stem().unwrap().to_str().unwrap()));
         assert!(std::fs::read(&restored).unwrap() == *data, "{}: loop output differs", restored.display());
@@ -508,7 +462,7 @@ fn bad_shares_are_named_and_refused_before_combining() {
     // In combine the good shares come first: bob's is still named, and nothing is written.
     let o = combine(&manifest, &[], &key, &[&texts[0], &texts[2], &bad]);
     let e = refused(&o, 1, &[needle, "bad-bob.txt"]);
-    assert!(out_text(&o).contains("share 1 (custodian alice) is intact"), "{}", out_text(&o));
+    assert!(stdout(&o).contains("share 1 (custodian alice) is intact"), "{}", stdout(&o));
     assert!(!key.exists());
     messages.push(("flipped share byte", e));
 
@@ -518,7 +472,7 @@ fn bad_shares_are_named_and_refused_before_combining() {
     enc[n - 5] ^= 0x01;
     let bad_enc = w.join("share-bob-damaged.age");
     std::fs::write(&bad_enc, enc).unwrap();
-    let o = kmsctl(&["escrow", "verify-share", "--manifest", s(&manifest), "--identity", s(&cs[1].key), s(&bad_enc)]);
+    let o = kmsctl_offline(&["escrow", "verify-share", "--manifest", s(&manifest), "--identity", s(&cs[1].key), s(&bad_enc)]);
     refused(&o, 1, &["share-bob-damaged.age", "could not decrypt the share file; it is damaged or truncated"]);
     let o = combine(&manifest, &[&cs[1].key], &key, &[&texts[0], &texts[2], &bad_enc]);
     let e = refused(&o, 1, &["share-bob-damaged.age", "could not decrypt the share file; it is damaged or truncated"]);
@@ -644,12 +598,12 @@ fn reshare_to_new_custodians_keeps_old_backups_recoverable() {
     args.extend(extra.iter().map(String::as_str));
     args.extend(["--out", s(&cer2), "--identity", s(&old[2].key)]);
     args.extend([s(&alice_txt), s(&bob_txt), s(&carol_age)]);
-    let o = kmsctl(&args);
+    let o = kmsctl_offline(&args);
     ok(&o, "escrow reshare");
     assert!(
-        out_text(&o).contains(&format!("This ceremony replaces ceremony {old_id}; the recovery recipient is unchanged")),
+        stdout(&o).contains(&format!("This ceremony replaces ceremony {old_id}; the recovery recipient is unchanged")),
         "{}",
-        out_text(&o)
+        stdout(&o)
     );
 
     let new_manifest = cer2.join("manifest.json");
@@ -744,9 +698,9 @@ fn status_counts_exactly_the_keys_sealed_before_the_install() {
     assert_eq!(st["installed"], false);
     assert_eq!(st["keys_without_escrow"], 0);
     let officer = server.client("officer");
-    let o = kmsctl(&["--client-config", s(&officer), "escrow", "status"]);
+    let o = kmsctl(&officer, &["escrow", "status"]);
     ok(&o, "escrow status");
-    assert!(out_text(&o).contains("no escrow manifest installed\nkeys without escrow: 0"), "{}", out_text(&o));
+    assert!(stdout(&o).contains("no escrow manifest installed\nkeys without escrow: 0"), "{}", stdout(&o));
 
     let mut files: Vec<(Vec<u8>, Vec<u8>, bool)> = Vec::new(); // (sealed, data, sealed after install)
     for i in 0..3 {
@@ -759,9 +713,9 @@ fn status_counts_exactly_the_keys_sealed_before_the_install() {
     let o = install(&server, "officer", &manifest);
     ok(&o, "escrow install");
     assert!(
-        out_text(&o).contains(&format!("installed escrow ceremony {ceremony_id} (2 of 3); recovery recipient {recipient}")),
+        stdout(&o).contains(&format!("installed escrow ceremony {ceremony_id} (2 of 3); recovery recipient {recipient}")),
         "{}",
-        out_text(&o)
+        stdout(&o)
     );
     let st = status_json(&server, "officer");
     assert_eq!(st["installed"], true);
@@ -778,9 +732,9 @@ fn status_counts_exactly_the_keys_sealed_before_the_install() {
     }
     let st = status_json(&server, "auditor");
     assert_eq!(st["keys_without_escrow"], 3, "seals after the install carry escrow: {st}");
-    let o = kmsctl(&["--client-config", s(&officer), "escrow", "status"]);
+    let o = kmsctl(&officer, &["escrow", "status"]);
     ok(&o, "escrow status");
-    let text = out_text(&o);
+    let text = stdout(&o);
     for want in [
         format!("ceremony:            {ceremony_id}"),
         format!("recovery recipient:  {recipient}"),
@@ -839,7 +793,7 @@ fn only_an_officer_installs_the_escrow() {
     }
     // A sealer may not read the status either.
     let sealer = server.client("sealer");
-    let o = kmsctl(&["--client-config", s(&sealer), "escrow", "status", "--json"]);
+    let o = kmsctl(&sealer, &["escrow", "status", "--json"]);
     refused(&o, 4, &["principal \"sealer\" may not GetEscrowStatus"]);
     let st = status_json(&server, "auditor");
     assert_eq!(st["installed"], false, "{st}");
@@ -857,25 +811,19 @@ fn removing_the_escrow_needs_a_second_officer() {
     ok(&install(&server, "officer", &manifest), "officer install");
     let before = seal(&server, "sealer", "default", "with-escrow", b"x");
     assert!(has_recovery_stanza(&before));
-    let ctl = |who: &str, args: &[&str]| {
-        let cfg = server.client(who);
-        let mut all = vec!["--client-config", s(&cfg)];
-        all.extend_from_slice(args);
-        kmsctl(&all)
-    };
-    refused(&ctl("auditor", &["escrow", "remove"]), 4, &["principal \"auditor\" may not RemoveEscrow"]);
-    let o = ctl("officer", &["escrow", "remove"]);
+    refused(&server.kmsctl("auditor", &["escrow", "remove"]), 4, &["principal \"auditor\" may not RemoveEscrow"]);
+    let o = server.kmsctl("officer", &["escrow", "remove"]);
     ok(&o, "escrow remove");
-    assert!(out_text(&o).contains("kmsctl approve 1"), "{}", out_text(&o));
+    assert!(stdout(&o).contains("kmsctl approve 1"), "{}", stdout(&o));
     // Pending: the recipient still goes out with new keys; the requester cannot approve.
-    refused(&ctl("officer", &["approve", "1"]), 4, &["a second, different officer must approve it"]);
+    refused(&server.kmsctl("officer", &["approve", "1"]), 4, &["a second, different officer must approve it"]);
     assert!(has_recovery_stanza(&seal(&server, "sealer", "default", "still-escrowed", b"y")));
-    ok(&ctl("dev", &["approve", "1"]), "second officer approves");
+    ok(&server.kmsctl("dev", &["approve", "1"]), "second officer approves");
     let st = status_json(&server, "auditor");
     assert_eq!(st["installed"], false, "{st}");
     assert_eq!(st["previous_recipients"][0], m["recovery_recipient"], "{st}");
     assert!(!has_recovery_stanza(&seal(&server, "sealer", "default", "no-escrow", b"z")), "no recipient after removal");
-    refused(&ctl("officer", &["escrow", "remove"]), 1, &["no escrow manifest is in force"]);
+    refused(&server.kmsctl("officer", &["escrow", "remove"]), 1, &["no escrow manifest is in force"]);
     // Backups sealed while it was in force keep their recovery stanza.
     assert!(has_recovery_stanza(&before));
     ok(&install(&server, "officer", &manifest), "re-install after removal");
@@ -909,7 +857,7 @@ fn forged_manifests_and_silent_recipient_switches_are_refused() {
     refused(&o, 1, &["differs from the one in force", "--new-recipient"]);
     assert_eq!(status_json(&server, "officer")["recovery_recipient"], json["recovery_recipient"]);
     let cfg = server.client("officer");
-    ok(&kmsctl(&["--client-config", s(&cfg), "escrow", "install", "--new-recipient", s(&other)]), "install --new-recipient");
+    ok(&kmsctl(&cfg, &["escrow", "install", "--new-recipient", s(&other)]), "install --new-recipient");
     let st = status_json(&server, "officer");
     assert_eq!(st["recovery_recipient"], other_json["recovery_recipient"]);
     assert_eq!(st["previous_recipients"], serde_json::json!([json["recovery_recipient"]]));

@@ -13,7 +13,6 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -102,10 +101,6 @@ const RECIPES: &[(&str, &str)] = &[
 // helpers
 // ---------------------------------------------------------------------------------------
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 /// Fails the test with the Debian package to install when `tool` is not on PATH.
 fn need(tool: &str, package: &str) -> PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_default();
@@ -143,47 +138,17 @@ fn script(dir: &Path, body: &str, env: &[(&str, &str)]) -> Output {
     cmd.output().unwrap()
 }
 
-fn out_text(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn ok(o: &Output, what: &str) {
-    assert!(o.status.success(), "{what} failed ({:?}):\nstdout: {}\nstderr: {}", o.status.code(), out_text(o), stderr(o));
-}
-
-/// A failure with `code`, exactly one line on stderr containing every needle, nothing on stdout.
-fn refused(o: &Output, code: i32, needles: &[&str]) -> String {
-    let err = stderr(o);
-    assert_eq!(o.status.code(), Some(code), "stdout: {}\nstderr: {err}", out_text(o));
-    assert!(o.stdout.is_empty(), "stdout on failure: {:?}", out_text(o));
-    assert_eq!(err.lines().count(), 1, "one line on stderr: {err}");
-    for n in needles {
-        assert!(err.contains(n), "expected {n:?} in: {err}");
-    }
-    err
-}
-
-fn hook(args: &[&str]) -> Output {
-    run("backup-hook", args, b"")
-}
-
-fn kmsctl(args: &[&str]) -> Output {
-    run("kmsctl", args, b"")
-}
-
 fn create_keyring(server: &Server, name: &str) {
-    let officer = server.client("officer");
-    ok(&kmsctl(&["--client-config", s(&officer), "keyring", "create", name]), "kmsctl keyring create");
+    ok(&server.kmsctl("officer", &["keyring", "create", name]), "kmsctl keyring create");
 }
 
 /// `backup-hook passphrase --key-file F` as `identity`; asserts it printed one base64 line
 /// of a 256-bit secret and nothing else; returns the line (with its newline).
 fn passphrase_line(server: &Server, identity: &str, key_file: &Path) -> String {
-    let cfg = server.client(identity);
-    let o = hook(&["--client-config", s(&cfg), "passphrase", "--key-file", s(key_file)]);
+    let o = server.backup_hook(identity, &["passphrase", "--key-file", s(key_file)], b"");
     ok(&o, "backup-hook passphrase");
     assert!(o.stderr.is_empty(), "stderr: {}", stderr(&o));
-    let line = out_text(&o);
+    let line = stdout(&o);
     assert_one_base64_line(&line);
     line
 }
@@ -194,23 +159,6 @@ fn assert_one_base64_line(line: &str) {
     let body = &line[..44];
     assert!(body.ends_with('=') && !body.ends_with("=="), "{line:?}");
     assert!(body[..43].bytes().all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/'), "{line:?}");
-}
-
-/// The age header of a sealed file (up to the MAC line).
-fn header(sealed: &[u8]) -> String {
-    let end = sealed.windows(4).position(|w| w == b"\n---").unwrap();
-    String::from_utf8_lossy(&sealed[..end]).into_owned()
-}
-
-fn mode(p: &Path) -> u32 {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
-}
-
-fn sample(seed: u64, len: usize) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    Pattern::new(seed, len as u64).read_exact(&mut v).unwrap();
-    v
 }
 
 /// A small directory tree with the awkward cases: empty file, spaces and non-ASCII in
@@ -316,8 +264,8 @@ fn restic_backs_up_and_restores_with_the_passphrase_from_kluis() {
 
     let o = script(w, RESTIC_CREATE, &env);
     ok(&o, "passphrase --create");
-    assert!(out_text(&o).contains("sealed under keyring restic-ehr"), "{}", out_text(&o));
-    assert!(out_text(&o).contains("backup id passphrase/restic-ehr"), "{}", out_text(&o));
+    assert!(stdout(&o).contains("sealed under keyring restic-ehr"), "{}", stdout(&o));
+    assert!(stdout(&o).contains("backup id passphrase/restic-ehr"), "{}", stdout(&o));
     assert_eq!(mode(&key_file), 0o600);
     let sealed = std::fs::read(&key_file).unwrap();
     assert!(sealed.starts_with(b"age-encryption.org/v1\n"));
@@ -326,7 +274,7 @@ fn restic_backs_up_and_restores_with_the_passphrase_from_kluis() {
     let line = passphrase_line(&server, "dev", &key_file);
     // The passphrase is never in the key file in clear, nor in anything create printed.
     assert!(!String::from_utf8_lossy(&sealed).contains(line.trim_end()));
-    assert!(!out_text(&o).contains(line.trim_end()) && !stderr(&o).contains(line.trim_end()));
+    assert!(!stdout(&o).contains(line.trim_end()) && !stderr(&o).contains(line.trim_end()));
     // Each read gives the same passphrase.
     assert_eq!(passphrase_line(&server, "dev", &key_file), line);
 
@@ -344,8 +292,8 @@ fn restic_backs_up_and_restores_with_the_passphrase_from_kluis() {
 
     // A write-only sealer cannot read the passphrase: a restic host needs the restorer role.
     let sealer = server.client("sealer");
-    let o = hook(&["--client-config", s(&sealer), "passphrase", "--key-file", s(&key_file)]);
-    refused(&o, 4, &["restic-ehr.passphrase", "refused"]);
+    let o = backup_hook(&sealer, &["passphrase", "--key-file", s(&key_file)], b"");
+    refused_one_line(&o, 4, &["restic-ehr.passphrase", "refused"]);
     let e = stderr(&o);
     assert!(!e.contains(line.trim_end()));
 }
@@ -521,7 +469,7 @@ impl PgCluster {
             .output()
             .unwrap();
         if !o.status.success() {
-            panic!("pg_ctl start failed: {}{}\n{}", out_text(&o), stderr(&o), std::fs::read_to_string(&cluster.log).unwrap_or_default());
+            panic!("pg_ctl start failed: {}{}\n{}", stdout(&o), stderr(&o), std::fs::read_to_string(&cluster.log).unwrap_or_default());
         }
         cluster
     }
@@ -537,7 +485,7 @@ impl PgCluster {
             .output()
             .unwrap();
         ok(&o, &format!("psql {sql}"));
-        out_text(&o).trim().to_owned()
+        stdout(&o).trim().to_owned()
     }
 }
 
@@ -647,11 +595,11 @@ fn restic_disaster_custodians_recover_the_passphrase_with_no_server() {
     let ceremony = w.join("ceremony");
     args.extend(["--out".into(), s(&ceremony).into()]);
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    ok(&kmsctl(&argv), "escrow ceremony");
+    ok(&kmsctl_offline(&argv), "escrow ceremony");
     let manifest = ceremony.join("manifest.json");
 
     let mut server = Server::start();
-    ok(&kmsctl(&["--client-config", s(&server.client("officer")), "escrow", "install", s(&manifest)]), "escrow install");
+    ok(&server.kmsctl("officer", &["escrow", "install", s(&manifest)]), "escrow install");
     create_keyring(&server, "restic-ehr");
 
     // Backup storage, outside the server's directory.
@@ -672,7 +620,7 @@ fn restic_disaster_custodians_recover_the_passphrase_with_no_server() {
     ];
     let o = script(w, RESTIC_CREATE, &env);
     ok(&o, "passphrase --create");
-    assert!(out_text(&o).contains("escrow copy: yes"), "{}", out_text(&o));
+    assert!(stdout(&o).contains("escrow copy: yes"), "{}", stdout(&o));
     assert!(header(&std::fs::read(&key_file).unwrap()).contains("\n-> X25519 "), "no escrow stanza in the key file");
     let line = passphrase_line(&server, "dev", &key_file);
     ok(&script(w, RESTIC_BACKUP, &env), "restic init/backup/check");
@@ -685,7 +633,7 @@ fn restic_disaster_custodians_recover_the_passphrase_with_no_server() {
     let rec = w.join("recovery");
     std::fs::create_dir(&rec).unwrap();
     let recovery_key = rec.join("recovery.key");
-    let o = kmsctl(&[
+    let o = kmsctl_offline(&[
         "escrow", "combine", "--manifest", s(&manifest),
         "--identity", s(&ids[0]), "--identity", s(&ids[2]),
         "-o", s(&recovery_key),
@@ -696,11 +644,11 @@ fn restic_disaster_custodians_recover_the_passphrase_with_no_server() {
     // The stock age prints exactly what the server path printed.
     let o = Command::new("age").args(["-d", "-i", s(&recovery_key), s(&key_file)]).output().unwrap();
     ok(&o, "age -d -i recovery.key KEY_FILE");
-    assert_eq!(out_text(&o), line, "age and backup-hook disagree on the passphrase");
+    assert_eq!(stdout(&o), line, "age and backup-hook disagree on the passphrase");
     // And so does backup-hook with the recovery identity, with no server and no config.
-    let o = hook(&["passphrase", "--recovery-identity", s(&recovery_key), "--key-file", s(&key_file)]);
+    let o = run("backup-hook", &["passphrase", "--recovery-identity", s(&recovery_key), "--key-file", s(&key_file)], b"");
     ok(&o, "backup-hook passphrase --recovery-identity");
-    assert_eq!(out_text(&o), line);
+    assert_eq!(stdout(&o), line);
 
     for (name, recipe) in [("age", RESTIC_DISASTER_AGE), ("backup-hook", RESTIC_DISASTER_HOOK)] {
         let restore = rec.join(format!("restore-{name}"));
@@ -731,10 +679,9 @@ fn passphrase_gives_up_on_a_hung_server_within_its_deadline() {
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
     let key_file = w.join("k.passphrase");
-    let o = hook(&[
-        "--client-config", s(&server.client("sealer")),
+    let o = server.backup_hook("sealer", &[
         "passphrase", "--create", "--keyring", "default", "--name", "hung-test", "--key-file", s(&key_file),
-    ]);
+    ], b"");
     ok(&o, "passphrase --create");
 
     let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -748,17 +695,17 @@ fn passphrase_gives_up_on_a_hung_server_within_its_deadline() {
 
     for cfg in [&short, &long] {
         let t = Instant::now();
-        let o = hook(&["--client-config", s(cfg), "passphrase", "--key-file", s(&key_file), "--timeout", "2"]);
+        let o = backup_hook(cfg, &["passphrase", "--key-file", s(&key_file), "--timeout", "2"], b"");
         let took = t.elapsed();
-        refused(&o, 3, &[]);
+        refused_one_line(&o, 3, &[]);
         assert!(took < Duration::from_secs(30), "took {took:?} with {}", cfg.display());
         assert!(took >= Duration::from_millis(900), "ended before any deadline ({took:?}): {}", stderr(&o));
         let e = stderr(&o);
         assert!(e.contains("deadline") || e.contains("cannot reach") || e.contains("did not answer in time"), "{e}");
     }
     let t = Instant::now();
-    let o = hook(&["--client-config", s(&long), "passphrase", "--key-file", s(&key_file), "--timeout", "2"]);
-    refused(&o, 3, &["within the 2 s deadline (--timeout)", &addr.to_string()]);
+    let o = backup_hook(&long, &["passphrase", "--key-file", s(&key_file), "--timeout", "2"], b"");
+    refused_one_line(&o, 3, &["within the 2 s deadline (--timeout)", &addr.to_string()]);
     assert!(t.elapsed() < Duration::from_secs(30));
 
     // --create against the hung server: gives up, no key file, no temp file.
@@ -769,11 +716,10 @@ fn passphrase_gives_up_on_a_hung_server_within_its_deadline() {
     let stext = std::fs::read_to_string(server.client("sealer")).unwrap().replace(&server.addr, &addr.to_string());
     std::fs::write(&sealer_long, format!("{stext}connect_timeout_secs = 60\ntimeout_secs = 60\n")).unwrap();
     let t = Instant::now();
-    let o = hook(&[
-        "--client-config", s(&sealer_long),
+    let o = backup_hook(&sealer_long, &[
         "passphrase", "--create", "--keyring", "default", "--name", "n", "--key-file", s(&new_key), "--timeout", "2",
-    ]);
-    refused(&o, 3, &["deadline"]);
+    ], b"");
+    refused_one_line(&o, 3, &["deadline"]);
     assert!(t.elapsed() < Duration::from_secs(30));
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "something was written");
     drop(hung);
@@ -792,25 +738,24 @@ fn passphrase_refuses_existing_key_files_and_files_that_are_not_passphrases() {
     let restorer = server.client("restorer");
     let key_file = w.join("k.passphrase");
     let create = |cfg: &Path, name: &str, key: &Path| {
-        hook(&[
-            "--client-config", s(cfg),
+        backup_hook(cfg, &[
             "passphrase", "--create", "--keyring", "default", "--name", name, "--key-file", s(key),
-        ])
+        ], b"")
     };
     ok(&create(&sealer, "one", &key_file), "passphrase --create");
     let before = std::fs::read(&key_file).unwrap();
     let line = passphrase_line(&server, "restorer", &key_file);
 
     // Refused, unchanged; also with a config pointing nowhere (no server round trip).
-    refused(&create(&sealer, "two", &key_file), 1, &["already exists", "never written over"]);
+    refused_one_line(&create(&sealer, "two", &key_file), 1, &["already exists", "never written over"]);
     let nowhere = w.join("nowhere.toml");
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     std::fs::write(&nowhere, std::fs::read_to_string(&sealer).unwrap().replace(&server.addr, &format!("127.0.0.1:{port}"))).unwrap();
-    refused(&create(&nowhere, "two", &key_file), 1, &["already exists"]);
+    refused_one_line(&create(&nowhere, "two", &key_file), 1, &["already exists"]);
     // A dangling symlink in its place is refused too.
     let link = w.join("link.passphrase");
     std::os::unix::fs::symlink(w.join("does-not-exist"), &link).unwrap();
-    refused(&create(&sealer, "three", &link), 1, &["already exists"]);
+    refused_one_line(&create(&sealer, "three", &link), 1, &["already exists"]);
     assert_eq!(std::fs::read(&key_file).unwrap(), before);
     assert_eq!(passphrase_line(&server, "restorer", &key_file), line);
 
@@ -818,29 +763,29 @@ fn passphrase_refuses_existing_key_files_and_files_that_are_not_passphrases() {
     let secret_backup = b"SECRET-PATIENT-DATA 1234567890 this is not a passphrase\n";
     let backup = w.join("backup.age");
     std::fs::write(&backup, seal(&server, "sealer", "default", "b1", secret_backup)).unwrap();
-    let o = hook(&["--client-config", s(&restorer), "passphrase", "--key-file", s(&backup)]);
-    let e = refused(&o, 5, &["backup.age", "not a passphrase key file"]);
+    let o = backup_hook(&restorer, &["passphrase", "--key-file", s(&backup)], b"");
+    let e = refused_one_line(&o, 5, &["backup.age", "not a passphrase key file"]);
     assert!(!e.contains("SECRET"), "{e}");
     // Same for one that is exactly passphrase-sized but not base64 of 32 bytes.
     let almost = w.join("almost.age");
     std::fs::write(&almost, seal(&server, "sealer", "default", "b2", &[b'!'; 45])).unwrap();
-    refused(&hook(&["--client-config", s(&restorer), "passphrase", "--key-file", s(&almost)]), 5, &["not a passphrase key file"]);
+    refused_one_line(&backup_hook(&restorer, &["passphrase", "--key-file", s(&almost)], b""), 5, &["not a passphrase key file"]);
     // Not sealed at all; missing; too large.
     let plain = w.join("plain.txt");
     std::fs::write(&plain, &line).unwrap();
-    let e = refused(&hook(&["--client-config", s(&restorer), "passphrase", "--key-file", s(&plain)]), 5, &["not a sealed backup"]);
+    let e = refused_one_line(&backup_hook(&restorer, &["passphrase", "--key-file", s(&plain)], b""), 5, &["not a sealed backup"]);
     assert!(!e.contains(line.trim_end()), "{e}");
-    refused(&hook(&["--client-config", s(&restorer), "passphrase", "--key-file", s(&w.join("missing"))]), 6, &["missing"]);
+    refused_one_line(&backup_hook(&restorer, &["passphrase", "--key-file", s(&w.join("missing"))], b""), 6, &["missing"]);
     let big = w.join("big.age");
     std::fs::write(&big, sample(3, 100_000)).unwrap();
-    refused(&hook(&["--client-config", s(&restorer), "passphrase", "--key-file", s(&big)]), 5, &["larger than"]);
+    refused_one_line(&backup_hook(&restorer, &["passphrase", "--key-file", s(&big)], b""), 5, &["larger than"]);
 
     // Usage errors: bad name, --create without --keyring, --recovery-identity with --create.
-    refused(&create(&sealer, "bad name", &w.join("x")), 2, &["passphrase name \"bad name\""]);
+    refused_one_line(&create(&sealer, "bad name", &w.join("x")), 2, &["passphrase name \"bad name\""]);
     assert!(!w.join("x").exists());
-    let o = hook(&["--client-config", s(&sealer), "passphrase", "--create", "--name", "n", "--key-file", s(&w.join("y"))]);
+    let o = backup_hook(&sealer, &["passphrase", "--create", "--name", "n", "--key-file", s(&w.join("y"))], b"");
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    let o = hook(&["passphrase", "--key-file", s(&key_file), "--timeout", "0"]);
+    let o = run("backup-hook", &["passphrase", "--key-file", s(&key_file), "--timeout", "0"], b"");
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
 }
 
