@@ -533,13 +533,13 @@ impl Store {
         self.read_all(RESTORE_TESTS, "restore test")
     }
 
-    /// Audit records with `seq >= from`, at most `limit`, in order, with the
-    /// checkpoints among them.
-    pub fn audit_page(
+    /// Visits the audit records with `seq >= from` in order, each with its checkpoint if
+    /// one was signed there, in one read transaction, until `f` returns false.
+    pub fn for_each_audit(
         &self,
         from: u64,
-        limit: usize,
-    ) -> Result<Vec<(kluis_proto::audit::AuditRecord, Option<kluis_proto::audit::Checkpoint>)>, StoreError> {
+        mut f: impl FnMut(kluis_proto::audit::AuditRecord, Option<kluis_proto::audit::Checkpoint>) -> bool,
+    ) -> Result<(), StoreError> {
         let txn = self.db.begin_read().map_err(dberr)?;
         let audit = txn.open_table(AUDIT).map_err(dberr)?;
         let cps = txn.open_table(CHECKPOINTS).map_err(dberr)?;
@@ -551,8 +551,7 @@ impl Store {
             },
             None => kluis_proto::audit::GENESIS.to_owned(),
         };
-        let mut out = Vec::new();
-        for row in audit.range(from..).map_err(dberr)?.take(limit) {
+        for row in audit.range(from..).map_err(dberr)? {
             let (k, v) = row.map_err(dberr)?;
             let seq = k.value();
             let rec = audit::decode(seq, v.value(), &prev)?;
@@ -561,7 +560,26 @@ impl Store {
                 Some(c) => Some(serde_json::from_slice(c.value()).map_err(|_| StoreError::CheckpointCorrupt { seq })?),
                 None => None,
             };
-            out.push((rec, cp));
+            if !f(rec, cp) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Audit records with `seq >= from`, at most `limit`, in order, with the
+    /// checkpoints among them.
+    pub fn audit_page(
+        &self,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<(kluis_proto::audit::AuditRecord, Option<kluis_proto::audit::Checkpoint>)>, StoreError> {
+        let mut out = Vec::new();
+        if limit > 0 {
+            self.for_each_audit(from, |r, c| {
+                out.push((r, c));
+                out.len() < limit
+            })?;
         }
         Ok(out)
     }

@@ -446,21 +446,17 @@ impl KeyManager {
         Self::check(auth, Action::ExportAudit, None)?;
         use kluis_proto::audit::ExportLine;
         let enc = |l: &ExportLine| serde_json::to_string(l).map_err(|e| KeyError::Store(StoreError::AuditEncode(e)));
-        let mut rows = Vec::new();
-        let mut from = 1u64;
-        loop {
-            let page = self.store.audit_page(from, 4096)?;
-            let Some((last, _)) = page.last() else { break };
-            from = last.seq + 1;
-            rows.extend(page);
-        }
-        if let Some(t) = since {
-            // RFC 3339 UTC strings of one format sort as times.
-            rows.retain(|(r, _)| r.time.as_str() >= t);
-        }
-        if tail > 0 && rows.len() as u64 > tail {
-            rows.drain(..rows.len() - tail as usize);
-        }
+        // RFC 3339 UTC strings of one format sort as times. With a tail, only that many are kept.
+        let mut rows = std::collections::VecDeque::new();
+        self.store.for_each_audit(1, |r, cp| {
+            if since.is_none_or(|t| r.time.as_str() >= t) {
+                if tail > 0 && rows.len() as u64 == tail {
+                    rows.pop_front();
+                }
+                rows.push_back((r, cp));
+            }
+            true
+        })?;
         let mut out = Vec::with_capacity(rows.len() + 1);
         let mut head = None;
         for (rec, cp) in rows {

@@ -99,31 +99,26 @@ impl KeyManager {
 
         // Failed and refused unwraps from the audit trail.
         let since_text = since.as_ref().map(|s| s.1.clone());
-        let mut from = 1u64;
-        loop {
-            let page = self.store.audit_page(from, 4096)?;
-            let Some((last, _)) = page.last() else { break };
-            from = last.seq + 1;
-            for (r, _) in page {
-                if !matches!(r.action.as_str(), "UnwrapDataKey" | "RewrapDataKey") || r.outcome.starts_with("ok") {
-                    continue;
-                }
-                if since_text.as_ref().is_some_and(|s| r.time.as_str() < s.as_str()) {
-                    continue;
-                }
-                let Some(&i) = r.keyring.as_deref().and_then(|k| names.get(k)) else { continue };
-                let kind = if r.outcome.starts_with("denied") { "unwrap-refused" } else { "unwrap-failed" };
-                deviations[i].push(DeviationEntry {
-                    time: r.time.clone(),
-                    kind: kind.into(),
-                    principal: r.principal.clone(),
-                    key_id: r.key_id.clone(),
-                    backup_id: r.backup_id.clone(),
-                    detail: r.outcome.clone(),
-                    audit_seq: Some(r.seq),
-                });
+        self.store.for_each_audit(1, |r, _| {
+            if !matches!(r.action.as_str(), "UnwrapDataKey" | "RewrapDataKey") || r.outcome.starts_with("ok") {
+                return true;
             }
-        }
+            if since_text.as_ref().is_some_and(|s| r.time.as_str() < s.as_str()) {
+                return true;
+            }
+            let Some(&i) = r.keyring.as_deref().and_then(|k| names.get(k)) else { return true };
+            let kind = if r.outcome.starts_with("denied") { "unwrap-refused" } else { "unwrap-failed" };
+            deviations[i].push(DeviationEntry {
+                time: r.time,
+                kind: kind.into(),
+                principal: r.principal,
+                key_id: r.key_id,
+                backup_id: r.backup_id,
+                detail: r.outcome,
+                audit_seq: Some(r.seq),
+            });
+            true
+        })?;
 
         // One pass over the registry.
         let mut tallies: Vec<Tally> = records.iter().map(|_| Tally::default()).collect();
