@@ -240,8 +240,8 @@ struct RawHeader {
 }
 
 impl RawHeader {
-    fn from_bytes(bytes: Vec<u8>) -> Result<Self, RewrapError> {
-        let parsed = header::parse(&bytes).map_err(header_error)?;
+    /// `bytes` and `parsed`, the result of `header::parse(&bytes)`.
+    fn from_parsed(bytes: Vec<u8>, parsed: header::Header) -> Result<Self, RewrapError> {
         let damaged = || RewrapError::Integrity(UnsealError::HeaderDamaged);
         // The same "---" header::parse stops at: the first one at a line start.
         let from = V1_LINE.len() - 1;
@@ -273,10 +273,10 @@ impl RawHeader {
     /// Reads the header at the start of `file` (one read step, never the payload).
     fn read(file: &File) -> Result<Self, RewrapError> {
         let mut rec = Recording { inner: file, seen: Vec::new() };
-        let (_, past) = header::read(&mut rec).map_err(header_error)?;
+        let (parsed, past) = header::read(&mut rec).map_err(header_error)?;
         let mut bytes = rec.seen;
         bytes.truncate(bytes.len() - past.len());
-        Self::from_bytes(bytes)
+        Self::from_parsed(bytes, parsed)
     }
 
     /// The first Kluis stanza: its index and contents.
@@ -316,18 +316,29 @@ fn open_file_key(stanza: &Stanza, dk: &DataKey) -> Result<FileKey, UnsealError> 
     }
 }
 
+/// What [`file_key_of`] found in a header.
+struct Opened {
+    file_key: FileKey,
+    /// Index of the Kluis stanza among the header's stanzas.
+    index: usize,
+    stanza: KluisStanza,
+    /// The keyring version the server unwrapped with.
+    version: u32,
+}
+
 /// Unwraps at the server and opens the file key; verifies `hdr`'s MAC with it.
-fn file_key_of(svc: &dyn KeyService, hdr: &RawHeader) -> Result<(FileKey, KluisStanza, u32), RewrapError> {
-    let (i, st) = hdr.kluis()?;
-    let uk = svc.unwrap(&st).map_err(|e| server_error(e, &st.keyring))?;
-    let fk = open_file_key(&hdr.parsed.stanzas[i], &uk.data_key).map_err(RewrapError::Integrity)?;
-    hdr.parsed.verify_mac(&fk).map_err(|_| RewrapError::Integrity(UnsealError::HeaderMac))?;
-    Ok((fk, st, uk.version))
+fn file_key_of(svc: &dyn KeyService, hdr: &RawHeader) -> Result<Opened, RewrapError> {
+    let (index, stanza) = hdr.kluis()?;
+    let uk = svc.unwrap(&stanza).map_err(|e| server_error(e, &stanza.keyring))?;
+    let file_key = open_file_key(&hdr.parsed.stanzas[index], &uk.data_key).map_err(RewrapError::Integrity)?;
+    hdr.parsed.verify_mac(&file_key).map_err(|_| RewrapError::Integrity(UnsealError::HeaderMac))?;
+    Ok(Opened { file_key, index, stanza, version: uk.version })
 }
 
 /// The header with stanza `index` replaced by `stanza` (canonical encoding) and
-/// a new MAC; every other byte up to `---` is kept.
-fn splice(hdr: &RawHeader, index: usize, stanza: &Stanza, fk: &FileKey) -> Result<Vec<u8>, RewrapError> {
+/// a new MAC; every other byte up to `---` is kept. Checked to parse back and
+/// verify under `fk`.
+fn splice(hdr: &RawHeader, index: usize, stanza: &Stanza, fk: &FileKey) -> Result<RawHeader, RewrapError> {
     // The canonical text of the stanza, from the header writer itself.
     let alone = header::write(fk, std::slice::from_ref(stanza)).map_err(|_| RewrapError::ServerMismatch("the new stanza cannot be encoded"))?;
     let text_end = alone
@@ -349,7 +360,7 @@ fn splice(hdr: &RawHeader, index: usize, stanza: &Stanza, fk: &FileKey) -> Resul
     // Cross-check with the header reader: it must parse back and verify.
     let back = header::parse(&out).map_err(|_| RewrapError::ServerMismatch("the new header does not parse"))?;
     back.verify_mac(fk).map_err(|_| RewrapError::ServerMismatch("the new header MAC does not verify"))?;
-    Ok(out)
+    RawHeader::from_parsed(out, back).map_err(|_| RewrapError::ServerMismatch("the new header does not parse"))
 }
 
 fn read_full_at(file: &File, buf: &mut [u8], mut offset: u64) -> io::Result<usize> {
@@ -402,14 +413,14 @@ enum JournalCheck {
 /// Checks a journal against the file (see the module docs). Server errors abort.
 fn check_journal(svc: &dyn KeyService, file: &File, journal: &[u8]) -> Result<JournalCheck, RewrapError> {
     let hdr = match header::read(&mut &journal[..]) {
-        Ok((_, past)) if past.is_empty() => match RawHeader::from_bytes(journal.to_vec()) {
+        Ok((parsed, past)) if past.is_empty() => match RawHeader::from_parsed(journal.to_vec(), parsed) {
             Ok(h) => h,
             Err(_) => return Ok(JournalCheck::Invalid("not a complete age header")),
         },
         _ => return Ok(JournalCheck::Invalid("not a complete age header")),
     };
     let fk = match file_key_of(svc, &hdr) {
-        Ok((fk, _, _)) => fk,
+        Ok(opened) => opened.file_key,
         Err(RewrapError::Integrity(_)) => return Ok(JournalCheck::Invalid("its header does not verify")),
         Err(e) => return Err(e),
     };
@@ -533,7 +544,7 @@ pub fn rewrap_file(svc: &dyn KeyService, path: &Path) -> Result<Report, RewrapEr
         Err(RewrapError::Integrity(e)) => return Err(with_journal(e, &journal, discard)),
         Err(e) => return Err(e),
     };
-    let (fk, st, from_version) = match file_key_of(svc, &hdr) {
+    let Opened { file_key: fk, index, stanza: st, version: from_version } = match file_key_of(svc, &hdr) {
         Ok(x) => x,
         Err(RewrapError::Integrity(e)) => return Err(with_journal(e, &journal, discard)),
         Err(e) => return Err(e),
@@ -562,7 +573,6 @@ pub fn rewrap_file(svc: &dyn KeyService, path: &Path) -> Result<Report, RewrapEr
     }
 
     // The new stanza: the re-wrapped key, then the same encrypted file key.
-    let (index, _) = hdr.kluis()?;
     let old = &hdr.parsed.stanzas[index];
     let mut body = rw.wrapped.clone();
     body.extend_from_slice(&old.body[st.wrapped.len()..]);
@@ -570,9 +580,8 @@ pub fn rewrap_file(svc: &dyn KeyService, path: &Path) -> Result<Report, RewrapEr
     // Never write a header that does not open: unwrap the new key and check it
     // yields the same file key (the new MAC is made with the old file key).
     let new = splice(&hdr, index, &stanza, &fk)?;
-    let check = RawHeader::from_bytes(new.clone()).map_err(|_| RewrapError::ServerMismatch("the new header does not parse"))?;
-    match file_key_of(svc, &check) {
-        Ok((_, _, v)) if v == rw.version => {}
+    match file_key_of(svc, &new) {
+        Ok(opened) if opened.version == rw.version => {}
         Ok(_) => return Err(RewrapError::ServerMismatch("the re-wrapped key names another version")),
         Err(RewrapError::Integrity(_)) => return Err(RewrapError::ServerMismatch("it opens another file key")),
         Err(e) => return Err(e),
@@ -584,11 +593,11 @@ pub fn rewrap_file(svc: &dyn KeyService, path: &Path) -> Result<Report, RewrapEr
     if n != now.len() || now != hdr.bytes {
         return Err(RewrapError::Changed);
     }
-    if new.len() == hdr.bytes.len() {
-        write_in_place(path, &journal, &new, false)?;
+    if new.bytes.len() == hdr.bytes.len() {
+        write_in_place(path, &journal, &new.bytes, false)?;
         report.action = Action::InPlace;
     } else {
-        write_copy(path, &file, hdr.bytes.len(), &new)?;
+        write_copy(path, &file, hdr.bytes.len(), &new.bytes)?;
         report.action = Action::Copied;
     }
     report.to_version = rw.version;
