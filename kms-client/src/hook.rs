@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 
-use crate::client::{ClientError, KmsClient, RestoreTest};
+use crate::client::{ClientError, KmsClient, RestoreTest, UnwrappedKey};
 use crate::config::{ClientConfig, ConfigError};
 use crate::sealed::{self, KluisIdentity, KluisStanza, Moved, SealError, UnsealError};
 use crate::secret::DataKey;
@@ -56,6 +56,11 @@ impl Hook {
         self.rt.block_on(f)
     }
 
+    /// Asks the server to unwrap the data key of a Kluis stanza.
+    pub(crate) fn unwrap_data_key(&self, st: &KluisStanza) -> Result<UnwrappedKey, ClientError> {
+        self.rt.block_on(self.client.unwrap_data_key(&st.key_id, &st.keyring, &st.wrapped))
+    }
+
     /// Gets a fresh data key for `backup_id` and seals `input` into `output`.
     pub fn seal<R: Read, W: Write>(
         &self,
@@ -88,9 +93,7 @@ impl Hook {
         output: W,
     ) -> Result<(W, Moved), HookError> {
         let ident = KluisIdentity::new(|st: &KluisStanza| -> Result<DataKey, ClientError> {
-            self.rt
-                .block_on(self.client.unwrap_data_key(&st.key_id, &st.keyring, &st.wrapped))
-                .map(|u| u.data_key)
+            self.unwrap_data_key(st).map(|u| u.data_key)
         });
         Ok(sealed::unseal(input, Some(&ident), recovery, output)?)
     }
@@ -116,9 +119,7 @@ impl Hook {
         let seen: std::cell::RefCell<Option<(String, String)>> = std::cell::RefCell::new(None);
         let ident = KluisIdentity::new(|st: &KluisStanza| -> Result<DataKey, ClientError> {
             *seen.borrow_mut() = Some((st.keyring.clone(), st.key_id.clone()));
-            self.rt
-                .block_on(self.client.unwrap_data_key(&st.key_id, &st.keyring, &st.wrapped))
-                .map(|u| u.data_key)
+            self.unwrap_data_key(st).map(|u| u.data_key)
         });
         let result = sealed::unseal(input, Some(&ident), &[], std::io::sink());
         let duration = started.elapsed();

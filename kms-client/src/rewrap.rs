@@ -93,7 +93,7 @@ pub trait KeyService {
 
 impl KeyService for Hook {
     fn unwrap(&self, st: &KluisStanza) -> Result<UnwrappedKey, ClientError> {
-        self.block_on(self.client().unwrap_data_key(&st.key_id, &st.keyring, &st.wrapped))
+        self.unwrap_data_key(st)
     }
 
     fn rewrap(&self, st: &KluisStanza) -> Result<Rewrapped, ClientError> {
