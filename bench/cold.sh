@@ -8,16 +8,13 @@
 # Peers in the same run: `backup-hook --version` (process start and exit only) and
 # `age -r RECIPIENT` of the same empty input (a local X25519 seal, no server).
 # Rewrites the section between <!-- cold:begin --> and <!-- cold:end --> of docs/benchmarks.md.
-# Knobs: RUNS (50), WARMUP (3), BENCH_OUT (docs/benchmarks.md).
+# Knobs: RUNS (50), WARMUP (3), BENCH_OUT (docs/benchmarks.md), BENCH_QUIET_WAIT (120: at most that many
+# seconds of waiting for a quiet machine first).
 set -euo pipefail
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$ROOT"
-BENCH_NAME=cold.sh
 # shellcheck source=bench/lib.sh
-. bench/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 RUNS=${RUNS:-50}
 WARMUP=${WARMUP:-3}
-BENCH_OUT=${BENCH_OUT:-docs/benchmarks.md}
 for t in hyperfine age age-keygen python3 strace; do
     command -v "$t" >/dev/null || bench_die "needs $t (apt-get install hyperfine age python3 strace)"
 done
@@ -29,7 +26,7 @@ SERVER_PID=""
 trap 'bench_stop_server; rm -rf "$W"' EXIT
 trap 'exit 130' INT TERM
 
-bench_wait_quiet "${BENCH_QUIET_WAIT:-120}" 1.0
+bench_wait_quiet "${BENCH_QUIET_WAIT:-120}" 0.2
 MACHINE=$(bench_machine_md)
 bench_start_server "$W/kluis"
 CFG=$W/kluis/clients/sealer.toml

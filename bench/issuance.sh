@@ -12,115 +12,70 @@
 #
 # Knobs (environment): CONNS (4), STREAMS (16), BENCH_SECONDS (10), BENCH_WARMUP (2),
 # UNWRAP_KEYS (1000), PROVIDERS ("software softhsm2"), BENCH_OUT (docs/benchmarks.md),
-# SOFTHSM_MODULE (/usr/lib/softhsm/libsofthsm2.so).
+# SOFTHSM_MODULE (/usr/lib/softhsm/libsofthsm2.so); see below for BENCH_QUIET_WAIT, BENCH_ATTEMPTS, BENCH_MAX_OTHERS.
 #
 # The machine may be shared (other builds and tests). Before each run the script waits up to
 # BENCH_QUIET_WAIT (300) seconds for it to go idle; a run during which other work still used more
 # than BENCH_MAX_OTHERS (0.25) cores is repeated, up to BENCH_ATTEMPTS (3) runs, and the least
 # disturbed run is reported. The report shows each run's CPU split, so disturbance stays visible.
 set -euo pipefail
+# shellcheck source=bench/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$ROOT"
-
-CONNS=${CONNS:-4}
-STREAMS=${STREAMS:-16}
-BENCH_SECONDS=${BENCH_SECONDS:-10}
-BENCH_WARMUP=${BENCH_WARMUP:-2}
 UNWRAP_KEYS=${UNWRAP_KEYS:-1000}
 BENCH_QUIET_WAIT=${BENCH_QUIET_WAIT:-300}
 BENCH_ATTEMPTS=${BENCH_ATTEMPTS:-3}
 BENCH_MAX_OTHERS=${BENCH_MAX_OTHERS:-0.25}
 PROVIDERS=${PROVIDERS:-software softhsm2}
-BENCH_OUT=${BENCH_OUT:-docs/benchmarks.md}
 SOFTHSM_MODULE=${SOFTHSM_MODULE:-/usr/lib/softhsm/libsofthsm2.so}
 COMMAND="bench/issuance.sh"
 [[ $# -eq 0 ]] || { echo "usage: bench/issuance.sh (no arguments; knobs are environment variables)" >&2; exit 64; }
 
-log() { printf 'issuance.sh: %s\n' "$*" >&2; }
-die() { log "$*"; exit 1; }
-
-command -v python3 >/dev/null || die "python3 is required to write the report"
+command -v python3 >/dev/null || bench_die "python3 is required to write the report"
 
 # Only what this benchmark runs: the server and the load generator.
-log "building release binaries (kms-server, kluis-loadgen)"
-cargo build --release -p kluis-bench -p kms-server
-TARGET_DIR=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
-BIN="$TARGET_DIR/release"
-for b in kms-server kluis-loadgen; do [[ -x "$BIN/$b" ]] || die "missing $BIN/$b after the build"; done
+bench_log "building release binaries (kms-server, kluis-loadgen)"
+cargo build --release --locked --bin kms-server --bin kluis-loadgen >&2
+BIN=$(bench_bin_dir)
+for b in kms-server kluis-loadgen; do [[ -x "$BIN/$b" ]] || bench_die "missing $BIN/$b after the build"; done
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/kluis-issuance.XXXXXX")
 RESULTS="$WORK/results"
 mkdir -p "$RESULTS"
 SERVER_PID=""
 
-stop_server() {
-    if [[ -n "$SERVER_PID" ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
-        kill -TERM "$SERVER_PID" 2>/dev/null || true
-        for _ in $(seq 1 100); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
-        if kill -0 "$SERVER_PID" 2>/dev/null; then kill -KILL "$SERVER_PID" 2>/dev/null || true; fi
-        wait "$SERVER_PID" 2>/dev/null || true
-    fi
-    SERVER_PID=""
-}
 cleanup() {
     local rc=$? keep
-    stop_server
+    bench_stop_server
     # A failure after some runs keeps their raw reports.
     if (( rc != 0 )) && compgen -G "$RESULTS/*.json" >/dev/null; then
         keep=$(mktemp -d "${TMPDIR:-/tmp}/kluis-issuance-results.XXXXXX")
-        cp "$RESULTS"/*.json "$keep"/ && log "failed; the raw loadgen reports so far are in $keep"
+        cp "$RESULTS"/*.json "$keep"/ && bench_log "failed; the raw loadgen reports so far are in $keep"
     fi
     rm -rf "$WORK"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# start_server PROVIDER DIR: starts a fresh dev server, sets SERVER_PID and CLIENTS.
+# start_server PROVIDER DIR: starts a fresh dev server on DIR/dev (output in DIR/dev.out, DIR/dev.err),
+# sets SERVER_PID and CLIENTS.
 start_server() {
     local provider=$1 dir=$2
-    local args=(dev --data-dir "$dir/dev" --listen 127.0.0.1:0)
-    local envs=(KLUIS_LOG=warn)
     if [[ $provider == softhsm2 ]]; then
-        command -v softhsm2-util >/dev/null || die "softhsm2-util not found (Debian package softhsm2)"
-        [[ -f $SOFTHSM_MODULE ]] || die "PKCS#11 module $SOFTHSM_MODULE not found"
+        command -v softhsm2-util >/dev/null || bench_die "softhsm2-util not found (Debian package softhsm2)"
+        [[ -f $SOFTHSM_MODULE ]] || bench_die "PKCS#11 module $SOFTHSM_MODULE not found"
         mkdir -p "$dir/hsm/tokens"
         printf 'directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\n' "$dir/hsm/tokens" > "$dir/hsm/softhsm2.conf"
         SOFTHSM2_CONF="$dir/hsm/softhsm2.conf" softhsm2-util --init-token --free --label kluis --pin 1234 --so-pin 5678 >/dev/null
         (umask 077; printf '1234' > "$dir/hsm/pin")
         chmod 600 "$dir/hsm/pin"
-        args+=(--pkcs11-module "$SOFTHSM_MODULE" --pkcs11-token-label kluis --pkcs11-pin-file "$dir/hsm/pin")
-        envs+=(SOFTHSM2_CONF="$dir/hsm/softhsm2.conf")
+        SOFTHSM2_CONF="$dir/hsm/softhsm2.conf" bench_start_server "$dir/dev" \
+            --pkcs11-module "$SOFTHSM_MODULE" --pkcs11-token-label kluis --pkcs11-pin-file "$dir/hsm/pin"
+    else
+        bench_start_server "$dir/dev"
     fi
-    env "${envs[@]}" "$BIN/kms-server" "${args[@]}" > "$dir/server.out" 2> "$dir/server.err" &
-    SERVER_PID=$!
-    for _ in $(seq 1 300); do
-        grep -q '^kms-server listening on ' "$dir/server.out" 2>/dev/null && break
-        kill -0 "$SERVER_PID" 2>/dev/null || { cat "$dir/server.err" >&2; die "kms-server ($provider) exited during start-up"; }
-        sleep 0.1
-    done
-    grep -q '^kms-server listening on ' "$dir/server.out" || die "kms-server ($provider) did not start within 30 s"
     CLIENTS="$dir/dev/clients"
-    log "$provider: $(head -n1 "$dir/server.out") (pid $SERVER_PID)"
-}
-
-# Machine-wide busy CPU ticks (USER_HZ) from /proc/stat, steal excluded.
-busy_ticks() {
-    local user nice system irq softirq
-    read -r _ user nice system _ _ irq softirq _ < /proc/stat
-    echo $((user + nice + system + irq + softirq))
-}
-
-# Waits (at most BENCH_QUIET_WAIT seconds) until the machine uses less than 0.2 cores over 3 s:
-# the server is idle between runs, so this is other work (builds, tests) on the shared cores.
-wait_quiet() {
-    (( BENCH_QUIET_WAIT > 0 )) || return 0
-    local deadline=$((SECONDS + BENCH_QUIET_WAIT)) a b
-    while (( SECONDS < deadline )); do
-        a=$(busy_ticks); sleep 3; b=$(busy_ticks)
-        (( b - a < 60 )) && return 0
-    done
-    log "the machine stayed busy for ${BENCH_QUIET_WAIT} s; measuring anyway (see the CPU column)"
+    bench_log "$provider: $(head -n1 "$dir/dev.out") (pid $SERVER_PID)"
 }
 
 # loadgen PROVIDER OP ARGS...: a measured run, JSON into $RESULTS/PROVIDER-OP.json. Waits for a
@@ -130,7 +85,8 @@ loadgen() {
     local provider=$1 op=$2; shift 2
     local attempt load out="$RESULTS/$provider-$op"
     for attempt in $(seq 1 "$BENCH_ATTEMPTS"); do
-        wait_quiet
+        # Other work above 0.2 cores over 3 s counts as busy: the server is idle between runs.
+        bench_wait_quiet "$BENCH_QUIET_WAIT" 0.2
         load=$(cut -d' ' -f1 /proc/loadavg)
         "$BIN/kluis-loadgen" --op "$op" --connections "$CONNS" --streams "$STREAMS" \
             --seconds "$BENCH_SECONDS" --warmup "$BENCH_WARMUP" --keyring default \
@@ -149,7 +105,7 @@ EOF
         then
             break
         fi
-        log "$provider $op: other work took more than $BENCH_MAX_OTHERS cores during attempt $attempt"
+        bench_log "$provider $op: other work took more than $BENCH_MAX_OTHERS cores during attempt $attempt"
     done
     # Keep the attempt with the least other work (every attempt is a complete, real run).
     python3 - "$out" "$attempt" > "$out.json" <<'EOF'
@@ -163,7 +119,7 @@ EOF
 }
 
 for provider in $PROVIDERS; do
-    case $provider in software|softhsm2) ;; *) die "unknown provider $provider (software, softhsm2)";; esac
+    case $provider in software|softhsm2) ;; *) bench_die "unknown provider $provider (software, softhsm2)";; esac
     dir="$WORK/$provider"
     mkdir -p "$dir"
     start_server "$provider" "$dir"
@@ -171,33 +127,29 @@ for provider in $PROVIDERS; do
     loadgen "$provider" generate --client-config "$CLIENTS/sealer.toml"
     loadgen "$provider" unwrap --client-config "$CLIENTS/sealer.toml" \
         --unwrap-client-config "$CLIENTS/restorer.toml" --unwrap-keys "$UNWRAP_KEYS"
-    stop_server
-    if grep -qE 'WARN|ERROR' "$dir/server.err"; then
-        log "$provider: the server logged warnings or errors:"
-        grep -E 'WARN|ERROR' "$dir/server.err" | tail -n 20 >&2
+    bench_stop_server
+    if grep -qE 'WARN|ERROR' "$dir/dev.err"; then
+        bench_log "$provider: the server logged warnings or errors:"
+        grep -E 'WARN|ERROR' "$dir/dev.err" | tail -n 20 >&2
     fi
 done
 
-# Machine facts.
-CPU_MODEL=$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//' || true)
-MEM_TOTAL=$(awk '/^MemTotal:/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)
-FS_TYPE=$(df -PT "$WORK" | awk 'NR == 2 { print $2 " on " $1 }')
-
-mkdir -p "$(dirname "$BENCH_OUT")"
-GIT_REV="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-git diff --quiet HEAD -- . ':(exclude)docs/benchmarks.md' 2>/dev/null || GIT_REV="$GIT_REV (uncommitted changes in the tree)"
-export RESULTS BENCH_OUT PROVIDERS CONNS STREAMS BENCH_SECONDS BENCH_WARMUP UNWRAP_KEYS COMMAND \
-    BENCH_QUIET_WAIT BENCH_ATTEMPTS BENCH_MAX_OTHERS
+# Machine facts (this section's own table: nproc, CPU, memory, kernel, rustc, date, commit, file system).
+F_CPU=$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//' || true)
+F_MEM=$(awk '/^MemTotal:/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)
+F_FS=$(df -PT "$WORK" | awk 'NR == 2 { print $2 " on " $1 }')
+F_GIT=$(bench_git_rev)
 F_NPROC=$(nproc)
 F_KERNEL=$(uname -sr)
 F_RUSTC=$(rustc --version)
 F_DATE=$(date -u '+%Y-%m-%d %H:%M UTC')
-export F_NPROC F_KERNEL F_RUSTC F_DATE F_CPU="$CPU_MODEL" F_MEM="$MEM_TOTAL" F_GIT="$GIT_REV" F_FS="$FS_TYPE"
-python3 - <<'EOF'
+export RESULTS PROVIDERS CONNS STREAMS BENCH_SECONDS BENCH_WARMUP UNWRAP_KEYS COMMAND \
+    BENCH_QUIET_WAIT BENCH_ATTEMPTS BENCH_MAX_OTHERS F_NPROC F_KERNEL F_RUSTC F_DATE F_CPU F_MEM F_GIT F_FS
+python3 - > "$WORK/block.md" <<'EOF'
 import json, os
 
 E = os.environ
-results, out = E["RESULTS"], E["BENCH_OUT"]
+results = E["RESULTS"]
 providers = E["PROVIDERS"].split()
 ops = ["health", "generate", "unwrap"]
 R = {p: {o: json.load(open(os.path.join(results, f"{p}-{o}.json"))) for o in ops} for p in providers}
@@ -212,7 +164,6 @@ def cpu(v): return "" if v is None else f"{v:.2f}"
 
 L = []
 A = L.append
-A("<!-- issuance:begin -->")
 A("## Data-key issuance (GenerateDataKey, UnwrapDataKey)")
 A("")
 A(f"Written by `{cmd}`; every figure in this section is from that run. Re-run it to refresh the section.")
@@ -329,28 +280,10 @@ for p in providers:
 A("```")
 A("")
 A("</details>")
-A("<!-- issuance:end -->")
-section = "\n".join(L)
-
-if os.path.exists(out):
-    text = open(out).read()
-else:
-    text = ("# Kluis benchmarks\n\n"
-            "Measured figures only: every number in a section comes from the script named in it, run on the machine\n"
-            "described there. Each script rewrites its own section in place, between its markers.\n")
-begin, end = "<!-- issuance:begin -->", "<!-- issuance:end -->"
-if begin in text and end in text:
-    pre, rest = text.split(begin, 1)
-    _, post = rest.split(end, 1)
-    text = pre + section + post
-else:
-    text = text.rstrip("\n") + "\n\n" + section + "\n"
-tmp = out + ".tmp"
-open(tmp, "w").write(text)
-os.replace(tmp, out)
+print("\n".join(L))
 EOF
-
-log "wrote $BENCH_OUT"
+bench_replace_section issuance "$WORK/block.md" "$BENCH_OUT"
+bench_log "wrote $BENCH_OUT"
 python3 - <<'EOF'
 import json, os
 for p in os.environ["PROVIDERS"].split():

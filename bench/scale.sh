@@ -17,21 +17,14 @@
 # Rewrites the section between <!-- scale:begin --> and <!-- scale:end --> of docs/benchmarks.md.
 #
 # Knobs: SCALE_KEYS (1000000), FILL_SECONDS (15), CONNS (4), STREAMS (16), BENCH_SECONDS (10),
-# BENCH_WARMUP (2), START_RUNS (3), BENCH_OUT (docs/benchmarks.md), TMPDIR (where the store lives).
+# BENCH_WARMUP (2), START_RUNS (3), BENCH_OUT (docs/benchmarks.md), TMPDIR (where the store lives),
+# BENCH_QUIET_WAIT (120: at most that many seconds of waiting for a quiet machine first).
 set -euo pipefail
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$ROOT"
-BENCH_NAME=scale.sh
 # shellcheck source=bench/lib.sh
-. bench/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 SCALE_KEYS=${SCALE_KEYS:-1000000}
 FILL_SECONDS=${FILL_SECONDS:-15}
-CONNS=${CONNS:-4}
-STREAMS=${STREAMS:-16}
-BENCH_SECONDS=${BENCH_SECONDS:-10}
-BENCH_WARMUP=${BENCH_WARMUP:-2}
 START_RUNS=${START_RUNS:-3}
-BENCH_OUT=${BENCH_OUT:-docs/benchmarks.md}
 command -v python3 >/dev/null || bench_die "needs python3"
 
 cargo build --release --locked --bin kms-server --bin kluis-loadgen --bin kluis-storestat >&2
@@ -69,7 +62,7 @@ PY
 # Keys issued so far by the generate runs (a lower bound: warm-up requests are not counted).
 issued() { python3 -c "import json,sys; print(sum(d['requests_ok'] for d in map(json.load, map(open, sys.argv[1:])) if d['op'] == 'generate'))" "$@"; }
 
-bench_wait_quiet "${BENCH_QUIET_WAIT:-120}" 1.0
+bench_wait_quiet "${BENCH_QUIET_WAIT:-120}" 0.2
 MACHINE=$(bench_machine_md)
 FS=$(findmnt -n -o FSTYPE,SOURCE --target "$W" | awk '{print $1 " on " $2}')
 

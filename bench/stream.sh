@@ -3,12 +3,10 @@
 # cat|cat pipe floor, on one input in the page cache, all in the same run.
 # Usage: bench/stream.sh [SIZE_MIB] [RUNS]     (defaults: 2048 MiB, 5 runs)
 # Writes the section between <!-- stream:begin --> and <!-- stream:end --> of docs/benchmarks.md
-# (or of $BENCH_OUT).
+# (or of $BENCH_OUT). Waits up to BENCH_QUIET_WAIT (120) seconds for a quiet machine first.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-BENCH_NAME=stream.sh
 # shellcheck source=bench/lib.sh
-. bench/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 SIZE_MIB=${1:-2048}
 RUNS=${2:-5}
 for t in hyperfine age age-keygen gpg /usr/bin/time; do
@@ -39,7 +37,7 @@ echo bench-passphrase > "$W/gpgpass"
 gpg --batch --yes --quiet --pinentry-mode loopback --passphrase-file "$W/gpgpass" --symmetric --cipher-algo AES256 --compress-algo none -o "$W/input.gpg" "$W/input"
 cat "$W/input.kluis" "$W/input.age" "$W/input.gpg" > /dev/null
 
-bench_wait_quiet "${BENCH_QUIET_WAIT:-120}" 1.0
+bench_wait_quiet "${BENCH_QUIET_WAIT:-120}" 0.2
 MACHINE=$(bench_machine_md)
 LOAD_BEFORE=$(cut -d' ' -f1 /proc/loadavg)
 hyperfine --warmup 1 --runs "$RUNS" --export-json "$W/h.json" -N \
@@ -132,5 +130,5 @@ PY
   echo
   cat "$W/section.md"
 } > "$W/block.md"
-bench_replace_section stream "$W/block.md" "${BENCH_OUT:-docs/benchmarks.md}"
+bench_replace_section stream "$W/block.md" "$BENCH_OUT"
 cat "$W/block.md"
