@@ -10,21 +10,16 @@ set -euo pipefail
 SIZE_MIB=${1:-2048}
 RUNS=${2:-5}
 for t in hyperfine age age-keygen gpg /usr/bin/time; do
-  command -v "$t" >/dev/null || { echo "stream.sh: needs $t (apt-get install hyperfine age gnupg time)" >&2; exit 1; }
+  command -v "$t" >/dev/null || bench_die "needs $t (apt-get install hyperfine age gnupg time)"
 done
 cargo build --release --locked --bin kms-server --bin backup-hook >&2
-BIN=$PWD/target/release
+BIN=$(bench_bin_dir)
 W=$(mktemp -d)
-SERVER_PID=
-cleanup() { [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null; rm -rf "$W"; }
-trap cleanup EXIT
+SERVER_PID=""
+trap 'bench_stop_server; rm -rf "$W"' EXIT
+trap 'exit 130' INT TERM
 
-KLUIS_LOG=warn "$BIN/kms-server" dev --data-dir "$W/kluis" --listen 127.0.0.1:0 > "$W/server.out" 2> "$W/server.err" &
-SERVER_PID=$!
-until grep -q 'listening on' "$W/server.out" 2>/dev/null; do
-  kill -0 "$SERVER_PID" 2>/dev/null || { cat "$W/server.err" >&2; exit 1; }
-  sleep 0.1
-done
+bench_start_server "$W/kluis"
 export KLUIS_CLIENT_CONFIG=$W/kluis/clients/dev.toml
 
 head -c "$((SIZE_MIB << 20))" /dev/urandom > "$W/input"
