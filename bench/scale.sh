@@ -74,12 +74,14 @@ loadgen empty-generate generate "$BENCH_SECONDS" "$BENCH_WARMUP"
 bench_log "filling the registry to $SCALE_KEYS keys"
 FILL_T0=$(date +%s.%N)
 i=0
-while (( $(issued "$R"/*.json) < SCALE_KEYS )); do
+n=$(issued "$R"/*.json)
+while (( n < SCALE_KEYS )); do
     i=$((i + 1))
     # The last run only as long as the remaining keys need at the rate of the run before.
-    secs=$(python3 -c "import glob, json, math; f = (sorted(glob.glob('$R/fill-*.json')) or ['$R/empty-generate.json'])[-1]; rate = json.load(open(f))['rate_per_second']; print(max(1, min($FILL_SECONDS, math.ceil(($SCALE_KEYS - $(issued "$R"/*.json)) / max(rate, 1) + 1))))")
+    secs=$(python3 -c "import glob, json, math; f = (sorted(glob.glob('$R/fill-*.json')) or ['$R/empty-generate.json'])[-1]; rate = json.load(open(f))['rate_per_second']; print(max(1, min($FILL_SECONDS, math.ceil(($SCALE_KEYS - $n) / max(rate, 1) + 1))))")
     loadgen "fill-$(printf %03d $i)" generate "$secs" 0
-    bench_log "fill run $i: $(issued "$R"/*.json) keys so far"
+    n=$(issued "$R"/*.json)
+    bench_log "fill run $i: $n keys so far"
 done
 FILL_S=$(python3 -c "import time; print(f'{time.time() - $FILL_T0:.0f}')")
 bench_stop_server
