@@ -75,7 +75,7 @@ use zeroize::Zeroizing;
 use crate::client::{ClientError, Rewrapped, UnwrappedKey};
 use crate::fsutil::{self, parent_dir};
 use crate::hook::Hook;
-use crate::sealed::{KluisIdentity, KluisStanza, STANZA_TAG, UnsealError, parse_stanza};
+use crate::sealed::{KluisIdentity, KluisStanza, STANZA_TAG, UnsealError, header_read_error, parse_stanza};
 use crate::secret::DataKey;
 use crate::stream::{ENC_CHUNK_SIZE, NONCE_SIZE, PayloadKey, TAG_SIZE, header};
 
@@ -218,14 +218,11 @@ impl<R: Read> Read for Recording<R> {
     }
 }
 
+/// As for unseal, except that a failed read is an I/O error here.
 fn header_error(e: header::HeaderError) -> RewrapError {
     match e {
-        header::HeaderError::Empty => RewrapError::Integrity(UnsealError::Empty),
-        header::HeaderError::NotAge => RewrapError::Integrity(UnsealError::NotSealed),
         header::HeaderError::Read(e) => RewrapError::Io { what: "reading the header failed".into(), source: e },
-        header::HeaderError::Damaged | header::HeaderError::Unwritable(_) => {
-            RewrapError::Integrity(UnsealError::HeaderDamaged)
-        }
+        e => RewrapError::Integrity(header_read_error(e)),
     }
 }
 

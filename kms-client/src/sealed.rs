@@ -264,7 +264,8 @@ pub(crate) fn seal_with<R: Read, W: Write>(
     Ok((output, Moved { plaintext_bytes: total }))
 }
 
-fn header_read_error(e: header::HeaderError) -> UnsealError {
+/// The unseal error for a header that could not be read.
+pub(crate) fn header_read_error(e: header::HeaderError) -> UnsealError {
     match e {
         header::HeaderError::Empty => UnsealError::Empty,
         header::HeaderError::NotAge => UnsealError::NotSealed,
