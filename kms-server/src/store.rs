@@ -29,7 +29,9 @@ const RESTORE_TESTS: TableDefinition<u64, &[u8]> = TableDefinition::new("restore
 const APPROVALS: TableDefinition<u64, &[u8]> = TableDefinition::new("approvals");
 const DESTRUCTIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("destructions");
 /// Index of data keys by expiry: (expires, key id) for every active key that expires.
-const EXPIRY: TableDefinition<(i64, [u8; 16]), ()> = TableDefinition::new("expiry_index");
+const EXPIRY: TableDefinition<ExpiryEntry, ()> = TableDefinition::new("expiry_index");
+/// An entry of the expiry index: (expires, key id).
+pub type ExpiryEntry = (i64, [u8; 16]);
 
 /// META key of the store format: absent in format 1; 2 since audit records are stored
 /// compactly (see [`audit`]). A store of a later format than this is refused.
@@ -499,24 +501,32 @@ impl Store {
         self.next_id(DESTRUCTIONS)
     }
 
-    /// Up to `limit` active keys whose expiry is at or before `now`, earliest first.
-    /// Keys of keyrings for which `skip` is true (held, destroyed) are passed over.
+    /// Up to `limit` active keys whose expiry is at or before `now`, earliest first,
+    /// starting after the index entry `after`; with the last index entry looked at
+    /// (`None` when there was none left). Keys of keyrings for which `skip` is true
+    /// (held, destroyed) are passed over.
+    #[allow(clippy::type_complexity)]
     pub fn expired_keys(
         &self,
         now: i64,
+        after: Option<ExpiryEntry>,
         limit: usize,
         skip: &dyn Fn(&str) -> bool,
-    ) -> Result<Vec<([u8; 16], DataKeyRecord)>, StoreError> {
+    ) -> Result<(Vec<([u8; 16], DataKeyRecord)>, Option<ExpiryEntry>), StoreError> {
+        use std::ops::Bound;
         let txn = self.db.begin_read().map_err(dberr)?;
         let idx = txn.open_table(EXPIRY).map_err(dberr)?;
         let keys = txn.open_table(DATA_KEYS).map_err(dberr)?;
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
         let mut out = Vec::new();
-        for row in idx.range(..=(now, [0xff; 16])).map_err(dberr)? {
+        let mut last = None;
+        for row in idx.range((start, Bound::Included((now, [0xff; 16])))).map_err(dberr)? {
             if out.len() >= limit {
                 break;
             }
             let (k, _) = row.map_err(dberr)?;
-            let (_, id) = k.value();
+            let (at, id) = k.value();
+            last = Some((at, id));
             if let Some(v) = keys.get(id).map_err(dberr)? {
                 let rec: DataKeyRecord =
                     postcard::from_bytes(v.value()).map_err(|e| StoreError::Decode { what: "data key", source: e })?;
@@ -525,7 +535,7 @@ impl Store {
                 }
             }
         }
-        Ok(out)
+        Ok((out, last))
     }
 
     /// Every restore test, oldest first.

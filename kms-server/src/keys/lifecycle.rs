@@ -139,27 +139,26 @@ impl KeyManager {
             .cloned()
     }
 
-    /// Rotates the keyring now if its rotation period has passed.
-    pub(super) async fn rotate_if_due(&self, keyring: &str) -> Result<(), KeyError> {
-        let due = {
-            let rings = self.rings.read().map_err(|_| KeyError::NotCovered)?;
-            rings.get(keyring).and_then(|l| next_rotation(&l.record))
-        };
-        if due.is_none_or(|d| d > self.now()) {
-            return Ok(());
+    /// Whether the keyring's rotation period has passed.
+    fn rotation_due(&self, keyring: &str) -> Result<bool, KeyError> {
+        let rings = self.rings.read().map_err(|_| KeyError::NotCovered)?;
+        Ok(rings.get(keyring).and_then(|l| next_rotation(&l.record)).is_some_and(|d| d <= self.now()))
+    }
+
+    /// Rotates the keyring now if its rotation period has passed; true if it did.
+    pub(super) async fn rotate_if_due(&self, keyring: &str) -> Result<bool, KeyError> {
+        if !self.rotation_due(keyring)? {
+            return Ok(false);
         }
         let _guard = self.admin.lock().await;
         // Another request may have rotated it while this one waited for the lock.
-        let still_due = {
-            let rings = self.rings.read().map_err(|_| KeyError::NotCovered)?;
-            rings.get(keyring).and_then(|l| next_rotation(&l.record)).is_some_and(|d| d <= self.now())
-        };
-        if still_due {
-            let ev = server_event("RotateKeyring", Some(keyring), None, "ok: rotation period reached".into());
-            let info = self.rotate_locked(keyring, ev).await?;
-            tracing::info!(keyring, version = info.current_version, "keyring rotated by its rotation period");
+        if !self.rotation_due(keyring)? {
+            return Ok(false);
         }
-        Ok(())
+        let ev = server_event("RotateKeyring", Some(keyring), None, "ok: rotation period reached".into());
+        let info = self.rotate_locked(keyring, ev).await?;
+        tracing::info!(keyring, version = info.current_version, "keyring rotated by its rotation period");
+        Ok(true)
     }
 
     /// Changes retention and/or rotation period. A new retention applies to keys issued from now on.
@@ -475,7 +474,7 @@ impl KeyManager {
     }
 
     /// Destroys keys at the end of their retention (admin lock held): one transaction
-    /// for the batch, destruction ids allocated from one read of the records.
+    /// for the batch, destruction ids numbered on from the table's last one.
     async fn destroy_expired(&self, keys: Vec<([u8; 16], DataKeyRecord)>) -> Result<(), KeyError> {
         let now = self.now();
         let first_id = self.store.next_destruction_id()?;
@@ -511,9 +510,7 @@ impl KeyManager {
         let mut done = 0u64;
         let names: Vec<String> = self.rings.read().map(|r| r.keys().cloned().collect()).unwrap_or_default();
         for name in &names {
-            let before = self.rings.read().ok().and_then(|r| r.get(name).map(|l| l.record.versions.len()));
-            self.rotate_if_due(name).await?;
-            if self.rings.read().ok().and_then(|r| r.get(name).map(|l| l.record.versions.len())) != before {
+            if self.rotate_if_due(name).await? {
                 done += 1;
             }
         }
@@ -531,15 +528,21 @@ impl KeyManager {
             self.execute(d).await?;
             done += 1;
         }
+        // Resumes after the last index entry looked at, so keys passed over (held or
+        // destroyed keyrings) are read once per sweep, not once per batch.
+        let mut after = None;
         loop {
             let skip = |k: &str| self.ring_state(k).map(|(h, dst)| h.is_some() || dst.is_some()).unwrap_or(true);
-            let batch = self.store.expired_keys(now, SWEEP_BATCH, &skip)?;
-            if batch.is_empty() {
-                break;
+            let (batch, last) = self.store.expired_keys(now, after, SWEEP_BATCH, &skip)?;
+            if !batch.is_empty() {
+                let _guard = self.admin.lock().await;
+                done += batch.len() as u64;
+                self.destroy_expired(batch).await?;
             }
-            let _guard = self.admin.lock().await;
-            done += batch.len() as u64;
-            self.destroy_expired(batch).await?;
+            match last {
+                Some(l) => after = Some(l),
+                None => break,
+            }
         }
         Ok(done)
     }
