@@ -473,6 +473,43 @@ impl KeyManager {
         Ok(out)
     }
 
+    /// A new keyring key for `version` of `name`, and that key wrapped by the master key
+    /// (on a blocking thread: the master may be an HSM).
+    async fn mint_version_key(&self, name: &str, version: u32) -> Result<(Key256, Vec<u8>), KeyError> {
+        let key = Key256::generate(&self.rng).map_err(|_| KeyError::Rng)?;
+        let master = self.master();
+        let aad = krk_aad(name, version);
+        let (key, wrapped) = tokio::task::spawn_blocking(move || {
+            let w = master.wrap(&aad, key.expose());
+            (key, w)
+        })
+        .await?;
+        Ok((key, wrapped?))
+    }
+
+    /// The wrapped form of a data key under keyring key `krk` (version `version`): format
+    /// byte, version, AES-256-GCM with the AAD binding id, keyring, version, backup and
+    /// labels. `unwrap_inner` reads it.
+    #[allow(clippy::too_many_arguments)]
+    fn wrap_data_key(
+        &self,
+        krk: &Key256,
+        id: &[u8; 16],
+        keyring: &str,
+        version: u32,
+        backup_id: &str,
+        labels: &[(String, String)],
+        data_key: &Key256,
+    ) -> Result<Vec<u8>, KeyError> {
+        let aad = dk_aad(id, keyring, version, backup_id, labels);
+        let sealed = aes_gcm_seal(krk, &self.rng, &aad, data_key.expose()).map_err(|_| KeyError::Rng)?;
+        let mut out = Vec::with_capacity(WRAPPED_DK_LEN);
+        out.push(WRAPPED_DK_FORMAT);
+        out.extend_from_slice(&version.to_be_bytes());
+        out.extend_from_slice(&sealed);
+        Ok(out)
+    }
+
     fn check(auth: &Authorized, action: Action, keyring: Option<&str>) -> Result<(), KeyError> {
         if auth.covers(action, keyring) { Ok(()) } else { Err(KeyError::NotCovered) }
     }
@@ -507,15 +544,7 @@ impl KeyManager {
         if self.has_keyring(name) {
             return Err(KeyError::KeyringExists { name: name.to_owned() });
         }
-        let key = Key256::generate(&self.rng).map_err(|_| KeyError::Rng)?;
-        let master = self.master();
-        let aad = krk_aad(name, 1);
-        let (key, wrapped) = tokio::task::spawn_blocking(move || {
-            let w = master.wrap(&aad, key.expose());
-            (key, w)
-        })
-        .await?;
-        let wrapped = wrapped?;
+        let (key, wrapped) = self.mint_version_key(name, 1).await?;
         let now = self.now();
         let record = KeyringRecord {
             name: name.to_owned(),
@@ -555,15 +584,8 @@ impl KeyManager {
             return Err(KeyError::KeyringDestroyed { keyring: name.to_owned(), date: format_date(at) });
         }
         let version = record.versions.iter().map(|v| v.version).max().unwrap_or(0) + 1;
-        let key = Key256::generate(&self.rng).map_err(|_| KeyError::Rng)?;
-        let master = self.master();
-        let aad = krk_aad(name, version);
-        let (key, wrapped) = tokio::task::spawn_blocking(move || {
-            let w = master.wrap(&aad, key.expose());
-            (key, w)
-        })
-        .await?;
-        record.versions.push(VersionRecord { version, created: self.now(), state: VersionState::Active, wrapped_key: wrapped? });
+        let (key, wrapped) = self.mint_version_key(name, version).await?;
+        record.versions.push(VersionRecord { version, created: self.now(), state: VersionState::Active, wrapped_key: wrapped });
         self.store.write(WriteOp::Atomic(vec![WriteOp::PutKeyring(record.clone()), WriteOp::Audit(audit)])).await?;
         let mut rings = self.rings.write().map_err(|_| KeyError::NotCovered)?;
         let live = rings.get_mut(name).ok_or_else(|| KeyError::KeyringNotFound { name: name.to_owned() })?;
@@ -832,12 +854,7 @@ impl KeyManager {
         };
         let id: [u8; 16] = random_array(&self.rng).map_err(|_| KeyError::Rng)?;
         let data_key = Key256::generate(&self.rng).map_err(|_| KeyError::Rng)?;
-        let aad = dk_aad(&id, keyring, version, backup_id, &labels);
-        let sealed = aes_gcm_seal(&krk, &self.rng, &aad, data_key.expose()).map_err(|_| KeyError::Rng)?;
-        let mut wrapped = Vec::with_capacity(WRAPPED_DK_LEN);
-        wrapped.push(WRAPPED_DK_FORMAT);
-        wrapped.extend_from_slice(&version.to_be_bytes());
-        wrapped.extend_from_slice(&sealed);
+        let wrapped = self.wrap_data_key(&krk, &id, keyring, version, backup_id, &labels, &data_key)?;
         let recovery_recipient =
             self.escrow.read().ok().and_then(|e| e.as_ref().and_then(|e| e.in_force().map(str::to_owned)));
         let created = self.now();
@@ -954,12 +971,7 @@ impl KeyManager {
             self.audit(audit).await?;
             return Ok((wrapped.to_vec(), current, key.version));
         }
-        let aad = dk_aad(&id, keyring, current, &record.backup_id, &record.labels);
-        let sealed = aes_gcm_seal(&krk, &self.rng, &aad, key.data_key.expose()).map_err(|_| KeyError::Rng)?;
-        let mut out = Vec::with_capacity(WRAPPED_DK_LEN);
-        out.push(WRAPPED_DK_FORMAT);
-        out.extend_from_slice(&current.to_be_bytes());
-        out.extend_from_slice(&sealed);
+        let out = self.wrap_data_key(&krk, &id, keyring, current, &record.backup_id, &record.labels, &key.data_key)?;
         record.version = current;
         audit.outcome = format!("ok: version {} -> {current}", key.version);
         self.store.write(WriteOp::Atomic(vec![WriteOp::PutDataKey { id, record }, WriteOp::Audit(audit)])).await?;
