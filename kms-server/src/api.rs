@@ -136,7 +136,29 @@ impl Api {
 
     fn audit_unavailable(&self, e: KeyError) -> Status {
         self.metrics.audit_failure();
-        audit_unavailable(e)
+        tracing::error!(error = %e, "audit trail not writable; request refused");
+        Status::unavailable(format!("the audit trail cannot be written, so nothing was done: {e}"))
+    }
+
+    /// The answer to a write whose audit entry commits with it: a store failure means
+    /// nothing was recorded (unavailable); any other refusal is audited as failed.
+    async fn settle<T>(&self, ev: &Ev, r: Result<T, KeyError>) -> Result<T, Status> {
+        match r {
+            Ok(v) => Ok(v),
+            Err(e @ KeyError::Store(_)) => Err(self.audit_unavailable(e)),
+            Err(e) => Err(self.fail(ev, key_status(e)).await),
+        }
+    }
+
+    /// The answer to a read: audited as done on success, as failed otherwise.
+    async fn settle_read<T>(&self, ev: &Ev, r: Result<T, KeyError>) -> Result<T, Status> {
+        match r {
+            Ok(v) => {
+                self.done(ev).await?;
+                Ok(v)
+            }
+            Err(e) => Err(self.fail(ev, key_status(e)).await),
+        }
     }
 
     fn principal_of<T>(&self, req: &Request<T>) -> Result<Principal, AuthError> {
@@ -144,11 +166,6 @@ impl Api {
         let leaf = certs.first().ok_or(AuthError::NoCertificate)?;
         self.authn.authenticate(leaf.as_ref())
     }
-}
-
-fn audit_unavailable(e: KeyError) -> Status {
-    tracing::error!(error = %e, "audit trail not writable; request refused");
-    Status::unavailable(format!("the audit trail cannot be written, so nothing was done: {e}"))
 }
 
 fn auth_status(e: AuthError) -> Status {
@@ -265,11 +282,7 @@ impl pb::key_service_server::KeyService for Api {
         let auth = self.authorize(&req, &mut ev).await?;
         let r = req.into_inner();
         // On success the audit entry is committed with the registry record.
-        let issued = match self.keys.generate_data_key(&auth, &r.keyring, &r.backup_id, r.labels, ev.ok()).await {
-            Ok(k) => k,
-            Err(e @ KeyError::Store(_)) => return Err(self.audit_unavailable(e)),
-            Err(e) => return Err(self.fail(&ev, key_status(e)).await),
-        };
+        let issued = self.settle(&ev, self.keys.generate_data_key(&auth, &r.keyring, &r.backup_id, r.labels, ev.ok()).await).await?;
         self.metrics.issued();
         tracing::info!(key_id = %issued.key_id, version = issued.version, "data key issued");
         Ok(Response::new(pb::GenerateDataKeyResponse {
@@ -332,11 +345,8 @@ impl pb::key_service_server::KeyService for Api {
             host: r.host,
             principal: String::new(),
         };
-        match self.keys.record_restore_test(&auth, rec, ev.with_outcome(outcome)).await {
-            Ok(()) => Ok(Response::new(pb::RecordRestoreTestResponse {})),
-            Err(e @ KeyError::Store(_)) => Err(self.audit_unavailable(e)),
-            Err(e) => Err(self.fail(&ev, key_status(e)).await),
-        }
+        self.settle(&ev, self.keys.record_restore_test(&auth, rec, ev.with_outcome(outcome)).await).await?;
+        Ok(Response::new(pb::RecordRestoreTestResponse {}))
     }
 
     #[instrument(skip_all, fields(principal, keyring = %req.get_ref().keyring, key_id = %req.get_ref().key_id))]
@@ -348,14 +358,9 @@ impl pb::key_service_server::KeyService for Api {
         ev.key_id = Some(req.get_ref().key_id.clone());
         let auth = self.authorize(&req, &mut ev).await?;
         let r = req.into_inner();
-        match self.keys.rewrap_data_key(&auth, &r.key_id, &r.keyring, &r.wrapped_key, ev.ok()).await {
-            Ok((wrapped_key, keyring_version, previous_version)) => {
-                tracing::info!(from = previous_version, to = keyring_version, "data key rewrapped");
-                Ok(Response::new(pb::RewrapDataKeyResponse { wrapped_key, keyring_version, previous_version }))
-            }
-            Err(e @ KeyError::Store(_)) => Err(self.audit_unavailable(e)),
-            Err(e) => Err(self.fail(&ev, key_status(e)).await),
-        }
+        let (wrapped_key, keyring_version, previous_version) = self.settle(&ev, self.keys.rewrap_data_key(&auth, &r.key_id, &r.keyring, &r.wrapped_key, ev.ok()).await).await?;
+        tracing::info!(from = previous_version, to = keyring_version, "data key rewrapped");
+        Ok(Response::new(pb::RewrapDataKeyResponse { wrapped_key, keyring_version, previous_version }))
     }
 }
 
@@ -390,11 +395,8 @@ impl pb::admin_service_server::AdminService for Api {
         let auth = self.authorize(&req, &mut ev).await?;
         let r = req.get_ref();
         let outcome = format!("ok: pending approval to retire versions below {}", r.below_version);
-        match self.keys.request_retire(&auth, &r.keyring, r.below_version, ev.with_outcome(outcome)).await {
-            Ok(a) => Ok(Response::new(approval_pb(a, self.keys.now()))),
-            Err(e @ KeyError::Store(_)) => Err(self.audit_unavailable(e)),
-            Err(e) => Err(self.fail(&ev, key_status(e)).await),
-        }
+        let a = self.settle(&ev, self.keys.request_retire(&auth, &r.keyring, r.below_version, ev.with_outcome(outcome)).await).await?;
+        Ok(Response::new(approval_pb(a, self.keys.now())))
     }
 
     #[instrument(skip_all, fields(principal, id = req.get_ref().id))]
@@ -402,27 +404,17 @@ impl pb::admin_service_server::AdminService for Api {
         let mut ev = self.ev(Action::Approve, None);
         let auth = self.authorize(&req, &mut ev).await?;
         let id = req.get_ref().id;
-        match self.keys.approve(&auth, id, ev.with_outcome(format!("ok: approved and carried out request {id}"))).await {
-            Ok(a) => {
-                tracing::warn!(id, "destructive request approved and carried out");
-                Ok(Response::new(approval_pb(a, self.keys.now())))
-            }
-            Err(e @ KeyError::Store(_)) => Err(self.audit_unavailable(e)),
-            Err(e) => Err(self.fail(&ev, key_status(e)).await),
-        }
+        let a = self.settle(&ev, self.keys.approve(&auth, id, ev.with_outcome(format!("ok: approved and carried out request {id}"))).await).await?;
+        tracing::warn!(id, "destructive request approved and carried out");
+        Ok(Response::new(approval_pb(a, self.keys.now())))
     }
 
     #[instrument(skip_all, fields(principal))]
     async fn list_approvals(&self, req: Request<pb::ListApprovalsRequest>) -> Result<Response<pb::Approvals>, Status> {
         let mut ev = self.ev(Action::ListApprovals, None);
         let auth = self.authorize(&req, &mut ev).await?;
-        match self.keys.approvals(&auth) {
-            Ok(list) => {
-                self.done(&ev).await?;
-                Ok(Response::new(pb::Approvals { approvals: list.into_iter().map(|a| approval_pb(a, self.keys.now())).collect() }))
-            }
-            Err(e) => Err(self.fail(&ev, key_status(e)).await),
-        }
+        let list = self.settle_read(&ev, self.keys.approvals(&auth)).await?;
+        Ok(Response::new(pb::Approvals { approvals: list.into_iter().map(|a| approval_pb(a, self.keys.now())).collect() }))
     }
 
     #[instrument(skip_all, fields(principal, keyring = %req.get_ref().keyring))]
@@ -431,42 +423,27 @@ impl pb::admin_service_server::AdminService for Api {
         let auth = self.authorize(&req, &mut ev).await?;
         let r = req.into_inner();
         let what = format!("ok: {} {} {}", if r.grant { "granted" } else { "revoked" }, r.role, r.principal);
-        match self.keys.change_grant(&auth, &r.keyring, &r.principal, &r.role, r.grant, ev.with_outcome(what)).await {
-            Ok(set) => {
-                self.policy.set_runtime(&set);
-                tracing::info!(principal = %r.principal, role = %r.role, grant = r.grant, "grant changed");
-                Ok(Response::new(self.grants_pb(&r.keyring)))
-            }
-            Err(e @ KeyError::Store(_)) => Err(self.audit_unavailable(e)),
-            Err(e) => Err(self.fail(&ev, key_status(e)).await),
-        }
+        let set = self.settle(&ev, self.keys.change_grant(&auth, &r.keyring, &r.principal, &r.role, r.grant, ev.with_outcome(what)).await).await?;
+        self.policy.set_runtime(&set);
+        tracing::info!(principal = %r.principal, role = %r.role, grant = r.grant, "grant changed");
+        Ok(Response::new(self.grants_pb(&r.keyring)))
     }
 
     #[instrument(skip_all, fields(principal, keyring = %req.get_ref().keyring))]
     async fn list_grants(&self, req: Request<pb::ListGrantsRequest>) -> Result<Response<pb::Grants>, Status> {
         let mut ev = self.ev(Action::ListGrants, Some(&req.get_ref().keyring));
         let auth = self.authorize(&req, &mut ev).await?;
-        match self.keys.check_list_grants(&auth, &req.get_ref().keyring) {
-            Ok(()) => {
-                self.done(&ev).await?;
-                Ok(Response::new(self.grants_pb(&req.get_ref().keyring)))
-            }
-            Err(e) => Err(self.fail(&ev, key_status(e)).await),
-        }
+        let () = self.settle_read(&ev, self.keys.check_list_grants(&auth, &req.get_ref().keyring)).await?;
+        Ok(Response::new(self.grants_pb(&req.get_ref().keyring)))
     }
 
     #[instrument(skip_all, fields(principal, keyring = %req.get_ref().name))]
     async fn rotate_keyring(&self, req: Request<pb::RotateKeyringRequest>) -> Result<Response<pb::Keyring>, Status> {
         let mut ev = self.ev(Action::RotateKeyring, Some(&req.get_ref().name));
         let auth = self.authorize(&req, &mut ev).await?;
-        match self.keys.rotate_keyring(&auth, &req.get_ref().name, ev.ok()).await {
-            Ok(k) => {
-                tracing::info!(version = k.current_version, "keyring rotated");
-                Ok(Response::new(keyring_pb(k)))
-            }
-            Err(e @ KeyError::Store(_)) => Err(self.audit_unavailable(e)),
-            Err(e) => Err(self.fail(&ev, key_status(e)).await),
-        }
+        let k = self.settle(&ev, self.keys.rotate_keyring(&auth, &req.get_ref().name, ev.ok()).await).await?;
+        tracing::info!(version = k.current_version, "keyring rotated");
+        Ok(Response::new(keyring_pb(k)))
     }
 
     #[instrument(skip_all, fields(principal, keyring = %req.get_ref().name))]
@@ -474,14 +451,9 @@ impl pb::admin_service_server::AdminService for Api {
         let mut ev = self.ev(Action::CreateKeyring, Some(&req.get_ref().name));
         let auth = self.authorize(&req, &mut ev).await?;
         let r = req.into_inner();
-        match self.keys.create_keyring(&auth, &r.name, r.retention_days, r.rotation_period_days, ev.ok()).await {
-            Ok(k) => {
-                tracing::info!("keyring created");
-                Ok(Response::new(keyring_pb(k)))
-            }
-            Err(e @ KeyError::Store(_)) => Err(self.audit_unavailable(e)),
-            Err(e) => Err(self.fail(&ev, key_status(e)).await),
-        }
+        let k = self.settle(&ev, self.keys.create_keyring(&auth, &r.name, r.retention_days, r.rotation_period_days, ev.ok()).await).await?;
+        tracing::info!("keyring created");
+        Ok(Response::new(keyring_pb(k)))
     }
 
     #[instrument(skip_all, fields(principal))]
@@ -491,26 +463,16 @@ impl pb::admin_service_server::AdminService for Api {
     ) -> Result<Response<pb::ListKeyringsResponse>, Status> {
         let mut ev = self.ev(Action::ListKeyrings, None);
         let auth = self.authorize(&req, &mut ev).await?;
-        match self.keys.list_keyrings(&auth, |name| self.policy.may_see(&auth, name)) {
-            Ok(list) => {
-                self.done(&ev).await?;
-                Ok(Response::new(pb::ListKeyringsResponse { keyrings: list.into_iter().map(keyring_pb).collect() }))
-            }
-            Err(e) => Err(self.fail(&ev, key_status(e)).await),
-        }
+        let list = self.settle_read(&ev, self.keys.list_keyrings(&auth, |name| self.policy.may_see(&auth, name))).await?;
+        Ok(Response::new(pb::ListKeyringsResponse { keyrings: list.into_iter().map(keyring_pb).collect() }))
     }
 
     #[instrument(skip_all, fields(principal, keyring = %req.get_ref().name))]
     async fn get_keyring(&self, req: Request<pb::GetKeyringRequest>) -> Result<Response<pb::Keyring>, Status> {
         let mut ev = self.ev(Action::GetKeyring, Some(&req.get_ref().name));
         let auth = self.authorize(&req, &mut ev).await?;
-        match self.keys.get_keyring(&auth, &req.get_ref().name) {
-            Ok(k) => {
-                self.done(&ev).await?;
-                Ok(Response::new(keyring_pb(k)))
-            }
-            Err(e) => Err(self.fail(&ev, key_status(e)).await),
-        }
+        let k = self.settle_read(&ev, self.keys.get_keyring(&auth, &req.get_ref().name)).await?;
+        Ok(Response::new(keyring_pb(k)))
     }
 
     #[instrument(skip_all, fields(principal))]
@@ -518,11 +480,7 @@ impl pb::admin_service_server::AdminService for Api {
         let mut ev = self.ev(Action::InstallEscrow, None);
         let auth = self.authorize(&req, &mut ev).await?;
         let r = req.get_ref();
-        match self.keys.install_escrow(&auth, &r.manifest_json, r.allow_new_recipient, ev.ok()).await {
-            Ok(_) => {}
-            Err(e @ KeyError::Store(_)) => return Err(self.audit_unavailable(e)),
-            Err(e) => return Err(self.fail(&ev, key_status(e)).await),
-        }
+        self.settle(&ev, self.keys.install_escrow(&auth, &r.manifest_json, r.allow_new_recipient, ev.ok()).await).await?;
         let mut status_ev = self.ev(Action::GetEscrowStatus, None);
         let status_auth = self.authorize(&req, &mut status_ev).await?;
         self.escrow_status_pb(&status_auth)
@@ -547,11 +505,8 @@ impl pb::admin_service_server::AdminService for Api {
     async fn remove_escrow(&self, req: Request<pb::RemoveEscrowRequest>) -> Result<Response<pb::Approval>, Status> {
         let mut ev = self.ev(Action::RemoveEscrow, None);
         let auth = self.authorize(&req, &mut ev).await?;
-        match self.keys.request_remove_escrow(&auth, ev.with_outcome("ok: pending approval to remove the escrow manifest".into())).await {
-            Ok(a) => Ok(Response::new(approval_pb(a, self.keys.now()))),
-            Err(e @ KeyError::Store(_)) => Err(self.audit_unavailable(e)),
-            Err(e) => Err(self.fail(&ev, key_status(e)).await),
-        }
+        let a = self.settle(&ev, self.keys.request_remove_escrow(&auth, ev.with_outcome("ok: pending approval to remove the escrow manifest".into())).await).await?;
+        Ok(Response::new(approval_pb(a, self.keys.now())))
     }
 
     #[instrument(skip_all, fields(principal, keyring = %req.get_ref().name))]
@@ -560,11 +515,8 @@ impl pb::admin_service_server::AdminService for Api {
         let auth = self.authorize(&req, &mut ev).await?;
         let r = req.into_inner();
         let what = format!("ok: retention_days={:?} rotation_period_days={:?}", r.retention_days, r.rotation_period_days);
-        match self.keys.set_keyring_policy(&auth, &r.name, r.retention_days, r.rotation_period_days, ev.with_outcome(what)).await {
-            Ok(k) => Ok(Response::new(keyring_pb(k))),
-            Err(e @ KeyError::Store(_)) => Err(self.audit_unavailable(e)),
-            Err(e) => Err(self.fail(&ev, key_status(e)).await),
-        }
+        let k = self.settle(&ev, self.keys.set_keyring_policy(&auth, &r.name, r.retention_days, r.rotation_period_days, ev.with_outcome(what)).await).await?;
+        Ok(Response::new(keyring_pb(k)))
     }
 
     #[instrument(skip_all, fields(principal, keyring = %req.get_ref().keyring))]
@@ -573,14 +525,9 @@ impl pb::admin_service_server::AdminService for Api {
         let auth = self.authorize(&req, &mut ev).await?;
         let r = req.into_inner();
         let what = if r.hold { format!("ok: legal hold placed: {}", r.reason) } else { "ok: legal hold released".to_owned() };
-        match self.keys.set_legal_hold(&auth, &r.keyring, r.hold, &r.reason, ev.with_outcome(what)).await {
-            Ok(k) => {
-                tracing::warn!(hold = r.hold, "legal hold changed");
-                Ok(Response::new(keyring_pb(k)))
-            }
-            Err(e @ KeyError::Store(_)) => Err(self.audit_unavailable(e)),
-            Err(e) => Err(self.fail(&ev, key_status(e)).await),
-        }
+        let k = self.settle(&ev, self.keys.set_legal_hold(&auth, &r.keyring, r.hold, &r.reason, ev.with_outcome(what)).await).await?;
+        tracing::warn!(hold = r.hold, "legal hold changed");
+        Ok(Response::new(keyring_pb(k)))
     }
 
     #[instrument(skip_all, fields(principal, key_id = %req.get_ref().key_id))]
@@ -622,11 +569,8 @@ impl pb::admin_service_server::AdminService for Api {
         ev.key_id = Some(req.get_ref().key_id.clone());
         let auth = self.authorize_for_key(&req, &mut ev, &req.get_ref().key_id).await?;
         let outcome = "ok: destruction requested".to_owned();
-        match self.keys.request_destroy_key(&auth, &req.get_ref().key_id, ev.with_outcome(outcome)).await {
-            Ok(o) => Ok(Response::new(self.destroy_pb(o))),
-            Err(e @ KeyError::Store(_)) => Err(self.audit_unavailable(e)),
-            Err(e) => Err(self.fail(&ev, key_status(e)).await),
-        }
+        let o = self.settle(&ev, self.keys.request_destroy_key(&auth, &req.get_ref().key_id, ev.with_outcome(outcome)).await).await?;
+        Ok(Response::new(self.destroy_pb(o)))
     }
 
     #[instrument(skip_all, fields(principal, keyring = %req.get_ref().name))]
@@ -634,11 +578,8 @@ impl pb::admin_service_server::AdminService for Api {
         let mut ev = self.ev(Action::DestroyKeyring, Some(&req.get_ref().name));
         let auth = self.authorize(&req, &mut ev).await?;
         let outcome = "ok: pending approval to destroy the keyring".to_owned();
-        match self.keys.request_destroy_keyring(&auth, &req.get_ref().name, ev.with_outcome(outcome)).await {
-            Ok(o) => Ok(Response::new(self.destroy_pb(o))),
-            Err(e @ KeyError::Store(_)) => Err(self.audit_unavailable(e)),
-            Err(e) => Err(self.fail(&ev, key_status(e)).await),
-        }
+        let o = self.settle(&ev, self.keys.request_destroy_keyring(&auth, &req.get_ref().name, ev.with_outcome(outcome)).await).await?;
+        Ok(Response::new(self.destroy_pb(o)))
     }
 
     #[instrument(skip_all, fields(principal, id = req.get_ref().id))]
@@ -647,47 +588,36 @@ impl pb::admin_service_server::AdminService for Api {
         let keyring = self.keys.destruction_keyring(id);
         let mut ev = self.ev(Action::CancelDestruction, keyring.as_deref());
         let auth = self.authorize(&req, &mut ev).await?;
-        match self.keys.cancel_destruction(&auth, id, ev.with_outcome(format!("ok: destruction {id} cancelled"))).await {
-            Ok(d) => Ok(Response::new(destruction_pb(d, false))),
-            Err(e @ KeyError::Store(_)) => Err(self.audit_unavailable(e)),
-            Err(e) => Err(self.fail(&ev, key_status(e)).await),
-        }
+        let d = self.settle(&ev, self.keys.cancel_destruction(&auth, id, ev.with_outcome(format!("ok: destruction {id} cancelled"))).await).await?;
+        Ok(Response::new(destruction_pb(d, false)))
     }
 
     #[instrument(skip_all, fields(principal))]
     async fn list_destructions(&self, req: Request<pb::ListDestructionsRequest>) -> Result<Response<pb::Destructions>, Status> {
         let mut ev = self.ev(Action::ListDestructions, None);
         let auth = self.authorize(&req, &mut ev).await?;
-        match self.keys.destructions(&auth, |k| self.policy.may_see(&auth, k)) {
-            Ok(list) => {
-                self.done(&ev).await?;
-                let destructions = list
-                    .into_iter()
-                    .map(|d| {
-                        let held = self.keys.is_held(d.target.keyring());
-                        destruction_pb(d, held)
-                    })
-                    .collect();
-                Ok(Response::new(pb::Destructions { destructions }))
-            }
-            Err(e) => Err(self.fail(&ev, key_status(e)).await),
-        }
+        let list = self.settle_read(&ev, self.keys.destructions(&auth, |k| self.policy.may_see(&auth, k))).await?;
+        let destructions = list
+            .into_iter()
+            .map(|d| {
+                let held = self.keys.is_held(d.target.keyring());
+                destruction_pb(d, held)
+            })
+            .collect();
+        Ok(Response::new(pb::Destructions { destructions }))
     }
 
     #[instrument(skip_all, fields(principal))]
     async fn rotate_master(&self, req: Request<pb::RotateMasterRequest>) -> Result<Response<pb::MasterStatus>, Status> {
         let mut ev = self.ev(Action::RotateMaster, None);
         let auth = self.authorize(&req, &mut ev).await?;
-        match self.keys.rotate_master(&auth, ev.ok()).await {
-            Ok(m) => Ok(Response::new(pb::MasterStatus {
-                generation: m.generation,
-                description: m.description,
-                keyrings_rewrapped: m.keyrings,
-                versions_rewrapped: m.versions,
-            })),
-            Err(e @ KeyError::Store(_)) => Err(self.audit_unavailable(e)),
-            Err(e) => Err(self.fail(&ev, key_status(e)).await),
-        }
+        let m = self.settle(&ev, self.keys.rotate_master(&auth, ev.ok()).await).await?;
+        Ok(Response::new(pb::MasterStatus {
+            generation: m.generation,
+            description: m.description,
+            keyrings_rewrapped: m.keyrings,
+            versions_rewrapped: m.versions,
+        }))
     }
 
     #[instrument(skip_all, fields(principal))]
