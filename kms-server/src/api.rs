@@ -691,7 +691,7 @@ impl Api {
     fn grants_pb(&self, keyring: &str) -> pb::Grants {
         let mut grants = Vec::new();
         for g in self.policy.config_grants() {
-            if g.keyrings.iter().any(|k| k == "*" || k == keyring) {
+            if g.covers(keyring) {
                 for r in &g.roles {
                     grants.push(pb::GrantEntry {
                         principal: g.principal.clone(),

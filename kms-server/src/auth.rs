@@ -317,7 +317,7 @@ pub struct Grant {
 }
 
 impl Grant {
-    fn covers(&self, keyring: &str) -> bool {
+    pub(crate) fn covers(&self, keyring: &str) -> bool {
         self.keyrings.iter().any(|k| k == "*" || k == keyring)
     }
 }
