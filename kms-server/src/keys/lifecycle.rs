@@ -102,14 +102,15 @@ impl KeyManager {
             return Err(KeyError::Destroyed { key_id: key_id.to_owned(), date: format_date(at) });
         }
         let now = self.now();
-        let (hold, _) = self.ring_state(&record.keyring)?;
-        if hold.is_some() {
-            return Ok(());
-        }
         let scheduled = self.scheduled_for(id, &record.keyring);
         let expired = record.expires.is_some_and(|e| e <= now);
         let due = scheduled.as_ref().is_some_and(|d| d.due <= now);
+        // The common case (nothing due) needs no look at the keyring's hold.
         if !(expired || due) {
+            return Ok(());
+        }
+        let (hold, _) = self.ring_state(&record.keyring)?;
+        if hold.is_some() {
             return Ok(());
         }
         let _guard = self.admin.lock().await;
