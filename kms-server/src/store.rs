@@ -353,20 +353,7 @@ impl Store {
             return Err(StoreError::AlreadyExists { path: path.to_owned() });
         }
         let db = redb::Builder::new().set_cache_size(STORE_CACHE_BYTES).create(path).map_err(dberr)?;
-        let txn = db.begin_write().map_err(dberr)?;
-        {
-            txn.open_table(META).map_err(dberr)?.insert(FORMAT_META, FORMAT.to_be_bytes().as_slice()).map_err(dberr)?;
-            txn.open_table(KEYRINGS).map_err(dberr)?;
-            txn.open_table(DATA_KEYS).map_err(dberr)?;
-            txn.open_table(ISSUED).map_err(dberr)?;
-            txn.open_table(AUDIT).map_err(dberr)?;
-            txn.open_table(CHECKPOINTS).map_err(dberr)?;
-            txn.open_table(RESTORE_TESTS).map_err(dberr)?;
-            txn.open_table(APPROVALS).map_err(dberr)?;
-            txn.open_table(DESTRUCTIONS).map_err(dberr)?;
-            txn.open_table(EXPIRY).map_err(dberr)?;
-        }
-        txn.commit().map_err(dberr)?;
+        // `start` makes the tables and marks the format of an empty file.
         Self::start(db, path)
     }
 
@@ -398,12 +385,17 @@ impl Store {
                     // Format 1 records stay as they are (they are still read); new ones are compact.
                     meta.insert(FORMAT_META, FORMAT.to_be_bytes().as_slice()).map_err(dberr)?;
                 }
-                let audit = txn.open_table(AUDIT).map_err(dberr)?;
+                // Opening creates what is missing: every table of a new file, the tables
+                // added since an older file was made.
+                txn.open_table(KEYRINGS).map_err(dberr)?;
+                txn.open_table(DATA_KEYS).map_err(dberr)?;
+                txn.open_table(ISSUED).map_err(dberr)?;
                 txn.open_table(CHECKPOINTS).map_err(dberr)?;
                 txn.open_table(RESTORE_TESTS).map_err(dberr)?;
                 txn.open_table(APPROVALS).map_err(dberr)?;
                 txn.open_table(DESTRUCTIONS).map_err(dberr)?;
                 txn.open_table(EXPIRY).map_err(dberr)?;
+                let audit = txn.open_table(AUDIT).map_err(dberr)?;
                 match audit.last().map_err(dberr)? {
                     Some((k, v)) => (k.value() + 1, audit::hash_of(k.value(), v.value())?),
                     None => (1, kluis_proto::audit::GENESIS.to_owned()),
