@@ -564,11 +564,28 @@ fn thread_setting() {
 
 // ---- C2SP age testkit (the CCTV vectors, as shipped in the `age` crate on crates.io) ----
 
+/// The host's target triple, as `rustc -vV` names it.
+fn host_triple() -> String {
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let out = Command::new(rustc).arg("-vV").output().unwrap();
+    assert!(out.status.success(), "rustc -vV: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("host: ").map(str::to_owned))
+        .expect("rustc -vV names the host")
+}
+
 /// The `age` crate's copy of the testkit, found through `cargo metadata`.
+///
+/// Only the host's packages: a build downloads no crate of another platform (e.g.
+/// `anstyle-wincon`), and a metadata call over every platform would need them all, which
+/// fails on a machine that has only ever built the project (and has no network). Without
+/// `--offline`, a crate that is somehow missing is fetched instead of failing.
 fn testkit_dir() -> PathBuf {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let out = Command::new(cargo)
-        .args(["metadata", "--format-version", "1", "--offline"])
+        .args(["metadata", "--format-version", "1", "--locked", "--filter-platform", &host_triple()])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .unwrap();
