@@ -12,7 +12,9 @@ use crate::auth::{Action, AuthError, Authenticator, Authorized, Policy, Principa
 use crate::keys::{DestroyOutcome, KeyError, KeyManager, KeyringInfo};
 use crate::master::MasterError;
 use crate::metrics::Metrics;
-use crate::store::{AuditEvent, RestoreTestRecord, StoreError, VersionState};
+use crate::audit::AuditEvent;
+use crate::model::{RestoreTestRecord, VersionState};
+use crate::store::StoreError;
 
 /// Shared state of the handlers.
 #[derive(Clone)]
@@ -32,6 +34,7 @@ struct Ev {
     backup_id: Option<String>,
     started: std::time::Instant,
     metrics: Arc<Metrics>,
+    keys: Arc<KeyManager>,
 }
 
 impl Drop for Ev {
@@ -43,28 +46,13 @@ impl Drop for Ev {
 impl Ev {
 
     fn with_outcome(&self, outcome: String) -> AuditEvent {
-        let mut e = audit_event(&self.principal, self.action.name(), self.keyring.as_deref(), self.backup_id.as_deref(), &outcome);
+        let mut e = self.keys.event(&self.principal, self.action.name(), self.keyring.as_deref(), self.backup_id.as_deref(), &outcome);
         e.key_id = self.key_id.clone();
         e
     }
 
     fn ok(&self) -> AuditEvent {
         self.with_outcome("ok".into())
-    }
-}
-
-/// An audit event stamped now (RFC 3339 UTC, milliseconds).
-pub fn audit_event(principal: &str, action: &str, keyring: Option<&str>, backup_id: Option<&str>, outcome: &str) -> AuditEvent {
-    let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
-    let time = i64::try_from(now).ok().and_then(crate::store::format_audit_time).unwrap_or_default();
-    AuditEvent {
-        time,
-        principal: principal.to_owned(),
-        action: action.to_owned(),
-        keyring: keyring.map(str::to_owned),
-        key_id: None,
-        backup_id: backup_id.map(str::to_owned),
-        outcome: outcome.to_owned(),
     }
 }
 
@@ -90,6 +78,7 @@ impl Api {
             backup_id: None,
             started: std::time::Instant::now(),
             metrics: self.metrics.clone(),
+            keys: self.keys.clone(),
         }
     }
 
@@ -246,8 +235,8 @@ fn keyring_pb(k: KeyringInfo) -> pb::Keyring {
     }
 }
 
-fn destruction_pb(d: crate::store::DestructionRecord, held: bool) -> pb::Destruction {
-    use crate::store::DestructionState;
+fn destruction_pb(d: crate::model::DestructionRecord, held: bool) -> pb::Destruction {
+    use crate::model::DestructionState;
     let (kind, target) = d.kind_and_target();
     let (by, done) = match &d.state {
         DestructionState::Cancelled { by, at } => (by.clone(), *at),
@@ -364,7 +353,7 @@ impl pb::key_service_server::KeyService for Api {
     }
 }
 
-fn approval_pb(a: crate::store::ApprovalRecord, now: i64) -> pb::Approval {
+fn approval_pb(a: crate::model::ApprovalRecord, now: i64) -> pb::Approval {
     let action = crate::keys::describe_action(&a.action);
     let state = if a.approved_by.is_some() {
         "approved"
@@ -541,8 +530,8 @@ impl pb::admin_service_server::AdminService for Api {
                 ev.backup_id = Some(k.backup_id.clone());
                 self.done(&ev).await?;
                 let (state, destroyed) = match k.state {
-                    crate::store::KeyState::Active => ("active", 0),
-                    crate::store::KeyState::Destroyed { at } => ("destroyed", at),
+                    crate::model::KeyState::Active => ("active", 0),
+                    crate::model::KeyState::Destroyed { at } => ("destroyed", at),
                 };
                 Ok(Response::new(pb::DataKeyInfo {
                     key_id,

@@ -118,3 +118,9 @@ pub fn write_client_configs(dir: &Path, addr: SocketAddr) -> Result<PathBuf, Ser
     }
     Ok(clients)
 }
+
+/// Creates the dev keyring `name` as the server itself (audited as `kms-server dev`).
+pub async fn bootstrap_keyring(keys: &crate::keys::KeyManager, name: &str) -> Result<(), crate::keys::KeyError> {
+    let ev = keys.event("kms-server dev", "CreateKeyring", Some(name), None, "ok: dev bootstrap");
+    keys.create_keyring_unchecked(name, 0, 0, ev).await.map(|_| ())
+}

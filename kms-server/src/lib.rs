@@ -4,7 +4,10 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod audit;
 pub mod auth;
+pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod dev;
 pub mod health;
@@ -12,6 +15,7 @@ pub mod keys;
 pub mod master;
 pub mod metrics;
 pub mod migrate;
+pub mod model;
 pub mod pki;
 pub mod secret;
 pub mod server;

@@ -20,25 +20,30 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use kluis_hsm::HsmError;
 use zeroize::Zeroizing;
 
 use crate::config::{ConfigError, MasterConfig, ServerConfig};
 use crate::keys::{
     AUDIT_KEY_AAD, AUDIT_KEY_META, MASTER_CHECK_AAD, MASTER_CHECK_META, MASTER_GENERATION_META, krk_aad,
 };
-use crate::master::pkcs11::{Pkcs11MasterKey, generation_label};
-use crate::master::software::{PassphraseSource, SoftwareMasterKey, generation_path};
+use crate::master::pkcs11::generation_label;
+use crate::master::software::generation_path;
 use crate::master::{MasterError, MasterKeyProvider, decode_generation, encode_generation};
 use crate::secret::Key256;
-use crate::server::{ServerError, open_master};
-use crate::store::{KeyringRecord, Store, StoreError, WriteOp};
+use crate::keys::registry::{Registry, RegistryError, WriteOp};
+use crate::model::KeyringRecord;
+use crate::store::StoreError;
+use crate::store::redb::RedbStore;
 
-/// Test-only fault injection: `before-commit` or `after-commit` makes the
-/// migration call `std::process::abort()` right before or right after the
-/// atomic write, so tests can prove crash safety with real processes. Unset (or
-/// any other value) changes nothing.
-pub const ABORT_ENV: &str = "KLUIS_TEST_ABORT_MIGRATION";
+/// The points of a migration at which [`Environment::on_migration_step`](crate::server::Environment)
+/// is called (tests stop the process there to prove crash safety).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Everything is rewrapped and checked in memory; the store is not written yet.
+    BeforeCommit,
+    /// The one atomic write is committed; the read-back has not run yet.
+    AfterCommit,
+}
 
 /// Why a migration was refused or failed. Nothing is written unless the whole
 /// migration is written.
@@ -55,7 +60,7 @@ pub enum MigrateError {
     #[error("the store {path} could not be opened: {err}")]
     Store { path: PathBuf, #[source] err: StoreError },
     #[error("the --from master key could not be opened: {err}")]
-    FromMaster { #[source] err: ServerError },
+    FromMaster { #[source] err: MasterError },
     #[error("the store's master-key generation record could not be read: {err}")]
     GenerationRecord { #[source] err: MasterError },
     #[error(
@@ -81,7 +86,7 @@ pub enum MigrateError {
     #[error("wrapping with the --to master key failed ({what}): {err}")]
     Wrap { what: String, #[source] err: MasterError },
     #[error("writing the rewrapped keyrings failed; nothing was changed, the --from key still opens the store: {err}")]
-    Write { #[source] err: StoreError },
+    Write { #[source] err: RegistryError },
     #[error(
         "the migration was committed but reading it back with the --to key failed ({what}): {err}; do not retire the --from key"
     )]
@@ -139,10 +144,10 @@ impl fmt::Display for MigrationReport {
 
 
 /// `kms-server migrate-master --from FROM --to TO` on config files.
-pub fn migrate_master(from: &Path, to: &Path) -> Result<MigrationReport, MigrateError> {
+pub fn migrate_master(from: &Path, to: &Path, env: &crate::server::Environment) -> Result<MigrationReport, MigrateError> {
     let from_cfg = ServerConfig::load(from).map_err(|err| MigrateError::Config { which: "from", err })?;
     let to_cfg = ServerConfig::load(to).map_err(|err| MigrateError::Config { which: "to", err })?;
-    let mut report = migrate_master_configs(&from_cfg, &to_cfg)?;
+    let mut report = migrate_master_configs(&from_cfg, &to_cfg, env)?;
     report.to_config = Some(to.to_owned());
     Ok(report)
 }
@@ -159,38 +164,46 @@ struct Unwrapped {
 }
 
 /// The migration on loaded configs.
-pub fn migrate_master_configs(from: &ServerConfig, to: &ServerConfig) -> Result<MigrationReport, MigrateError> {
+pub fn migrate_master_configs(
+    from: &ServerConfig,
+    to: &ServerConfig,
+    env: &crate::server::Environment,
+) -> Result<MigrationReport, MigrateError> {
+    let step = |s: Step| {
+        if let Some(f) = &env.on_migration_step {
+            f(s);
+        }
+    };
     let store_path = from.store_path();
     if canonical(&from.data_dir) != canonical(&to.data_dir) {
         return Err(MigrateError::DifferentStores { from: from.data_dir.clone(), to: to.data_dir.clone() });
     }
-    let store = Store::open(&store_path).map_err(|err| match err {
-        StoreError::Db(redb::Error::DatabaseAlreadyOpen | redb::Error::LockProtocolMismatch) => {
-            MigrateError::StoreLocked { path: store_path.clone() }
-        }
+    let opened = RedbStore::open(&store_path, crate::audit::AuditChain::new()).map_err(|err| match err {
+        StoreError::Locked { .. } => MigrateError::StoreLocked { path: store_path.clone() },
         err => MigrateError::Store { path: store_path.clone(), err },
     })?;
+    let store = Registry::new(std::sync::Arc::new(opened));
     let store_err = |err| MigrateError::Store { path: store_path.clone(), err };
 
     // 1. The old master must open the store: the generation of the --from key the store records
     //    (`kmsctl master rotate` moves it to `<key>.g<N>` siblings of the configured key).
     let generation = decode_generation(store.get_meta(MASTER_GENERATION_META).map_err(store_err)?.as_deref())
         .map_err(|err| MigrateError::GenerationRecord { err })?;
-    let base = open_master(&from.master).map_err(|err| MigrateError::FromMaster { err })?;
+    let base = crate::master::open_configured(&from.master, 1).map_err(|err| MigrateError::FromMaster { err })?;
     let old = if generation == 1 {
         base
     } else {
         base.generation(generation, false).map_err(|err| MigrateError::FromGeneration { generation, err })?
     };
-    old.health().map_err(|err| MigrateError::FromMaster { err: err.into() })?;
+    old.health().map_err(|err| MigrateError::FromMaster { err })?;
     refuse_retired_generation(&from.master, &to.master, generation)?;
     let check = store
         .get_meta(MASTER_CHECK_META)
         .map_err(store_err)?
-        .ok_or_else(|| store_err(StoreError::NotInitialised { path: store_path.clone() }))?;
+        .ok_or_else(|| store_err(StoreError::NotInitialised { store: store_path.display().to_string() }))?;
     let probe: Zeroizing<Vec<u8>> = old.unwrap(MASTER_CHECK_AAD, &check).map_err(|e| match e {
         MasterError::UnwrapFailed => MigrateError::FromMismatch { master: old.describe() },
-        err => MigrateError::FromMaster { err: err.into() },
+        err => MigrateError::FromMaster { err },
     })?;
 
     // 2. Unwrap every keyring version before touching the new key, so a store the
@@ -244,9 +257,9 @@ pub fn migrate_master_configs(from: &ServerConfig, to: &ServerConfig) -> Result<
     }
 
     // 5. One transaction: all keyrings and the master check, or nothing.
-    test_abort_point("before-commit");
+    step(Step::BeforeCommit);
     store.write_blocking(WriteOp::Atomic(ops)).map_err(|err| MigrateError::Write { err })?;
-    test_abort_point("after-commit");
+    step(Step::AfterCommit);
 
     // 6. Read back what was committed and check the new key opens all of it.
     verify(&store, new.as_ref(), &keys, &records)?;
@@ -266,16 +279,8 @@ pub fn migrate_master_configs(from: &ServerConfig, to: &ServerConfig) -> Result<
     })
 }
 
-/// Test-only: see [`ABORT_ENV`].
-fn test_abort_point(point: &str) {
-    if std::env::var(ABORT_ENV).is_ok_and(|v| v == point) {
-        eprintln!("kms-server migrate-master: {ABORT_ENV}={point}: aborting (test fault injection)");
-        std::process::abort();
-    }
-}
-
 fn verify(
-    store: &Store,
+    store: &Registry,
     new: &dyn MasterKeyProvider,
     keys: &[Unwrapped],
     records: &[KeyringRecord],
@@ -338,40 +343,10 @@ fn refuse_retired_generation(from: &MasterConfig, to: &MasterConfig, current: u3
     Ok(())
 }
 
-fn passphrase_source(file: &Option<PathBuf>, env: &Option<String>) -> PassphraseSource {
-    match (file, env) {
-        (Some(f), _) => PassphraseSource::File(f.clone()),
-        (None, Some(v)) => PassphraseSource::Env(v.clone()),
-        (None, None) => PassphraseSource::None,
-    }
-}
-
 /// Opens the `to` master key, creating it if it does not exist yet. Returns whether it was created.
 fn open_or_create(cfg: &MasterConfig) -> Result<(Arc<dyn MasterKeyProvider>, bool), MigrateError> {
-    let to_err = |err| MigrateError::ToMaster { err };
-    match cfg {
-        MasterConfig::Software { key_file, passphrase_file, passphrase_env } => {
-            let pass = passphrase_source(passphrase_file, passphrase_env);
-            match SoftwareMasterKey::open(key_file, &pass) {
-                Ok(k) => Ok((Arc::new(k), false)),
-                Err(MasterError::ReadKeyFile { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-                    Ok((Arc::new(SoftwareMasterKey::create(key_file, &pass).map_err(to_err)?), true))
-                }
-                Err(err) => Err(to_err(err)),
-            }
-        }
-        MasterConfig::Pkcs11 { .. } => {
-            let settings = match crate::server::pkcs11_settings(cfg) {
-                Some(Ok(s)) => s,
-                _ => return Err(MigrateError::ToPinSourceMissing),
-            };
-            match Pkcs11MasterKey::open(&settings) {
-                Ok(k) => Ok((Arc::new(k), false)),
-                Err(MasterError::Hsm(e)) if matches!(*e, HsmError::KeyMissing { .. }) => {
-                    Ok((Arc::new(Pkcs11MasterKey::create(&settings).map_err(to_err)?), true))
-                }
-                Err(err) => Err(to_err(err)),
-            }
-        }
-    }
+    crate::master::open_or_create_configured(cfg).map_err(|err| match err {
+        MasterError::PinSourceMissing => MigrateError::ToPinSourceMissing,
+        err => MigrateError::ToMaster { err },
+    })
 }

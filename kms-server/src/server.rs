@@ -18,10 +18,12 @@ use crate::metrics::Metrics;
 use tonic_health::pb::health_server::HealthServer;
 use crate::config::{ConfigError, MasterConfig, ServerConfig};
 use crate::keys::{KeyError, KeyManager};
-use crate::master::pkcs11::{Pkcs11MasterKey, Pkcs11Settings};
-use crate::master::software::{PassphraseSource, SoftwareMasterKey, check_key_file_permissions};
+use crate::master::software::check_key_file_permissions;
 use crate::master::{MasterError, MasterKeyProvider};
 use crate::pki::PkiError;
+use crate::audit::AuditChain;
+use crate::clock::{Clock, SystemClock};
+use crate::store::redb::RedbStore;
 use crate::store::{Store, StoreError};
 
 /// Why the server could not start or stopped.
@@ -49,51 +51,45 @@ pub enum ServerError {
     Reflection(#[source] tonic_reflection::server::Error),
     #[error("gRPC server failed: {0}")]
     Serve(#[source] tonic::transport::Error),
-    #[error("the [master] PKCS#11 config needs pin_file or pin_env (the PIN is never inline in the config)")]
-    PinSourceMissing,
     #[error(transparent)]
     Migrate(#[from] Box<crate::migrate::MigrateError>),
     #[error("could not create {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
 }
 
-fn passphrase_source(passphrase_file: &Option<PathBuf>, passphrase_env: &Option<String>) -> PassphraseSource {
-    match (passphrase_file, passphrase_env) {
-        (Some(f), _) => PassphraseSource::File(f.clone()),
-        (None, Some(v)) => PassphraseSource::Env(v.clone()),
-        (None, None) => PassphraseSource::None,
+/// A layer around the opened store.
+pub type StoreLayer = Arc<dyn Fn(Arc<dyn Store>) -> Arc<dyn Store> + Send + Sync>;
+
+/// What the process gives the server from outside: the clock, and layers around the
+/// store. `kms-server` uses [`Environment::default`] (the system clock, the store as it
+/// is); tests build their own (a clock they move, a store that fails on purpose).
+#[derive(Clone)]
+pub struct Environment {
+    pub clock: Arc<dyn Clock>,
+    /// Wraps the opened store (e.g. a test's fault injection); `None` uses it as it is.
+    pub wrap_store: Option<StoreLayer>,
+    /// Called at each step of `migrate-master` (tests stop the process there).
+    pub on_migration_step: Option<Arc<dyn Fn(crate::migrate::Step) + Send + Sync>>,
+}
+
+impl Default for Environment {
+    fn default() -> Self {
+        Self { clock: Arc::new(SystemClock), wrap_store: None, on_migration_step: None }
     }
 }
 
-/// The PKCS#11 settings of a `[master]` section, if it is one.
-pub fn pkcs11_settings(cfg: &MasterConfig) -> Option<Result<Pkcs11Settings, ServerError>> {
-    match cfg {
-        MasterConfig::Pkcs11 { module, token_label, key_label, pin_file, pin_env, reconnect_backoff_ms } => Some(
-            Pkcs11Settings::from_fields(module, token_label, key_label, pin_file, pin_env, *reconnect_backoff_ms)
-                .ok_or(ServerError::PinSourceMissing),
-        ),
-        MasterConfig::Software { .. } => None,
+impl Environment {
+    fn store(&self, store: Arc<dyn Store>) -> Arc<dyn Store> {
+        match &self.wrap_store {
+            Some(wrap) => wrap(store),
+            None => store,
+        }
     }
 }
 
-/// Opens the configured master-key provider (refusing unsafe key files).
+/// Opens the configured master key (generation 1).
 pub fn open_master(cfg: &MasterConfig) -> Result<Arc<dyn MasterKeyProvider>, ServerError> {
-    open_master_generation(cfg, 1)
-}
-
-/// Opens the configured master key at `generation` (the store's): a software key file
-/// (or token key) of a later generation is opened without the configured (generation 1)
-/// one, so an officer may remove that once no older copy of the store needs it.
-pub fn open_master_generation(cfg: &MasterConfig, generation: u32) -> Result<Arc<dyn MasterKeyProvider>, ServerError> {
-    match cfg {
-        MasterConfig::Software { key_file, passphrase_file, passphrase_env } => Ok(Arc::new(
-            SoftwareMasterKey::open_generation(key_file, generation, &passphrase_source(passphrase_file, passphrase_env))?,
-        )),
-        MasterConfig::Pkcs11 { .. } => match pkcs11_settings(cfg) {
-            Some(s) => Ok(Arc::new(Pkcs11MasterKey::open_generation(&s?, generation)?)),
-            None => Err(ServerError::PinSourceMissing),
-        },
-    }
+    Ok(crate::master::open_configured(cfg, 1)?)
 }
 
 /// `kms-server init`: creates the master key (software: a new key file) and an empty store.
@@ -101,32 +97,30 @@ pub fn init(cfg: &ServerConfig) -> Result<(), ServerError> {
     std::fs::create_dir_all(&cfg.data_dir).map_err(|e| ServerError::Io { path: cfg.data_dir.clone(), source: e })?;
     let store_path = cfg.store_path();
     if store_path.exists() {
-        return Err(StoreError::AlreadyExists { path: store_path }.into());
+        return Err(StoreError::AlreadyExists { store: store_path.display().to_string() }.into());
     }
-    let master: Arc<dyn MasterKeyProvider> = match &cfg.master {
-        MasterConfig::Software { key_file, passphrase_file, passphrase_env } => Arc::new(SoftwareMasterKey::create(
-            key_file,
-            &passphrase_source(passphrase_file, passphrase_env),
-        )?),
-        MasterConfig::Pkcs11 { .. } => match pkcs11_settings(&cfg.master) {
-            Some(s) => Arc::new(Pkcs11MasterKey::create(&s?)?),
-            None => return Err(ServerError::PinSourceMissing),
-        },
-    };
-    let store = Store::create(&store_path)?;
-    KeyManager::init_store(&store, master.as_ref())?;
+    let master = crate::master::create_configured(&cfg.master)?;
+    let store = Arc::new(RedbStore::create(&store_path, AuditChain::new())?);
+    KeyManager::init_store(store, master.as_ref())?;
     Ok(())
 }
 
 /// Opens master key and store and returns the key manager; every failure says why.
-pub fn open_keys(cfg: &ServerConfig) -> Result<Arc<KeyManager>, ServerError> {
-    let store = Store::open(&cfg.store_path())?;
-    let generation = crate::master::decode_generation(store.get_meta(crate::keys::MASTER_GENERATION_META)?.as_deref())?;
-    let master = open_master_generation(&cfg.master, generation)?;
+pub fn open_keys(cfg: &ServerConfig, env: &Environment) -> Result<Arc<KeyManager>, ServerError> {
+    let chain = AuditChain::new();
+    let store = env.store(Arc::new(RedbStore::open(&cfg.store_path(), chain.clone())?));
+    let generation = crate::master::decode_generation(
+        store.get(crate::store::Table::Meta, crate::keys::MASTER_GENERATION_META.as_bytes())?.as_deref(),
+    )?;
+    let master = crate::master::open_configured(&cfg.master, generation)?;
     master.health()?;
     let ttl = cfg.approval_ttl_secs.unwrap_or(crate::keys::DEFAULT_APPROVAL_TTL_SECS);
     let wait = cfg.destruction_wait_days.unwrap_or(crate::keys::DEFAULT_DESTRUCTION_WAIT_DAYS);
-    Ok(Arc::new(KeyManager::open(store, generation, master)?.with_approval_ttl(ttl).with_destruction_wait_days(wait)))
+    Ok(Arc::new(
+        KeyManager::open(store, &chain, generation, master, env.clock.clone())?
+            .with_approval_ttl(ttl)
+            .with_destruction_wait_days(wait),
+    ))
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, ServerError> {

@@ -190,7 +190,8 @@ impl World {
     }
 
     fn migrate(&self, from: &Path, to: &Path, abort: Option<&str>) -> Output {
-        let mut cmd = self.cmd("kms-server");
+        // The abort seam exists only in kms-server-testkit.
+        let mut cmd = self.cmd(if abort.is_some() { "kms-server-testkit" } else { "kms-server" });
         cmd.arg("migrate-master").arg("--from").arg(from).arg("--to").arg(to);
         if let Some(point) = abort {
             cmd.env("KLUIS_TEST_ABORT_MIGRATION", point);
@@ -381,6 +382,12 @@ fn refusals_and_software_to_software() {
 /// Store META key of the master-key generation (see `kms_server::keys`).
 const GENERATION_META: &str = "master_generation";
 
+/// The (stopped) server's store, with the key layer's typed records.
+fn open_registry(path: &Path) -> Result<kms_server::keys::registry::Registry, kms_server::store::StoreError> {
+    let store = kms_server::store::redb::RedbStore::open(path, kms_server::audit::AuditChain::new())?;
+    Ok(kms_server::keys::registry::Registry::new(std::sync::Arc::new(store)))
+}
+
 impl World {
     fn store_path(&self) -> PathBuf {
         kms_server::config::ServerConfig::load(&self.server_toml()).unwrap().store_path()
@@ -388,7 +395,7 @@ impl World {
 
     /// The generation the store records (absent = 1).
     fn store_generation(&self) -> u32 {
-        let store = kms_server::store::Store::open(&self.store_path()).unwrap();
+        let store = open_registry(&self.store_path()).unwrap();
         let value = store.get_meta(GENERATION_META).unwrap();
         kms_server::master::decode_generation(value.as_deref()).unwrap()
     }
@@ -403,9 +410,9 @@ impl World {
         assert!(out.status.success(), "{}", stderr(&out));
         assert!(stderr(&out).contains("(created now)"), "{}", stderr(&out));
         assert_eq!(self.store_generation(), 1);
-        let store = kms_server::store::Store::open(&self.store_path()).unwrap();
+        let store = open_registry(&self.store_path()).unwrap();
         store
-            .write_blocking(kms_server::store::WriteOp::PutMeta {
+            .write_blocking(kms_server::keys::registry::WriteOp::PutMeta {
                 key: GENERATION_META,
                 value: kms_server::master::encode_generation(2),
             })
@@ -461,13 +468,13 @@ fn a_store_with_a_destroyed_keyring_migrates() {
     // What a carried-out keyring destruction leaves in the store: the tombstone, no keys.
     let store_path = w.data_dir().join("data/kluis.redb");
     {
-        let store = kms_server::store::Store::open(&store_path).unwrap();
+        let store = open_registry(&store_path).unwrap();
         let mut gone = store.keyrings().unwrap().into_iter().find(|r| r.name == "gone").unwrap();
         gone.destroyed = Some(1_700_000_000);
         for v in &mut gone.versions {
             v.wrapped_key.clear();
         }
-        store.write_blocking(kms_server::store::WriteOp::PutKeyring(gone)).unwrap();
+        store.write_blocking(kms_server::keys::registry::WriteOp::PutKeyring(gone)).unwrap();
     }
     let from = w.server_toml();
     let to = w.config_with_master("to.toml", w.software_master(&w.tmp.path().join("master-new.key")));
@@ -475,7 +482,7 @@ fn a_store_with_a_destroyed_keyring_migrates() {
     let err = stderr(&out);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("rewrapped 2 keyring(s), 2 version(s)"), "{err}");
-    let store = kms_server::store::Store::open(&store_path).unwrap();
+    let store = open_registry(&store_path).unwrap();
     let gone = store.keyrings().unwrap().into_iter().find(|r| r.name == "gone").unwrap();
     assert!(gone.destroyed.is_some() && gone.versions.iter().all(|v| v.wrapped_key.is_empty()));
     drop(store);

@@ -98,7 +98,9 @@ impl Server {
     fn spawn(&mut self) {
         self.stderr_path = self.dir.path().join(format!("server-{}.log", self.addr.len() + rand_suffix()));
         let log = std::fs::File::create(&self.stderr_path).unwrap();
-        let mut cmd = Command::new(bin("kms-server"));
+        // Test seams (a clock file, injected faults) exist only in kms-server-testkit.
+        let seams = self.env.iter().any(|(k, _)| k.starts_with("KLUIS_TEST_"));
+        let mut cmd = Command::new(bin(if seams { "kms-server-testkit" } else { "kms-server" }));
         cmd.args(["dev", "--data-dir"]).arg(self.data_dir()).args(["--listen", "127.0.0.1:0"]).env("KLUIS_LOG", "warn");
         for (k, v) in &self.env {
             cmd.env(k, v);

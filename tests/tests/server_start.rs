@@ -145,3 +145,14 @@ fn hsm_init_refuses_to_overwrite_an_existing_token_key() {
     assert!(err.contains("kluis-master") && err.contains("exists"), "{err}");
     assert!(!s.data_dir().join("data/kluis.redb").exists(), "no store may be created when init refuses");
 }
+
+/// The shipped binary has no test seams: none of the variables that move the clock or
+/// inject faults is in it. (They live in `kms-server-testkit`, whose bytes do hold them,
+/// which shows the check can fail.)
+#[test]
+fn the_server_binary_contains_no_test_seam() {
+    let needle = b"KLUIS_TEST_";
+    let has = |name: &str| std::fs::read(bin(name)).unwrap().windows(needle.len()).any(|w| w == needle);
+    assert!(!has("kms-server"), "kms-server contains a KLUIS_TEST_ string");
+    assert!(has("kms-server-testkit"), "the testkit should hold the seams this test looks for");
+}

@@ -1,13 +1,12 @@
 //! Key lifecycle: rotation periods, retention and expiry, scheduled destruction
 //! with a waiting period, legal holds, escrow removal and master-key rotation.
 //!
-//! Every time-based decision reads [`Clock`], so tests move time forward by
-//! writing a file instead of sleeping. Decisions do not depend on when the
+//! Every time-based decision reads the injected [`Clock`](crate::clock::Clock), so
+//! tests move time instead of sleeping. Decisions do not depend on when the
 //! background sweep runs: a request that meets a key whose destruction is due
 //! destroys it first (and is refused as destroyed), and a request that meets a
 //! keyring whose rotation is due rotates it first.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use zeroize::Zeroizing;
@@ -19,43 +18,19 @@ use super::{
 use crate::auth::{Action, Authorized};
 use crate::master::MasterKeyProvider;
 use crate::secret::random_array;
-use crate::store::{
-    ApprovalRecord, AuditEvent, DataKeyRecord, DestructionReason, DestructionRecord, DestructionState,
-    DestructionTarget, Hold, KeyState, PendingAction, StoreError, VersionState, WriteOp,
+use super::registry::WriteOp;
+use crate::audit::AuditEvent;
+use crate::model::{
+    ApprovalRecord, DataKeyRecord, DestructionReason, DestructionRecord, DestructionState, DestructionTarget, Hold,
+    KeyState, KeyringRecord, PendingAction, VersionState,
 };
-
-/// Test hook: a file holding the Unix time the lifecycle clock reads (expiry,
-/// destruction, rotation periods, approvals). Unset in production.
-pub const TEST_CLOCK_ENV: &str = "KLUIS_TEST_CLOCK_FILE";
+use crate::store::StoreError;
 
 /// The principal named in audit entries of the server's own scheduled actions.
 const SERVER_PRINCIPAL: &str = "kms-server";
 
 /// Most expired keys destroyed in one sweep step (one transaction).
 const SWEEP_BATCH: usize = 1000;
-
-/// The lifecycle clock: the system clock, or (tests) a time read from a file.
-pub struct Clock {
-    file: Option<PathBuf>,
-}
-
-impl Clock {
-    pub fn from_env() -> Self {
-        Self { file: std::env::var_os(TEST_CLOCK_ENV).map(PathBuf::from) }
-    }
-
-    pub fn now(&self) -> i64 {
-        let system = super::now_unix();
-        let Some(f) = &self.file else { return system };
-        match std::fs::read_to_string(f).ok().and_then(|s| s.trim().parse::<i64>().ok()) {
-            Some(t) => t,
-            None => {
-                tracing::error!(file = %f.display(), "test clock file unreadable; using the system clock");
-                system
-            }
-        }
-    }
-}
 
 /// What a destroy request led to.
 pub enum DestroyOutcome {
@@ -73,13 +48,14 @@ pub struct MasterRotation {
     pub versions: u32,
 }
 
-fn server_event(action: &str, keyring: Option<&str>, key_id: Option<String>, outcome: String) -> AuditEvent {
-    let mut e = crate::api::audit_event(SERVER_PRINCIPAL, action, keyring, None, &outcome);
-    e.key_id = key_id;
-    e
-}
-
 impl KeyManager {
+    /// An audit event of the server's own scheduled work, stamped by the clock.
+    fn server_event(&self, action: &str, keyring: Option<&str>, key_id: Option<String>, outcome: String) -> AuditEvent {
+        let mut e = self.event(SERVER_PRINCIPAL, action, keyring, None, &outcome);
+        e.key_id = key_id;
+        e
+    }
+
     fn hold_error(keyring: &str, h: &Hold) -> KeyError {
         KeyError::LegalHold {
             keyring: keyring.to_owned(),
@@ -156,7 +132,7 @@ impl KeyManager {
         if !self.rotation_due(keyring)? {
             return Ok(false);
         }
-        let ev = server_event("RotateKeyring", Some(keyring), None, "ok: rotation period reached".into());
+        let ev = self.server_event("RotateKeyring", Some(keyring), None, "ok: rotation period reached".into());
         let info = self.rotate_locked(keyring, ev).await?;
         tracing::info!(keyring, version = info.current_version, "keyring rotated by its rotation period");
         Ok(true)
@@ -225,7 +201,7 @@ impl KeyManager {
         &self,
         name: &str,
         audit: AuditEvent,
-        f: impl FnOnce(&mut crate::store::KeyringRecord) -> Result<(), KeyError>,
+        f: impl FnOnce(&mut KeyringRecord) -> Result<(), KeyError>,
     ) -> Result<super::KeyringInfo, KeyError> {
         let mut record = {
             let rings = self.rings.read().map_err(|_| KeyError::NotCovered)?;
@@ -432,7 +408,7 @@ impl KeyManager {
                     ops.push(WriteOp::PutDataKey { id: *id, record: rec });
                 }
                 ops.push(WriteOp::PutDestruction(d.clone()));
-                ops.push(WriteOp::Audit(server_event(
+                ops.push(WriteOp::Audit(self.server_event(
                     "DestroyKey",
                     Some(keyring),
                     Some(hex::encode(id)),
@@ -453,7 +429,7 @@ impl KeyManager {
                 }
                 ops.push(WriteOp::PutKeyring(record.clone()));
                 ops.push(WriteOp::PutDestruction(d.clone()));
-                ops.push(WriteOp::Audit(server_event(
+                ops.push(WriteOp::Audit(self.server_event(
                     "DestroyKeyring",
                     Some(name),
                     None,
@@ -493,7 +469,7 @@ impl KeyManager {
                 approval: None,
                 reason: DestructionReason::Expiry,
             };
-            let ev = server_event(
+            let ev = self.server_event(
                 "DestroyKey",
                 Some(&rec.keyring),
                 Some(hex::encode(id)),
@@ -559,7 +535,7 @@ impl KeyManager {
         };
         let next = generation + 1;
         let configured = self.configured.clone();
-        let records: Vec<crate::store::KeyringRecord> =
+        let records: Vec<KeyringRecord> =
             self.rings.read().map_err(|_| KeyError::NotCovered)?.values().map(|l| l.record.clone()).collect();
         let audit_blob = self.store.get_meta(AUDIT_KEY_META)?;
         let work = tokio::task::spawn_blocking(move || -> Result<_, KeyError> {

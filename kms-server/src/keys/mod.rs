@@ -6,9 +6,10 @@
 //! covers the operation; nothing here trusts a caller-supplied principal.
 
 mod lifecycle;
+pub mod registry;
 mod report;
 
-pub use lifecycle::{Clock, DestroyOutcome, MasterRotation, TEST_CLOCK_ENV};
+pub use lifecycle::{DestroyOutcome, MasterRotation};
 pub use report::describe_action;
 
 use std::collections::{BTreeMap, HashMap};
@@ -16,17 +17,21 @@ use std::str::FromStr;
 use std::sync::{Arc, RwLock};
 
 use ring::rand::SystemRandom;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use tokio::sync::Mutex;
 use zeroize::Zeroizing;
 
 use crate::auth::{Action, Authorized, Role, RuntimeGrant};
+use crate::clock::Clock;
 use crate::master::{MasterError, MasterKeyProvider};
 use crate::secret::{Key256, aes_gcm_open, aes_gcm_seal, random_array};
-use crate::store::{
-    ApprovalRecord, AuditEvent, DataKeyRecord, DestructionRecord, Hold, KeyState, KeyringRecord, PendingAction,
-    RestoreTestRecord, Store, StoreError, VersionRecord, VersionState, WriteOp,
+use crate::audit::{AuditChain, AuditError, AuditEvent};
+use crate::model::{
+    ApprovalRecord, DataKeyRecord, DestructionRecord, EscrowInfo, Hold, KeyState, KeyringRecord, PendingAction,
+    RestoreTestRecord, VersionRecord, VersionState,
 };
+use crate::store::{Store, StoreError};
+use registry::{Registry, RegistryError, WriteOp};
 
 /// Default time a destructive request waits for a second officer.
 pub const DEFAULT_APPROVAL_TTL_SECS: u64 = 86_400;
@@ -75,6 +80,8 @@ pub enum KeyError {
     Master(#[from] MasterError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Audit(#[from] AuditError),
     #[error("the escrow manifest is not valid: {reason}")]
     EscrowManifest { reason: &'static str },
     #[error("the manifest's recovery recipient {new} differs from the one in force ({current}, ceremony {ceremony}); backups sealed so far stay recoverable only with that ceremony's shares, so keep them. Install with --new-recipient to switch anyway")]
@@ -117,6 +124,15 @@ pub enum KeyError {
     MasterGeneration { generation: u32, source: MasterError },
 }
 
+impl From<RegistryError> for KeyError {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::Store(e) => KeyError::Store(e),
+            RegistryError::Audit(e) => KeyError::Audit(e),
+        }
+    }
+}
+
 /// A keyring in memory: metadata plus the unwrapped version keys.
 struct LiveKeyring {
     record: KeyringRecord,
@@ -132,29 +148,6 @@ impl LiveKeyring {
             .map(|v| v.version)
             .max()
             .and_then(|v| self.keys.get(&v).map(|k| (v, k.clone())))
-    }
-}
-
-/// The escrow manifest in force, as the server keeps it.
-#[derive(Serialize, Deserialize, Clone, Debug)]
-pub struct EscrowInfo {
-    pub ceremony_id: String,
-    pub recovery_recipient: String,
-    pub threshold: u32,
-    pub shares: u32,
-    pub custodians: Vec<String>,
-    pub installed: i64,
-    pub manifest_json: String,
-    /// Recovery recipients in force before this one (oldest first).
-    pub previous_recipients: Vec<String>,
-    /// Set when the manifest was removed (dual control): no recipient is then in force.
-    pub removed: Option<i64>,
-}
-
-impl EscrowInfo {
-    /// The recovery recipient in force, if the manifest was not removed.
-    pub fn in_force(&self) -> Option<&str> {
-        self.removed.is_none().then_some(self.recovery_recipient.as_str())
     }
 }
 
@@ -215,13 +208,13 @@ pub struct KeyringInfo {
 
 /// The key manager: the service layer behind the gRPC handlers.
 pub struct KeyManager {
-    store: Store,
+    store: Registry,
     /// The configured master key as opened at start (its store generation); rotations
     /// make its siblings.
     configured: Arc<dyn MasterKeyProvider>,
     /// The generation in force and its provider.
     master: RwLock<(u32, Arc<dyn MasterKeyProvider>)>,
-    clock: Clock,
+    clock: Arc<dyn Clock>,
     destruction_wait_secs: i64,
     /// Destructions scheduled and not yet carried out or cancelled (a short list).
     scheduled: RwLock<Vec<DestructionRecord>>,
@@ -231,10 +224,6 @@ pub struct KeyManager {
     admin: Mutex<()>,
     rng: SystemRandom,
     approval_ttl_secs: u64,
-}
-
-pub fn now_unix() -> i64 {
-    time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
 pub(crate) fn format_date(unix: i64) -> String {
@@ -316,9 +305,10 @@ fn dk_aad(key_id: &[u8; 16], keyring: &str, version: u32, backup_id: &str, label
 impl KeyManager {
     /// Initialises a fresh store for `master`: records a check value so that a
     /// later start with the wrong master key is refused.
-    pub fn init_store(store: &Store, master: &dyn MasterKeyProvider) -> Result<(), KeyError> {
+    pub fn init_store(store: Arc<dyn Store>, master: &dyn MasterKeyProvider) -> Result<(), KeyError> {
+        let store = Registry::new(store);
         if store.get_meta(MASTER_CHECK_META)?.is_some() {
-            return Err(KeyError::Store(StoreError::AlreadyExists { path: store.path().to_owned() }));
+            return Err(KeyError::Store(StoreError::AlreadyExists { store: store.describe() }));
         }
         let rng = SystemRandom::new();
         let probe: Zeroizing<[u8; 32]> = Zeroizing::new(random_array(&rng).map_err(|_| KeyError::Rng)?);
@@ -331,10 +321,17 @@ impl KeyManager {
     /// unwraps every keyring key into memory. `master` is generation `generation` of
     /// the configured key, the one the store records (see [`MASTER_GENERATION_META`]);
     /// rotations derive the next generation from it.
-    pub fn open(store: Store, generation: u32, master: Arc<dyn MasterKeyProvider>) -> Result<Self, KeyError> {
+    pub fn open(
+        store: Arc<dyn Store>,
+        chain: &AuditChain,
+        generation: u32,
+        master: Arc<dyn MasterKeyProvider>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, KeyError> {
+        let store = Registry::new(store);
         let check = store
             .get_meta(MASTER_CHECK_META)?
-            .ok_or_else(|| KeyError::Store(StoreError::NotInitialised { path: store.path().to_owned() }))?;
+            .ok_or_else(|| KeyError::Store(StoreError::NotInitialised { store: store.describe() }))?;
         master
             .unwrap(MASTER_CHECK_AAD, &check)
             .map_err(|e| match e {
@@ -358,7 +355,7 @@ impl KeyManager {
             rings.insert(record.name.clone(), LiveKeyring { record, keys });
         }
         let audit_key = Arc::new(Self::audit_key(&store, master.as_ref())?);
-        store.set_audit_signer(audit_key.clone());
+        chain.set_signer(audit_key.clone())?;
         let escrow = match store.get_meta(ESCROW_META)? {
             Some(bytes) => Some(
                 postcard::from_bytes(&bytes)
@@ -369,13 +366,13 @@ impl KeyManager {
         let scheduled = store
             .destructions()?
             .into_iter()
-            .filter(|d| d.state == crate::store::DestructionState::Scheduled)
+            .filter(|d| d.state == crate::model::DestructionState::Scheduled)
             .collect();
         Ok(Self {
             store,
             configured: master.clone(),
             master: RwLock::new((generation, master)),
-            clock: Clock::from_env(),
+            clock,
             destruction_wait_secs: i64::from(DEFAULT_DESTRUCTION_WAIT_DAYS) * 86_400,
             scheduled: RwLock::new(scheduled),
             audit_key,
@@ -408,8 +405,13 @@ impl KeyManager {
         self.clock.now()
     }
 
+    /// An audit event stamped now by the clock (RFC 3339 UTC, milliseconds).
+    pub fn event(&self, principal: &str, action: &str, keyring: Option<&str>, backup_id: Option<&str>, outcome: &str) -> AuditEvent {
+        AuditEvent::at(self.clock.now_millis(), principal, action, keyring, backup_id, outcome)
+    }
+
     /// Opens the audit signing key (wrapped by the master key), creating it on first use.
-    fn audit_key(store: &Store, master: &dyn MasterKeyProvider) -> Result<ring::signature::Ed25519KeyPair, KeyError> {
+    fn audit_key(store: &Registry, master: &dyn MasterKeyProvider) -> Result<ring::signature::Ed25519KeyPair, KeyError> {
         let bad = |reason| KeyError::AuditKey { reason };
         let pkcs8: Zeroizing<Vec<u8>> = match store.get_meta(AUDIT_KEY_META)? {
             Some(blob) => master.unwrap(AUDIT_KEY_AAD, &blob)?,
@@ -445,10 +447,10 @@ impl KeyManager {
     ) -> Result<Vec<String>, KeyError> {
         Self::check(auth, Action::ExportAudit, None)?;
         use kluis_proto::audit::ExportLine;
-        let enc = |l: &ExportLine| serde_json::to_string(l).map_err(|e| KeyError::Store(StoreError::AuditEncode(e)));
+        let enc = |l: &ExportLine| serde_json::to_string(l).map_err(|e| KeyError::Audit(AuditError::CheckpointEncode(e)));
         // RFC 3339 UTC strings of one format sort as times. With a tail, only that many are kept.
         let mut rows = std::collections::VecDeque::new();
-        self.store.for_each_audit(1, |r, cp| {
+        crate::audit::for_each(self.store.store(), 1, |r, cp| {
             if since.is_none_or(|t| r.time.as_str() >= t) {
                 if tail > 0 && rows.len() as u64 == tail {
                     rows.pop_front();
@@ -467,7 +469,7 @@ impl KeyManager {
             }
         }
         if let Some((seq, hash)) = head {
-            let head = crate::store::sign_checkpoint(&self.audit_key, seq, &hash);
+            let head = crate::audit::sign_checkpoint(&self.audit_key, seq, &hash);
             out.push(enc(&ExportLine::Head { head })?);
         }
         Ok(out)
@@ -531,8 +533,9 @@ impl KeyManager {
         self.create_keyring_unchecked(name, retention_days, rotation_period_days, audit).await
     }
 
-    /// Keyring creation for the server's own bootstrap (`kms-server dev`).
-    pub async fn create_keyring_unchecked(
+    /// Keyring creation for the server's own bootstrap (`kms-server dev`): no caller to
+    /// authorize, so it is not public outside the crate.
+    pub(crate) async fn create_keyring_unchecked(
         &self,
         name: &str,
         retention_days: u32,

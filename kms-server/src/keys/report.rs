@@ -11,7 +11,7 @@ use kluis_proto::report::{
 
 use super::{KeyError, KeyManager, format_date, next_rotation};
 use crate::auth::{Action, Authorized};
-use crate::store::{DestructionRecord, DestructionState, KeyState, PendingAction, VersionState};
+use crate::model::{DestructionRecord, DestructionState, KeyState, PendingAction, VersionState};
 
 #[derive(Default)]
 struct Tally {
@@ -68,7 +68,7 @@ impl KeyManager {
         let since = parse_since(since)?;
         let since_unix = since.as_ref().map(|s| s.0).unwrap_or(i64::MIN);
         let now = self.now();
-        let records: Vec<crate::store::KeyringRecord> = {
+        let records: Vec<crate::model::KeyringRecord> = {
             let rings = self.rings.read().map_err(|_| KeyError::NotCovered)?;
             let mut v: Vec<_> = rings.values().filter(|l| visible(&l.record.name)).map(|l| l.record.clone()).collect();
             v.sort_by(|a, b| a.name.cmp(&b.name));
@@ -77,7 +77,7 @@ impl KeyManager {
         let names: HashMap<&str, usize> = records.iter().enumerate().map(|(i, r)| (r.name.as_str(), i)).collect();
 
         // Restore tests: last per key, failures in the period.
-        let mut last_test: HashMap<String, crate::store::RestoreTestRecord> = HashMap::new();
+        let mut last_test: HashMap<String, crate::model::RestoreTestRecord> = HashMap::new();
         let mut deviations: Vec<Vec<DeviationEntry>> = vec![Vec::new(); records.len()];
         for (_, t) in self.store.restore_tests()? {
             let Some(&i) = names.get(t.keyring.as_str()) else { continue };
@@ -99,7 +99,7 @@ impl KeyManager {
 
         // Failed and refused unwraps from the audit trail.
         let since_text = since.as_ref().map(|s| s.1.clone());
-        self.store.for_each_audit(1, |r, _| {
+        crate::audit::for_each(self.store.store(), 1, |r, _| {
             if !matches!(r.action.as_str(), "UnwrapDataKey" | "RewrapDataKey") || r.outcome.starts_with("ok") {
                 return true;
             }

@@ -42,6 +42,80 @@ pub enum MasterError {
     InvalidGeneration { generation: u32 },
     #[error("the store's master-key generation record is {len} bytes long, not 4 (u32 big-endian)")]
     GenerationRecord { len: usize },
+    #[error("the [master] PKCS#11 config needs pin_file or pin_env (the PIN is never inline in the config)")]
+    PinSourceMissing,
+}
+
+fn passphrase_source(file: &Option<std::path::PathBuf>, env: &Option<String>) -> software::PassphraseSource {
+    match (file, env) {
+        (Some(f), _) => software::PassphraseSource::File(f.clone()),
+        (None, Some(v)) => software::PassphraseSource::Env(v.clone()),
+        (None, None) => software::PassphraseSource::None,
+    }
+}
+
+/// The PKCS#11 settings of a `[master]` section, if it is one.
+pub fn pkcs11_settings(cfg: &crate::config::MasterConfig) -> Option<Result<pkcs11::Pkcs11Settings, MasterError>> {
+    match cfg {
+        crate::config::MasterConfig::Pkcs11 { module, token_label, key_label, pin_file, pin_env, reconnect_backoff_ms } => {
+            Some(
+                pkcs11::Pkcs11Settings::from_fields(module, token_label, key_label, pin_file, pin_env, *reconnect_backoff_ms)
+                    .ok_or(MasterError::PinSourceMissing),
+            )
+        }
+        crate::config::MasterConfig::Software { .. } => None,
+    }
+}
+
+/// Opens the configured master key at `generation` (the store's): a software key file
+/// (or token key) of a later generation is opened without the configured (generation 1)
+/// one, so an officer may remove that once no older copy of the store needs it.
+/// Key files readable by others are refused.
+pub fn open_configured(
+    cfg: &crate::config::MasterConfig,
+    generation: u32,
+) -> Result<std::sync::Arc<dyn MasterKeyProvider>, MasterError> {
+    use crate::config::MasterConfig;
+    match cfg {
+        MasterConfig::Software { key_file, passphrase_file, passphrase_env } => Ok(std::sync::Arc::new(
+            software::SoftwareMasterKey::open_generation(key_file, generation, &passphrase_source(passphrase_file, passphrase_env))?,
+        )),
+        MasterConfig::Pkcs11 { .. } => match pkcs11_settings(cfg) {
+            Some(s) => Ok(std::sync::Arc::new(pkcs11::Pkcs11MasterKey::open_generation(&s?, generation)?)),
+            None => Err(MasterError::PinSourceMissing),
+        },
+    }
+}
+
+/// Creates the configured master key (a new key file, or a new token key).
+pub fn create_configured(cfg: &crate::config::MasterConfig) -> Result<std::sync::Arc<dyn MasterKeyProvider>, MasterError> {
+    use crate::config::MasterConfig;
+    match cfg {
+        MasterConfig::Software { key_file, passphrase_file, passphrase_env } => Ok(std::sync::Arc::new(
+            software::SoftwareMasterKey::create(key_file, &passphrase_source(passphrase_file, passphrase_env))?,
+        )),
+        MasterConfig::Pkcs11 { .. } => match pkcs11_settings(cfg) {
+            Some(s) => Ok(std::sync::Arc::new(pkcs11::Pkcs11MasterKey::create(&s?)?)),
+            None => Err(MasterError::PinSourceMissing),
+        },
+    }
+}
+
+/// Opens the configured master key (generation 1), creating it if it does not exist yet.
+/// Returns whether it was created.
+pub fn open_or_create_configured(
+    cfg: &crate::config::MasterConfig,
+) -> Result<(std::sync::Arc<dyn MasterKeyProvider>, bool), MasterError> {
+    use crate::config::MasterConfig;
+    let missing = match open_configured(cfg, 1) {
+        Ok(k) => return Ok((k, false)),
+        Err(MasterError::ReadKeyFile { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => true,
+        Err(MasterError::Hsm(e)) if matches!(*e, kluis_hsm::HsmError::KeyMissing { .. }) => true,
+        Err(e) => return Err(e),
+    };
+    debug_assert!(missing);
+    let _ = matches!(cfg, MasterConfig::Software { .. });
+    Ok((create_configured(cfg)?, true))
 }
 
 /// The store META value recording master-key generation `generation` (u32 big-endian).

@@ -18,7 +18,7 @@
 use kluis_proto::audit::{AuditRecord, GENESIS};
 use serde::{Deserialize, Serialize};
 
-use super::StoreError;
+use super::AuditError;
 
 /// First byte of a format 2 record (a JSON record starts with `{`).
 const COMPACT: u8 = 0x02;
@@ -83,9 +83,9 @@ fn compact_key_id(s: &str) -> KeyId {
 }
 
 /// The stored form of a chained record (its `hash` set). `seq` and `prev` are not stored.
-pub fn encode(rec: &AuditRecord) -> Result<Vec<u8>, StoreError> {
+pub fn encode(rec: &AuditRecord) -> Result<Vec<u8>, AuditError> {
     let mut hash = [0u8; 32];
-    hex::decode_to_slice(&rec.hash, &mut hash).map_err(|_| StoreError::AuditUnchained { seq: rec.seq })?;
+    hex::decode_to_slice(&rec.hash, &mut hash).map_err(|_| AuditError::Unchained { seq: rec.seq })?;
     let stored = Stored {
         time: compact_time(&rec.time),
         principal: rec.principal.clone(),
@@ -96,13 +96,13 @@ pub fn encode(rec: &AuditRecord) -> Result<Vec<u8>, StoreError> {
         outcome: rec.outcome.clone(),
         hash,
     };
-    postcard::to_extend(&stored, vec![COMPACT]).map_err(|e| StoreError::Encode { what: "audit record", source: e })
+    postcard::to_extend(&stored, vec![COMPACT]).map_err(AuditError::Encode)
 }
 
 /// The record stored under `seq`; `prev` is the hash of the record before it (the stored
 /// hash of `seq - 1`, or [`GENESIS`] for the first), used for format 2 records.
-pub fn decode(seq: u64, bytes: &[u8], prev: &str) -> Result<AuditRecord, StoreError> {
-    let corrupt = || StoreError::AuditCorrupt { seq };
+pub fn decode(seq: u64, bytes: &[u8], prev: &str) -> Result<AuditRecord, AuditError> {
+    let corrupt = || AuditError::Corrupt { seq };
     match bytes.split_first() {
         Some((b'{', _)) => serde_json::from_slice(bytes).map_err(|_| corrupt()),
         Some((&COMPACT, body)) => {
@@ -132,7 +132,7 @@ pub fn decode(seq: u64, bytes: &[u8], prev: &str) -> Result<AuditRecord, StoreEr
 }
 
 /// The stored hash of the record under `seq` (the `prev` of the record after it).
-pub fn hash_of(seq: u64, bytes: &[u8]) -> Result<String, StoreError> {
+pub fn hash_of(seq: u64, bytes: &[u8]) -> Result<String, AuditError> {
     Ok(decode(seq, bytes, GENESIS)?.hash)
 }
 
@@ -209,13 +209,13 @@ mod tests {
         let bytes = encode(&r).unwrap();
         for bad in [&b""[..], &b"\x07junk"[..], &bytes[..bytes.len() - 1], &b"{\"seq\":"[..]] {
             match decode(9, bad, GENESIS) {
-                Err(StoreError::AuditCorrupt { seq: 9 }) => {}
+                Err(AuditError::Corrupt { seq: 9 }) => {}
                 Err(e) => panic!("wrong error: {e}"),
                 Ok(_) => panic!("damaged record decoded"),
             }
         }
         let mut unchained = r.clone();
         unchained.hash = String::new();
-        assert!(matches!(encode(&unchained), Err(StoreError::AuditUnchained { seq: 9 })));
+        assert!(matches!(encode(&unchained), Err(AuditError::Unchained { seq: 9 })));
     }
 }

@@ -1,0 +1,196 @@
+//! The audit trail: events are built by the layers above, linked into one hash chain
+//! and signed at checkpoints here, and persisted as bytes by the store.
+//!
+//! [`AuditChain`] is the store's [`Chain`]: the store calls it inside the transaction
+//! that appends, so numbering and linking follow commit order and a group that does not
+//! commit leaves no trace in the chain.
+
+mod record;
+
+use std::sync::{Arc, RwLock};
+
+use kluis_proto::audit::{AuditRecord, CHECKPOINT_EVERY, Checkpoint, GENESIS};
+use serde::{Deserialize, Serialize};
+
+use crate::store::{Chain, ChainError, ChainHead, Linked, Store, StoreError, Table, id_key, key_id};
+
+pub use record::format_millis;
+
+/// Errors of the audit layer.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("audit record {seq} in the store is corrupt: it decodes in no known format")]
+    Corrupt { seq: u64 },
+    #[error("audit record {seq} has no chain hash; it cannot be stored")]
+    Unchained { seq: u64 },
+    #[error("audit checkpoint {seq} in the store is corrupt")]
+    CheckpointCorrupt { seq: u64 },
+    #[error("audit record could not be encoded: {0}")]
+    Encode(#[source] postcard::Error),
+    #[error("audit event could not be decoded: {0}")]
+    Event(#[source] postcard::Error),
+    #[error("audit checkpoint could not be encoded: {0}")]
+    CheckpointEncode(#[source] serde_json::Error),
+    #[error("the audit signing key is not available (its lock was poisoned)")]
+    SignerPoisoned,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// An audit entry before it is chained.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AuditEvent {
+    pub time: String,
+    pub principal: String,
+    pub action: String,
+    pub keyring: Option<String>,
+    pub key_id: Option<String>,
+    pub backup_id: Option<String>,
+    pub outcome: String,
+}
+
+impl AuditEvent {
+    /// An event at `millis` (Unix milliseconds, as the audit trail writes times).
+    pub fn at(millis: i64, principal: &str, action: &str, keyring: Option<&str>, backup_id: Option<&str>, outcome: &str) -> Self {
+        AuditEvent {
+            time: format_millis(millis).unwrap_or_default(),
+            principal: principal.to_owned(),
+            action: action.to_owned(),
+            keyring: keyring.map(str::to_owned),
+            key_id: None,
+            backup_id: backup_id.map(str::to_owned),
+            outcome: outcome.to_owned(),
+        }
+    }
+
+    /// The bytes handed to the store in an `Append` (linked by [`AuditChain`]).
+    pub fn encode(&self) -> Result<Vec<u8>, AuditError> {
+        postcard::to_allocvec(self).map_err(AuditError::Encode)
+    }
+}
+
+/// Links audit entries into the hash chain and signs a checkpoint every
+/// [`CHECKPOINT_EVERY`] entries, once the signing key is set.
+#[derive(Default)]
+pub struct AuditChain {
+    signer: RwLock<Option<Arc<ring::signature::Ed25519KeyPair>>>,
+}
+
+impl AuditChain {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Sets the key that signs checkpoints (the server's audit key).
+    pub fn set_signer(&self, key: Arc<ring::signature::Ed25519KeyPair>) -> Result<(), AuditError> {
+        *self.signer.write().map_err(|_| AuditError::SignerPoisoned)? = Some(key);
+        Ok(())
+    }
+
+    fn signer(&self) -> Result<Option<Arc<ring::signature::Ed25519KeyPair>>, AuditError> {
+        Ok(self.signer.read().map_err(|_| AuditError::SignerPoisoned)?.clone())
+    }
+}
+
+impl Chain for AuditChain {
+    fn genesis(&self) -> ChainHead {
+        GENESIS.to_owned()
+    }
+
+    fn head_of(&self, seq: u64, stored: &[u8]) -> Result<ChainHead, ChainError> {
+        Ok(record::hash_of(seq, stored)?)
+    }
+
+    fn link(&self, seq: u64, prev: &ChainHead, entry: &[u8]) -> Result<Linked, ChainError> {
+        let ev: AuditEvent = postcard::from_bytes(entry).map_err(AuditError::Event)?;
+        let mut rec = AuditRecord {
+            seq,
+            time: ev.time,
+            principal: ev.principal,
+            action: ev.action,
+            keyring: ev.keyring,
+            key_id: ev.key_id,
+            backup_id: ev.backup_id,
+            outcome: ev.outcome,
+            prev: prev.clone(),
+            hash: String::new(),
+        };
+        rec.hash = rec.compute_hash();
+        let stored = record::encode(&rec)?;
+        let checkpoint = match self.signer()?.filter(|_| seq.is_multiple_of(CHECKPOINT_EVERY)) {
+            Some(key) => Some(serde_json::to_vec(&sign_checkpoint(&key, seq, &rec.hash)).map_err(AuditError::CheckpointEncode)?),
+            None => None,
+        };
+        Ok(Linked { stored, head: rec.hash, checkpoint })
+    }
+}
+
+/// Signs `(seq, hash)` with the audit key.
+pub fn sign_checkpoint(key: &ring::signature::Ed25519KeyPair, seq: u64, hash: &str) -> Checkpoint {
+    use base64::Engine;
+    let sig = key.sign(&kluis_proto::audit::checkpoint_message(seq, hash));
+    Checkpoint { seq, hash: hash.to_owned(), signature: base64::engine::general_purpose::STANDARD.encode(sig.as_ref()) }
+}
+
+/// Records read per page by [`for_each`].
+const PAGE: usize = 4096;
+
+/// Visits the audit records with `seq >= from` in order, each with its checkpoint if
+/// one was signed there, until `f` returns false. Reads a page at a time.
+pub fn for_each(
+    store: &dyn Store,
+    from: u64,
+    mut f: impl FnMut(AuditRecord, Option<Checkpoint>) -> bool,
+) -> Result<(), AuditError> {
+    use std::ops::Bound;
+    // Format 2 records do not store `prev`: it is the stored hash of the record before.
+    let mut prev = match from.checked_sub(1).filter(|&p| p > 0) {
+        Some(p) => match store.get(Table::Audit, &id_key(p))? {
+            Some(v) => record::hash_of(p, &v)?,
+            None => GENESIS.to_owned(),
+        },
+        None => GENESIS.to_owned(),
+    };
+    let mut next = from.max(1);
+    loop {
+        let mut rows: Vec<(u64, Vec<u8>)> = Vec::with_capacity(PAGE);
+        let start = id_key(next);
+        store.scan(Table::Audit, (Bound::Included(&start), Bound::Unbounded), &mut |k, v| {
+            rows.push((key_id(Table::Audit, k)?, v.to_vec()));
+            Ok(rows.len() < PAGE)
+        })?;
+        let (Some(&(first, _)), Some(&(last, _))) = (rows.first(), rows.last()) else { return Ok(()) };
+        let mut cps = std::collections::BTreeMap::new();
+        let (lo, hi) = (id_key(first), id_key(last));
+        store.scan(Table::Checkpoints, (Bound::Included(&lo), Bound::Included(&hi)), &mut |k, v| {
+            let seq = key_id(Table::Checkpoints, k)?;
+            cps.insert(seq, v.to_vec());
+            Ok(true)
+        })?;
+        for (seq, bytes) in rows {
+            let rec = record::decode(seq, &bytes, &prev)?;
+            prev.clone_from(&rec.hash);
+            let cp = match cps.remove(&seq) {
+                Some(c) => Some(serde_json::from_slice(&c).map_err(|_| AuditError::CheckpointCorrupt { seq })?),
+                None => None,
+            };
+            if !f(rec, cp) {
+                return Ok(());
+            }
+        }
+        next = last + 1;
+    }
+}
+
+/// Audit records with `seq >= from`, at most `limit`, in order, with the checkpoints
+/// among them.
+pub fn page(store: &dyn Store, from: u64, limit: usize) -> Result<Vec<(AuditRecord, Option<Checkpoint>)>, AuditError> {
+    let mut out = Vec::new();
+    if limit > 0 {
+        for_each(store, from, |r, c| {
+            out.push((r, c));
+            out.len() < limit
+        })?;
+    }
+    Ok(out)
+}

@@ -1,0 +1,247 @@
+//! The key layer's records over the byte store: how each record is encoded, which
+//! table and key it lives under, and which index entries go with it.
+
+use std::ops::Bound;
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::audit::{AuditError, AuditEvent};
+use crate::model::{ApprovalRecord, DataKeyRecord, DestructionRecord, KeyState, KeyringRecord, RestoreTestRecord};
+use crate::store::{Op, Store, StoreError, Table, WriteGroup, expiry_key, id_key, key_id, parse_expiry_key};
+
+/// An entry of the expiry index: (expires, key id).
+pub type ExpiryEntry = (i64, [u8; 16]);
+
+/// One durable write of the key layer.
+pub enum WriteOp {
+    PutMeta { key: &'static str, value: Vec<u8> },
+    PutKeyring(KeyringRecord),
+    /// A newly issued key: its record, its expiry index entry, its keyring's count.
+    IssueDataKey { id: [u8; 16], record: DataKeyRecord },
+    /// Several writes that must land together or not at all.
+    Atomic(Vec<WriteOp>),
+    /// An audit entry; the store numbers and the audit chain links it.
+    Audit(AuditEvent),
+    /// A restore test result; the store numbers it.
+    RestoreTest(RestoreTestRecord),
+    /// A dual-control approval (new or updated).
+    PutApproval(ApprovalRecord),
+    /// Replaces the registry record of an issued key (rewrap, destruction); keeps the
+    /// expiry index in step (a destroyed key leaves it).
+    PutDataKey { id: [u8; 16], record: DataKeyRecord },
+    /// A destruction record (new or updated).
+    PutDestruction(DestructionRecord),
+}
+
+/// Errors of encoding a write.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+}
+
+fn enc<T: Serialize>(what: &'static str, v: &T) -> Result<Vec<u8>, StoreError> {
+    postcard::to_allocvec(v).map_err(|e| StoreError::Encode { what, source: e })
+}
+
+fn dec<T: DeserializeOwned>(what: &'static str, b: &[u8]) -> Result<T, StoreError> {
+    postcard::from_bytes(b).map_err(|e| StoreError::Decode { what, source: e })
+}
+
+fn lower(op: WriteOp, g: &mut WriteGroup) -> Result<(), RegistryError> {
+    match op {
+        WriteOp::PutMeta { key, value } => g.push(Op::Put { table: Table::Meta, key: key.as_bytes().to_vec(), value }),
+        WriteOp::PutKeyring(rec) => {
+            g.push(Op::Put { table: Table::Keyrings, key: rec.name.as_bytes().to_vec(), value: enc("keyring", &rec)? })
+        }
+        WriteOp::IssueDataKey { id, record } => {
+            if let Some(at) = record.expires {
+                g.push(Op::Put { table: Table::Expiry, key: expiry_key(at, &id).to_vec(), value: Vec::new() });
+            }
+            g.push(Op::Increment { table: Table::Issued, key: record.keyring.as_bytes().to_vec(), by: 1 });
+            g.push(Op::Put { table: Table::DataKeys, key: id.to_vec(), value: enc("data key", &record)? });
+        }
+        WriteOp::PutDataKey { id, record } => {
+            if let (Some(at), KeyState::Destroyed { .. }) = (record.expires, record.state) {
+                g.push(Op::Delete { table: Table::Expiry, key: expiry_key(at, &id).to_vec() });
+            }
+            g.push(Op::Put { table: Table::DataKeys, key: id.to_vec(), value: enc("data key", &record)? });
+        }
+        WriteOp::Atomic(inner) => {
+            for op in inner {
+                lower(op, g)?;
+            }
+        }
+        WriteOp::Audit(ev) => g.push(Op::Append { entry: ev.encode()? }),
+        WriteOp::RestoreTest(rec) => g.push(Op::Insert { table: Table::RestoreTests, value: enc("restore test", &rec)? }),
+        WriteOp::PutApproval(rec) => {
+            g.push(Op::Put { table: Table::Approvals, key: id_key(rec.id).to_vec(), value: enc("approval", &rec)? })
+        }
+        WriteOp::PutDestruction(rec) => {
+            g.push(Op::Put { table: Table::Destructions, key: id_key(rec.id).to_vec(), value: enc("destruction", &rec)? })
+        }
+    }
+    Ok(())
+}
+
+fn group(op: WriteOp) -> Result<WriteGroup, RegistryError> {
+    let mut g = WriteGroup::default();
+    lower(op, &mut g)?;
+    Ok(g)
+}
+
+/// Typed reads and writes of the key layer's records.
+#[derive(Clone)]
+pub struct Registry {
+    store: Arc<dyn Store>,
+}
+
+impl Registry {
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self { store }
+    }
+
+    /// The store underneath (for the audit reader).
+    pub fn store(&self) -> &dyn Store {
+        self.store.as_ref()
+    }
+
+    pub fn describe(&self) -> String {
+        self.store.describe()
+    }
+
+    /// Writes durably, sharing the commit with concurrent writers.
+    pub async fn write(&self, op: WriteOp) -> Result<(), RegistryError> {
+        let g = group(op)?;
+        Ok(self.store.commit(g).await?)
+    }
+
+    /// [`write`](Self::write) for synchronous callers.
+    pub fn write_blocking(&self, op: WriteOp) -> Result<(), RegistryError> {
+        Ok(self.store.commit_blocking(group(op)?)?)
+    }
+
+    pub fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.store.get(Table::Meta, key.as_bytes())
+    }
+
+    fn all<T: DeserializeOwned>(&self, table: Table, what: &'static str) -> Result<Vec<T>, StoreError> {
+        let mut out = Vec::new();
+        self.store.scan(table, (Bound::Unbounded, Bound::Unbounded), &mut |_, v| {
+            out.push(dec(what, v)?);
+            Ok(true)
+        })?;
+        Ok(out)
+    }
+
+    fn one<T: DeserializeOwned>(&self, table: Table, key: &[u8], what: &'static str) -> Result<Option<T>, StoreError> {
+        self.store.get(table, key)?.map(|v| dec(what, &v)).transpose()
+    }
+
+    /// One more than the largest id in a table keyed by id (1 for an empty table).
+    fn next_id(&self, table: Table) -> Result<u64, StoreError> {
+        Ok(match self.store.last(table)? {
+            Some((k, _)) => key_id(table, &k)? + 1,
+            None => 1,
+        })
+    }
+
+    pub fn keyrings(&self) -> Result<Vec<KeyringRecord>, StoreError> {
+        self.all(Table::Keyrings, "keyring")
+    }
+
+    pub fn data_key(&self, id: &[u8; 16]) -> Result<Option<DataKeyRecord>, StoreError> {
+        self.one(Table::DataKeys, id, "data key")
+    }
+
+    /// Number of data keys issued from a keyring.
+    pub fn issued_count(&self, keyring: &str) -> Result<u64, StoreError> {
+        match self.store.get(Table::Issued, keyring.as_bytes())? {
+            Some(v) => <[u8; 8]>::try_from(v.as_slice())
+                .map(u64::from_be_bytes)
+                .map_err(|_| StoreError::BadKey { table: Table::Issued }),
+            None => Ok(0),
+        }
+    }
+
+    /// Visits every data key record (id, record) in key-id order.
+    pub fn for_each_data_key(&self, mut f: impl FnMut(&[u8; 16], &DataKeyRecord)) -> Result<(), StoreError> {
+        self.store.scan(Table::DataKeys, (Bound::Unbounded, Bound::Unbounded), &mut |k, v| {
+            let id: [u8; 16] = k.try_into().map_err(|_| StoreError::BadKey { table: Table::DataKeys })?;
+            f(&id, &dec("data key", v)?);
+            Ok(true)
+        })
+    }
+
+    /// Every approval, oldest first.
+    pub fn approvals(&self) -> Result<Vec<ApprovalRecord>, StoreError> {
+        self.all(Table::Approvals, "approval")
+    }
+
+    pub fn approval(&self, id: u64) -> Result<Option<ApprovalRecord>, StoreError> {
+        self.one(Table::Approvals, &id_key(id), "approval")
+    }
+
+    pub fn next_approval_id(&self) -> Result<u64, StoreError> {
+        self.next_id(Table::Approvals)
+    }
+
+    /// Every destruction record, oldest first.
+    pub fn destructions(&self) -> Result<Vec<DestructionRecord>, StoreError> {
+        self.all(Table::Destructions, "destruction")
+    }
+
+    pub fn destruction(&self, id: u64) -> Result<Option<DestructionRecord>, StoreError> {
+        self.one(Table::Destructions, &id_key(id), "destruction")
+    }
+
+    pub fn next_destruction_id(&self) -> Result<u64, StoreError> {
+        self.next_id(Table::Destructions)
+    }
+
+    /// Every restore test, oldest first, with its id.
+    pub fn restore_tests(&self) -> Result<Vec<(u64, RestoreTestRecord)>, StoreError> {
+        let mut out = Vec::new();
+        self.store.scan(Table::RestoreTests, (Bound::Unbounded, Bound::Unbounded), &mut |k, v| {
+            out.push((key_id(Table::RestoreTests, k)?, dec("restore test", v)?));
+            Ok(true)
+        })?;
+        Ok(out)
+    }
+
+    /// Up to `limit` active keys whose expiry is at or before `now`, earliest first,
+    /// starting after the index entry `after`; with the last index entry looked at
+    /// (`None` when there was none left). Keys of keyrings for which `skip` is true
+    /// (held, destroyed) are passed over.
+    #[allow(clippy::type_complexity)]
+    pub fn expired_keys(
+        &self,
+        now: i64,
+        after: Option<ExpiryEntry>,
+        limit: usize,
+        skip: &dyn Fn(&str) -> bool,
+    ) -> Result<(Vec<([u8; 16], DataKeyRecord)>, Option<ExpiryEntry>), StoreError> {
+        let start = after.map(|(at, id)| expiry_key(at, &id));
+        let end = expiry_key(now, &[0xff; 16]);
+        let lo = start.as_ref().map_or(Bound::Unbounded, |k| Bound::Excluded(&k[..]));
+        let mut entries = Vec::new();
+        self.store.scan(Table::Expiry, (lo, Bound::Included(&end[..])), &mut |k, _| {
+            entries.push(parse_expiry_key(k)?);
+            Ok(entries.len() < limit)
+        })?;
+        let mut out = Vec::new();
+        for &(_, id) in &entries {
+            if let Some(rec) = self.data_key(&id)?
+                && matches!(rec.state, KeyState::Active)
+                && !skip(&rec.keyring)
+            {
+                out.push((id, rec));
+            }
+        }
+        Ok((out, entries.last().copied()))
+    }
+}

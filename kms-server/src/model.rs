@@ -1,0 +1,204 @@
+//! The typed records, actions and outcomes that every layer shares. Plain data: no
+//! persistence, no key material in clear (wrapped keys only), no knowledge of the wire.
+
+use serde::{Deserialize, Serialize};
+
+/// State of one keyring version.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VersionState {
+    Active,
+    Retired,
+}
+
+/// One keyring version: its key wrapped by the master key.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct VersionRecord {
+    pub version: u32,
+    pub created: i64,
+    pub state: VersionState,
+    /// The keyring key wrapped by the master key (AAD binds keyring and version).
+    pub wrapped_key: Vec<u8>,
+}
+
+/// A keyring as stored.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct KeyringRecord {
+    pub name: String,
+    pub created: i64,
+    pub retention_days: u32,
+    pub versions: Vec<VersionRecord>,
+    /// Automatic rotation this many days after the current version was made; 0 = none.
+    pub rotation_period_days: u32,
+    /// A legal hold: nothing of this keyring is destroyed while it is set.
+    pub hold: Option<Hold>,
+    /// Set when the keyring was destroyed: its version keys are erased, a tombstone stays.
+    pub destroyed: Option<i64>,
+}
+
+/// A legal hold on a keyring.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Hold {
+    pub by: String,
+    pub since: i64,
+    pub reason: String,
+}
+
+/// What a destruction destroys.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum DestructionTarget {
+    Key { id: [u8; 16], keyring: String },
+    Keyring { name: String },
+}
+
+impl DestructionTarget {
+    pub fn keyring(&self) -> &str {
+        match self {
+            DestructionTarget::Key { keyring, .. } => keyring,
+            DestructionTarget::Keyring { name } => name,
+        }
+    }
+}
+
+impl DestructionRecord {
+    /// `("key", key id)` or `("keyring", name)`.
+    pub fn kind_and_target(&self) -> (&'static str, String) {
+        match &self.target {
+            DestructionTarget::Key { id, .. } => ("key", hex::encode(id)),
+            DestructionTarget::Keyring { name } => ("keyring", name.clone()),
+        }
+    }
+
+    /// `scheduled`, `held` (scheduled, its keyring under a legal hold), `cancelled` or `destroyed`.
+    pub fn state_name(&self, held: bool) -> &'static str {
+        match self.state {
+            DestructionState::Scheduled if held => "held",
+            DestructionState::Scheduled => "scheduled",
+            DestructionState::Cancelled { .. } => "cancelled",
+            DestructionState::Done { .. } => "destroyed",
+        }
+    }
+
+    /// `request` or `expiry`.
+    pub fn reason_name(&self) -> &'static str {
+        match self.reason {
+            DestructionReason::Request => "request",
+            DestructionReason::Expiry => "expiry",
+        }
+    }
+}
+
+/// Where a destruction stands.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum DestructionState {
+    Scheduled,
+    Cancelled { by: String, at: i64 },
+    Done { at: i64 },
+}
+
+/// Why a destruction happens.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DestructionReason {
+    /// An officer asked for it.
+    Request,
+    /// The key reached the end of its keyring's retention period.
+    Expiry,
+}
+
+/// A scheduled or past destruction: the record stays after the key is gone.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct DestructionRecord {
+    pub id: u64,
+    pub target: DestructionTarget,
+    pub requested_by: String,
+    pub requested: i64,
+    pub due: i64,
+    pub state: DestructionState,
+    /// The dual-control approval it came from.
+    pub approval: Option<u64>,
+    pub reason: DestructionReason,
+}
+
+/// State of an issued data key.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyState {
+    Active,
+    Destroyed { at: i64 },
+}
+
+/// The registry record of one issued data key. It holds no key material.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct DataKeyRecord {
+    pub keyring: String,
+    pub version: u32,
+    pub backup_id: String,
+    pub labels: Vec<(String, String)>,
+    pub created: i64,
+    pub expires: Option<i64>,
+    pub state: KeyState,
+    pub issued_to: String,
+    /// Whether a recovery recipient went out with this key (its file has an escrow stanza).
+    pub escrowed: bool,
+}
+
+
+/// A destructive action waiting for (or given) a second officer's approval.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct ApprovalRecord {
+    pub id: u64,
+    pub action: PendingAction,
+    pub requested_by: String,
+    pub requested: i64,
+    pub expires: i64,
+    pub approved_by: Option<String>,
+    pub approved: Option<i64>,
+}
+
+/// The destructive actions that need dual control.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum PendingAction {
+    RetireVersions { keyring: String, below: u32 },
+    /// Schedule destruction of one data key before its expiry.
+    DestroyKey { id: [u8; 16], keyring: String },
+    /// Schedule destruction of a keyring.
+    DestroyKeyring { keyring: String },
+    /// Remove the escrow manifest in force.
+    RemoveEscrow,
+}
+
+/// The outcome of one restore test (`backup-hook verify`).
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct RestoreTestRecord {
+    pub time: i64,
+    pub keyring: String,
+    pub key_id: String,
+    pub backup_id: String,
+    pub ok: bool,
+    pub detail: String,
+    pub bytes: u64,
+    pub duration_ms: u64,
+    pub host: String,
+    pub principal: String,
+}
+
+/// The escrow manifest in force, as the server keeps it.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct EscrowInfo {
+    pub ceremony_id: String,
+    pub recovery_recipient: String,
+    pub threshold: u32,
+    pub shares: u32,
+    pub custodians: Vec<String>,
+    pub installed: i64,
+    pub manifest_json: String,
+    /// Recovery recipients in force before this one (oldest first).
+    pub previous_recipients: Vec<String>,
+    /// Set when the manifest was removed (dual control): no recipient is then in force.
+    pub removed: Option<i64>,
+}
+
+impl EscrowInfo {
+    /// The recovery recipient in force, if the manifest was not removed.
+    pub fn in_force(&self) -> Option<&str> {
+        self.removed.is_none().then_some(self.recovery_recipient.as_str())
+    }
+}

@@ -1,0 +1,219 @@
+//! Persistence: the [`Store`] trait and its embedded implementation ([`redb`]).
+//!
+//! The store persists bytes. It knows its tables and how their keys sort, not what a
+//! keyring or a data key is for: the layers above encode their records (see
+//! `keys::registry`) and the audit layer links its entries (see [`Chain`]).
+//!
+//! The contract every implementation keeps:
+//! - [`Store::commit`] applies one [`WriteGroup`] atomically (all of it or none of it) and
+//!   returns only once the group is durable (fsynced, or committed by a database that
+//!   promises as much). How it gets there (one transaction per call, or concurrent calls
+//!   sharing one commit) is the implementation's business.
+//! - [`Op::Append`] entries are numbered 1, 2, 3, ... without gaps in commit order, and
+//!   each is linked by the [`Chain`] given at open, inside the same transaction, to the
+//!   entry before it; the chain head advances only when the group commits.
+//! - Reads see committed data only, and never wait for a commit in progress.
+//! - Keys sort as bytes; every table's key layout is given on [`Table`].
+
+use std::future::Future;
+use std::ops::Bound;
+use std::pin::Pin;
+
+pub mod redb;
+
+/// The tables, with the layout of their keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Table {
+    /// Named singletons (master check, audit key, escrow, grants, ...); key: UTF-8 name.
+    Meta,
+    /// Key: keyring name (UTF-8).
+    Keyrings,
+    /// The registry of issued data keys; key: the 16-byte key id.
+    DataKeys,
+    /// Counters per keyring; key: keyring name (UTF-8); value: u64 big-endian.
+    Issued,
+    /// The linked log ([`Op::Append`]); key: sequence number, u64 big-endian.
+    Audit,
+    /// Side records of the log (signed checkpoints); key: sequence number, u64 big-endian.
+    Checkpoints,
+    /// Key: id, u64 big-endian ([`Op::Insert`] numbers them).
+    RestoreTests,
+    /// Key: id, u64 big-endian.
+    Approvals,
+    /// Key: id, u64 big-endian.
+    Destructions,
+    /// An index; key: [`expiry_key`] (time, then key id); value: empty.
+    Expiry,
+}
+
+/// One write of a group.
+#[derive(Debug)]
+pub enum Op {
+    Put { table: Table, key: Vec<u8>, value: Vec<u8> },
+    Delete { table: Table, key: Vec<u8> },
+    /// Adds `by` to the u64 counter under `key` (absent counts as 0).
+    Increment { table: Table, key: Vec<u8>, by: u64 },
+    /// Puts `value` under the next id of `table` (one more than its largest; 1 if empty).
+    Insert { table: Table, value: Vec<u8> },
+    /// Appends one entry to the linked log (see [`Chain`]).
+    Append { entry: Vec<u8> },
+}
+
+/// Writes that land together or not at all.
+#[derive(Debug, Default)]
+pub struct WriteGroup {
+    pub ops: Vec<Op>,
+}
+
+impl WriteGroup {
+    pub fn push(&mut self, op: Op) {
+        self.ops.push(op);
+    }
+
+    /// Whether the group appends to the log.
+    pub fn appends(&self) -> bool {
+        self.ops.iter().any(|op| matches!(op, Op::Append { .. }))
+    }
+}
+
+/// The value that links a log entry to the next one (a hash, for the audit chain).
+pub type ChainHead = String;
+
+/// An entry as the chain links it.
+pub struct Linked {
+    /// What is stored under the entry's sequence number in [`Table::Audit`].
+    pub stored: Vec<u8>,
+    /// The head after this entry.
+    pub head: ChainHead,
+    /// A side record stored under the same number in [`Table::Checkpoints`].
+    pub checkpoint: Option<Vec<u8>>,
+}
+
+/// Error of a [`Chain`]: the group that needed it is not committed.
+pub type ChainError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Links log entries; implemented by the audit layer, called by the store inside the
+/// transaction that appends, in sequence order.
+pub trait Chain: Send + Sync {
+    /// The head before the first entry.
+    fn genesis(&self) -> ChainHead;
+    /// The head after the stored entry `seq` (to resume after a restart).
+    fn head_of(&self, seq: u64, stored: &[u8]) -> Result<ChainHead, ChainError>;
+    /// Links `entry` as number `seq` after `prev`.
+    fn link(&self, seq: u64, prev: &ChainHead, entry: &[u8]) -> Result<Linked, ChainError>;
+}
+
+/// A future returned by the store (boxed, so the trait stays object safe).
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// A key range of one table, as bounds on the key bytes.
+pub type KeyRange<'a> = (Bound<&'a [u8]>, Bound<&'a [u8]>);
+
+/// A row: its key and its value.
+pub type Row = (Vec<u8>, Vec<u8>);
+
+/// What a scan's visitor says after each row.
+pub type Visit<'a> = dyn FnMut(&[u8], &[u8]) -> Result<bool, StoreError> + 'a;
+
+/// Persistence: atomic, durable write groups; reads by key and by range.
+pub trait Store: Send + Sync {
+    /// What this store is, for messages (e.g. the file's path).
+    fn describe(&self) -> String;
+
+    /// Commits `group` atomically and durably (see the module docs).
+    fn commit(&self, group: WriteGroup) -> StoreFuture<'_, ()>;
+
+    /// [`commit`](Self::commit) for synchronous callers (start-up, offline commands);
+    /// safe to call from inside an async runtime's blocking context.
+    fn commit_blocking(&self, group: WriteGroup) -> Result<(), StoreError>;
+
+    /// The value under `key`.
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Visits the rows of `range` in key order, in one consistent read, until `visit`
+    /// returns false.
+    fn scan(&self, table: Table, range: KeyRange<'_>, visit: &mut Visit<'_>) -> Result<(), StoreError>;
+
+    /// The row with the largest key.
+    fn last(&self, table: Table) -> Result<Option<Row>, StoreError>;
+}
+
+/// Errors of the store layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store database error: {0}")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("store {store} already exists; refusing to initialise over it")]
+    AlreadyExists { store: String },
+    #[error("the store {store} is in use by another process (Database already open): stop kms-server first")]
+    Locked { store: String },
+    #[error("store {store} does not exist; run `kms-server init` first")]
+    NotInitialised { store: String },
+    #[error("store record {what} could not be encoded: {source}")]
+    Encode { what: &'static str, source: postcard::Error },
+    #[error("store record {what} is corrupt: {source}")]
+    Decode { what: &'static str, source: postcard::Error },
+    #[error("store key of table {table:?} is malformed")]
+    BadKey { table: Table },
+    #[error("the store writer has stopped; the server is shutting down or failed")]
+    WriterGone,
+    #[error("a write in the same group commit failed; nothing of the group was committed")]
+    GroupFailed,
+    #[error("the audit chain could not link entry {seq}: {source}")]
+    Link { seq: u64, source: ChainError },
+    #[error("the audit chain could not resume after entry {seq}: {source}")]
+    Resume { seq: u64, source: ChainError },
+    #[error("{table:?} cannot take this operation")]
+    WrongTable { table: Table },
+    #[error("store {store} has format {found}, newer than this kms-server reads (format {supported}); run the newer version")]
+    NewerFormat { store: String, found: u32, supported: u32 },
+    #[error("store {store} has an unreadable format marker")]
+    BadFormat { store: String },
+}
+
+/// The key of an id-keyed table.
+pub fn id_key(id: u64) -> [u8; 8] {
+    id.to_be_bytes()
+}
+
+/// The id of an id-keyed table's key.
+pub fn key_id(table: Table, key: &[u8]) -> Result<u64, StoreError> {
+    <[u8; 8]>::try_from(key).map(u64::from_be_bytes).map_err(|_| StoreError::BadKey { table })
+}
+
+/// An expiry index key: the time (i64, sign bit flipped, big-endian: sorts as a number)
+/// and the 16-byte key id.
+pub fn expiry_key(at: i64, id: &[u8; 16]) -> [u8; 24] {
+    let mut k = [0u8; 24];
+    k[..8].copy_from_slice(&((at as u64) ^ (1 << 63)).to_be_bytes());
+    k[8..].copy_from_slice(id);
+    k
+}
+
+/// The (time, key id) of an expiry index key.
+pub fn parse_expiry_key(key: &[u8]) -> Result<(i64, [u8; 16]), StoreError> {
+    let bad = || StoreError::BadKey { table: Table::Expiry };
+    if key.len() != 24 {
+        return Err(bad());
+    }
+    let t = u64::from_be_bytes(key[..8].try_into().map_err(|_| bad())?) ^ (1 << 63);
+    Ok((t as i64, key[8..].try_into().map_err(|_| bad())?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expiry_keys_sort_as_times() {
+        let id = [7u8; 16];
+        let times = [i64::MIN, -86_400, -1, 0, 1, 1_700_000_000, i64::MAX];
+        for w in times.windows(2) {
+            assert!(expiry_key(w[0], &id) < expiry_key(w[1], &id), "{} < {}", w[0], w[1]);
+        }
+        for t in times {
+            assert_eq!(parse_expiry_key(&expiry_key(t, &id)).unwrap(), (t, id));
+        }
+        assert!(parse_expiry_key(&[0; 23]).is_err());
+    }
+}

@@ -1,0 +1,403 @@
+//! The embedded store: one redb file.
+//!
+//! All writes go through one writer thread that commits them in groups: every caller
+//! waits until its group is in a committed, fsynced transaction (redb
+//! `Durability::Immediate`), but concurrent callers share one commit. Reads use their
+//! own read transactions and never wait for the writer.
+//!
+//! The tables keep the typed keys of earlier versions of this file (a store made by an
+//! older kms-server opens as it is); [`Table`] key bytes are converted at this boundary.
+
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, mpsc};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use tokio::sync::oneshot;
+
+use super::{Chain, ChainHead, KeyRange, Op, Store, StoreError, StoreFuture, Table, Visit, WriteGroup};
+
+/// redb's page cache (its default is 1 GiB): bounds the server's memory at any registry size.
+const STORE_CACHE_BYTES: usize = 64 << 20;
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const KEYRINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("keyrings");
+const DATA_KEYS: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("data_keys");
+const ISSUED: TableDefinition<&str, u64> = TableDefinition::new("issued_per_keyring");
+const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+const CHECKPOINTS: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_checkpoints");
+const RESTORE_TESTS: TableDefinition<u64, &[u8]> = TableDefinition::new("restore_tests");
+const APPROVALS: TableDefinition<u64, &[u8]> = TableDefinition::new("approvals");
+const DESTRUCTIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("destructions");
+const EXPIRY: TableDefinition<(i64, [u8; 16]), ()> = TableDefinition::new("expiry_index");
+
+/// META key of the store format: absent in format 1; 2 since audit records are stored
+/// compactly. A store of a later format than this is refused.
+pub const FORMAT_META: &str = "store_format";
+pub const FORMAT: u32 = 2;
+
+/// Largest number of groups committed in one transaction.
+const MAX_BATCH: usize = 4096;
+
+fn dberr<E: Into<redb::Error>>(e: E) -> StoreError {
+    StoreError::Backend(Box::new(e.into()))
+}
+
+fn str_key(table: Table, key: &[u8]) -> Result<&str, StoreError> {
+    std::str::from_utf8(key).map_err(|_| StoreError::BadKey { table })
+}
+
+fn id16(table: Table, key: &[u8]) -> Result<[u8; 16], StoreError> {
+    key.try_into().map_err(|_| StoreError::BadKey { table })
+}
+
+fn u64_table(table: Table) -> Option<TableDefinition<'static, u64, &'static [u8]>> {
+    match table {
+        Table::Audit => Some(AUDIT),
+        Table::Checkpoints => Some(CHECKPOINTS),
+        Table::RestoreTests => Some(RESTORE_TESTS),
+        Table::Approvals => Some(APPROVALS),
+        Table::Destructions => Some(DESTRUCTIONS),
+        _ => None,
+    }
+}
+
+fn str_table(table: Table) -> Option<TableDefinition<'static, &'static str, &'static [u8]>> {
+    match table {
+        Table::Meta => Some(META),
+        Table::Keyrings => Some(KEYRINGS),
+        _ => None,
+    }
+}
+
+/// How the writer answers: to an async waiter or to a blocked thread.
+enum Reply {
+    Async(oneshot::Sender<Result<(), StoreError>>),
+    Blocking(mpsc::SyncSender<Result<(), StoreError>>),
+}
+
+impl Reply {
+    fn send(self, r: Result<(), StoreError>) {
+        let _ = match self {
+            Reply::Async(tx) => tx.send(r).map_err(|_| ()),
+            Reply::Blocking(tx) => tx.send(r).map_err(|_| ()),
+        };
+    }
+}
+
+/// The writer's view of the log: the next number and the head to link to.
+struct LogHead {
+    next_seq: u64,
+    prev: ChainHead,
+}
+
+/// The redb store. The last handle dropped stops the writer thread and waits for it,
+/// so the file is closed when it returns.
+pub struct RedbStore {
+    db: Arc<Database>,
+    writer: Writer,
+    path: PathBuf,
+}
+
+struct Writer {
+    tx: std::sync::Mutex<Option<mpsc::Sender<(WriteGroup, Reply)>>>,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Writer {
+    fn send(&self, item: (WriteGroup, Reply)) -> Result<(), StoreError> {
+        let guard = self.tx.lock().map_err(|_| StoreError::WriterGone)?;
+        guard.as_ref().ok_or(StoreError::WriterGone)?.send(item).map_err(|_| StoreError::WriterGone)
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if let Ok(mut tx) = self.tx.lock() {
+            tx.take();
+        }
+        if let Some(handle) = self.thread.lock().ok().and_then(|mut t| t.take()) {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl RedbStore {
+    /// Creates a new store file; fails if one exists.
+    pub fn create(path: &Path, chain: Arc<dyn Chain>) -> Result<Self, StoreError> {
+        if path.exists() {
+            return Err(StoreError::AlreadyExists { store: path.display().to_string() });
+        }
+        let db = redb::Builder::new().set_cache_size(STORE_CACHE_BYTES).create(path).map_err(dberr)?;
+        // `start` makes the tables and marks the format of an empty file.
+        Self::start(db, path, chain)
+    }
+
+    /// Opens an existing store file; fails if there is none.
+    pub fn open(path: &Path, chain: Arc<dyn Chain>) -> Result<Self, StoreError> {
+        if !path.exists() {
+            return Err(StoreError::NotInitialised { store: path.display().to_string() });
+        }
+        let db = redb::Builder::new().set_cache_size(STORE_CACHE_BYTES).open(path).map_err(|e| match e.into() {
+            redb::Error::DatabaseAlreadyOpen | redb::Error::LockProtocolMismatch => {
+                StoreError::Locked { store: path.display().to_string() }
+            }
+            e => StoreError::Backend(Box::new(e)),
+        })?;
+        Self::start(db, path, chain)
+    }
+
+    fn start(db: Database, path: &Path, chain: Arc<dyn Chain>) -> Result<Self, StoreError> {
+        let db = Arc::new(db);
+        let store = path.display().to_string();
+        let head = {
+            let txn = db.begin_write().map_err(dberr)?;
+            let head = {
+                let mut meta = txn.open_table(META).map_err(dberr)?;
+                let found = match meta.get(FORMAT_META).map_err(dberr)? {
+                    None => 1,
+                    Some(v) => <[u8; 4]>::try_from(v.value())
+                        .map(u32::from_be_bytes)
+                        .map_err(|_| StoreError::BadFormat { store: store.clone() })?,
+                };
+                if found > FORMAT {
+                    return Err(StoreError::NewerFormat { store, found, supported: FORMAT });
+                }
+                if found < FORMAT {
+                    // Format 1 records stay as they are (they are still read); new ones are compact.
+                    meta.insert(FORMAT_META, FORMAT.to_be_bytes().as_slice()).map_err(dberr)?;
+                }
+                // Opening creates what is missing: every table of a new file, the tables
+                // added since an older file was made.
+                txn.open_table(KEYRINGS).map_err(dberr)?;
+                txn.open_table(DATA_KEYS).map_err(dberr)?;
+                txn.open_table(ISSUED).map_err(dberr)?;
+                txn.open_table(CHECKPOINTS).map_err(dberr)?;
+                txn.open_table(RESTORE_TESTS).map_err(dberr)?;
+                txn.open_table(APPROVALS).map_err(dberr)?;
+                txn.open_table(DESTRUCTIONS).map_err(dberr)?;
+                txn.open_table(EXPIRY).map_err(dberr)?;
+                let audit = txn.open_table(AUDIT).map_err(dberr)?;
+                match audit.last().map_err(dberr)? {
+                    Some((k, v)) => {
+                        let seq = k.value();
+                        let prev = chain.head_of(seq, v.value()).map_err(|source| StoreError::Resume { seq, source })?;
+                        LogHead { next_seq: seq + 1, prev }
+                    }
+                    None => LogHead { next_seq: 1, prev: chain.genesis() },
+                }
+            };
+            txn.commit().map_err(dberr)?;
+            head
+        };
+        let (tx, rx) = mpsc::channel::<(WriteGroup, Reply)>();
+        let wdb = db.clone();
+        let thread = std::thread::Builder::new()
+            .name("kluis-store-writer".into())
+            .spawn(move || writer_loop(&wdb, &rx, chain.as_ref(), head))
+            .map_err(|e| tracing::error!(error = %e, "could not start the store writer"))
+            .ok();
+        let writer = Writer { tx: std::sync::Mutex::new(Some(tx)), thread: std::sync::Mutex::new(thread) };
+        Ok(Self { db, writer, path: path.to_owned() })
+    }
+
+    /// The store file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Store for RedbStore {
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn commit(&self, group: WriteGroup) -> StoreFuture<'_, ()> {
+        let (tx, rx) = oneshot::channel();
+        let sent = self.writer.send((group, Reply::Async(tx)));
+        Box::pin(async move {
+            sent?;
+            rx.await.map_err(|_| StoreError::WriterGone)?
+        })
+    }
+
+    fn commit_blocking(&self, group: WriteGroup) -> Result<(), StoreError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.writer.send((group, Reply::Blocking(tx)))?;
+        rx.recv().map_err(|_| StoreError::WriterGone)?
+    }
+
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read().map_err(dberr)?;
+        if let Some(def) = str_table(table) {
+            let t = txn.open_table(def).map_err(dberr)?;
+            return Ok(t.get(str_key(table, key)?).map_err(dberr)?.map(|v| v.value().to_vec()));
+        }
+        if let Some(def) = u64_table(table) {
+            let t = txn.open_table(def).map_err(dberr)?;
+            return Ok(t.get(super::key_id(table, key)?).map_err(dberr)?.map(|v| v.value().to_vec()));
+        }
+        match table {
+            Table::DataKeys => {
+                let t = txn.open_table(DATA_KEYS).map_err(dberr)?;
+                Ok(t.get(id16(table, key)?).map_err(dberr)?.map(|v| v.value().to_vec()))
+            }
+            Table::Issued => {
+                let t = txn.open_table(ISSUED).map_err(dberr)?;
+                Ok(t.get(str_key(table, key)?).map_err(dberr)?.map(|v| v.value().to_be_bytes().to_vec()))
+            }
+            Table::Expiry => {
+                let t = txn.open_table(EXPIRY).map_err(dberr)?;
+                Ok(t.get(super::parse_expiry_key(key)?).map_err(dberr)?.map(|_| Vec::new()))
+            }
+            _ => Err(StoreError::WrongTable { table }),
+        }
+    }
+
+    fn scan(&self, table: Table, range: KeyRange<'_>, visit: &mut Visit<'_>) -> Result<(), StoreError> {
+        let txn = self.db.begin_read().map_err(dberr)?;
+        macro_rules! walk {
+            ($def:expr, $kt:ty, $from:expr, $kb:expr, $vb:expr) => {{
+                let t = txn.open_table($def).map_err(dberr)?;
+                let lo: Bound<$kt> = map_bound(range.0, $from)?;
+                let hi: Bound<$kt> = map_bound(range.1, $from)?;
+                for row in t.range::<$kt>((lo, hi)).map_err(dberr)? {
+                    let (k, v) = row.map_err(dberr)?;
+                    let (k, v) = (k.value(), v.value());
+                    if !visit(&$kb(&k), &$vb(&v))? {
+                        break;
+                    }
+                }
+                Ok(())
+            }};
+        }
+        if let Some(def) = str_table(table) {
+            return walk!(def, &str, |b| str_key(table, b), |k: &&str| k.as_bytes().to_vec(), |v: &&[u8]| v.to_vec());
+        }
+        if let Some(def) = u64_table(table) {
+            return walk!(def, u64, |b: &[u8]| super::key_id(table, b), |k: &u64| k.to_be_bytes().to_vec(), |v: &&[u8]| v.to_vec());
+        }
+        match table {
+            Table::DataKeys => walk!(DATA_KEYS, [u8; 16], |b: &[u8]| id16(table, b), |k: &[u8; 16]| k.to_vec(), |v: &&[u8]| v.to_vec()),
+            Table::Issued => {
+                walk!(ISSUED, &str, |b| str_key(table, b), |k: &&str| k.as_bytes().to_vec(), |v: &u64| v.to_be_bytes().to_vec())
+            }
+            Table::Expiry => walk!(
+                EXPIRY,
+                (i64, [u8; 16]),
+                super::parse_expiry_key,
+                |k: &(i64, [u8; 16])| super::expiry_key(k.0, &k.1).to_vec(),
+                |_v: &()| Vec::new()
+            ),
+            _ => Err(StoreError::WrongTable { table }),
+        }
+    }
+
+    fn last(&self, table: Table) -> Result<Option<super::Row>, StoreError> {
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let def = u64_table(table).ok_or(StoreError::WrongTable { table })?;
+        let t = txn.open_table(def).map_err(dberr)?;
+        Ok(t.last().map_err(dberr)?.map(|(k, v)| (k.value().to_be_bytes().to_vec(), v.value().to_vec())))
+    }
+}
+
+/// A bound on key bytes as a bound on the table's typed key.
+fn map_bound<'a, K>(b: Bound<&'a [u8]>, f: impl Fn(&'a [u8]) -> Result<K, StoreError>) -> Result<Bound<K>, StoreError> {
+    Ok(match b {
+        Bound::Included(k) => Bound::Included(f(k)?),
+        Bound::Excluded(k) => Bound::Excluded(f(k)?),
+        Bound::Unbounded => Bound::Unbounded,
+    })
+}
+
+fn writer_loop(database: &Database, rx: &mpsc::Receiver<(WriteGroup, Reply)>, chain: &dyn Chain, mut head: LogHead) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(item) => batch.push(item),
+                Err(_) => break,
+            }
+        }
+        let (groups, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+        match commit_batch(database, groups, chain, &mut head) {
+            Ok(()) => {
+                for r in replies {
+                    r.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, writes = replies.len(), "store commit failed");
+                let mut first = Some(e);
+                for r in replies {
+                    r.send(Err(first.take().unwrap_or(StoreError::GroupFailed)));
+                }
+            }
+        }
+    }
+}
+
+fn commit_batch(database: &Database, groups: Vec<WriteGroup>, chain: &dyn Chain, head: &mut LogHead) -> Result<(), StoreError> {
+    // A group commit is one transaction, so every group inside it is atomic too.
+    // The log head advances only if the transaction commits.
+    let (mut next_seq, mut prev) = (head.next_seq, head.prev.clone());
+    let txn = database.begin_write().map_err(dberr)?;
+    {
+        let mut audit = txn.open_table(AUDIT).map_err(dberr)?;
+        let mut checkpoints = txn.open_table(CHECKPOINTS).map_err(dberr)?;
+        let mut meta = txn.open_table(META).map_err(dberr)?;
+        let mut keyrings = txn.open_table(KEYRINGS).map_err(dberr)?;
+        let mut keys = txn.open_table(DATA_KEYS).map_err(dberr)?;
+        let mut issued = txn.open_table(ISSUED).map_err(dberr)?;
+        let mut tests = txn.open_table(RESTORE_TESTS).map_err(dberr)?;
+        let mut approvals = txn.open_table(APPROVALS).map_err(dberr)?;
+        let mut destructions = txn.open_table(DESTRUCTIONS).map_err(dberr)?;
+        let mut expiry = txn.open_table(EXPIRY).map_err(dberr)?;
+        for op in groups.into_iter().flat_map(|g| g.ops) {
+            match op {
+                Op::Put { table, key, value } => match table {
+                    Table::Meta => drop(meta.insert(str_key(table, &key)?, value.as_slice()).map_err(dberr)?),
+                    Table::Keyrings => drop(keyrings.insert(str_key(table, &key)?, value.as_slice()).map_err(dberr)?),
+                    Table::DataKeys => drop(keys.insert(id16(table, &key)?, value.as_slice()).map_err(dberr)?),
+                    Table::Approvals => drop(approvals.insert(super::key_id(table, &key)?, value.as_slice()).map_err(dberr)?),
+                    Table::Destructions => {
+                        drop(destructions.insert(super::key_id(table, &key)?, value.as_slice()).map_err(dberr)?)
+                    }
+                    Table::RestoreTests => drop(tests.insert(super::key_id(table, &key)?, value.as_slice()).map_err(dberr)?),
+                    Table::Expiry => drop(expiry.insert(super::parse_expiry_key(&key)?, ()).map_err(dberr)?),
+                    Table::Issued | Table::Audit | Table::Checkpoints => return Err(StoreError::WrongTable { table }),
+                },
+                Op::Delete { table, key } => match table {
+                    Table::Expiry => drop(expiry.remove(super::parse_expiry_key(&key)?).map_err(dberr)?),
+                    Table::Meta => drop(meta.remove(str_key(table, &key)?).map_err(dberr)?),
+                    _ => return Err(StoreError::WrongTable { table }),
+                },
+                Op::Increment { table: Table::Issued, key, by } => {
+                    let name = str_key(Table::Issued, &key)?;
+                    let cur = issued.get(name).map_err(dberr)?.map(|v| v.value()).unwrap_or(0);
+                    issued.insert(name, cur.saturating_add(by)).map_err(dberr)?;
+                }
+                Op::Increment { table, .. } => return Err(StoreError::WrongTable { table }),
+                Op::Insert { table: Table::RestoreTests, value } => {
+                    let id = tests.last().map_err(dberr)?.map_or(1, |(k, _)| k.value() + 1);
+                    tests.insert(id, value.as_slice()).map_err(dberr)?;
+                }
+                Op::Insert { table, .. } => return Err(StoreError::WrongTable { table }),
+                Op::Append { entry } => {
+                    let seq = next_seq;
+                    let linked = chain.link(seq, &prev, &entry).map_err(|source| StoreError::Link { seq, source })?;
+                    audit.insert(seq, linked.stored.as_slice()).map_err(dberr)?;
+                    if let Some(cp) = linked.checkpoint {
+                        checkpoints.insert(seq, cp.as_slice()).map_err(dberr)?;
+                    }
+                    prev = linked.head;
+                    next_seq += 1;
+                }
+            }
+        }
+    }
+    txn.commit().map_err(dberr)?;
+    head.next_seq = next_seq;
+    head.prev = prev;
+    Ok(())
+}
