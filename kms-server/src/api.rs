@@ -165,6 +165,10 @@ fn auth_status(e: AuthError) -> Status {
         | AuthError::NoCommonName
         | AuthError::NoSan { .. }
         | AuthError::Revoked { .. } => Status::unauthenticated(e.to_string()),
+        AuthError::RevocationUnavailable => {
+            tracing::error!(error = %e, "internal error");
+            Status::internal(e.to_string())
+        }
     }
 }
 
@@ -198,6 +202,10 @@ fn key_status(e: KeyError) -> Status {
             Status::unavailable(msg)
         }
         KeyError::NotCovered => Status::permission_denied(msg),
+        KeyError::Internal { .. } => {
+            tracing::error!(error = %msg, "internal error");
+            Status::internal(msg)
+        }
         _ => {
             tracing::error!(error = %msg, "internal error");
             Status::internal(msg)

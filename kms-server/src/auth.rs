@@ -151,6 +151,10 @@ pub enum AuthError {
     NoSan { kind: &'static str },
     #[error("the client certificate of {principal:?} (SHA-256 {fingerprint}) is revoked")]
     Revoked { principal: String, fingerprint: String },
+    /// The revocation list cannot be consulted: the request is refused (fail closed),
+    /// but as the server's fault, not as a verdict on the certificate.
+    #[error("the revocation list cannot be checked (its lock was poisoned); refusing the request")]
+    RevocationUnavailable,
 }
 
 /// Which part of the client certificate names the principal.
@@ -234,11 +238,8 @@ pub enum RevocationError {
 impl RevocationList {
     /// Loads the list; a missing or malformed file refuses the start.
     pub fn load(path: &std::path::Path) -> Result<Self, RevocationError> {
-        let list = Self { path: path.to_owned(), state: std::sync::Mutex::new(RevocationState::default()) };
-        let fresh = list.read()?;
-        if let Ok(mut st) = list.state.lock() {
-            *st = fresh;
-        }
+        let mut list = Self { path: path.to_owned(), state: std::sync::Mutex::new(RevocationState::default()) };
+        list.state = std::sync::Mutex::new(list.read()?);
         Ok(list)
     }
 
@@ -265,7 +266,7 @@ impl RevocationList {
     /// unreadable, keeps the last good list and says so in the log.
     pub fn check(&self, principal: &Principal, der: &[u8]) -> Result<(), AuthError> {
         let stamp = std::fs::metadata(&self.path).ok().and_then(|m| m.modified().ok().map(|t| (t, m.len())));
-        let Ok(mut st) = self.state.lock() else { return Ok(()) };
+        let mut st = self.state.lock().map_err(|_| AuthError::RevocationUnavailable)?;
         if stamp != st.stamp {
             match self.read() {
                 Ok(fresh) => {
@@ -360,12 +361,12 @@ pub struct RuntimeGrant {
 #[derive(Debug, Default)]
 pub struct Policy {
     config: Vec<Grant>,
-    runtime: std::sync::RwLock<Vec<Grant>>,
+    runtime: arc_swap::ArcSwap<Vec<Grant>>,
 }
 
 impl Policy {
     pub fn new(grants: Vec<Grant>) -> Self {
-        Self { config: grants, runtime: std::sync::RwLock::new(Vec::new()) }
+        Self { config: grants, runtime: arc_swap::ArcSwap::from_pointee(Vec::new()) }
     }
 
     /// Replaces the runtime grants (after a ChangeGrant, or at start).
@@ -374,9 +375,7 @@ impl Policy {
             .iter()
             .map(|g| Grant { principal: g.principal.clone(), roles: [g.role].into(), keyrings: vec![g.keyring.clone()] })
             .collect();
-        if let Ok(mut r) = self.runtime.write() {
-            *r = as_grants;
-        }
+        self.runtime.store(std::sync::Arc::new(as_grants));
     }
 
     /// The config file's grants (for listings).
@@ -386,7 +385,7 @@ impl Policy {
 
     /// Whether any grant, from the config or the runtime set, satisfies `pred`.
     fn any_grant(&self, pred: impl Fn(&Grant) -> bool) -> bool {
-        self.config.iter().any(&pred) || self.runtime.read().map(|r| r.iter().any(&pred)).unwrap_or(false)
+        self.config.iter().any(&pred) || self.runtime.load().iter().any(&pred)
     }
 
     /// Checks `principal` for `action`; `keyring` is `None` for actions not tied to one
@@ -453,5 +452,22 @@ mod tests {
         let a = p.authorize(&Principal::for_test("so"), Action::CreateKeyring, Some("x")).unwrap();
         assert!(a.covers(Action::CreateKeyring, Some("x")));
         assert!(!a.covers(Action::CreateKeyring, Some("y")));
+    }
+
+    #[test]
+    fn a_poisoned_revocation_list_refuses_instead_of_letting_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("revoked.txt");
+        std::fs::write(&path, "# none revoked\n").unwrap();
+        let list = std::sync::Arc::new(RevocationList::load(&path).unwrap());
+        let p = Principal::for_test("host1");
+        assert!(list.check(&p, b"some certificate").is_ok());
+        let poison = list.clone();
+        let _ = std::thread::spawn(move || {
+            let _g = poison.state.lock();
+            panic!("poison the lock");
+        })
+        .join();
+        assert!(matches!(list.check(&p, b"some certificate"), Err(AuthError::RevocationUnavailable)));
     }
 }

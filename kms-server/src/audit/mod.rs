@@ -87,6 +87,11 @@ impl AuditChain {
         Ok(())
     }
 
+    #[cfg(test)]
+    pub(crate) fn signer_lock_for_test(&self) -> &RwLock<Option<Arc<ring::signature::Ed25519KeyPair>>> {
+        &self.signer
+    }
+
     fn signer(&self) -> Result<Option<Arc<ring::signature::Ed25519KeyPair>>, AuditError> {
         Ok(self.signer.read().map_err(|_| AuditError::SignerPoisoned)?.clone())
     }

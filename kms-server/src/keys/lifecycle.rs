@@ -9,16 +9,14 @@
 
 use std::sync::Arc;
 
-use zeroize::Zeroizing;
-
 use super::{
-    AUDIT_KEY_AAD, AUDIT_KEY_META, ESCROW_META, KeyError, KeyManager, MASTER_CHECK_AAD, MASTER_CHECK_META,
-    MASTER_GENERATION_META, format_date, krk_aad, next_rotation, parse_key_id, validate_keyring_name, validate_text,
+    AUDIT_KEY_META, ESCROW_META, KeyError, KeyManager, MASTER_CHECK_META, format_date, next_rotation, parse_key_id,
+    validate_keyring_name, validate_text,
 };
 use crate::auth::{Action, Authorized};
 use crate::master::MasterKeyProvider;
-use crate::secret::random_array;
 use super::registry::WriteOp;
+use super::{Admin, LiveKeyring, master_rewrap};
 use crate::audit::AuditEvent;
 use crate::model::{
     ApprovalRecord, DataKeyRecord, DestructionReason, DestructionRecord, DestructionState, DestructionTarget, Hold,
@@ -67,8 +65,7 @@ impl KeyManager {
 
     /// The keyring's hold, if any (and whether it exists / was destroyed).
     fn ring_state(&self, keyring: &str) -> Result<(Option<Hold>, Option<i64>), KeyError> {
-        let rings = self.rings.read().map_err(|_| KeyError::NotCovered)?;
-        let live = rings.get(keyring).ok_or_else(|| KeyError::KeyringNotFound { name: keyring.to_owned() })?;
+        let live = self.ring(keyring)?;
         Ok((live.record.hold.clone(), live.record.destroyed))
     }
 
@@ -89,9 +86,9 @@ impl KeyManager {
         if hold.is_some() {
             return Ok(());
         }
-        let _guard = self.admin.lock().await;
+        let admin = self.admin.lock().await;
         match scheduled.filter(|d| d.due <= now) {
-            Some(d) => self.execute(d).await?,
+            Some(d) => self.execute(&admin, d).await?,
             None => self.destroy_expired(vec![(*id, record.clone())]).await?,
         }
         let at = match self.store.data_key(id)?.map(|r| r.state) {
@@ -106,8 +103,9 @@ impl KeyManager {
 
     /// The scheduled destruction that covers this key (of the key or its keyring).
     fn scheduled_for(&self, id: &[u8; 16], keyring: &str) -> Option<DestructionRecord> {
-        let list = self.scheduled.read().ok()?;
-        list.iter()
+        self.state()
+            .scheduled
+            .iter()
             .filter(|d| match &d.target {
                 DestructionTarget::Key { id: k, .. } => k == id,
                 DestructionTarget::Keyring { name } => name == keyring,
@@ -118,8 +116,7 @@ impl KeyManager {
 
     /// Whether the keyring's rotation period has passed.
     fn rotation_due(&self, keyring: &str) -> Result<bool, KeyError> {
-        let rings = self.rings.read().map_err(|_| KeyError::NotCovered)?;
-        Ok(rings.get(keyring).and_then(|l| next_rotation(&l.record)).is_some_and(|d| d <= self.now()))
+        Ok(self.state().rings.get(keyring).and_then(|l| next_rotation(&l.record)).is_some_and(|d| d <= self.now()))
     }
 
     /// Rotates the keyring now if its rotation period has passed; true if it did.
@@ -127,13 +124,13 @@ impl KeyManager {
         if !self.rotation_due(keyring)? {
             return Ok(false);
         }
-        let _guard = self.admin.lock().await;
+        let admin = self.admin.lock().await;
         // Another request may have rotated it while this one waited for the lock.
         if !self.rotation_due(keyring)? {
             return Ok(false);
         }
         let ev = self.server_event("RotateKeyring", Some(keyring), None, "ok: rotation period reached".into());
-        let info = self.rotate_locked(keyring, ev).await?;
+        let info = self.rotate_locked(&admin, keyring, ev).await?;
         tracing::info!(keyring, version = info.current_version, "keyring rotated by its rotation period");
         Ok(true)
     }
@@ -152,8 +149,8 @@ impl KeyManager {
         if retention_days.is_none() && rotation_period_days.is_none() {
             return Err(KeyError::InvalidArgument { field: "retention_days", reason: "give a retention or a rotation period to change" });
         }
-        let _guard = self.admin.lock().await;
-        self.update_ring(name, audit, |r| {
+        let admin = self.admin.lock().await;
+        self.update_ring(&admin, name, audit, |r| {
             if let Some(d) = r.destroyed {
                 return Err(KeyError::KeyringDestroyed { keyring: r.name.clone(), date: format_date(d) });
             }
@@ -184,8 +181,8 @@ impl KeyManager {
         }
         let now = self.now();
         let by = auth.principal().name().to_owned();
-        let _guard = self.admin.lock().await;
-        self.update_ring(keyring, audit, |r| {
+        let admin = self.admin.lock().await;
+        self.update_ring(&admin, keyring, audit, |r| {
             if hold {
                 r.hold = Some(Hold { by, since: now, reason: reason.to_owned() });
             } else if r.hold.take().is_none() {
@@ -199,20 +196,20 @@ impl KeyManager {
     /// Applies `f` to a keyring record and stores it with the audit entry (admin lock held).
     async fn update_ring(
         &self,
+        admin: &Admin<'_>,
         name: &str,
         audit: AuditEvent,
         f: impl FnOnce(&mut KeyringRecord) -> Result<(), KeyError>,
     ) -> Result<super::KeyringInfo, KeyError> {
-        let mut record = {
-            let rings = self.rings.read().map_err(|_| KeyError::NotCovered)?;
-            rings.get(name).ok_or_else(|| KeyError::KeyringNotFound { name: name.to_owned() })?.record.clone()
-        };
+        let old = self.ring(name)?;
+        let mut record = old.record.clone();
         f(&mut record)?;
         self.store.write(WriteOp::Atomic(vec![WriteOp::PutKeyring(record.clone()), WriteOp::Audit(audit)])).await?;
-        let mut rings = self.rings.write().map_err(|_| KeyError::NotCovered)?;
-        let live = rings.get_mut(name).ok_or_else(|| KeyError::KeyringNotFound { name: name.to_owned() })?;
-        live.record = record;
-        self.info_of(live)
+        let live = Arc::new(LiveKeyring { record, keys: old.keys.clone() });
+        self.publish(admin, |s| {
+            s.rings.insert(name.to_owned(), live.clone());
+        });
+        self.info_of(&live)
     }
 
     /// The keyring of a registered key, for authorization (no check: the caller authorizes on it).
@@ -235,14 +232,14 @@ impl KeyManager {
         let id = parse_key_id(key_id)?;
         let rec = self.store.data_key(&id)?.ok_or_else(|| KeyError::UnknownKeyId { key_id: key_id.to_owned() })?;
         Self::check(auth, Action::DestroyKey, Some(&rec.keyring))?;
-        let _guard = self.admin.lock().await;
+        let admin = self.admin.lock().await;
         self.check_destroyable(&DestructionTarget::Key { id, keyring: rec.keyring.clone() }, key_id)?;
         if let KeyState::Destroyed { at } = rec.state {
             return Err(KeyError::Destroyed { key_id: key_id.to_owned(), date: format_date(at) });
         }
         let action = PendingAction::DestroyKey { id, keyring: rec.keyring.clone() };
         if rec.expires.is_some_and(|e| e <= self.now()) {
-            let d = self.schedule_with(&action, auth.principal().name(), None, audit).await?;
+            let d = self.schedule_with(&admin, &action, auth.principal().name(), None, audit).await?;
             return Ok(DestroyOutcome::Scheduled(d));
         }
         Ok(DestroyOutcome::Pending(self.new_approval(auth, action, audit).await?))
@@ -266,9 +263,7 @@ impl KeyManager {
             (Some(h), _) => return Err(Self::hold_error(keyring, &h)),
             _ => {}
         }
-        if let Ok(list) = self.scheduled.read()
-            && let Some(d) = list.iter().find(|d| d.target == *target)
-        {
+        if let Some(d) = self.state().scheduled.iter().find(|d| d.target == *target) {
             return Err(KeyError::AlreadyScheduled { target: label.to_owned(), id: d.id, due: format_date(d.due) });
         }
         Ok(())
@@ -277,8 +272,8 @@ impl KeyManager {
     /// Asks to remove the escrow manifest in force (dual control).
     pub async fn request_remove_escrow(&self, auth: &Authorized, audit: AuditEvent) -> Result<ApprovalRecord, KeyError> {
         Self::check(auth, Action::RemoveEscrow, None)?;
-        let _guard = self.admin.lock().await;
-        let in_force = self.escrow.read().ok().and_then(|e| e.as_ref().map(|e| e.removed.is_none())).unwrap_or(false);
+        let _admin = self.admin.lock().await;
+        let in_force = self.state().escrow.as_ref().is_some_and(|e| e.removed.is_none());
         if !in_force {
             return Err(KeyError::NoEscrow);
         }
@@ -286,9 +281,15 @@ impl KeyManager {
     }
 
     /// Carries out an approved action other than retiring versions (admin lock held).
-    pub(super) async fn carry_out(&self, action: &PendingAction, approval: &ApprovalRecord, audit: AuditEvent) -> Result<(), KeyError> {
+    pub(super) async fn carry_out(
+        &self,
+        admin: &Admin<'_>,
+        action: &PendingAction,
+        approval: &ApprovalRecord,
+        audit: AuditEvent,
+    ) -> Result<(), KeyError> {
         match action {
-            PendingAction::RetireVersions { .. } => Err(KeyError::NotCovered),
+            PendingAction::RetireVersions { .. } => Err(KeyError::Internal { what: "retirement is carried out by approve" }),
             PendingAction::DestroyKey { keyring, .. } | PendingAction::DestroyKeyring { keyring } => {
                 let label = match action {
                     PendingAction::DestroyKey { id, .. } => hex::encode(id),
@@ -299,10 +300,10 @@ impl KeyManager {
                     _ => DestructionTarget::Keyring { name: keyring.clone() },
                 };
                 self.check_destroyable(&target, &label)?;
-                self.schedule_with(action, &approval.requested_by, Some(approval), audit).await.map(|_| ())
+                self.schedule_with(admin, action, &approval.requested_by, Some(approval), audit).await.map(|_| ())
             }
             PendingAction::RemoveEscrow => {
-                let mut info = self.escrow.read().ok().and_then(|e| e.clone()).ok_or(KeyError::NoEscrow)?;
+                let mut info = self.state().escrow.clone().ok_or(KeyError::NoEscrow)?;
                 if info.removed.is_some() {
                     return Err(KeyError::NoEscrow);
                 }
@@ -316,9 +317,7 @@ impl KeyManager {
                         WriteOp::Audit(audit),
                     ]))
                     .await?;
-                if let Ok(mut e) = self.escrow.write() {
-                    *e = Some(info);
-                }
+                self.publish(admin, |s| s.escrow = Some(info));
                 Ok(())
             }
         }
@@ -327,6 +326,7 @@ impl KeyManager {
     /// Records a scheduled destruction (and the approval that led to it) with its audit entry.
     async fn schedule_with(
         &self,
+        admin: &Admin<'_>,
         action: &PendingAction,
         requested_by: &str,
         approval: Option<&ApprovalRecord>,
@@ -335,7 +335,7 @@ impl KeyManager {
         let target = match action {
             PendingAction::DestroyKey { id, keyring } => DestructionTarget::Key { id: *id, keyring: keyring.clone() },
             PendingAction::DestroyKeyring { keyring } => DestructionTarget::Keyring { name: keyring.clone() },
-            _ => return Err(KeyError::NotCovered),
+            _ => return Err(KeyError::Internal { what: "only destructions are scheduled" }),
         };
         let now = self.now();
         let rec = DestructionRecord {
@@ -354,15 +354,13 @@ impl KeyManager {
         }
         ops.push(WriteOp::Audit(audit));
         self.store.write(WriteOp::Atomic(ops)).await?;
-        if let Ok(mut list) = self.scheduled.write() {
-            list.push(rec.clone());
-        }
+        self.publish(admin, |s| s.scheduled.push(rec.clone()));
         Ok(rec)
     }
 
     /// Cancels a scheduled destruction.
     pub async fn cancel_destruction(&self, auth: &Authorized, id: u64, audit: AuditEvent) -> Result<DestructionRecord, KeyError> {
-        let _guard = self.admin.lock().await;
+        let admin = self.admin.lock().await;
         let mut rec = self.store.destruction(id)?.ok_or(KeyError::DestructionNotFound { id })?;
         Self::check(auth, Action::CancelDestruction, Some(rec.target.keyring()))?;
         match rec.state {
@@ -372,9 +370,7 @@ impl KeyManager {
         }
         rec.state = DestructionState::Cancelled { by: auth.principal().name().to_owned(), at: self.now() };
         self.store.write(WriteOp::Atomic(vec![WriteOp::PutDestruction(rec.clone()), WriteOp::Audit(audit)])).await?;
-        if let Ok(mut list) = self.scheduled.write() {
-            list.retain(|d| d.id != id);
-        }
+        self.publish(&admin, |s| s.scheduled.retain(|d| d.id != id));
         Ok(rec)
     }
 
@@ -395,7 +391,7 @@ impl KeyManager {
     }
 
     /// Carries out a due destruction (admin lock held; the caller checked the hold).
-    async fn execute(&self, mut d: DestructionRecord) -> Result<(), KeyError> {
+    async fn execute(&self, admin: &Admin<'_>, mut d: DestructionRecord) -> Result<(), KeyError> {
         let now = self.now();
         d.state = DestructionState::Done { at: now };
         let mut ops = Vec::new();
@@ -417,10 +413,7 @@ impl KeyManager {
                 self.store.write(WriteOp::Atomic(ops)).await?;
             }
             DestructionTarget::Keyring { name } => {
-                let mut record = {
-                    let rings = self.rings.read().map_err(|_| KeyError::NotCovered)?;
-                    rings.get(name).ok_or_else(|| KeyError::KeyringNotFound { name: name.clone() })?.record.clone()
-                };
+                let mut record = self.ring(name)?.record.clone();
                 record.destroyed = Some(now);
                 for v in &mut record.versions {
                     // Erasing the keyring keys destroys every data key under them.
@@ -436,16 +429,13 @@ impl KeyManager {
                     format!("ok: keyring keys erased (destruction {}, requested by {})", d.id, d.requested_by),
                 )));
                 self.store.write(WriteOp::Atomic(ops)).await?;
-                let mut rings = self.rings.write().map_err(|_| KeyError::NotCovered)?;
-                if let Some(live) = rings.get_mut(name) {
-                    live.record = record;
-                    live.keys.clear();
-                }
+                let live = Arc::new(LiveKeyring { record, keys: Default::default() });
+                self.publish(admin, |s| {
+                    s.rings.insert(name.clone(), live);
+                });
             }
         }
-        if let Ok(mut list) = self.scheduled.write() {
-            list.retain(|x| x.id != d.id);
-        }
+        self.publish(admin, |s| s.scheduled.retain(|x| x.id != d.id));
         tracing::warn!(destruction = d.id, keyring = d.target.keyring(), "destruction carried out");
         Ok(())
     }
@@ -485,24 +475,20 @@ impl KeyManager {
     /// expired keys (not held). Returns how many things it did.
     pub async fn maintain(&self) -> Result<u64, KeyError> {
         let mut done = 0u64;
-        let names: Vec<String> = self.rings.read().map(|r| r.keys().cloned().collect()).unwrap_or_default();
+        let names: Vec<String> = self.state().rings.keys().cloned().collect();
         for name in &names {
             if self.rotate_if_due(name).await? {
                 done += 1;
             }
         }
         let now = self.now();
-        let due: Vec<DestructionRecord> = self
-            .scheduled
-            .read()
-            .map(|l| l.iter().filter(|d| d.due <= now).cloned().collect())
-            .unwrap_or_default();
+        let due: Vec<DestructionRecord> = self.state().scheduled.iter().filter(|d| d.due <= now).cloned().collect();
         for d in due {
             if self.is_held(d.target.keyring()) {
                 continue;
             }
-            let _guard = self.admin.lock().await;
-            self.execute(d).await?;
+            let admin = self.admin.lock().await;
+            self.execute(&admin, d).await?;
             done += 1;
         }
         // Resumes after the last index entry looked at, so keys passed over (held or
@@ -528,17 +514,17 @@ impl KeyManager {
     /// check value and the audit key under it, in one transaction.
     pub async fn rotate_master(&self, auth: &Authorized, audit: AuditEvent) -> Result<MasterRotation, KeyError> {
         Self::check(auth, Action::RotateMaster, None)?;
-        let _guard = self.admin.lock().await;
-        let (generation, old) = {
-            let m = self.master.read().map_err(|_| KeyError::NotCovered)?;
-            (m.0, m.1.clone())
-        };
+        let admin = self.admin.lock().await;
+        let state = self.state();
+        let (generation, old) = state.master.clone();
         let next = generation + 1;
         let configured = self.configured.clone();
-        let records: Vec<KeyringRecord> =
-            self.rings.read().map_err(|_| KeyError::NotCovered)?.values().map(|l| l.record.clone()).collect();
+        let records: Vec<KeyringRecord> = state.rings.values().map(|l| l.record.clone()).collect();
         let audit_blob = self.store.get_meta(AUDIT_KEY_META)?;
-        let work = tokio::task::spawn_blocking(move || -> Result<_, KeyError> {
+        let check = self.store.get_meta(MASTER_CHECK_META)?.ok_or(KeyError::Internal { what: "the store has no master check value" })?;
+        let (new, rewrapped) = tokio::task::spawn_blocking(move || -> Result<_, KeyError> {
+            // Everything the old key wraps is opened before the next generation is made.
+            let opened = master_rewrap::open_all(old.as_ref(), records, &check, audit_blob.as_deref())?;
             // A key of the next generation left by an interrupted rotation is used as it is.
             let new: Arc<dyn MasterKeyProvider> = match configured.generation(next, true) {
                 Ok(k) => k,
@@ -547,67 +533,24 @@ impl KeyManager {
                     .map_err(|_| KeyError::MasterGeneration { generation: next, source: first })?,
                 Err(e) => return Err(KeyError::MasterGeneration { generation: next, source: e }),
             };
-            let mut out = Vec::with_capacity(records.len());
-            let mut versions = 0u32;
-            for mut r in records {
-                if r.destroyed.is_none() {
-                    for v in &mut r.versions {
-                        let aad = krk_aad(&r.name, v.version);
-                        let raw = old.unwrap(&aad, &v.wrapped_key).map_err(|e| KeyError::KeyringUnwrap {
-                            keyring: r.name.clone(),
-                            version: v.version,
-                            source: e,
-                        })?;
-                        v.wrapped_key = new.wrap(&aad, &raw)?;
-                        versions += 1;
-                    }
-                }
-                out.push(r);
-            }
-            let probe: Zeroizing<[u8; 32]> =
-                Zeroizing::new(random_array(&ring::rand::SystemRandom::new()).map_err(|_| KeyError::Rng)?);
-            let new_check = new.wrap(MASTER_CHECK_AAD, probe.as_ref())?;
-            let new_audit = match audit_blob {
-                Some(b) => Some(new.wrap(AUDIT_KEY_AAD, &old.unwrap(AUDIT_KEY_AAD, &b)?)?),
-                None => None,
-            };
-            // Read back: everything opens with the new key before the store changes.
-            for r in out.iter().filter(|r| r.destroyed.is_none()) {
-                for v in &r.versions {
-                    new.unwrap(&krk_aad(&r.name, v.version), &v.wrapped_key).map_err(|e| KeyError::KeyringUnwrap {
-                        keyring: r.name.clone(),
-                        version: v.version,
-                        source: e,
-                    })?;
-                }
-            }
-            Ok((new, out, versions, new_check, new_audit))
+            let rewrapped = master_rewrap::wrap_all(opened, new.as_ref(), next)?;
+            Ok((new, rewrapped))
         })
         .await??;
-        let (new, records, versions, new_check, new_audit) = work;
-        let keyrings = u32::try_from(records.iter().filter(|r| r.destroyed.is_none()).count()).unwrap_or(u32::MAX);
-        let mut ops: Vec<WriteOp> = records.iter().cloned().map(WriteOp::PutKeyring).collect();
-        ops.push(WriteOp::PutMeta { key: MASTER_CHECK_META, value: new_check });
-        if let Some(a) = new_audit {
-            ops.push(WriteOp::PutMeta { key: AUDIT_KEY_META, value: a });
-        }
-        ops.push(WriteOp::PutMeta { key: MASTER_GENERATION_META, value: crate::master::encode_generation(next) });
+        let master_rewrap::Rewrapped { records, mut ops, keyrings, versions } = rewrapped;
         let mut audit = audit;
         audit.outcome = format!("ok: master key generation {generation} -> {next} ({}); {keyrings} keyrings, {versions} versions rewrapped", new.describe());
         ops.push(WriteOp::Audit(audit));
         self.store.write(WriteOp::Atomic(ops)).await?;
-        {
-            let mut rings = self.rings.write().map_err(|_| KeyError::NotCovered)?;
+        let description = new.describe();
+        self.publish(&admin, |s| {
             for r in records {
-                if let Some(live) = rings.get_mut(&r.name) {
-                    live.record = r;
+                if let Some(live) = s.rings.get_mut(&r.name) {
+                    *live = Arc::new(LiveKeyring { record: r, keys: live.keys.clone() });
                 }
             }
-        }
-        let description = new.describe();
-        if let Ok(mut m) = self.master.write() {
-            *m = (next, new);
-        }
+            s.master = (next, new);
+        });
         tracing::warn!(generation = next, "master key rotated");
         Ok(MasterRotation { generation: next, description, keyrings, versions })
     }

@@ -6,6 +6,7 @@
 //! covers the operation; nothing here trusts a caller-supplied principal.
 
 mod lifecycle;
+pub mod master_rewrap;
 pub mod registry;
 mod report;
 
@@ -14,7 +15,9 @@ pub use report::describe_action;
 
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 
 use ring::rand::SystemRandom;
 use serde::Deserialize;
@@ -88,6 +91,11 @@ pub enum KeyError {
     EscrowRecipientChange { current: String, new: String, ceremony: String },
     #[error("the authorization does not cover this operation")]
     NotCovered,
+    #[error(transparent)]
+    Rewrap(#[from] master_rewrap::RewrapError),
+    /// A state the code does not expect (a bug): fails the request, never as a refusal.
+    #[error("internal error: {what}")]
+    Internal { what: &'static str },
     #[error("the system random number generator failed")]
     Rng,
     #[error("a blocking task failed: {0}")]
@@ -134,6 +142,7 @@ impl From<RegistryError> for KeyError {
 }
 
 /// A keyring in memory: metadata plus the unwrapped version keys.
+#[derive(Clone)]
 struct LiveKeyring {
     record: KeyringRecord,
     keys: BTreeMap<u32, Arc<Key256>>,
@@ -206,21 +215,35 @@ pub struct KeyringInfo {
     pub destroyed: Option<i64>,
 }
 
+/// What the key manager keeps in memory besides the store: one immutable snapshot.
+/// Requests read the snapshot they loaded; a change builds the next snapshot and
+/// publishes it as a whole after its commit is durable, so memory is never half-updated
+/// and never ahead of the store.
+#[derive(Clone)]
+struct State {
+    /// The master key generation in force and its provider.
+    master: (u32, Arc<dyn MasterKeyProvider>),
+    rings: HashMap<String, Arc<LiveKeyring>>,
+    escrow: Option<EscrowInfo>,
+    /// Destructions scheduled and not yet carried out or cancelled (a short list).
+    scheduled: Vec<DestructionRecord>,
+}
+
+/// Proof that the caller holds the admin lock: every change of [`State`] is made under
+/// it, one at a time, so no change is lost between loading a snapshot and publishing
+/// the next.
+type Admin<'a> = tokio::sync::MutexGuard<'a, ()>;
+
 /// The key manager: the service layer behind the gRPC handlers.
 pub struct KeyManager {
     store: Registry,
     /// The configured master key as opened at start (its store generation); rotations
     /// make its siblings.
     configured: Arc<dyn MasterKeyProvider>,
-    /// The generation in force and its provider.
-    master: RwLock<(u32, Arc<dyn MasterKeyProvider>)>,
     clock: Arc<dyn Clock>,
     destruction_wait_secs: i64,
-    /// Destructions scheduled and not yet carried out or cancelled (a short list).
-    scheduled: RwLock<Vec<DestructionRecord>>,
     audit_key: Arc<ring::signature::Ed25519KeyPair>,
-    rings: RwLock<HashMap<String, LiveKeyring>>,
-    escrow: RwLock<Option<EscrowInfo>>,
+    state: ArcSwap<State>,
     admin: Mutex<()>,
     rng: SystemRandom,
     approval_ttl_secs: u64,
@@ -352,7 +375,7 @@ impl KeyManager {
                 })?;
                 keys.insert(v.version, Arc::new(key));
             }
-            rings.insert(record.name.clone(), LiveKeyring { record, keys });
+            rings.insert(record.name.clone(), Arc::new(LiveKeyring { record, keys }));
         }
         let audit_key = Arc::new(Self::audit_key(&store, master.as_ref())?);
         chain.set_signer(audit_key.clone())?;
@@ -371,13 +394,10 @@ impl KeyManager {
         Ok(Self {
             store,
             configured: master.clone(),
-            master: RwLock::new((generation, master)),
             clock,
             destruction_wait_secs: i64::from(DEFAULT_DESTRUCTION_WAIT_DAYS) * 86_400,
-            scheduled: RwLock::new(scheduled),
             audit_key,
-            rings: RwLock::new(rings),
-            escrow: RwLock::new(escrow),
+            state: ArcSwap::from_pointee(State { master: (generation, master), rings, escrow, scheduled }),
             admin: Mutex::new(()),
             rng: SystemRandom::new(),
             approval_ttl_secs: DEFAULT_APPROVAL_TTL_SECS,
@@ -386,12 +406,30 @@ impl KeyManager {
 
     /// The master key in force (after rotations, a sibling of the configured one).
     pub fn master(&self) -> Arc<dyn MasterKeyProvider> {
-        self.master.read().map(|m| m.1.clone()).unwrap_or_else(|_| self.configured.clone())
+        self.state.load().master.1.clone()
     }
 
     /// The master key generation in force (1 = the configured key).
     pub fn master_generation(&self) -> u32 {
-        self.master.read().map(|m| m.0).unwrap_or(1)
+        self.state.load().master.0
+    }
+
+    /// The snapshot in force.
+    fn state(&self) -> Arc<State> {
+        self.state.load_full()
+    }
+
+    /// Publishes the next snapshot: `change` applied to the one in force. Called after the
+    /// change is durable, with the admin lock held.
+    fn publish(&self, _admin: &Admin<'_>, change: impl FnOnce(&mut State)) {
+        let mut next = State::clone(&self.state.load());
+        change(&mut next);
+        self.state.store(Arc::new(next));
+    }
+
+    /// A keyring of the snapshot in force.
+    fn ring(&self, name: &str) -> Result<Arc<LiveKeyring>, KeyError> {
+        self.state.load().rings.get(name).cloned().ok_or_else(|| KeyError::KeyringNotFound { name: name.to_owned() })
     }
 
     /// The waiting period between a destruction request and the destruction.
@@ -517,7 +555,7 @@ impl KeyManager {
     }
 
     fn has_keyring(&self, name: &str) -> bool {
-        self.rings.read().map(|r| r.contains_key(name)).unwrap_or(false)
+        self.state.load().rings.contains_key(name)
     }
 
     /// Creates a keyring with version 1. Used by the officer API and by `kms-server dev`.
@@ -543,7 +581,7 @@ impl KeyManager {
         audit: AuditEvent,
     ) -> Result<KeyringInfo, KeyError> {
         validate_keyring_name(name)?;
-        let _guard = self.admin.lock().await;
+        let admin = self.admin.lock().await;
         if self.has_keyring(name) {
             return Err(KeyError::KeyringExists { name: name.to_owned() });
         }
@@ -563,9 +601,9 @@ impl KeyManager {
         keys.insert(1, Arc::new(key));
         let live = LiveKeyring { record, keys };
         let info = self.info_of(&live)?;
-        if let Ok(mut rings) = self.rings.write() {
-            rings.insert(name.to_owned(), live);
-        }
+        self.publish(&admin, |s| {
+            s.rings.insert(name.to_owned(), Arc::new(live));
+        });
         Ok(info)
     }
 
@@ -573,16 +611,14 @@ impl KeyManager {
     pub async fn rotate_keyring(&self, auth: &Authorized, name: &str, audit: AuditEvent) -> Result<KeyringInfo, KeyError> {
         Self::check(auth, Action::RotateKeyring, Some(name))?;
         validate_keyring_name(name)?;
-        let _guard = self.admin.lock().await;
-        self.rotate_locked(name, audit).await
+        let admin = self.admin.lock().await;
+        self.rotate_locked(&admin, name, audit).await
     }
 
     /// Rotation with the admin lock held (officer request or rotation period).
-    async fn rotate_locked(&self, name: &str, audit: AuditEvent) -> Result<KeyringInfo, KeyError> {
-        let mut record = {
-            let rings = self.rings.read().map_err(|_| KeyError::NotCovered)?;
-            rings.get(name).ok_or_else(|| KeyError::KeyringNotFound { name: name.to_owned() })?.record.clone()
-        };
+    async fn rotate_locked(&self, admin: &Admin<'_>, name: &str, audit: AuditEvent) -> Result<KeyringInfo, KeyError> {
+        let old = self.ring(name)?;
+        let mut record = old.record.clone();
         if let Some(at) = record.destroyed {
             return Err(KeyError::KeyringDestroyed { keyring: name.to_owned(), date: format_date(at) });
         }
@@ -590,11 +626,13 @@ impl KeyManager {
         let (key, wrapped) = self.mint_version_key(name, version).await?;
         record.versions.push(VersionRecord { version, created: self.now(), state: VersionState::Active, wrapped_key: wrapped });
         self.store.write(WriteOp::Atomic(vec![WriteOp::PutKeyring(record.clone()), WriteOp::Audit(audit)])).await?;
-        let mut rings = self.rings.write().map_err(|_| KeyError::NotCovered)?;
-        let live = rings.get_mut(name).ok_or_else(|| KeyError::KeyringNotFound { name: name.to_owned() })?;
-        live.keys.insert(version, Arc::new(key));
-        live.record = record;
-        self.info_of(live)
+        let mut keys = old.keys.clone();
+        keys.insert(version, Arc::new(key));
+        let live = Arc::new(LiveKeyring { record, keys });
+        self.publish(admin, |s| {
+            s.rings.insert(name.to_owned(), live.clone());
+        });
+        self.info_of(&live)
     }
 
     /// Records a restore test. The backup id comes from the registry when the key is known.
@@ -641,11 +679,7 @@ impl KeyManager {
     ) -> Result<ApprovalRecord, KeyError> {
         Self::check(auth, Action::RetireVersions, Some(keyring))?;
         validate_keyring_name(keyring)?;
-        let current = {
-            let rings = self.rings.read().map_err(|_| KeyError::NotCovered)?;
-            let live = rings.get(keyring).ok_or_else(|| KeyError::KeyringNotFound { name: keyring.to_owned() })?;
-            live.current().map(|(v, _)| v).unwrap_or(0)
-        };
+        let current = self.ring(keyring)?.current().map(|(v, _)| v).unwrap_or(0);
         if below < 2 {
             return Err(KeyError::BadRetire { keyring: keyring.to_owned(), below, reason: "there is no version below 1" });
         }
@@ -680,7 +714,7 @@ impl KeyManager {
     /// Approves and carries out a pending request of another officer.
     pub async fn approve(&self, auth: &Authorized, id: u64, audit: AuditEvent) -> Result<ApprovalRecord, KeyError> {
         Self::check(auth, Action::Approve, None)?;
-        let _guard = self.admin.lock().await;
+        let admin = self.admin.lock().await;
         let mut rec = self.store.approval(id)?.ok_or(KeyError::ApprovalNotFound { id })?;
         if let Some(by) = &rec.approved_by {
             return Err(KeyError::ApprovalDone { id, by: by.clone() });
@@ -696,10 +730,8 @@ impl KeyManager {
         rec.approved = Some(now);
         match rec.action.clone() {
             PendingAction::RetireVersions { keyring, below } => {
-                let mut record = {
-                    let rings = self.rings.read().map_err(|_| KeyError::NotCovered)?;
-                    rings.get(&keyring).ok_or_else(|| KeyError::KeyringNotFound { name: keyring.clone() })?.record.clone()
-                };
+                let old = self.ring(&keyring)?;
+                let mut record = old.record.clone();
                 for v in record.versions.iter_mut().filter(|v| v.version < below) {
                     v.state = VersionState::Retired;
                 }
@@ -710,12 +742,12 @@ impl KeyManager {
                         WriteOp::Audit(audit),
                     ]))
                     .await?;
-                let mut rings = self.rings.write().map_err(|_| KeyError::NotCovered)?;
-                if let Some(live) = rings.get_mut(&keyring) {
-                    live.record = record;
-                }
+                let live = Arc::new(LiveKeyring { record, keys: old.keys.clone() });
+                self.publish(&admin, |s| {
+                    s.rings.insert(keyring, live);
+                });
             }
-            other => self.carry_out(&other, &rec, audit).await?,
+            other => self.carry_out(&admin, &other, &rec, audit).await?,
         }
         Ok(rec)
     }
@@ -797,9 +829,7 @@ impl KeyManager {
     pub fn get_keyring(&self, auth: &Authorized, name: &str) -> Result<KeyringInfo, KeyError> {
         Self::check(auth, Action::GetKeyring, Some(name))?;
         validate_keyring_name(name)?;
-        let rings = self.rings.read().map_err(|_| KeyError::NotCovered)?;
-        let live = rings.get(name).ok_or_else(|| KeyError::KeyringNotFound { name: name.to_owned() })?;
-        self.info_of(live)
+        self.info_of(self.ring(name)?.as_ref())
     }
 
     /// All keyrings, sorted by name; `visible` filters by the caller's scope.
@@ -809,9 +839,9 @@ impl KeyManager {
         visible: impl Fn(&str) -> bool,
     ) -> Result<Vec<KeyringInfo>, KeyError> {
         Self::check(auth, Action::ListKeyrings, None)?;
-        let rings = self.rings.read().map_err(|_| KeyError::NotCovered)?;
+        let state = self.state();
         let mut out = Vec::new();
-        for (name, live) in rings.iter() {
+        for (name, live) in &state.rings {
             if visible(name) {
                 out.push(self.info_of(live)?);
             }
@@ -842,9 +872,10 @@ impl KeyManager {
         }
         labels.sort();
         self.rotate_if_due(keyring).await?;
+        let state = self.state();
         let (version, krk, retention_days) = {
-            let rings = self.rings.read().map_err(|_| KeyError::NotCovered)?;
-            let live = rings
+            let live = state
+                .rings
                 .get(keyring)
                 .ok_or_else(|| KeyError::KeyringNotFound { name: keyring.to_owned() })?;
             if let Some(at) = live.record.destroyed {
@@ -858,8 +889,7 @@ impl KeyManager {
         let id: [u8; 16] = random_array(&self.rng).map_err(|_| KeyError::Rng)?;
         let data_key = Key256::generate(&self.rng).map_err(|_| KeyError::Rng)?;
         let wrapped = self.wrap_data_key(&krk, &id, keyring, version, backup_id, &labels, &data_key)?;
-        let recovery_recipient =
-            self.escrow.read().ok().and_then(|e| e.as_ref().and_then(|e| e.in_force().map(str::to_owned)));
+        let recovery_recipient = state.escrow.as_ref().and_then(|e| e.in_force().map(str::to_owned));
         let created = self.now();
         let record = DataKeyRecord {
             keyring: keyring.to_owned(),
@@ -929,10 +959,7 @@ impl KeyManager {
         // of a file that was not rewrapped keeps opening until its version is retired.
         let version = u32::from_be_bytes(vbytes);
         let krk = {
-            let rings = self.rings.read().map_err(|_| KeyError::NotCovered)?;
-            let live = rings
-                .get(keyring)
-                .ok_or_else(|| KeyError::KeyringNotFound { name: keyring.to_owned() })?;
+            let live = self.ring(keyring)?;
             if let Some(at) = live.record.destroyed {
                 return Err(KeyError::KeyringDestroyed { keyring: keyring.to_owned(), date: format_date(at) });
             }
@@ -963,11 +990,8 @@ impl KeyManager {
     ) -> Result<(Vec<u8>, u32, u32), KeyError> {
         Self::check(auth, Action::RewrapDataKey, Some(keyring))?;
         let (id, mut record, key) = self.unwrap_inner(key_id, keyring, wrapped).await?;
-        let (current, krk) = {
-            let rings = self.rings.read().map_err(|_| KeyError::NotCovered)?;
-            let live = rings.get(keyring).ok_or_else(|| KeyError::KeyringNotFound { name: keyring.to_owned() })?;
-            live.current().ok_or(KeyError::VersionRetired { keyring: keyring.to_owned(), version: key.version })?
-        };
+        let (current, krk) =
+            self.ring(keyring)?.current().ok_or(KeyError::VersionRetired { keyring: keyring.to_owned(), version: key.version })?;
         audit.backup_id = Some(record.backup_id.clone());
         if current == key.version {
             audit.outcome = format!("ok: already under version {current}");
@@ -1014,8 +1038,8 @@ impl KeyManager {
             }
         }
         validate_text("manifest_json", &m.ceremony_id, 128, false)?;
-        let _guard = self.admin.lock().await;
-        let current = self.escrow.read().ok().and_then(|e| e.clone());
+        let admin = self.admin.lock().await;
+        let current = self.state().escrow.clone();
         let mut previous_recipients = current.as_ref().map(|c| c.previous_recipients.clone()).unwrap_or_default();
         if let Some(cur) =
             current.as_ref().filter(|c| c.removed.is_none() && c.recovery_recipient != m.recovery_recipient)
@@ -1044,22 +1068,18 @@ impl KeyManager {
         self.store
             .write(WriteOp::Atomic(vec![WriteOp::PutMeta { key: ESCROW_META, value: bytes }, WriteOp::Audit(audit)]))
             .await?;
-        if let Ok(mut e) = self.escrow.write() {
-            *e = Some(info.clone());
-        }
+        self.publish(&admin, |s| s.escrow = Some(info.clone()));
         Ok(info)
     }
 
     /// The escrow manifest in force, and how many live keys have no recovery stanza.
     pub fn escrow_status(&self, auth: &Authorized) -> Result<(Option<EscrowInfo>, u64), KeyError> {
         Self::check(auth, Action::GetEscrowStatus, None)?;
-        let info = self.escrow.read().ok().and_then(|e| e.clone());
+        let state = self.state();
+        let info = state.escrow.clone();
         let mut without = 0u64;
-        let destroyed_rings: Vec<String> = self
-            .rings
-            .read()
-            .map(|r| r.values().filter(|l| l.record.destroyed.is_some()).map(|l| l.record.name.clone()).collect())
-            .unwrap_or_default();
+        let destroyed_rings: Vec<String> =
+            state.rings.values().filter(|l| l.record.destroyed.is_some()).map(|l| l.record.name.clone()).collect();
         self.store.for_each_data_key(|_, rec| {
             if !rec.escrowed && matches!(rec.state, KeyState::Active) && !destroyed_rings.contains(&rec.keyring) {
                 without += 1;
@@ -1079,7 +1099,10 @@ fn next_rotation(record: &KeyringRecord) -> Option<i64> {
 }
 
 #[cfg(test)]
-mod tests {
+mod tests;
+
+#[cfg(test)]
+mod unit_tests {
     use super::*;
 
     #[test]

@@ -69,8 +69,8 @@ impl KeyManager {
         let since_unix = since.as_ref().map(|s| s.0).unwrap_or(i64::MIN);
         let now = self.now();
         let records: Vec<crate::model::KeyringRecord> = {
-            let rings = self.rings.read().map_err(|_| KeyError::NotCovered)?;
-            let mut v: Vec<_> = rings.values().filter(|l| visible(&l.record.name)).map(|l| l.record.clone()).collect();
+            let state = self.state();
+            let mut v: Vec<_> = state.rings.values().filter(|l| visible(&l.record.name)).map(|l| l.record.clone()).collect();
             v.sort_by(|a, b| a.name.cmp(&b.name));
             v
         };
@@ -233,7 +233,7 @@ impl KeyManager {
             });
         }
 
-        let escrow = self.escrow.read().ok().and_then(|e| e.clone());
+        let escrow = self.state().escrow.clone();
         let escrow = match escrow {
             Some(e) if e.removed.is_none() => EscrowEntry {
                 installed: true,

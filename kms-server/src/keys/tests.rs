@@ -1,0 +1,293 @@
+//! In-process tests of the core: a real redb file in a temp dir, a real software master
+//! key, the audit chain, and a clock the test moves. No server, no gRPC.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+
+use super::*;
+use crate::audit::AuditChain;
+use crate::auth::{Grant, Policy, Principal};
+use crate::clock::Clock;
+use crate::master::software::{PassphraseSource, SoftwareMasterKey};
+use crate::store::redb::RedbStore;
+use crate::store::{KeyRange, Row, StoreFuture, Table, Visit, WriteGroup};
+
+const DAY: i64 = 86_400;
+const T0: i64 = 1_790_000_000;
+
+/// A clock the test moves.
+struct TestClock(AtomicI64);
+
+impl Clock for TestClock {
+    fn now_millis(&self) -> i64 {
+        self.0.load(Ordering::SeqCst) * 1000
+    }
+}
+
+/// The redb store, made to fail every commit while `fail` is set.
+struct Flaky {
+    inner: Arc<dyn Store>,
+    fail: AtomicBool,
+}
+
+#[derive(Debug)]
+struct Refused;
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("disk full (test)")
+    }
+}
+
+impl std::error::Error for Refused {}
+
+impl Store for Flaky {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn commit(&self, group: WriteGroup) -> StoreFuture<'_, ()> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Box::pin(async { Err(StoreError::Backend(Box::new(Refused))) });
+        }
+        self.inner.commit(group)
+    }
+    fn commit_blocking(&self, group: WriteGroup) -> Result<(), StoreError> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(StoreError::Backend(Box::new(Refused)));
+        }
+        self.inner.commit_blocking(group)
+    }
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get(table, key)
+    }
+    fn scan(&self, table: Table, range: KeyRange<'_>, visit: &mut Visit<'_>) -> Result<(), StoreError> {
+        self.inner.scan(table, range, visit)
+    }
+    fn last(&self, table: Table) -> Result<Option<Row>, StoreError> {
+        self.inner.last(table)
+    }
+}
+
+struct Core {
+    keys: KeyManager,
+    clock: Arc<TestClock>,
+    store: Arc<Flaky>,
+    policy: Policy,
+    _dir: tempfile::TempDir,
+}
+
+impl Core {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let master: Arc<dyn MasterKeyProvider> =
+            Arc::new(SoftwareMasterKey::create(&dir.path().join("master.key"), &PassphraseSource::None).unwrap());
+        let chain = AuditChain::new();
+        let redb: Arc<dyn Store> = Arc::new(RedbStore::create(&dir.path().join("kluis.redb"), chain.clone()).unwrap());
+        let store = Arc::new(Flaky { inner: redb, fail: AtomicBool::new(false) });
+        KeyManager::init_store(store.clone(), master.as_ref()).unwrap();
+        let clock = Arc::new(TestClock(AtomicI64::new(T0)));
+        let keys = KeyManager::open(store.clone(), &chain, 1, master, clock.clone()).unwrap().with_destruction_wait_days(7);
+        let all = |p: &str, roles: &[Role]| Grant { principal: p.into(), roles: roles.iter().copied().collect(), keyrings: vec!["*".into()] };
+        let policy = Policy::new(vec![
+            all("officer", &[Role::Officer, Role::Auditor]),
+            all("officer2", &[Role::Officer]),
+            all("host", &[Role::Sealer]),
+            all("ops", &[Role::Restorer]),
+        ]);
+        Core { keys, clock, store, policy, _dir: dir }
+    }
+
+    fn auth(&self, who: &str, action: Action, keyring: Option<&str>) -> Authorized {
+        self.policy.authorize(&Principal::for_test(who), action, keyring).unwrap()
+    }
+
+    fn ev(&self, who: &str, action: Action) -> AuditEvent {
+        self.keys.event(who, action.name(), None, None, "ok")
+    }
+
+    fn advance_days(&self, days: i64) {
+        self.clock.0.fetch_add(days * DAY, Ordering::SeqCst);
+    }
+
+    async fn create(&self, name: &str, retention_days: u32, rotation_days: u32) -> KeyringInfo {
+        let a = self.auth("officer", Action::CreateKeyring, Some(name));
+        self.keys.create_keyring(&a, name, retention_days, rotation_days, self.ev("officer", Action::CreateKeyring)).await.unwrap()
+    }
+
+    async fn issue(&self, keyring: &str, backup: &str) -> IssuedDataKey {
+        let a = self.auth("host", Action::GenerateDataKey, Some(keyring));
+        self.keys.generate_data_key(&a, keyring, backup, [], self.ev("host", Action::GenerateDataKey)).await.unwrap()
+    }
+
+    async fn unwrap(&self, k: &IssuedDataKey) -> Result<UnwrappedDataKey, KeyError> {
+        let a = self.auth("ops", Action::UnwrapDataKey, Some(&k.keyring));
+        self.keys.unwrap_data_key(&a, &k.key_id, &k.keyring, &k.wrapped).await
+    }
+
+    fn current_version(&self, keyring: &str) -> u32 {
+        let a = self.auth("officer", Action::GetKeyring, Some(keyring));
+        self.keys.get_keyring(&a, keyring).unwrap().current_version
+    }
+
+    async fn approve(&self, who: &str, id: u64) -> Result<ApprovalRecord, KeyError> {
+        let a = self.auth(who, Action::Approve, None);
+        self.keys.approve(&a, id, self.ev(who, Action::Approve)).await
+    }
+}
+
+#[tokio::test]
+async fn rotation_is_done_when_its_period_is_reached_and_not_before() {
+    let c = Core::new();
+    c.create("ehr", 0, 30).await;
+    let first = c.issue("ehr", "b1").await;
+    assert_eq!(first.version, 1);
+    c.advance_days(29);
+    assert_eq!(c.keys.maintain().await.unwrap(), 0, "nothing is due on day 29");
+    assert_eq!(c.current_version("ehr"), 1);
+    c.advance_days(1);
+    // The next issuance meets the due rotation and rotates first.
+    let second = c.issue("ehr", "b2").await;
+    assert_eq!(second.version, 2);
+    assert_eq!(c.current_version("ehr"), 2);
+    // Keys of the old version keep unwrapping.
+    assert_eq!(c.unwrap(&first).await.unwrap().data_key.expose(), first.data_key.expose());
+    c.advance_days(30);
+    assert_eq!(c.keys.maintain().await.unwrap(), 1, "the sweep rotates too");
+    assert_eq!(c.current_version("ehr"), 3);
+}
+
+#[tokio::test]
+async fn the_expiry_sweep_destroys_keys_at_the_end_of_their_retention() {
+    let c = Core::new();
+    c.create("short", 10, 0).await;
+    let k = c.issue("short", "b1").await;
+    c.advance_days(9);
+    assert_eq!(c.keys.maintain().await.unwrap(), 0);
+    assert!(c.unwrap(&k).await.is_ok());
+    c.advance_days(1);
+    assert_eq!(c.keys.maintain().await.unwrap(), 1);
+    match c.unwrap(&k).await {
+        Err(KeyError::Destroyed { key_id, .. }) => assert_eq!(key_id, k.key_id),
+        other => panic!("expected destroyed, got {:?}", other.err()),
+    }
+    let a = c.auth("officer", Action::ListDestructions, None);
+    let d = c.keys.destructions(&a, |_| true).unwrap();
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0].reason, crate::model::DestructionReason::Expiry);
+}
+
+#[tokio::test]
+async fn a_destruction_waits_its_period_and_can_be_cancelled() {
+    let c = Core::new();
+    c.create("ehr", 0, 0).await;
+    let k = c.issue("ehr", "b1").await;
+    let a = c.auth("officer", Action::DestroyKey, Some("ehr"));
+    let DestroyOutcome::Pending(req) = c.keys.request_destroy_key(&a, &k.key_id, c.ev("officer", Action::DestroyKey)).await.unwrap() else {
+        panic!("a key before its expiry needs a second officer");
+    };
+    c.approve("officer2", req.id).await.unwrap();
+    c.advance_days(6);
+    assert_eq!(c.keys.maintain().await.unwrap(), 0, "the waiting period is 7 days");
+    assert!(c.unwrap(&k).await.is_ok());
+    let a = c.auth("officer", Action::ListDestructions, None);
+    let d = c.keys.destructions(&a, |_| true).unwrap().remove(0);
+    let a = c.auth("officer", Action::CancelDestruction, Some("ehr"));
+    c.keys.cancel_destruction(&a, d.id, c.ev("officer", Action::CancelDestruction)).await.unwrap();
+    c.advance_days(30);
+    assert_eq!(c.keys.maintain().await.unwrap(), 0, "a cancelled destruction is not carried out");
+    assert!(c.unwrap(&k).await.is_ok());
+}
+
+#[tokio::test]
+async fn a_legal_hold_blocks_destruction_until_released() {
+    let c = Core::new();
+    c.create("ehr", 0, 0).await;
+    let k = c.issue("ehr", "b1").await;
+    let a = c.auth("officer", Action::DestroyKey, Some("ehr"));
+    let DestroyOutcome::Pending(req) = c.keys.request_destroy_key(&a, &k.key_id, c.ev("officer", Action::DestroyKey)).await.unwrap() else {
+        panic!("pending expected");
+    };
+    c.approve("officer2", req.id).await.unwrap();
+    let hold = c.auth("officer", Action::SetLegalHold, Some("ehr"));
+    c.keys.set_legal_hold(&hold, "ehr", true, "litigation 2026-17", c.ev("officer", Action::SetLegalHold)).await.unwrap();
+    c.advance_days(8);
+    assert_eq!(c.keys.maintain().await.unwrap(), 0, "held");
+    assert!(c.unwrap(&k).await.is_ok(), "a held key still unwraps after its due date");
+    c.keys.set_legal_hold(&hold, "ehr", false, "", c.ev("officer", Action::SetLegalHold)).await.unwrap();
+    assert_eq!(c.keys.maintain().await.unwrap(), 1);
+    assert!(matches!(c.unwrap(&k).await, Err(KeyError::Destroyed { .. })));
+}
+
+#[tokio::test]
+async fn dual_control_refuses_the_same_officer_and_expired_requests() {
+    let c = Core::new();
+    c.create("ehr", 0, 0).await;
+    let rot = c.auth("officer", Action::RotateKeyring, Some("ehr"));
+    c.keys.rotate_keyring(&rot, "ehr", c.ev("officer", Action::RotateKeyring)).await.unwrap();
+    let a = c.auth("officer", Action::RetireVersions, Some("ehr"));
+    let req = c.keys.request_retire(&a, "ehr", 2, c.ev("officer", Action::RetireVersions)).await.unwrap();
+    assert!(matches!(c.approve("officer", req.id).await, Err(KeyError::SelfApproval { .. })));
+    let late = c.keys.request_retire(&a, "ehr", 2, c.ev("officer", Action::RetireVersions)).await.unwrap();
+    c.advance_days(2);
+    assert!(matches!(c.approve("officer2", late.id).await, Err(KeyError::ApprovalExpired { .. })));
+    // The first one expired too; a fresh one is approved by a second officer.
+    let fresh = c.keys.request_retire(&a, "ehr", 2, c.ev("officer", Action::RetireVersions)).await.unwrap();
+    c.approve("officer2", fresh.id).await.unwrap();
+    assert!(matches!(c.approve("officer2", fresh.id).await, Err(KeyError::ApprovalDone { .. })));
+    let info = c.keys.get_keyring(&c.auth("officer", Action::GetKeyring, Some("ehr")), "ehr").unwrap();
+    assert_eq!(info.versions.iter().map(|v| v.2).collect::<Vec<_>>(), [VersionState::Retired, VersionState::Active]);
+}
+
+#[tokio::test]
+async fn master_rotation_rewraps_keyrings_and_keys_keep_unwrapping() {
+    let c = Core::new();
+    c.create("ehr", 0, 0).await;
+    let k = c.issue("ehr", "b1").await;
+    let a = c.auth("officer", Action::RotateMaster, None);
+    let r = c.keys.rotate_master(&a, c.ev("officer", Action::RotateMaster)).await.unwrap();
+    assert_eq!((r.generation, r.keyrings, r.versions), (2, 1, 1));
+    assert_eq!(c.keys.master_generation(), 2);
+    assert_eq!(c.unwrap(&k).await.unwrap().data_key.expose(), k.data_key.expose());
+    let stored = c.keys.store.keyrings().unwrap().remove(0);
+    let raw = c.keys.master().unwrap(&krk_aad("ehr", 1), &stored.versions[0].wrapped_key);
+    assert!(raw.is_ok(), "the stored keyring key opens with generation 2");
+}
+
+#[tokio::test]
+async fn a_failed_store_write_leaves_memory_as_it_was() {
+    let c = Core::new();
+    c.create("ehr", 0, 0).await;
+    let rot = c.auth("officer", Action::RotateKeyring, Some("ehr"));
+    c.store.fail.store(true, Ordering::SeqCst);
+    assert!(matches!(c.keys.rotate_keyring(&rot, "ehr", c.ev("officer", Action::RotateKeyring)).await, Err(KeyError::Store(_))));
+    let a = c.auth("officer", Action::RotateMaster, None);
+    assert!(matches!(c.keys.rotate_master(&a, c.ev("officer", Action::RotateMaster)).await, Err(KeyError::Store(_))));
+    let hold = c.auth("officer", Action::SetLegalHold, Some("ehr"));
+    assert!(c.keys.set_legal_hold(&hold, "ehr", true, "x", c.ev("officer", Action::SetLegalHold)).await.is_err());
+    assert_eq!(c.current_version("ehr"), 1, "memory did not move ahead of the store");
+    assert_eq!(c.keys.master_generation(), 1);
+    assert!(c.keys.get_keyring(&c.auth("officer", Action::GetKeyring, Some("ehr")), "ehr").unwrap().hold.is_none());
+    let issue = c.auth("host", Action::GenerateDataKey, Some("ehr"));
+    assert!(c.keys.generate_data_key(&issue, "ehr", "b", [], c.ev("host", Action::GenerateDataKey)).await.is_err());
+    c.store.fail.store(false, Ordering::SeqCst);
+    c.keys.rotate_keyring(&rot, "ehr", c.ev("officer", Action::RotateKeyring)).await.unwrap();
+    assert_eq!(c.current_version("ehr"), 2, "the failed rotation left no trace");
+    assert_eq!(c.issue("ehr", "b").await.version, 2);
+}
+
+#[tokio::test]
+async fn a_poisoned_audit_signer_fails_the_write_closed() {
+    let c = Core::new();
+    c.create("ehr", 0, 0).await;
+    // The audit chain's signing-key lock, poisoned by a thread that panicked holding it.
+    let chain = AuditChain::new();
+    let poison = chain.clone();
+    let _ = std::thread::spawn(move || {
+        let _g = poison.signer_lock_for_test().write();
+        panic!("poison the lock");
+    })
+    .join();
+    use crate::store::Chain;
+    let ev = c.ev("host", Action::GenerateDataKey).encode().unwrap();
+    assert!(chain.link(256, &chain.genesis(), &ev).is_err(), "a checkpoint that cannot be signed fails the commit");
+}
