@@ -20,7 +20,6 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use zeroize::Zeroizing;
 
 use crate::config::{ConfigError, MasterConfig, ServerConfig};
 use crate::keys::{
@@ -28,8 +27,8 @@ use crate::keys::{
 };
 use crate::master::pkcs11::generation_label;
 use crate::master::software::generation_path;
-use crate::master::{MasterError, MasterKeyProvider, decode_generation, encode_generation};
-use crate::secret::Key256;
+use crate::master::{MasterError, MasterKeyProvider, decode_generation};
+use crate::keys::master_rewrap::{self, RewrapError};
 use crate::keys::registry::{Registry, RegistryError, WriteOp};
 use crate::model::KeyringRecord;
 use crate::store::StoreError;
@@ -152,15 +151,20 @@ pub fn migrate_master(from: &Path, to: &Path, env: &crate::server::Environment) 
     Ok(report)
 }
 
-fn canonical(p: &Path) -> PathBuf {
-    std::fs::canonicalize(p).unwrap_or_else(|_| std::path::absolute(p).unwrap_or_else(|_| p.to_owned()))
+fn rewrap_error(e: RewrapError) -> MigrateError {
+    match e {
+        RewrapError::Unwrap { keyring, version, source } => MigrateError::Unwrap { keyring, version, err: source },
+        RewrapError::Wrap { what, source } => MigrateError::Wrap { what, err: source },
+        RewrapError::ReadBack { keyring, version, source } => {
+            MigrateError::Verify { what: format!("keyring {keyring:?} version {version}"), err: source.to_string() }
+        }
+        RewrapError::Check(err) => MigrateError::FromMaster { err },
+        RewrapError::AuditKey(err) => MigrateError::Unwrap { keyring: "(audit signing key)".into(), version: 0, err },
+    }
 }
 
-/// A keyring version's key, unwrapped by the `from` master (zeroized on drop).
-struct Unwrapped {
-    ring: usize,
-    version: usize,
-    key: Key256,
+fn canonical(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| std::path::absolute(p).unwrap_or_else(|_| p.to_owned()))
 }
 
 /// The migration on loaded configs.
@@ -201,24 +205,17 @@ pub fn migrate_master_configs(
         .get_meta(MASTER_CHECK_META)
         .map_err(store_err)?
         .ok_or_else(|| store_err(StoreError::NotInitialised { store: store_path.display().to_string() }))?;
-    let probe: Zeroizing<Vec<u8>> = old.unwrap(MASTER_CHECK_AAD, &check).map_err(|e| match e {
-        MasterError::UnwrapFailed => MigrateError::FromMismatch { master: old.describe() },
-        err => MigrateError::FromMaster { err },
-    })?;
 
-    // 2. Unwrap every keyring version before touching the new key, so a store the
+    // 2. Open everything the old key wraps before touching the new key, so a store the
     //    old key cannot fully open is refused without creating anything.
     let records = store.keyrings().map_err(store_err)?;
-    let mut keys: Vec<Unwrapped> = Vec::new();
-    // A destroyed keyring has no keys left to move (its wrapped keys were erased).
-    for (ri, record) in records.iter().enumerate().filter(|(_, r)| r.destroyed.is_none()) {
-        for (vi, v) in record.versions.iter().enumerate() {
-            let unwrap_err = |err| MigrateError::Unwrap { keyring: record.name.clone(), version: v.version, err };
-            let raw = old.unwrap(&krk_aad(&record.name, v.version), &v.wrapped_key).map_err(unwrap_err)?;
-            let key = Key256::from_slice(&raw).ok_or_else(|| unwrap_err(MasterError::UnwrapFailed))?;
-            keys.push(Unwrapped { ring: ri, version: vi, key });
-        }
-    }
+    let audit_blob = store.get_meta(AUDIT_KEY_META).map_err(store_err)?;
+    let opened = master_rewrap::open_all(old.as_ref(), records.clone(), &check, audit_blob.as_deref()).map_err(|e| match e {
+        RewrapError::Check(MasterError::UnwrapFailed) => MigrateError::FromMismatch { master: old.describe() },
+        RewrapError::Check(err) => MigrateError::FromMaster { err },
+        RewrapError::AuditKey(err) => MigrateError::Unwrap { keyring: "(audit signing key)".into(), version: 0, err },
+        other => rewrap_error(other),
+    })?;
 
     // 3. Open or create the new master; it must not be the old key.
     let (new, to_created) = open_or_create(&to.master)?;
@@ -227,34 +224,10 @@ pub fn migrate_master_configs(
         return Err(MigrateError::SameKey { master: new.describe() });
     }
 
-    // 4. Rewrap everything under the same AAD.
-    let mut new_records: Vec<KeyringRecord> = records.clone();
-    for u in &keys {
-        let rec = &mut new_records[u.ring];
-        let version = rec.versions[u.version].version;
-        let aad = krk_aad(&rec.name, version);
-        rec.versions[u.version].wrapped_key = new.wrap(&aad, u.key.expose()).map_err(|err| MigrateError::Wrap {
-            what: format!("keyring {:?} version {version}", rec.name),
-            err,
-        })?;
-    }
-    let new_check = new
-        .wrap(MASTER_CHECK_AAD, &probe)
-        .map_err(|err| MigrateError::Wrap { what: "master check".into(), err })?;
-    let mut ops: Vec<WriteOp> = new_records.iter().cloned().map(WriteOp::PutKeyring).collect();
-    ops.push(WriteOp::PutMeta { key: MASTER_CHECK_META, value: new_check });
-    // The store is now wrapped by the --to config's key itself: generation 1 of that config.
-    ops.push(WriteOp::PutMeta { key: MASTER_GENERATION_META, value: encode_generation(1) });
-    // The audit signing key is wrapped by the master key too.
-    if let Some(blob) = store.get_meta(AUDIT_KEY_META).map_err(store_err)? {
-        let pkcs8 = old
-            .unwrap(AUDIT_KEY_AAD, &blob)
-            .map_err(|err| MigrateError::Unwrap { keyring: "(audit signing key)".into(), version: 0, err })?;
-        let rewrapped = new
-            .wrap(AUDIT_KEY_AAD, &pkcs8)
-            .map_err(|err| MigrateError::Wrap { what: "audit signing key".into(), err })?;
-        ops.push(WriteOp::PutMeta { key: AUDIT_KEY_META, value: rewrapped });
-    }
+    // 4. Rewrap everything under the same AAD; the store is then wrapped by the --to
+    //    config's key itself: generation 1 of that config.
+    let rewrapped = master_rewrap::wrap_all(opened, new.as_ref(), 1).map_err(rewrap_error)?;
+    let ops = rewrapped.ops;
 
     // 5. One transaction: all keyrings and the master check, or nothing.
     step(Step::BeforeCommit);
@@ -262,7 +235,7 @@ pub fn migrate_master_configs(
     step(Step::AfterCommit);
 
     // 6. Read back what was committed and check the new key opens all of it.
-    verify(&store, new.as_ref(), &keys, &records)?;
+    verify(&store, new.as_ref(), &rewrapped.records)?;
     drop(store);
 
     Ok(MigrationReport {
@@ -279,12 +252,10 @@ pub fn migrate_master_configs(
     })
 }
 
-fn verify(
-    store: &Registry,
-    new: &dyn MasterKeyProvider,
-    keys: &[Unwrapped],
-    records: &[KeyringRecord],
-) -> Result<(), MigrateError> {
+/// Reads back what was committed: the master check, the generation, the audit key and
+/// every keyring version open with the new key, and the stored keyrings are the ones
+/// that were written.
+fn verify(store: &Registry, new: &dyn MasterKeyProvider, written: &[KeyringRecord]) -> Result<(), MigrateError> {
     let fail = |what: String, err: String| MigrateError::Verify { what, err };
     let check = store
         .get_meta(MASTER_CHECK_META)
@@ -302,20 +273,18 @@ fn verify(
         new.unwrap(AUDIT_KEY_AAD, &blob).map_err(|e| fail("audit signing key".into(), e.to_string()))?;
     }
     let stored = store.keyrings().map_err(|e| fail("keyrings".into(), e.to_string()))?;
-    for u in keys {
-        let rec = &records[u.ring];
-        let version = rec.versions[u.version].version;
-        let what = format!("keyring {:?} version {version}", rec.name);
-        let wrapped = stored
-            .iter()
-            .find(|r| r.name == rec.name)
-            .and_then(|r| r.versions.iter().find(|v| v.version == version))
-            .ok_or_else(|| fail(what.clone(), "missing after commit".into()))?;
-        let raw = new
-            .unwrap(&krk_aad(&rec.name, version), &wrapped.wrapped_key)
-            .map_err(|e| fail(what.clone(), e.to_string()))?;
-        if raw.as_slice() != u.key.expose().as_slice() {
-            return Err(fail(what, "a different key came back".into()));
+    for rec in written.iter().filter(|r| r.destroyed.is_none()) {
+        for v in &rec.versions {
+            let what = format!("keyring {:?} version {}", rec.name, v.version);
+            let back = stored
+                .iter()
+                .find(|r| r.name == rec.name)
+                .and_then(|r| r.versions.iter().find(|s| s.version == v.version))
+                .ok_or_else(|| fail(what.clone(), "missing after commit".into()))?;
+            if back.wrapped_key != v.wrapped_key {
+                return Err(fail(what, "a different key came back".into()));
+            }
+            new.unwrap(&krk_aad(&rec.name, v.version), &back.wrapped_key).map_err(|e| fail(what.clone(), e.to_string()))?;
         }
     }
     Ok(())

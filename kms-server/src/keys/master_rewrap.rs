@@ -102,11 +102,14 @@ pub fn wrap_all(opened: Opened, new: &dyn MasterKeyProvider, generation: u32) ->
     for u in &opened.keys {
         let rec = &records[u.ring];
         let v = &rec.versions[u.version];
-        new.unwrap(&krk_aad(&rec.name, v.version), &v.wrapped_key).map_err(|source| RewrapError::ReadBack {
+        let back = new.unwrap(&krk_aad(&rec.name, v.version), &v.wrapped_key).map_err(|source| RewrapError::ReadBack {
             keyring: rec.name.clone(),
             version: v.version,
             source,
         })?;
+        if back.as_slice() != u.key.expose().as_slice() {
+            return Err(RewrapError::ReadBack { keyring: rec.name.clone(), version: v.version, source: MasterError::UnwrapFailed });
+        }
     }
     let mut ops: Vec<WriteOp> = records.iter().cloned().map(WriteOp::PutKeyring).collect();
     let check = new.wrap(MASTER_CHECK_AAD, &opened.probe).map_err(wrap_err("master check".into()))?;
