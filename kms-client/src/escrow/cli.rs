@@ -8,8 +8,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
-
-use crate::fsutil;
+use kluis_age::fsutil;
 
 use super::ceremony::{self, Custodian};
 use super::error::EscrowError;

@@ -7,7 +7,7 @@
 use std::io;
 use std::path::PathBuf;
 
-use crate::fsutil::{FsError, ReadLimitedError};
+use kluis_age::fsutil::{FsError, ReadLimitedError};
 
 /// Everything that can go wrong in an escrow ceremony, share check, combination or re-share.
 #[derive(Debug, thiserror::Error)]

@@ -4,10 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
+use kluis_age::fsutil;
 use ring::digest;
 use serde::{Deserialize, Serialize};
-
-use crate::fsutil;
 
 use super::error::{EscrowError, ManifestProblem};
 use super::recipient;
