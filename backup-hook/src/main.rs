@@ -15,6 +15,8 @@
 //! file's (and the message says how many failed).
 #![forbid(unsafe_code)]
 
+mod output;
+
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -28,9 +30,10 @@ use kluis_age::sealed::{SealError, UnsealError};
 use kms_client::client::ClientError;
 use kms_client::config::ClientConfig;
 use kms_client::hook::{Hook, HookError, unseal_offline};
-use kms_client::output::{Output, OutputError};
 use kms_client::passphrase::{self, KeyFile, Passphrase, PassphraseError};
 use kms_client::rewrap::{Action, JournalNote, RewrapError, rewrap_file};
+
+use crate::output::{Output, OutputError};
 
 #[derive(Parser)]
 #[command(name = "backup-hook", version, about = "Seal and unseal backups with Kluis (age v1 files)")]

@@ -8,7 +8,6 @@ pub mod client;
 pub mod config;
 pub mod escrow;
 pub mod hook;
-pub mod output;
 pub mod passphrase;
 pub mod report;
 pub mod rewrap;
