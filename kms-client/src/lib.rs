@@ -3,11 +3,9 @@
 //! ([`escrow`]). The sealed-file format (a standard age v1 file) is the `kluis-age` crate.
 #![forbid(unsafe_code)]
 
-pub mod cert;
 pub mod client;
 pub mod config;
 pub mod escrow;
 pub mod hook;
 pub mod passphrase;
-pub mod report;
 pub mod rewrap;
