@@ -8,12 +8,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use kluis_escrow::Manifest;
 use kluis_proto::audit::ExportLine;
 use kms_client::client::{ApprovalInfo, ClientError, DestroyOutcome, DestructionInfo, KeyringInfo, KmsClient};
 use kms_client::config::ClientConfig;
-use kms_client::escrow::Manifest;
-use kms_client::escrow::cli::{OfflineEscrowCommand, run_offline};
 use kmsctl::cert;
+use kmsctl::escrow::{OfflineEscrowCommand, run_offline};
 
 #[derive(Parser)]
 #[command(name = "kmsctl", version, about = "Kluis administration: keyrings, keys, escrow, audit, reports")]
