@@ -290,9 +290,7 @@ mod tests {
 
     use age::secrecy::ExposeSecret;
     use clap::Parser;
-    use kluis_escrow::{
-        Custodian, EscrowError, MANIFEST_FILE_NAME, Manifest, ShareText, combine, share_file_name,
-    };
+    use kluis_escrow::{combine, share_file_name};
 
     use super::*;
 
