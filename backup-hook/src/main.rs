@@ -15,6 +15,8 @@
 //! file's (and the message says how many failed).
 #![forbid(unsafe_code)]
 
+mod output;
+
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -24,13 +26,14 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use kluis_age::sealed::{SealError, UnsealError};
 use kms_client::client::ClientError;
 use kms_client::config::ClientConfig;
 use kms_client::hook::{Hook, HookError, unseal_offline};
-use kms_client::output::{Output, OutputError};
 use kms_client::passphrase::{self, KeyFile, Passphrase, PassphraseError};
 use kms_client::rewrap::{Action, JournalNote, RewrapError, rewrap_file};
-use kms_client::sealed::{SealError, UnsealError};
+
+use crate::output::{Output, OutputError};
 
 #[derive(Parser)]
 #[command(name = "backup-hook", version, about = "Seal and unseal backups with Kluis (age v1 files)")]
@@ -226,7 +229,7 @@ impl From<OutputError> for Failure {
 }
 
 fn stdin_reader() -> Result<Box<dyn Read>, Failure> {
-    kms_client::stream::stdin_reader().map(|f| Box::new(f) as Box<dyn Read>).map_err(|e| io_failure("standard input", &e))
+    kluis_age::stream::stdin_reader().map(|f| Box::new(f) as Box<dyn Read>).map_err(|e| io_failure("standard input", &e))
 }
 
 fn open_input(path: Option<&Path>) -> Result<Box<dyn Read>, Failure> {

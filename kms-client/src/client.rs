@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use kluis_age::secret::{DataKey, IssuedKey};
 use kluis_proto::v1 as pb;
 use kluis_proto::v1::admin_service_client::AdminServiceClient;
 use kluis_proto::v1::audit_service_client::AuditServiceClient;
@@ -10,7 +11,6 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use zeroize::Zeroize;
 
 use crate::config::{ClientConfig, ConfigError};
-use crate::secret::DataKey;
 
 /// Errors talking to the server.
 #[derive(Debug, thiserror::Error)]
@@ -67,17 +67,6 @@ impl ClientError {
             ClientError::PermissionDenied { .. } | ClientError::Unauthenticated { .. } | ClientError::TlsRejected { .. }
         )
     }
-}
-
-/// A data key issued for one backup. Holds the plaintext key: no `Debug`.
-pub struct IssuedKey {
-    pub key_id: String,
-    pub keyring: String,
-    pub version: u32,
-    pub data_key: DataKey,
-    pub wrapped: Vec<u8>,
-    /// The escrow recovery recipient (`age1...`) in force, if any.
-    pub recovery_recipient: Option<String>,
 }
 
 /// An unwrapped data key with the context the server recorded.

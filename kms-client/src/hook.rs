@@ -4,10 +4,11 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 
+use kluis_age::sealed::{self, KluisIdentity, KluisStanza, Moved, NoServer, SealError, UnsealError};
+use kluis_age::secret::DataKey;
+
 use crate::client::{ClientError, KmsClient, RestoreTest, UnwrappedKey};
 use crate::config::{ClientConfig, ConfigError};
-use crate::sealed::{self, KluisIdentity, KluisStanza, Moved, SealError, UnsealError};
-use crate::secret::DataKey;
 
 /// Errors of hook operations.
 #[derive(Debug, thiserror::Error)]
@@ -19,7 +20,7 @@ pub enum HookError {
     #[error(transparent)]
     Seal(#[from] SealError),
     #[error(transparent)]
-    Unseal(#[from] UnsealError),
+    Unseal(#[from] UnsealError<ClientError>),
     #[error("cannot start the async runtime: {0}")]
     Runtime(#[source] std::io::Error),
 }
@@ -158,5 +159,5 @@ pub fn unseal_offline<R: Read, W: Write>(
     recovery: &[&dyn age::Identity],
     output: W,
 ) -> Result<(W, Moved), HookError> {
-    Ok(sealed::unseal(input, None::<&KluisIdentity<sealed::NoServer>>, recovery, output)?)
+    Ok(sealed::unseal(input, None::<&KluisIdentity<NoServer<ClientError>, ClientError>>, recovery, output)?)
 }

@@ -1,18 +1,11 @@
-//! Kluis client side: the typed gRPC client ([`client`]), the sealed-file format
-//! ([`sealed`], a standard age v1 file), the hook operations ([`hook`]) and the
-//! escrow ceremony and recovery ([`escrow`]).
+//! Kluis client side: the typed gRPC client ([`client`], [`config`]) and the hook
+//! operations that need the server ([`hook`], [`rewrap`], [`passphrase`]). The sealed-file
+//! format (a standard age v1 file) is the `kluis-age` crate; the offline escrow is
+//! `kluis-escrow`; the `kmsctl` binary is the `kmsctl` crate.
 #![forbid(unsafe_code)]
 
-pub mod cert;
 pub mod client;
 pub mod config;
-pub mod escrow;
-mod fsutil;
 pub mod hook;
-pub mod output;
 pub mod passphrase;
-pub mod report;
 pub mod rewrap;
-pub mod sealed;
-pub mod secret;
-pub mod stream;

@@ -22,12 +22,12 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
+use kluis_age::fsutil::{self, ReadLimitedError, WriteNewError, parent_dir};
+use kluis_age::sealed::UnsealError;
 use ring::rand::{SecureRandom, SystemRandom};
 use zeroize::Zeroizing;
 
-use crate::fsutil::{self, ReadLimitedError, WriteNewError, parent_dir};
 use crate::hook::{Hook, HookError, unseal_offline};
-use crate::sealed::UnsealError;
 
 /// Length of the secret in bytes (256 bits).
 pub const SECRET_BYTES: usize = 32;

@@ -68,16 +68,16 @@ use age_core::primitives::hkdf;
 use age_core::secrecy::ExposeSecret;
 use base64::Engine;
 use base64::prelude::BASE64_STANDARD_NO_PAD;
+use kluis_age::fsutil::{self, parent_dir};
+use kluis_age::sealed::{IO_BUF, KluisIdentity, KluisStanza, STANZA_TAG, UnsealError, header_read_error, parse_stanza};
+use kluis_age::secret::DataKey;
+use kluis_age::stream::{ENC_CHUNK_SIZE, NONCE_SIZE, PayloadKey, TAG_SIZE, header};
 use ring::aead::{Aad, Nonce};
 use ring::hmac;
 use zeroize::Zeroizing;
 
 use crate::client::{ClientError, Rewrapped, UnwrappedKey};
-use crate::fsutil::{self, parent_dir};
 use crate::hook::Hook;
-use crate::sealed::{KluisIdentity, KluisStanza, STANZA_TAG, UnsealError, header_read_error, parse_stanza};
-use crate::secret::DataKey;
-use crate::stream::{ENC_CHUNK_SIZE, NONCE_SIZE, PayloadKey, TAG_SIZE, header};
 
 const V1_LINE: &[u8] = b"age-encryption.org/v1\n";
 const HEADER_KEY_LABEL: &[u8] = b"header";
@@ -108,7 +108,7 @@ impl KeyService for Hook {
 pub enum RewrapError {
     /// The file is not a sealed file, or its header is damaged or was altered.
     #[error("{0}; the file was not changed")]
-    Integrity(#[source] UnsealError),
+    Integrity(#[source] UnsealError<ClientError>),
     /// The server refused to unwrap the data key for this identity.
     #[error(
         "the Kluis server refused to unwrap the data key (keyring {keyring}): {source}; rewrap needs the restorer role on the keyring, because the age header MAC is keyed from the file key, which only the data key opens; the file was not changed"
@@ -138,7 +138,7 @@ pub enum RewrapError {
     #[error(
         "the file's header does not verify ({file}) and the rewrap journal {journal} next to it is not valid for this file ({why}); both were left as they are"
     )]
-    BadJournal { file: UnsealError, journal: PathBuf, why: &'static str },
+    BadJournal { file: UnsealError<ClientError>, journal: PathBuf, why: &'static str },
     /// Reading or writing failed.
     #[error("{what}: {source}")]
     Io {
@@ -302,7 +302,7 @@ fn server_error(e: ClientError, keyring: &str) -> RewrapError {
 }
 
 /// Opens the file key of `stanza` with `dk`.
-fn open_file_key(stanza: &Stanza, dk: &DataKey) -> Result<FileKey, UnsealError> {
+fn open_file_key(stanza: &Stanza, dk: &DataKey) -> Result<FileKey, UnsealError<ClientError>> {
     let ident = KluisIdentity::new(|_: &KluisStanza| {
         DataKey::from_slice(dk.expose()).ok_or(ClientError::BadResponse { what: "data key" })
     });
@@ -481,11 +481,11 @@ fn write_copy(path: &Path, file: &File, old_len: usize, new: &[u8]) -> Result<()
         .map_err(io_err(format!("cannot create a temporary file in {}", dir.display())))?;
     let copy_err = || "copying the file with its new header failed; the file was not changed".to_owned();
     {
-        let mut out = BufWriter::with_capacity(crate::sealed::IO_BUF, tmp.as_file());
+        let mut out = BufWriter::with_capacity(IO_BUF, tmp.as_file());
         out.write_all(new).map_err(io_err(copy_err()))?;
         let mut src = file;
         src.seek(SeekFrom::Start(old_len as u64)).map_err(io_err(copy_err()))?;
-        io::copy(&mut BufReader::with_capacity(crate::sealed::IO_BUF, src), &mut out).map_err(io_err(copy_err()))?;
+        io::copy(&mut BufReader::with_capacity(IO_BUF, src), &mut out).map_err(io_err(copy_err()))?;
         out.flush().map_err(io_err(copy_err()))?;
     }
     let t = tmp.as_file();
@@ -601,7 +601,7 @@ pub fn rewrap_file(svc: &dyn KeyService, path: &Path) -> Result<Report, RewrapEr
     Ok(report)
 }
 
-fn with_journal(e: UnsealError, journal: &Path, discard: Option<&'static str>) -> RewrapError {
+fn with_journal(e: UnsealError<ClientError>, journal: &Path, discard: Option<&'static str>) -> RewrapError {
     match discard {
         Some(why) => RewrapError::BadJournal { file: e, journal: journal.to_owned(), why },
         None => RewrapError::Integrity(e),
@@ -631,8 +631,8 @@ mod tests {
     use std::os::unix::fs::MetadataExt;
 
     use super::*;
-    use crate::client::IssuedKey;
-    use crate::sealed;
+    use kluis_age::sealed;
+    use kluis_age::secret::IssuedKey;
 
     /// A pretend server: wrapped = version || (data key XOR pad(version, key id)) || filler.
     struct Fake {

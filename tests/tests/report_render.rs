@@ -15,7 +15,7 @@ use kluis_proto::report::{
     ApprovalEntry, BackupEntry, DestructionEntry, DeviationEntry, EscrowEntry, HoldEntry, KeyringReport, MasterEntry,
     REPORT_FORMAT, Report, RestoreTestEntry, RotationEntry, VersionEntry,
 };
-use kms_client::report::{ESCROW_COPY_NOTICE, ReportFormat, render};
+use kmsctl::report::{ESCROW_COPY_NOTICE, ReportFormat, render};
 
 /// The browser the test drives.
 pub const CHROMIUM: &str = "/usr/bin/chromium";

@@ -8,13 +8,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
-
-use crate::fsutil;
-
-use super::ceremony::{self, Custodian};
-use super::error::EscrowError;
-use super::manifest::{MANIFEST_FILE_NAME, Manifest};
-use super::share::{self, ShareIdentities, ShareText};
+use kluis_age::fsutil;
+use kluis_escrow::{
+    Custodian, EscrowError, MANIFEST_FILE_NAME, Manifest, ShareIdentities, ShareText,
+};
 
 /// Decrypted or encrypted share files are small; standard input is read up to this.
 const STDIN_LIMIT: usize = 64 * 1024;
@@ -94,7 +91,7 @@ pub fn run_offline(cmd: OfflineEscrowCommand, out: &mut dyn Write) -> Result<(),
             custodians,
             out: dir,
         } => {
-            let manifest = ceremony::ceremony(threshold, &custodians, &dir)?;
+            let manifest = kluis_escrow::ceremony(threshold, &custodians, &dir)?;
             report_ceremony(out, &manifest, &dir)?;
             say(
                 out,
@@ -113,7 +110,8 @@ pub fn run_offline(cmd: OfflineEscrowCommand, out: &mut dyn Write) -> Result<(),
             };
             let mut stdin_used = false;
             let text = read_one(&share, &identities, &mut stdin_used)?;
-            let v = share::verify_share(&manifest, &text).map_err(|e| e.in_share_file(&share))?;
+            let v = kluis_escrow::verify_share(&manifest, &text)
+                .map_err(|e| e.in_share_file(&share))?;
             say(
                 out,
                 &format!(
@@ -138,10 +136,14 @@ pub fn run_offline(cmd: OfflineEscrowCommand, out: &mut dyn Write) -> Result<(),
                 _ => std::path::PathBuf::from("."),
             };
             if let Err(e) = std::fs::metadata(&parent) {
-                return Err(EscrowError::io("create the recovery identity in", parent, e));
+                return Err(EscrowError::Io {
+                    action: "create the recovery identity in",
+                    path: parent,
+                    source: e,
+                });
             }
             let texts = read_and_check(out, &manifest, &identities, &shares)?;
-            let identity = ceremony::combine(&manifest, &texts)?;
+            let identity = kluis_escrow::combine(&manifest, &texts)?;
             identity.write_identity_file(&target)?;
             say(
                 out,
@@ -170,7 +172,7 @@ pub fn run_offline(cmd: OfflineEscrowCommand, out: &mut dyn Write) -> Result<(),
         } => {
             let old = Manifest::load(&manifest)?;
             let texts = read_and_check(out, &old, &identities, &shares)?;
-            let new = ceremony::reshare(&old, &texts, threshold, &custodians, &dir)?;
+            let new = kluis_escrow::reshare(&old, &texts, threshold, &custodians, &dir)?;
             report_ceremony(out, &new, &dir)?;
             say(
                 out,
@@ -197,7 +199,7 @@ fn read_and_check(
     let mut texts = Vec::with_capacity(paths.len());
     for path in paths {
         let text = read_one(path, &identities, &mut stdin_used)?;
-        let v = share::verify_share(manifest, &text).map_err(|e| e.in_share_file(path))?;
+        let v = kluis_escrow::verify_share(manifest, &text).map_err(|e| e.in_share_file(path))?;
         if seen.contains(&v.index) {
             return Err(EscrowError::Duplicate {
                 custodian: v.custodian,
@@ -232,9 +234,9 @@ fn read_one(
         }
         *stdin_used = true;
         let data = fsutil::read_limited(std::io::stdin().lock(), path, STDIN_LIMIT)?;
-        share::decode_share(&data, identities)
+        kluis_escrow::decode_share(&data, identities)
     } else {
-        share::read_share_with(path, identities)
+        kluis_escrow::read_share_with(path, identities)
     };
     result.map_err(|e| match e {
         // I/O errors already name the file.
@@ -260,7 +262,7 @@ fn report_ceremony(out: &mut dyn Write, m: &Manifest, dir: &Path) -> Result<(), 
             out,
             &format!(
                 "wrote {} (share {} for {}, encrypted to {})",
-                dir.join(ceremony::share_file_name(&c.name)).display(),
+                dir.join(kluis_escrow::share_file_name(&c.name)).display(),
                 c.index,
                 c.name,
                 c.recipient
@@ -277,4 +279,271 @@ fn say(out: &mut dyn Write, line: &str) -> Result<(), EscrowError> {
     writeln!(out, "{line}")
         .and_then(|()| out.flush())
         .map_err(|source| EscrowError::Output { source })
+}
+
+#[cfg(test)]
+mod tests {
+    //! The offline escrow commands end to end, through clap as kmsctl parses them. The
+    //! helpers are those of the escrow crate's own tests.
+
+    use std::path::{Path, PathBuf};
+
+    use age::secrecy::ExposeSecret;
+    use clap::Parser;
+    use kluis_escrow::{combine, share_file_name};
+
+    use super::*;
+
+    /// A custodian with a fresh X25519 key, as a custodian would make with `age-keygen`.
+    struct Holder {
+        custodian: Custodian,
+        identity: age::x25519::Identity,
+    }
+
+    fn holders(names: &[&str]) -> Vec<Holder> {
+        names
+            .iter()
+            .map(|n| {
+                let identity = age::x25519::Identity::generate();
+                Holder {
+                    custodian: Custodian::new(*n, identity.to_public().to_string()),
+                    identity,
+                }
+            })
+            .collect()
+    }
+
+    fn share_path(dir: &Path, name: &str) -> PathBuf {
+        dir.join(share_file_name(name))
+    }
+
+    /// Decrypts a share file with the age crate alone, as `age -d -i KEY` would.
+    fn decrypt_with_age(path: &Path, identity: &age::x25519::Identity) -> String {
+        let ct = std::fs::read(path).unwrap();
+        assert!(
+            ct.starts_with(b"age-encryption.org/v1\n"),
+            "not an age v1 file"
+        );
+        let pt = age::decrypt(identity, &ct).unwrap();
+        String::from_utf8(pt).unwrap()
+    }
+
+    fn share_texts(dir: &Path, h: &[Holder]) -> Vec<String> {
+        h.iter()
+            .map(|h| decrypt_with_age(&share_path(dir, &h.custodian.name), &h.identity))
+            .collect()
+    }
+
+    fn parse(text: &str) -> ShareText {
+        ShareText::parse(text).unwrap()
+    }
+
+    fn parse_all(texts: &[String]) -> Vec<ShareText> {
+        texts.iter().map(|t| parse(t)).collect()
+    }
+
+    /// The CLI as `kmsctl escrow ...` will flatten it.
+    #[derive(Parser)]
+    struct TestCli {
+        #[command(subcommand)]
+        cmd: OfflineEscrowCommand,
+    }
+
+    fn run(args: &[&str]) -> (Result<(), EscrowError>, String) {
+        let mut argv = vec!["kmsctl"];
+        argv.extend_from_slice(args);
+        let cli = TestCli::try_parse_from(argv).unwrap();
+        let mut out = Vec::new();
+        let r = run_offline(cli.cmd, &mut out);
+        (r, String::from_utf8(out).unwrap())
+    }
+
+    fn p(path: &Path) -> &str {
+        path.to_str().unwrap()
+    }
+
+    #[test]
+    fn cli_ceremony_verify_combine_reshare() {
+        let tmp = tempfile::tempdir().unwrap();
+        let h = holders(&["alice", "bob", "carol"]);
+        let keys: Vec<PathBuf> = h
+            .iter()
+            .map(|h| {
+                let k = tmp.path().join(format!("{}.key", h.custodian.name));
+                std::fs::write(&k, h.identity.to_string().expose_secret()).unwrap();
+                k
+            })
+            .collect();
+        let dir = tmp.path().join("c1");
+        let specs: Vec<String> = h
+            .iter()
+            .map(|h| format!("{}={}", h.custodian.name, h.custodian.recipient))
+            .collect();
+
+        let mut args = vec!["ceremony", "--threshold", "2", "--out", p(&dir)];
+        for s in &specs {
+            args.extend(["--custodian", s.as_str()]);
+        }
+        let (r, out) = run(&args);
+        r.unwrap();
+        let m = Manifest::load(&dir).unwrap();
+        assert!(
+            out.contains(&format!("ceremony {}", m.ceremony_id)),
+            "{out}"
+        );
+        assert!(out.contains(&m.recovery_recipient), "{out}");
+        assert!(out.contains("share-carol.age"), "{out}");
+        assert!(
+            !out.to_ascii_uppercase().contains("AGE-SECRET-KEY"),
+            "{out}"
+        );
+
+        // A malformed --custodian is a clap error.
+        assert!(
+            TestCli::try_parse_from([
+                "kmsctl",
+                "ceremony",
+                "--threshold",
+                "2",
+                "--out",
+                "x",
+                "--custodian",
+                "alice"
+            ])
+            .is_err()
+        );
+
+        let alice_share = share_path(&dir, "alice");
+        let (r, out) = run(&[
+            "verify-share",
+            "--manifest",
+            p(&dir.join(MANIFEST_FILE_NAME)),
+            "--identity",
+            p(&keys[0]),
+            p(&alice_share),
+        ]);
+        r.unwrap();
+        assert_eq!(
+            out.trim(),
+            format!(
+                "share 1 of ceremony {} (custodian alice) is intact and belongs to this ceremony; 2 of 3 shares are needed to rebuild the recovery key",
+                m.ceremony_id
+            )
+        );
+        let (r, out) = run(&["verify-share", "--manifest", p(&dir), p(&alice_share)]);
+        let e = r.unwrap_err();
+        assert!(out.is_empty());
+        assert!(matches!(e.innermost(), EscrowError::StillEncrypted));
+        assert!(e.to_string().contains("share-alice.age"), "{e}");
+
+        // Combine with each custodian's key given; age tries each key on each file.
+        let key_out = tmp.path().join("recovery.key");
+        let (r, out) = run(&[
+            "combine",
+            "--manifest",
+            p(&dir),
+            "--identity",
+            p(&keys[0]),
+            "--identity",
+            p(&keys[2]),
+            "-o",
+            p(&key_out),
+            p(&alice_share),
+            p(&share_path(&dir, "carol")),
+        ]);
+        r.unwrap();
+        assert!(out.contains("matches the manifest"), "{out}");
+        assert!(
+            !out.to_ascii_uppercase().contains("AGE-SECRET-KEY"),
+            "{out}"
+        );
+        let idf = age::IdentityFile::from_file(p(&key_out).to_owned()).unwrap();
+        let mut rf = Vec::new();
+        idf.write_recipients_file(&mut rf).unwrap();
+        assert_eq!(String::from_utf8(rf).unwrap().trim(), m.recovery_recipient);
+
+        // The output file exists now: refused before anything is read.
+        let (r, _) = run(&[
+            "combine",
+            "--manifest",
+            p(&dir),
+            "--identity",
+            p(&keys[0]),
+            "-o",
+            p(&key_out),
+            p(&alice_share),
+        ]);
+        assert!(matches!(r, Err(EscrowError::IdentityFileExists { .. })));
+
+        // The same share twice: named by file.
+        let key_out2 = tmp.path().join("recovery2.key");
+        let (r, _) = run(&[
+            "combine",
+            "--manifest",
+            p(&dir),
+            "--identity",
+            p(&keys[0]),
+            "-o",
+            p(&key_out2),
+            p(&alice_share),
+            p(&alice_share),
+        ]);
+        let e = r.unwrap_err();
+        assert!(
+            matches!(e.innermost(), EscrowError::Duplicate { custodian, .. } if custodian == "alice")
+        );
+        assert!(!key_out2.exists());
+
+        // Only one share: not enough.
+        let (r, _) = run(&[
+            "combine",
+            "--manifest",
+            p(&dir),
+            "--identity",
+            p(&keys[1]),
+            "-o",
+            p(&key_out2),
+            p(&share_path(&dir, "bob")),
+        ]);
+        assert!(matches!(
+            r,
+            Err(EscrowError::NotEnoughShares { have: 1, need: 2 })
+        ));
+        assert!(!key_out2.exists());
+
+        // Re-share to two new custodians.
+        let nh = holders(&["dora", "emil"]);
+        let new_dir = tmp.path().join("c2");
+        let nspecs: Vec<String> = nh
+            .iter()
+            .map(|h| format!("{}={}", h.custodian.name, h.custodian.recipient))
+            .collect();
+        let mut args = vec![
+            "reshare",
+            "--manifest",
+            p(&dir),
+            "--threshold",
+            "2",
+            "--out",
+            p(&new_dir),
+            "--identity",
+            p(&keys[1]),
+            "--identity",
+            p(&keys[2]),
+        ];
+        for s in &nspecs {
+            args.extend(["--custodian", s.as_str()]);
+        }
+        let (bob_share, carol_share) = (share_path(&dir, "bob"), share_path(&dir, "carol"));
+        args.extend([p(&bob_share), p(&carol_share)]);
+        let (r, out) = run(&args);
+        r.unwrap();
+        let new = Manifest::load(&new_dir).unwrap();
+        assert_eq!(new.replaces.as_deref(), Some(m.ceremony_id.as_str()));
+        assert_eq!(new.recovery_recipient, m.recovery_recipient);
+        assert!(out.contains("replaces ceremony"), "{out}");
+        let texts = share_texts(&new_dir, &nh);
+        let id = combine(&new, &parse_all(&texts)).unwrap();
+        assert_eq!(id.recipient().to_string(), m.recovery_recipient);
+    }
 }

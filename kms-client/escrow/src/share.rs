@@ -7,9 +7,8 @@ use std::path::Path;
 
 use base64::Engine as _;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+use kluis_age::fsutil;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
-
-use crate::fsutil;
 
 use super::error::EscrowError;
 use super::manifest::{self, Manifest};

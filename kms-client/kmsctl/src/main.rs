@@ -8,12 +8,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use kluis_escrow::Manifest;
 use kluis_proto::audit::ExportLine;
-use kms_client::cert;
 use kms_client::client::{ApprovalInfo, ClientError, DestroyOutcome, DestructionInfo, KeyringInfo, KmsClient};
 use kms_client::config::ClientConfig;
-use kms_client::escrow::Manifest;
-use kms_client::escrow::cli::{OfflineEscrowCommand, run_offline};
+use kmsctl::cert;
+use kmsctl::escrow::{OfflineEscrowCommand, run_offline};
 
 #[derive(Parser)]
 #[command(name = "kmsctl", version, about = "Kluis administration: keyrings, keys, escrow, audit, reports")]
@@ -449,9 +449,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 .map_err(io)?;
             }
             Cmd::Report { since, format } => {
-                let format: kms_client::report::ReportFormat = format.parse().map_err(|e: kms_client::report::ReportFormatError| Failure { code: 2, message: e.to_string() })?;
+                let format: kmsctl::report::ReportFormat = format.parse().map_err(|e: kmsctl::report::ReportFormatError| Failure { code: 2, message: e.to_string() })?;
                 let report = client.report(since.as_deref()).await?;
-                out.write_all(kms_client::report::render(&report, format).as_bytes()).map_err(io)?;
+                out.write_all(kmsctl::report::render(&report, format).as_bytes()).map_err(io)?;
             }
             Cmd::Keyring(KeyringCmd::Retire { name, below_version }) => {
                 let a = client.retire_versions(&name, below_version).await?;

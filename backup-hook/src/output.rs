@@ -5,12 +5,12 @@ use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use crate::sealed::IO_BUF;
+use kluis_age::sealed::IO_BUF;
 
 /// Where results go: stdout, a regular file replaced atomically on
 /// [`Output::commit`], or a special file (`/dev/null`, a FIFO) written directly.
 pub enum Output {
-    /// Standard output written directly (see [`crate::stream::stdio`]), a pipe grown to 1 MiB.
+    /// Standard output written directly (see [`kluis_age::stream::stdio`]), a pipe grown to 1 MiB.
     Stdout(BufWriter<File>),
     File { tmp: BufWriter<tempfile::NamedTempFile>, dest: PathBuf },
     Special { file: BufWriter<File>, dest: PathBuf },
@@ -56,7 +56,7 @@ impl Output {
     }
 
     fn stdout() -> Result<Self, OutputError> {
-        let file = crate::stream::stdout_writer().map_err(|e| OutputError::Create { path: PathBuf::from("<stdout>"), source: e })?;
+        let file = kluis_age::stream::stdout_writer().map_err(|e| OutputError::Create { path: PathBuf::from("<stdout>"), source: e })?;
         Ok(Output::Stdout(BufWriter::with_capacity(IO_BUF, file)))
     }
 

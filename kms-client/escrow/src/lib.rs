@@ -2,7 +2,7 @@
 //!
 //! The recovery key is an age X25519 identity. Sealed backups carry an `X25519` stanza to
 //! its recipient, so the rebuilt identity opens them with `kmsctl` or the stock `age` tool,
-//! with no Kluis server, disk or HSM. Everything here runs offline.
+//! with no Kluis server, disk or HSM. Everything here runs offline: no gRPC, no server.
 //!
 //! - [`ceremony`]: generate the 32-byte X25519 secret, split it k-of-n over GF(256) with
 //!   `blahaj` (never `sharks`, RUSTSEC-2024-0398), write one age-encrypted share file per
@@ -45,10 +45,11 @@
 //! ```
 //!
 //! The commitment is [`share_commitment`]: SHA-256 over a domain-separated encoding of
-//! ceremony id, index and share bytes.
+//! ceremony id, index and share bytes. [`Manifest::parse`] reads and checks a manifest
+//! from its JSON text alone (no file), with a typed [`ManifestError`].
+#![forbid(unsafe_code)]
 
 mod ceremony;
-pub mod cli;
 mod error;
 mod manifest;
 mod recipient;
@@ -59,8 +60,7 @@ mod share;
 mod tests;
 
 pub use ceremony::{Custodian, ceremony, combine, reshare, share_file_name};
-pub use cli::{OfflineEscrowCommand, run_offline};
-pub use error::{EscrowError, ManifestProblem};
+pub use error::{EscrowError, ManifestError, ManifestProblem};
 pub use manifest::{
     CustodianEntry, MANIFEST_FILE_NAME, MANIFEST_FORMAT, Manifest, share_commitment,
 };

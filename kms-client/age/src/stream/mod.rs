@@ -81,7 +81,9 @@ impl PayloadKey {
         }
     }
 
-    pub(crate) fn aead(&self) -> &LessSafeKey {
+    /// The `ring` key, to open a chunk by hand (a rewrap checks that a header belongs
+    /// to its payload by opening the first chunk).
+    pub fn aead(&self) -> &LessSafeKey {
         &self.0
     }
 }

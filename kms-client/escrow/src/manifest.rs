@@ -4,12 +4,11 @@
 
 use std::path::{Path, PathBuf};
 
+use kluis_age::fsutil;
 use ring::digest;
 use serde::{Deserialize, Serialize};
 
-use crate::fsutil;
-
-use super::error::{EscrowError, ManifestProblem};
+use super::error::{EscrowError, ManifestError, ManifestProblem};
 use super::recipient;
 
 /// The value of the manifest's `format` field.
@@ -71,22 +70,32 @@ impl Manifest {
             path.to_owned()
         };
         let bytes = fsutil::read_file_limited(&path, MANIFEST_SIZE_LIMIT)?;
-        Self::parse(&bytes, &path)
+        Self::parse_file(&bytes, &path)
     }
 
     /// Parses and checks a manifest from JSON text (errors name the file `manifest.json`).
     pub fn from_json(json: &str) -> Result<Manifest, EscrowError> {
-        Self::parse(json.as_bytes(), Path::new(MANIFEST_FILE_NAME))
+        Self::parse_file(json.as_bytes(), Path::new(MANIFEST_FILE_NAME))
     }
 
-    fn parse(bytes: &[u8], path: &Path) -> Result<Manifest, EscrowError> {
+    /// Parses and checks ([`Manifest::validate`]) a manifest from its JSON text alone, no
+    /// file involved: what a server that is handed `manifest.json` needs.
+    pub fn parse(json: &[u8]) -> Result<Manifest, ManifestError> {
         let manifest: Manifest =
-            serde_json::from_slice(bytes).map_err(|source| EscrowError::ManifestParse {
-                path: path.to_owned(),
-                source,
-            })?;
+            serde_json::from_slice(json).map_err(|source| ManifestError::Json { source })?;
         manifest.validate()?;
         Ok(manifest)
+    }
+
+    /// [`Manifest::parse`] for the contents of the file `path`, which errors name.
+    fn parse_file(bytes: &[u8], path: &Path) -> Result<Manifest, EscrowError> {
+        Self::parse(bytes).map_err(|e| match e {
+            ManifestError::Json { source } => EscrowError::ManifestParse {
+                path: path.to_owned(),
+                source,
+            },
+            ManifestError::Invalid { problem } => problem.into(),
+        })
     }
 
     /// The manifest as pretty JSON with a final newline.

@@ -1,5 +1,6 @@
-//! Small file helpers shared by escrow, passphrase and rewrap: atomic create-only
-//! writes, directory sync, bounded reads.
+//! Small file helpers shared by the escrow (`kluis-escrow`) and the hook operations of
+//! `kms-client` (passphrase, rewrap): atomic create-only writes, directory sync, bounded
+//! reads. Not part of the format; here because both of those crates build on this one.
 //!
 //! Errors say which step failed on which path ([`FsError`]); each caller maps them
 //! to its own error type and messages.
@@ -16,7 +17,7 @@ const SYNC_DIRECTORY: &str = "sync directory";
 /// A file operation that failed: what was being done (`"open"`, `"write"`, ...), on
 /// which path, and the I/O error.
 #[derive(Debug)]
-pub(crate) struct FsError {
+pub struct FsError {
     pub action: &'static str,
     pub path: PathBuf,
     pub source: io::Error,
@@ -30,7 +31,7 @@ impl FsError {
 
 /// Why [`write_new_file_atomically`] wrote nothing.
 #[derive(Debug)]
-pub(crate) enum WriteNewError {
+pub enum WriteNewError {
     /// The target already exists; it was left as it is.
     Exists,
     Io(FsError),
@@ -44,7 +45,7 @@ impl From<FsError> for WriteNewError {
 
 /// Why [`read_limited`] or [`read_file_limited`] returned nothing.
 #[derive(Debug)]
-pub(crate) enum ReadLimitedError {
+pub enum ReadLimitedError {
     Io(FsError),
     /// More than `limit` bytes.
     TooLarge { path: PathBuf, limit: usize },
@@ -54,7 +55,7 @@ pub(crate) enum ReadLimitedError {
 /// (`tmp_prefix`..`tmp_suffix`) in `dir`, the directory of `target`, is given `mode`,
 /// written, synced and renamed into place without ever replacing an existing file.
 /// The directory itself is not synced.
-pub(crate) fn write_new_file_atomically(
+pub fn write_new_file_atomically(
     dir: &Path,
     target: &Path,
     tmp_prefix: &str,
@@ -81,14 +82,14 @@ pub(crate) fn write_new_file_atomically(
 }
 
 /// Makes the directory entries (creations, renames) in `dir` durable.
-pub(crate) fn sync_dir(dir: &Path) -> Result<(), FsError> {
+pub fn sync_dir(dir: &Path) -> Result<(), FsError> {
     let d = fs::File::open(dir).map_err(|e| FsError::new("open directory", dir, e))?;
     d.sync_all().map_err(|e| FsError::new(SYNC_DIRECTORY, dir, e))
 }
 
 /// [`sync_dir`], except that a file system that cannot sync a directory is not an
 /// error (nothing more can be done there).
-pub(crate) fn sync_dir_if_supported(dir: &Path) -> Result<(), FsError> {
+pub fn sync_dir_if_supported(dir: &Path) -> Result<(), FsError> {
     match sync_dir(dir) {
         Err(e)
             if e.action == SYNC_DIRECTORY
@@ -101,7 +102,7 @@ pub(crate) fn sync_dir_if_supported(dir: &Path) -> Result<(), FsError> {
 }
 
 /// The directory a file is in ("." for a bare file name).
-pub(crate) fn parent_dir(path: &Path) -> &Path {
+pub fn parent_dir(path: &Path) -> &Path {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -111,7 +112,7 @@ pub(crate) fn parent_dir(path: &Path) -> &Path {
 /// Reads at most `limit` bytes from `reader` (`path` names it in errors).
 /// The buffer is allocated once (it never grows, which would leave copies behind) and
 /// is zeroized when dropped: a file may be a decrypted share.
-pub(crate) fn read_limited(reader: impl Read, path: &Path, limit: usize) -> Result<Zeroizing<Vec<u8>>, ReadLimitedError> {
+pub fn read_limited(reader: impl Read, path: &Path, limit: usize) -> Result<Zeroizing<Vec<u8>>, ReadLimitedError> {
     let mut buf = Zeroizing::new(Vec::with_capacity(limit.saturating_add(2)));
     let take = u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1);
     reader
@@ -125,7 +126,7 @@ pub(crate) fn read_limited(reader: impl Read, path: &Path, limit: usize) -> Resu
 }
 
 /// Opens and reads a file of at most `limit` bytes.
-pub(crate) fn read_file_limited(path: &Path, limit: usize) -> Result<Zeroizing<Vec<u8>>, ReadLimitedError> {
+pub fn read_file_limited(path: &Path, limit: usize) -> Result<Zeroizing<Vec<u8>>, ReadLimitedError> {
     let file = fs::File::open(path).map_err(|e| ReadLimitedError::Io(FsError::new("open", path, e)))?;
     read_limited(file, path, limit)
 }

@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 
 use age::secrecy::ExposeSecret;
 use base64::Engine as _;
-use clap::Parser;
 
 use super::*;
 
@@ -1001,207 +1000,29 @@ fn armored_share_file_opens_with_identity() {
     assert_eq!(verify_share(&m, &s).unwrap().custodian, "bob");
 }
 
-/// The CLI as `kmsctl escrow ...` will flatten it.
-#[derive(Parser)]
-struct TestCli {
-    #[command(subcommand)]
-    cmd: OfflineEscrowCommand,
-}
-
-fn run(args: &[&str]) -> (Result<(), EscrowError>, String) {
-    let mut argv = vec!["kmsctl"];
-    argv.extend_from_slice(args);
-    let cli = TestCli::try_parse_from(argv).unwrap();
-    let mut out = Vec::new();
-    let r = run_offline(cli.cmd, &mut out);
-    (r, String::from_utf8(out).unwrap())
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
 #[test]
-fn cli_ceremony_verify_combine_reshare() {
-    let tmp = tempfile::tempdir().unwrap();
-    let h = holders(&["alice", "bob", "carol"]);
-    let keys: Vec<PathBuf> = h
-        .iter()
-        .map(|h| {
-            let k = tmp.path().join(format!("{}.key", h.custodian.name));
-            std::fs::write(&k, h.identity.to_string().expose_secret()).unwrap();
-            k
-        })
-        .collect();
-    let dir = tmp.path().join("c1");
-    let specs: Vec<String> = h
-        .iter()
-        .map(|h| format!("{}={}", h.custodian.name, h.custodian.recipient))
-        .collect();
+fn manifest_parses_from_text_alone_with_typed_errors() {
+    let (_tmp, _dir, _h, m, _texts) = setup_3_of_5();
+    let json = m.to_json().unwrap();
+    assert_eq!(Manifest::parse(json.as_bytes()).unwrap(), m);
 
-    let mut args = vec!["ceremony", "--threshold", "2", "--out", p(&dir)];
-    for s in &specs {
-        args.extend(["--custodian", s.as_str()]);
-    }
-    let (r, out) = run(&args);
-    r.unwrap();
-    let m = Manifest::load(&dir).unwrap();
-    assert!(
-        out.contains(&format!("ceremony {}", m.ceremony_id)),
-        "{out}"
-    );
-    assert!(out.contains(&m.recovery_recipient), "{out}");
-    assert!(out.contains("share-carol.age"), "{out}");
-    assert!(
-        !out.to_ascii_uppercase().contains("AGE-SECRET-KEY"),
-        "{out}"
-    );
+    let mut value: serde_json::Value = serde_json::from_str(&json).unwrap();
+    value["extra"] = 1.into();
+    let e = Manifest::parse(value.to_string().as_bytes()).unwrap_err();
+    assert!(matches!(e, ManifestError::Json { .. }), "{e}");
+    assert!(e.to_string().contains("unknown field `extra`"), "{e}");
 
-    // A malformed --custodian is a clap error.
-    assert!(
-        TestCli::try_parse_from([
-            "kmsctl",
-            "ceremony",
-            "--threshold",
-            "2",
-            "--out",
-            "x",
-            "--custodian",
-            "alice"
-        ])
-        .is_err()
-    );
-
-    let alice_share = share_path(&dir, "alice");
-    let (r, out) = run(&[
-        "verify-share",
-        "--manifest",
-        p(&dir.join(MANIFEST_FILE_NAME)),
-        "--identity",
-        p(&keys[0]),
-        p(&alice_share),
-    ]);
-    r.unwrap();
-    assert_eq!(
-        out.trim(),
-        format!(
-            "share 1 of ceremony {} (custodian alice) is intact and belongs to this ceremony; 2 of 3 shares are needed to rebuild the recovery key",
-            m.ceremony_id
-        )
-    );
-    let (r, out) = run(&["verify-share", "--manifest", p(&dir), p(&alice_share)]);
-    let e = r.unwrap_err();
-    assert!(out.is_empty());
-    assert!(matches!(e.innermost(), EscrowError::StillEncrypted));
-    assert!(e.to_string().contains("share-alice.age"), "{e}");
-
-    // Combine with each custodian's key given; age tries each key on each file.
-    let key_out = tmp.path().join("recovery.key");
-    let (r, out) = run(&[
-        "combine",
-        "--manifest",
-        p(&dir),
-        "--identity",
-        p(&keys[0]),
-        "--identity",
-        p(&keys[2]),
-        "-o",
-        p(&key_out),
-        p(&alice_share),
-        p(&share_path(&dir, "carol")),
-    ]);
-    r.unwrap();
-    assert!(out.contains("matches the manifest"), "{out}");
-    assert!(
-        !out.to_ascii_uppercase().contains("AGE-SECRET-KEY"),
-        "{out}"
-    );
-    let idf = age::IdentityFile::from_file(p(&key_out).to_owned()).unwrap();
-    let mut rf = Vec::new();
-    idf.write_recipients_file(&mut rf).unwrap();
-    assert_eq!(String::from_utf8(rf).unwrap().trim(), m.recovery_recipient);
-
-    // The output file exists now: refused before anything is read.
-    let (r, _) = run(&[
-        "combine",
-        "--manifest",
-        p(&dir),
-        "--identity",
-        p(&keys[0]),
-        "-o",
-        p(&key_out),
-        p(&alice_share),
-    ]);
-    assert!(matches!(r, Err(EscrowError::IdentityFileExists { .. })));
-
-    // The same share twice: named by file.
-    let key_out2 = tmp.path().join("recovery2.key");
-    let (r, _) = run(&[
-        "combine",
-        "--manifest",
-        p(&dir),
-        "--identity",
-        p(&keys[0]),
-        "-o",
-        p(&key_out2),
-        p(&alice_share),
-        p(&alice_share),
-    ]);
-    let e = r.unwrap_err();
-    assert!(
-        matches!(e.innermost(), EscrowError::Duplicate { custodian, .. } if custodian == "alice")
-    );
-    assert!(!key_out2.exists());
-
-    // Only one share: not enough.
-    let (r, _) = run(&[
-        "combine",
-        "--manifest",
-        p(&dir),
-        "--identity",
-        p(&keys[1]),
-        "-o",
-        p(&key_out2),
-        p(&share_path(&dir, "bob")),
-    ]);
+    let mut value: serde_json::Value = serde_json::from_str(&json).unwrap();
+    value["threshold"] = 7.into();
+    let e = Manifest::parse(value.to_string().as_bytes()).unwrap_err();
     assert!(matches!(
-        r,
-        Err(EscrowError::NotEnoughShares { have: 1, need: 2 })
+        e,
+        ManifestError::Invalid {
+            problem: ManifestProblem::ThresholdAboveShares { .. }
+        }
     ));
-    assert!(!key_out2.exists());
-
-    // Re-share to two new custodians.
-    let nh = holders(&["dora", "emil"]);
-    let new_dir = tmp.path().join("c2");
-    let nspecs: Vec<String> = nh
-        .iter()
-        .map(|h| format!("{}={}", h.custodian.name, h.custodian.recipient))
-        .collect();
-    let mut args = vec![
-        "reshare",
-        "--manifest",
-        p(&dir),
-        "--threshold",
-        "2",
-        "--out",
-        p(&new_dir),
-        "--identity",
-        p(&keys[1]),
-        "--identity",
-        p(&keys[2]),
-    ];
-    for s in &nspecs {
-        args.extend(["--custodian", s.as_str()]);
-    }
-    let (bob_share, carol_share) = (share_path(&dir, "bob"), share_path(&dir, "carol"));
-    args.extend([p(&bob_share), p(&carol_share)]);
-    let (r, out) = run(&args);
-    r.unwrap();
-    let new = Manifest::load(&new_dir).unwrap();
-    assert_eq!(new.replaces.as_deref(), Some(m.ceremony_id.as_str()));
-    assert_eq!(new.recovery_recipient, m.recovery_recipient);
-    assert!(out.contains("replaces ceremony"), "{out}");
-    let texts = share_texts(&new_dir, &nh);
-    let id = combine(&new, &parse_all(&texts)).unwrap();
-    assert_eq!(id.recipient().to_string(), m.recovery_recipient);
+    assert_eq!(
+        e.to_string(),
+        "the escrow manifest is not valid: threshold 7 is above the number of shares 5"
+    );
 }

@@ -7,10 +7,9 @@ use std::path::Path;
 use std::str::FromStr;
 
 use age::secrecy::ExposeSecret;
+use kluis_age::fsutil;
 use ring::rand::{SecureRandom, SystemRandom};
 use zeroize::Zeroizing;
-
-use crate::fsutil;
 
 use super::error::EscrowError;
 

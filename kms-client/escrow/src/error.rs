@@ -1,4 +1,6 @@
-//! The one error type of the escrow module.
+//! The error types of the escrow: [`EscrowError`] for everything, [`ManifestProblem`] for
+//! what is wrong inside a manifest, and [`ManifestError`] for a manifest read from its
+//! text alone ([`crate::Manifest::parse`]).
 //!
 //! Every message is written for a custodian who rarely does this and may be doing it in a
 //! disaster: it says what is wrong and, where there is one, what to do. No message ever
@@ -7,7 +9,7 @@
 use std::io;
 use std::path::PathBuf;
 
-use crate::fsutil::{FsError, ReadLimitedError};
+use kluis_age::fsutil::{FsError, ReadLimitedError};
 
 /// Everything that can go wrong in an escrow ceremony, share check, combination or re-share.
 #[derive(Debug, thiserror::Error)]
@@ -496,6 +498,33 @@ pub enum ManifestProblem {
     },
 }
 
+/// Why a manifest given as JSON text (no file) was refused by [`crate::Manifest::parse`]:
+/// for example by a server that receives `manifest.json` over the wire.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ManifestError {
+    /// The text is not JSON of the manifest's shape (an unknown field is refused too).
+    #[error("this is not a Kluis escrow manifest: {source}")]
+    Json {
+        /// What the JSON parser said (line and column included).
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The manifest parsed, but its content is inconsistent.
+    #[error("the escrow manifest is not valid: {problem}")]
+    Invalid {
+        /// What is wrong.
+        #[source]
+        problem: ManifestProblem,
+    },
+}
+
+impl From<ManifestProblem> for ManifestError {
+    fn from(problem: ManifestProblem) -> Self {
+        ManifestError::Invalid { problem }
+    }
+}
+
 impl From<ManifestProblem> for EscrowError {
     fn from(problem: ManifestProblem) -> Self {
         EscrowError::ManifestInvalid { problem }
@@ -527,7 +556,7 @@ impl EscrowError {
     }
 
     /// Attaches the share file (as given on the command line) to an error about that share.
-    pub(crate) fn in_share_file(self, path: impl Into<PathBuf>) -> Self {
+    pub fn in_share_file(self, path: impl Into<PathBuf>) -> Self {
         EscrowError::InShareFile {
             path: path.into(),
             source: Box::new(self),

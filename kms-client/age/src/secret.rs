@@ -17,3 +17,14 @@ impl DataKey {
         &self.0
     }
 }
+
+/// A data key issued for one backup. Holds the plaintext key: no `Debug`.
+pub struct IssuedKey {
+    pub key_id: String,
+    pub keyring: String,
+    pub version: u32,
+    pub data_key: DataKey,
+    pub wrapped: Vec<u8>,
+    /// The escrow recovery recipient (`age1...`) in force, if any.
+    pub recovery_recipient: Option<String>,
+}

@@ -17,6 +17,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashSet;
+use std::convert::Infallible;
 use std::io::{self, Read, Write};
 use std::str::FromStr;
 
@@ -25,8 +26,7 @@ use age_core::format::{FILE_KEY_BYTES, FileKey, Stanza};
 use age_core::primitives::{aead_decrypt, aead_encrypt, hkdf};
 use zeroize::Zeroizing;
 
-use crate::client::{ClientError, IssuedKey};
-use crate::secret::DataKey;
+use crate::secret::{DataKey, IssuedKey};
 use crate::stream::{self, StreamError, Tuning, header};
 
 /// The age stanza tag of a Kluis data key.
@@ -49,9 +49,11 @@ pub enum SealError {
     WriteOutput(#[source] io::Error),
 }
 
-/// Errors unsealing a stream.
+/// Errors unsealing a stream. `E` is the error of the resolver that asks the server for
+/// the data key of a Kluis stanza ([`KluisIdentity`]); [`Infallible`] when no server is
+/// asked (offline, with recovery identities only).
 #[derive(Debug, thiserror::Error)]
-pub enum UnsealError {
+pub enum UnsealError<E = Infallible> {
     #[error("the input is empty, not a sealed backup")]
     Empty,
     #[error("the input is not a sealed backup (no age v1 header)")]
@@ -71,7 +73,7 @@ pub enum UnsealError {
     #[error("the data key from the server does not open this file's key (the Kluis stanza was altered)")]
     FileKeyMismatch,
     #[error("{0}")]
-    Server(#[source] ClientError),
+    Server(#[source] E),
     #[error("the sealed file is truncated (its last chunk is missing)")]
     Truncated,
     #[error("the sealed payload is damaged, truncated or altered (a chunk failed to authenticate)")]
@@ -99,7 +101,7 @@ fn wrap_key(dk: &DataKey, keyring: &str, key_id: &str) -> Zeroizing<[u8; 32]> {
 }
 
 /// Reads a Kluis stanza; `Ok(None)` if the stanza is of another kind.
-pub fn parse_stanza(s: &Stanza) -> Result<Option<KluisStanza>, UnsealError> {
+pub fn parse_stanza<E>(s: &Stanza) -> Result<Option<KluisStanza>, UnsealError<E>> {
     if s.tag != STANZA_TAG {
         return Ok(None);
     }
@@ -140,37 +142,38 @@ impl age::Recipient for KluisRecipient<'_> {
 }
 
 /// age identity that resolves a Kluis stanza to its data key (normally by asking
-/// the server) and remembers why it failed, so the caller gets the real reason.
-pub struct KluisIdentity<F>
+/// the server, whose error is `E`) and remembers why it failed, so the caller gets
+/// the real reason.
+pub struct KluisIdentity<F, E = Infallible>
 where
-    F: Fn(&KluisStanza) -> Result<DataKey, ClientError>,
+    F: Fn(&KluisStanza) -> Result<DataKey, E>,
 {
     resolve: F,
-    failure: RefCell<Option<UnsealError>>,
+    failure: RefCell<Option<UnsealError<E>>>,
 }
 
-impl<F> KluisIdentity<F>
+impl<F, E> KluisIdentity<F, E>
 where
-    F: Fn(&KluisStanza) -> Result<DataKey, ClientError>,
+    F: Fn(&KluisStanza) -> Result<DataKey, E>,
 {
     pub fn new(resolve: F) -> Self {
         Self { resolve, failure: RefCell::new(None) }
     }
 
-    fn fail(&self, e: UnsealError) -> Option<Result<FileKey, age::DecryptError>> {
+    fn fail(&self, e: UnsealError<E>) -> Option<Result<FileKey, age::DecryptError>> {
         *self.failure.borrow_mut() = Some(e);
         Some(Err(age::DecryptError::KeyDecryptionFailed))
     }
 
     /// Why resolving failed, if it did.
-    pub fn take_failure(&self) -> Option<UnsealError> {
+    pub fn take_failure(&self) -> Option<UnsealError<E>> {
         self.failure.borrow_mut().take()
     }
 }
 
-impl<F> age::Identity for KluisIdentity<F>
+impl<F, E> age::Identity for KluisIdentity<F, E>
 where
-    F: Fn(&KluisStanza) -> Result<DataKey, ClientError>,
+    F: Fn(&KluisStanza) -> Result<DataKey, E>,
 {
     fn unwrap_stanza(&self, stanza: &Stanza) -> Option<Result<FileKey, age::DecryptError>> {
         let st = match parse_stanza(stanza) {
@@ -265,7 +268,7 @@ pub(crate) fn seal_with<R: Read, W: Write>(
 }
 
 /// The unseal error for a header that could not be read.
-pub(crate) fn header_read_error(e: header::HeaderError) -> UnsealError {
+pub fn header_read_error<E>(e: header::HeaderError) -> UnsealError<E> {
     match e {
         header::HeaderError::Empty => UnsealError::Empty,
         header::HeaderError::NotAge => UnsealError::NotSealed,
@@ -274,7 +277,7 @@ pub(crate) fn header_read_error(e: header::HeaderError) -> UnsealError {
     }
 }
 
-fn header_error(e: age::DecryptError) -> UnsealError {
+fn header_error<E>(e: age::DecryptError) -> UnsealError<E> {
     match e {
         age::DecryptError::InvalidMac => UnsealError::HeaderMac,
         // No identity opens a stanza; or one recognised its stanza and could not open it.
@@ -284,33 +287,43 @@ fn header_error(e: age::DecryptError) -> UnsealError {
     }
 }
 
-/// The resolver type of an unseal that uses no server.
-pub type NoServer = fn(&KluisStanza) -> Result<DataKey, ClientError>;
+/// The resolver type of an unseal that uses no server (`E`: the error type the caller's
+/// [`UnsealError`] carries).
+pub type NoServer<E = Infallible> = fn(&KluisStanza) -> Result<DataKey, E>;
 
 /// Unseals `input` into `output` with the given identities (a [`KluisIdentity`]
 /// and/or recovery identities). Bytes are written only after their chunk
 /// authenticated; an error at any point means the output must be discarded.
-pub fn unseal<R: Read, W: Write, F>(
+pub fn unseal<R: Read, W: Write, F, E>(
     input: R,
-    kluis: Option<&KluisIdentity<F>>,
+    kluis: Option<&KluisIdentity<F, E>>,
     others: &[&dyn age::Identity],
     output: W,
-) -> Result<(W, Moved), UnsealError>
+) -> Result<(W, Moved), UnsealError<E>>
 where
-    F: Fn(&KluisStanza) -> Result<DataKey, ClientError>,
+    F: Fn(&KluisStanza) -> Result<DataKey, E>,
 {
     unseal_with(input, kluis, others, output, Tuning::default())
 }
 
+/// Unseals with recovery identities only: no server, no network.
+pub fn unseal_offline<R: Read, W: Write>(
+    input: R,
+    recovery: &[&dyn age::Identity],
+    output: W,
+) -> Result<(W, Moved), UnsealError> {
+    unseal(input, None::<&KluisIdentity<NoServer>>, recovery, output)
+}
+
 /// Finds the file key: the first identity that opens a stanza wins (Kluis
 /// first, then the recovery identities), as the `age` crate does.
-fn unwrap_file_key<F>(
+fn unwrap_file_key<F, E>(
     stanzas: &[Stanza],
-    kluis: Option<&KluisIdentity<F>>,
+    kluis: Option<&KluisIdentity<F, E>>,
     others: &[&dyn age::Identity],
-) -> Result<FileKey, UnsealError>
+) -> Result<FileKey, UnsealError<E>>
 where
-    F: Fn(&KluisStanza) -> Result<DataKey, ClientError>,
+    F: Fn(&KluisStanza) -> Result<DataKey, E>,
 {
     let probe = TagProbe::default();
     let mut ids: Vec<&dyn age::Identity> = Vec::with_capacity(others.len() + 2);
@@ -345,15 +358,15 @@ where
 }
 
 /// [`unseal`] with the given stream tuning (threads, batch size).
-pub(crate) fn unseal_with<R: Read, W: Write, F>(
+pub(crate) fn unseal_with<R: Read, W: Write, F, E>(
     mut input: R,
-    kluis: Option<&KluisIdentity<F>>,
+    kluis: Option<&KluisIdentity<F, E>>,
     others: &[&dyn age::Identity],
     mut output: W,
     tuning: Tuning,
-) -> Result<(W, Moved), UnsealError>
+) -> Result<(W, Moved), UnsealError<E>>
 where
-    F: Fn(&KluisStanza) -> Result<DataKey, ClientError>,
+    F: Fn(&KluisStanza) -> Result<DataKey, E>,
 {
     let (hdr, read_past) = header::read(&mut input).map_err(header_read_error)?;
     let file_key = unwrap_file_key(&hdr.stanzas, kluis, others)?;
@@ -396,7 +409,7 @@ mod tests {
         }
     }
 
-    fn resolver(st: &KluisStanza) -> Result<DataKey, ClientError> {
+    fn resolver(st: &KluisStanza) -> Result<DataKey, Infallible> {
         assert_eq!(st.wrapped, vec![1u8; 65]);
         Ok(DataKey::from_slice(&[7u8; 32]).unwrap())
     }
@@ -457,7 +470,7 @@ mod tests {
         assert!(matches!(run(b"hello world, this is not sealed"), Err(UnsealError::NotSealed)));
         assert!(matches!(run(b""), Err(UnsealError::Empty)));
         // A resolver whose key is wrong: the file key does not open.
-        let wrong = KluisIdentity::new(|_: &KluisStanza| Ok(DataKey::from_slice(&[8u8; 32]).unwrap()));
+        let wrong = KluisIdentity::new(|_: &KluisStanza| Ok::<_, Infallible>(DataKey::from_slice(&[8u8; 32]).unwrap()));
         assert!(matches!(
             unseal(sealed.as_slice(), Some(&wrong), &[], Vec::new()),
             Err(UnsealError::FileKeyMismatch)

@@ -2,6 +2,7 @@
 //! oracles both ways (the `age` crate and the stock `age` command), tampering,
 //! hand-made streams, odd readers and writers, and the C2SP age testkit vectors.
 
+use std::convert::Infallible;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -12,9 +13,8 @@ use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
 
 use super::header::{self, HeaderError};
 use super::{CHUNK_SIZE, ENC_CHUNK_SIZE, NONCE_SIZE, TAG_SIZE, Tuning};
-use crate::client::{ClientError, IssuedKey};
 use crate::sealed::{KluisIdentity, KluisStanza, NoServer, SealError, UnsealError, seal_with, unseal_with};
-use crate::secret::DataKey;
+use crate::secret::{DataKey, IssuedKey};
 
 const DK: [u8; 32] = [7u8; 32];
 const WRAPPED: [u8; 65] = [1u8; 65];
@@ -74,7 +74,7 @@ fn issued(recovery: Option<&age::x25519::Identity>) -> IssuedKey {
     }
 }
 
-fn resolver(st: &KluisStanza) -> Result<DataKey, ClientError> {
+fn resolver(st: &KluisStanza) -> Result<DataKey, Infallible> {
     assert_eq!(st.wrapped, WRAPPED.to_vec());
     Ok(DataKey::from_slice(&DK).unwrap())
 }
@@ -754,7 +754,7 @@ fn c2sp_age_testkit_vectors() {
     eprintln!("ran {ran} C2SP age testkit vectors from {}", dir.display());
 }
 
-/// Throughput probe, not a pass/fail test: `cargo test --release -p kms-client
+/// Throughput probe, not a pass/fail test: `cargo test --release -p kluis-age
 /// stream_throughput -- --ignored --nocapture`. Memory to a sink, so no I/O and no server.
 #[test]
 #[ignore]

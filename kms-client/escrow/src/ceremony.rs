@@ -5,10 +5,9 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use blahaj::{Share, Sharks};
+use kluis_age::fsutil;
 use ring::rand::{SecureRandom, SystemRandom};
 use zeroize::Zeroizing;
-
-use crate::fsutil;
 
 use super::error::EscrowError;
 use super::manifest::{self, CustodianEntry, MANIFEST_FILE_NAME, MANIFEST_FORMAT, Manifest};
