@@ -1,5 +1,6 @@
 //! The typed async client. Generated protobuf types stay inside this module.
 
+pub use kluis_proto::states::{ApprovalState, DataKeyState, DestructionKind, DestructionReason, DestructionState, VersionState};
 use std::collections::BTreeMap;
 
 use kluis_age::secret::{DataKey, IssuedKey};
@@ -85,7 +86,7 @@ pub struct ApprovalInfo {
     pub requested_by: String,
     pub requested_unix: i64,
     pub expires_unix: i64,
-    pub state: String,
+    pub state: ApprovalState,
     pub approved_by: String,
 }
 
@@ -96,7 +97,7 @@ fn approval(a: pb::Approval) -> ApprovalInfo {
         requested_by: a.requested_by,
         requested_unix: a.requested_unix,
         expires_unix: a.expires_unix,
-        state: a.state,
+        state: ApprovalState::from_wire(a.approval_state, &a.state),
         approved_by: a.approved_by,
     }
 }
@@ -161,7 +162,7 @@ pub struct DataKeyInfo {
     pub created_unix: i64,
     /// 0: does not expire.
     pub expires_unix: i64,
-    pub state: String,
+    pub state: DataKeyState,
     pub destroyed_unix: i64,
     pub issued_to: String,
     pub escrowed: bool,
@@ -173,17 +174,17 @@ pub struct DataKeyInfo {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct DestructionInfo {
     pub id: u64,
-    pub target_kind: String,
+    pub target_kind: DestructionKind,
     pub target: String,
     pub keyring: String,
     pub requested_by: String,
     pub requested_unix: i64,
     pub due_unix: i64,
-    pub state: String,
+    pub state: DestructionState,
     pub cancelled_by: String,
     pub done_unix: i64,
     pub approval_id: u64,
-    pub reason: String,
+    pub reason: DestructionReason,
 }
 
 /// What a destroy request led to.
@@ -216,7 +217,7 @@ pub struct Rewrapped {
 pub struct KeyringVersionInfo {
     pub version: u32,
     pub created_unix: i64,
-    pub state: String,
+    pub state: VersionState,
 }
 
 /// The escrow manifest in force at the server.
@@ -506,7 +507,7 @@ impl KmsClient {
             backup_id: k.backup_id,
             created_unix: k.created_unix,
             expires_unix: k.expires_unix,
-            state: k.state,
+            state: DataKeyState::from_wire(k.key_state, &k.state),
             destroyed_unix: k.destroyed_unix,
             issued_to: k.issued_to,
             escrowed: k.escrowed,
@@ -583,17 +584,17 @@ impl KmsClient {
 fn destruction(d: pb::Destruction) -> DestructionInfo {
     DestructionInfo {
         id: d.id,
-        target_kind: d.target_kind,
+        target_kind: DestructionKind::from_wire(d.kind, &d.target_kind),
         target: d.target,
         keyring: d.keyring,
         requested_by: d.requested_by,
         requested_unix: d.requested_unix,
         due_unix: d.due_unix,
-        state: d.state,
+        state: DestructionState::from_wire(d.destruction_state, &d.state),
         cancelled_by: d.cancelled_by,
         done_unix: d.done_unix,
         approval_id: d.approval_id,
-        reason: d.reason,
+        reason: DestructionReason::from_wire(d.destruction_reason, &d.reason),
     }
 }
 
@@ -615,7 +616,11 @@ fn keyring_info(k: pb::Keyring) -> KeyringInfo {
         versions: k
             .versions
             .into_iter()
-            .map(|v| KeyringVersionInfo { version: v.version, created_unix: v.created_unix, state: v.state })
+            .map(|v| KeyringVersionInfo {
+                version: v.version,
+                created_unix: v.created_unix,
+                state: VersionState::from_wire(v.version_state, &v.state),
+            })
             .collect(),
         rotation_period_days: k.rotation_period_days,
         next_rotation_unix: k.next_rotation_unix,

@@ -9,11 +9,12 @@ use tonic::{Request, Response, Status};
 use tracing::instrument;
 
 use crate::auth::{Action, AuthError, Authenticator, Authorized, Policy, Principal};
-use crate::keys::{DestroyOutcome, KeyError, KeyManager, KeyringInfo};
+use crate::keys::{DestroyOutcome, KeyError, KeyManager, KeyringInfo, WireDestruction, wire_version_state};
+use kluis_proto::states as wire;
 use crate::master::MasterError;
 use crate::metrics::Metrics;
 use crate::audit::AuditEvent;
-use crate::model::{RestoreTestRecord, VersionState};
+use crate::model::{Outcome, RestoreTestRecord};
 use crate::store::StoreError;
 
 /// Shared state of the handlers.
@@ -45,21 +46,21 @@ impl Drop for Ev {
 
 impl Ev {
 
-    fn with_outcome(&self, outcome: String) -> AuditEvent {
-        let mut e = self.keys.event(&self.principal, self.action.name(), self.keyring.as_deref(), self.backup_id.as_deref(), &outcome);
+    fn with_outcome(&self, outcome: Outcome) -> AuditEvent {
+        let mut e = self.keys.event(&self.principal, self.action.name(), self.keyring.as_deref(), self.backup_id.as_deref(), outcome);
         e.key_id = self.key_id.clone();
         e
     }
 
     fn ok(&self) -> AuditEvent {
-        self.with_outcome("ok".into())
+        self.with_outcome(Outcome::ok())
     }
 }
 
-fn outcome_of(s: &Status) -> String {
+fn outcome_of(s: &Status) -> Outcome {
     match s.code() {
-        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => format!("denied: {}", s.message()),
-        code => format!("failed: {code:?}: {}", s.message()),
+        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => Outcome::Denied(s.message().to_owned()),
+        code => Outcome::Failed { kind: format!("{code:?}"), detail: s.message().to_owned() },
     }
 }
 
@@ -220,14 +221,9 @@ fn keyring_pb(k: KeyringInfo) -> pb::Keyring {
         versions: k
             .versions
             .into_iter()
-            .map(|(version, created_unix, state)| pb::KeyringVersion {
-                version,
-                created_unix,
-                state: match state {
-                    VersionState::Active => "active",
-                    VersionState::Retired => "retired",
-                }
-                .to_owned(),
+            .map(|(version, created_unix, state)| {
+                let state = wire_version_state(state);
+                pb::KeyringVersion { version, created_unix, state: state.as_str().into(), version_state: state.to_wire() }
             })
             .collect(),
         created_unix: k.created,
@@ -245,7 +241,7 @@ fn keyring_pb(k: KeyringInfo) -> pb::Keyring {
 
 fn destruction_pb(d: crate::model::DestructionRecord, held: bool) -> pb::Destruction {
     use crate::model::DestructionState;
-    let (kind, target) = d.kind_and_target();
+    let w = WireDestruction::of(&d, held);
     let (by, done) = match &d.state {
         DestructionState::Cancelled { by, at } => (by.clone(), *at),
         DestructionState::Done { at } => (String::new(), *at),
@@ -253,11 +249,14 @@ fn destruction_pb(d: crate::model::DestructionRecord, held: bool) -> pb::Destruc
     };
     pb::Destruction {
         id: d.id,
-        target_kind: kind.into(),
-        target,
+        target_kind: w.kind.as_str().into(),
+        target: w.target,
         keyring: d.target.keyring().to_owned(),
-        state: d.state_name(held).into(),
-        reason: d.reason_name().into(),
+        state: w.state.as_str().into(),
+        reason: w.reason.as_str().into(),
+        destruction_state: w.state.to_wire(),
+        kind: w.kind.to_wire(),
+        destruction_reason: w.reason.to_wire(),
         requested_by: d.requested_by,
         requested_unix: d.requested,
         due_unix: d.due,
@@ -329,7 +328,7 @@ impl pb::key_service_server::KeyService for Api {
         ev.key_id = Some(req.get_ref().key_id.clone()).filter(|k| !k.is_empty());
         let auth = self.authorize(&req, &mut ev).await?;
         let r = req.into_inner();
-        let outcome = if r.ok { "ok: restore test passed".to_owned() } else { format!("ok: restore test FAILED: {}", r.detail) };
+        let outcome = if r.ok { Outcome::ok_with("restore test passed") } else { Outcome::ok_with(format!("restore test FAILED: {}", r.detail)) };
         let rec = RestoreTestRecord {
             time: 0,
             keyring: r.keyring,
@@ -364,11 +363,11 @@ impl pb::key_service_server::KeyService for Api {
 fn approval_pb(a: crate::model::ApprovalRecord, now: i64) -> pb::Approval {
     let action = crate::keys::describe_action(&a.action);
     let state = if a.approved_by.is_some() {
-        "approved"
+        wire::ApprovalState::Approved
     } else if now >= a.expires {
-        "expired"
+        wire::ApprovalState::Expired
     } else {
-        "pending"
+        wire::ApprovalState::Pending
     };
     pb::Approval {
         id: a.id,
@@ -376,8 +375,9 @@ fn approval_pb(a: crate::model::ApprovalRecord, now: i64) -> pb::Approval {
         requested_by: a.requested_by,
         requested_unix: a.requested,
         expires_unix: a.expires,
-        state: state.to_owned(),
+        state: state.as_str().into(),
         approved_by: a.approved_by.unwrap_or_default(),
+        approval_state: state.to_wire(),
     }
 }
 
@@ -391,7 +391,7 @@ impl pb::admin_service_server::AdminService for Api {
         let mut ev = self.ev(Action::RetireVersions, Some(&req.get_ref().keyring));
         let auth = self.authorize(&req, &mut ev).await?;
         let r = req.get_ref();
-        let outcome = format!("ok: pending approval to retire versions below {}", r.below_version);
+        let outcome = Outcome::ok_with(format!("pending approval to retire versions below {}", r.below_version));
         let a = self.settle(&ev, self.keys.request_retire(&auth, &r.keyring, r.below_version, ev.with_outcome(outcome)).await).await?;
         Ok(Response::new(approval_pb(a, self.keys.now())))
     }
@@ -401,7 +401,7 @@ impl pb::admin_service_server::AdminService for Api {
         let mut ev = self.ev(Action::Approve, None);
         let auth = self.authorize(&req, &mut ev).await?;
         let id = req.get_ref().id;
-        let a = self.settle(&ev, self.keys.approve(&auth, id, ev.with_outcome(format!("ok: approved and carried out request {id}"))).await).await?;
+        let a = self.settle(&ev, self.keys.approve(&auth, id, ev.with_outcome(Outcome::ok_with(format!("approved and carried out request {id}")))).await).await?;
         tracing::warn!(id, "destructive request approved and carried out");
         Ok(Response::new(approval_pb(a, self.keys.now())))
     }
@@ -419,7 +419,7 @@ impl pb::admin_service_server::AdminService for Api {
         let mut ev = self.ev(Action::ChangeGrant, Some(&req.get_ref().keyring));
         let auth = self.authorize(&req, &mut ev).await?;
         let r = req.into_inner();
-        let what = format!("ok: {} {} {}", if r.grant { "granted" } else { "revoked" }, r.role, r.principal);
+        let what = Outcome::ok_with(format!("{} {} {}", if r.grant { "granted" } else { "revoked" }, r.role, r.principal));
         let set = self.settle(&ev, self.keys.change_grant(&auth, &r.keyring, &r.principal, &r.role, r.grant, ev.with_outcome(what)).await).await?;
         self.policy.set_runtime(&set);
         tracing::info!(principal = %r.principal, role = %r.role, grant = r.grant, "grant changed");
@@ -502,7 +502,7 @@ impl pb::admin_service_server::AdminService for Api {
     async fn remove_escrow(&self, req: Request<pb::RemoveEscrowRequest>) -> Result<Response<pb::Approval>, Status> {
         let mut ev = self.ev(Action::RemoveEscrow, None);
         let auth = self.authorize(&req, &mut ev).await?;
-        let a = self.settle(&ev, self.keys.request_remove_escrow(&auth, ev.with_outcome("ok: pending approval to remove the escrow manifest".into())).await).await?;
+        let a = self.settle(&ev, self.keys.request_remove_escrow(&auth, ev.with_outcome(Outcome::ok_with("pending approval to remove the escrow manifest"))).await).await?;
         Ok(Response::new(approval_pb(a, self.keys.now())))
     }
 
@@ -511,7 +511,7 @@ impl pb::admin_service_server::AdminService for Api {
         let mut ev = self.ev(Action::SetKeyringPolicy, Some(&req.get_ref().name));
         let auth = self.authorize(&req, &mut ev).await?;
         let r = req.into_inner();
-        let what = format!("ok: retention_days={:?} rotation_period_days={:?}", r.retention_days, r.rotation_period_days);
+        let what = Outcome::ok_with(format!("retention_days={:?} rotation_period_days={:?}", r.retention_days, r.rotation_period_days));
         let k = self.settle(&ev, self.keys.set_keyring_policy(&auth, &r.name, r.retention_days, r.rotation_period_days, ev.with_outcome(what)).await).await?;
         Ok(Response::new(keyring_pb(k)))
     }
@@ -521,7 +521,7 @@ impl pb::admin_service_server::AdminService for Api {
         let mut ev = self.ev(Action::SetLegalHold, Some(&req.get_ref().keyring));
         let auth = self.authorize(&req, &mut ev).await?;
         let r = req.into_inner();
-        let what = if r.hold { format!("ok: legal hold placed: {}", r.reason) } else { "ok: legal hold released".to_owned() };
+        let what = if r.hold { Outcome::ok_with(format!("legal hold placed: {}", r.reason)) } else { Outcome::ok_with("legal hold released") };
         let k = self.settle(&ev, self.keys.set_legal_hold(&auth, &r.keyring, r.hold, &r.reason, ev.with_outcome(what)).await).await?;
         tracing::warn!(hold = r.hold, "legal hold changed");
         Ok(Response::new(keyring_pb(k)))
@@ -538,8 +538,8 @@ impl pb::admin_service_server::AdminService for Api {
                 ev.backup_id = Some(k.backup_id.clone());
                 self.done(&ev).await?;
                 let (state, destroyed) = match k.state {
-                    crate::model::KeyState::Active => ("active", 0),
-                    crate::model::KeyState::Destroyed { at } => ("destroyed", at),
+                    crate::model::KeyState::Active => (wire::DataKeyState::Active, 0),
+                    crate::model::KeyState::Destroyed { at } => (wire::DataKeyState::Destroyed, at),
                 };
                 Ok(Response::new(pb::DataKeyInfo {
                     key_id,
@@ -548,7 +548,8 @@ impl pb::admin_service_server::AdminService for Api {
                     backup_id: k.backup_id,
                     created_unix: k.created,
                     expires_unix: k.expires.unwrap_or(0),
-                    state: state.into(),
+                    state: state.as_str().into(),
+                    key_state: state.to_wire(),
                     destroyed_unix: destroyed,
                     issued_to: k.issued_to,
                     escrowed: k.escrowed,
@@ -565,7 +566,7 @@ impl pb::admin_service_server::AdminService for Api {
         let mut ev = self.ev(Action::DestroyKey, None);
         ev.key_id = Some(req.get_ref().key_id.clone());
         let auth = self.authorize_for_key(&req, &mut ev, &req.get_ref().key_id).await?;
-        let outcome = "ok: destruction requested".to_owned();
+        let outcome = Outcome::ok_with("destruction requested");
         let o = self.settle(&ev, self.keys.request_destroy_key(&auth, &req.get_ref().key_id, ev.with_outcome(outcome)).await).await?;
         Ok(Response::new(self.destroy_pb(o)))
     }
@@ -574,7 +575,7 @@ impl pb::admin_service_server::AdminService for Api {
     async fn destroy_keyring(&self, req: Request<pb::DestroyKeyringRequest>) -> Result<Response<pb::DestroyResponse>, Status> {
         let mut ev = self.ev(Action::DestroyKeyring, Some(&req.get_ref().name));
         let auth = self.authorize(&req, &mut ev).await?;
-        let outcome = "ok: pending approval to destroy the keyring".to_owned();
+        let outcome = Outcome::ok_with("pending approval to destroy the keyring");
         let o = self.settle(&ev, self.keys.request_destroy_keyring(&auth, &req.get_ref().name, ev.with_outcome(outcome)).await).await?;
         Ok(Response::new(self.destroy_pb(o)))
     }
@@ -585,7 +586,7 @@ impl pb::admin_service_server::AdminService for Api {
         let keyring = self.keys.destruction_keyring(id);
         let mut ev = self.ev(Action::CancelDestruction, keyring.as_deref());
         let auth = self.authorize(&req, &mut ev).await?;
-        let d = self.settle(&ev, self.keys.cancel_destruction(&auth, id, ev.with_outcome(format!("ok: destruction {id} cancelled"))).await).await?;
+        let d = self.settle(&ev, self.keys.cancel_destruction(&auth, id, ev.with_outcome(Outcome::ok_with(format!("destruction {id} cancelled")))).await).await?;
         Ok(Response::new(destruction_pb(d, false)))
     }
 

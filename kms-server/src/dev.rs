@@ -121,6 +121,6 @@ pub fn write_client_configs(dir: &Path, addr: SocketAddr) -> Result<PathBuf, Ser
 
 /// Creates the dev keyring `name` as the server itself (audited as `kms-server dev`).
 pub async fn bootstrap_keyring(keys: &crate::keys::KeyManager, name: &str) -> Result<(), crate::keys::KeyError> {
-    let ev = keys.event("kms-server dev", "CreateKeyring", Some(name), None, "ok: dev bootstrap");
+    let ev = keys.event("kms-server dev", "CreateKeyring", Some(name), None, crate::model::Outcome::ok_with("dev bootstrap"));
     keys.create_keyring_unchecked(name, 0, 0, ev).await.map(|_| ())
 }

@@ -59,34 +59,6 @@ impl DestructionTarget {
     }
 }
 
-impl DestructionRecord {
-    /// `("key", key id)` or `("keyring", name)`.
-    pub fn kind_and_target(&self) -> (&'static str, String) {
-        match &self.target {
-            DestructionTarget::Key { id, .. } => ("key", hex::encode(id)),
-            DestructionTarget::Keyring { name } => ("keyring", name.clone()),
-        }
-    }
-
-    /// `scheduled`, `held` (scheduled, its keyring under a legal hold), `cancelled` or `destroyed`.
-    pub fn state_name(&self, held: bool) -> &'static str {
-        match self.state {
-            DestructionState::Scheduled if held => "held",
-            DestructionState::Scheduled => "scheduled",
-            DestructionState::Cancelled { .. } => "cancelled",
-            DestructionState::Done { .. } => "destroyed",
-        }
-    }
-
-    /// `request` or `expiry`.
-    pub fn reason_name(&self) -> &'static str {
-        match self.reason {
-            DestructionReason::Request => "request",
-            DestructionReason::Expiry => "expiry",
-        }
-    }
-}
-
 /// Where a destruction stands.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub enum DestructionState {
@@ -200,5 +172,81 @@ impl EscrowInfo {
     /// The recovery recipient in force, if the manifest was not removed.
     pub fn in_force(&self) -> Option<&str> {
         self.removed.is_none().then_some(self.recovery_recipient.as_str())
+    }
+}
+
+/// How a request ended, as the audit trail records it. Written into each audit record
+/// as text (`ok`, `ok: DETAIL`, `denied: WHY`, `failed: KIND: WHY`), which the chain
+/// hashes; read back with [`Outcome::parse`], never by matching prefixes elsewhere.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// Done; with what was done when there is more to say.
+    Ok(Option<String>),
+    /// Refused: the caller may not (role, certificate).
+    Denied(String),
+    /// Not done: what kind of failure (the gRPC code's name) and why.
+    Failed { kind: String, detail: String },
+}
+
+impl Outcome {
+    pub fn ok() -> Self {
+        Outcome::Ok(None)
+    }
+
+    pub fn ok_with(detail: impl Into<String>) -> Self {
+        Outcome::Ok(Some(detail.into()))
+    }
+
+    pub fn is_ok(&self) -> bool {
+        matches!(self, Outcome::Ok(_))
+    }
+
+    /// Reads the text form back. Text in no known form (never written by Kluis) is a
+    /// failure of kind `unknown`, so a report never counts it as a success.
+    pub fn parse(text: &str) -> Self {
+        if text == "ok" {
+            return Outcome::Ok(None);
+        }
+        if let Some(d) = text.strip_prefix("ok: ") {
+            return Outcome::Ok(Some(d.to_owned()));
+        }
+        if let Some(d) = text.strip_prefix("denied: ") {
+            return Outcome::Denied(d.to_owned());
+        }
+        if let Some((kind, detail)) = text.strip_prefix("failed: ").and_then(|r| r.split_once(": ")) {
+            return Outcome::Failed { kind: kind.to_owned(), detail: detail.to_owned() };
+        }
+        Outcome::Failed { kind: "unknown".to_owned(), detail: text.to_owned() }
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Ok(None) => f.write_str("ok"),
+            Outcome::Ok(Some(d)) => write!(f, "ok: {d}"),
+            Outcome::Denied(d) => write!(f, "denied: {d}"),
+            Outcome::Failed { kind, detail } => write!(f, "failed: {kind}: {detail}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_round_trip_through_their_text() {
+        for o in [
+            Outcome::ok(),
+            Outcome::ok_with("version 1 -> 2"),
+            Outcome::Denied("principal \"h\" may not UnwrapDataKey on keyring \"ehr\"".into()),
+            Outcome::Failed { kind: "FailedPrecondition".into(), detail: "data key x was destroyed on 2026-01-01: really".into() },
+        ] {
+            assert_eq!(Outcome::parse(&o.to_string()), o, "{o}");
+        }
+        assert_eq!(Outcome::ok().to_string(), "ok");
+        assert!(!Outcome::parse("okay").is_ok(), "only the written forms are read as success");
+        assert!(matches!(Outcome::parse("failed: no colon"), Outcome::Failed { ref kind, .. } if kind == "unknown"));
     }
 }

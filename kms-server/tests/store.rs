@@ -73,7 +73,7 @@ fn event(principal: &str) -> AuditEvent {
         keyring: Some("default".into()),
         key_id: Some("00112233445566778899aabbccddeeff".into()),
         backup_id: Some("b".into()),
-        outcome: "ok".into(),
+        outcome: kms_server::model::Outcome::ok(),
     }
 }
 
@@ -97,7 +97,7 @@ fn make_format_1(path: &Path, n: u64) -> Vec<kluis_proto::audit::AuditRecord> {
                 keyring: e.keyring,
                 key_id: e.key_id,
                 backup_id: e.backup_id,
-                outcome: e.outcome,
+                outcome: e.outcome.to_string(),
                 prev: prev.clone(),
                 hash: String::new(),
             };

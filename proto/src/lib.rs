@@ -37,6 +37,7 @@ pub mod v1 {
 
 pub mod audit;
 pub mod report;
+pub mod states;
 
 /// The encoded `FileDescriptorSet` of the contract, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("kluis_v1_descriptor");

@@ -3,6 +3,10 @@
 //!
 //! Times are RFC 3339 UTC strings. Lists that could grow with the registry
 //! (untested backups) are capped; the `*_total` field next to them is exact.
+//!
+//! Version skew: readers ignore fields they do not know, so a server that adds one does
+//! not break an older `kmsctl`; a field is only ever added, never renamed or retyped
+//! (the `format` tag changes if a field must change meaning).
 
 use serde::{Deserialize, Serialize};
 
@@ -14,7 +18,6 @@ pub const UNTESTED_CAP: usize = 1000;
 
 /// The whole report.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Report {
     /// Always [`REPORT_FORMAT`].
     pub format: String,
@@ -30,7 +33,6 @@ pub struct Report {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct MasterEntry {
     pub description: String,
     pub generation: u32,
@@ -38,7 +40,6 @@ pub struct MasterEntry {
 
 /// The escrow manifest in force.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct EscrowEntry {
     pub installed: bool,
     pub ceremony_id: Option<String>,
@@ -53,7 +54,6 @@ pub struct EscrowEntry {
 
 /// Everything about one keyring.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct KeyringReport {
     pub name: String,
     pub created: String,
@@ -93,7 +93,6 @@ pub struct KeyringReport {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct VersionEntry {
     pub version: u32,
     pub created: String,
@@ -105,14 +104,12 @@ pub struct VersionEntry {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RotationEntry {
     pub version: u32,
     pub time: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct BackupEntry {
     pub backup_id: String,
     pub key_id: String,
@@ -120,7 +117,6 @@ pub struct BackupEntry {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RestoreTestEntry {
     pub time: String,
     pub backup_id: String,
@@ -136,7 +132,6 @@ pub struct RestoreTestEntry {
 
 /// One entry of the deviation register.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct DeviationEntry {
     pub time: String,
     /// `restore-test-failed`, `unwrap-failed` or `unwrap-refused`.
@@ -150,7 +145,6 @@ pub struct DeviationEntry {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct DestructionEntry {
     pub id: u64,
     /// `key` or `keyring`.
@@ -167,7 +161,6 @@ pub struct DestructionEntry {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct HoldEntry {
     pub by: String,
     pub since: String,
@@ -175,11 +168,42 @@ pub struct HoldEntry {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ApprovalEntry {
     pub id: u64,
     pub action: String,
     pub requested_by: String,
     pub requested: String,
     pub expires: String,
+}
+
+#[cfg(test)]
+mod skew_tests {
+    use super::*;
+
+    #[test]
+    fn a_report_from_a_newer_server_with_fields_this_reader_does_not_know_is_read() {
+        let r = Report {
+            format: REPORT_FORMAT.into(),
+            generated: "2026-12-03T00:00:00Z".into(),
+            since: None,
+            master: MasterEntry { description: "software master key".into(), generation: 2 },
+            escrow: EscrowEntry {
+                installed: false,
+                ceremony_id: None,
+                recovery_recipient: None,
+                threshold: 0,
+                shares: 0,
+                custodians: vec![],
+                installed_at: None,
+                previous_recipients: vec![],
+            },
+            keyrings: vec![],
+            pending_approvals: vec![],
+        };
+        let mut v = serde_json::to_value(&r).unwrap();
+        v["kmip_objects"] = serde_json::json!({"total": 3});
+        v["master"]["replica"] = serde_json::json!("kms-2");
+        let back: Report = serde_json::from_value(v).unwrap();
+        assert_eq!(back, r);
+    }
 }

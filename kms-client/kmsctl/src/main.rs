@@ -10,7 +10,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use kluis_escrow::Manifest;
 use kluis_proto::audit::ExportLine;
-use kms_client::client::{ApprovalInfo, ClientError, DestroyOutcome, DestructionInfo, KeyringInfo, KmsClient};
+use kms_client::client::{
+    ApprovalInfo, ClientError, DataKeyState, DestroyOutcome, DestructionInfo, DestructionState, KeyringInfo, KmsClient,
+};
 use kms_client::config::ClientConfig;
 use kmsctl::cert;
 use kmsctl::escrow::{OfflineEscrowCommand, run_offline};
@@ -309,10 +311,10 @@ fn print_keyring(out: &mut dyn Write, k: &KeyringInfo) -> std::io::Result<()> {
 }
 
 fn print_destruction(out: &mut dyn Write, d: &DestructionInfo) -> std::io::Result<()> {
-    let when = match d.state.as_str() {
-        "destroyed" => format!("destroyed on {}", date(d.done_unix)),
-        "cancelled" => format!("cancelled by {} on {}", d.cancelled_by, date(d.done_unix)),
-        "held" => format!("due {} but blocked by a legal hold", date(d.due_unix)),
+    let when = match d.state {
+        DestructionState::Destroyed => format!("destroyed on {}", date(d.done_unix)),
+        DestructionState::Cancelled => format!("cancelled by {} on {}", d.cancelled_by, date(d.done_unix)),
+        DestructionState::Held => format!("due {} but blocked by a legal hold", date(d.due_unix)),
         _ => format!("due {}", date(d.due_unix)),
     };
     writeln!(out, "{:>4} {:<9} {} {} ({}; requested by {}): {when}", d.id, d.state, d.target_kind, d.target, d.reason, d.requested_by)
@@ -411,7 +413,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     let expires = if k.expires_unix == 0 { "never".to_owned() } else { date(k.expires_unix) };
                     writeln!(out, "expires:    {expires}").map_err(io)?;
                     writeln!(out, "escrowed:   {}", if k.escrowed { "yes" } else { "no" }).map_err(io)?;
-                    if k.state == "destroyed" {
+                    if k.state == DataKeyState::Destroyed {
                         writeln!(out, "state:      destroyed on {}", date(k.destroyed_unix)).map_err(io)?;
                     } else {
                         writeln!(out, "state:      {}", k.state).map_err(io)?;

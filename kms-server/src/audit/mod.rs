@@ -12,6 +12,7 @@ use std::sync::{Arc, RwLock};
 use kluis_proto::audit::{AuditRecord, CHECKPOINT_EVERY, Checkpoint, GENESIS};
 use serde::{Deserialize, Serialize};
 
+use crate::model::Outcome;
 use crate::store::{Chain, ChainError, ChainHead, Linked, Store, StoreError, Table, id_key, key_id};
 
 pub use record::format_millis;
@@ -46,12 +47,12 @@ pub struct AuditEvent {
     pub keyring: Option<String>,
     pub key_id: Option<String>,
     pub backup_id: Option<String>,
-    pub outcome: String,
+    pub outcome: Outcome,
 }
 
 impl AuditEvent {
     /// An event at `millis` (Unix milliseconds, as the audit trail writes times).
-    pub fn at(millis: i64, principal: &str, action: &str, keyring: Option<&str>, backup_id: Option<&str>, outcome: &str) -> Self {
+    pub fn at(millis: i64, principal: &str, action: &str, keyring: Option<&str>, backup_id: Option<&str>, outcome: Outcome) -> Self {
         AuditEvent {
             time: format_millis(millis).unwrap_or_default(),
             principal: principal.to_owned(),
@@ -59,7 +60,7 @@ impl AuditEvent {
             keyring: keyring.map(str::to_owned),
             key_id: None,
             backup_id: backup_id.map(str::to_owned),
-            outcome: outcome.to_owned(),
+            outcome,
         }
     }
 
@@ -116,7 +117,7 @@ impl Chain for AuditChain {
             keyring: ev.keyring,
             key_id: ev.key_id,
             backup_id: ev.backup_id,
-            outcome: ev.outcome,
+            outcome: ev.outcome.to_string(),
             prev: prev.clone(),
             hash: String::new(),
         };

@@ -19,7 +19,7 @@ use super::registry::WriteOp;
 use super::{Admin, LiveKeyring, master_rewrap};
 use crate::audit::AuditEvent;
 use crate::model::{
-    ApprovalRecord, DataKeyRecord, DestructionReason, DestructionRecord, DestructionState, DestructionTarget, Hold,
+    Outcome, ApprovalRecord, DataKeyRecord, DestructionReason, DestructionRecord, DestructionState, DestructionTarget, Hold,
     KeyState, KeyringRecord, PendingAction, VersionState,
 };
 use crate::store::StoreError;
@@ -48,8 +48,8 @@ pub struct MasterRotation {
 
 impl KeyManager {
     /// An audit event of the server's own scheduled work, stamped by the clock.
-    fn server_event(&self, action: &str, keyring: Option<&str>, key_id: Option<String>, outcome: String) -> AuditEvent {
-        let mut e = self.event(SERVER_PRINCIPAL, action, keyring, None, &outcome);
+    fn server_event(&self, action: &str, keyring: Option<&str>, key_id: Option<String>, done: String) -> AuditEvent {
+        let mut e = self.event(SERVER_PRINCIPAL, action, keyring, None, Outcome::ok_with(done));
         e.key_id = key_id;
         e
     }
@@ -129,7 +129,7 @@ impl KeyManager {
         if !self.rotation_due(keyring)? {
             return Ok(false);
         }
-        let ev = self.server_event("RotateKeyring", Some(keyring), None, "ok: rotation period reached".into());
+        let ev = self.server_event("RotateKeyring", Some(keyring), None, "rotation period reached".into());
         let info = self.rotate_locked(&admin, keyring, ev).await?;
         tracing::info!(keyring, version = info.current_version, "keyring rotated by its rotation period");
         Ok(true)
@@ -408,7 +408,7 @@ impl KeyManager {
                     "DestroyKey",
                     Some(keyring),
                     Some(hex::encode(id)),
-                    format!("ok: destroyed (destruction {}, requested by {})", d.id, d.requested_by),
+                    format!("destroyed (destruction {}, requested by {})", d.id, d.requested_by),
                 )));
                 self.store.write(WriteOp::Atomic(ops)).await?;
             }
@@ -426,7 +426,7 @@ impl KeyManager {
                     "DestroyKeyring",
                     Some(name),
                     None,
-                    format!("ok: keyring keys erased (destruction {}, requested by {})", d.id, d.requested_by),
+                    format!("keyring keys erased (destruction {}, requested by {})", d.id, d.requested_by),
                 )));
                 self.store.write(WriteOp::Atomic(ops)).await?;
                 let live = Arc::new(LiveKeyring { record, keys: Default::default() });
@@ -463,7 +463,7 @@ impl KeyManager {
                 "DestroyKey",
                 Some(&rec.keyring),
                 Some(hex::encode(id)),
-                format!("ok: destroyed at the end of its retention (expired {})", format_date(expired)),
+                format!("destroyed at the end of its retention (expired {})", format_date(expired)),
             );
             ops.extend([WriteOp::PutDataKey { id, record: rec }, WriteOp::PutDestruction(d), WriteOp::Audit(ev)]);
         }
@@ -539,7 +539,10 @@ impl KeyManager {
         .await??;
         let master_rewrap::Rewrapped { records, mut ops, keyrings, versions } = rewrapped;
         let mut audit = audit;
-        audit.outcome = format!("ok: master key generation {generation} -> {next} ({}); {keyrings} keyrings, {versions} versions rewrapped", new.describe());
+        audit.outcome = Outcome::ok_with(format!(
+            "master key generation {generation} -> {next} ({}); {keyrings} keyrings, {versions} versions rewrapped",
+            new.describe()
+        ));
         ops.push(WriteOp::Audit(audit));
         self.store.write(WriteOp::Atomic(ops)).await?;
         let description = new.describe();

@@ -11,7 +11,8 @@ use kluis_proto::report::{
 
 use super::{KeyError, KeyManager, format_date, next_rotation};
 use crate::auth::{Action, Authorized};
-use crate::model::{DestructionRecord, DestructionState, KeyState, PendingAction, VersionState};
+use crate::model::{Outcome, DestructionReason, DestructionRecord, DestructionState, DestructionTarget, KeyState, PendingAction, VersionState};
+use kluis_proto::states as wire;
 
 #[derive(Default)]
 struct Tally {
@@ -33,17 +34,55 @@ fn parse_since(since: Option<&str>) -> Result<Option<(i64, String)>, KeyError> {
     Ok(Some((t.unix_timestamp(), format_date(t.unix_timestamp()))))
 }
 
+/// A destruction as the wire and the report name it: what it destroys (kind and key id
+/// or keyring name), where it stands (`held`: scheduled, its keyring under a legal hold)
+/// and why.
+pub struct WireDestruction {
+    pub kind: wire::DestructionKind,
+    pub target: String,
+    pub state: wire::DestructionState,
+    pub reason: wire::DestructionReason,
+}
+
+impl WireDestruction {
+    pub fn of(d: &DestructionRecord, held: bool) -> Self {
+        let (kind, target) = match &d.target {
+            DestructionTarget::Key { id, .. } => (wire::DestructionKind::Key, hex::encode(id)),
+            DestructionTarget::Keyring { name } => (wire::DestructionKind::Keyring, name.clone()),
+        };
+        let state = match d.state {
+            DestructionState::Scheduled if held => wire::DestructionState::Held,
+            DestructionState::Scheduled => wire::DestructionState::Scheduled,
+            DestructionState::Cancelled { .. } => wire::DestructionState::Cancelled,
+            DestructionState::Done { .. } => wire::DestructionState::Destroyed,
+        };
+        let reason = match d.reason {
+            DestructionReason::Request => wire::DestructionReason::Request,
+            DestructionReason::Expiry => wire::DestructionReason::Expiry,
+        };
+        WireDestruction { kind, target, state, reason }
+    }
+}
+
+/// A keyring version's state as the wire names it.
+pub fn wire_version_state(s: VersionState) -> wire::VersionState {
+    match s {
+        VersionState::Active => wire::VersionState::Active,
+        VersionState::Retired => wire::VersionState::Retired,
+    }
+}
+
 fn destruction_entry(d: &DestructionRecord, held: bool) -> DestructionEntry {
-    let (kind, target) = d.kind_and_target();
+    let w = WireDestruction::of(d, held);
     DestructionEntry {
         id: d.id,
-        target_kind: kind.into(),
-        target,
+        target_kind: w.kind.as_str().into(),
+        target: w.target,
         requested_by: d.requested_by.clone(),
         requested: format_date(d.requested),
         due: format_date(d.due),
-        state: d.state_name(held).into(),
-        reason: d.reason_name().into(),
+        state: w.state.as_str().into(),
+        reason: w.reason.as_str().into(),
         done: match d.state {
             DestructionState::Done { at } => Some(format_date(at)),
             _ => None,
@@ -100,14 +139,15 @@ impl KeyManager {
         // Failed and refused unwraps from the audit trail.
         let since_text = since.as_ref().map(|s| s.1.clone());
         crate::audit::for_each(self.store.store(), 1, |r, _| {
-            if !matches!(r.action.as_str(), "UnwrapDataKey" | "RewrapDataKey") || r.outcome.starts_with("ok") {
+            let outcome = Outcome::parse(&r.outcome);
+            if !matches!(r.action.as_str(), "UnwrapDataKey" | "RewrapDataKey") || outcome.is_ok() {
                 return true;
             }
             if since_text.as_ref().is_some_and(|s| r.time.as_str() < s.as_str()) {
                 return true;
             }
             let Some(&i) = r.keyring.as_deref().and_then(|k| names.get(k)) else { return true };
-            let kind = if r.outcome.starts_with("denied") { "unwrap-refused" } else { "unwrap-failed" };
+            let kind = if matches!(outcome, Outcome::Denied(_)) { "unwrap-refused" } else { "unwrap-failed" };
             deviations[i].push(DeviationEntry {
                 time: r.time,
                 kind: kind.into(),
@@ -203,11 +243,7 @@ impl KeyManager {
                         version: v.version,
                         created: format_date(v.created),
                         age_days: u64::try_from((now - v.created).max(0) / 86_400).unwrap_or(0),
-                        state: match v.state {
-                            VersionState::Active => "active",
-                            VersionState::Retired => "retired",
-                        }
-                        .into(),
+                        state: wire_version_state(v.state).as_str().into(),
                         keys: tally.per_version.get(&v.version).copied().unwrap_or(0),
                     })
                     .collect(),

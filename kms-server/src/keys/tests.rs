@@ -102,7 +102,7 @@ impl Core {
     }
 
     fn ev(&self, who: &str, action: Action) -> AuditEvent {
-        self.keys.event(who, action.name(), None, None, "ok")
+        self.keys.event(who, action.name(), None, None, Outcome::ok())
     }
 
     fn advance_days(&self, days: i64) {
