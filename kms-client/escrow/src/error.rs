@@ -462,6 +462,13 @@ pub enum ManifestProblem {
         /// The name.
         name: String,
     },
+    /// A custodian's share is encrypted to the recovery recipient itself: whoever holds
+    /// the recovery key would read every share, and nobody else could.
+    #[error("custodian {custodian:?} has the recovery recipient itself as recipient")]
+    CustodianIsRecoveryRecipient {
+        /// The custodian.
+        custodian: String,
+    },
     /// A custodian name listed twice.
     #[error("custodian {name:?} is listed twice")]
     DuplicateCustodian {

@@ -196,6 +196,11 @@ impl Manifest {
                     custodian: c.name.clone(),
                 });
             }
+            if c.recipient == self.recovery_recipient {
+                return Err(ManifestProblem::CustodianIsRecoveryRecipient {
+                    custodian: c.name.clone(),
+                });
+            }
         }
         Ok(())
     }

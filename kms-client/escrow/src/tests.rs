@@ -923,6 +923,19 @@ fn manifest_errors_are_clear() {
             problem: ManifestProblem::BadCustodianRecipient { .. }
         }
     ));
+    // A share encrypted to the recovery recipient itself (the server refused this before
+    // the server and kmsctl shared one validator; now both do).
+    let e = Manifest::from_json(&with(&|v| {
+        let r = v["recovery_recipient"].clone();
+        v["custodians"][0]["recipient"] = r;
+    }))
+    .unwrap_err();
+    assert!(matches!(
+        e,
+        EscrowError::ManifestInvalid {
+            problem: ManifestProblem::CustodianIsRecoveryRecipient { .. }
+        }
+    ));
     // Missing file, not JSON, a share file given as manifest.
     assert!(matches!(
         Manifest::load(&tmp.path().join("missing.json")),

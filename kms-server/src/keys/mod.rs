@@ -11,16 +11,14 @@ pub mod registry;
 mod report;
 
 pub use lifecycle::{DestroyOutcome, MasterRotation};
-pub use report::describe_action;
+pub use report::{WireDestruction, describe_action, wire_version_state};
 
 use std::collections::{BTreeMap, HashMap};
-use std::str::FromStr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
 use ring::rand::SystemRandom;
-use serde::Deserialize;
 use tokio::sync::Mutex;
 use zeroize::Zeroizing;
 
@@ -29,8 +27,9 @@ use crate::clock::Clock;
 use crate::master::{MasterError, MasterKeyProvider};
 use crate::secret::{Key256, aes_gcm_open, aes_gcm_seal, random_array};
 use crate::audit::{AuditChain, AuditError, AuditEvent};
+use kluis_escrow::Manifest;
 use crate::model::{
-    ApprovalRecord, DataKeyRecord, DestructionRecord, EscrowInfo, Hold, KeyState, KeyringRecord, PendingAction,
+    Outcome, ApprovalRecord, DataKeyRecord, DestructionRecord, EscrowInfo, Hold, KeyState, KeyringRecord, PendingAction,
     RestoreTestRecord, VersionRecord, VersionState,
 };
 use crate::store::{Store, StoreError};
@@ -85,8 +84,8 @@ pub enum KeyError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Audit(#[from] AuditError),
-    #[error("the escrow manifest is not valid: {reason}")]
-    EscrowManifest { reason: &'static str },
+    #[error("the escrow manifest is not valid: {0}")]
+    EscrowManifest(#[source] kluis_escrow::ManifestError),
     #[error("the manifest's recovery recipient {new} differs from the one in force ({current}, ceremony {ceremony}); backups sealed so far stay recoverable only with that ceremony's shares, so keep them. Install with --new-recipient to switch anyway")]
     EscrowRecipientChange { current: String, new: String, ceremony: String },
     #[error("the authorization does not cover this operation")]
@@ -160,26 +159,6 @@ impl LiveKeyring {
     }
 }
 
-/// The part of `manifest.json` the server reads (the format belongs to `kmsctl escrow`).
-#[derive(Deserialize)]
-struct ManifestView {
-    format: String,
-    ceremony_id: String,
-    recovery_recipient: String,
-    threshold: u32,
-    shares: u32,
-    custodians: Vec<CustodianView>,
-}
-
-#[derive(Deserialize)]
-struct CustodianView {
-    name: String,
-    recipient: String,
-    index: u32,
-    commitment: String,
-}
-
-const MANIFEST_FORMAT: &str = "kluis-escrow-manifest/v1";
 
 /// A freshly issued data key. Holds the plaintext key: no `Debug`.
 pub struct IssuedDataKey {
@@ -444,7 +423,7 @@ impl KeyManager {
     }
 
     /// An audit event stamped now by the clock (RFC 3339 UTC, milliseconds).
-    pub fn event(&self, principal: &str, action: &str, keyring: Option<&str>, backup_id: Option<&str>, outcome: &str) -> AuditEvent {
+    pub fn event(&self, principal: &str, action: &str, keyring: Option<&str>, backup_id: Option<&str>, outcome: Outcome) -> AuditEvent {
         AuditEvent::at(self.clock.now_millis(), principal, action, keyring, backup_id, outcome)
     }
 
@@ -994,13 +973,13 @@ impl KeyManager {
             self.ring(keyring)?.current().ok_or(KeyError::VersionRetired { keyring: keyring.to_owned(), version: key.version })?;
         audit.backup_id = Some(record.backup_id.clone());
         if current == key.version {
-            audit.outcome = format!("ok: already under version {current}");
+            audit.outcome = Outcome::ok_with(format!("already under version {current}"));
             self.audit(audit).await?;
             return Ok((wrapped.to_vec(), current, key.version));
         }
         let out = self.wrap_data_key(&krk, &id, keyring, current, &record.backup_id, &record.labels, &key.data_key)?;
         record.version = current;
-        audit.outcome = format!("ok: version {} -> {current}", key.version);
+        audit.outcome = Outcome::ok_with(format!("version {} -> {current}", key.version));
         self.store.write(WriteOp::Atomic(vec![WriteOp::PutDataKey { id, record }, WriteOp::Audit(audit)])).await?;
         Ok((out, current, key.version))
     }
@@ -1014,30 +993,8 @@ impl KeyManager {
         audit: AuditEvent,
     ) -> Result<EscrowInfo, KeyError> {
         Self::check(auth, Action::InstallEscrow, None)?;
-        let m: ManifestView = serde_json::from_str(manifest_json)
-            .map_err(|_| KeyError::EscrowManifest { reason: "not a Kluis escrow manifest (manifest.json of `kmsctl escrow ceremony`)" })?;
-        if m.format != MANIFEST_FORMAT {
-            return Err(KeyError::EscrowManifest { reason: "format is not kluis-escrow-manifest/v1" });
-        }
-        if age::x25519::Recipient::from_str(&m.recovery_recipient).is_err() {
-            return Err(KeyError::EscrowManifest { reason: "recovery_recipient is not an age X25519 recipient" });
-        }
-        if m.threshold < 2 || m.threshold > m.shares || m.custodians.len() != m.shares as usize {
-            return Err(KeyError::EscrowManifest { reason: "threshold, shares and custodians do not agree" });
-        }
-        let mut seen = std::collections::BTreeSet::new();
-        for c in &m.custodians {
-            if c.name.is_empty() || c.recipient.is_empty() || c.index == 0 || c.index > m.shares || !seen.insert(c.index) {
-                return Err(KeyError::EscrowManifest { reason: "a custodian entry lacks a name or recipient, or has a bad or repeated index" });
-            }
-            if c.commitment.len() != 64 || !c.commitment.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(KeyError::EscrowManifest { reason: "a custodian entry lacks its share commitment" });
-            }
-            if c.recipient == m.recovery_recipient {
-                return Err(KeyError::EscrowManifest { reason: "a custodian's recipient is the recovery recipient itself" });
-            }
-        }
-        validate_text("manifest_json", &m.ceremony_id, 128, false)?;
+        // The same manifest type and checks as `kmsctl escrow` (kluis-escrow).
+        let m = Manifest::parse(manifest_json.as_bytes()).map_err(KeyError::EscrowManifest)?;
         let admin = self.admin.lock().await;
         let current = self.state().escrow.clone();
         let mut previous_recipients = current.as_ref().map(|c| c.previous_recipients.clone()).unwrap_or_default();
@@ -1056,8 +1013,8 @@ impl KeyManager {
         let info = EscrowInfo {
             ceremony_id: m.ceremony_id,
             recovery_recipient: m.recovery_recipient,
-            threshold: m.threshold,
-            shares: m.shares,
+            threshold: u32::from(m.threshold),
+            shares: u32::from(m.shares),
             custodians: m.custodians.into_iter().map(|c| c.name).collect(),
             installed: self.now(),
             manifest_json: manifest_json.to_owned(),
