@@ -1,46 +1,19 @@
-//! The throwaway PKI of `kms-server dev`: a CA, a server certificate for
-//! localhost, and one client certificate per dev identity. Real deployments
-//! bring their own PKI.
+//! The throwaway PKI of `kms-server dev`: a CA, a server certificate for localhost, and
+//! one client certificate per dev identity, all made with `kluis-pki` (the writer
+//! `kmsctl cert` uses too). Real deployments bring their own PKI.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
-};
-
-/// Errors making the dev PKI.
-#[derive(Debug, thiserror::Error)]
-pub enum PkiError {
-    #[error("certificate generation failed: {0}")]
-    Rcgen(#[from] rcgen::Error),
-    #[error("could not write {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
-}
+use kluis_pki::{Ca, Subject, Usage, Validity};
+pub use kluis_pki::PkiError;
 
 /// Validity of dev certificates.
 const DEV_VALIDITY_DAYS: i64 = 825;
 
-fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiError> {
-    let w = |e| PkiError::Write { path: path.to_owned(), source: e };
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(path).map_err(w)?;
-    f.write_all(contents).map_err(w)?;
-    f.sync_all().map_err(w)
-}
-
-fn dn(cn: &str) -> DistinguishedName {
-    let mut d = DistinguishedName::new();
-    d.push(DnType::OrganizationName, "Kluis dev");
-    d.push(DnType::CommonName, cn);
-    d
-}
-
-fn validity(p: &mut CertificateParams) {
-    let now = time::OffsetDateTime::now_utc();
-    p.not_before = now - time::Duration::hours(1);
-    p.not_after = now + time::Duration::days(DEV_VALIDITY_DAYS);
+fn dev_subject(cn: &str) -> Subject {
+    let mut s = Subject::named(cn);
+    s.organization = Some("Kluis dev".to_owned());
+    s
 }
 
 /// Paths of the dev PKI under a directory.
@@ -69,41 +42,13 @@ impl DevPkiPaths {
 /// Creates `dir/ca.pem`, `dir/ca.key`, `dir/server.{pem,key}` and
 /// `dir/clients/NAME.{pem,key}` for each name. Keys are mode 0600.
 pub fn create_dev_pki(dir: &Path, client_names: &[&str]) -> Result<DevPkiPaths, PkiError> {
-    let mkdir = |p: &Path| std::fs::create_dir_all(p).map_err(|e| PkiError::Write { path: p.to_owned(), source: e });
-    mkdir(dir)?;
-    mkdir(&dir.join("clients"))?;
-    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-    ca_params.distinguished_name = dn("Kluis dev CA");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-    validity(&mut ca_params);
-    let ca_key = KeyPair::generate()?;
-    let ca_key_pem = ca_key.serialize_pem();
-    let ca = CertifiedIssuer::self_signed(ca_params, ca_key)?;
-    let paths = DevPkiPaths::under(dir);
-    write_file(&paths.ca_cert, ca.pem().as_bytes(), 0o644)?;
-    write_file(&dir.join("ca.key"), ca_key_pem.as_bytes(), 0o600)?;
-
-    let mut sp = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()])?;
-    sp.distinguished_name = dn("localhost");
-    sp.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    sp.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    validity(&mut sp);
-    let sk = KeyPair::generate()?;
-    let scert = sp.signed_by(&sk, &ca)?;
-    write_file(&paths.server_cert, scert.pem().as_bytes(), 0o644)?;
-    write_file(&paths.server_key, sk.serialize_pem().as_bytes(), 0o600)?;
-
+    let validity = Validity::days_from_now(DEV_VALIDITY_DAYS);
+    let ca = Ca::create(dir, &dev_subject("Kluis dev CA"), validity)?;
+    let mut server = dev_subject("localhost");
+    server.dns = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
+    ca.issue(dir, "server", Usage::Server, &server, validity)?;
     for name in client_names {
-        let mut cp = CertificateParams::new(Vec::<String>::new())?;
-        cp.distinguished_name = dn(name);
-        cp.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        cp.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        validity(&mut cp);
-        let ck = KeyPair::generate()?;
-        let cc = cp.signed_by(&ck, &ca)?;
-        write_file(&DevPkiPaths::client_cert(dir, name), cc.pem().as_bytes(), 0o644)?;
-        write_file(&DevPkiPaths::client_key(dir, name), ck.serialize_pem().as_bytes(), 0o600)?;
+        ca.issue(&dir.join("clients"), name, Usage::Client, &dev_subject(name), validity)?;
     }
-    Ok(paths)
+    Ok(DevPkiPaths::under(dir))
 }
