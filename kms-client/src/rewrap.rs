@@ -64,23 +64,16 @@ use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use age_core::format::{FileKey, Stanza, read::legacy_age_stanza};
-use age_core::primitives::hkdf;
-use age_core::secrecy::ExposeSecret;
-use base64::Engine;
-use base64::prelude::BASE64_STANDARD_NO_PAD;
 use kluis_age::fsutil::{self, parent_dir};
 use kluis_age::sealed::{IO_BUF, KluisIdentity, KluisStanza, STANZA_TAG, UnsealError, header_read_error, parse_stanza};
 use kluis_age::secret::DataKey;
 use kluis_age::stream::{ENC_CHUNK_SIZE, NONCE_SIZE, PayloadKey, TAG_SIZE, header};
-use ring::aead::{Aad, Nonce};
-use ring::hmac;
 use zeroize::Zeroizing;
 
 use crate::client::{ClientError, Rewrapped, UnwrappedKey};
 use crate::hook::Hook;
 
 const V1_LINE: &[u8] = b"age-encryption.org/v1\n";
-const HEADER_KEY_LABEL: &[u8] = b"header";
 const JOURNAL_SUFFIX: &str = ".kluis-rewrap";
 
 /// What a rewrap needs from the server. [`Hook`] is the real one.
@@ -336,24 +329,9 @@ fn file_key_of(svc: &dyn KeyService, hdr: &RawHeader) -> Result<Opened, RewrapEr
 /// a new MAC; every other byte up to `---` is kept. Checked to parse back and
 /// verify under `fk`.
 fn splice(hdr: &RawHeader, index: usize, stanza: &Stanza, fk: &FileKey) -> Result<RawHeader, RewrapError> {
-    // The canonical text of the stanza, from the header writer itself.
-    let alone = header::write(fk, std::slice::from_ref(stanza)).map_err(|_| RewrapError::ServerMismatch("the new stanza cannot be encoded"))?;
-    let text_end = alone
-        .windows(4)
-        .position(|w| w == b"\n---")
-        .map(|p| p + 1)
-        .ok_or(RewrapError::ServerMismatch("the new stanza cannot be encoded"))?;
-    let text = &alone[V1_LINE.len()..text_end];
-    let span = hdr.spans[index].clone();
-    let mut out = Vec::with_capacity(hdr.bytes.len() + text.len());
-    out.extend_from_slice(&hdr.bytes[..span.start]);
-    out.extend_from_slice(text);
-    out.extend_from_slice(&hdr.bytes[span.end..hdr.dashes_end]);
-    let key = Zeroizing::new(hkdf(&[], HEADER_KEY_LABEL, fk.expose_secret()));
-    let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, &key[..]), &out);
-    out.push(b' ');
-    out.extend_from_slice(BASE64_STANDARD_NO_PAD.encode(tag.as_ref()).as_bytes());
-    out.push(b'\n');
+    let span = hdr.spans.get(index).cloned().ok_or(RewrapError::ServerMismatch("the new stanza cannot be encoded"))?;
+    let out = header::replace_stanza(&hdr.bytes, span, hdr.dashes_end, stanza, fk)
+        .map_err(|_| RewrapError::ServerMismatch("the new stanza cannot be encoded"))?;
     // Cross-check with the header reader: it must parse back and verify.
     let back = header::parse(&out).map_err(|_| RewrapError::ServerMismatch("the new header does not parse"))?;
     back.verify_mac(fk).map_err(|_| RewrapError::ServerMismatch("the new header MAC does not verify"))?;
@@ -389,11 +367,9 @@ fn first_chunk_opens(file: &File, at: u64, fk: &FileKey) -> io::Result<bool> {
         return Ok(false);
     }
     let key = PayloadKey::derive(fk, &nonce);
-    for last in [0u8, 1] {
+    for last in [false, true] {
         let mut work = Zeroizing::new(chunk[..n].to_vec());
-        let mut iv = [0u8; 12];
-        iv[11] = last;
-        if key.aead().open_in_place(Nonce::assume_unique_for_key(iv), Aad::empty(), &mut work[..]).is_ok() {
+        if key.open_chunk(0, last, &mut work[..]).is_ok() {
             return Ok(true);
         }
     }
@@ -646,7 +622,7 @@ mod tests {
     }
 
     fn pad(version: u32, key_id: &str) -> [u8; 32] {
-        hkdf(key_id.as_bytes(), b"fake", &version.to_be_bytes())
+        age_core::primitives::hkdf(key_id.as_bytes(), b"fake", &version.to_be_bytes())
     }
 
     impl Fake {

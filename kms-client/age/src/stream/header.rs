@@ -76,40 +76,75 @@ fn mac_key(file_key: &FileKey) -> hmac::Key {
     hmac::Key::new(hmac::HMAC_SHA256, &k[..])
 }
 
-/// Writes a v1 header for `stanzas`, MACed with `file_key`.
-pub fn write(file_key: &FileKey, stanzas: &[Stanza]) -> Result<Vec<u8>, HeaderError> {
-    let mut out = Vec::with_capacity(256 * (stanzas.len() + 1));
-    out.extend_from_slice(V1_LINE);
-    for s in stanzas {
-        if !is_arbitrary_string(&s.tag) {
-            return Err(HeaderError::Unwritable("a stanza tag must be printable ASCII without spaces"));
-        }
-        if !s.args.iter().all(is_arbitrary_string) {
-            return Err(HeaderError::Unwritable("a stanza argument must be printable ASCII without spaces"));
-        }
-        out.extend_from_slice(STANZA_PREFIX);
-        out.extend_from_slice(s.tag.as_bytes());
-        for a in &s.args {
-            out.push(b' ');
-            out.extend_from_slice(a.as_bytes());
-        }
-        out.push(b'\n');
-        let body = BASE64_STANDARD_NO_PAD.encode(&s.body);
-        let mut lines = body.as_bytes().chunks_exact(64);
-        for line in lines.by_ref() {
-            out.extend_from_slice(line);
-            out.push(b'\n');
-        }
-        // The final line is always shorter than 64 columns: empty if need be.
-        out.extend_from_slice(lines.remainder());
+/// Appends the canonical encoding of one stanza (its `-> ` line and body lines).
+fn encode_stanza(s: &Stanza, out: &mut Vec<u8>) -> Result<(), HeaderError> {
+    if !is_arbitrary_string(&s.tag) {
+        return Err(HeaderError::Unwritable("a stanza tag must be printable ASCII without spaces"));
+    }
+    if !s.args.iter().all(is_arbitrary_string) {
+        return Err(HeaderError::Unwritable("a stanza argument must be printable ASCII without spaces"));
+    }
+    out.extend_from_slice(STANZA_PREFIX);
+    out.extend_from_slice(s.tag.as_bytes());
+    for a in &s.args {
+        out.push(b' ');
+        out.extend_from_slice(a.as_bytes());
+    }
+    out.push(b'\n');
+    let body = BASE64_STANDARD_NO_PAD.encode(&s.body);
+    let mut lines = body.as_bytes().chunks_exact(64);
+    for line in lines.by_ref() {
+        out.extend_from_slice(line);
         out.push(b'\n');
     }
+    // The final line is always shorter than 64 columns: empty if need be.
+    out.extend_from_slice(lines.remainder());
+    out.push(b'\n');
+    Ok(())
+}
+
+/// Closes a header: `mac_input` ends with the stanzas; appends `---`, the MAC over
+/// everything up to it, and the newline.
+fn close_with_mac(file_key: &FileKey, mut out: Vec<u8>) -> Vec<u8> {
     out.extend_from_slice(MAC_PREFIX);
     let tag = hmac::sign(&mac_key(file_key), &out);
     out.push(b' ');
     out.extend_from_slice(BASE64_STANDARD_NO_PAD.encode(tag.as_ref()).as_bytes());
     out.push(b'\n');
-    Ok(out)
+    out
+}
+
+/// Writes a v1 header for `stanzas`, MACed with `file_key`.
+pub fn write(file_key: &FileKey, stanzas: &[Stanza]) -> Result<Vec<u8>, HeaderError> {
+    let mut out = Vec::with_capacity(256 * (stanzas.len() + 1));
+    out.extend_from_slice(V1_LINE);
+    for s in stanzas {
+        encode_stanza(s, &mut out)?;
+    }
+    Ok(close_with_mac(file_key, out))
+}
+
+/// The header `raw` with the stanza at byte range `span` replaced by `stanza` (in its
+/// canonical encoding) and a new MAC under `file_key`; every other byte before the
+/// `---` that ends at `dashes_end` is kept as it was (other stanzas stay byte for
+/// byte). The same writer and MAC as [`write`]; the caller checks the result parses.
+pub fn replace_stanza(
+    raw: &[u8],
+    span: std::ops::Range<usize>,
+    dashes_end: usize,
+    stanza: &Stanza,
+    file_key: &FileKey,
+) -> Result<Vec<u8>, HeaderError> {
+    let bad = || HeaderError::Unwritable("the stanza to replace is not inside the header");
+    let mac_start = dashes_end.checked_sub(MAC_PREFIX.len()).ok_or_else(bad)?;
+    if span.start < V1_LINE.len() || span.end > mac_start || span.start > span.end || raw.get(mac_start..dashes_end) != Some(MAC_PREFIX) {
+        return Err(bad());
+    }
+    let mut out = Vec::with_capacity(raw.len() + 256);
+    out.extend_from_slice(&raw[..span.start]);
+    encode_stanza(stanza, &mut out)?;
+    out.extend_from_slice(&raw[span.end..mac_start]);
+    Ok(close_with_mac(file_key, out))
 }
 
 /// Reads a header from `input`. Returns it and the bytes read past it (the
@@ -220,4 +255,31 @@ pub fn parse(h: &[u8]) -> Result<Header, HeaderError> {
     }
     let mac_input_len = V1_LINE.len() + dashes + MAC_PREFIX.len();
     Ok(Header { stanzas, mac_input: h[..mac_input_len].to_vec(), mac })
+}
+
+#[cfg(test)]
+mod replace_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn stanza(tag: &str, body: &[u8]) -> Stanza {
+        Stanza { tag: tag.into(), args: vec!["a1".into()], body: body.to_vec() }
+    }
+
+    #[test]
+    fn replacing_a_stanza_gives_what_write_would_have_written() {
+        let fk = FileKey::new(Box::new([7u8; 16]));
+        let (a, b, c) = (stanza("one", &[1; 40]), stanza("two", &[2; 80]), stanza("three", &[3; 100]));
+        let old = write(&fk, &[stanza("one", &[1; 40]), b]).unwrap();
+        let dashes_end = old.windows(4).position(|w| w == b"\n---").unwrap() + 4;
+        let mut first = Vec::new();
+        encode_stanza(&a, &mut first).unwrap();
+        let span = V1_LINE.len() + first.len()..dashes_end - 3;
+        let new = replace_stanza(&old, span, dashes_end, &c, &fk).unwrap();
+        assert_eq!(new, write(&fk, &[a, stanza("three", &[3; 100])]).unwrap());
+        parse(&new).unwrap().verify_mac(&fk).unwrap();
+        // A span outside the stanzas, or a wrong end of the MAC input, is refused.
+        assert!(replace_stanza(&old, 0..5, dashes_end, &c, &fk).is_err());
+        assert!(replace_stanza(&old, V1_LINE.len()..V1_LINE.len(), dashes_end - 1, &c, &fk).is_err());
+    }
 }

@@ -81,12 +81,25 @@ impl PayloadKey {
         }
     }
 
-    /// The `ring` key, to open a chunk by hand (a rewrap checks that a header belongs
-    /// to its payload by opening the first chunk).
-    pub fn aead(&self) -> &LessSafeKey {
+    /// The `ring` key, for the payload pipeline.
+    pub(crate) fn aead(&self) -> &LessSafeKey {
         &self.0
     }
+
+    /// Opens chunk number `index` (ciphertext and tag, in place) as the last chunk or
+    /// not: a rewrap checks that a header belongs to its payload by opening the first.
+    pub fn open_chunk(&self, index: u64, last: bool, chunk: &mut [u8]) -> Result<(), ChunkDamaged> {
+        self.0
+            .open_in_place(pipeline::chunk_nonce(index, last), ring::aead::Aad::empty(), chunk)
+            .map(|_| ())
+            .map_err(|_| ChunkDamaged)
+    }
 }
+
+/// A chunk did not authenticate under its key and nonce.
+#[derive(Debug, thiserror::Error)]
+#[error("the chunk does not authenticate")]
+pub struct ChunkDamaged;
 
 /// Fills `buf` from the system's random generator.
 pub(crate) fn random(buf: &mut [u8]) -> Result<(), StreamError> {

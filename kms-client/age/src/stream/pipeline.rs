@@ -148,7 +148,7 @@ impl Geometry {
     }
 }
 
-fn chunk_nonce(index: u64, last: bool) -> Nonce {
+pub(crate) fn chunk_nonce(index: u64, last: bool) -> Nonce {
     // 11-byte big-endian counter, then the last-chunk flag.
     let mut n = [0u8; 12];
     n[3..11].copy_from_slice(&index.to_be_bytes());
