@@ -10,10 +10,29 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use crate::config::ServerConfig;
-use crate::dev::{self, DEFAULT_KEYRING};
+use crate::config::{ConfigError, ServerConfig};
 use crate::keys::KeyError;
-use crate::server::{self, Environment, ServerError};
+use crate::server::{self, ServerError};
+use crate::startup::dev::{self, DEFAULT_KEYRING};
+use crate::startup::migrate::MigrateError;
+use crate::startup::{self, Environment, StartupError};
+
+/// Why a `kms-server` command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Startup(#[from] StartupError),
+    #[error(transparent)]
+    Server(#[from] ServerError),
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+    #[error(transparent)]
+    Migrate(#[from] Box<MigrateError>),
+    #[error("{path}: {source}")]
+    Path { path: std::path::PathBuf, source: std::io::Error },
+}
 
 #[derive(Parser)]
 #[command(name = "kms-server", version, about = "Kluis key service for backup encryption keys")]
@@ -122,20 +141,20 @@ fn announce(addr: SocketAddr) {
     let _ = std::io::stdout().flush();
 }
 
-async fn run(cmd: Cmd, env: Environment) -> Result<(), ServerError> {
+async fn run(cmd: Cmd, env: Environment) -> Result<(), CliError> {
     match cmd {
         Cmd::Dev { data_dir, listen, pkcs11_module, pkcs11_token_label, pkcs11_key_label, pkcs11_pin_file } => {
             let data_dir = std::path::absolute(&data_dir)
-                .map_err(|e| ServerError::Io { path: data_dir.clone(), source: e })?;
+                .map_err(|e| CliError::Path { path: data_dir.clone(), source: e })?;
             let master = match (pkcs11_module, pkcs11_token_label, pkcs11_pin_file) {
                 (Some(module), Some(token_label), Some(pin_file)) => {
-                    let pin_file = std::path::absolute(&pin_file).map_err(|e| ServerError::Io { path: pin_file.clone(), source: e })?;
+                    let pin_file = std::path::absolute(&pin_file).map_err(|e| CliError::Path { path: pin_file.clone(), source: e })?;
                     dev::DevMaster::Pkcs11 { module, token_label, key_label: pkcs11_key_label, pin_file }
                 }
                 _ => dev::DevMaster::Software,
             };
             let (cfg, created) = dev::prepare(&data_dir, listen, master)?;
-            let keys = server::open_keys(&cfg, &env)?;
+            let keys = startup::open_keys(&cfg, &env)?;
             match dev::bootstrap_keyring(&keys, DEFAULT_KEYRING).await {
                 Ok(_) | Err(KeyError::KeyringExists { .. }) => {}
                 Err(e) => return Err(e.into()),
@@ -152,25 +171,25 @@ async fn run(cmd: Cmd, env: Environment) -> Result<(), ServerError> {
             );
             let metrics = metrics_listener(&cfg).await?;
             announce(addr);
-            server::serve(&cfg, keys, listener, metrics, shutdown_signal()).await
+            Ok(server::serve(&cfg, keys, listener, metrics, shutdown_signal()).await?)
         }
         Cmd::Init { config } => {
             let cfg = ServerConfig::load(&config)?;
-            server::init(&cfg)?;
+            startup::init(&cfg)?;
             eprintln!("kms-server: initialised store {}", cfg.store_path().display());
             Ok(())
         }
         Cmd::Serve { config } => {
             let cfg = ServerConfig::load(&config)?;
-            let keys = server::open_keys(&cfg, &env)?;
+            let keys = startup::open_keys(&cfg, &env)?;
             let listener = server::bind(&cfg).await?;
             let addr = listener.local_addr().map_err(|e| ServerError::Bind { addr: cfg.listen, source: e })?;
             let metrics = metrics_listener(&cfg).await?;
             announce(addr);
-            server::serve(&cfg, keys, listener, metrics, shutdown_signal()).await
+            Ok(server::serve(&cfg, keys, listener, metrics, shutdown_signal()).await?)
         }
         Cmd::MigrateMaster { from, to } => {
-            let report = crate::migrate::migrate_master(&from, &to, &env).map_err(Box::new)?;
+            let report = startup::migrate::migrate_master(&from, &to, &env).map_err(Box::new)?;
             eprint!("{report}");
             Ok(())
         }

@@ -9,16 +9,14 @@ pub mod auth;
 pub mod cli;
 pub mod clock;
 pub mod config;
-pub mod dev;
 pub mod health;
 pub mod keys;
 pub mod master;
 pub mod metrics;
-pub mod migrate;
 pub mod model;
-pub mod pki;
 pub mod secret;
 pub mod server;
+pub mod startup;
 pub mod store;
 
 /// One line for an error and its causes (each cause added unless already in the text).

@@ -2,5 +2,5 @@
 #![forbid(unsafe_code)]
 
 fn main() -> std::process::ExitCode {
-    kms_server::cli::main_with(kms_server::server::Environment::default())
+    kms_server::cli::main_with(kms_server::startup::Environment::default())
 }

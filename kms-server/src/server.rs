@@ -1,5 +1,6 @@
-//! Start-up and the gRPC server: open the master key and the store, build the
-//! key manager, serve KeyService, AdminService, health and reflection over mTLS.
+//! The gRPC server: serves KeyService, AdminService, AuditService, health and
+//! reflection over mTLS for a key manager that start-up opened, and runs the
+//! scheduled work.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -16,29 +17,18 @@ use crate::auth::{Authenticator, Policy, RevocationError, RevocationList};
 use crate::health::HealthService;
 use crate::metrics::Metrics;
 use tonic_health::pb::health_server::HealthServer;
-use crate::config::{ConfigError, MasterConfig, ServerConfig};
+use crate::config::ServerConfig;
 use crate::keys::{KeyError, KeyManager};
+use crate::master::MasterError;
 use crate::master::software::check_key_file_permissions;
-use crate::master::{MasterError, MasterKeyProvider};
-use crate::pki::PkiError;
-use crate::audit::AuditChain;
-use crate::clock::{Clock, SystemClock};
-use crate::store::redb::RedbStore;
-use crate::store::{Store, StoreError};
 
 /// Why the server could not start or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error(transparent)]
-    Config(#[from] ConfigError),
-    #[error(transparent)]
     Master(#[from] MasterError),
     #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
     Keys(#[from] KeyError),
-    #[error(transparent)]
-    Pki(#[from] PkiError),
     #[error(transparent)]
     Revocation(#[from] RevocationError),
     #[error("TLS file {path} could not be read: {source}")]
@@ -51,76 +41,6 @@ pub enum ServerError {
     Reflection(#[source] tonic_reflection::server::Error),
     #[error("gRPC server failed: {0}")]
     Serve(#[source] tonic::transport::Error),
-    #[error(transparent)]
-    Migrate(#[from] Box<crate::migrate::MigrateError>),
-    #[error("could not create {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
-}
-
-/// A layer around the opened store.
-pub type StoreLayer = Arc<dyn Fn(Arc<dyn Store>) -> Arc<dyn Store> + Send + Sync>;
-
-/// What the process gives the server from outside: the clock, and layers around the
-/// store. `kms-server` uses [`Environment::default`] (the system clock, the store as it
-/// is); tests build their own (a clock they move, a store that fails on purpose).
-#[derive(Clone)]
-pub struct Environment {
-    pub clock: Arc<dyn Clock>,
-    /// Wraps the opened store (e.g. a test's fault injection); `None` uses it as it is.
-    pub wrap_store: Option<StoreLayer>,
-    /// Called at each step of `migrate-master` (tests stop the process there).
-    pub on_migration_step: Option<Arc<dyn Fn(crate::migrate::Step) + Send + Sync>>,
-}
-
-impl Default for Environment {
-    fn default() -> Self {
-        Self { clock: Arc::new(SystemClock), wrap_store: None, on_migration_step: None }
-    }
-}
-
-impl Environment {
-    fn store(&self, store: Arc<dyn Store>) -> Arc<dyn Store> {
-        match &self.wrap_store {
-            Some(wrap) => wrap(store),
-            None => store,
-        }
-    }
-}
-
-/// Opens the configured master key (generation 1).
-pub fn open_master(cfg: &MasterConfig) -> Result<Arc<dyn MasterKeyProvider>, ServerError> {
-    Ok(crate::master::open_configured(cfg, 1)?)
-}
-
-/// `kms-server init`: creates the master key (software: a new key file) and an empty store.
-pub fn init(cfg: &ServerConfig) -> Result<(), ServerError> {
-    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| ServerError::Io { path: cfg.data_dir.clone(), source: e })?;
-    let store_path = cfg.store_path();
-    if store_path.exists() {
-        return Err(StoreError::AlreadyExists { store: store_path.display().to_string() }.into());
-    }
-    let master = crate::master::create_configured(&cfg.master)?;
-    let store = Arc::new(RedbStore::create(&store_path, AuditChain::new())?);
-    KeyManager::init_store(store, master.as_ref())?;
-    Ok(())
-}
-
-/// Opens master key and store and returns the key manager; every failure says why.
-pub fn open_keys(cfg: &ServerConfig, env: &Environment) -> Result<Arc<KeyManager>, ServerError> {
-    let chain = AuditChain::new();
-    let store = env.store(Arc::new(RedbStore::open(&cfg.store_path(), chain.clone())?));
-    let generation = crate::master::decode_generation(
-        store.get(crate::store::Table::Meta, crate::keys::MASTER_GENERATION_META.as_bytes())?.as_deref(),
-    )?;
-    let master = crate::master::open_configured(&cfg.master, generation)?;
-    master.health()?;
-    let ttl = cfg.approval_ttl_secs.unwrap_or(crate::keys::DEFAULT_APPROVAL_TTL_SECS);
-    let wait = cfg.destruction_wait_days.unwrap_or(crate::keys::DEFAULT_DESTRUCTION_WAIT_DAYS);
-    Ok(Arc::new(
-        KeyManager::open(store, &chain, generation, master, env.clock.clone())?
-            .with_approval_ttl(ttl)
-            .with_destruction_wait_days(wait),
-    ))
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, ServerError> {

@@ -16,8 +16,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use kms_server::clock::{Clock, SystemClock};
-use kms_server::migrate::Step;
-use kms_server::server::Environment;
+use kms_server::startup::migrate::Step;
+use kms_server::startup::Environment;
 use kms_server::store::{KeyRange, Row, Store, StoreError, StoreFuture, Table, Visit, WriteGroup};
 
 /// The time in a file (Unix seconds); the system clock if the file cannot be read.

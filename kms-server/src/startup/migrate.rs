@@ -34,15 +34,7 @@ use crate::model::KeyringRecord;
 use crate::store::StoreError;
 use crate::store::redb::RedbStore;
 
-/// The points of a migration at which [`Environment::on_migration_step`](crate::server::Environment)
-/// is called (tests stop the process there to prove crash safety).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Step {
-    /// Everything is rewrapped and checked in memory; the store is not written yet.
-    BeforeCommit,
-    /// The one atomic write is committed; the read-back has not run yet.
-    AfterCommit,
-}
+pub use super::env::MigrationStep as Step;
 
 /// Why a migration was refused or failed. Nothing is written unless the whole
 /// migration is written.
@@ -143,7 +135,7 @@ impl fmt::Display for MigrationReport {
 
 
 /// `kms-server migrate-master --from FROM --to TO` on config files.
-pub fn migrate_master(from: &Path, to: &Path, env: &crate::server::Environment) -> Result<MigrationReport, MigrateError> {
+pub fn migrate_master(from: &Path, to: &Path, env: &super::env::Environment) -> Result<MigrationReport, MigrateError> {
     let from_cfg = ServerConfig::load(from).map_err(|err| MigrateError::Config { which: "from", err })?;
     let to_cfg = ServerConfig::load(to).map_err(|err| MigrateError::Config { which: "to", err })?;
     let mut report = migrate_master_configs(&from_cfg, &to_cfg, env)?;
@@ -171,7 +163,7 @@ fn canonical(p: &Path) -> PathBuf {
 pub fn migrate_master_configs(
     from: &ServerConfig,
     to: &ServerConfig,
-    env: &crate::server::Environment,
+    env: &super::env::Environment,
 ) -> Result<MigrationReport, MigrateError> {
     let step = |s: Step| {
         if let Some(f) = &env.on_migration_step {

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use crate::auth::{Grant, Role};
 use crate::config::{CONFIG_VERSION, MasterConfig, ServerConfig, TlsConfig};
-use crate::pki::{DevPkiPaths, create_dev_pki};
-use crate::server::{ServerError, init};
+use super::open::{StartupError, init};
+use super::pki::{DevPkiPaths, create_dev_pki};
 
 /// Dev identities and their roles. `dev` holds every role on every keyring.
 pub const DEV_IDENTITIES: &[(&str, &[Role], &str)] = &[
@@ -33,7 +33,7 @@ pub enum DevMaster {
 }
 
 /// Creates the dev directory on first run; returns its config.
-pub fn prepare(dir: &Path, listen: SocketAddr, master: DevMaster) -> Result<(ServerConfig, bool), ServerError> {
+pub fn prepare(dir: &Path, listen: SocketAddr, master: DevMaster) -> Result<(ServerConfig, bool), StartupError> {
     let cfg_path = config_path(dir);
     if cfg_path.exists() {
         let mut cfg = ServerConfig::load(&cfg_path)?;
@@ -83,17 +83,17 @@ pub fn prepare(dir: &Path, listen: SocketAddr, master: DevMaster) -> Result<(Ser
     Ok((cfg, true))
 }
 
-fn create_private_dir(dir: &Path) -> Result<(), ServerError> {
+fn create_private_dir(dir: &Path) -> Result<(), StartupError> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .map_err(|e| ServerError::Io { path: dir.to_owned(), source: e })
+        .map_err(|e| StartupError::Io { path: dir.to_owned(), source: e })
 }
 
 /// Writes `DIR/clients/NAME.toml` for every dev identity, pointing at `addr`.
-pub fn write_client_configs(dir: &Path, addr: SocketAddr) -> Result<PathBuf, ServerError> {
+pub fn write_client_configs(dir: &Path, addr: SocketAddr) -> Result<PathBuf, StartupError> {
     let clients = dir.join("clients");
     create_private_dir(&clients)?;
     let pki_dir = dir.join("pki");
@@ -113,8 +113,8 @@ pub fn write_client_configs(dir: &Path, addr: SocketAddr) -> Result<PathBuf, Ser
         );
         let p = clients.join(format!("{name}.toml"));
         let tmp = clients.join(format!(".{name}.toml.tmp"));
-        std::fs::write(&tmp, text).map_err(|e| ServerError::Io { path: tmp.clone(), source: e })?;
-        std::fs::rename(&tmp, &p).map_err(|e| ServerError::Io { path: p.clone(), source: e })?;
+        std::fs::write(&tmp, text).map_err(|e| StartupError::Io { path: tmp.clone(), source: e })?;
+        std::fs::rename(&tmp, &p).map_err(|e| StartupError::Io { path: p.clone(), source: e })?;
     }
     Ok(clients)
 }

@@ -1,0 +1,12 @@
+//! Start-up: what runs before the server serves, over the core: `init` and opening a
+//! config's key manager ([`open`]), the quick start ([`dev`]), moving the store to
+//! another master key ([`migrate`]), and what the process passes in ([`env`]).
+
+pub mod dev;
+pub mod env;
+pub mod migrate;
+pub mod open;
+pub mod pki;
+
+pub use env::{Environment, StoreLayer};
+pub use open::{StartupError, init, open_keys};

@@ -1,0 +1,62 @@
+//! `kms-server init` and opening the key manager of a config: the master key and the
+//! store, checked against each other.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::env::Environment;
+use crate::audit::AuditChain;
+use crate::config::{ConfigError, ServerConfig};
+use crate::keys::{KeyError, KeyManager};
+use crate::master::MasterError;
+use crate::store::redb::RedbStore;
+use crate::store::StoreError;
+
+/// Why the server's key manager could not be made or opened.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Master(#[from] MasterError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+    #[error(transparent)]
+    Pki(#[from] super::pki::PkiError),
+    #[error("could not create {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+/// `kms-server init`: creates the master key (software: a new key file) and an empty store.
+pub fn init(cfg: &ServerConfig) -> Result<(), StartupError> {
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| StartupError::Io { path: cfg.data_dir.clone(), source: e })?;
+    let store_path = cfg.store_path();
+    if store_path.exists() {
+        return Err(StoreError::AlreadyExists { store: store_path.display().to_string() }.into());
+    }
+    let master = crate::master::create_configured(&cfg.master)?;
+    let store = Arc::new(RedbStore::create(&store_path, AuditChain::new())?);
+    KeyManager::init_store(store, master.as_ref())?;
+    Ok(())
+}
+
+/// Opens master key and store and returns the key manager; every failure says why.
+pub fn open_keys(cfg: &ServerConfig, env: &Environment) -> Result<Arc<KeyManager>, StartupError> {
+    let chain = AuditChain::new();
+    let store = env.store(Arc::new(RedbStore::open(&cfg.store_path(), chain.clone())?));
+    let generation = crate::master::decode_generation(
+        store.get(crate::store::Table::Meta, crate::keys::MASTER_GENERATION_META.as_bytes())?.as_deref(),
+    )?;
+    let master = crate::master::open_configured(&cfg.master, generation)?;
+    master.health()?;
+    let ttl = cfg.approval_ttl_secs.unwrap_or(crate::keys::DEFAULT_APPROVAL_TTL_SECS);
+    let wait = cfg.destruction_wait_days.unwrap_or(crate::keys::DEFAULT_DESTRUCTION_WAIT_DAYS);
+    Ok(Arc::new(
+        KeyManager::open(store, &chain, generation, master, env.clock.clone())?
+            .with_approval_ttl(ttl)
+            .with_destruction_wait_days(wait),
+    ))
+}
+
