@@ -36,6 +36,7 @@ pub mod v1 {
 }
 
 pub mod audit;
+pub mod error;
 pub mod report;
 pub mod states;
 
