@@ -127,7 +127,11 @@ impl Api {
     fn audit_unavailable(&self, e: KeyError) -> Status {
         self.metrics.audit_failure();
         tracing::error!(error = %e, "audit trail not writable; request refused");
-        Status::unavailable(format!("the audit trail cannot be written, so nothing was done: {e}"))
+        kluis_proto::error::status(
+            tonic::Code::Unavailable,
+            format!("the audit trail cannot be written, so nothing was done: {e}"),
+            kluis_proto::error::Reason::AuditUnavailable,
+        )
     }
 
     /// The answer to a write whose audit entry commits with it: a store failure means
@@ -159,60 +163,85 @@ impl Api {
 }
 
 fn auth_status(e: AuthError) -> Status {
+    let (code, reason) = auth_code_reason(&e);
+    if code == tonic::Code::Internal {
+        tracing::error!(error = %e, "internal error");
+    }
+    kluis_proto::error::status(code, e.to_string(), reason)
+}
+
+/// The gRPC code and the reason of each refusal by the auth layer.
+fn auth_code_reason(e: &AuthError) -> (tonic::Code, kluis_proto::error::Reason) {
+    use kluis_proto::error::Reason;
+    use tonic::Code;
     match e {
-        AuthError::Denied { .. } | AuthError::DeniedGlobal { .. } => Status::permission_denied(e.to_string()),
-        AuthError::NoCertificate
-        | AuthError::BadCertificate
-        | AuthError::NoCommonName
-        | AuthError::NoSan { .. }
-        | AuthError::Revoked { .. } => Status::unauthenticated(e.to_string()),
-        AuthError::RevocationUnavailable => {
-            tracing::error!(error = %e, "internal error");
-            Status::internal(e.to_string())
+        AuthError::Denied { .. } | AuthError::DeniedGlobal { .. } => (Code::PermissionDenied, Reason::PermissionDenied),
+        AuthError::NoCertificate | AuthError::BadCertificate | AuthError::NoCommonName | AuthError::NoSan { .. } => {
+            (Code::Unauthenticated, Reason::CertificateNotAccepted)
         }
+        AuthError::Revoked { .. } => (Code::Unauthenticated, Reason::CertificateRevoked),
+        // Fail closed, but as the server's fault, not as a verdict on the certificate.
+        AuthError::RevocationUnavailable => (Code::Internal, Reason::Internal),
     }
 }
 
 fn key_status(e: KeyError) -> Status {
     let msg = e.to_string();
+    let (code, reason) = key_code_reason(&e);
+    if code == tonic::Code::Internal {
+        tracing::error!(error = %msg, "internal error");
+    }
+    kluis_proto::error::status(code, msg, reason)
+}
+
+/// The gRPC code and the reason of each key-layer error. No wildcard: a new
+/// `KeyError` variant does not compile until it is given both.
+fn key_code_reason(e: &KeyError) -> (tonic::Code, kluis_proto::error::Reason) {
+    use kluis_proto::error::Reason;
+    use tonic::Code;
     match e {
-        KeyError::InvalidArgument { .. } | KeyError::EscrowManifest { .. } => Status::invalid_argument(msg),
-        KeyError::KeyringNotFound { .. }
-        | KeyError::DestructionNotFound { .. }
-        | KeyError::UnknownKeyId { .. }
-        | KeyError::GrantNotFound { .. }
-        | KeyError::ApprovalNotFound { .. } => Status::not_found(msg),
-        KeyError::SelfApproval { .. } => Status::permission_denied(msg),
-        KeyError::ApprovalExpired { .. } | KeyError::ApprovalDone { .. } | KeyError::BadRetire { .. } => {
-            Status::failed_precondition(msg)
-        }
-        KeyError::KeyringExists { .. } => Status::already_exists(msg),
-        KeyError::KeyringMismatch { .. } | KeyError::UnwrapFailed { .. } => Status::invalid_argument(msg),
-        KeyError::Destroyed { .. }
-        | KeyError::KeyringDestroyed { .. }
-        | KeyError::LegalHold { .. }
-        | KeyError::NoHold { .. }
-        | KeyError::AlreadyScheduled { .. }
-        | KeyError::DestructionNotPending { .. }
-        | KeyError::NoEscrow
-        | KeyError::VersionRetired { .. }
-        | KeyError::EscrowRecipientChange { .. } => {
-            Status::failed_precondition(msg)
-        }
-        KeyError::Master(MasterError::Unavailable(_)) | KeyError::Store(StoreError::WriterGone) => {
-            Status::unavailable(msg)
-        }
-        KeyError::NotCovered => Status::permission_denied(msg),
-        KeyError::Internal { .. } => {
-            tracing::error!(error = %msg, "internal error");
-            Status::internal(msg)
-        }
-        _ => {
-            tracing::error!(error = %msg, "internal error");
-            Status::internal(msg)
-        }
+        KeyError::InvalidArgument { .. } => (Code::InvalidArgument, Reason::InvalidArgument),
+        KeyError::EscrowManifest { .. } => (Code::InvalidArgument, Reason::EscrowManifestInvalid),
+        KeyError::KeyringNotFound { .. } => (Code::NotFound, Reason::KeyringNotFound),
+        KeyError::DestructionNotFound { .. } => (Code::NotFound, Reason::DestructionNotFound),
+        KeyError::UnknownKeyId { .. } => (Code::NotFound, Reason::KeyUnknown),
+        KeyError::GrantNotFound { .. } => (Code::NotFound, Reason::GrantNotFound),
+        KeyError::ApprovalNotFound { .. } => (Code::NotFound, Reason::ApprovalNotFound),
+        KeyError::SelfApproval { .. } => (Code::PermissionDenied, Reason::SelfApproval),
+        KeyError::ApprovalExpired { .. } => (Code::FailedPrecondition, Reason::ApprovalExpired),
+        KeyError::ApprovalDone { .. } => (Code::FailedPrecondition, Reason::ApprovalAlreadyDone),
+        KeyError::BadRetire { .. } => (Code::FailedPrecondition, Reason::RetireNotPossible),
+        KeyError::KeyringExists { .. } => (Code::AlreadyExists, Reason::KeyringExists),
+        KeyError::KeyringMismatch { .. } => (Code::InvalidArgument, Reason::KeyringMismatch),
+        KeyError::UnwrapFailed { .. } => (Code::InvalidArgument, Reason::WrappedKeyNotAuthentic),
+        KeyError::Destroyed { .. } => (Code::FailedPrecondition, Reason::KeyDestroyed),
+        KeyError::KeyringDestroyed { .. } => (Code::FailedPrecondition, Reason::KeyringDestroyed),
+        KeyError::LegalHold { .. } => (Code::FailedPrecondition, Reason::LegalHold),
+        KeyError::NoHold { .. } => (Code::FailedPrecondition, Reason::NoLegalHold),
+        KeyError::AlreadyScheduled { .. } => (Code::FailedPrecondition, Reason::AlreadyScheduled),
+        KeyError::DestructionNotPending { .. } => (Code::FailedPrecondition, Reason::DestructionNotPending),
+        KeyError::NoEscrow => (Code::FailedPrecondition, Reason::NoEscrow),
+        KeyError::VersionRetired { .. } => (Code::FailedPrecondition, Reason::VersionRetired),
+        KeyError::EscrowRecipientChange { .. } => (Code::FailedPrecondition, Reason::EscrowRecipientChange),
+        KeyError::NotCovered => (Code::PermissionDenied, Reason::PermissionDenied),
+        KeyError::Master(MasterError::Unavailable(_)) => (Code::Unavailable, Reason::MasterKeyUnavailable),
+        KeyError::Store(StoreError::WriterGone) => (Code::Unavailable, Reason::StoreUnavailable),
+        KeyError::Master(_)
+        | KeyError::Store(_)
+        | KeyError::MasterMismatch { .. }
+        | KeyError::KeyringUnwrap { .. }
+        | KeyError::Audit(_)
+        | KeyError::Rewrap(_)
+        | KeyError::Internal { .. }
+        | KeyError::Rng
+        | KeyError::Join(_)
+        | KeyError::AuditKey { .. }
+        | KeyError::MasterGeneration { .. } => (Code::Internal, Reason::Internal),
     }
 }
+
+#[cfg(test)]
+mod status_tests;
 
 fn keyring_pb(k: KeyringInfo) -> pb::Keyring {
     pb::Keyring {
