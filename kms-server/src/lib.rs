@@ -18,6 +18,7 @@ pub mod secret;
 pub mod server;
 pub mod startup;
 pub mod store;
+pub mod tls;
 
 /// One line for an error and its causes (each cause added unless already in the text).
 pub fn one_line(e: &dyn std::error::Error) -> String {

@@ -9,8 +9,7 @@ use std::sync::Arc;
 use kluis_proto::v1::admin_service_server::AdminServiceServer;
 use kluis_proto::v1::audit_service_server::AuditServiceServer;
 use kluis_proto::v1::key_service_server::KeyServiceServer;
-use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 
 use crate::api::Api;
 use crate::auth::{Authenticator, Policy, RevocationError, RevocationList};
@@ -34,7 +33,7 @@ pub enum ServerError {
     #[error("TLS file {path} could not be read: {source}")]
     TlsFile { path: PathBuf, source: std::io::Error },
     #[error("TLS setup failed: {0}")]
-    Tls(#[source] tonic::transport::Error),
+    Tls(#[source] crate::tls::TlsSetupError),
     #[error("could not listen on {addr}: {source}")]
     Bind { addr: std::net::SocketAddr, source: std::io::Error },
     #[error("gRPC reflection setup failed: {0}")]
@@ -94,11 +93,12 @@ pub async fn serve(
         }
         other => ServerError::Master(other),
     })?;
-    let identity = Identity::from_pem(read(&cfg.tls.cert)?, read(&cfg.tls.key)?);
-    let tls = ServerTlsConfig::new()
-        .identity(identity)
-        .client_ca_root(Certificate::from_pem(read(&cfg.tls.client_ca)?))
-        .client_auth_optional(false);
+    let tls = crate::tls::acceptor(
+        (&cfg.tls.cert, &read(&cfg.tls.cert)?),
+        (&cfg.tls.key, &read(&cfg.tls.key)?),
+        (&cfg.tls.client_ca, &read(&cfg.tls.client_ca)?),
+    )
+    .map_err(ServerError::Tls)?;
     let policy = Arc::new(Policy::new(cfg.grants.clone()));
     policy.set_runtime(&keys.runtime_grants()?);
     let revoked = match &cfg.auth.revoked {
@@ -128,16 +128,17 @@ pub async fn serve(
     let reflection = reflection_builder().build_v1().map_err(ServerError::Reflection)?;
     let reflection_alpha = reflection_builder().build_v1alpha().map_err(ServerError::Reflection)?;
 
+    // TLS is done by our own listener (crate::tls), so a refused client certificate
+    // reaches the client as an alert rather than a reset.
+    let (incoming, _accepting) = crate::tls::incoming(listener, tls);
     Server::builder()
-        .tls_config(tls)
-        .map_err(ServerError::Tls)?
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
         .add_service(KeyServiceServer::new(api.clone()))
         .add_service(AdminServiceServer::new(api.clone()))
         .add_service(AuditServiceServer::new(api))
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(ServerError::Serve)
 }

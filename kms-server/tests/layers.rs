@@ -8,7 +8,7 @@ use std::path::Path;
 /// Lowest first. A module may use any module before it in this list.
 const LAYERS: &[&str] = &[
     "secret", "clock", "model", "store", "audit", "auth", "config", "master", "keys", "metrics", "health", "api",
-    "server", "startup", "cli",
+    "tls", "server", "startup", "cli",
 ];
 
 fn rank(m: &str) -> Option<usize> {
