@@ -1,11 +1,12 @@
 //! `backup-hook`: what backup tools pipe data through to seal and unseal with Kluis.
 //!
 //! Parses arguments, moves bytes, maps errors to exit codes; the logic lives in
-//! `kms-client`. Exit codes:
-//! 0 success, 1 other failure, 2 usage, 3 server unreachable or too slow,
-//! 4 refused by the server (role, unknown or destroyed key),
-//! 5 integrity (not a sealed file, damaged, truncated, altered),
-//! 6 input/output failure (including a closed pipe).
+//! `kms-client`. Exit codes (the table of `kms_client::class`, shared with kmsctl):
+//! 0 success, 1 other failure, 2 usage, 3 server unavailable, restarting or too slow,
+//! or the connection lost mid-request: retry later,
+//! 4 refused by the server (role, certificate, unknown or destroyed key): do not retry,
+//! 5 integrity (not a sealed file, damaged, truncated, altered, a wrapped key that
+//! does not authenticate), 6 input/output failure (including a closed pipe).
 //!
 //! `passphrase` uses the same codes: 3 also when its own overall deadline (`--timeout`)
 //! passes, 5 when the key file is not a passphrase key file, 1 when `--create` finds the
@@ -27,6 +28,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use kluis_age::sealed::{SealError, UnsealError};
+use kms_client::class::ErrorClass;
 use kms_client::client::ClientError;
 use kms_client::config::ClientConfig;
 use kms_client::hook::{Hook, HookError, unseal_offline};
@@ -177,12 +179,13 @@ impl Failure {
     }
 }
 
-const EXIT_OTHER: u8 = 1;
-const EXIT_USAGE: u8 = 2;
-const EXIT_UNREACHABLE: u8 = 3;
-const EXIT_REFUSED: u8 = 4;
-const EXIT_INTEGRITY: u8 = 5;
-const EXIT_IO: u8 = 6;
+// The exit-code table is kms-client's, shared with kmsctl.
+const EXIT_OTHER: u8 = ErrorClass::Other.exit_code();
+const EXIT_USAGE: u8 = ErrorClass::Usage.exit_code();
+const EXIT_UNREACHABLE: u8 = ErrorClass::Unavailable.exit_code();
+const EXIT_REFUSED: u8 = ErrorClass::Refused.exit_code();
+const EXIT_INTEGRITY: u8 = ErrorClass::Integrity.exit_code();
+const EXIT_IO: u8 = ErrorClass::Io.exit_code();
 
 fn io_failure(what: &str, e: &io::Error) -> Failure {
     if e.kind() == io::ErrorKind::BrokenPipe {
@@ -193,16 +196,7 @@ fn io_failure(what: &str, e: &io::Error) -> Failure {
 }
 
 fn client_failure(e: &ClientError) -> Failure {
-    let code = if e.is_unreachable() {
-        EXIT_UNREACHABLE
-    } else if e.is_refusal() || matches!(e, ClientError::NotFound { .. } | ClientError::FailedPrecondition { .. }) {
-        EXIT_REFUSED
-    } else if matches!(e, ClientError::InvalidArgument { .. }) && e.to_string().contains("wrapped") {
-        EXIT_INTEGRITY
-    } else {
-        EXIT_OTHER
-    };
-    Failure::new(code, e.to_string())
+    Failure::new(e.class().exit_code(), e.to_string())
 }
 
 impl From<HookError> for Failure {

@@ -4,6 +4,7 @@ pub use kluis_proto::states::{ApprovalState, DataKeyState, DestructionKind, Dest
 use std::collections::BTreeMap;
 
 use kluis_age::secret::{DataKey, IssuedKey};
+use kluis_proto::error::{Reason, reason_of};
 use kluis_proto::v1 as pb;
 use kluis_proto::v1::admin_service_client::AdminServiceClient;
 use kluis_proto::v1::audit_service_client::AuditServiceClient;
@@ -11,9 +12,13 @@ use kluis_proto::v1::key_service_client::KeyServiceClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use zeroize::Zeroize;
 
+use crate::class::ErrorClass;
 use crate::config::{ClientConfig, ConfigError};
 
 /// Errors talking to the server.
+///
+/// What a program does with one is decided by [`ClientError::class`], from the
+/// variant, the gRPC code and the server's [`Reason`], never from the text.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error(transparent)]
@@ -22,52 +27,144 @@ pub enum ClientError {
     ReadFile { path: std::path::PathBuf, source: std::io::Error },
     #[error("invalid server endpoint {endpoint:?}: {source}")]
     Endpoint { endpoint: String, source: tonic::transport::Error },
+    /// No connection: nothing listens, the server is down or restarting, or the TLS
+    /// handshake was cut short without an alert.
     #[error("cannot reach the Kluis server at {endpoint}: {source}")]
     Connect { endpoint: String, source: tonic::transport::Error },
+    /// The server sent a TLS alert: it rejected this client's certificate (or TLS settings).
     #[error("the TLS connection to {endpoint} was refused ({detail}); check that this client's certificate is signed by the server's client CA, unexpired and not revoked")]
     TlsRejected { endpoint: String, detail: String },
-    #[error("the Kluis server at {endpoint} closed the connection during the request; if it persists, check that this client's certificate is signed by the server's client CA, unexpired and not revoked")]
-    ConnectionClosed { endpoint: String },
-    #[error("the Kluis server refused: {message}")]
-    PermissionDenied { message: String },
-    #[error("the Kluis server did not accept this client's certificate: {message}")]
-    Unauthenticated { message: String },
-    #[error("{message}")]
-    NotFound { message: String },
-    #[error("the server rejected the request: {message}")]
-    InvalidArgument { message: String },
-    #[error("{message}")]
-    FailedPrecondition { message: String },
-    #[error("{message}")]
-    AlreadyExists { message: String },
-    #[error("the Kluis server at {endpoint} is unavailable: {message}")]
-    Unavailable { endpoint: String, message: String },
+    /// This client does not accept the server's certificate.
+    #[error("the Kluis server at {endpoint} presented a certificate this client does not trust ({detail}); check `ca` and `server_name` in the client config")]
+    ServerNotTrusted { endpoint: String, detail: String },
+    /// Any other TLS failure on this side (no common protocol, a malformed record, ...).
+    #[error("TLS with the Kluis server at {endpoint} failed: {detail}")]
+    Tls { endpoint: String, detail: String },
+    /// The connection broke while a request was in flight (server killed or
+    /// restarting, network): nothing says the request was refused.
+    #[error("the connection to the Kluis server at {endpoint} was lost during the request ({detail}); the server is unavailable or restarting: retry later")]
+    ConnectionLost { endpoint: String, detail: String },
     #[error("the Kluis server at {endpoint} did not answer in time")]
     DeadlineExceeded { endpoint: String },
-    #[error("the Kluis server failed ({code:?}): {message}")]
-    Server { code: tonic::Code, message: String },
+    /// The server answered with an error status. `reason` is `None` when the status
+    /// carries no Kluis `ErrorInfo` (an older server, or the gRPC stack).
+    #[error("{}", server_text(.endpoint, *.code, .message))]
+    Server { endpoint: String, code: tonic::Code, reason: Option<Reason>, message: String },
     #[error("the server's answer is malformed: {what}")]
     BadResponse { what: &'static str },
 }
 
+fn server_text(endpoint: &str, code: tonic::Code, message: &str) -> String {
+    use tonic::Code;
+    match code {
+        Code::PermissionDenied => format!("the Kluis server refused: {message}"),
+        Code::Unauthenticated => format!("the Kluis server did not accept this client's certificate: {message}"),
+        Code::NotFound | Code::FailedPrecondition | Code::AlreadyExists => message.to_owned(),
+        Code::InvalidArgument => format!("the server rejected the request: {message}"),
+        Code::Unavailable => format!("the Kluis server at {endpoint} is unavailable: {message}"),
+        code => format!("the Kluis server failed ({code:?}): {message}"),
+    }
+}
+
 impl ClientError {
-    /// True when the server could not be reached or did not answer.
-    pub fn is_unreachable(&self) -> bool {
-        matches!(
-            self,
-            ClientError::Connect { .. }
-                | ClientError::Unavailable { .. }
-                | ClientError::DeadlineExceeded { .. }
-                | ClientError::ConnectionClosed { .. }
-        )
+    /// What this failure means for the caller (and so the exit code).
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            ClientError::Config(_) | ClientError::ReadFile { .. } | ClientError::Endpoint { .. } => ErrorClass::Other,
+            ClientError::Connect { .. } | ClientError::ConnectionLost { .. } | ClientError::DeadlineExceeded { .. } => {
+                ErrorClass::Unavailable
+            }
+            ClientError::TlsRejected { .. } | ClientError::ServerNotTrusted { .. } => ErrorClass::Refused,
+            ClientError::Tls { .. } | ClientError::BadResponse { .. } => ErrorClass::Other,
+            ClientError::Server { code, reason, .. } => match reason {
+                Some(r) => ErrorClass::of_reason(*r),
+                None => ErrorClass::of_code(*code),
+            },
+        }
     }
-    /// True when the server refused the caller (role, certificate).
-    pub fn is_refusal(&self) -> bool {
-        matches!(
-            self,
-            ClientError::PermissionDenied { .. } | ClientError::Unauthenticated { .. } | ClientError::TlsRejected { .. }
-        )
+
+    /// The gRPC code of a server answer.
+    pub fn code(&self) -> Option<tonic::Code> {
+        match self {
+            ClientError::Server { code, .. } => Some(*code),
+            _ => None,
+        }
     }
+
+    /// The server's reason, when it sent one.
+    pub fn reason(&self) -> Option<Reason> {
+        match self {
+            ClientError::Server { reason, .. } => *reason,
+            _ => None,
+        }
+    }
+
+    /// The error for a failed call to `endpoint`: a TLS alert or a lost connection
+    /// (recognised by the error types in the status's source chain), or the server's
+    /// answer with its code and reason.
+    pub fn from_status(endpoint: &str, s: tonic::Status) -> Self {
+        let endpoint = endpoint.to_owned();
+        // A status with a source was made on this side, from a transport error.
+        if let Some(source) = std::error::Error::source(&s) {
+            if let Some(tls) = rustls_error(source) {
+                return ClientError::from_tls(endpoint, tls);
+            }
+            // On an established connection h2 passes the TLS failure up as an io::Error
+            // it rebuilt from the kind and the text, without the rustls error; the kind
+            // (InvalidData, which tokio-rustls gives every TLS failure and a plain TCP
+            // socket never does) still says TLS refused the connection: in practice the
+            // server's alert after it checked this client's certificate (TLS 1.3).
+            if let Some(io) = chain(source)
+                .filter_map(|e| e.downcast_ref::<std::io::Error>())
+                .find(|io| io.kind() == std::io::ErrorKind::InvalidData)
+            {
+                return ClientError::TlsRejected { endpoint, detail: io.to_string() };
+            }
+            if chain(source).any(|e| e.is::<tonic::TimeoutExpired>()) {
+                return ClientError::DeadlineExceeded { endpoint };
+            }
+            if matches!(s.code(), tonic::Code::Cancelled | tonic::Code::Unknown) {
+                let detail = chain(source).last().map(ToString::to_string).unwrap_or_default();
+                return ClientError::ConnectionLost { endpoint, detail };
+            }
+        }
+        match s.code() {
+            tonic::Code::DeadlineExceeded => ClientError::DeadlineExceeded { endpoint },
+            code => ClientError::Server { endpoint, code, reason: reason_of(&s), message: s.message().to_owned() },
+        }
+    }
+
+    /// The error for a failed connect: TLS (by the rustls error in the chain) or unreachable.
+    fn from_connect(endpoint: &str, e: tonic::transport::Error) -> Self {
+        match rustls_error(&e) {
+            Some(tls) => ClientError::from_tls(endpoint.to_owned(), tls),
+            None => ClientError::Connect { endpoint: endpoint.to_owned(), source: e },
+        }
+    }
+
+    fn from_tls(endpoint: String, e: &rustls::Error) -> Self {
+        let detail = e.to_string();
+        match e {
+            rustls::Error::AlertReceived(_) => ClientError::TlsRejected { endpoint, detail },
+            rustls::Error::InvalidCertificate(_) => ClientError::ServerNotTrusted { endpoint, detail },
+            _ => ClientError::Tls { endpoint, detail },
+        }
+    }
+}
+
+/// `e` and its sources.
+fn chain<'a>(e: &'a (dyn std::error::Error + 'static)) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(e), |e| e.source())
+}
+
+/// The rustls error behind a transport error, if TLS failed. tokio-rustls hands it
+/// up inside an `io::Error`, whose `source()` skips it, so look inside those too.
+fn rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    chain(e).find_map(|e| {
+        e.downcast_ref::<rustls::Error>().or_else(|| {
+            e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()).and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        })
+    })
 }
 
 /// An unwrapped data key with the context the server recorded.
@@ -266,7 +363,7 @@ impl KmsClient {
         // The endpoint's connect timeout covers TCP only; the deadline must also
         // cover the TLS handshake (a peer that accepts but never answers).
         let channel = match tokio::time::timeout(cfg.connect_timeout(), endpoint.connect()).await {
-            Ok(r) => r.map_err(|e| ClientError::Connect { endpoint: cfg.endpoint.clone(), source: e })?,
+            Ok(r) => r.map_err(|e| ClientError::from_connect(&cfg.endpoint, e))?,
             Err(_) => return Err(ClientError::DeadlineExceeded { endpoint: cfg.endpoint.clone() }),
         };
         Ok(Self {
@@ -278,29 +375,7 @@ impl KmsClient {
     }
 
     fn status(&self, s: tonic::Status) -> ClientError {
-        let message = s.message().to_owned();
-        if let Some(detail) = tls_failure(&s) {
-            return ClientError::TlsRejected { endpoint: self.endpoint.clone(), detail };
-        }
-        // With TLS 1.3 a server that rejects the client certificate may close the
-        // connection before the client reads its alert: the request is then only
-        // "canceled". Say what that usually means.
-        if matches!(s.code(), tonic::Code::Cancelled | tonic::Code::Unknown) && std::error::Error::source(&s).is_some() {
-            return ClientError::ConnectionClosed { endpoint: self.endpoint.clone() };
-        }
-        match s.code() {
-            tonic::Code::PermissionDenied => ClientError::PermissionDenied { message },
-            tonic::Code::Unauthenticated => ClientError::Unauthenticated { message },
-            tonic::Code::NotFound => ClientError::NotFound { message },
-            tonic::Code::InvalidArgument => ClientError::InvalidArgument { message },
-            tonic::Code::FailedPrecondition => ClientError::FailedPrecondition { message },
-            tonic::Code::AlreadyExists => ClientError::AlreadyExists { message },
-            tonic::Code::Unavailable => ClientError::Unavailable { endpoint: self.endpoint.clone(), message },
-            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
-                ClientError::DeadlineExceeded { endpoint: self.endpoint.clone() }
-            }
-            code => ClientError::Server { code, message },
-        }
+        ClientError::from_status(&self.endpoint, s)
     }
 
     /// Asks for a fresh data key for one backup object.
@@ -453,19 +528,6 @@ impl KmsClient {
             .map_err(|s| self.status(s))?;
         Ok(escrow_status(r.into_inner()))
     }
-}
-
-/// A TLS-layer failure hidden behind a transport error, described by the deepest source.
-fn tls_failure(s: &tonic::Status) -> Option<String> {
-    let mut chain = Vec::new();
-    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(s);
-    while let Some(e) = src {
-        chain.push(e.to_string());
-        src = e.source();
-    }
-    let joined = chain.join(": ").to_lowercase();
-    let tls = ["certificate", "alert", "tls", "handshake"].iter().any(|k| joined.contains(k));
-    tls.then(|| chain.last().cloned().unwrap_or_default())
 }
 
 impl KmsClient {
@@ -643,5 +705,127 @@ fn escrow_status(s: pb::EscrowStatus) -> EscrowStatus {
         custodians: s.custodians,
         keys_without_escrow: s.keys_without_escrow,
         previous_recipients: s.previous_recipients,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use tonic::{Code, Status};
+
+    const EP: &str = "https://kms.example:8443";
+
+    /// A status as the client reads it off the wire (headers and details only).
+    fn over_the_wire(s: Status) -> Status {
+        Status::from_header_map(s.into_http::<()>().headers()).unwrap()
+    }
+
+    #[test]
+    fn every_reason_from_the_server_gives_its_class() {
+        for &r in Reason::ALL {
+            let sent = kluis_proto::error::status(Code::FailedPrecondition, "m", r);
+            let e = ClientError::from_status(EP, over_the_wire(sent));
+            assert_eq!(e.reason(), Some(r));
+            assert_eq!(e.code(), Some(Code::FailedPrecondition));
+            assert_eq!(e.class(), ErrorClass::of_reason(r), "{r}");
+        }
+    }
+
+    #[test]
+    fn the_reason_decides_where_one_code_covers_several_failures() {
+        let tampered = kluis_proto::error::status(Code::InvalidArgument, "does not authenticate", Reason::WrappedKeyNotAuthentic);
+        assert_eq!(ClientError::from_status(EP, over_the_wire(tampered)).class(), ErrorClass::Integrity);
+        let mismatch = kluis_proto::error::status(Code::InvalidArgument, "belongs to keyring b", Reason::KeyringMismatch);
+        assert_eq!(ClientError::from_status(EP, over_the_wire(mismatch)).class(), ErrorClass::Integrity);
+        // The same code and even the same words, without the integrity reason: not integrity.
+        let field = kluis_proto::error::status(Code::InvalidArgument, "invalid wrapped_key: empty", Reason::InvalidArgument);
+        assert_eq!(ClientError::from_status(EP, over_the_wire(field)).class(), ErrorClass::Other);
+        let audit = kluis_proto::error::status(Code::Unavailable, "the audit trail cannot be written", Reason::AuditUnavailable);
+        assert_eq!(ClientError::from_status(EP, over_the_wire(audit)).class(), ErrorClass::Unavailable);
+    }
+
+    /// Version skew: an older server sends no ErrorInfo; the code still decides.
+    #[test]
+    fn a_status_without_details_is_classified_by_its_code() {
+        let cases = [
+            (Status::permission_denied("principal \"sealer\" may not UnwrapDataKey"), ErrorClass::Refused),
+            (Status::unauthenticated("the client certificate is revoked"), ErrorClass::Refused),
+            (Status::not_found("data key k1 is not known to this server"), ErrorClass::Refused),
+            (Status::failed_precondition("keyring \"k\" was destroyed"), ErrorClass::Refused),
+            (Status::unavailable("the audit trail cannot be written"), ErrorClass::Unavailable),
+            // Before reasons, this was exit 5 only because its text said "wrapped".
+            (Status::invalid_argument("the wrapped data key k1 does not authenticate"), ErrorClass::Other),
+            (Status::already_exists("keyring \"k\" already exists"), ErrorClass::Other),
+            (Status::internal("internal error: x"), ErrorClass::Other),
+        ];
+        for (s, class) in cases {
+            let text = s.message().to_owned();
+            let e = ClientError::from_status(EP, over_the_wire(s));
+            assert_eq!(e.reason(), None, "{text}");
+            assert!(matches!(e, ClientError::Server { .. }), "{e:?}");
+            assert_eq!(e.class(), class, "{text}");
+        }
+        let deadline = ClientError::from_status(EP, Status::deadline_exceeded("too slow"));
+        assert!(matches!(deadline, ClientError::DeadlineExceeded { .. }), "{deadline:?}");
+        assert_eq!(deadline.class(), ErrorClass::Unavailable);
+    }
+
+    /// A transport error as tonic hands it up: Unknown (or another code) with a source.
+    fn transport(e: impl std::error::Error + Send + Sync + 'static) -> Status {
+        Status::from_error(Box::new(e))
+    }
+
+    #[test]
+    fn a_connection_lost_mid_request_is_unavailable_and_does_not_blame_the_certificate() {
+        for kind in [std::io::ErrorKind::ConnectionReset, std::io::ErrorKind::BrokenPipe, std::io::ErrorKind::UnexpectedEof] {
+            let e = ClientError::from_status(EP, transport(std::io::Error::new(kind, "gone")));
+            assert!(matches!(e, ClientError::ConnectionLost { .. }), "{e:?}");
+            assert_eq!(e.class(), ErrorClass::Unavailable);
+            assert_eq!(e.class().exit_code(), 3);
+            let text = e.to_string();
+            assert!(text.contains("retry later") && !text.contains("certificate"), "{text}");
+        }
+        // Cancelled with a transport source (hyper's "canceled") is the same.
+        let mut s = Status::cancelled("connection closed");
+        s.set_source(std::sync::Arc::new(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset")));
+        assert!(matches!(ClientError::from_status(EP, s), ClientError::ConnectionLost { .. }));
+    }
+
+    #[test]
+    fn a_tls_alert_from_the_server_is_a_refusal() {
+        use rustls::AlertDescription as A;
+        for alert in [A::BadCertificate, A::UnknownCA, A::CertificateRevoked, A::CertificateExpired, A::DecryptError, A::CertificateRequired] {
+            // tokio-rustls hands the rustls error up inside an io::Error.
+            let io = std::io::Error::new(std::io::ErrorKind::InvalidData, rustls::Error::AlertReceived(alert));
+            let e = ClientError::from_status(EP, transport(io));
+            assert!(matches!(e, ClientError::TlsRejected { .. }), "{alert:?}: {e:?}");
+            assert_eq!(e.class(), ErrorClass::Refused);
+            assert!(e.to_string().contains("client's certificate"), "{e}");
+        }
+        // This client not trusting the server's certificate is a refusal too, worded as such.
+        let io = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+        );
+        let e = ClientError::from_status(EP, transport(io));
+        assert!(matches!(e, ClientError::ServerNotTrusted { .. }), "{e:?}");
+        assert_eq!(e.class(), ErrorClass::Refused);
+    }
+
+    #[test]
+    fn a_request_timeout_is_a_deadline_not_a_lost_connection() {
+        let e = ClientError::from_status(EP, transport(tonic::TimeoutExpired(())));
+        assert!(matches!(e, ClientError::DeadlineExceeded { .. }), "{e:?}");
+        assert_eq!(e.class(), ErrorClass::Unavailable);
+    }
+
+    #[test]
+    fn local_failures_have_their_class() {
+        assert_eq!(ClientError::BadResponse { what: "x" }.class(), ErrorClass::Other);
+        let read = ClientError::ReadFile { path: "/nonexistent".into(), source: std::io::Error::other("no") };
+        assert_eq!(read.class(), ErrorClass::Other);
+        assert_eq!(ClientError::DeadlineExceeded { endpoint: EP.into() }.class(), ErrorClass::Unavailable);
     }
 }

@@ -68,6 +68,7 @@ use kluis_age::fsutil::{self, parent_dir};
 use kluis_age::sealed::{IO_BUF, KluisIdentity, KluisStanza, STANZA_TAG, UnsealError, header_read_error, parse_stanza};
 use kluis_age::secret::DataKey;
 use kluis_age::stream::{ENC_CHUNK_SIZE, NONCE_SIZE, PayloadKey, TAG_SIZE, header};
+use kluis_proto::error::Reason;
 use zeroize::Zeroizing;
 
 use crate::client::{ClientError, Rewrapped, UnwrappedKey};
@@ -281,17 +282,15 @@ impl RawHeader {
 }
 
 fn server_error(e: ClientError, keyring: &str) -> RewrapError {
-    match e {
-        ClientError::PermissionDenied { .. } => RewrapError::NeedsRestorer { keyring: keyring.to_owned(), source: e },
-        e => {
-            let hint = if e.to_string().contains("retired") {
-                " (a file whose keyring version is retired can no longer be rewrapped; only the escrow recovery key opens it)"
-            } else {
-                ""
-            };
-            RewrapError::Server { source: e, hint }
-        }
+    if e.code() == Some(tonic::Code::PermissionDenied) {
+        return RewrapError::NeedsRestorer { keyring: keyring.to_owned(), source: e };
     }
+    let hint = if e.reason() == Some(Reason::VersionRetired) {
+        " (a file whose keyring version is retired can no longer be rewrapped; only the escrow recovery key opens it)"
+    } else {
+        ""
+    };
+    RewrapError::Server { source: e, hint }
 }
 
 /// Opens the file key of `stanza` with `dk`.
@@ -610,6 +609,11 @@ mod tests {
     use kluis_age::sealed;
     use kluis_age::secret::IssuedKey;
 
+    /// A server answer as the real client reads it off the wire.
+    fn fake_status(code: tonic::Code, message: &str, reason: Reason) -> ClientError {
+        ClientError::from_status("fake", kluis_proto::error::status(code, message, reason))
+    }
+
     /// A pretend server: wrapped = version || (data key XOR pad(version, key id)) || filler.
     struct Fake {
         keys: HashMap<String, [u8; 32]>,
@@ -660,15 +664,15 @@ mod tests {
 
         fn open(&self, st: &KluisStanza) -> Result<([u8; 32], u32), ClientError> {
             if self.deny {
-                return Err(ClientError::PermissionDenied { message: "sealer may not unwrap".into() });
+                return Err(fake_status(tonic::Code::PermissionDenied, "sealer may not unwrap", Reason::PermissionDenied));
             }
-            let dk = self.keys.get(&st.key_id).ok_or(ClientError::NotFound { message: "unknown key".into() })?;
+            let dk = self.keys.get(&st.key_id).ok_or_else(|| fake_status(tonic::Code::NotFound, "unknown key", Reason::KeyUnknown))?;
             let v = u32::from(st.wrapped[0]);
             if v < self.retired_below.get() {
-                return Err(ClientError::FailedPrecondition { message: format!("keyring default version {v} is retired") });
+                return Err(fake_status(tonic::Code::FailedPrecondition, &format!("keyring default version {v} is retired"), Reason::VersionRetired));
             }
             if st.wrapped != self.wrap(&st.key_id, dk, v) {
-                return Err(ClientError::InvalidArgument { message: "the wrapped key does not open".into() });
+                return Err(fake_status(tonic::Code::InvalidArgument, "the wrapped key does not open", Reason::WrappedKeyNotAuthentic));
             }
             Ok((*dk, v))
         }

@@ -823,7 +823,7 @@ fn removing_the_escrow_needs_a_second_officer() {
     assert_eq!(st["installed"], false, "{st}");
     assert_eq!(st["previous_recipients"][0], m["recovery_recipient"], "{st}");
     assert!(!has_recovery_stanza(&seal(&server, "sealer", "default", "no-escrow", b"z")), "no recipient after removal");
-    refused(&server.kmsctl("officer", &["escrow", "remove"]), 1, &["no escrow manifest is in force"]);
+    refused(&server.kmsctl("officer", &["escrow", "remove"]), 4, &["no escrow manifest is in force"]);
     // Backups sealed while it was in force still open with the recovery key.
     let texts = decrypt_all_with_crate(&w.join("ceremony"), &cs, w);
     let key = w.join("recovery.key");
@@ -857,7 +857,7 @@ fn forged_manifests_and_silent_recipient_switches_are_refused() {
     // An unrelated ceremony (another recipient) is not installed silently over it.
     let (other, other_json) = ceremony(&tmp.path().join("second"), 2, &cs);
     let o = install(&server, "officer", &other);
-    refused(&o, 1, &["differs from the one in force", "--new-recipient"]);
+    refused(&o, 4, &["differs from the one in force", "--new-recipient"]);
     assert_eq!(status_json(&server, "officer")["recovery_recipient"], json["recovery_recipient"]);
     let cfg = server.client("officer");
     ok(&kmsctl(&cfg, &["escrow", "install", "--new-recipient", s(&other)]), "install --new-recipient");

@@ -92,13 +92,13 @@ fn destruction_is_scheduled_cancelled_held_and_carried_out_after_the_wait() {
     assert_eq!(destruction_state(&w, 1), "scheduled");
     let shown = ok(&kmsctl(&w.officer, &["key", "show", &key_id(&a)]));
     assert!(shown.contains("scheduled:  destruction 1"), "{shown}");
-    refused(&kmsctl(&w.officer, &["key", "destroy", &key_id(&a)]), 1, "already has destruction 1 scheduled");
+    refused(&kmsctl(&w.officer, &["key", "destroy", &key_id(&a)]), 4, "already has destruction 1 scheduled");
     assert_eq!(unseal(&w.server, "restorer", &a).stdout, b"backup a", "still inside the waiting period");
 
     // Cancelled: nothing happens even long after the due date.
     ok(&kmsctl(&w.officer2, &["destruction", "cancel", "1"]));
     assert_eq!(destruction_state(&w, 1), "cancelled");
-    refused(&kmsctl(&w.officer, &["destruction", "cancel", "1"]), 1, "cannot be cancelled: it is cancelled");
+    refused(&kmsctl(&w.officer, &["destruction", "cancel", "1"]), 4, "cannot be cancelled: it is cancelled");
     w.set_time(w.t0 + 8 * DAY);
     assert_eq!(unseal(&w.server, "restorer", &a).stdout, b"backup a");
 
@@ -106,7 +106,7 @@ fn destruction_is_scheduled_cancelled_held_and_carried_out_after_the_wait() {
     let out = kmsctl(&w.officer, &["key", "destroy", &key_id(&b)]);
     w.approve_as_second(&out);
     ok(&kmsctl(&w.officer, &["keyring", "hold", "default", "--reason", "court order 2026-117"]));
-    refused(&kmsctl(&w.officer, &["key", "destroy", &key_id(&c)]), 1, "under legal hold");
+    refused(&kmsctl(&w.officer, &["key", "destroy", &key_id(&c)]), 4, "under legal hold");
     w.set_time(w.t0 + 20 * DAY);
     assert_eq!(destruction_state(&w, 2), "held");
     assert_eq!(unseal(&w.server, "restorer", &b).stdout, b"backup b", "a hold blocks a due destruction");
@@ -115,7 +115,7 @@ fn destruction_is_scheduled_cancelled_held_and_carried_out_after_the_wait() {
 
     // Released: the due destruction goes ahead, and the refusal names the date.
     ok(&kmsctl(&w.officer, &["keyring", "release", "default"]));
-    refused(&kmsctl(&w.officer, &["keyring", "release", "default"]), 1, "has no legal hold to release");
+    refused(&kmsctl(&w.officer, &["keyring", "release", "default"]), 4, "has no legal hold to release");
     let out = unseal(&w.server, "restorer", &b);
     let day = &w.date(w.t0 + 20 * DAY)[..10];
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));

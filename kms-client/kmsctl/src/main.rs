@@ -1,6 +1,8 @@
 //! `kmsctl`: for the security officer, the auditor and the custodians.
-//! Exit codes: 0 success, 1 failure, 2 usage, 3 server unreachable, 4 refused by the server,
-//! 5 an audit export that does not verify.
+//! Exit codes (the table of `kms_client::class`, shared with backup-hook): 0 success,
+//! 1 failure, 2 usage, 3 server unavailable (retry later), 4 refused by the server (do
+//! not retry), 5 integrity (an audit export that does not verify, a wrapped key that
+//! does not authenticate).
 #![forbid(unsafe_code)]
 
 use std::io::Write;
@@ -10,6 +12,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use kluis_escrow::Manifest;
 use kluis_proto::audit::ExportLine;
+use kms_client::class::ErrorClass;
 use kms_client::client::{
     ApprovalInfo, ClientError, DataKeyState, DestroyOutcome, DestructionInfo, DestructionState, KeyringInfo, KmsClient,
 };
@@ -260,19 +263,12 @@ struct Failure {
 
 impl From<ClientError> for Failure {
     fn from(e: ClientError) -> Self {
-        let code = if e.is_unreachable() {
-            3
-        } else if e.is_refusal() {
-            4
-        } else {
-            1
-        };
-        Failure { code, message: e.to_string() }
+        Failure { code: e.class().exit_code(), message: e.to_string() }
     }
 }
 
 fn fail(message: impl Into<String>) -> Failure {
-    Failure { code: 1, message: message.into() }
+    Failure { code: ErrorClass::Other.exit_code(), message: message.into() }
 }
 
 /// Writes `value` as pretty JSON and a newline.
@@ -451,7 +447,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 .map_err(io)?;
             }
             Cmd::Report { since, format } => {
-                let format: kmsctl::report::ReportFormat = format.parse().map_err(|e: kmsctl::report::ReportFormatError| Failure { code: 2, message: e.to_string() })?;
+                let format: kmsctl::report::ReportFormat = format.parse().map_err(|e: kmsctl::report::ReportFormatError| Failure { code: ErrorClass::Usage.exit_code(), message: e.to_string() })?;
                 let report = client.report(since.as_deref()).await?;
                 out.write_all(kmsctl::report::render(&report, format).as_bytes()).map_err(io)?;
             }
@@ -618,7 +614,7 @@ fn verify_audit(out: &mut dyn Write, file: &std::path::Path, key: &[u8]) -> Resu
             .map_err(|e| fail(e.to_string()))?;
             Ok(())
         }
-        Err(e) => Err(Failure { code: 5, message: format!("audit trail NOT intact: {e}") }),
+        Err(e) => Err(Failure { code: ErrorClass::Integrity.exit_code(), message: format!("audit trail NOT intact: {e}") }),
     }
 }
 
