@@ -61,7 +61,7 @@ fn server_text(endpoint: &str, code: tonic::Code, message: &str) -> String {
         Code::Unauthenticated => format!("the Kluis server did not accept this client's certificate: {message}"),
         Code::NotFound | Code::FailedPrecondition | Code::AlreadyExists => message.to_owned(),
         Code::InvalidArgument => format!("the server rejected the request: {message}"),
-        Code::Unavailable => format!("the Kluis server at {endpoint} is unavailable: {message}"),
+        Code::Unavailable => format!("the Kluis server at {endpoint} is unavailable: {message}; retry later"),
         code => format!("the Kluis server failed ({code:?}): {message}"),
     }
 }
