@@ -656,7 +656,7 @@ impl pb::admin_service_server::AdminService for Api {
             Ok(r) => r,
             Err(e) => return Err(self.fail(&ev, key_status(e)).await),
         };
-        let json = serde_json::to_string(&report).map_err(|e| Status::internal(format!("report encoding: {e}")))?;
+        let json = serde_json::to_string(&report).map_err(|e| kluis_proto::error::status(tonic::Code::Internal, format!("report encoding: {e}"), kluis_proto::error::Reason::Internal))?;
         self.done(&ev).await?;
         Ok(Response::new(pb::Report { json }))
     }

@@ -28,6 +28,10 @@ use tokio_stream::wrappers::ReceiverStream;
 /// How long a refused connection is kept open for the client to read the alert.
 pub const LINGER: Duration = Duration::from_secs(5);
 
+/// How long a client has to complete its TLS handshake. A connection that has not
+/// finished by then is closed, so a peer that connects and stalls holds no task.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Why the TLS configuration could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSetupError {
@@ -109,14 +113,15 @@ pub fn incoming(listener: TcpListener, acceptor: TlsAcceptor) -> (ReceiverStream
             let _ = tcp.set_nodelay(true);
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
-                match acceptor.accept(tcp).into_fallible().await {
-                    Ok(tls) => {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp).into_fallible()).await {
+                    Ok(Ok(tls)) => {
                         let _ = tx.send(Ok(tls)).await;
                     }
-                    Err((e, tcp)) => {
+                    Ok(Err((e, tcp))) => {
                         tracing::debug!(error = %e, "TLS handshake failed");
                         linger(tcp).await;
                     }
+                    Err(_) => tracing::debug!("TLS handshake not completed in time; connection closed"),
                 }
             });
         }
