@@ -677,6 +677,9 @@ fn mac_of(text: &[u8]) -> Result<[u8; 32], Rule> {
 }
 
 #[cfg(test)]
+mod grammar_tests;
+
+#[cfg(test)]
 mod replace_tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
