@@ -63,7 +63,7 @@ use std::ops::Range;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use age_core::format::{FileKey, Stanza, read::legacy_age_stanza};
+use age_core::format::{FileKey, Stanza};
 use kluis_age::fsutil::{self, parent_dir};
 use kluis_age::sealed::{IO_BUF, KluisIdentity, KluisStanza, STANZA_TAG, UnsealError, header_read_error, parse_stanza};
 use kluis_age::secret::DataKey;
@@ -74,7 +74,6 @@ use zeroize::Zeroizing;
 use crate::client::{ClientError, Rewrapped, UnwrappedKey};
 use crate::hook::Hook;
 
-const V1_LINE: &[u8] = b"age-encryption.org/v1\n";
 const JOURNAL_SUFFIX: &str = ".kluis-rewrap";
 
 /// What a rewrap needs from the server. [`Hook`] is the real one.
@@ -231,34 +230,12 @@ struct RawHeader {
 }
 
 impl RawHeader {
-    /// `bytes` and `parsed`, the result of `header::parse(&bytes)`.
-    fn from_parsed(bytes: Vec<u8>, parsed: header::Header) -> Result<Self, RewrapError> {
-        let damaged = || RewrapError::Integrity(UnsealError::HeaderDamaged);
-        // The same "---" header::parse stops at: the first one at a line start.
-        let from = V1_LINE.len() - 1;
-        let dashes = bytes
-            .get(from..)
-            .and_then(|b| b.windows(4).position(|w| w == b"\n---"))
-            .map(|p| from + p + 1)
-            .ok_or_else(damaged)?;
-        let dashes_end = dashes + 3;
-        let section = &bytes[..dashes_end];
-        let mut spans = Vec::with_capacity(parsed.stanzas.len());
-        let mut pos = V1_LINE.len();
-        while pos < dashes {
-            match legacy_age_stanza(&section[pos..]) {
-                Ok((rest, _)) if section.len() - rest.len() > pos => {
-                    let end = section.len() - rest.len();
-                    spans.push(pos..end);
-                    pos = end;
-                }
-                _ => return Err(damaged()),
-            }
-        }
-        if pos != dashes || spans.len() != parsed.stanzas.len() {
-            return Err(damaged());
-        }
-        Ok(Self { bytes, parsed, spans, dashes_end })
+    /// `bytes` and `parsed`, the result of `header::parse(&bytes)` (so the parser's
+    /// stanza spans and MAC input are positions in `bytes`).
+    fn from_parsed(bytes: Vec<u8>, parsed: header::Header) -> Self {
+        let spans = parsed.stanza_spans().to_vec();
+        let dashes_end = parsed.mac_input_len();
+        Self { bytes, parsed, spans, dashes_end }
     }
 
     /// Reads the header at the start of `file` (one read step, never the payload).
@@ -267,7 +244,7 @@ impl RawHeader {
         let (parsed, past) = header::read(&mut rec).map_err(header_error)?;
         let mut bytes = rec.seen;
         bytes.truncate(bytes.len() - past.len());
-        Self::from_parsed(bytes, parsed)
+        Ok(Self::from_parsed(bytes, parsed))
     }
 
     /// The first Kluis stanza: its index and contents.
@@ -334,7 +311,7 @@ fn splice(hdr: &RawHeader, index: usize, stanza: &Stanza, fk: &FileKey) -> Resul
     // Cross-check with the header reader: it must parse back and verify.
     let back = header::parse(&out).map_err(|_| RewrapError::ServerMismatch("the new header does not parse"))?;
     back.verify_mac(fk).map_err(|_| RewrapError::ServerMismatch("the new header MAC does not verify"))?;
-    RawHeader::from_parsed(out, back).map_err(|_| RewrapError::ServerMismatch("the new header does not parse"))
+    Ok(RawHeader::from_parsed(out, back))
 }
 
 fn read_full_at(file: &File, buf: &mut [u8], mut offset: u64) -> io::Result<usize> {
@@ -385,10 +362,7 @@ enum JournalCheck {
 /// Checks a journal against the file (see the module docs). Server errors abort.
 fn check_journal(svc: &dyn KeyService, file: &File, journal: &[u8]) -> Result<JournalCheck, RewrapError> {
     let hdr = match header::read(&mut &journal[..]) {
-        Ok((parsed, past)) if past.is_empty() => match RawHeader::from_parsed(journal.to_vec(), parsed) {
-            Ok(h) => h,
-            Err(_) => return Ok(JournalCheck::Invalid("not a complete age header")),
-        },
+        Ok((parsed, past)) if past.is_empty() => RawHeader::from_parsed(journal.to_vec(), parsed),
         _ => return Ok(JournalCheck::Invalid("not a complete age header")),
     };
     let fk = match file_key_of(svc, &hdr) {

@@ -27,7 +27,8 @@ use age_core::primitives::{aead_decrypt, aead_encrypt, hkdf};
 use zeroize::Zeroizing;
 
 use crate::secret::{DataKey, IssuedKey};
-use crate::stream::{self, StreamError, Tuning, header};
+use crate::stream::header::{self, HeaderDefect, Rule};
+use crate::stream::{self, StreamError, Tuning};
 
 /// The age stanza tag of a Kluis data key.
 pub const STANZA_TAG: &str = "kluis";
@@ -58,8 +59,10 @@ pub enum UnsealError<E = Infallible> {
     Empty,
     #[error("the input is not a sealed backup (no age v1 header)")]
     NotSealed,
-    #[error("the header of the sealed file is damaged or truncated")]
-    HeaderDamaged,
+    /// The header breaks the age v1 grammar (the defect names the line and the rule),
+    /// is truncated, or has a stanza its recipient type refuses.
+    #[error("the header of the sealed file is damaged: {0}")]
+    HeaderDamaged(HeaderDefect),
     #[error("the header of the sealed file was altered (header MAC does not verify)")]
     HeaderMac,
     #[error("the Kluis stanza is malformed: {reason}")]
@@ -273,7 +276,8 @@ pub fn header_read_error<E>(e: header::HeaderError) -> UnsealError<E> {
         header::HeaderError::Empty => UnsealError::Empty,
         header::HeaderError::NotAge => UnsealError::NotSealed,
         header::HeaderError::Read(e) => UnsealError::ReadInput(e),
-        header::HeaderError::Damaged | header::HeaderError::Unwritable(_) => UnsealError::HeaderDamaged,
+        header::HeaderError::Damaged(d) => UnsealError::HeaderDamaged(d),
+        header::HeaderError::Unwritable(why) => UnsealError::HeaderDamaged(HeaderDefect::whole(Rule::Unencodable(why))),
     }
 }
 
@@ -283,7 +287,8 @@ fn header_error<E>(e: age::DecryptError) -> UnsealError<E> {
         // No identity opens a stanza; or one recognised its stanza and could not open it.
         age::DecryptError::NoMatchingKeys | age::DecryptError::DecryptionFailed => UnsealError::NoMatchingStanza,
         age::DecryptError::Io(e) => UnsealError::ReadInput(e),
-        _ => UnsealError::HeaderDamaged,
+        // An identity recognised its stanza and refused its arguments or body.
+        e => UnsealError::HeaderDamaged(HeaderDefect::whole(Rule::StanzaRefused(e.to_string()))),
     }
 }
 
@@ -465,7 +470,7 @@ mod tests {
         let mut bad = sealed.clone();
         let mac_pos = sealed.windows(4).position(|w| w == b"--- ").unwrap() + 6;
         bad[mac_pos] = if bad[mac_pos] == b'A' { b'B' } else { b'A' };
-        assert!(matches!(run(&bad), Err(UnsealError::HeaderMac | UnsealError::HeaderDamaged)));
+        assert!(matches!(run(&bad), Err(UnsealError::HeaderMac | UnsealError::HeaderDamaged(_))));
         // Not an age file; empty.
         assert!(matches!(run(b"hello world, this is not sealed"), Err(UnsealError::NotSealed)));
         assert!(matches!(run(b""), Err(UnsealError::Empty)));
