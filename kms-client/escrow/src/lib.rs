@@ -58,6 +58,8 @@ mod share;
 
 #[cfg(test)]
 mod tests;
+#[cfg(any(test, feature = "test-support"))]
+pub mod test_support;
 
 pub use ceremony::{Custodian, ceremony, combine, reshare, share_file_name};
 pub use error::{EscrowError, ManifestError, ManifestProblem};

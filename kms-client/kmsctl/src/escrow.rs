@@ -290,57 +290,11 @@ mod tests {
 
     use age::secrecy::ExposeSecret;
     use clap::Parser;
-    use kluis_escrow::{combine, share_file_name};
+    use kluis_escrow::combine;
 
     use super::*;
+    use kluis_escrow::test_support::*;
 
-    /// A custodian with a fresh X25519 key, as a custodian would make with `age-keygen`.
-    struct Holder {
-        custodian: Custodian,
-        identity: age::x25519::Identity,
-    }
-
-    fn holders(names: &[&str]) -> Vec<Holder> {
-        names
-            .iter()
-            .map(|n| {
-                let identity = age::x25519::Identity::generate();
-                Holder {
-                    custodian: Custodian::new(*n, identity.to_public().to_string()),
-                    identity,
-                }
-            })
-            .collect()
-    }
-
-    fn share_path(dir: &Path, name: &str) -> PathBuf {
-        dir.join(share_file_name(name))
-    }
-
-    /// Decrypts a share file with the age crate alone, as `age -d -i KEY` would.
-    fn decrypt_with_age(path: &Path, identity: &age::x25519::Identity) -> String {
-        let ct = std::fs::read(path).unwrap();
-        assert!(
-            ct.starts_with(b"age-encryption.org/v1\n"),
-            "not an age v1 file"
-        );
-        let pt = age::decrypt(identity, &ct).unwrap();
-        String::from_utf8(pt).unwrap()
-    }
-
-    fn share_texts(dir: &Path, h: &[Holder]) -> Vec<String> {
-        h.iter()
-            .map(|h| decrypt_with_age(&share_path(dir, &h.custodian.name), &h.identity))
-            .collect()
-    }
-
-    fn parse(text: &str) -> ShareText {
-        ShareText::parse(text).unwrap()
-    }
-
-    fn parse_all(texts: &[String]) -> Vec<ShareText> {
-        texts.iter().map(|t| parse(t)).collect()
-    }
 
     /// The CLI as `kmsctl escrow ...` will flatten it.
     #[derive(Parser)]
