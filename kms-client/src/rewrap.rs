@@ -48,8 +48,8 @@
 //! is discarded when the file's own header verifies, and otherwise both are left
 //! alone and the file is reported damaged. The file's inode, owner and mode stay.
 //!
-//! If the new header has another length (a file written by another age
-//! implementation with a different encoding of the Kluis stanza), an in-place
+//! If the new header has another length (the new wrapped key is longer or shorter than
+//! the old one; headers are parsed strictly, so the stanza's encoding is canonical), an in-place
 //! write would shift the payload; then the file is copied into a temporary file
 //! in the same directory with the new header, fsynced and renamed over the
 //! original (atomic replace, but O(payload) and a new inode). The report says so.
