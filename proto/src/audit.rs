@@ -57,6 +57,45 @@ pub enum ExportLine {
     Record(AuditRecord),
 }
 
+/// A record read for display only (`kmsctl audit tail`): fields this reader does not
+/// know are ignored, so the records of a newer server still show. Verification reads
+/// [`AuditRecord`], which is strict: a record is hashed as written, so a field the
+/// verifier does not know is data it cannot vouch for.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct RecordView {
+    pub seq: u64,
+    pub time: String,
+    pub principal: String,
+    pub action: String,
+    #[serde(default)]
+    pub keyring: Option<String>,
+    #[serde(default)]
+    pub key_id: Option<String>,
+    pub outcome: String,
+}
+
+/// What one export line is, for display.
+#[derive(Debug)]
+pub enum LineView {
+    Record(RecordView),
+    /// A signed checkpoint or head.
+    Signature,
+    /// Not a line of an export this reader understands (kept for the caller to say so).
+    Unreadable(String),
+}
+
+/// Reads one export line for display, ignoring fields this reader does not know.
+pub fn view_line(line: &str) -> LineView {
+    match serde_json::from_str::<serde_json::Value>(line) {
+        Ok(v) if v.get("checkpoint").is_some() || v.get("head").is_some() => LineView::Signature,
+        Ok(v) => match serde_json::from_value::<RecordView>(v) {
+            Ok(r) => LineView::Record(r),
+            Err(e) => LineView::Unreadable(e.to_string()),
+        },
+        Err(e) => LineView::Unreadable(e.to_string()),
+    }
+}
+
 impl AuditRecord {
     /// The chain hash of this record (ignores the `hash` field itself).
     pub fn compute_hash(&self) -> String {
@@ -273,5 +312,23 @@ mod tests {
         // Another key.
         let other = key();
         assert!(matches!(verify_export(&lines.join("\n"), other.public_key().as_ref()), Err(VerifyError::BadSignature { what: "checkpoint", seq: 4, .. })));
+    }
+}
+
+#[cfg(test)]
+mod view_tests {
+    use super::*;
+
+    #[test]
+    fn a_record_with_a_field_this_reader_does_not_know_is_shown() {
+        let line = r#"{"seq":7,"time":"2026-12-03T00:00:00.000Z","principal":"host","action":"GenerateDataKey","keyring":"ehr","outcome":"ok","prev":"00","hash":"11","replica":"kms-2"}"#;
+        match view_line(line) {
+            LineView::Record(r) => assert_eq!((r.seq, r.keyring.as_deref(), r.outcome.as_str()), (7, Some("ehr"), "ok")),
+            other => panic!("{other:?}"),
+        }
+        // The strict reader refuses it: verification cannot vouch for the extra field.
+        assert!(serde_json::from_str::<AuditRecord>(line).is_err());
+        assert!(matches!(view_line(r#"{"head":{"seq":7,"hash":"11","signature":"x"}}"#), LineView::Signature));
+        assert!(matches!(view_line("not json"), LineView::Unreadable(_)));
     }
 }

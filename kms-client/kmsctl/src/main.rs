@@ -11,7 +11,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use kluis_escrow::Manifest;
-use kluis_proto::audit::ExportLine;
 use kms_client::class::ErrorClass;
 use kms_client::client::{
     ApprovalInfo, ClientError, DataKeyState, DestroyOutcome, DestructionInfo, DestructionState, KeyringInfo, KmsClient,
@@ -557,7 +556,17 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
             Cmd::Audit(AuditCmd::Tail { lines }) => {
                 for l in client.export_audit(None, lines).await? {
-                    if let Ok(ExportLine::Record(r)) = serde_json::from_str::<ExportLine>(&l) {
+                    // For display: a newer server's extra fields are ignored, an unreadable
+                    // line is said, never dropped silently.
+                    let r = match kluis_proto::audit::view_line(&l) {
+                        kluis_proto::audit::LineView::Record(r) => r,
+                        kluis_proto::audit::LineView::Signature => continue,
+                        kluis_proto::audit::LineView::Unreadable(why) => {
+                            writeln!(out, "{:>8} (a line this kmsctl cannot read: {why})", "?").map_err(io)?;
+                            continue;
+                        }
+                    };
+                    {
                         writeln!(
                             out,
                             "{:>8} {} {:<16} {:<18} {:<14} {}{}",
