@@ -581,7 +581,7 @@ fn host_triple() -> String {
 /// Only the host's packages: a build downloads no crate of another platform (e.g.
 /// `anstyle-wincon`), and a metadata call over every platform would need them all, which
 /// fails on a machine that has only ever built the project (and has no network). Without
-/// `--offline`, a crate that is somehow missing is fetched instead of failing.
+/// offline mode, a crate that is somehow missing is fetched instead of failing.
 fn testkit_dir() -> PathBuf {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let out = Command::new(cargo)
