@@ -106,16 +106,17 @@ pub fn create_configured(cfg: &crate::config::MasterConfig) -> Result<std::sync:
 pub fn open_or_create_configured(
     cfg: &crate::config::MasterConfig,
 ) -> Result<(std::sync::Arc<dyn MasterKeyProvider>, bool), MasterError> {
-    use crate::config::MasterConfig;
-    let missing = match open_configured(cfg, 1) {
-        Ok(k) => return Ok((k, false)),
-        Err(MasterError::ReadKeyFile { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => true,
-        Err(MasterError::Hsm(e)) if matches!(*e, kluis_hsm::HsmError::KeyMissing { .. }) => true,
-        Err(e) => return Err(e),
-    };
-    debug_assert!(missing);
-    let _ = matches!(cfg, MasterConfig::Software { .. });
-    Ok((create_configured(cfg)?, true))
+    match open_configured(cfg, 1) {
+        Ok(k) => Ok((k, false)),
+        // No key file, or no key of that label on the token: make it.
+        Err(MasterError::ReadKeyFile { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            Ok((create_configured(cfg)?, true))
+        }
+        Err(MasterError::Hsm(e)) if matches!(*e, kluis_hsm::HsmError::KeyMissing { .. }) => {
+            Ok((create_configured(cfg)?, true))
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// The store META value recording master-key generation `generation` (u32 big-endian).
