@@ -675,6 +675,7 @@ fn every_acknowledged_write_is_fsynced_before_its_reply() {
     //    officer's): that one fails, naming the reply's line.
     for victim in [all_acks[all_acks.len() / 3], all_acks[all_acks.len() - 2]] {
         let p = trace.check(victim).unwrap();
+        assert!(p.write < p.sync_exit && p.sync_exit < p.reply, "{p:?}");
         let sync_entry = trace.calls.iter().find(|c| c.exit == p.sync_exit).unwrap().entry;
         let t = ServerTrace::new(&moved(&lines, p.reply, sync_entry), &store, port);
         let e = t.check(victim).expect_err("a reply before its fsync must fail");
