@@ -512,6 +512,9 @@ fn key_id(sealed: &[u8]) -> Vec<u8> {
     hex::decode(line.split_whitespace().nth(3).unwrap()).unwrap()
 }
 
+/// The (field, value) pairs that pick one audit entry.
+type AuditMatch = [(&'static str, &'static str); 3];
+
 struct Sealed {
     ack: Ack,
     dest: PathBuf,
@@ -603,10 +606,10 @@ fn every_acknowledged_write_is_fsynced_before_its_reply() {
     // ...while an officer writes (and a second officer approves). Each: the client's port and
     // the audit entry (principal, action, keyring) that identifies its write.
     let kr = "krdurable1";
-    let mut officer: Vec<(String, u16, [(&str, &str); 3])> = Vec::new();
+    let mut officer: Vec<(String, u16, AuditMatch)> = Vec::new();
     {
         let (off, dev) = (server.client("officer"), server.client("dev"));
-        let mut step = |who: &Path, tag: &str, args: &[&str], audit: [(&'static str, &'static str); 3]| -> Output {
+        let mut step = |who: &Path, tag: &str, args: &[&str], audit: AuditMatch| -> Output {
             let mut all = vec!["--client-config", s(who)];
             all.extend_from_slice(args);
             let (o, trace) = traced_client(&w, tag, "kmsctl", &all, b"");
