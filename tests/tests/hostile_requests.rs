@@ -142,7 +142,10 @@ async fn a_request_over_the_cap_is_refused_with_the_reason() {
 /// refused backup id and a refused key id (UnwrapDataKey logs its refusals).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_text_cannot_forge_a_log_line() {
-    let server = Server::start();
+    let mut server = Server::start();
+    // At info the request's span (its keyring, key id, backup id) is in each log line.
+    server.env.push(("KLUIS_LOG".into(), "info".into()));
+    server.restart();
     let evil = "x\nFORGED-LINE 2026-01-01T00:00:00Z  WARN kms_server: all good\u{1b}[2J\u{1b}]0;owned\u{7}";
     let mut sealer = pb::key_service_client::KeyServiceClient::new(dev_channel(&server, "sealer").await);
     let st = sealer.generate_data_key(generate(evil.into())).await.unwrap_err();
@@ -157,7 +160,8 @@ async fn request_text_cannot_forge_a_log_line() {
     assert!(st.message().contains("invalid key_id"), "{}", st.message());
 
     let log = server.log();
-    assert!(!log.contains('\u{1b}') && !log.contains('\u{7}'), "raw control characters in the log:\n{log:?}");
+    // The log's own colours use ESC; the request's sequences must not appear.
+    assert!(!log.contains("\u{1b}[2J") && !log.contains("\u{1b}]0;owned") && !log.contains('\u{7}'), "raw escape sequences in the log:\n{log:?}");
     assert!(!log.lines().any(|l| l.starts_with("FORGED-LINE")), "a forged line in the log:\n{log}");
     // Both refusals are in the log, escaped.
     let escaped = "x\\u{a}FORGED-LINE";
