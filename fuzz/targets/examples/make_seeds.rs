@@ -142,7 +142,7 @@ fn from_a_server(out: &Out) {
     use kluis_tests::*;
     let server = Server::start();
     ok(&server.kmsctl("officer", &["keyring", "create", "ehr-db", "--retention-days", "90"]), "keyring create");
-    seal(&server, "sealer", "ehr-db", "nightly-1", b"backup");
+    seal(&server, "sealer", "default", "nightly-1", b"backup");
     let refused = server.kmsctl("sealer", &["keyring", "create", "nope"]);
     assert!(!refused.status.success());
     let export = server.kmsctl("auditor", &["audit", "export"]);
