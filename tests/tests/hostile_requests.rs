@@ -153,7 +153,7 @@ async fn request_text_cannot_forge_a_log_line() {
     assert!(st.message().contains("invalid backup_id"), "{}", st.message());
     let mut restorer = pb::key_service_client::KeyServiceClient::new(dev_channel(&server, "restorer").await);
     let st = restorer
-        .unwrap_data_key(pb::UnwrapDataKeyRequest { key_id: evil.into(), wrapped_key: vec![1; 73], keyring: "default".into() })
+        .unwrap_data_key(pb::UnwrapDataKeyRequest { key_id: evil.into(), wrapped_key: vec![1; 65], keyring: "default".into() })
         .await
         .unwrap_err();
     assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");

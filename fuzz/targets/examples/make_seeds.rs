@@ -33,7 +33,7 @@ fn sealed(recovery: &str, payload: &[u8]) -> Vec<u8> {
         keyring: "default".into(),
         version: 1,
         data_key: DataKey::from_slice(&DATA_KEY).unwrap(),
-        wrapped: vec![1u8; 73],
+        wrapped: vec![1u8; 65],
         recovery_recipient: Some(recovery.to_owned()),
     };
     kluis_age::sealed::seal(&key, payload, Vec::new()).unwrap().0
@@ -83,7 +83,7 @@ fn escrow(out: &Out, tmp: &Path) -> String {
 
 fn requests(out: &Out, manifest_json: String) {
     let key_id = "00112233445566778899aabbccddeeff".to_owned();
-    let wrapped = vec![1u8; 73];
+    let wrapped = vec![1u8; 65];
     let mut labels = HashMap::new();
     labels.insert("tool".to_owned(), "restic".to_owned());
     labels.insert("host".to_owned(), "db01".to_owned());
