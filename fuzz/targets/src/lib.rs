@@ -17,9 +17,12 @@ use kluis_age::stream::{Tuning, header, open_payload};
 
 pub mod rpc;
 
+/// A target's body.
+pub type Body = fn(&[u8]);
+
 /// Every target: its name (the folder under `fuzz/corpus/` and the libFuzzer binary)
 /// and its body.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Body)] = &[
     ("header", header),
     ("unseal", unseal_target),
     ("stanza", stanza),
