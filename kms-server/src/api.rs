@@ -17,6 +17,10 @@ use crate::audit::AuditEvent;
 use crate::model::{Outcome, RestoreTestRecord};
 use crate::store::StoreError;
 
+pub mod validate;
+
+use validate::{Shown, Validate};
+
 /// Shared state of the handlers.
 #[derive(Clone)]
 pub struct Api {
@@ -81,6 +85,41 @@ impl Api {
             metrics: self.metrics.clone(),
             keys: self.keys.clone(),
         }
+    }
+
+    /// Validates the request before anything else sees it ([`validate`]). A valid one
+    /// gives the typed request and its audit entry; an invalid one is audited (who sent
+    /// it, and its keyring, key id and backup id only as [`Shown`], so bounded and
+    /// escaped) and answered INVALID_ARGUMENT naming the field, or the authentication
+    /// refusal when the certificate names no one.
+    async fn valid<T: Validate>(&self, req: &Request<T>, action: Action) -> Result<(T::Valid, Ev), Status> {
+        let invalid = match req.get_ref().validate() {
+            Ok(v) => {
+                let s = T::subject(&v);
+                let mut ev = self.ev(action, s.keyring);
+                ev.key_id = s.key_id.map(str::to_owned);
+                ev.backup_id = s.backup_id.map(str::to_owned);
+                return Ok((v, ev));
+            }
+            Err(invalid) => invalid,
+        };
+        let claimed = req.get_ref().claimed();
+        let mut ev = self.ev(action, None);
+        ev.keyring = claimed.keyring.map(validate::shown);
+        ev.key_id = claimed.key_id.map(validate::shown);
+        ev.backup_id = claimed.backup_id.map(validate::shown);
+        match self.principal_of(req) {
+            Ok(principal) => {
+                ev.principal = principal.name().to_owned();
+                tracing::Span::current().record("principal", principal.name());
+            }
+            Err(e) => {
+                self.metrics.refused(action.name(), if matches!(e, AuthError::Revoked { .. }) { "revoked" } else { "unauthenticated" });
+                return Err(self.fail(&ev, auth_status(e)).await);
+            }
+        }
+        tracing::warn!(error = %invalid, "request refused");
+        Err(self.fail(&ev, invalid_status(invalid)).await)
     }
 
     /// Authenticates and authorizes; a refusal is audited before it is returned.
@@ -160,6 +199,10 @@ impl Api {
         let leaf = certs.first().ok_or(AuthError::NoCertificate)?;
         self.authn.authenticate(leaf.as_ref())
     }
+}
+
+fn invalid_status(e: validate::Invalid) -> Status {
+    kluis_proto::error::status(tonic::Code::InvalidArgument, e.to_string(), kluis_proto::error::Reason::InvalidArgument)
 }
 
 fn auth_status(e: AuthError) -> Status {
@@ -297,17 +340,15 @@ fn destruction_pb(d: crate::model::DestructionRecord, held: bool) -> pb::Destruc
 
 #[tonic::async_trait]
 impl pb::key_service_server::KeyService for Api {
-    #[instrument(skip_all, fields(principal, keyring = %req.get_ref().keyring, backup_id = %req.get_ref().backup_id))]
+    #[instrument(skip_all, fields(principal, keyring = %Shown(&req.get_ref().keyring), backup_id = %Shown(&req.get_ref().backup_id)))]
     async fn generate_data_key(
         &self,
         req: Request<pb::GenerateDataKeyRequest>,
     ) -> Result<Response<pb::GenerateDataKeyResponse>, Status> {
-        let mut ev = self.ev(Action::GenerateDataKey, Some(&req.get_ref().keyring));
-        ev.backup_id = Some(req.get_ref().backup_id.clone());
+        let (r, mut ev) = self.valid(&req, Action::GenerateDataKey).await?;
         let auth = self.authorize(&req, &mut ev).await?;
-        let r = req.into_inner();
         // On success the audit entry is committed with the registry record.
-        let issued = self.settle(&ev, self.keys.generate_data_key(&auth, &r.keyring, &r.backup_id, r.labels, ev.ok()).await).await?;
+        let issued = self.settle(&ev, self.keys.generate_data_key(&auth, r.keyring.as_str(), r.backup_id.as_str(), r.labels, ev.ok()).await).await?;
         self.metrics.issued();
         tracing::info!(key_id = %issued.key_id, version = issued.version, "data key issued");
         Ok(Response::new(pb::GenerateDataKeyResponse {
@@ -320,16 +361,14 @@ impl pb::key_service_server::KeyService for Api {
         }))
     }
 
-    #[instrument(skip_all, fields(principal, keyring = %req.get_ref().keyring, key_id = %req.get_ref().key_id))]
+    #[instrument(skip_all, fields(principal, keyring = %Shown(&req.get_ref().keyring), key_id = %Shown(&req.get_ref().key_id)))]
     async fn unwrap_data_key(
         &self,
         req: Request<pb::UnwrapDataKeyRequest>,
     ) -> Result<Response<pb::UnwrapDataKeyResponse>, Status> {
-        let mut ev = self.ev(Action::UnwrapDataKey, Some(&req.get_ref().keyring));
-        ev.key_id = Some(req.get_ref().key_id.clone());
+        let (r, mut ev) = self.valid(&req, Action::UnwrapDataKey).await?;
         let auth = self.authorize(&req, &mut ev).await?;
-        let r = req.into_inner();
-        let k = match self.keys.unwrap_data_key(&auth, &r.key_id, &r.keyring, &r.wrapped_key).await {
+        let k = match self.keys.unwrap_data_key(&auth, r.key_id.as_str(), r.keyring.as_str(), &r.wrapped_key).await {
             Ok(k) => k,
             Err(e) => {
                 tracing::warn!(error = %e, "unwrap refused");
@@ -348,20 +387,18 @@ impl pb::key_service_server::KeyService for Api {
         }))
     }
 
-    #[instrument(skip_all, fields(principal, keyring = %req.get_ref().keyring, key_id = %req.get_ref().key_id))]
+    #[instrument(skip_all, fields(principal, keyring = %Shown(&req.get_ref().keyring), key_id = %Shown(&req.get_ref().key_id)))]
     async fn record_restore_test(
         &self,
         req: Request<pb::RecordRestoreTestRequest>,
     ) -> Result<Response<pb::RecordRestoreTestResponse>, Status> {
-        let mut ev = self.ev(Action::RecordRestoreTest, Some(&req.get_ref().keyring));
-        ev.key_id = Some(req.get_ref().key_id.clone()).filter(|k| !k.is_empty());
+        let (r, mut ev) = self.valid(&req, Action::RecordRestoreTest).await?;
         let auth = self.authorize(&req, &mut ev).await?;
-        let r = req.into_inner();
         let outcome = if r.ok { Outcome::ok_with("restore test passed") } else { Outcome::ok_with(format!("restore test FAILED: {}", r.detail)) };
         let rec = RestoreTestRecord {
             time: 0,
-            keyring: r.keyring,
-            key_id: r.key_id,
+            keyring: r.keyring.as_str().to_owned(),
+            key_id: r.key_id.as_ref().map(|k| k.as_str().to_owned()).unwrap_or_default(),
             backup_id: r.backup_id,
             ok: r.ok,
             detail: r.detail,
@@ -374,16 +411,14 @@ impl pb::key_service_server::KeyService for Api {
         Ok(Response::new(pb::RecordRestoreTestResponse {}))
     }
 
-    #[instrument(skip_all, fields(principal, keyring = %req.get_ref().keyring, key_id = %req.get_ref().key_id))]
+    #[instrument(skip_all, fields(principal, keyring = %Shown(&req.get_ref().keyring), key_id = %Shown(&req.get_ref().key_id)))]
     async fn rewrap_data_key(
         &self,
         req: Request<pb::RewrapDataKeyRequest>,
     ) -> Result<Response<pb::RewrapDataKeyResponse>, Status> {
-        let mut ev = self.ev(Action::RewrapDataKey, Some(&req.get_ref().keyring));
-        ev.key_id = Some(req.get_ref().key_id.clone());
+        let (r, mut ev) = self.valid(&req, Action::RewrapDataKey).await?;
         let auth = self.authorize(&req, &mut ev).await?;
-        let r = req.into_inner();
-        let (wrapped_key, keyring_version, previous_version) = self.settle(&ev, self.keys.rewrap_data_key(&auth, &r.key_id, &r.keyring, &r.wrapped_key, ev.ok()).await).await?;
+        let (wrapped_key, keyring_version, previous_version) = self.settle(&ev, self.keys.rewrap_data_key(&auth, r.key_id.as_str(), r.keyring.as_str(), &r.wrapped_key, ev.ok()).await).await?;
         tracing::info!(from = previous_version, to = keyring_version, "data key rewrapped");
         Ok(Response::new(pb::RewrapDataKeyResponse { wrapped_key, keyring_version, previous_version }))
     }
@@ -412,24 +447,23 @@ fn approval_pb(a: crate::model::ApprovalRecord, now: i64) -> pb::Approval {
 
 #[tonic::async_trait]
 impl pb::admin_service_server::AdminService for Api {
-    #[instrument(skip_all, fields(principal, keyring = %req.get_ref().keyring))]
+    #[instrument(skip_all, fields(principal, keyring = %Shown(&req.get_ref().keyring)))]
     async fn retire_keyring_versions(
         &self,
         req: Request<pb::RetireKeyringVersionsRequest>,
     ) -> Result<Response<pb::Approval>, Status> {
-        let mut ev = self.ev(Action::RetireVersions, Some(&req.get_ref().keyring));
+        let (r, mut ev) = self.valid(&req, Action::RetireVersions).await?;
         let auth = self.authorize(&req, &mut ev).await?;
-        let r = req.get_ref();
         let outcome = Outcome::ok_with(format!("pending approval to retire versions below {}", r.below_version));
-        let a = self.settle(&ev, self.keys.request_retire(&auth, &r.keyring, r.below_version, ev.with_outcome(outcome)).await).await?;
+        let a = self.settle(&ev, self.keys.request_retire(&auth, r.keyring.as_str(), r.below_version, ev.with_outcome(outcome)).await).await?;
         Ok(Response::new(approval_pb(a, self.keys.now())))
     }
 
     #[instrument(skip_all, fields(principal, id = req.get_ref().id))]
     async fn approve(&self, req: Request<pb::ApproveRequest>) -> Result<Response<pb::Approval>, Status> {
-        let mut ev = self.ev(Action::Approve, None);
+        let (r, mut ev) = self.valid(&req, Action::Approve).await?;
         let auth = self.authorize(&req, &mut ev).await?;
-        let id = req.get_ref().id;
+        let id = r.id;
         let a = self.settle(&ev, self.keys.approve(&auth, id, ev.with_outcome(Outcome::ok_with(format!("approved and carried out request {id}")))).await).await?;
         tracing::warn!(id, "destructive request approved and carried out");
         Ok(Response::new(approval_pb(a, self.keys.now())))
@@ -437,47 +471,46 @@ impl pb::admin_service_server::AdminService for Api {
 
     #[instrument(skip_all, fields(principal))]
     async fn list_approvals(&self, req: Request<pb::ListApprovalsRequest>) -> Result<Response<pb::Approvals>, Status> {
-        let mut ev = self.ev(Action::ListApprovals, None);
+        let (validate::Empty, mut ev) = self.valid(&req, Action::ListApprovals).await?;
         let auth = self.authorize(&req, &mut ev).await?;
         let list = self.settle_read(&ev, self.keys.approvals(&auth)).await?;
         Ok(Response::new(pb::Approvals { approvals: list.into_iter().map(|a| approval_pb(a, self.keys.now())).collect() }))
     }
 
-    #[instrument(skip_all, fields(principal, keyring = %req.get_ref().keyring))]
+    #[instrument(skip_all, fields(principal, keyring = %Shown(&req.get_ref().keyring)))]
     async fn change_grant(&self, req: Request<pb::ChangeGrantRequest>) -> Result<Response<pb::Grants>, Status> {
-        let mut ev = self.ev(Action::ChangeGrant, Some(&req.get_ref().keyring));
+        let (r, mut ev) = self.valid(&req, Action::ChangeGrant).await?;
         let auth = self.authorize(&req, &mut ev).await?;
-        let r = req.into_inner();
         let what = Outcome::ok_with(format!("{} {} {}", if r.grant { "granted" } else { "revoked" }, r.role, r.principal));
-        let set = self.settle(&ev, self.keys.change_grant(&auth, &r.keyring, &r.principal, &r.role, r.grant, ev.with_outcome(what)).await).await?;
+        let role = r.role.to_string();
+        let set = self.settle(&ev, self.keys.change_grant(&auth, r.keyring.as_str(), &r.principal, &role, r.grant, ev.with_outcome(what)).await).await?;
         self.policy.set_runtime(&set);
         tracing::info!(principal = %r.principal, role = %r.role, grant = r.grant, "grant changed");
-        Ok(Response::new(self.grants_pb(&r.keyring)))
+        Ok(Response::new(self.grants_pb(r.keyring.as_str())))
     }
 
-    #[instrument(skip_all, fields(principal, keyring = %req.get_ref().keyring))]
+    #[instrument(skip_all, fields(principal, keyring = %Shown(&req.get_ref().keyring)))]
     async fn list_grants(&self, req: Request<pb::ListGrantsRequest>) -> Result<Response<pb::Grants>, Status> {
-        let mut ev = self.ev(Action::ListGrants, Some(&req.get_ref().keyring));
+        let (r, mut ev) = self.valid(&req, Action::ListGrants).await?;
         let auth = self.authorize(&req, &mut ev).await?;
-        let () = self.settle_read(&ev, self.keys.check_list_grants(&auth, &req.get_ref().keyring)).await?;
-        Ok(Response::new(self.grants_pb(&req.get_ref().keyring)))
+        let () = self.settle_read(&ev, self.keys.check_list_grants(&auth, r.keyring.as_str())).await?;
+        Ok(Response::new(self.grants_pb(r.keyring.as_str())))
     }
 
-    #[instrument(skip_all, fields(principal, keyring = %req.get_ref().name))]
+    #[instrument(skip_all, fields(principal, keyring = %Shown(&req.get_ref().name)))]
     async fn rotate_keyring(&self, req: Request<pb::RotateKeyringRequest>) -> Result<Response<pb::Keyring>, Status> {
-        let mut ev = self.ev(Action::RotateKeyring, Some(&req.get_ref().name));
+        let (r, mut ev) = self.valid(&req, Action::RotateKeyring).await?;
         let auth = self.authorize(&req, &mut ev).await?;
-        let k = self.settle(&ev, self.keys.rotate_keyring(&auth, &req.get_ref().name, ev.ok()).await).await?;
+        let k = self.settle(&ev, self.keys.rotate_keyring(&auth, r.keyring.as_str(), ev.ok()).await).await?;
         tracing::info!(version = k.current_version, "keyring rotated");
         Ok(Response::new(keyring_pb(k)))
     }
 
-    #[instrument(skip_all, fields(principal, keyring = %req.get_ref().name))]
+    #[instrument(skip_all, fields(principal, keyring = %Shown(&req.get_ref().name)))]
     async fn create_keyring(&self, req: Request<pb::CreateKeyringRequest>) -> Result<Response<pb::Keyring>, Status> {
-        let mut ev = self.ev(Action::CreateKeyring, Some(&req.get_ref().name));
+        let (r, mut ev) = self.valid(&req, Action::CreateKeyring).await?;
         let auth = self.authorize(&req, &mut ev).await?;
-        let r = req.into_inner();
-        let k = self.settle(&ev, self.keys.create_keyring(&auth, &r.name, r.retention_days, r.rotation_period_days, ev.ok()).await).await?;
+        let k = self.settle(&ev, self.keys.create_keyring(&auth, r.name.as_str(), r.retention_days, r.rotation_period_days, ev.ok()).await).await?;
         tracing::info!("keyring created");
         Ok(Response::new(keyring_pb(k)))
     }
@@ -487,25 +520,24 @@ impl pb::admin_service_server::AdminService for Api {
         &self,
         req: Request<pb::ListKeyringsRequest>,
     ) -> Result<Response<pb::ListKeyringsResponse>, Status> {
-        let mut ev = self.ev(Action::ListKeyrings, None);
+        let (validate::Empty, mut ev) = self.valid(&req, Action::ListKeyrings).await?;
         let auth = self.authorize(&req, &mut ev).await?;
         let list = self.settle_read(&ev, self.keys.list_keyrings(&auth, |name| self.policy.may_see(&auth, name))).await?;
         Ok(Response::new(pb::ListKeyringsResponse { keyrings: list.into_iter().map(keyring_pb).collect() }))
     }
 
-    #[instrument(skip_all, fields(principal, keyring = %req.get_ref().name))]
+    #[instrument(skip_all, fields(principal, keyring = %Shown(&req.get_ref().name)))]
     async fn get_keyring(&self, req: Request<pb::GetKeyringRequest>) -> Result<Response<pb::Keyring>, Status> {
-        let mut ev = self.ev(Action::GetKeyring, Some(&req.get_ref().name));
+        let (r, mut ev) = self.valid(&req, Action::GetKeyring).await?;
         let auth = self.authorize(&req, &mut ev).await?;
-        let k = self.settle_read(&ev, self.keys.get_keyring(&auth, &req.get_ref().name)).await?;
+        let k = self.settle_read(&ev, self.keys.get_keyring(&auth, r.keyring.as_str())).await?;
         Ok(Response::new(keyring_pb(k)))
     }
 
     #[instrument(skip_all, fields(principal))]
     async fn install_escrow(&self, req: Request<pb::InstallEscrowRequest>) -> Result<Response<pb::EscrowStatus>, Status> {
-        let mut ev = self.ev(Action::InstallEscrow, None);
+        let (r, mut ev) = self.valid(&req, Action::InstallEscrow).await?;
         let auth = self.authorize(&req, &mut ev).await?;
-        let r = req.get_ref();
         self.settle(&ev, self.keys.install_escrow(&auth, &r.manifest_json, r.allow_new_recipient, ev.ok()).await).await?;
         let mut status_ev = self.ev(Action::GetEscrowStatus, None);
         let status_auth = self.authorize(&req, &mut status_ev).await?;
@@ -517,7 +549,7 @@ impl pb::admin_service_server::AdminService for Api {
         &self,
         req: Request<pb::GetEscrowStatusRequest>,
     ) -> Result<Response<pb::EscrowStatus>, Status> {
-        let mut ev = self.ev(Action::GetEscrowStatus, None);
+        let (validate::Empty, mut ev) = self.valid(&req, Action::GetEscrowStatus).await?;
         let auth = self.authorize(&req, &mut ev).await?;
         match self.escrow_status_pb(&auth) {
             Ok(r) => {
@@ -529,39 +561,36 @@ impl pb::admin_service_server::AdminService for Api {
     }
     #[instrument(skip_all, fields(principal))]
     async fn remove_escrow(&self, req: Request<pb::RemoveEscrowRequest>) -> Result<Response<pb::Approval>, Status> {
-        let mut ev = self.ev(Action::RemoveEscrow, None);
+        let (validate::Empty, mut ev) = self.valid(&req, Action::RemoveEscrow).await?;
         let auth = self.authorize(&req, &mut ev).await?;
         let a = self.settle(&ev, self.keys.request_remove_escrow(&auth, ev.with_outcome(Outcome::ok_with("pending approval to remove the escrow manifest"))).await).await?;
         Ok(Response::new(approval_pb(a, self.keys.now())))
     }
 
-    #[instrument(skip_all, fields(principal, keyring = %req.get_ref().name))]
+    #[instrument(skip_all, fields(principal, keyring = %Shown(&req.get_ref().name)))]
     async fn set_keyring_policy(&self, req: Request<pb::SetKeyringPolicyRequest>) -> Result<Response<pb::Keyring>, Status> {
-        let mut ev = self.ev(Action::SetKeyringPolicy, Some(&req.get_ref().name));
+        let (r, mut ev) = self.valid(&req, Action::SetKeyringPolicy).await?;
         let auth = self.authorize(&req, &mut ev).await?;
-        let r = req.into_inner();
         let what = Outcome::ok_with(format!("retention_days={:?} rotation_period_days={:?}", r.retention_days, r.rotation_period_days));
-        let k = self.settle(&ev, self.keys.set_keyring_policy(&auth, &r.name, r.retention_days, r.rotation_period_days, ev.with_outcome(what)).await).await?;
+        let k = self.settle(&ev, self.keys.set_keyring_policy(&auth, r.name.as_str(), r.retention_days, r.rotation_period_days, ev.with_outcome(what)).await).await?;
         Ok(Response::new(keyring_pb(k)))
     }
 
-    #[instrument(skip_all, fields(principal, keyring = %req.get_ref().keyring))]
+    #[instrument(skip_all, fields(principal, keyring = %Shown(&req.get_ref().keyring)))]
     async fn set_legal_hold(&self, req: Request<pb::SetLegalHoldRequest>) -> Result<Response<pb::Keyring>, Status> {
-        let mut ev = self.ev(Action::SetLegalHold, Some(&req.get_ref().keyring));
+        let (r, mut ev) = self.valid(&req, Action::SetLegalHold).await?;
         let auth = self.authorize(&req, &mut ev).await?;
-        let r = req.into_inner();
         let what = if r.hold { Outcome::ok_with(format!("legal hold placed: {}", r.reason)) } else { Outcome::ok_with("legal hold released") };
-        let k = self.settle(&ev, self.keys.set_legal_hold(&auth, &r.keyring, r.hold, &r.reason, ev.with_outcome(what)).await).await?;
+        let k = self.settle(&ev, self.keys.set_legal_hold(&auth, r.keyring.as_str(), r.hold, &r.reason, ev.with_outcome(what)).await).await?;
         tracing::warn!(hold = r.hold, "legal hold changed");
         Ok(Response::new(keyring_pb(k)))
     }
 
-    #[instrument(skip_all, fields(principal, key_id = %req.get_ref().key_id))]
+    #[instrument(skip_all, fields(principal, key_id = %Shown(&req.get_ref().key_id)))]
     async fn get_data_key(&self, req: Request<pb::GetDataKeyRequest>) -> Result<Response<pb::DataKeyInfo>, Status> {
-        let mut ev = self.ev(Action::GetDataKey, None);
-        ev.key_id = Some(req.get_ref().key_id.clone());
-        let auth = self.authorize_for_key(&req, &mut ev, &req.get_ref().key_id).await?;
-        let key_id = req.get_ref().key_id.clone();
+        let (r, mut ev) = self.valid(&req, Action::GetDataKey).await?;
+        let auth = self.authorize_for_key(&req, &mut ev, r.key_id.as_str()).await?;
+        let key_id = r.key_id.as_str().to_owned();
         match self.keys.get_data_key(&auth, &key_id) {
             Ok((k, sched)) => {
                 ev.backup_id = Some(k.backup_id.clone());
@@ -590,30 +619,29 @@ impl pb::admin_service_server::AdminService for Api {
         }
     }
 
-    #[instrument(skip_all, fields(principal, key_id = %req.get_ref().key_id))]
+    #[instrument(skip_all, fields(principal, key_id = %Shown(&req.get_ref().key_id)))]
     async fn destroy_key(&self, req: Request<pb::DestroyKeyRequest>) -> Result<Response<pb::DestroyResponse>, Status> {
-        let mut ev = self.ev(Action::DestroyKey, None);
-        ev.key_id = Some(req.get_ref().key_id.clone());
-        let auth = self.authorize_for_key(&req, &mut ev, &req.get_ref().key_id).await?;
+        let (r, mut ev) = self.valid(&req, Action::DestroyKey).await?;
+        let auth = self.authorize_for_key(&req, &mut ev, r.key_id.as_str()).await?;
         let outcome = Outcome::ok_with("destruction requested");
-        let o = self.settle(&ev, self.keys.request_destroy_key(&auth, &req.get_ref().key_id, ev.with_outcome(outcome)).await).await?;
+        let o = self.settle(&ev, self.keys.request_destroy_key(&auth, r.key_id.as_str(), ev.with_outcome(outcome)).await).await?;
         Ok(Response::new(self.destroy_pb(o)))
     }
 
-    #[instrument(skip_all, fields(principal, keyring = %req.get_ref().name))]
+    #[instrument(skip_all, fields(principal, keyring = %Shown(&req.get_ref().name)))]
     async fn destroy_keyring(&self, req: Request<pb::DestroyKeyringRequest>) -> Result<Response<pb::DestroyResponse>, Status> {
-        let mut ev = self.ev(Action::DestroyKeyring, Some(&req.get_ref().name));
+        let (r, mut ev) = self.valid(&req, Action::DestroyKeyring).await?;
         let auth = self.authorize(&req, &mut ev).await?;
         let outcome = Outcome::ok_with("pending approval to destroy the keyring");
-        let o = self.settle(&ev, self.keys.request_destroy_keyring(&auth, &req.get_ref().name, ev.with_outcome(outcome)).await).await?;
+        let o = self.settle(&ev, self.keys.request_destroy_keyring(&auth, r.keyring.as_str(), ev.with_outcome(outcome)).await).await?;
         Ok(Response::new(self.destroy_pb(o)))
     }
 
     #[instrument(skip_all, fields(principal, id = req.get_ref().id))]
     async fn cancel_destruction(&self, req: Request<pb::CancelDestructionRequest>) -> Result<Response<pb::Destruction>, Status> {
-        let id = req.get_ref().id;
-        let keyring = self.keys.destruction_keyring(id);
-        let mut ev = self.ev(Action::CancelDestruction, keyring.as_deref());
+        let (r, mut ev) = self.valid(&req, Action::CancelDestruction).await?;
+        let id = r.id;
+        ev.keyring = self.keys.destruction_keyring(id);
         let auth = self.authorize(&req, &mut ev).await?;
         let d = self.settle(&ev, self.keys.cancel_destruction(&auth, id, ev.with_outcome(Outcome::ok_with(format!("destruction {id} cancelled")))).await).await?;
         Ok(Response::new(destruction_pb(d, false)))
@@ -621,7 +649,7 @@ impl pb::admin_service_server::AdminService for Api {
 
     #[instrument(skip_all, fields(principal))]
     async fn list_destructions(&self, req: Request<pb::ListDestructionsRequest>) -> Result<Response<pb::Destructions>, Status> {
-        let mut ev = self.ev(Action::ListDestructions, None);
+        let (validate::Empty, mut ev) = self.valid(&req, Action::ListDestructions).await?;
         let auth = self.authorize(&req, &mut ev).await?;
         let list = self.settle_read(&ev, self.keys.destructions(&auth, |k| self.policy.may_see(&auth, k))).await?;
         let destructions = list
@@ -636,7 +664,7 @@ impl pb::admin_service_server::AdminService for Api {
 
     #[instrument(skip_all, fields(principal))]
     async fn rotate_master(&self, req: Request<pb::RotateMasterRequest>) -> Result<Response<pb::MasterStatus>, Status> {
-        let mut ev = self.ev(Action::RotateMaster, None);
+        let (validate::Empty, mut ev) = self.valid(&req, Action::RotateMaster).await?;
         let auth = self.authorize(&req, &mut ev).await?;
         let m = self.settle(&ev, self.keys.rotate_master(&auth, ev.ok()).await).await?;
         Ok(Response::new(pb::MasterStatus {
@@ -649,9 +677,9 @@ impl pb::admin_service_server::AdminService for Api {
 
     #[instrument(skip_all, fields(principal))]
     async fn get_report(&self, req: Request<pb::GetReportRequest>) -> Result<Response<pb::Report>, Status> {
-        let mut ev = self.ev(Action::GetReport, None);
+        let (r, mut ev) = self.valid(&req, Action::GetReport).await?;
         let auth = self.authorize(&req, &mut ev).await?;
-        let since = Some(req.get_ref().since.as_str()).filter(|s| !s.is_empty());
+        let since = r.since.as_deref();
         let report = match self.keys.report(&auth, since, |k| self.policy.may_see(&auth, k)) {
             Ok(r) => r,
             Err(e) => return Err(self.fail(&ev, key_status(e)).await),
@@ -668,12 +696,11 @@ impl pb::audit_service_server::AuditService for Api {
 
     #[instrument(skip_all, fields(principal))]
     async fn export_audit(&self, req: Request<pb::ExportAuditRequest>) -> Result<Response<Self::ExportAuditStream>, Status> {
-        let mut ev = self.ev(Action::ExportAudit, None);
+        let (r, mut ev) = self.valid(&req, Action::ExportAudit).await?;
         let auth = self.authorize(&req, &mut ev).await?;
         // The export is itself audited first, so it appears in the trail it returns.
         self.done(&ev).await?;
-        let r = req.get_ref();
-        let since = (!r.since.is_empty()).then_some(r.since.as_str());
+        let since = r.since.as_deref();
         let lines = self.keys.audit_export(&auth, since, r.tail).map_err(key_status)?;
         let items: Vec<Result<pb::AuditLine, Status>> = lines.into_iter().map(|json| Ok(pb::AuditLine { json })).collect();
         Ok(Response::new(tokio_stream::iter(items)))
@@ -684,7 +711,7 @@ impl pb::audit_service_server::AuditService for Api {
         &self,
         req: Request<pb::GetAuditPublicKeyRequest>,
     ) -> Result<Response<pb::AuditPublicKey>, Status> {
-        let mut ev = self.ev(Action::GetAuditPublicKey, None);
+        let (validate::Empty, mut ev) = self.valid(&req, Action::GetAuditPublicKey).await?;
         let auth = self.authorize(&req, &mut ev).await?;
         let key = self.keys.audit_public_key(&auth).map_err(key_status)?;
         self.done(&ev).await?;

@@ -11,7 +11,7 @@ use kluis_proto::v1::audit_service_server::AuditServiceServer;
 use kluis_proto::v1::key_service_server::KeyServiceServer;
 use tonic::transport::Server;
 
-use crate::api::Api;
+use crate::api::{Api, validate};
 use crate::auth::{Authenticator, Policy, RevocationError, RevocationList};
 use crate::health::HealthService;
 use crate::metrics::Metrics;
@@ -135,9 +135,10 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
-        .add_service(KeyServiceServer::new(api.clone()))
-        .add_service(AdminServiceServer::new(api.clone()))
-        .add_service(AuditServiceServer::new(api))
+        // Requests are bounded before they are decoded (api::validate names the limits).
+        .add_service(KeyServiceServer::new(api.clone()).max_decoding_message_size(validate::MAX_KEY_REQUEST))
+        .add_service(AdminServiceServer::new(api.clone()).max_decoding_message_size(validate::MAX_ADMIN_REQUEST))
+        .add_service(AuditServiceServer::new(api).max_decoding_message_size(validate::MAX_AUDIT_REQUEST))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(ServerError::Serve)
