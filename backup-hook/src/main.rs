@@ -356,7 +356,7 @@ fn run_passphrase(client_config: Option<&Path>, args: &PassphraseArgs) -> Result
 impl From<RewrapError> for Failure {
     fn from(e: RewrapError) -> Self {
         let code = match &e {
-            RewrapError::Integrity(UnsealError::ReadInput(_)) | RewrapError::Io { .. } => EXIT_IO,
+            RewrapError::Integrity(UnsealError::ReadInput(_)) | RewrapError::Io { .. } | RewrapError::JournalNotAFile { .. } => EXIT_IO,
             RewrapError::Integrity(_) | RewrapError::BadJournal { .. } => EXIT_INTEGRITY,
             RewrapError::NeedsRestorer { .. } => EXIT_REFUSED,
             RewrapError::Server { source, .. } => client_failure(source).code,
@@ -429,11 +429,11 @@ fn run_rewrap(cfg: &ClientConfig, args: &RewrapArgs) -> Result<(), Failure> {
                         r.to_version
                     ),
                 };
-                writeln!(out, "{line}").map_err(|e| io_failure("writing to standard output failed", &e))?;
+                writeln!(out, "{}", kms_client::escape::Esc(&line)).map_err(|e| io_failure("writing to standard output failed", &e))?;
             }
             Err(e) => {
                 let f = Failure::from(e);
-                eprintln!("backup-hook: {}: {}", path.display(), f.message);
+                eprintln!("backup-hook: {}", kms_client::escape::Esc(&format!("{}: {}", path.display(), f.message)));
                 failed += 1;
                 if first.is_none() {
                     first = Some((f.code, path.clone()));
@@ -518,7 +518,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            eprintln!("backup-hook: error: {}", f.message);
+            eprintln!("backup-hook: error: {}", kms_client::escape::Esc(&f.message));
             ExitCode::from(f.code)
         }
     }

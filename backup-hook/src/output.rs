@@ -1,5 +1,10 @@
 //! Output that is all or nothing: a file output is written to a temporary file
 //! beside the target and renamed over it only when the whole stream succeeded.
+//!
+//! The temporary file is made by `tempfile`: a random name, opened with
+//! `O_CREAT | O_EXCL` (create-new, which never follows a symbolic link: a link planted at
+//! the name makes it pick another name), mode 0600. The rename replaces whatever entry is
+//! at the target, a symbolic link included, and never writes through it.
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
@@ -122,6 +127,32 @@ mod tests {
         o.write_all(b"hello").unwrap();
         o.commit().unwrap();
         assert_eq!(std::fs::read(&dest).unwrap(), b"hello");
+    }
+
+    #[test]
+    fn a_symlink_at_the_target_is_replaced_never_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        let victim = elsewhere.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let dest = dir.path().join("out.bin");
+        std::os::unix::fs::symlink(&victim, &dest).unwrap();
+        let mut o = Output::create(Some(&dest)).unwrap();
+        assert!(matches!(o, Output::File { .. }));
+        o.write_all(b"hello").unwrap();
+        o.commit().unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert!(std::fs::symlink_metadata(&dest).unwrap().file_type().is_file());
+        assert_eq!(std::fs::read(&dest).unwrap(), b"hello");
+        // A dangling link: nothing is created where it points.
+        let dangling = elsewhere.path().join("created-through-the-link");
+        let dest2 = dir.path().join("out2.bin");
+        std::os::unix::fs::symlink(&dangling, &dest2).unwrap();
+        let mut o = Output::create(Some(&dest2)).unwrap();
+        o.write_all(b"x").unwrap();
+        o.commit().unwrap();
+        assert!(std::fs::symlink_metadata(&dangling).is_err());
+        assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 1);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 pub mod class;
 pub mod client;
 pub mod config;
+pub mod escape;
 pub mod hook;
 pub mod passphrase;
 pub mod rewrap;

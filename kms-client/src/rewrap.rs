@@ -55,7 +55,19 @@
 //! original (atomic replace, but O(payload) and a new inode). The report says so.
 //!
 //! Concurrent rewraps of the same file are kept apart by an advisory lock. A
-//! symlink is followed: the real file is rewritten, and its journal lies next to it.
+//! symlink given as the file is followed: the real file is rewritten, and its journal
+//! lies next to it, in the real file's directory.
+//!
+//! # Files it creates
+//!
+//! The journal is created with `O_CREAT | O_EXCL | O_NOFOLLOW` (create-new, never through
+//! a symbolic link) and mode 0600; it is read with `O_NOFOLLOW` and must be a regular
+//! file. Something planted at the journal's name (a symbolic link, a FIFO, a directory)
+//! makes the rewrap fail with [`RewrapError::JournalNotAFile`] before anything is
+//! written, and nothing is created elsewhere. The copy of the copy path is a
+//! `tempfile` (`O_EXCL`, a random name) in the same directory, renamed over the file.
+//! The file itself is reopened for writing with `O_NOFOLLOW` and must be the very file
+//! that was read and locked (same device and inode), or nothing is written.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
@@ -124,6 +136,12 @@ pub enum RewrapError {
     /// Another process is rewrapping the file.
     #[error("another process is rewrapping this file (it holds the file's lock); the file was not changed")]
     Busy,
+    /// Something other than a regular file is at the journal's name (a symbolic link, a
+    /// FIFO, a directory), or a journal appeared there while this run was working.
+    #[error(
+        "{journal} is {what}, not a rewrap journal this command made; it is never followed or written: remove it and run rewrap again; the file was not changed"
+    )]
+    JournalNotAFile { journal: PathBuf, what: &'static str },
     /// The file changed between reading its header and writing the new one.
     #[error("the file changed while it was being rewrapped; nothing was written, run rewrap again")]
     Changed,
@@ -378,16 +396,21 @@ fn check_journal(svc: &dyn KeyService, file: &File, journal: &[u8]) -> Result<Jo
 }
 
 /// Writes `new` at offset 0 of `path` through the journal (steps 1-3 of the module docs).
-fn write_in_place(path: &Path, journal: &Path, new: &[u8], journal_written: bool) -> Result<(), RewrapError> {
+fn write_in_place(path: &Path, file: &File, journal: &Path, new: &[u8], journal_written: bool) -> Result<(), RewrapError> {
     let dir = parent_dir(path);
     if !journal_written {
         let mut j = OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(journal)
-            .map_err(io_err(format!("cannot create the rewrap journal {}", journal.display())))?;
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::AlreadyExists => {
+                    RewrapError::JournalNotAFile { journal: journal.to_owned(), what: "an entry that appeared during the rewrap" }
+                }
+                _ => RewrapError::Io { what: format!("cannot create the rewrap journal {}", journal.display()), source: e },
+            })?;
         j.write_all(new)
             .and_then(|()| j.sync_all())
             .map_err(io_err(format!("writing the rewrap journal {} failed; the file was not changed", journal.display())))?;
@@ -399,7 +422,7 @@ fn write_in_place(path: &Path, journal: &Path, new: &[u8], journal_written: bool
             journal.display()
         )
     };
-    let w = OpenOptions::new().write(true).open(path).map_err(|e| {
+    let w = open_same_for_writing(path, file).map_err(|e| {
         if journal_written {
             RewrapError::Io { what: format!("cannot open the file for writing; {}", pending()), source: e }
         } else {
@@ -415,6 +438,17 @@ fn write_in_place(path: &Path, journal: &Path, new: &[u8], journal_written: bool
         journal.display()
     )))?;
     sync_dir(dir)
+}
+
+/// Opens `path` for writing without following a symbolic link, and only if it is still
+/// `file` (the one read and locked): never a file swapped in since.
+fn open_same_for_writing(path: &Path, file: &File) -> io::Result<File> {
+    let w = OpenOptions::new().write(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path)?;
+    let (a, b) = (w.metadata()?, file.metadata()?);
+    if (a.dev(), a.ino()) != (b.dev(), b.ino()) {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "the file was replaced while it was being rewrapped"));
+    }
+    Ok(w)
 }
 
 /// Copies `file` with `new` in place of its first `old_len` bytes into a
@@ -478,7 +512,7 @@ pub fn rewrap_file(svc: &dyn KeyService, path: &Path) -> Result<Report, RewrapEr
         None => {}
         Some(bytes) => match check_journal(svc, &file, &bytes)? {
             JournalCheck::Valid => {
-                write_in_place(path, &journal, &bytes, true)?;
+                write_in_place(path, &file, &journal, &bytes, true)?;
                 note = JournalNote::Completed;
             }
             JournalCheck::Invalid(why) => discard = Some(why),
@@ -540,7 +574,7 @@ pub fn rewrap_file(svc: &dyn KeyService, path: &Path) -> Result<Report, RewrapEr
         return Err(RewrapError::Changed);
     }
     if new.bytes.len() == hdr.bytes.len() {
-        write_in_place(path, &journal, &new.bytes, false)?;
+        write_in_place(path, &file, &journal, &new.bytes, false)?;
         report.action = Action::InPlace;
     } else {
         write_copy(path, &file, hdr.bytes.len(), &new.bytes)?;
@@ -558,12 +592,20 @@ fn with_journal(e: UnsealError<ClientError>, journal: &Path, discard: Option<&'s
 }
 
 /// Reads a journal (bounded by the largest header); `None` if there is none.
+/// Never through a symbolic link (`O_NOFOLLOW`), never blocking on a FIFO
+/// (`O_NONBLOCK`), and only a regular file.
 fn read_journal(journal: &Path) -> Result<Option<Vec<u8>>, RewrapError> {
-    let f = match File::open(journal) {
+    let not_a_file = |what| RewrapError::JournalNotAFile { journal: journal.to_owned(), what };
+    let f = match OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(journal) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Err(not_a_file("a symbolic link")),
         Err(e) => return Err(RewrapError::Io { what: format!("cannot open the rewrap journal {}", journal.display()), source: e }),
     };
+    let ft = f.metadata().map_err(io_err(format!("cannot read the metadata of the rewrap journal {}", journal.display())))?.file_type();
+    if !ft.is_file() {
+        return Err(not_a_file(if ft.is_dir() { "a directory" } else { "not a regular file" }));
+    }
     let mut bytes = Vec::new();
     f.take(header::MAX_HEADER as u64 + 1)
         .read_to_end(&mut bytes)
@@ -744,6 +786,80 @@ mod tests {
         let r = rewrap_file(&s.fake, &p).unwrap();
         assert_eq!((r.from_version, r.to_version, r.action), (3, 3, Action::AlreadyCurrent));
         assert_eq!(fs::read(&p).unwrap(), after);
+    }
+
+    #[test]
+    fn a_symlink_planted_at_the_journal_name_is_refused_and_nothing_is_created_elsewhere() {
+        let mut s = setup();
+        let p = s.seal("a.age", "k1", 7);
+        let before = fs::read(&p).unwrap();
+        s.fake.current.set(2);
+        let elsewhere = tempfile::tempdir().unwrap();
+        let journal = journal_path(&p).unwrap();
+
+        // A dangling link: following it would create the victim file.
+        let victim = elsewhere.path().join("victim");
+        std::os::unix::fs::symlink(&victim, &journal).unwrap();
+        let e = rewrap_file(&s.fake, &p).unwrap_err();
+        assert!(matches!(&e, RewrapError::JournalNotAFile { what: "a symbolic link", .. }), "{e:?}");
+        let msg = e.to_string();
+        assert!(msg.contains(&journal.display().to_string()) && msg.contains("symbolic link"), "{msg}");
+        assert!(msg.ends_with("the file was not changed"), "{msg}");
+        assert!(fs::symlink_metadata(&victim).is_err(), "a file was created through the link");
+        assert_eq!(fs::read(&p).unwrap(), before);
+        assert!(fs::symlink_metadata(&journal).unwrap().file_type().is_symlink(), "the link is left for the operator");
+
+        // A link to an existing file elsewhere: neither read as a journal nor truncated.
+        fs::remove_file(&journal).unwrap();
+        fs::write(&victim, b"precious").unwrap();
+        std::os::unix::fs::symlink(&victim, &journal).unwrap();
+        let e = rewrap_file(&s.fake, &p).unwrap_err();
+        assert!(matches!(&e, RewrapError::JournalNotAFile { .. }), "{e:?}");
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        assert_eq!(fs::read(&p).unwrap(), before);
+
+        // A directory or a FIFO at the name: refused too, without blocking.
+        fs::remove_file(&journal).unwrap();
+        fs::create_dir(&journal).unwrap();
+        assert!(matches!(rewrap_file(&s.fake, &p), Err(RewrapError::JournalNotAFile { what: "a directory", .. })));
+        fs::remove_dir(&journal).unwrap();
+        let status = std::process::Command::new("mkfifo").arg(&journal).status().unwrap();
+        assert!(status.success());
+        assert!(matches!(rewrap_file(&s.fake, &p), Err(RewrapError::JournalNotAFile { what: "not a regular file", .. })));
+        fs::remove_file(&journal).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), before);
+
+        // With the name clear, the same file rewraps, and the journal it made is gone.
+        let r = rewrap_file(&s.fake, &p).unwrap();
+        assert_eq!((r.action, r.to_version), (Action::InPlace, 2));
+        assert!(fs::symlink_metadata(&journal).is_err());
+        assert_eq!(fs::read_dir(elsewhere.path()).unwrap().count(), 1, "only the victim file the test wrote");
+    }
+
+    #[test]
+    fn the_journal_is_created_new_and_never_through_a_link() {
+        let mut s = setup();
+        let p = s.seal("a.age", "k1", 7);
+        let journal = journal_path(&p).unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        let victim = elsewhere.path().join("victim");
+        // A link planted after the journal was looked for (between the check and the
+        // create): the create itself refuses it.
+        std::os::unix::fs::symlink(&victim, &journal).unwrap();
+        let e = write_in_place(&p, &File::open(&p).unwrap(), &journal, b"new header", false).unwrap_err();
+        assert!(matches!(&e, RewrapError::JournalNotAFile { .. }), "{e:?}");
+        assert!(fs::symlink_metadata(&victim).is_err(), "a file was created through the link");
+        // And the file to write must be the one that was read: a swapped-in link is refused.
+        fs::remove_file(&journal).unwrap();
+        let other = s.seal("b.age", "k2", 8);
+        let before = fs::read(&other).unwrap();
+        let read_file = File::open(&p).unwrap();
+        fs::remove_file(&p).unwrap();
+        std::os::unix::fs::symlink(&other, &p).unwrap();
+        let e = write_in_place(&p, &read_file, &journal, b"new header", false).unwrap_err();
+        assert!(matches!(&e, RewrapError::Io { .. }), "{e:?}");
+        assert_eq!(fs::read(&other).unwrap(), before);
+        assert!(fs::symlink_metadata(&journal).is_err(), "the journal of a refused write is removed");
     }
 
     #[test]

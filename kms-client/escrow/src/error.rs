@@ -154,6 +154,14 @@ pub enum EscrowError {
         #[source]
         source: io::Error,
     },
+    /// A share text (decrypted) larger than any share text.
+    #[error("the share text is {len} bytes long, more than the {limit} bytes any share text has; it is not a Kluis escrow share")]
+    ShareTextTooLarge {
+        /// Its length in bytes.
+        len: usize,
+        /// The limit in bytes.
+        limit: usize,
+    },
     /// A file that is far larger than any manifest or share file.
     #[error("{path} is larger than {limit} bytes; it is not a Kluis escrow manifest or share file")]
     FileTooLarge {
@@ -165,10 +173,12 @@ pub enum EscrowError {
 
     // ----- manifest -----
     /// The manifest is not valid JSON of the expected shape.
-    #[error("{path} is not a readable Kluis escrow manifest: {source}")]
+    #[error("{path} is not a readable Kluis escrow manifest: at {field}: {source}")]
     ManifestParse {
         /// The manifest file.
         path: PathBuf,
+        /// The JSON path of the field concerned (`custodians[1].index`; `.` for the whole).
+        field: String,
         /// What the JSON parser said (line and column included).
         #[source]
         source: serde_json::Error,
@@ -203,6 +213,28 @@ pub enum EscrowError {
         "share file is still age-encrypted; decrypt it with `age -d -i YOUR_KEY` or pass --identity"
     )]
     StillEncrypted,
+    /// A line of the share text that is not UTF-8 text.
+    #[error("line {line} of the share is not UTF-8 text; the share is damaged")]
+    ShareNotUtf8 {
+        /// The line number (1-based).
+        line: usize,
+    },
+    /// A control character (other than a tab, or a CR before the line's LF) in a line.
+    #[error("line {line} of the share contains a control character; the share is damaged or was edited")]
+    ControlCharacter {
+        /// The line number (1-based).
+        line: usize,
+    },
+    /// The share's lines are not in the order they are written.
+    #[error("line {line} of the share is the {field:?} line, which belongs after the {after:?} line; the share was edited")]
+    OutOfOrder {
+        /// The line number (1-based).
+        line: usize,
+        /// The field found on that line.
+        field: &'static str,
+        /// The field that is written after it but came before it.
+        after: &'static str,
+    },
     /// A required line is missing from the share text.
     #[error("the share has no {field:?} line; it is incomplete or was edited")]
     MissingField {
@@ -210,8 +242,10 @@ pub enum EscrowError {
         field: &'static str,
     },
     /// A line appears twice in the share text.
-    #[error("the share has the {field:?} line twice; it was edited")]
+    #[error("line {line} of the share is a second {field:?} line; it was edited")]
     DuplicateField {
+        /// The line number (1-based) of the second one.
+        line: usize,
         /// The repeated field.
         field: &'static str,
     },
@@ -224,25 +258,34 @@ pub enum EscrowError {
         field: String,
     },
     /// A line that is not `name: value`.
-    #[error("line {line} of the share is not of the form \"name: value\"; the share is damaged")]
+    #[error("line {line} of the share is not of the form \"name: value\" ({why}); the share is damaged")]
     MalformedLine {
         /// The line number (1-based).
         line: usize,
+        /// What is wrong with it.
+        why: &'static str,
     },
     /// A field with a value of the wrong shape.
-    #[error("the {field:?} line of the share is not valid: expected {expected}")]
+    #[error("line {line} of the share, the {field:?} line, is not valid: expected {expected}")]
     BadField {
+        /// The line number (1-based).
+        line: usize,
         /// The field.
         field: &'static str,
         /// What a valid value looks like.
         expected: &'static str,
     },
     /// The `share:` value is not base64.
-    #[error("the \"share\" line is not valid base64; the share was damaged or mistyped")]
-    BadShareEncoding,
+    #[error("line {line} of the share, the \"share\" line, is not valid base64 (standard alphabet); the share was damaged or mistyped")]
+    BadShareEncoding {
+        /// The line number (1-based).
+        line: usize,
+    },
     /// The decoded share has the wrong length.
-    #[error("the share value is {len} bytes long, expected 33; the share was damaged or mistyped")]
+    #[error("line {line} of the share: the share value is {len} bytes long, expected 33; the share was damaged or mistyped")]
     BadShareLength {
+        /// The line number (1-based).
+        line: usize,
         /// The decoded length.
         len: usize,
     },
@@ -428,11 +471,12 @@ pub enum ManifestProblem {
     /// `replaces` is not a ceremony id, or is this ceremony's own id.
     #[error("replaces is not the id of another ceremony")]
     BadReplaces,
-    /// `created` is not an RFC 3339 time.
-    #[error("created is not an RFC 3339 time")]
+    /// `created` is not an RFC 3339 UTC time in whole seconds, as written.
+    #[error("created is not an RFC 3339 UTC time in whole seconds (YYYY-MM-DDTHH:MM:SSZ)")]
     BadCreated,
-    /// `recovery_recipient` is not an age X25519 recipient.
-    #[error("recovery_recipient is not an age X25519 recipient (age1...)")]
+    /// `recovery_recipient` is not an age X25519 recipient (canonical: lowercase, no
+    /// surrounding white space).
+    #[error("recovery_recipient is not an age X25519 recipient (age1..., lowercase)")]
     BadRecoveryRecipient,
     /// Threshold below 2.
     #[error("threshold {threshold} is below 2")]
@@ -449,7 +493,7 @@ pub enum ManifestProblem {
         shares: u8,
     },
     /// The custodian list does not have one entry per share.
-    #[error("{listed} custodians are listed but shares is {shares}")]
+    #[error("custodians lists {listed} custodians but shares is {shares}")]
     CustodianCount {
         /// Entries in the list.
         listed: usize,
@@ -457,27 +501,35 @@ pub enum ManifestProblem {
         shares: u8,
     },
     /// A custodian name that is not allowed.
-    #[error("custodian name {name:?} is not allowed")]
+    #[error("custodians[{at}].name {name:?} is not allowed: 1 to 64 characters from A-Z, a-z, 0-9, '.', '_' and '-'")]
     BadCustodianName {
+        /// Position in the `custodians` list (0-based).
+        at: usize,
         /// The name.
         name: String,
     },
     /// A custodian's share is encrypted to the recovery recipient itself: whoever holds
     /// the recovery key would read every share, and nobody else could.
-    #[error("custodian {custodian:?} has the recovery recipient itself as recipient")]
+    #[error("custodians[{at}].recipient (custodian {custodian:?}) is the recovery recipient itself")]
     CustodianIsRecoveryRecipient {
+        /// Position in the `custodians` list (0-based).
+        at: usize,
         /// The custodian.
         custodian: String,
     },
     /// A custodian name listed twice.
-    #[error("custodian {name:?} is listed twice")]
+    #[error("custodians[{at}].name: custodian {name:?} is listed twice (names are compared ignoring case)")]
     DuplicateCustodian {
+        /// Position in the `custodians` list (0-based) of the second one.
+        at: usize,
         /// The name.
         name: String,
     },
     /// A custodian's index is 0 or above the number of shares.
-    #[error("custodian {custodian:?} has index {index}, outside 1..={shares}")]
+    #[error("custodians[{at}].index (custodian {custodian:?}) is {index}, outside 1..={shares}")]
     BadIndex {
+        /// Position in the `custodians` list (0-based).
+        at: usize,
         /// The custodian.
         custodian: String,
         /// The index.
@@ -486,20 +538,26 @@ pub enum ManifestProblem {
         shares: u8,
     },
     /// Two custodians with the same index.
-    #[error("index {index} is given to more than one custodian")]
+    #[error("custodians[{at}].index: index {index} is given to more than one custodian")]
     DuplicateIndex {
+        /// Position in the `custodians` list (0-based) of the second one.
+        at: usize,
         /// The index.
         index: u8,
     },
     /// A commitment that is not 64 lowercase hexadecimal digits.
-    #[error("the commitment of custodian {custodian:?} is not 64 lowercase hexadecimal digits")]
+    #[error("custodians[{at}].commitment (custodian {custodian:?}) is not 64 lowercase hexadecimal digits")]
     BadCommitment {
+        /// Position in the `custodians` list (0-based).
+        at: usize,
         /// The custodian.
         custodian: String,
     },
     /// A custodian recipient that is not an age recipient.
-    #[error("the recipient of custodian {custodian:?} is not an age recipient")]
+    #[error("custodians[{at}].recipient (custodian {custodian:?}) is not an age recipient")]
     BadCustodianRecipient {
+        /// Position in the `custodians` list (0-based).
+        at: usize,
         /// The custodian.
         custodian: String,
     },
@@ -510,9 +568,20 @@ pub enum ManifestProblem {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ManifestError {
-    /// The text is not JSON of the manifest's shape (an unknown field is refused too).
-    #[error("this is not a Kluis escrow manifest: {source}")]
+    /// The text is larger than any manifest.
+    #[error("the manifest is {len} bytes long, more than the {limit} bytes any manifest has; it is not a Kluis escrow manifest")]
+    TooLarge {
+        /// Its length in bytes.
+        len: usize,
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The text is not JSON of the manifest's shape (an unknown or repeated field is
+    /// refused too).
+    #[error("this is not a Kluis escrow manifest: at {field}: {source}")]
     Json {
+        /// The JSON path of the field concerned (`custodians[1].index`; `.` for the whole).
+        field: String,
         /// What the JSON parser said (line and column included).
         #[source]
         source: serde_json::Error,

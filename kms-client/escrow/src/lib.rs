@@ -57,6 +57,8 @@ mod secret;
 mod share;
 
 #[cfg(test)]
+mod grammar_tests;
+#[cfg(test)]
 mod tests;
 #[cfg(any(test, feature = "test-support"))]
 pub mod test_support;

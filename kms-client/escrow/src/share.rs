@@ -1,5 +1,49 @@
 //! Share files: the decrypted share text, reading (and decrypting) share files, and
 //! checking one share against the manifest on its own.
+//!
+//! # Grammar of the share text
+//!
+//! What [`ShareText::to_text`] writes (the plaintext of `share-NAME.age`), in ABNF
+//! (RFC 5234); [`ShareText::parse`] reads exactly this and refuses anything else with an
+//! error that names the line (1-based, counted in the text after the optional BOM):
+//!
+//! ```text
+//! share-text     = [BOM] header-line
+//!                  *ignored ceremony-line  *ignored custodian-line *ignored index-line
+//!                  *ignored threshold-line *ignored shares-line    *ignored recipient-line
+//!                  *ignored share-line     *ignored
+//! header-line    = "kluis-escrow-share v1" *WSP eol
+//! ceremony-line  = "ceremony"           ":" *WSP ceremony-id *WSP eol
+//! custodian-line = "custodian"          ":" *WSP custodian   *WSP eol
+//! index-line     = "index"              ":" *WSP number      *WSP eol  ; 1..=255
+//! threshold-line = "threshold"          ":" *WSP number      *WSP eol  ; 2..=shares
+//! shares-line    = "shares"             ":" *WSP number      *WSP eol  ; 2..=255
+//! recipient-line = "recovery-recipient" ":" *WSP recipient   *WSP eol
+//! share-line     = "share"              ":" *WSP share-value *WSP eol
+//! ignored        = blank-line / comment-line
+//! blank-line     = *WSP eol
+//! comment-line   = "#" *text eol
+//! ceremony-id    = 32(DIGIT / %x61-66)          ; lowercase hexadecimal
+//! custodian      = 1*64(ALPHA / DIGIT / "." / "_" / "-")
+//! number         = "0" / %x31-39 *2DIGIT        ; decimal, no sign, no leading zero
+//! recipient      = an age X25519 recipient, "age1" + lowercase Bech32, as age writes it
+//! share-value    = base64, standard alphabet (RFC 4648 section 4), canonical, padding
+//!                  optional; decodes to exactly 33 bytes whose first byte is the index
+//! eol            = LF / CRLF / end of text (on the last line only)
+//! WSP            = SP / HTAB
+//! text           = any Unicode scalar value but the controls (U+0000..U+001F except HTAB,
+//!                  U+007F..U+009F)
+//! BOM            = %xFEFF
+//! ```
+//!
+//! So: the header is the first line; the seven fields come once each, in this order,
+//! names in lowercase, each on a line of its own with nothing before the name; blank
+//! lines and `#` comment lines may stand between and after them; no control character
+//! anywhere; the text is at most 16 KiB. The tolerances (a BOM, CRLF line ends, white
+//! space after the colon and at the end of a line, missing base64 padding, no final
+//! newline) are what an editor or a custodian retyping a share may add; none changes a
+//! value. That the index is at most the number of shares, and every other agreement with
+//! the ceremony, is checked against the manifest ([`verify_share`]), not here.
 
 use std::fmt::{self, Write as _};
 use std::io::BufReader;
@@ -69,24 +113,23 @@ const FIELDS: [&str; 7] = [
 ];
 
 impl ShareText {
-    /// Parses a decrypted share text (see the module documentation for the format).
-    ///
-    /// Blank lines and lines starting with `#` are ignored; line endings may be LF or CRLF.
+    /// Parses a decrypted share text, exactly by the grammar in the module documentation.
     pub fn parse(text: &str) -> Result<ShareText, EscrowError> {
+        if text.len() > SHARE_TEXT_LIMIT {
+            return Err(EscrowError::ShareTextTooLarge {
+                len: text.len(),
+                limit: SHARE_TEXT_LIMIT,
+            });
+        }
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let start = text.trim_start();
         if start.starts_with(AGE_MAGIC) || start.starts_with(AGE_ARMOR_BEGIN) {
             return Err(EscrowError::StillEncrypted);
         }
 
-        let mut lines = text
-            .lines()
-            .enumerate()
-            .map(|(i, l)| (i + 1, l.trim()))
-            .filter(|(_, l)| !l.is_empty() && !l.starts_with('#'));
-
+        let mut lines = split_lines(text);
         match lines.next() {
-            Some((_, header)) if header == SHARE_HEADER => {}
+            Some((_, header)) if trim_wsp_end(header) == SHARE_HEADER => {}
             Some((_, header)) if header.starts_with("kluis-escrow-share") => {
                 return Err(EscrowError::UnsupportedShareVersion {
                     found: header.chars().take(64).collect(),
@@ -95,87 +138,120 @@ impl ShareText {
             _ => return Err(EscrowError::NotAShare),
         }
 
-        let mut values: [Option<&str>; FIELDS.len()] = [None; FIELDS.len()];
-        for (line_no, line) in lines {
-            let Some((key, value)) = line.split_once(':') else {
-                return Err(EscrowError::MalformedLine { line: line_no });
+        // Each field once; where it stood.
+        let mut values: [Option<(usize, &str)>; FIELDS.len()] = [None; FIELDS.len()];
+        for (line, raw) in lines {
+            if raw.chars().any(|c| c.is_control() && c != '\t') {
+                return Err(EscrowError::ControlCharacter { line });
+            }
+            let content = trim_wsp_end(raw);
+            if content.is_empty() || content.starts_with('#') {
+                continue;
+            }
+            if content.starts_with([' ', '\t']) {
+                return Err(EscrowError::MalformedLine {
+                    line,
+                    why: "it starts with white space",
+                });
+            }
+            let Some((name, value)) = content.split_once(':') else {
+                return Err(EscrowError::MalformedLine {
+                    line,
+                    why: "it has no colon",
+                });
             };
-            let key = key.trim();
-            let Some(slot) = FIELDS.iter().position(|f| *f == key) else {
+            let Some(slot) = FIELDS.iter().position(|f| *f == name) else {
                 return Err(EscrowError::UnknownField {
-                    line: line_no,
-                    field: key.chars().take(40).collect(),
+                    line,
+                    field: name.chars().take(40).collect(),
                 });
             };
             if values[slot].is_some() {
                 return Err(EscrowError::DuplicateField {
+                    line,
                     field: FIELDS[slot],
                 });
             }
-            values[slot] = Some(value.trim());
+            values[slot] = Some((line, value.trim_start_matches([' ', '\t'])));
         }
-        let get = |field: &'static str| -> Result<&str, EscrowError> {
-            FIELDS
-                .iter()
-                .position(|f| *f == field)
-                .and_then(|i| values[i])
-                .ok_or(EscrowError::MissingField { field })
-        };
+        let mut fields = [(0usize, ""); FIELDS.len()];
+        for (i, field) in FIELDS.iter().enumerate() {
+            fields[i] = values[i].ok_or(EscrowError::MissingField { field })?;
+        }
+        for i in 1..FIELDS.len() {
+            if fields[i].0 < fields[i - 1].0 {
+                return Err(EscrowError::OutOfOrder {
+                    line: fields[i].0,
+                    field: FIELDS[i],
+                    after: FIELDS[i - 1],
+                });
+            }
+        }
+        let [ceremony, custodian, index, threshold, shares, recipient, share] = fields;
 
-        let ceremony_id = get(F_CEREMONY)?.to_ascii_lowercase();
-        if !manifest::is_lower_hex(&ceremony_id, 32) {
-            return Err(EscrowError::BadField {
-                field: F_CEREMONY,
-                expected: "a ceremony id of 32 hexadecimal digits",
-            });
+        let bad = |(line, _): (usize, &str), field: &'static str, expected: &'static str| {
+            EscrowError::BadField {
+                line,
+                field,
+                expected,
+            }
+        };
+        if !manifest::is_lower_hex(ceremony.1, 32) {
+            return Err(bad(
+                ceremony,
+                F_CEREMONY,
+                "a ceremony id of 32 lowercase hexadecimal digits",
+            ));
         }
-        let custodian = get(F_CUSTODIAN)?.to_owned();
-        if !manifest::valid_custodian_name(&custodian) {
-            return Err(EscrowError::BadField {
-                field: F_CUSTODIAN,
-                expected: "a custodian name of letters, digits, '.', '_' and '-'",
-            });
+        if !manifest::valid_custodian_name(custodian.1) {
+            return Err(bad(
+                custodian,
+                F_CUSTODIAN,
+                "a custodian name of 1 to 64 letters, digits, '.', '_' and '-'",
+            ));
         }
-        let index = parse_u8(get(F_INDEX)?, F_INDEX)?;
-        if index == 0 {
+        let index_value = parse_number(index.1)
+            .ok_or_else(|| bad(index, F_INDEX, "a share index from 1 to 255"))?;
+        if index_value == 0 {
             return Err(EscrowError::IndexZero);
         }
-        let threshold = parse_u8(get(F_THRESHOLD)?, F_THRESHOLD)?;
-        let shares = parse_u8(get(F_SHARES)?, F_SHARES)?;
-        if threshold < 2 || threshold > shares {
-            return Err(EscrowError::BadField {
-                field: F_THRESHOLD,
-                expected: "a number from 2 up to the number of shares",
-            });
-        }
-        let recovery_recipient = get(F_RECIPIENT)?.to_owned();
-        if recovery_recipient
-            .parse::<age::x25519::Recipient>()
-            .is_err()
-        {
-            return Err(EscrowError::BadField {
-                field: F_RECIPIENT,
-                expected: "an age recipient (age1...)",
-            });
+        let shares_value = parse_number(shares.1)
+            .filter(|n| *n >= 2)
+            .ok_or_else(|| bad(shares, F_SHARES, "a number of shares from 2 to 255"))?;
+        let threshold_value = parse_number(threshold.1)
+            .filter(|k| (2..=shares_value).contains(k))
+            .ok_or_else(|| {
+                bad(
+                    threshold,
+                    F_THRESHOLD,
+                    "a number from 2 up to the number of shares",
+                )
+            })?;
+        if !is_canonical_x25519_recipient(recipient.1) {
+            return Err(bad(
+                recipient,
+                F_RECIPIENT,
+                "an age X25519 recipient (age1..., lowercase)",
+            ));
         }
 
-        let share = decode_share_value(get(F_SHARE)?)?;
-        let embedded = share.first().copied().unwrap_or(0);
-        if embedded != index {
+        let share_bytes = decode_share_value(share.1, share.0)?;
+        let embedded = share_bytes.first().copied().unwrap_or(0);
+        if embedded != index_value {
             return Err(EscrowError::ShareIndexMismatch {
-                field: index,
+                field: index_value,
                 embedded,
             });
         }
 
         Ok(ShareText {
-            ceremony_id,
-            custodian,
-            index,
-            threshold,
-            shares,
-            recovery_recipient,
-            share,
+            ceremony_id: ceremony.1.to_owned(),
+            custodian: custodian.1.to_owned(),
+            index: index_value,
+            threshold: threshold_value,
+            shares: shares_value,
+            recovery_recipient: recipient.1.to_owned(),
+            share: share_bytes,
         })
     }
 
@@ -269,28 +345,56 @@ impl ShareText {
     }
 }
 
-fn parse_u8(value: &str, field: &'static str) -> Result<u8, EscrowError> {
-    value.parse::<u8>().map_err(|_| EscrowError::BadField {
-        field,
-        expected: "a number from 0 to 255",
-    })
+/// The lines of `text` with their 1-based numbers: split at LF, a CR before the LF
+/// dropped; no empty last line after a final newline.
+fn split_lines(text: &str) -> impl Iterator<Item = (usize, &str)> {
+    let body = text.strip_suffix('\n').unwrap_or(text);
+    body.split('\n')
+        .map(|l| l.strip_suffix('\r').unwrap_or(l))
+        .enumerate()
+        .map(|(i, l)| (i + 1, l))
+        .filter(move |_| !text.is_empty())
 }
 
-/// Decodes the base64 `share:` value into exactly [`SHARE_BYTES_LEN`] bytes, through a
-/// zeroized buffer.
-fn decode_share_value(value: &str) -> Result<Vec<u8>, EscrowError> {
+fn trim_wsp_end(s: &str) -> &str {
+    s.trim_end_matches([' ', '\t'])
+}
+
+/// `number` of the grammar: `0` or 1 to 3 decimal digits without a leading zero, at most 255.
+fn parse_number(value: &str) -> Option<u8> {
+    let canonical = !value.is_empty()
+        && value.len() <= 3
+        && value.bytes().all(|b| b.is_ascii_digit())
+        && (value == "0" || !value.starts_with('0'));
+    if canonical { value.parse().ok() } else { None }
+}
+
+/// An age X25519 recipient written exactly as age writes it (lowercase Bech32).
+pub(crate) fn is_canonical_x25519_recipient(value: &str) -> bool {
+    value.starts_with("age1")
+        && value
+            .parse::<age::x25519::Recipient>()
+            .is_ok_and(|r| r.to_string() == value)
+}
+
+/// Decodes the base64 `share:` value (on line `line`) into exactly [`SHARE_BYTES_LEN`]
+/// bytes, through a zeroized buffer.
+fn decode_share_value(value: &str, line: usize) -> Result<Vec<u8>, EscrowError> {
     let mut buf = Zeroizing::new([0u8; 96]);
     let n = match B64_READ.decode_slice(value, &mut buf[..]) {
         Ok(n) => n,
         Err(base64::DecodeSliceError::OutputSliceTooSmall) => {
             return Err(EscrowError::BadShareLength {
+                line,
                 len: value.len() / 4 * 3,
             });
         }
-        Err(base64::DecodeSliceError::DecodeError(_)) => return Err(EscrowError::BadShareEncoding),
+        Err(base64::DecodeSliceError::DecodeError(_)) => {
+            return Err(EscrowError::BadShareEncoding { line });
+        }
     };
     if n != SHARE_BYTES_LEN {
-        return Err(EscrowError::BadShareLength { len: n });
+        return Err(EscrowError::BadShareLength { line, len: n });
     }
     Ok(buf[..n].to_vec())
 }
@@ -378,8 +482,30 @@ pub fn read_share_with(
     path: &Path,
     identities: &ShareIdentities,
 ) -> Result<ShareText, EscrowError> {
-    let data = fsutil::read_file_limited(path, SHARE_FILE_LIMIT)?;
+    let data = read_file_capped(path, SHARE_FILE_LIMIT)?;
     decode_share(&data, identities)
+}
+
+/// Reads a file of at most `limit` bytes: one larger is refused by its size before any of
+/// it is read, and the read itself stops after `limit + 1` bytes (a file that grows, a
+/// FIFO, a device).
+pub(crate) fn read_file_capped(path: &Path, limit: usize) -> Result<Zeroizing<Vec<u8>>, EscrowError> {
+    let file = std::fs::File::open(path).map_err(|e| EscrowError::io("open", path, e))?;
+    let meta = file.metadata().map_err(|e| EscrowError::io("read", path, e))?;
+    if meta.is_dir() {
+        return Err(EscrowError::io(
+            "read",
+            path,
+            std::io::Error::new(std::io::ErrorKind::IsADirectory, "it is a directory"),
+        ));
+    }
+    if meta.is_file() && meta.len() > u64::try_from(limit).unwrap_or(u64::MAX) {
+        return Err(EscrowError::FileTooLarge {
+            path: path.to_owned(),
+            limit,
+        });
+    }
+    Ok(fsutil::read_limited(file, path, limit)?)
 }
 
 /// Decodes the content of a share file (decrypted text, or age-encrypted and opened with
@@ -393,16 +519,36 @@ pub fn decode_share(data: &[u8], identities: &ShareIdentities) -> Result<ShareTe
     let encrypted =
         head.starts_with(AGE_MAGIC.as_bytes()) || head.starts_with(AGE_ARMOR_BEGIN.as_bytes());
     if !encrypted {
-        let text = std::str::from_utf8(data).map_err(|_| EscrowError::NotAShare)?;
-        return ShareText::parse(text);
+        return ShareText::parse(share_text_utf8(data)?);
     }
     if identities.is_empty() {
         return Err(EscrowError::StillEncrypted);
     }
     let plaintext = recipient::decrypt_limited(head, &identities.identities, SHARE_TEXT_LIMIT)?
         .ok_or(EscrowError::NotAShare)?;
-    let text = std::str::from_utf8(&plaintext).map_err(|_| EscrowError::NotAShare)?;
-    ShareText::parse(text)
+    ShareText::parse(share_text_utf8(&plaintext)?)
+}
+
+/// The bytes of a share text as UTF-8: bytes that do not start with the share header are
+/// not a share; after it, a byte that is not UTF-8 is named by its line.
+fn share_text_utf8(data: &[u8]) -> Result<&str, EscrowError> {
+    if data.len() > SHARE_TEXT_LIMIT {
+        return Err(EscrowError::ShareTextTooLarge {
+            len: data.len(),
+            limit: SHARE_TEXT_LIMIT,
+        });
+    }
+    std::str::from_utf8(data).map_err(|e| {
+        let valid = &data[..e.valid_up_to()];
+        let body = valid.strip_prefix("\u{feff}".as_bytes()).unwrap_or(valid);
+        if body.starts_with(SHARE_HEADER.as_bytes()) {
+            EscrowError::ShareNotUtf8 {
+                line: body.iter().filter(|b| **b == b'\n').count() + 1,
+            }
+        } else {
+            EscrowError::NotAShare
+        }
+    })
 }
 
 /// The public facts of a share that passed [`verify_share`].

@@ -389,11 +389,11 @@ fn garbage_and_malformed_share_texts_get_named_errors() {
     }
     assert!(matches!(
         err(&set_field(good, "share", "not base64 at all!")),
-        EscrowError::BadShareEncoding
+        EscrowError::BadShareEncoding { .. }
     ));
     assert!(matches!(
         err(&with_share_bytes(good, |b| b.truncate(20))),
-        EscrowError::BadShareLength { len: 20 }
+        EscrowError::BadShareLength { len: 20, .. }
     ));
     assert!(matches!(
         err(&with_share_bytes(good, |b| b.extend_from_slice(&[0; 200]))),
@@ -405,7 +405,7 @@ fn garbage_and_malformed_share_texts_get_named_errors() {
     ));
     assert!(matches!(
         err(&format!("{good}index: 1\n")),
-        EscrowError::DuplicateField { field: "index" }
+        EscrowError::DuplicateField { field: "index", .. }
     ));
     assert!(matches!(
         err(&format!("{good}a line without a colon\n")),
@@ -858,7 +858,7 @@ fn manifest_errors_are_clear() {
     assert!(matches!(
         e,
         EscrowError::ManifestInvalid {
-            problem: ManifestProblem::DuplicateIndex { index: 1 }
+            problem: ManifestProblem::DuplicateIndex { index: 1, .. }
         }
     ));
     let e = Manifest::from_json(&with(&|v| v["custodians"][0]["commitment"] = "xyz".into()))
@@ -992,4 +992,19 @@ fn manifest_parses_from_text_alone_with_typed_errors() {
         e.to_string(),
         "the escrow manifest is not valid: threshold 7 is above the number of shares 5"
     );
+}
+
+#[cfg(unix)]
+#[test]
+fn identity_file_is_never_written_through_a_symlink() {
+    let (tmp, _dir, _h, m, texts) = setup_3_of_5();
+    let id = combine(&m, &parse_all(&texts[..3])).unwrap();
+    let elsewhere = tmp.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    let target = elsewhere.join("stolen.key");
+    let out = tmp.path().join("recovery.key");
+    std::os::unix::fs::symlink(&target, &out).unwrap();
+    assert!(matches!(id.write_identity_file(&out), Err(EscrowError::IdentityFileExists { .. })));
+    assert!(std::fs::symlink_metadata(&target).is_err(), "written through the link");
+    assert!(std::fs::symlink_metadata(&out).unwrap().file_type().is_symlink());
 }

@@ -562,24 +562,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
                         kluis_proto::audit::LineView::Record(r) => r,
                         kluis_proto::audit::LineView::Signature => continue,
                         kluis_proto::audit::LineView::Unreadable(why) => {
-                            writeln!(out, "{:>8} (a line this kmsctl cannot read: {why})", "?").map_err(io)?;
+                            writeln!(out, "{}", kmsctl::output::audit_unreadable_line(&why)).map_err(io)?;
                             continue;
                         }
                     };
-                    {
-                        writeln!(
-                            out,
-                            "{:>8} {} {:<16} {:<18} {:<14} {}{}",
-                            r.seq,
-                            r.time,
-                            r.principal,
-                            r.action,
-                            r.keyring.as_deref().unwrap_or("-"),
-                            r.outcome,
-                            r.key_id.map(|k| format!(" key {k}")).unwrap_or_default()
-                        )
-                        .map_err(io)?;
-                    }
+                    writeln!(out, "{}", kmsctl::output::audit_tail_line(&r)).map_err(io)?;
                 }
             }
             Cmd::Audit(AuditCmd::Export { since }) => {
@@ -632,7 +619,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            eprintln!("kmsctl: error: {}", f.message);
+            eprintln!("kmsctl: error: {}", kmsctl::output::Esc(&f.message));
             ExitCode::from(f.code)
         }
     }

@@ -160,28 +160,12 @@ fn pending_destructions_held(k: &KeyringReport) -> usize {
 // Text
 // ---------------------------------------------------------------------------
 
-/// Characters a client could use to drive the terminal or fake the layout: control
-/// characters (ANSI escapes, CR, newlines that would fake extra lines) and the
-/// bidirectional overrides that reorder what is shown.
-fn unsafe_for_terminal(c: char) -> bool {
-    c.is_control() || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
-}
-
-/// Client-supplied text for a terminal: [`unsafe_for_terminal`] characters are shown
-/// as `\u{..}` escapes.
+/// Client-supplied text for a terminal: control characters (ANSI escapes, CR, newlines
+/// that would fake extra lines), line separators and bidirectional overrides are shown
+/// as `\u{..}` escapes, by the one function every CLI output uses
+/// ([`kms_client::escape::escape`]).
 fn t(s: &str) -> Cow<'_, str> {
-    if !s.chars().any(unsafe_for_terminal) {
-        return Cow::Borrowed(s);
-    }
-    let mut out = String::with_capacity(s.len() + 8);
-    for c in s.chars() {
-        if unsafe_for_terminal(c) {
-            out.extend(c.escape_unicode());
-        } else {
-            out.push(c);
-        }
-    }
-    Cow::Owned(out)
+    kms_client::escape::escape(s)
 }
 
 fn t_opt(s: Option<&str>) -> Cow<'_, str> {
@@ -436,8 +420,19 @@ fn text_destruction(d: &DestructionEntry) -> String {
 // HTML
 // ---------------------------------------------------------------------------
 
-/// Escapes text for HTML element content and quoted attribute values.
+/// Escapes text for HTML element content and quoted attribute values. Control
+/// characters and bidirectional overrides are shown as `\u{..}` escapes first, as in the
+/// text form ([`kms_client::escape::escape`]): they have no place in a page, and the
+/// page may be read in a terminal too.
 pub fn html_escape(s: &str) -> Cow<'_, str> {
+    match kms_client::escape::escape(s) {
+        Cow::Borrowed(s) => html_special(s),
+        Cow::Owned(s) => Cow::Owned(html_special(&s).into_owned()),
+    }
+}
+
+/// `&`, `<`, `>`, `"` and `'` as character references.
+fn html_special(s: &str) -> Cow<'_, str> {
     if !s.contains(['&', '<', '>', '"', '\'']) {
         return Cow::Borrowed(s);
     }
@@ -1328,6 +1323,30 @@ mod tests {
         assert!(html.contains("data-backup-id=\"&lt;script&gt;alert(1)&lt;/script&gt;\""));
         assert_eq!(html_escape("a\"b'c"), "a&quot;b&#39;c");
         assert!(matches!(html_escape("plain-id_1"), Cow::Borrowed(_)));
+    }
+
+    /// A value that clears the screen and then forges an audit-looking line.
+    const FORGED: &str = "b1\u{1b}[2J\n     42 2026-01-01T00:00:00Z officer1 unwrap ok\u{9b}31m\u{2028}";
+
+    #[test]
+    fn every_format_keeps_a_forged_line_and_escape_sequences_off_the_screen() {
+        let mut r = sample();
+        r.keyrings[0].untested_backups[1].backup_id = FORGED.into();
+        r.keyrings[0].deviations[0].detail = FORGED.into();
+        r.pending_approvals[0].requested_by = FORGED.into();
+        r.escrow.custodians.push(FORGED.into());
+        for format in [ReportFormat::Text, ReportFormat::Html] {
+            let out = render(&r, format);
+            assert!(!out.contains('\u{1b}') && !out.contains('\u{9b}') && !out.contains('\u{2028}'), "{format}");
+            assert!(!out.contains("\n     42 "), "{format}: the forged line starts a line of its own");
+            assert!(out.contains("b1\\u{1b}[2J\\u{a}     42 2026-01-01T00:00:00Z officer1 unwrap ok\\u{9b}31m\\u{2028}"), "{format}");
+        }
+        // JSON stays JSON: the value is escaped by serde_json and reads back exactly.
+        let json = render(&r, ReportFormat::Json);
+        assert!(!json.contains('\u{1b}') && !json.contains("\n     42 "));
+        let back: Report = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.keyrings[0].untested_backups[1].backup_id, FORGED);
+        assert_eq!(back, r);
     }
 
     #[test]
