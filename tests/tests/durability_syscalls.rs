@@ -541,11 +541,23 @@ fn without(lines: &[String], drop: impl Fn(&Call) -> bool) -> Vec<String> {
     lines.iter().enumerate().filter(|(i, _)| !gone.contains(i)).map(|(_, l)| l.clone()).collect()
 }
 
-/// The trace with line `from` (a call, or the start of a split call) moved to just before line `to`.
+/// The trace with the call that starts on line `from` moved, whole, to just before the earlier
+/// line `to`. A call that strace split (`<unfinished ...>`, then `<... resumed>`) is joined into
+/// one line first, as strace writes a call that no other thread's line interrupted: moving only
+/// its start could put it before an earlier split call of the same thread, which no real trace
+/// has (one thread is in one call at a time).
 fn moved(lines: &[String], from: usize, to: usize) -> Vec<String> {
+    assert!(to < from, "a call is moved earlier");
+    let call = parse(lines).into_iter().find(|c| c.entry == from).expect("a call starts on that line");
     let mut out = lines.to_vec();
+    if call.exit != from {
+        let head = out[from].strip_suffix(" <unfinished ...>").expect("a split call's start");
+        let result = out[call.exit].split_once(" resumed>").expect("a split call's end").1;
+        out[from] = format!("{head}{result}");
+        out.remove(call.exit);
+    }
     let line = out.remove(from);
-    out.insert(if to > from { to - 1 } else { to }, line);
+    out.insert(to, line);
     out
 }
 
