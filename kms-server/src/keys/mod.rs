@@ -127,7 +127,7 @@ pub enum KeyError {
     DestructionNotPending { id: u64, state: &'static str },
     #[error("no escrow manifest is in force")]
     NoEscrow,
-    #[error("the new master key (generation {generation}) could not be made or opened")]
+    #[error("the new master key (generation {generation}) could not be made or opened: {source}")]
     MasterGeneration { generation: u32, source: MasterError },
 }
 
