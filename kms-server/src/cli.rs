@@ -154,6 +154,7 @@ async fn run(cmd: Cmd, env: Environment) -> Result<(), CliError> {
                 _ => dev::DevMaster::Software,
             };
             let (cfg, created) = dev::prepare(&data_dir, listen, master)?;
+            cfg.check_files()?;
             let keys = startup::open_keys(&cfg, &env)?;
             match dev::bootstrap_keyring(&keys, DEFAULT_KEYRING).await {
                 Ok(_) | Err(KeyError::KeyringExists { .. }) => {}
@@ -181,6 +182,7 @@ async fn run(cmd: Cmd, env: Environment) -> Result<(), CliError> {
         }
         Cmd::Serve { config } => {
             let cfg = ServerConfig::load(&config)?;
+            cfg.check_files()?;
             let keys = startup::open_keys(&cfg, &env)?;
             let listener = server::bind(&cfg).await?;
             let addr = listener.local_addr().map_err(|e| ServerError::Bind { addr: cfg.listen, source: e })?;

@@ -93,21 +93,23 @@ pub async fn serve(
         }
         other => ServerError::Master(other),
     })?;
-    let tls = crate::tls::acceptor(
+    let metrics = Arc::new(Metrics::default());
+    let tls = crate::tls::Tls::new(
         (&cfg.tls.cert, &read(&cfg.tls.cert)?),
         (&cfg.tls.key, &read(&cfg.tls.key)?),
         (&cfg.tls.client_ca, &read(&cfg.tls.client_ca)?),
+        &cfg.auth.crl,
+        metrics.clone(),
     )
     .map_err(ServerError::Tls)?;
     let policy = Arc::new(Policy::new(cfg.grants.clone()));
     policy.set_runtime(&keys.runtime_grants()?);
     let revoked = match &cfg.auth.revoked {
-        Some(p) => Some(RevocationList::load(p)?),
+        Some(p) => Some(RevocationList::load(p)?.with_metrics(metrics.clone())),
         None => None,
     };
     let authn = Arc::new(Authenticator::new(cfg.auth.identity, revoked));
     let health_service = HealthServer::new(HealthService::new(keys.master().clone()));
-    let metrics = Arc::new(Metrics::default());
     if let Some(l) = metrics_listener {
         tokio::spawn(crate::metrics::serve(l, metrics.clone(), keys.master().clone()));
     }
@@ -130,7 +132,12 @@ pub async fn serve(
 
     // TLS is done by our own listener (crate::tls), so a refused client certificate
     // reaches the client as an alert rather than a reset.
-    let (incoming, _accepting) = crate::tls::incoming(listener, tls);
+    let limits = crate::tls::Limits {
+        handshake_timeout: cfg.limits.handshake_timeout(),
+        idle_timeout: cfg.limits.idle_timeout(),
+        max_connections: cfg.limits.max_connections,
+    };
+    let (incoming, _accepting) = crate::tls::incoming(listener, Arc::new(tls), limits);
     Server::builder()
         .add_service(health_service)
         .add_service(reflection)
