@@ -29,7 +29,7 @@ pub enum ConfigError {
     Parse { path: PathBuf, line: Option<usize>, column: Option<usize>, field: String, message: String },
     #[error("config file {path}: [limits] {field} must be at least 1")]
     Limit { path: PathBuf, field: &'static str },
-    #[error("{role} file {path} is missing or unreadable: {source}")]
+    #[error("{role} file {path} could not be read: {source}")]
     File { role: &'static str, path: PathBuf, source: std::io::Error },
     #[error("config file {path} has version {found}; this kms-server understands version {CONFIG_VERSION}")]
     Version { path: PathBuf, found: u32 },

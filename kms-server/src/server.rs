@@ -79,14 +79,17 @@ async fn maintenance_loop(keys: Arc<KeyManager>, interval: std::time::Duration) 
     }
 }
 
-/// Serves until `shutdown` resolves.
-pub async fn serve(
-    cfg: &ServerConfig,
-    keys: Arc<KeyManager>,
-    listener: tokio::net::TcpListener,
-    metrics_listener: Option<tokio::net::TcpListener>,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), ServerError> {
+/// The TLS listener's configuration, checked before the server announces itself, and
+/// the metrics it counts into.
+pub struct Prepared {
+    tls: crate::tls::Tls,
+    metrics: Arc<Metrics>,
+    revoked: Option<RevocationList>,
+}
+
+/// Reads the TLS certificate, key, client CA, CRLs and the revocation list; any problem
+/// is an error naming the file.
+pub fn prepare(cfg: &ServerConfig) -> Result<Prepared, ServerError> {
     check_key_file_permissions(&cfg.tls.key).map_err(|e| match e {
         MasterError::KeyFilePermissions { path, mode } => {
             ServerError::TlsFile { path, source: std::io::Error::other(format!("TLS key readable by group or others (mode {mode:o}); run chmod 600")) }
@@ -102,12 +105,25 @@ pub async fn serve(
         metrics.clone(),
     )
     .map_err(ServerError::Tls)?;
-    let policy = Arc::new(Policy::new(cfg.grants.clone()));
-    policy.set_runtime(&keys.runtime_grants()?);
     let revoked = match &cfg.auth.revoked {
         Some(p) => Some(RevocationList::load(p)?.with_metrics(metrics.clone())),
         None => None,
     };
+    Ok(Prepared { tls, metrics, revoked })
+}
+
+/// Serves until `shutdown` resolves.
+pub async fn serve(
+    cfg: &ServerConfig,
+    keys: Arc<KeyManager>,
+    listener: tokio::net::TcpListener,
+    metrics_listener: Option<tokio::net::TcpListener>,
+    prepared: Prepared,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let Prepared { tls, metrics, revoked } = prepared;
+    let policy = Arc::new(Policy::new(cfg.grants.clone()));
+    policy.set_runtime(&keys.runtime_grants()?);
     let authn = Arc::new(Authenticator::new(cfg.auth.identity, revoked));
     let health_service = HealthServer::new(HealthService::new(keys.master().clone()));
     if let Some(l) = metrics_listener {
