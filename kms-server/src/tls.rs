@@ -360,7 +360,7 @@ pub fn incoming(listener: TcpListener, tls: Arc<Tls>, limits: Limits) -> (Receiv
                 match tokio::time::timeout(limits.handshake_timeout, &mut handshake).await {
                     Ok(Ok(tls)) => {
                         let deadline = Box::pin(tokio::time::sleep(limits.idle_timeout));
-                        let conn = Conn { inner: tls, idle: limits.idle_timeout, deadline, slot: slot };
+                        let conn = Conn { inner: tls, idle: limits.idle_timeout, deadline, slot };
                         let _ = tx.send(Ok(conn)).await;
                     }
                     Ok(Err((e, tcp))) => {
