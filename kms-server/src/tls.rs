@@ -128,8 +128,9 @@ fn stamps(paths: &[PathBuf]) -> Stamps {
 
 /// The server's TLS configuration, rebuilt when a CRL file changes.
 pub struct Tls {
-    certs: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
+    /// The server's certificate and signing key, as rustls holds them (the raw key
+    /// bytes are not kept).
+    resolver: Arc<dyn rustls::server::ResolvesServerCert>,
     roots: Arc<RootCertStore>,
     crl_paths: Vec<PathBuf>,
     current: Mutex<(Stamps, TlsAcceptor)>,
@@ -163,8 +164,12 @@ impl Tls {
         for p in crls {
             all.extend(load_crl_file(p, &roots)?);
         }
-        let acceptor = build(&certs, &key, &roots, all)?;
-        Ok(Self { certs, key, roots, crl_paths: crls.to_vec(), current: Mutex::new((stamp, acceptor)), metrics })
+        let first = rustls::ServerConfig::builder()
+            .with_client_cert_verifier(verifier(&roots, all)?)
+            .with_single_cert(certs, key)?;
+        let resolver = first.cert_resolver.clone();
+        let acceptor = h2_acceptor(first);
+        Ok(Self { resolver, roots, crl_paths: crls.to_vec(), current: Mutex::new((stamp, acceptor)), metrics })
     }
 
     /// The acceptor for a new connection: rebuilt first if a CRL file changed. A file
@@ -181,10 +186,11 @@ impl Tls {
         if now != cur.0 {
             cur.0 = now;
             let loaded: Result<Vec<_>, _> = self.crl_paths.iter().map(|p| load_crl_file(p, &self.roots)).collect();
-            match loaded.and_then(|crls| build(&self.certs, &self.key, &self.roots, crls.into_iter().flatten().collect())) {
-                Ok(fresh) => {
+            match loaded.and_then(|crls| verifier(&self.roots, crls.into_iter().flatten().collect())) {
+                Ok(v) => {
                     tracing::info!(files = self.crl_paths.len(), "CRLs reloaded");
-                    cur.1 = fresh;
+                    let config = rustls::ServerConfig::builder().with_client_cert_verifier(v).with_cert_resolver(self.resolver.clone());
+                    cur.1 = h2_acceptor(config);
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "CRLs not reloaded; keeping the previous ones");
@@ -196,19 +202,20 @@ impl Tls {
     }
 }
 
-fn build(
-    certs: &[CertificateDer<'static>],
-    key: &PrivateKeyDer<'static>,
+/// Client certificates required, from `roots`, not revoked by `crls`.
+fn verifier(
     roots: &Arc<RootCertStore>,
     crls: Vec<CertificateRevocationListDer<'static>>,
-) -> Result<TlsAcceptor, TlsSetupError> {
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsSetupError> {
     // A CA without a configured CRL has nothing to check against: its certificates
     // pass on the CA alone (and the fingerprint list), as without any CRL.
-    let verifier = WebPkiClientVerifier::builder(roots.clone()).with_crls(crls).allow_unknown_revocation_status().build()?;
-    let mut config =
-        rustls::ServerConfig::builder().with_client_cert_verifier(verifier).with_single_cert(certs.to_vec(), key.clone_key())?;
+    Ok(WebPkiClientVerifier::builder(roots.clone()).with_crls(crls).allow_unknown_revocation_status().build()?)
+}
+
+/// HTTP/2 by ALPN (what tonic's `ServerTlsConfig` set up).
+fn h2_acceptor(mut config: rustls::ServerConfig) -> TlsAcceptor {
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    TlsAcceptor::from(Arc::new(config))
 }
 
 /// Accepts on `listener` until dropped; yields the connections whose handshake succeeded.
