@@ -290,7 +290,8 @@ impl std::fmt::Display for Notice {
             self.cause,
             self.delay.as_secs_f64(),
             self.attempt,
-            self.left.as_secs()
+            // Rounded up: "0 s left" would read as if nothing were left.
+            self.left.as_secs() + u64::from(self.left.subsec_nanos() > 0)
         )
     }
 }
@@ -501,9 +502,9 @@ mod tests {
         let lines: Vec<String> = notices.iter().map(ToString::to_string).collect();
         assert_eq!(lines, [
             "kluis: server unavailable (connection refused), retrying in 0.1 s (attempt 2, 60 s left)",
-            "kluis: server unavailable (connection refused), retrying in 0.1 s (attempt 3, 59 s left)",
-            "kluis: server unavailable (connection reset), retrying in 0.2 s (attempt 4, 59 s left)",
-            "kluis: server unavailable (connection refused), retrying in 0.4 s (attempt 5, 59 s left)",
+            "kluis: server unavailable (connection refused), retrying in 0.1 s (attempt 3, 60 s left)",
+            "kluis: server unavailable (connection reset), retrying in 0.2 s (attempt 4, 60 s left)",
+            "kluis: server unavailable (connection refused), retrying in 0.4 s (attempt 5, 60 s left)",
         ]);
     }
 
