@@ -55,7 +55,7 @@ pub enum ClientError {
     #[error("the server's answer is malformed: {what}")]
     BadResponse { what: &'static str },
     /// The server stayed unavailable until the retry deadline (`[retry] deadline_secs`).
-    #[error("gave up after {attempts} attempts in {:.1} s (retry.deadline_secs in the client config); the last failure ({cause}): {last}", .elapsed.as_secs_f64())]
+    #[error("the Kluis server stayed unavailable: gave up after {attempts} attempts in {:.1} s (retry.deadline_secs in the client config); the last failure ({cause}): {last}", .elapsed.as_secs_f64())]
     GaveUp { attempts: u32, elapsed: std::time::Duration, cause: Cause, last: Box<ClientError> },
 }
 
