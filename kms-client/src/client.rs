@@ -631,6 +631,22 @@ impl KmsClient {
         Ok(lines)
     }
 
+    /// The audit trail as it streams in: `line` is called with each JSON line as it
+    /// arrives (nothing is held whole in memory); an error from `line` stops the export.
+    pub async fn export_audit_each<E: From<ClientError>>(
+        &self,
+        since: Option<&str>,
+        tail: u64,
+        mut line: impl FnMut(String) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let req = pb::ExportAuditRequest { since: since.unwrap_or_default().to_owned(), tail };
+        let mut stream = self.audit.clone().export_audit(req).await.map_err(|s| self.status(s))?.into_inner();
+        while let Some(l) = stream.message().await.map_err(|s| self.status(s))? {
+            line(l.json)?;
+        }
+        Ok(())
+    }
+
     /// The server's Ed25519 audit public key (32 bytes).
     pub async fn audit_public_key(&self) -> Result<Vec<u8>, ClientError> {
         let r = self

@@ -29,12 +29,20 @@ pub struct Metrics {
     issued: AtomicU64,
     unwrapped: AtomicU64,
     audit_failures: AtomicU64,
+    /// Integrity alarms of the audit trail (shared with the audit chain).
+    audit_alarms: Arc<AtomicU64>,
+    /// Anchor lines that could not be written (shared with the audit chain).
+    anchor_failures: Arc<AtomicU64>,
     refusals: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     errors: Mutex<BTreeMap<(&'static str, String), u64>>,
     latency: Mutex<BTreeMap<&'static str, Histogram>>,
 }
 
 impl Metrics {
+    /// Metrics that report the audit chain's integrity alarms and anchor failures.
+    pub fn with_audit_counters((alarms, anchor_failures): (Arc<AtomicU64>, Arc<AtomicU64>)) -> Self {
+        Self { audit_alarms: alarms, anchor_failures, ..Self::default() }
+    }
     pub fn issued(&self) {
         self.issued.fetch_add(1, Ordering::Relaxed);
     }
@@ -78,6 +86,12 @@ impl Metrics {
         let _ = writeln!(o, "# HELP kluis_audit_write_failures_total Requests refused because the audit trail could not be written.");
         let _ = writeln!(o, "# TYPE kluis_audit_write_failures_total counter");
         let _ = writeln!(o, "kluis_audit_write_failures_total {}", self.audit_failures.load(Ordering::Relaxed));
+        let _ = writeln!(o, "# HELP kluis_audit_integrity_alarms_total Times the stored audit trail did not verify (nothing was signed over it).");
+        let _ = writeln!(o, "# TYPE kluis_audit_integrity_alarms_total counter");
+        let _ = writeln!(o, "kluis_audit_integrity_alarms_total {}", self.audit_alarms.load(Ordering::Relaxed));
+        let _ = writeln!(o, "# HELP kluis_audit_anchor_failures_total Checkpoints or heads that could not be written to an anchor.");
+        let _ = writeln!(o, "# TYPE kluis_audit_anchor_failures_total counter");
+        let _ = writeln!(o, "kluis_audit_anchor_failures_total {}", self.anchor_failures.load(Ordering::Relaxed));
         let _ = writeln!(o, "# HELP kluis_master_key_up Whether the master-key provider (HSM token) answers.");
         let _ = writeln!(o, "# TYPE kluis_master_key_up gauge");
         let _ = writeln!(o, "kluis_master_key_up {}", u8::from(master_healthy));
