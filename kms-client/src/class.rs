@@ -71,8 +71,10 @@ impl ErrorClass {
             | Reason::GrantNotFound
             | Reason::NoEscrow
             | Reason::EscrowRecipientChange => ErrorClass::Refused,
-            Reason::WrappedKeyNotAuthentic | Reason::KeyringMismatch => ErrorClass::Integrity,
-            Reason::AuditUnavailable | Reason::MasterKeyUnavailable | Reason::StoreUnavailable => ErrorClass::Unavailable,
+            Reason::WrappedKeyNotAuthentic | Reason::KeyringMismatch | Reason::AuditTampered => ErrorClass::Integrity,
+            Reason::AuditUnavailable | Reason::MasterKeyUnavailable | Reason::StoreUnavailable | Reason::AuditExportBusy => {
+                ErrorClass::Unavailable
+            }
             Reason::InvalidArgument | Reason::EscrowManifestInvalid | Reason::KeyringExists | Reason::Internal => {
                 ErrorClass::Other
             }
@@ -122,8 +124,10 @@ mod tests {
     fn every_reason_has_the_class_of_its_meaning() {
         for &r in Reason::ALL {
             let want = match r {
-                Reason::WrappedKeyNotAuthentic | Reason::KeyringMismatch => ErrorClass::Integrity,
-                Reason::AuditUnavailable | Reason::MasterKeyUnavailable | Reason::StoreUnavailable => ErrorClass::Unavailable,
+                Reason::WrappedKeyNotAuthentic | Reason::KeyringMismatch | Reason::AuditTampered => ErrorClass::Integrity,
+                Reason::AuditUnavailable | Reason::MasterKeyUnavailable | Reason::StoreUnavailable | Reason::AuditExportBusy => {
+                    ErrorClass::Unavailable
+                }
                 Reason::InvalidArgument | Reason::EscrowManifestInvalid | Reason::KeyringExists | Reason::Internal => {
                     ErrorClass::Other
                 }

@@ -678,6 +678,25 @@ impl KmsClient {
         .await
     }
 
+    /// The audit trail as it streams in: `line` is called with each JSON line as it
+    /// arrives (nothing is held whole in memory); an error from `line` stops the export.
+    pub async fn export_audit_each<E: From<ClientError>>(
+        &self,
+        since: Option<&str>,
+        tail: u64,
+        mut line: impl FnMut(String) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let req = pb::ExportAuditRequest { since: since.unwrap_or_default().to_owned(), tail };
+        // Opening the stream goes through the retry loop; once lines have been handed to `line`,
+        // a stream cut short is an error (it cannot be read again from the start here).
+        let mut stream = call!(self, Rpc::ExportAudit, audit.export_audit(req))?.into_inner();
+        let endpoint = self.endpoint.as_str();
+        while let Some(l) = stream.message().await.map_err(|s| ClientError::from_status(endpoint, s))? {
+            line(l.json)?;
+        }
+        Ok(())
+    }
+
     /// The server's Ed25519 audit public key (32 bytes).
     pub async fn audit_public_key(&self) -> Result<Vec<u8>, ClientError> {
         let r = call!(self, Rpc::GetAuditPublicKey, audit.get_audit_public_key(pb::GetAuditPublicKeyRequest {}))?;

@@ -28,7 +28,13 @@ pub struct Api {
     policy: Arc<Policy>,
     authn: Arc<Authenticator>,
     metrics: Arc<Metrics>,
+    /// Audit exports running at once (`[audit] max_concurrent_exports`).
+    exports: Arc<tokio::sync::Semaphore>,
 }
+
+/// Export lines buffered between the store reader and the client: with the store read a
+/// page (at most 4096 records) at a time, what one export holds in memory is bounded.
+const EXPORT_BUFFER: usize = 256;
 
 /// The audit entry of one request, filled in as the handler learns more.
 struct Ev {
@@ -70,7 +76,14 @@ fn outcome_of(s: &Status) -> Outcome {
 
 impl Api {
     pub fn new(keys: Arc<KeyManager>, policy: Arc<Policy>, authn: Arc<Authenticator>, metrics: Arc<Metrics>) -> Self {
-        Self { keys, policy, authn, metrics }
+        let exports = Arc::new(tokio::sync::Semaphore::new(crate::config::DEFAULT_MAX_CONCURRENT_EXPORTS));
+        Self { keys, policy, authn, metrics, exports }
+    }
+
+    /// At most `n` audit exports at once; more are refused (RESOURCE_EXHAUSTED).
+    pub fn with_max_concurrent_exports(mut self, n: usize) -> Self {
+        self.exports = Arc::new(tokio::sync::Semaphore::new(n.max(1)));
+        self
     }
 
     /// The audit entry of a new request (also times it for the latency metric).
@@ -273,6 +286,7 @@ fn key_code_reason(e: &KeyError) -> (tonic::Code, kluis_proto::error::Reason) {
         KeyError::NotCovered => (Code::PermissionDenied, Reason::PermissionDenied),
         KeyError::Master(MasterError::Unavailable(_)) => (Code::Unavailable, Reason::MasterKeyUnavailable),
         KeyError::Store(StoreError::WriterGone) => (Code::Unavailable, Reason::StoreUnavailable),
+        KeyError::Audit(crate::audit::AuditError::Tampered(_)) => (Code::DataLoss, Reason::AuditTampered),
         KeyError::Master(_)
         | KeyError::Store(_)
         | KeyError::MasterMismatch { .. }
@@ -696,18 +710,35 @@ impl pb::admin_service_server::AdminService for Api {
 
 #[tonic::async_trait]
 impl pb::audit_service_server::AuditService for Api {
-    type ExportAuditStream = tokio_stream::Iter<std::vec::IntoIter<Result<pb::AuditLine, Status>>>;
+    type ExportAuditStream = tokio_stream::wrappers::ReceiverStream<Result<pb::AuditLine, Status>>;
 
     #[instrument(skip_all, fields(principal))]
     async fn export_audit(&self, req: Request<pb::ExportAuditRequest>) -> Result<Response<Self::ExportAuditStream>, Status> {
         let (r, mut ev) = self.valid(&req, Action::ExportAudit).await?;
         let auth = self.authorize(&req, &mut ev).await?;
+        let Ok(permit) = self.exports.clone().try_acquire_owned() else {
+            let status = kluis_proto::error::status(
+                tonic::Code::ResourceExhausted,
+                "too many audit exports are running at once; try again when one has finished",
+                kluis_proto::error::Reason::AuditExportBusy,
+            );
+            return Err(self.fail(&ev, status).await);
+        };
+        if let Err(e) = self.keys.audit_export_allowed(&auth) {
+            return Err(self.fail(&ev, key_status(e)).await);
+        }
         // The export is itself audited first, so it appears in the trail it returns.
         self.done(&ev).await?;
-        let since = r.since.as_deref();
-        let lines = self.keys.audit_export(&auth, since, r.tail).map_err(key_status)?;
-        let items: Vec<Result<pb::AuditLine, Status>> = lines.into_iter().map(|json| Ok(pb::AuditLine { json })).collect();
-        Ok(Response::new(tokio_stream::iter(items)))
+        let (tx, rx) = tokio::sync::mpsc::channel(EXPORT_BUFFER);
+        let keys = self.keys.clone();
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let sent = keys.audit_export(&auth, r.since.as_deref(), r.tail, |json| tx.blocking_send(Ok(pb::AuditLine { json })).is_ok());
+            if let Err(e) = sent {
+                let _ = tx.blocking_send(Err(key_status(e)));
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
 
     #[instrument(skip_all, fields(principal))]

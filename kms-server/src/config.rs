@@ -93,6 +93,35 @@ pub struct ServerConfig {
     /// Who may do what on which keyrings. Anything not granted is refused.
     #[serde(default, rename = "grant")]
     pub grants: Vec<Grant>,
+    /// `[audit]`: exports and anchors of the audit trail.
+    #[serde(default, skip_serializing_if = "AuditConfig::is_default")]
+    pub audit: AuditConfig,
+}
+
+/// Audit exports running at once unless `[audit] max_concurrent_exports` says otherwise.
+pub const DEFAULT_MAX_CONCURRENT_EXPORTS: usize = 4;
+
+/// `[audit]`: how many exports may run at once, and where checkpoints and heads are anchored.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Where every checkpoint and export head also goes: `file:PATH` (appended, synced),
+    /// `syslog` (`/dev/log`), `syslog:unix:PATH`, `syslog:udp:HOST:PORT`, `syslog:tcp:HOST:PORT`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub anchors: Vec<String>,
+    /// Audit exports running at once (default 4); more are refused with AUDIT_EXPORT_BUSY.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_exports: Option<usize>,
+}
+
+impl AuditConfig {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
+    pub fn max_concurrent_exports(&self) -> usize {
+        self.max_concurrent_exports.unwrap_or(DEFAULT_MAX_CONCURRENT_EXPORTS).max(1)
+    }
 }
 
 /// `[auth]`: identity mapping and revocation.

@@ -6,13 +6,16 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::master::MasterKeyProvider;
+
+/// The audit chain's (integrity alarms, anchor failures) counters.
+pub type AuditCounters = (Arc<AtomicU64>, Arc<AtomicU64>);
 
 /// Latency bucket upper bounds, seconds.
 const BUCKETS: [f64; 12] = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
@@ -34,12 +37,20 @@ pub struct Metrics {
     handshake_timeouts: AtomicU64,
     over_cap: AtomicU64,
     idle_closed: AtomicU64,
+    /// The audit chain's integrity alarms and anchor failures: counters the chain owns, attached
+    /// once the key manager is open (the listener's metrics are made before it).
+    audit: OnceLock<AuditCounters>,
     refusals: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     errors: Mutex<BTreeMap<(&'static str, String), u64>>,
     latency: Mutex<BTreeMap<&'static str, Histogram>>,
 }
 
 impl Metrics {
+    /// Reports the audit chain's integrity alarms and anchor failures from now on (the first
+    /// call counts; both read 0 before it).
+    pub fn attach_audit_counters(&self, counters: AuditCounters) {
+        let _ = self.audit.set(counters);
+    }
     pub fn issued(&self) {
         self.issued.fetch_add(1, Ordering::Relaxed);
     }
@@ -121,6 +132,12 @@ impl Metrics {
         let _ = writeln!(o, "# HELP kluis_connections_idle_closed_total Connections closed after the idle timeout.");
         let _ = writeln!(o, "# TYPE kluis_connections_idle_closed_total counter");
         let _ = writeln!(o, "kluis_connections_idle_closed_total {}", self.idle_closed.load(Ordering::Relaxed));
+        let _ = writeln!(o, "# HELP kluis_audit_integrity_alarms_total Times the stored audit trail did not verify (nothing was signed over it).");
+        let _ = writeln!(o, "# TYPE kluis_audit_integrity_alarms_total counter");
+        let _ = writeln!(o, "kluis_audit_integrity_alarms_total {}", self.audit.get().map_or(0, |(alarms, _)| alarms.load(Ordering::Relaxed)));
+        let _ = writeln!(o, "# HELP kluis_audit_anchor_failures_total Checkpoints or heads that could not be written to an anchor.");
+        let _ = writeln!(o, "# TYPE kluis_audit_anchor_failures_total counter");
+        let _ = writeln!(o, "kluis_audit_anchor_failures_total {}", self.audit.get().map_or(0, |(_, failures)| failures.load(Ordering::Relaxed)));
         let _ = writeln!(o, "# HELP kluis_master_key_up Whether the master-key provider (HSM token) answers.");
         let _ = writeln!(o, "# TYPE kluis_master_key_up gauge");
         let _ = writeln!(o, "kluis_master_key_up {}", u8::from(master_healthy));

@@ -126,6 +126,7 @@ pub async fn serve(
     policy.set_runtime(&keys.runtime_grants()?);
     let authn = Arc::new(Authenticator::new(cfg.auth.identity, revoked));
     let health_service = HealthServer::new(HealthService::new(keys.master().clone()));
+    metrics.attach_audit_counters(keys.audit_counters());
     if let Some(l) = metrics_listener {
         tokio::spawn(crate::metrics::serve(l, metrics.clone(), keys.master().clone()));
     }
@@ -136,7 +137,7 @@ pub async fn serve(
     }
     let interval = std::time::Duration::from_secs(cfg.maintenance_interval_secs.unwrap_or(60).max(1));
     tokio::spawn(maintenance_loop(keys.clone(), interval));
-    let api = Api::new(keys, policy, authn, metrics);
+    let api = Api::new(keys, policy, authn, metrics).with_max_concurrent_exports(cfg.audit.max_concurrent_exports());
     // Reflection v1 and the older v1alpha (still what many grpcurl builds ask for).
     let reflection_builder = || {
         tonic_reflection::server::Builder::configure()

@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use kms_server::audit::{AuditChain, AuditEvent, sign_checkpoint};
+use kms_server::audit::{AuditChain, AuditEvent};
 use kms_server::keys::registry::{Registry, WriteOp};
 use kms_server::model::{DataKeyRecord, KeyState};
 use kms_server::store::redb::{FORMAT, FORMAT_META, RedbStore};
@@ -146,7 +146,8 @@ fn a_format_1_store_keeps_its_json_records_and_the_chain_continues_compactly() {
         text += &serde_json::to_string(&ExportLine::Record(r.clone())).unwrap();
         text.push('\n');
     }
-    let head = ExportLine::Head { head: sign_checkpoint(&key, 6, &page[5].hash) };
+    let head = kluis_proto::audit::sign(&key, kluis_proto::audit::SigKind::Head, 6, &page[5].hash, kluis_proto::audit::GENESIS);
+    let head = ExportLine::Head { head };
     text += &serde_json::to_string(&head).unwrap();
     use ring::signature::KeyPair;
     let v = verify_export(&text, key.public_key().as_ref()).unwrap();

@@ -108,6 +108,11 @@ reasons! {
     KeyringExists = "KEYRING_EXISTS",
     /// The audit entry could not be written, so nothing was done (fail closed).
     AuditUnavailable = "AUDIT_UNAVAILABLE",
+    /// The stored audit trail does not verify (an integrity alarm): the server signs
+    /// nothing over it and gives out no export.
+    AuditTampered = "AUDIT_TAMPERED",
+    /// Too many audit exports are running at once; try again later.
+    AuditExportBusy = "AUDIT_EXPORT_BUSY",
     /// The master-key provider (key file, HSM) cannot be used right now.
     MasterKeyUnavailable = "MASTER_KEY_UNAVAILABLE",
     /// The store is not taking writes (the server is stopping or failed).

@@ -108,11 +108,16 @@ enum AuditCmd {
         #[arg(short = 'n', long, default_value_t = 20)]
         lines: u64,
     },
-    /// The trail as JSON lines with signed checkpoints and head: `kmsctl audit export > audit.jsonl`.
+    /// The trail as JSON lines with signed checkpoints and head: `kmsctl audit export -o audit.jsonl`.
     Export {
-        /// Only entries at or after this time (RFC 3339, e.g. 2026-11-01T00:00:00Z).
+        /// Only entries at or after this time (RFC 3339, e.g. 2026-11-01T00:00:00Z). A partial
+        /// export: verify says which entries it proves.
         #[arg(long)]
         since: Option<String>,
+        /// Write here (written as it arrives to a temporary file, synced, then renamed; nothing
+        /// is left if the export fails) instead of standard output.
+        #[arg(short = 'o', long = "out", value_name = "FILE")]
+        out: Option<PathBuf>,
     },
     /// The server's audit public key: `kmsctl audit public-key > audit.pub`.
     PublicKey,
@@ -123,6 +128,14 @@ enum AuditCmd {
         /// The audit public key file (from `kmsctl audit public-key`); without it the key is fetched from the server.
         #[arg(long)]
         public_key: Option<PathBuf>,
+        /// An earlier export (verified too): this one must continue it (contain its head's
+        /// entry, unchanged).
+        #[arg(long, value_name = "FILE")]
+        since_head: Option<PathBuf>,
+        /// Checkpoints and heads the server anchored outside itself (its anchor file, or
+        /// syslog/journal lines): each one within the export must match it, none beyond its end.
+        #[arg(long, value_name = "FILE")]
+        anchors: Option<PathBuf>,
     },
 }
 
@@ -360,9 +373,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
         writeln!(out, "certificate: {}\nkey:         {}", issued.cert.display(), issued.key.display()).map_err(io)?;
         return Ok(());
     }
-    if let Cmd::Audit(AuditCmd::Verify { file, public_key: Some(key_file) }) = &cli.cmd {
+    if let Cmd::Audit(AuditCmd::Verify { file, public_key: Some(key_file), since_head, anchors }) = &cli.cmd {
         let key = read_public_key(key_file)?;
-        return verify_audit(&mut out, file, &key);
+        return verify_audit(&mut out, file, &key, since_head.as_deref(), anchors.as_deref());
     }
     let cfg = ClientConfig::from_arg_or_env(cli.client_config.as_deref()).map_err(|e| fail(e.to_string()))?;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -569,19 +582,37 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     writeln!(out, "{}", kmsctl::output::audit_tail_line(&r)).map_err(io)?;
                 }
             }
-            Cmd::Audit(AuditCmd::Export { since }) => {
-                for l in client.export_audit(since.as_deref(), 0).await? {
-                    writeln!(out, "{l}").map_err(io)?;
+            Cmd::Audit(AuditCmd::Export { since, out: Some(path) }) => {
+                let dir = match path.parent() {
+                    Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                    _ => PathBuf::from("."),
+                };
+                let what = |e: std::io::Error| fail(format!("cannot write {}: {e}", path.display()));
+                let tmp = tempfile::NamedTempFile::new_in(&dir).map_err(what)?;
+                {
+                    let mut w = std::io::BufWriter::new(tmp.as_file());
+                    client
+                        .export_audit_each(since.as_deref(), 0, |l| writeln!(w, "{l}").map_err(what))
+                        .await?;
+                    w.flush().map_err(what)?;
                 }
+                tmp.as_file().sync_all().map_err(what)?;
+                tmp.persist(&path).map_err(|e| what(e.error))?;
+                if let Ok(d) = std::fs::File::open(&dir) {
+                    d.sync_all().map_err(what)?;
+                }
+            }
+            Cmd::Audit(AuditCmd::Export { since, out: None }) => {
+                client.export_audit_each(since.as_deref(), 0, |l| writeln!(out, "{l}").map_err(io)).await?;
             }
             Cmd::Audit(AuditCmd::PublicKey) => {
                 let key = client.audit_public_key().await?;
                 writeln!(out, "# Kluis audit public key (Ed25519), for kmsctl audit verify --public-key\n{}", hex::encode(key))
                     .map_err(io)?;
             }
-            Cmd::Audit(AuditCmd::Verify { file, public_key: _ }) => {
+            Cmd::Audit(AuditCmd::Verify { file, public_key: _, since_head, anchors }) => {
                 let key = client.audit_public_key().await?;
-                verify_audit(&mut out, &file, &key)?;
+                verify_audit(&mut out, &file, &key, since_head.as_deref(), anchors.as_deref())?;
             }
             Cmd::Escrow(EscrowCmd::Offline(_)) | Cmd::Cert(_) => {}
         }
@@ -598,20 +629,53 @@ fn read_public_key(path: &std::path::Path) -> Result<Vec<u8>, Failure> {
     }
 }
 
-fn verify_audit(out: &mut dyn Write, file: &std::path::Path, key: &[u8]) -> Result<(), Failure> {
-    let text = std::fs::read_to_string(file).map_err(|e| fail(format!("cannot read {}: {e}", file.display())))?;
-    match kluis_proto::audit::verify_export(&text, key) {
-        Ok(v) => {
-            writeln!(
-                out,
-                "audit trail intact: entries {}..{} ({} entries, {} signed checkpoints, signed head)",
-                v.first_seq, v.last_seq, v.records, v.checkpoints
-            )
-            .map_err(|e| fail(e.to_string()))?;
-            Ok(())
-        }
-        Err(e) => Err(Failure { code: ErrorClass::Integrity.exit_code(), message: format!("audit trail NOT intact: {e}") }),
+fn verify_audit(
+    out: &mut dyn Write,
+    file: &std::path::Path,
+    key: &[u8],
+    since_head: Option<&std::path::Path>,
+    anchors: Option<&std::path::Path>,
+) -> Result<(), Failure> {
+    use kluis_proto::audit::{Anchors, Verifier};
+    let open = |p: &std::path::Path| {
+        std::fs::File::open(p).map(std::io::BufReader::new).map_err(|e| fail(format!("cannot read {}: {e}", p.display())))
+    };
+    let broken = |what: String| Failure { code: ErrorClass::Integrity.exit_code(), message: format!("audit trail NOT intact: {what}") };
+    let mut verifier = Verifier::new(key);
+    let mut earlier = None;
+    if let Some(p) = since_head {
+        let v = Verifier::new(key).read(open(p)?).map_err(|e| broken(format!("the earlier export {}: {e}", p.display())))?;
+        verifier = verifier.since_head(v.head.clone());
+        earlier = Some(v);
     }
+    if let Some(p) = anchors {
+        let a = Anchors::read(open(p)?, key).map_err(|e| broken(format!("{}: {e}", p.display())))?;
+        if a.is_empty() {
+            return Err(fail(format!("{} holds no anchored checkpoint or head", p.display())));
+        }
+        verifier = verifier.with_anchors(a);
+    }
+    let v = verifier.read(open(file)?).map_err(|e| broken(e.to_string()))?;
+    let io = |e: std::io::Error| fail(e.to_string());
+    match (&earlier, v.continues) {
+        (Some(e), Some(seq)) if e.whole() => writeln!(
+            out,
+            "audit trail intact: entries 1..{last} (entries 1..{seq} by the earlier export, {first}..{last} by this one, which continues it: {} entries, {} signed checkpoints, signed head)",
+            v.records,
+            v.checkpoints,
+            last = v.last_seq,
+            first = v.first_seq,
+        )
+        .map_err(io)?,
+        (Some(e), Some(seq)) => writeln!(
+            out,
+            "{v}; continues the earlier export at entry {seq} (which itself proves only entries {}..{seq})",
+            e.first_seq
+        )
+        .map_err(io)?,
+        _ => writeln!(out, "{v}").map_err(io)?,
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {

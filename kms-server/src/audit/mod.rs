@@ -5,11 +5,15 @@
 //! that appends, so numbering and linking follow commit order and a group that does not
 //! commit leaves no trace in the chain.
 
+pub mod anchor;
+pub mod integrity;
 mod record;
 
-use std::sync::{Arc, RwLock};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
-use kluis_proto::audit::{AuditRecord, CHECKPOINT_EVERY, Checkpoint, GENESIS};
+use kluis_proto::audit::{AuditRecord, CHECKPOINT_EVERY, Checkpoint, GENESIS, SigKind, prev_checkpoint_seq};
 use serde::{Deserialize, Serialize};
 
 use crate::model::Outcome;
@@ -34,6 +38,8 @@ pub enum AuditError {
     CheckpointEncode(#[source] serde_json::Error),
     #[error("the audit signing key is not available (its lock was poisoned)")]
     SignerPoisoned,
+    #[error("the stored audit trail does not verify, so nothing is signed over it: {0}")]
+    Tampered(#[from] integrity::IntegrityError),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -71,10 +77,21 @@ impl AuditEvent {
 }
 
 /// Links audit entries into the hash chain and signs a checkpoint every
-/// [`CHECKPOINT_EVERY`] entries, once the signing key is set.
+/// [`CHECKPOINT_EVERY`] entries, once the signing key is set and the stored history
+/// checked ([`integrity`]); never after an integrity alarm.
 #[derive(Default)]
 pub struct AuditChain {
     signer: RwLock<Option<Arc<ring::signature::Ed25519KeyPair>>>,
+    /// Entry hashes at the latest checkpoint positions (0: genesis), to bind each
+    /// checkpoint to the one before it. Written by `link`, in sequence order.
+    at_checkpoints: Mutex<BTreeMap<u64, String>>,
+    /// The first integrity alarm (what was found), if any.
+    alarm: Mutex<Option<integrity::IntegrityError>>,
+    alarms: Arc<AtomicU64>,
+    anchors: RwLock<Option<Arc<anchor::Anchors>>>,
+    anchor_failures: Arc<AtomicU64>,
+    /// Checkpoints signed in a transaction not yet known to be committed: (seq, line).
+    pending: Mutex<Vec<(u64, String)>>,
 }
 
 impl AuditChain {
@@ -82,10 +99,66 @@ impl AuditChain {
         Arc::new(Self::default())
     }
 
-    /// Sets the key that signs checkpoints (the server's audit key).
-    pub fn set_signer(&self, key: Arc<ring::signature::Ed25519KeyPair>) -> Result<(), AuditError> {
+    /// Sets the key that signs checkpoints (the server's audit key), after the stored
+    /// history was checked with it: `checked` is what [`integrity::check_at_start`] found
+    /// (an alarm is raised and nothing will be signed if it found tampering).
+    pub fn set_signer(
+        &self,
+        key: Arc<ring::signature::Ed25519KeyPair>,
+        checked: Result<integrity::Checked, integrity::IntegrityError>,
+    ) -> Result<(), AuditError> {
+        match checked {
+            Ok(c) => {
+                let mut at = self.at_checkpoints.lock().map_err(|_| AuditError::SignerPoisoned)?;
+                at.insert(0, GENESIS.to_owned());
+                at.extend(c.checkpoint_hashes);
+            }
+            Err(e) => self.alarm(e),
+        }
         *self.signer.write().map_err(|_| AuditError::SignerPoisoned)? = Some(key);
         Ok(())
+    }
+
+    /// Raises an integrity alarm: logged, counted, and from now on no checkpoint is signed
+    /// and no export is given out by this process.
+    pub fn alarm(&self, e: integrity::IntegrityError) {
+        tracing::error!(problem = %e, "AUDIT INTEGRITY ALARM: the stored audit trail does not verify; no checkpoint or export head will be signed");
+        self.alarms.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut a) = self.alarm.lock()
+            && a.is_none()
+        {
+            *a = Some(e);
+        }
+    }
+
+    /// The integrity alarm raised, if any.
+    pub fn alarmed(&self) -> Option<integrity::IntegrityError> {
+        self.alarm.lock().ok().and_then(|a| a.clone())
+    }
+
+    /// The count behind `kluis_audit_integrity_alarms_total`.
+    pub fn alarm_counter(&self) -> Arc<AtomicU64> {
+        self.alarms.clone()
+    }
+
+    /// The count behind `kluis_audit_anchor_failures_total`.
+    pub fn anchor_failure_counter(&self) -> Arc<AtomicU64> {
+        self.anchor_failures.clone()
+    }
+
+    /// Sends every committed checkpoint, and every export head, to `targets` too.
+    pub fn set_anchors(&self, targets: Vec<anchor::AnchorTarget>) -> Result<(), AuditError> {
+        let a = (!targets.is_empty()).then(|| Arc::new(anchor::Anchors::new(targets, self.anchor_failures.clone())));
+        *self.anchors.write().map_err(|_| AuditError::SignerPoisoned)? = a;
+        Ok(())
+    }
+
+    /// Anchors one export line (a checkpoint or head), if anchors are configured.
+    pub fn anchor(&self, line: &str) {
+        let a = self.anchors.read().ok().and_then(|a| a.clone());
+        if let Some(a) = a {
+            a.anchor(line);
+        }
     }
 
     #[cfg(test)]
@@ -101,6 +174,20 @@ impl AuditChain {
 impl Chain for AuditChain {
     fn genesis(&self) -> ChainHead {
         GENESIS.to_owned()
+    }
+
+    fn committed(&self, last_seq: u64) {
+        let due: Vec<(u64, String)> = match self.pending.lock() {
+            Ok(mut p) if !p.is_empty() => {
+                let (due, later) = p.drain(..).partition(|(s, _)| *s <= last_seq);
+                *p = later;
+                due
+            }
+            _ => return,
+        };
+        for (_, line) in due {
+            self.anchor(&line);
+        }
     }
 
     fn head_of(&self, seq: u64, stored: &[u8]) -> Result<ChainHead, ChainError> {
@@ -123,19 +210,34 @@ impl Chain for AuditChain {
         };
         rec.hash = rec.compute_hash();
         let stored = record::encode(&rec)?;
-        let checkpoint = match self.signer()?.filter(|_| seq.is_multiple_of(CHECKPOINT_EVERY)) {
-            Some(key) => Some(serde_json::to_vec(&sign_checkpoint(&key, seq, &rec.hash)).map_err(AuditError::CheckpointEncode)?),
-            None => None,
-        };
+        let mut checkpoint = None;
+        if seq.is_multiple_of(CHECKPOINT_EVERY) {
+            let prev = {
+                let mut at = self.at_checkpoints.lock().map_err(|_| AuditError::SignerPoisoned)?;
+                let prev = at.get(&prev_checkpoint_seq(seq)).cloned();
+                at.insert(seq, rec.hash.clone());
+                at.retain(|s, _| *s + 2 * CHECKPOINT_EVERY >= seq);
+                prev
+            };
+            if let Some(key) = self.signer()?.filter(|_| self.alarmed().is_none()) {
+                match prev {
+                    Some(prev) => {
+                        let c = kluis_proto::audit::sign(&key, SigKind::Checkpoint, seq, &rec.hash, &prev);
+                        checkpoint = Some(serde_json::to_vec(&c).map_err(AuditError::CheckpointEncode)?);
+                        let line = serde_json::to_string(&kluis_proto::audit::ExportLine::Checkpoint { checkpoint: c })
+                            .map_err(AuditError::CheckpointEncode)?;
+                        if let Ok(mut p) = self.pending.lock() {
+                            // A group that did not commit is linked again under the same numbers.
+                            p.retain(|(s, _)| *s < seq);
+                            p.push((seq, line));
+                        }
+                    }
+                    None => self.alarm(integrity::IntegrityError::MissingCheckpoint { seq: prev_checkpoint_seq(seq) }),
+                }
+            }
+        }
         Ok(Linked { stored, head: rec.hash, checkpoint })
     }
-}
-
-/// Signs `(seq, hash)` with the audit key.
-pub fn sign_checkpoint(key: &ring::signature::Ed25519KeyPair, seq: u64, hash: &str) -> Checkpoint {
-    use base64::Engine;
-    let sig = key.sign(&kluis_proto::audit::checkpoint_message(seq, hash));
-    Checkpoint { seq, hash: hash.to_owned(), signature: base64::engine::general_purpose::STANDARD.encode(sig.as_ref()) }
 }
 
 /// Records read per page by [`for_each`].

@@ -222,6 +222,7 @@ pub struct KeyManager {
     clock: Arc<dyn Clock>,
     destruction_wait_secs: i64,
     audit_key: Arc<ring::signature::Ed25519KeyPair>,
+    chain: Arc<AuditChain>,
     state: ArcSwap<State>,
     admin: Mutex<()>,
     rng: SystemRandom,
@@ -325,7 +326,7 @@ impl KeyManager {
     /// rotations derive the next generation from it.
     pub fn open(
         store: Arc<dyn Store>,
-        chain: &AuditChain,
+        chain: &Arc<AuditChain>,
         generation: u32,
         master: Arc<dyn MasterKeyProvider>,
         clock: Arc<dyn Clock>,
@@ -357,7 +358,11 @@ impl KeyManager {
             rings.insert(record.name.clone(), Arc::new(LiveKeyring { record, keys }));
         }
         let audit_key = Arc::new(Self::audit_key(&store, master.as_ref())?);
-        chain.set_signer(audit_key.clone())?;
+        let checked = {
+            use ring::signature::KeyPair;
+            crate::audit::integrity::check_at_start(store.store(), audit_key.public_key().as_ref())?
+        };
+        chain.set_signer(audit_key.clone(), checked)?;
         let escrow = match store.get_meta(ESCROW_META)? {
             Some(bytes) => Some(
                 postcard::from_bytes(&bytes)
@@ -376,6 +381,7 @@ impl KeyManager {
             clock,
             destruction_wait_secs: i64::from(DEFAULT_DESTRUCTION_WAIT_DAYS) * 86_400,
             audit_key,
+            chain: chain.clone(),
             state: ArcSwap::from_pointee(State { master: (generation, master), rings, escrow, scheduled }),
             admin: Mutex::new(()),
             rng: SystemRandom::new(),
@@ -455,41 +461,92 @@ impl KeyManager {
         Ok(self.store.write(WriteOp::Audit(ev)).await?)
     }
 
-    /// The audit trail as export lines (records and checkpoints), ending with a signed head.
+    /// The audit trail as export lines (records and checkpoints), ending with a signed
+    /// head, handed one at a time to `sink` (which returns false to stop: the reader went
+    /// away). Reads the store a page at a time, so memory stays bounded whatever the
+    /// trail's length. Every entry and checkpoint from entry 1 is checked as it is read
+    /// (also those not exported, with `since` or `tail`); the head is signed only if all
+    /// of it verifies, else an integrity alarm is raised and nothing is signed.
     pub fn audit_export(
         &self,
         auth: &Authorized,
         since: Option<&str>,
         tail: u64,
-    ) -> Result<Vec<String>, KeyError> {
+        mut sink: impl FnMut(String) -> bool,
+    ) -> Result<(), KeyError> {
         Self::check(auth, Action::ExportAudit, None)?;
-        use kluis_proto::audit::ExportLine;
+        if let Some(e) = self.chain.alarmed() {
+            return Err(AuditError::Tampered(e).into());
+        }
+        use kluis_proto::audit::{ExportLine, SigKind};
+        use ring::signature::KeyPair;
         let enc = |l: &ExportLine| serde_json::to_string(l).map_err(|e| KeyError::Audit(AuditError::CheckpointEncode(e)));
-        // RFC 3339 UTC strings of one format sort as times. With a tail, only that many are kept.
-        let mut rows = std::collections::VecDeque::new();
+        let last = match self.store.store().last(crate::store::Table::Audit)? {
+            Some((k, _)) => crate::store::key_id(crate::store::Table::Audit, &k)?,
+            None => 0,
+        };
+        let first = if tail > 0 { last.saturating_sub(tail - 1).max(1) } else { 1 };
+        let mut check = crate::audit::integrity::ExportCheck::new(self.audit_key.public_key().as_ref());
+        let mut failure: Option<KeyError> = None;
+        let mut open = true;
+        // RFC 3339 UTC strings of one format sort as times.
         crate::audit::for_each(self.store.store(), 1, |r, cp| {
-            if since.is_none_or(|t| r.time.as_str() >= t) {
-                if tail > 0 && rows.len() as u64 == tail {
-                    rows.pop_front();
+            let checked = check.record(&r).and_then(|()| cp.as_ref().map_or(Ok(()), |c| check.checkpoint(c)));
+            if let Err(e) = checked {
+                failure = Some(self.integrity_alarm(e));
+                return false;
+            }
+            if r.seq >= first && since.is_none_or(|t| r.time.as_str() >= t) {
+                let lines = [Some(ExportLine::Record(r)), cp.map(|checkpoint| ExportLine::Checkpoint { checkpoint })];
+                for l in lines.iter().flatten() {
+                    match enc(l) {
+                        Ok(json) => open = sink(json),
+                        Err(e) => failure = Some(e),
+                    }
+                    if !open || failure.is_some() {
+                        return false;
+                    }
                 }
-                rows.push_back((r, cp));
             }
             true
         })?;
-        let mut out = Vec::with_capacity(rows.len() + 1);
-        let mut head = None;
-        for (rec, cp) in rows {
-            head = Some((rec.seq, rec.hash.clone()));
-            out.push(enc(&ExportLine::Record(rec))?);
-            if let Some(c) = cp {
-                out.push(enc(&ExportLine::Checkpoint { checkpoint: c })?);
-            }
+        if let Some(e) = failure {
+            return Err(e);
         }
-        if let Some((seq, hash)) = head {
-            let head = crate::audit::sign_checkpoint(&self.audit_key, seq, &hash);
-            out.push(enc(&ExportLine::Head { head })?);
+        if !open {
+            return Ok(());
         }
-        Ok(out)
+        let head = match check.head() {
+            Ok(h) => h,
+            Err(e) => return Err(self.integrity_alarm(e)),
+        };
+        if let Some((seq, hash, prev)) = head {
+            let head = enc(&ExportLine::Head { head: kluis_proto::audit::sign(&self.audit_key, SigKind::Head, seq, &hash, &prev) })?;
+            // Anchored before it is handed out.
+            self.chain.anchor(&head);
+            sink(head);
+        }
+        Ok(())
+    }
+
+    /// Whether `auth` may export the audit trail now: authorized, and no integrity alarm.
+    pub fn audit_export_allowed(&self, auth: &Authorized) -> Result<(), KeyError> {
+        Self::check(auth, Action::ExportAudit, None)?;
+        match self.chain.alarmed() {
+            Some(e) => Err(AuditError::Tampered(e).into()),
+            None => Ok(()),
+        }
+    }
+
+    fn integrity_alarm(&self, e: crate::audit::integrity::IntegrityError) -> KeyError {
+        self.chain.alarm(e.clone());
+        AuditError::Tampered(e).into()
+    }
+
+    /// The counts behind `kluis_audit_integrity_alarms_total` and
+    /// `kluis_audit_anchor_failures_total`.
+    pub fn audit_counters(&self) -> (Arc<std::sync::atomic::AtomicU64>, Arc<std::sync::atomic::AtomicU64>) {
+        (self.chain.alarm_counter(), self.chain.anchor_failure_counter())
     }
 
     /// A new keyring key for `version` of `name`, and that key wrapped by the master key

@@ -70,6 +70,7 @@ pub fn prepare(dir: &Path, listen: SocketAddr, master: DevMaster) -> Result<(Ser
         },
         auth: Default::default(),
         limits: Default::default(),
+        audit: Default::default(),
         grants: DEV_IDENTITIES
             .iter()
             .map(|(name, roles, ring)| Grant {

@@ -25,6 +25,8 @@ pub enum StartupError {
     Keys(#[from] KeyError),
     #[error(transparent)]
     Pki(#[from] super::pki::PkiError),
+    #[error(transparent)]
+    Anchor(#[from] crate::audit::anchor::BadAnchor),
     #[error("could not create {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
 }
@@ -45,6 +47,8 @@ pub fn init(cfg: &ServerConfig) -> Result<(), StartupError> {
 /// Opens master key and store and returns the key manager; every failure says why.
 pub fn open_keys(cfg: &ServerConfig, env: &Environment) -> Result<Arc<KeyManager>, StartupError> {
     let chain = AuditChain::new();
+    let anchors = cfg.audit.anchors.iter().map(|a| a.parse()).collect::<Result<Vec<_>, _>>()?;
+    chain.set_anchors(anchors).map_err(KeyError::from)?;
     let store = env.store(Arc::new(RedbStore::open(&cfg.store_path(), chain.clone())?));
     let generation = crate::master::decode_generation(
         store.get(crate::store::Table::Meta, crate::keys::MASTER_GENERATION_META.as_bytes())?.as_deref(),

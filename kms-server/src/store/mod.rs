@@ -101,6 +101,8 @@ pub trait Chain: Send + Sync {
     fn head_of(&self, seq: u64, stored: &[u8]) -> Result<ChainHead, ChainError>;
     /// Links `entry` as number `seq` after `prev`.
     fn link(&self, seq: u64, prev: &ChainHead, entry: &[u8]) -> Result<Linked, ChainError>;
+    /// The entries up to `last_seq` are committed (called after each commit that appended).
+    fn committed(&self, _last_seq: u64) {}
 }
 
 /// A future returned by the store (boxed, so the trait stays object safe).

@@ -408,7 +408,11 @@ fn commit_batch(database: &Database, groups: Vec<WriteGroup>, chain: &dyn Chain,
         }
     }
     txn.commit().map_err(dberr)?;
+    let appended = next_seq != head.next_seq;
     head.next_seq = next_seq;
     head.prev = prev;
+    if appended {
+        chain.committed(next_seq - 1);
+    }
     Ok(())
 }
