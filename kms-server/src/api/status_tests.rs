@@ -98,6 +98,7 @@ async fn key_errors() -> Vec<(KeyError, Code, Reason)> {
         (KeyError::ApprovalExpired { id: 7, date: s("2026-01-01") }, Code::FailedPrecondition, Reason::ApprovalExpired),
         (KeyError::SelfApproval { id: 7, principal: s("officer") }, Code::PermissionDenied, Reason::SelfApproval),
         (KeyError::ApprovalDone { id: 7, by: s("officer2") }, Code::FailedPrecondition, Reason::ApprovalAlreadyDone),
+        (KeyError::ApprovalOutdated { id: 7, reason: "the legal hold was replaced since the request" }, Code::FailedPrecondition, Reason::ApprovalOutdated),
         (KeyError::BadRetire { keyring: s("k"), below: 9, reason: "no such version" }, Code::FailedPrecondition, Reason::RetireNotPossible),
         (KeyError::AuditKey { reason: "wrong length" }, Code::Internal, Reason::Internal),
         (KeyError::KeyringDestroyed { keyring: s("k"), date: s("2026-01-01") }, Code::FailedPrecondition, Reason::KeyringDestroyed),
