@@ -145,8 +145,9 @@ pub enum PendingAction {
     InstallEscrow { manifest_json: String, ceremony_id: String, recovery_recipient: String, replaces: Option<String> },
     /// Grant `role` on `keyring` to `principal` at run time.
     Grant { principal: String, role: Role, keyring: String },
-    /// Release the legal hold placed by `by` at `since` (a later hold is not released by it).
-    ReleaseHold { keyring: String, by: String, since: i64 },
+    /// Release the legal hold in force at the request (`hold`); a hold placed later is
+    /// not released by it.
+    ReleaseHold { keyring: String, hold: Hold },
     /// Lower a keyring's retention (0 = keep until destroyed counts as the longest).
     LowerRetention { keyring: String, from_days: u32, to_days: u32 },
 }
@@ -315,7 +316,7 @@ mod tests {
                 replaces: Some("age1y".into()),
             },
             PendingAction::Grant { principal: "backup01".into(), role: Role::Restorer, keyring: "ehr".into() },
-            PendingAction::ReleaseHold { keyring: "ehr".into(), by: "officer".into(), since: 5 },
+            PendingAction::ReleaseHold { keyring: "ehr".into(), hold: Hold { by: "officer".into(), since: 5, reason: "case 7".into() } },
             PendingAction::LowerRetention { keyring: "ehr".into(), from_days: 0, to_days: 1 },
         ] {
             let back: PendingAction = postcard::from_bytes(&postcard::to_allocvec(&a).unwrap()).unwrap();

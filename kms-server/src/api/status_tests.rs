@@ -53,9 +53,10 @@ fn key_variant(e: &KeyError) -> usize {
         KeyError::DestructionNotPending { .. } => 32,
         KeyError::NoEscrow => 33,
         KeyError::MasterGeneration { .. } => 34,
+        KeyError::ApprovalOutdated { .. } => 35,
     }
 }
-const KEY_VARIANTS: usize = 35;
+const KEY_VARIANTS: usize = 36;
 
 async fn join_error() -> tokio::task::JoinError {
     let task = tokio::spawn(std::future::pending::<()>());

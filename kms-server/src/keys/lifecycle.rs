@@ -212,7 +212,7 @@ impl KeyManager {
         if !hold {
             let live = self.ring(keyring)?;
             let h = live.record.hold.clone().ok_or_else(|| KeyError::NoHold { keyring: keyring.to_owned() })?;
-            let action = PendingAction::ReleaseHold { keyring: keyring.to_owned(), by: h.by, since: h.since };
+            let action = PendingAction::ReleaseHold { keyring: keyring.to_owned(), hold: h };
             let approval = self.new_approval(auth, action, audit).await?;
             return Ok(Requested::Pending { approval, current: self.info_of(&live)? });
         }
@@ -345,11 +345,11 @@ impl KeyManager {
                 let g = RuntimeGrant { principal: principal.clone(), role: *role, keyring: keyring.clone() };
                 self.approved_grant(g, approval, audit).await
             }
-            PendingAction::ReleaseHold { keyring, by, since } => {
+            PendingAction::ReleaseHold { keyring, hold } => {
                 let id = approval.id;
                 self.update_ring(admin, keyring, Some(approval), audit, |r| match &r.hold {
                     None => Err(KeyError::NoHold { keyring: r.name.clone() }),
-                    Some(h) if h.by != *by || h.since != *since => {
+                    Some(h) if h != hold => {
                         Err(KeyError::ApprovalOutdated { id, reason: "the legal hold was replaced since the request" })
                     }
                     Some(_) => {

@@ -104,9 +104,12 @@ pub fn describe_action(a: &PendingAction) -> String {
             None => format!("install escrow ceremony {ceremony_id}: recovery recipient {recovery_recipient} (none in force)"),
         },
         PendingAction::Grant { principal, role, keyring } => format!("grant {role} on keyring {keyring} to {principal}"),
-        PendingAction::ReleaseHold { keyring, by, since } => {
-            format!("release the legal hold on keyring {keyring} (placed by {by} on {})", format_date(*since))
-        }
+        PendingAction::ReleaseHold { keyring, hold } => format!(
+            "release the legal hold on keyring {keyring} (placed by {} on {}: {})",
+            hold.by,
+            format_date(hold.since),
+            hold.reason
+        ),
         PendingAction::LowerRetention { keyring, from_days, to_days } => {
             let days = |d: &u32| if *d == 0 { "keep until destroyed".to_owned() } else { format!("{d} days") };
             format!("lower the retention of keyring {keyring} from {} to {} (for keys issued from then on)", days(from_days), days(to_days))

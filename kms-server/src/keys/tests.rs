@@ -317,11 +317,16 @@ async fn lowering_retention_waits_for_a_second_officer_and_raising_does_not() {
         c.keys.set_keyring_policy(&pol, "ehr", Some(1), Some(30), ev()).await,
         Err(KeyError::InvalidArgument { field: "rotation_period_days", .. })
     ));
+    assert!(matches!(c.approve("officer", approval.id).await, Err(KeyError::SelfApproval { .. })));
     let early = c.issue("ehr", "before-approval").await;
     c.advance_days(2);
     assert_eq!(c.keys.maintain().await.unwrap(), 0, "nothing expires under the retention in force");
     assert!(c.unwrap(&early).await.is_ok());
-    assert!(matches!(c.approve("officer", approval.id).await, Err(KeyError::SelfApproval { .. })));
+    // The request expired unapproved: it never applies.
+    assert!(matches!(c.approve("officer2", approval.id).await, Err(KeyError::ApprovalExpired { .. })));
+    let Requested::Pending { approval, .. } = c.keys.set_keyring_policy(&pol, "ehr", Some(1), None, ev()).await.unwrap() else {
+        panic!("pending expected");
+    };
     c.approve("officer2", approval.id).await.unwrap();
     assert_eq!(c.keys.get_keyring(&c.auth("officer", Action::GetKeyring, Some("ehr")), "ehr").unwrap().retention_days, 1);
     let late = c.issue("ehr", "after-approval").await;
@@ -355,7 +360,7 @@ async fn a_release_approved_after_a_new_hold_does_not_release_it() {
     let Requested::Pending { approval, .. } = c.keys.set_legal_hold(&hold, "ehr", false, "", ev()).await.unwrap() else {
         panic!("pending expected");
     };
-    c.advance_days(1);
+    // Replaced in the same second by the same officer: still another hold.
     c.keys.set_legal_hold(&hold, "ehr", true, "case 2", ev()).await.unwrap();
     assert!(matches!(c.approve("officer2", approval.id).await, Err(KeyError::ApprovalOutdated { .. })));
     let info = c.keys.get_keyring(&c.auth("officer", Action::GetKeyring, Some("ehr")), "ehr").unwrap();
