@@ -676,7 +676,7 @@ fn every_acknowledged_write_is_fsynced_before_its_reply() {
     // The store's commit model, then every acknowledged write.
     let store_writes = trace.every_store_write_is_synced().unwrap();
     let proofs: Vec<Proof> = all_acks.iter().map(|a| trace.check(a).unwrap_or_else(|e| panic!("{e}"))).collect();
-    assert_eq!(proofs.len(), SEAL_THREADS * SEALS_PER_THREAD + 7);
+    assert_eq!(proofs.len(), SEAL_THREADS * SEALS_PER_THREAD + 9);
     let commits: std::collections::BTreeSet<usize> = proofs.iter().map(|p| p.sync_exit).collect();
     // Concurrency was real: some reply went out after other requests' store writes had begun.
     let overlapped = proofs.iter().filter(|p| trace.calls.iter().any(|c| trace.on_store(c) && is_write(&c.name) && c.entry > p.sync_exit && c.entry < p.reply)).count();
