@@ -74,7 +74,7 @@ fn listed(server: &Server, id: &str) -> serde_json::Value {
     let out = server.kmsctl("auditor", &["approvals", "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v.as_array().unwrap().iter().find(|a| a["id"].to_string() == id).cloned().unwrap_or_else(|| panic!("no approval {id} in {v}"))
+    v.as_array().unwrap().iter().find(|a| a["id"].as_u64().map(|n| n.to_string()).as_deref() == Some(id)).cloned().unwrap_or_else(|| panic!("no approval {id} in {v}"))
 }
 
 /// The audit trail as the auditor exports it.
