@@ -3,7 +3,8 @@
 //! Parses arguments, moves bytes, maps errors to exit codes; the logic lives in
 //! `kms-client`. Exit codes (the table of `kms_client::class`, shared with kmsctl):
 //! 0 success, 1 other failure, 2 usage, 3 server unavailable, restarting or too slow,
-//! or the connection lost mid-request: retry later,
+//! or the connection lost mid-request (after the client config's `[retry]` deadline:
+//! kms-client retries a restarting server itself): retry later,
 //! 4 refused by the server (role, certificate, unknown or destroyed key): do not retry,
 //! 5 integrity (not a sealed file, damaged, truncated, altered, a wrapped key that
 //! does not authenticate), 6 input/output failure (including a closed pipe).

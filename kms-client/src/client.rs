@@ -14,6 +14,7 @@ use zeroize::Zeroize;
 
 use crate::class::ErrorClass;
 use crate::config::{ClientConfig, ConfigError};
+use crate::retry::{Cause, Policy, Retrier, Rpc};
 
 /// Errors talking to the server.
 ///
@@ -28,9 +29,10 @@ pub enum ClientError {
     #[error("invalid server endpoint {endpoint:?}: {source}")]
     Endpoint { endpoint: String, source: tonic::transport::Error },
     /// No connection: nothing listens, the server is down or restarting, or the TLS
-    /// handshake was cut short without an alert.
-    #[error("cannot reach the Kluis server at {endpoint}: {source}")]
-    Connect { endpoint: String, source: tonic::transport::Error },
+    /// handshake was cut short without an alert. The request was never sent. `io` is
+    /// the kind of the I/O error behind it, if any (connection refused, ...).
+    #[error("cannot reach the Kluis server at {endpoint}: {detail}")]
+    Connect { endpoint: String, detail: String, io: Option<std::io::ErrorKind> },
     /// The server sent a TLS alert: it rejected this client's certificate (or TLS settings).
     #[error("the TLS connection to {endpoint} was refused ({detail}); check that this client's certificate is signed by the server's client CA, unexpired and not revoked")]
     TlsRejected { endpoint: String, detail: String },
@@ -43,7 +45,7 @@ pub enum ClientError {
     /// The connection broke while a request was in flight (server killed or
     /// restarting, network): nothing says the request was refused.
     #[error("the connection to the Kluis server at {endpoint} was lost during the request ({detail}); the server is unavailable or restarting: retry later")]
-    ConnectionLost { endpoint: String, detail: String },
+    ConnectionLost { endpoint: String, detail: String, io: Option<std::io::ErrorKind> },
     #[error("the Kluis server at {endpoint} did not answer in time")]
     DeadlineExceeded { endpoint: String },
     /// The server answered with an error status. `reason` is `None` when the status
@@ -52,6 +54,9 @@ pub enum ClientError {
     Server { endpoint: String, code: tonic::Code, reason: Option<Reason>, message: String },
     #[error("the server's answer is malformed: {what}")]
     BadResponse { what: &'static str },
+    /// The server stayed unavailable until the retry deadline (`[retry] deadline_secs`).
+    #[error("the Kluis server stayed unavailable: gave up after {attempts} attempts in {:.1} s (retry.deadline_secs in the client config); the last failure ({cause}): {last}", .elapsed.as_secs_f64())]
+    GaveUp { attempts: u32, elapsed: std::time::Duration, cause: Cause, last: Box<ClientError> },
 }
 
 fn server_text(endpoint: &str, code: tonic::Code, message: &str) -> String {
@@ -80,6 +85,7 @@ impl ClientError {
                 Some(r) => ErrorClass::of_reason(*r),
                 None => ErrorClass::of_code(*code),
             },
+            ClientError::GaveUp { last, .. } => last.class(),
         }
     }
 
@@ -87,6 +93,7 @@ impl ClientError {
     pub fn code(&self) -> Option<tonic::Code> {
         match self {
             ClientError::Server { code, .. } => Some(*code),
+            ClientError::GaveUp { last, .. } => last.code(),
             _ => None,
         }
     }
@@ -95,6 +102,7 @@ impl ClientError {
     pub fn reason(&self) -> Option<Reason> {
         match self {
             ClientError::Server { reason, .. } => *reason,
+            ClientError::GaveUp { last, .. } => last.reason(),
             _ => None,
         }
     }
@@ -123,9 +131,14 @@ impl ClientError {
             if chain(source).any(|e| e.is::<tonic::TimeoutExpired>()) {
                 return ClientError::DeadlineExceeded { endpoint };
             }
+            // The channel reconnects by itself after a lost connection; when that fails,
+            // the call fails with the connect error (tonic's ConnectError, as UNAVAILABLE)
+            // and the request was never sent.
+            if chain(source).any(|e| e.is::<tonic::ConnectError>()) {
+                return ClientError::Connect { endpoint, detail: innermost(source), io: io_kind(source) };
+            }
             if matches!(s.code(), tonic::Code::Cancelled | tonic::Code::Unknown) {
-                let detail = chain(source).last().map(ToString::to_string).unwrap_or_default();
-                return ClientError::ConnectionLost { endpoint, detail };
+                return ClientError::ConnectionLost { endpoint, detail: innermost(source), io: io_kind(source) };
             }
         }
         match s.code() {
@@ -138,7 +151,7 @@ impl ClientError {
     fn from_connect(endpoint: &str, e: tonic::transport::Error) -> Self {
         match rustls_error(&e) {
             Some(tls) => ClientError::from_tls(endpoint.to_owned(), tls),
-            None => ClientError::Connect { endpoint: endpoint.to_owned(), source: e },
+            None => ClientError::Connect { endpoint: endpoint.to_owned(), detail: innermost(&e), io: io_kind(&e) },
         }
     }
 
@@ -155,6 +168,16 @@ impl ClientError {
 /// `e` and its sources.
 fn chain<'a>(e: &'a (dyn std::error::Error + 'static)) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
     std::iter::successors(Some(e), |e| e.source())
+}
+
+/// The text of the innermost error of a chain (e.g. "Connection refused (os error 111)").
+fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
+    chain(e).last().map(ToString::to_string).unwrap_or_default()
+}
+
+/// The kind of the first I/O error in a chain.
+fn io_kind(e: &(dyn std::error::Error + 'static)) -> Option<std::io::ErrorKind> {
+    chain(e).find_map(|e| e.downcast_ref::<std::io::Error>()).map(std::io::Error::kind)
 }
 
 /// The rustls error behind a transport error, if TLS failed. tokio-rustls hands it
@@ -351,12 +374,31 @@ pub struct EscrowStatus {
 }
 
 /// A connection to the Kluis server. Cheap to clone.
+///
+/// Every call goes through the retry loop of [`crate::retry`] (the client config's
+/// `[retry]`); the channel reconnects by itself after a lost connection.
 #[derive(Clone)]
 pub struct KmsClient {
     keys: KeyServiceClient<Channel>,
     admin: AdminServiceClient<Channel>,
     audit: AuditServiceClient<Channel>,
     endpoint: String,
+    retry: Retrier,
+}
+
+/// One unary call through the retry loop: `call!(self, Rpc::X, service.method(request))`.
+/// The request is built once and cloned for each attempt.
+macro_rules! call {
+    ($self:ident, $rpc:expr, $svc:ident . $method:ident ( $req:expr )) => {{
+        let req = $req;
+        $self
+            .call($rpc, || {
+                let mut svc = $self.$svc.clone();
+                let req = req.clone();
+                async move { svc.$method(req).await }
+            })
+            .await
+    }};
 }
 
 fn read(path: &std::path::Path) -> Result<Vec<u8>, ClientError> {
@@ -364,8 +406,14 @@ fn read(path: &std::path::Path) -> Result<Vec<u8>, ClientError> {
 }
 
 impl KmsClient {
-    /// Connects with mTLS, within the config's connect deadline.
+    /// Connects with mTLS, within the config's connect deadline; while the server is
+    /// unreachable, retries as the config's `[retry]` says.
     pub async fn connect(cfg: &ClientConfig) -> Result<Self, ClientError> {
+        Self::connect_with(cfg, Retrier::new(Policy::from(&cfg.retry))).await
+    }
+
+    /// [`KmsClient::connect`] with a given retry loop (its clock, jitter and notices).
+    pub async fn connect_with(cfg: &ClientConfig, retry: Retrier) -> Result<Self, ClientError> {
         cfg.check_key_permissions()?;
         let mut tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(read(&cfg.ca)?))
@@ -380,20 +428,36 @@ impl KmsClient {
             .timeout(cfg.timeout());
         // The endpoint's connect timeout covers TCP only; the deadline must also
         // cover the TLS handshake (a peer that accepts but never answers).
-        let channel = match tokio::time::timeout(cfg.connect_timeout(), endpoint.connect()).await {
-            Ok(r) => r.map_err(|e| ClientError::from_connect(&cfg.endpoint, e))?,
-            Err(_) => return Err(ClientError::DeadlineExceeded { endpoint: cfg.endpoint.clone() }),
-        };
+        let channel = retry
+            .run(Rpc::Connect, || async {
+                match tokio::time::timeout(cfg.connect_timeout(), endpoint.connect()).await {
+                    Ok(r) => r.map_err(|e| ClientError::from_connect(&cfg.endpoint, e)),
+                    Err(_) => Err(ClientError::DeadlineExceeded { endpoint: cfg.endpoint.clone() }),
+                }
+            })
+            .await?;
         Ok(Self {
             keys: KeyServiceClient::new(channel.clone()),
             admin: AdminServiceClient::new(channel.clone()),
             audit: AuditServiceClient::new(channel),
             endpoint: cfg.endpoint.clone(),
+            retry,
         })
     }
 
-    fn status(&self, s: tonic::Status) -> ClientError {
-        ClientError::from_status(&self.endpoint, s)
+    /// Runs one call (`f` makes one attempt) through the retry loop.
+    async fn call<T, F, Fut>(&self, rpc: Rpc, mut f: F) -> Result<T, ClientError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let endpoint = self.endpoint.as_str();
+        self.retry
+            .run(rpc, || {
+                let attempt = f();
+                async move { attempt.await.map_err(|s| ClientError::from_status(endpoint, s)) }
+            })
+            .await
     }
 
     /// Asks for a fresh data key for one backup object.
@@ -408,7 +472,7 @@ impl KmsClient {
             backup_id: backup_id.to_owned(),
             labels: labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         };
-        let mut r = self.keys.clone().generate_data_key(req).await.map_err(|s| self.status(s))?.into_inner();
+        let mut r = call!(self, Rpc::GenerateDataKey, keys.generate_data_key(req))?.into_inner();
         let data_key = DataKey::from_slice(&r.plaintext_key);
         r.plaintext_key.zeroize();
         let data_key = data_key.ok_or(ClientError::BadResponse { what: "data key is not 32 bytes" })?;
@@ -429,7 +493,7 @@ impl KmsClient {
             wrapped_key: wrapped.to_vec(),
             keyring: keyring.to_owned(),
         };
-        let mut r = self.keys.clone().unwrap_data_key(req).await.map_err(|s| self.status(s))?.into_inner();
+        let mut r = call!(self, Rpc::UnwrapDataKey, keys.unwrap_data_key(req))?.into_inner();
         let data_key = DataKey::from_slice(&r.plaintext_key);
         r.plaintext_key.zeroize();
         Ok(UnwrappedKey {
@@ -443,18 +507,13 @@ impl KmsClient {
     /// Creates a keyring with a retention and an automatic rotation period (days; 0 = none).
     pub async fn create_keyring_with(&self, name: &str, retention_days: u32, rotation_period_days: u32) -> Result<KeyringInfo, ClientError> {
         let req = pb::CreateKeyringRequest { name: name.to_owned(), retention_days, rotation_period_days };
-        let r = self.admin.clone().create_keyring(req).await.map_err(|s| self.status(s))?;
+        let r = call!(self, Rpc::CreateKeyring, admin.create_keyring(req))?;
         Ok(keyring_info(r.into_inner()))
     }
 
     /// Adds a version to a keyring (officer).
     pub async fn rotate_keyring(&self, name: &str) -> Result<KeyringInfo, ClientError> {
-        let r = self
-            .admin
-            .clone()
-            .rotate_keyring(pb::RotateKeyringRequest { name: name.to_owned() })
-            .await
-            .map_err(|s| self.status(s))?;
+        let r = call!(self, Rpc::RotateKeyring, admin.rotate_keyring(pb::RotateKeyringRequest { name: name.to_owned() }))?;
         Ok(keyring_info(r.into_inner()))
     }
 
@@ -463,37 +522,32 @@ impl KmsClient {
     /// revocation is done at once.
     pub async fn change_grant(&self, keyring: &str, principal: &str, role: &str, grant: bool) -> Result<Requested<Vec<GrantInfo>>, ClientError> {
         let req = pb::ChangeGrantRequest { keyring: keyring.to_owned(), principal: principal.to_owned(), role: role.to_owned(), grant };
-        let mut r = self.admin.clone().change_grant(req).await.map_err(|s| self.status(s))?.into_inner();
+        let mut r = call!(self, Rpc::ChangeGrant, admin.change_grant(req))?.into_inner();
         Ok(Requested::of(r.pending.take(), || grants(r)))
     }
 
     /// The grants on a keyring, from the server config and from officers.
     pub async fn list_grants(&self, keyring: &str) -> Result<Vec<GrantInfo>, ClientError> {
-        let r = self
-            .admin
-            .clone()
-            .list_grants(pb::ListGrantsRequest { keyring: keyring.to_owned() })
-            .await
-            .map_err(|s| self.status(s))?;
+        let r = call!(self, Rpc::ListGrants, admin.list_grants(pb::ListGrantsRequest { keyring: keyring.to_owned() }))?;
         Ok(grants(r.into_inner()))
     }
 
     /// Asks to retire versions below `below` (officer); returns the pending approval.
     pub async fn retire_versions(&self, keyring: &str, below: u32) -> Result<ApprovalInfo, ClientError> {
         let req = pb::RetireKeyringVersionsRequest { keyring: keyring.to_owned(), below_version: below };
-        let r = self.admin.clone().retire_keyring_versions(req).await.map_err(|s| self.status(s))?;
+        let r = call!(self, Rpc::RetireKeyringVersions, admin.retire_keyring_versions(req))?;
         Ok(approval(r.into_inner()))
     }
 
     /// Approves another officer's pending request; it is carried out at once.
     pub async fn approve(&self, id: u64) -> Result<ApprovalInfo, ClientError> {
-        let r = self.admin.clone().approve(pb::ApproveRequest { id }).await.map_err(|s| self.status(s))?;
+        let r = call!(self, Rpc::Approve, admin.approve(pb::ApproveRequest { id }))?;
         Ok(approval(r.into_inner()))
     }
 
     /// All approval requests.
     pub async fn approvals(&self) -> Result<Vec<ApprovalInfo>, ClientError> {
-        let r = self.admin.clone().list_approvals(pb::ListApprovalsRequest {}).await.map_err(|s| self.status(s))?;
+        let r = call!(self, Rpc::ListApprovals, admin.list_approvals(pb::ListApprovalsRequest {}))?;
         Ok(r.into_inner().approvals.into_iter().map(approval).collect())
     }
 
@@ -509,22 +563,17 @@ impl KmsClient {
             duration_ms: t.duration_ms,
             host: t.host.clone(),
         };
-        self.keys.clone().record_restore_test(req).await.map_err(|s| self.status(s))?;
+        call!(self, Rpc::RecordRestoreTest, keys.record_restore_test(req))?;
         Ok(())
     }
 
     pub async fn list_keyrings(&self) -> Result<Vec<KeyringInfo>, ClientError> {
-        let r = self.admin.clone().list_keyrings(pb::ListKeyringsRequest {}).await.map_err(|s| self.status(s))?;
+        let r = call!(self, Rpc::ListKeyrings, admin.list_keyrings(pb::ListKeyringsRequest {}))?;
         Ok(r.into_inner().keyrings.into_iter().map(keyring_info).collect())
     }
 
     pub async fn get_keyring(&self, name: &str) -> Result<KeyringInfo, ClientError> {
-        let r = self
-            .admin
-            .clone()
-            .get_keyring(pb::GetKeyringRequest { name: name.to_owned() })
-            .await
-            .map_err(|s| self.status(s))?;
+        let r = call!(self, Rpc::GetKeyring, admin.get_keyring(pb::GetKeyringRequest { name: name.to_owned() }))?;
         Ok(keyring_info(r.into_inner()))
     }
 
@@ -532,23 +581,13 @@ impl KmsClient {
     /// A new recovery recipient (or the first) needs a second officer's approval (the
     /// answer is then pending); the same recipient again is installed at once.
     pub async fn install_escrow(&self, manifest_json: &str, allow_new_recipient: bool) -> Result<Requested<EscrowStatus>, ClientError> {
-        let r = self
-            .admin
-            .clone()
-            .install_escrow(pb::InstallEscrowRequest { manifest_json: manifest_json.to_owned(), allow_new_recipient })
-            .await
-            .map_err(|s| self.status(s))?;
+        let r = call!(self, Rpc::InstallEscrow, admin.install_escrow(pb::InstallEscrowRequest { manifest_json: manifest_json.to_owned(), allow_new_recipient }))?;
         let mut r = r.into_inner();
         Ok(Requested::of(r.pending.take(), || escrow_status(r)))
     }
 
     pub async fn escrow_status(&self) -> Result<EscrowStatus, ClientError> {
-        let r = self
-            .admin
-            .clone()
-            .get_escrow_status(pb::GetEscrowStatusRequest {})
-            .await
-            .map_err(|s| self.status(s))?;
+        let r = call!(self, Rpc::GetEscrowStatus, admin.get_escrow_status(pb::GetEscrowStatusRequest {}))?;
         Ok(escrow_status(r.into_inner()))
     }
 }
@@ -557,13 +596,13 @@ impl KmsClient {
     /// Re-wraps a data key under the keyring's current version (restorer).
     pub async fn rewrap_data_key(&self, key_id: &str, keyring: &str, wrapped: &[u8]) -> Result<Rewrapped, ClientError> {
         let req = pb::RewrapDataKeyRequest { key_id: key_id.to_owned(), wrapped_key: wrapped.to_vec(), keyring: keyring.to_owned() };
-        let r = self.keys.clone().rewrap_data_key(req).await.map_err(|s| self.status(s))?.into_inner();
+        let r = call!(self, Rpc::RewrapDataKey, keys.rewrap_data_key(req))?.into_inner();
         Ok(Rewrapped { wrapped: r.wrapped_key, version: r.keyring_version, previous_version: r.previous_version })
     }
 
     /// Asks to remove the escrow manifest in force (officer; dual control).
     pub async fn remove_escrow(&self) -> Result<ApprovalInfo, ClientError> {
-        let r = self.admin.clone().remove_escrow(pb::RemoveEscrowRequest {}).await.map_err(|s| self.status(s))?;
+        let r = call!(self, Rpc::RemoveEscrow, admin.remove_escrow(pb::RemoveEscrowRequest {}))?;
         Ok(approval(r.into_inner()))
     }
 
@@ -572,7 +611,7 @@ impl KmsClient {
     /// pending); raising it and the rotation period apply at once.
     pub async fn set_keyring_policy(&self, name: &str, retention_days: Option<u32>, rotation_period_days: Option<u32>) -> Result<Requested<KeyringInfo>, ClientError> {
         let req = pb::SetKeyringPolicyRequest { name: name.to_owned(), retention_days, rotation_period_days };
-        let mut r = self.admin.clone().set_keyring_policy(req).await.map_err(|s| self.status(s))?.into_inner();
+        let mut r = call!(self, Rpc::SetKeyringPolicy, admin.set_keyring_policy(req))?.into_inner();
         Ok(Requested::of(r.pending.take(), || keyring_info(r)))
     }
 
@@ -580,13 +619,13 @@ impl KmsClient {
     /// needs a second officer's approval (the answer is then pending).
     pub async fn set_legal_hold(&self, keyring: &str, hold: bool, reason: &str) -> Result<Requested<KeyringInfo>, ClientError> {
         let req = pb::SetLegalHoldRequest { keyring: keyring.to_owned(), hold, reason: reason.to_owned() };
-        let mut r = self.admin.clone().set_legal_hold(req).await.map_err(|s| self.status(s))?.into_inner();
+        let mut r = call!(self, Rpc::SetLegalHold, admin.set_legal_hold(req))?.into_inner();
         Ok(Requested::of(r.pending.take(), || keyring_info(r)))
     }
 
     /// Registry facts of one data key (officer, auditor).
     pub async fn get_data_key(&self, key_id: &str) -> Result<DataKeyInfo, ClientError> {
-        let r = self.admin.clone().get_data_key(pb::GetDataKeyRequest { key_id: key_id.to_owned() }).await.map_err(|s| self.status(s))?;
+        let r = call!(self, Rpc::GetDataKey, admin.get_data_key(pb::GetDataKeyRequest { key_id: key_id.to_owned() }))?;
         let k = r.into_inner();
         Ok(DataKeyInfo {
             key_id: k.key_id,
@@ -606,31 +645,31 @@ impl KmsClient {
 
     /// Asks to destroy one data key (officer).
     pub async fn destroy_key(&self, key_id: &str) -> Result<DestroyOutcome, ClientError> {
-        let r = self.admin.clone().destroy_key(pb::DestroyKeyRequest { key_id: key_id.to_owned() }).await.map_err(|s| self.status(s))?;
+        let r = call!(self, Rpc::DestroyKey, admin.destroy_key(pb::DestroyKeyRequest { key_id: key_id.to_owned() }))?;
         destroy_outcome(r.into_inner())
     }
 
     /// Asks to destroy a keyring (officer; always dual control).
     pub async fn destroy_keyring(&self, name: &str) -> Result<DestroyOutcome, ClientError> {
-        let r = self.admin.clone().destroy_keyring(pb::DestroyKeyringRequest { name: name.to_owned() }).await.map_err(|s| self.status(s))?;
+        let r = call!(self, Rpc::DestroyKeyring, admin.destroy_keyring(pb::DestroyKeyringRequest { name: name.to_owned() }))?;
         destroy_outcome(r.into_inner())
     }
 
     /// Cancels a scheduled destruction (officer).
     pub async fn cancel_destruction(&self, id: u64) -> Result<DestructionInfo, ClientError> {
-        let r = self.admin.clone().cancel_destruction(pb::CancelDestructionRequest { id }).await.map_err(|s| self.status(s))?;
+        let r = call!(self, Rpc::CancelDestruction, admin.cancel_destruction(pb::CancelDestructionRequest { id }))?;
         Ok(destruction(r.into_inner()))
     }
 
     /// Every destruction, scheduled or past (officer, auditor).
     pub async fn destructions(&self) -> Result<Vec<DestructionInfo>, ClientError> {
-        let r = self.admin.clone().list_destructions(pb::ListDestructionsRequest {}).await.map_err(|s| self.status(s))?;
+        let r = call!(self, Rpc::ListDestructions, admin.list_destructions(pb::ListDestructionsRequest {}))?;
         Ok(r.into_inner().destructions.into_iter().map(destruction).collect())
     }
 
     /// Creates a new master key and rewraps the keyring keys under it (officer).
     pub async fn rotate_master(&self) -> Result<MasterStatus, ClientError> {
-        let r = self.admin.clone().rotate_master(pb::RotateMasterRequest {}).await.map_err(|s| self.status(s))?.into_inner();
+        let r = call!(self, Rpc::RotateMaster, admin.rotate_master(pb::RotateMasterRequest {}))?.into_inner();
         Ok(MasterStatus {
             generation: r.generation,
             description: r.description,
@@ -642,29 +681,32 @@ impl KmsClient {
     /// The compliance report (officer, auditor).
     pub async fn report(&self, since: Option<&str>) -> Result<kluis_proto::report::Report, ClientError> {
         let req = pb::GetReportRequest { since: since.unwrap_or_default().to_owned() };
-        let r = self.admin.clone().get_report(req).await.map_err(|s| self.status(s))?.into_inner();
+        let r = call!(self, Rpc::GetReport, admin.get_report(req))?.into_inner();
         serde_json::from_str(&r.json).map_err(|_| ClientError::BadResponse { what: "report is not kluis-report/v1 JSON" })
     }
 
     /// The audit trail as JSON lines ending with a signed head; `since` is RFC 3339, `tail` 0 for all.
     pub async fn export_audit(&self, since: Option<&str>, tail: u64) -> Result<Vec<String>, ClientError> {
         let req = pb::ExportAuditRequest { since: since.unwrap_or_default().to_owned(), tail };
-        let mut stream = self.audit.clone().export_audit(req).await.map_err(|s| self.status(s))?.into_inner();
-        let mut lines = Vec::new();
-        while let Some(line) = stream.message().await.map_err(|s| self.status(s))? {
-            lines.push(line.json);
-        }
-        Ok(lines)
+        // The whole stream is one attempt: a stream cut short is read again from the start.
+        self.call(Rpc::ExportAudit, || {
+            let mut audit = self.audit.clone();
+            let req = req.clone();
+            async move {
+                let mut stream = audit.export_audit(req).await?.into_inner();
+                let mut lines = Vec::new();
+                while let Some(line) = stream.message().await? {
+                    lines.push(line.json);
+                }
+                Ok(lines)
+            }
+        })
+        .await
     }
 
     /// The server's Ed25519 audit public key (32 bytes).
     pub async fn audit_public_key(&self) -> Result<Vec<u8>, ClientError> {
-        let r = self
-            .audit
-            .clone()
-            .get_audit_public_key(pb::GetAuditPublicKeyRequest {})
-            .await
-            .map_err(|s| self.status(s))?;
+        let r = call!(self, Rpc::GetAuditPublicKey, audit.get_audit_public_key(pb::GetAuditPublicKeyRequest {}))?;
         Ok(r.into_inner().ed25519)
     }
 }
@@ -817,6 +859,32 @@ mod tests {
         let mut s = Status::cancelled("connection closed");
         s.set_source(std::sync::Arc::new(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset")));
         assert!(matches!(ClientError::from_status(EP, s), ClientError::ConnectionLost { .. }));
+    }
+
+    /// The channel's own reconnect failed: tonic hands up UNAVAILABLE with its
+    /// ConnectError in the chain. That request was never sent.
+    #[test]
+    fn a_failed_reconnect_is_a_connect_failure_with_its_io_kind() {
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused (os error 111)");
+        let s = Status::from_error(Box::new(tonic::ConnectError(Box::new(refused))));
+        assert_eq!(s.code(), Code::Unavailable);
+        let e = ClientError::from_status(EP, s);
+        match &e {
+            ClientError::Connect { io, detail, .. } => {
+                assert_eq!(*io, Some(std::io::ErrorKind::ConnectionRefused));
+                assert_eq!(detail, "Connection refused (os error 111)");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(e.class(), ErrorClass::Unavailable);
+        assert!(e.to_string().starts_with("cannot reach the Kluis server at https://kms.example:8443: Connection refused"), "{e}");
+        // Lost mid-request: the kind is kept for the retry line.
+        let e = ClientError::from_status(EP, transport(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset")));
+        assert!(matches!(e, ClientError::ConnectionLost { io: Some(std::io::ErrorKind::ConnectionReset), .. }), "{e:?}");
+        // A TLS alert during the reconnect is still a refusal, not "unreachable".
+        let alert = std::io::Error::new(std::io::ErrorKind::InvalidData, rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRevoked));
+        let e = ClientError::from_status(EP, Status::from_error(Box::new(tonic::ConnectError(Box::new(alert)))));
+        assert!(matches!(e, ClientError::TlsRejected { .. }), "{e:?}");
     }
 
     #[test]

@@ -25,6 +25,62 @@ pub enum ConfigError {
     KeyPermissions { path: PathBuf, mode: u32 },
     #[error("no client config: pass --client-config FILE or set {CLIENT_CONFIG_ENV}")]
     Missing,
+    /// A value outside its range; `field` is its TOML name, e.g. `retry.deadline_secs`.
+    #[error("client config {path}: {field} = {value} is out of range; allowed: {min} to {max}")]
+    Range { path: PathBuf, field: &'static str, value: u64, min: u64, max: u64 },
+}
+
+/// The `[retry]` table: how long a request is retried when the server is unavailable
+/// (connection refused, reset or lost mid-request, UNAVAILABLE without a Kluis reason).
+/// See `crate::retry` for what is retried and what never is.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Total time to keep retrying one request, seconds from its first attempt; 0 = never retry.
+    pub deadline_secs: u64,
+    /// Backoff before the first retry, milliseconds; doubles each time (with full jitter).
+    pub initial_backoff_ms: u64,
+    /// Cap of the backoff, milliseconds.
+    pub max_backoff_ms: u64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self { deadline_secs: 60, initial_backoff_ms: 100, max_backoff_ms: 5000 }
+    }
+}
+
+impl RetryConfig {
+    /// At most a day of retrying: a nightly job must end.
+    pub const MAX_DEADLINE_SECS: u64 = 86_400;
+    /// Backoffs from 1 ms to 5 minutes.
+    pub const MAX_BACKOFF_MS: u64 = 300_000;
+
+    pub fn deadline(&self) -> Duration {
+        Duration::from_secs(self.deadline_secs)
+    }
+
+    pub fn initial_backoff(&self) -> Duration {
+        Duration::from_millis(self.initial_backoff_ms)
+    }
+
+    pub fn max_backoff(&self) -> Duration {
+        Duration::from_millis(self.max_backoff_ms)
+    }
+
+    /// Checks every value against its range, naming the field of the first one outside.
+    fn check(&self, path: &Path) -> Result<(), ConfigError> {
+        let range = |field: &'static str, value: u64, min: u64, max: u64| {
+            if (min..=max).contains(&value) {
+                Ok(())
+            } else {
+                Err(ConfigError::Range { path: path.to_owned(), field, value, min, max })
+            }
+        };
+        range("retry.deadline_secs", self.deadline_secs, 0, Self::MAX_DEADLINE_SECS)?;
+        range("retry.initial_backoff_ms", self.initial_backoff_ms, 1, Self::MAX_BACKOFF_MS)?;
+        range("retry.max_backoff_ms", self.max_backoff_ms, self.initial_backoff_ms, Self::MAX_BACKOFF_MS)
+    }
 }
 
 /// Where the server is and how to authenticate to it.
@@ -48,6 +104,9 @@ pub struct ClientConfig {
     /// Deadline to establish the connection, seconds (default 10).
     #[serde(default)]
     pub connect_timeout_secs: Option<u64>,
+    /// Retrying while the server is unavailable (default: for 60 s).
+    #[serde(default)]
+    pub retry: RetryConfig,
 }
 
 impl ClientConfig {
@@ -59,6 +118,7 @@ impl ClientConfig {
         if cfg.version != CONFIG_VERSION {
             return Err(ConfigError::Version { path: path.to_owned(), found: cfg.version });
         }
+        cfg.retry.check(path)?;
         let base = path.parent().unwrap_or(Path::new("."));
         for p in [&mut cfg.ca, &mut cfg.cert, &mut cfg.key] {
             if p.is_relative() {
@@ -95,5 +155,63 @@ impl ClientConfig {
             return Err(ConfigError::KeyPermissions { path: self.key.clone(), mode });
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+
+    const BASE: &str = "version = 1\nendpoint = \"https://127.0.0.1:8443\"\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"c.key\"\n";
+
+    fn load(extra: &str) -> Result<ClientConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("client.toml");
+        std::fs::write(&p, format!("{BASE}{extra}")).unwrap();
+        ClientConfig::load(&p)
+    }
+
+    #[test]
+    fn retry_defaults_to_sixty_seconds() {
+        let cfg = load("").unwrap();
+        assert_eq!(cfg.retry, RetryConfig { deadline_secs: 60, initial_backoff_ms: 100, max_backoff_ms: 5000 });
+        let cfg = load("[retry]\ndeadline_secs = 0\n").unwrap();
+        assert_eq!(cfg.retry, RetryConfig { deadline_secs: 0, ..RetryConfig::default() });
+        let cfg = load("[retry]\ndeadline_secs = 86400\ninitial_backoff_ms = 250\nmax_backoff_ms = 250\n").unwrap();
+        assert_eq!((cfg.retry.deadline(), cfg.retry.initial_backoff(), cfg.retry.max_backoff()), (
+            Duration::from_secs(86_400),
+            Duration::from_millis(250),
+            Duration::from_millis(250)
+        ));
+    }
+
+    #[test]
+    fn an_unknown_retry_field_is_refused_by_name() {
+        let e = load("[retry]\ndeadline = 5\n").unwrap_err();
+        assert!(matches!(e, ConfigError::Parse { .. }), "{e:?}");
+        assert!(e.to_string().contains("unknown field `deadline`"), "{e}");
+        let e = load("[retry]\ndeadline_secs = \"60\"\n").unwrap_err();
+        assert!(e.to_string().contains("deadline_secs"), "{e}");
+        let e = load("[retry]\ndeadline_secs = -1\n").unwrap_err();
+        assert!(e.to_string().contains("deadline_secs"), "{e}");
+    }
+
+    #[test]
+    fn out_of_range_retry_values_are_refused_naming_the_field() {
+        for (extra, field) in [
+            ("deadline_secs = 86401", "retry.deadline_secs = 86401"),
+            ("initial_backoff_ms = 0", "retry.initial_backoff_ms = 0"),
+            ("initial_backoff_ms = 300001", "retry.initial_backoff_ms = 300001"),
+            ("max_backoff_ms = 300001", "retry.max_backoff_ms = 300001"),
+            // The cap may not be below the first backoff.
+            ("initial_backoff_ms = 500\nmax_backoff_ms = 499", "retry.max_backoff_ms = 499"),
+        ] {
+            let e = load(&format!("[retry]\n{extra}\n")).unwrap_err();
+            assert!(matches!(e, ConfigError::Range { .. }), "{extra}: {e:?}");
+            let text = e.to_string();
+            assert!(text.contains(field) && text.contains("out of range"), "{extra}: {text}");
+        }
     }
 }

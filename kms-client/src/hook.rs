@@ -41,7 +41,8 @@ pub struct Hook {
 }
 
 impl Hook {
-    /// Connects to the server named in `cfg` (within its connect deadline).
+    /// Connects to the server named in `cfg` (within its connect deadline, retrying while
+    /// it is unreachable as `cfg.retry` says).
     pub fn connect(cfg: &ClientConfig) -> Result<Self, HookError> {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(HookError::Runtime)?;
         let client = rt.block_on(KmsClient::connect(cfg))?;

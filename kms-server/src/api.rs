@@ -219,7 +219,11 @@ fn auth_code_reason(e: &AuthError) -> (tonic::Code, kluis_proto::error::Reason) 
     use tonic::Code;
     match e {
         AuthError::Denied { .. } | AuthError::DeniedGlobal { .. } => (Code::PermissionDenied, Reason::PermissionDenied),
-        AuthError::NoCertificate | AuthError::BadCertificate | AuthError::NoCommonName | AuthError::NoSan { .. } => {
+        AuthError::NoCertificate
+        | AuthError::BadCertificate
+        | AuthError::NoCommonName
+        | AuthError::NoSan { .. }
+        | AuthError::AmbiguousIdentity { .. } => {
             (Code::Unauthenticated, Reason::CertificateNotAccepted)
         }
         AuthError::Revoked { .. } => (Code::Unauthenticated, Reason::CertificateRevoked),

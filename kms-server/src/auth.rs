@@ -155,6 +155,19 @@ pub enum AuthError {
     /// but as the server's fault, not as a verdict on the certificate.
     #[error("the revocation list cannot be checked (its lock was poisoned); refusing the request")]
     RevocationUnavailable,
+    /// The certificate names more than one identity of the configured kind: which one
+    /// is meant is not for the server to guess.
+    #[error("the client certificate's identity is ambiguous: {reason}")]
+    AmbiguousIdentity { reason: AmbiguousIdentity },
+}
+
+/// Why a certificate's identity is ambiguous.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AmbiguousIdentity {
+    #[error("its subject has {count} common names (CN); exactly one is accepted")]
+    SeveralCommonNames { count: usize },
+    #[error("it has {count} {kind} subject alternative names; exactly one is accepted as the identity")]
+    SeveralSans { kind: &'static str, count: usize },
 }
 
 /// Which part of the client certificate names the principal.
@@ -164,9 +177,10 @@ pub enum IdentitySource {
     /// The subject common name.
     #[default]
     Cn,
-    /// The first URI subject alternative name (e.g. `spiffe://clinic/backup01`).
+    /// The URI subject alternative name (e.g. `spiffe://clinic/backup01`); a certificate
+    /// with several is refused as ambiguous.
     SanUri,
-    /// The first DNS subject alternative name.
+    /// The DNS subject alternative name; a certificate with several is refused as ambiguous.
     SanDns,
 }
 
@@ -184,26 +198,44 @@ impl Principal {
         use x509_parser::extensions::GeneralName;
         let (_, cert) =
             x509_parser::parse_x509_certificate(der).map_err(|_| AuthError::BadCertificate)?;
-        let san = |want_uri: bool| -> Option<String> {
-            let ext = cert.subject_alternative_name().ok().flatten()?;
-            ext.value.general_names.iter().find_map(|n| match (n, want_uri) {
-                (GeneralName::URI(u), true) => Some((*u).to_owned()),
-                (GeneralName::DNSName(d), false) => Some((*d).to_owned()),
-                _ => None,
-            })
+        // Exactly one name of the configured kind, or the certificate is refused.
+        let san = |want_uri: bool, kind: &'static str| -> Result<Self, AuthError> {
+            let names: Vec<&str> = match cert.subject_alternative_name() {
+                Ok(Some(ext)) => ext
+                    .value
+                    .general_names
+                    .iter()
+                    .filter_map(|n| match (n, want_uri) {
+                        (GeneralName::URI(u), true) => Some(*u),
+                        (GeneralName::DNSName(d), false) => Some(*d),
+                        _ => None,
+                    })
+                    .collect(),
+                Ok(None) => Vec::new(),
+                // A duplicated extension is itself ambiguous; x509-parser refuses it.
+                Err(_) => return Err(AuthError::BadCertificate),
+            };
+            match names.as_slice() {
+                [] => Err(AuthError::NoSan { kind }),
+                [one] => Ok(Self((*one).to_owned())),
+                several => Err(AuthError::AmbiguousIdentity {
+                    reason: AmbiguousIdentity::SeveralSans { kind, count: several.len() },
+                }),
+            }
         };
         match source {
             IdentitySource::Cn => {
-                let cn = cert
-                    .subject()
-                    .iter_common_name()
-                    .next()
-                    .and_then(|cn| cn.as_str().ok())
-                    .ok_or(AuthError::NoCommonName)?;
-                Ok(Self(cn.to_owned()))
+                let cns: Vec<_> = cert.subject().iter_common_name().collect();
+                match cns.as_slice() {
+                    [] => Err(AuthError::NoCommonName),
+                    [one] => one.as_str().map(|cn| Self(cn.to_owned())).map_err(|_| AuthError::NoCommonName),
+                    several => Err(AuthError::AmbiguousIdentity {
+                        reason: AmbiguousIdentity::SeveralCommonNames { count: several.len() },
+                    }),
+                }
             }
-            IdentitySource::SanUri => san(true).map(Self).ok_or(AuthError::NoSan { kind: "URI" }),
-            IdentitySource::SanDns => san(false).map(Self).ok_or(AuthError::NoSan { kind: "DNS" }),
+            IdentitySource::SanUri => san(true, "URI"),
+            IdentitySource::SanDns => san(false, "DNS"),
         }
     }
 
@@ -213,11 +245,19 @@ impl Principal {
     }
 }
 
+/// Largest revocation list read (a fingerprint line is about 100 bytes: tens of thousands fit).
+pub const MAX_REVOCATION_LIST_BYTES: u64 = 8 << 20;
+
 /// A deny list of client certificates (SHA-256 fingerprints of the DER, hex, one
 /// per line; `#` comments), re-read whenever the file changes: revoking needs no restart.
+///
+/// Grammar, per line: blank; a comment starting with `#`; or one fingerprint, 64 hex
+/// digits (either case) or 32 two-digit groups separated by `:`, optionally followed
+/// by whitespace and a `#` comment. Anything else refuses the whole file, naming the line.
 pub struct RevocationList {
     path: std::path::PathBuf,
     state: std::sync::Mutex<RevocationState>,
+    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
 
 #[derive(Default)]
@@ -226,44 +266,98 @@ struct RevocationState {
     fingerprints: std::collections::HashSet<String>,
 }
 
-/// Errors loading the deny list at start.
+/// What is wrong with a line of the revocation list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RevocationLineError {
+    #[error("not a SHA-256 fingerprint (64 hex digits, or 32 hex pairs separated by ':')")]
+    NotFingerprint,
+    #[error("text after the fingerprint that is not a '#' comment")]
+    TrailingText,
+    #[error("not UTF-8 text")]
+    NotUtf8,
+}
+
+/// Errors loading the deny list.
 #[derive(Debug, thiserror::Error)]
 pub enum RevocationError {
     #[error("revocation list {path} could not be read: {source}")]
     Read { path: std::path::PathBuf, source: std::io::Error },
-    #[error("revocation list {path}, line {line}: not a SHA-256 fingerprint (64 hex digits, colons allowed)")]
-    Parse { path: std::path::PathBuf, line: usize },
+    #[error("revocation list {path} is larger than {cap} bytes")]
+    TooLarge { path: std::path::PathBuf, cap: u64 },
+    #[error("revocation list {path}, line {line}: {reason}")]
+    Parse { path: std::path::PathBuf, line: usize, reason: RevocationLineError },
+}
+
+/// One fingerprint, lower-case hex, or why the text is not one.
+fn parse_fingerprint(s: &str) -> Result<String, RevocationLineError> {
+    let hex: String = if s.contains(':') {
+        let groups: Vec<&str> = s.split(':').collect();
+        if groups.len() != 32 || groups.iter().any(|g| g.len() != 2) {
+            return Err(RevocationLineError::NotFingerprint);
+        }
+        groups.concat()
+    } else {
+        s.to_owned()
+    };
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(RevocationLineError::NotFingerprint);
+    }
+    Ok(hex.to_ascii_lowercase())
+}
+
+/// Parses the deny list; the error names the first bad line (1-based).
+pub fn parse_revocation_list(bytes: &[u8]) -> Result<std::collections::HashSet<String>, (usize, RevocationLineError)> {
+    let mut fingerprints = std::collections::HashSet::new();
+    for (i, raw) in bytes.split(|b| *b == b'\n').enumerate() {
+        let line = std::str::from_utf8(raw).map_err(|_| (i + 1, RevocationLineError::NotUtf8))?;
+        let line = line.strip_suffix('\r').unwrap_or(line).trim_matches(|c| c == ' ' || c == '\t');
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (fp, rest) = line.split_once([' ', '\t']).unwrap_or((line, ""));
+        let rest = rest.trim_start_matches([' ', '\t']);
+        if !rest.is_empty() && !rest.starts_with('#') {
+            // Tell a bad fingerprint from a good one followed by junk.
+            parse_fingerprint(fp).map_err(|e| (i + 1, e))?;
+            return Err((i + 1, RevocationLineError::TrailingText));
+        }
+        fingerprints.insert(parse_fingerprint(fp).map_err(|e| (i + 1, e))?);
+    }
+    Ok(fingerprints)
 }
 
 impl RevocationList {
     /// Loads the list; a missing or malformed file refuses the start.
     pub fn load(path: &std::path::Path) -> Result<Self, RevocationError> {
-        let mut list = Self { path: path.to_owned(), state: std::sync::Mutex::new(RevocationState::default()) };
+        let mut list = Self { path: path.to_owned(), state: std::sync::Mutex::new(RevocationState::default()), metrics: None };
         list.state = std::sync::Mutex::new(list.read()?);
         Ok(list)
     }
 
+    /// Counts failed reloads in `metrics` (`kluis_reload_failures_total`).
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
     fn read(&self) -> Result<RevocationState, RevocationError> {
+        use std::io::Read as _;
         let err = |e| RevocationError::Read { path: self.path.clone(), source: e };
-        let meta = std::fs::metadata(&self.path).map_err(err)?;
-        let text = std::fs::read_to_string(&self.path).map_err(err)?;
-        let mut fingerprints = std::collections::HashSet::new();
-        for (i, raw) in text.lines().enumerate() {
-            let line = raw.split('#').next().unwrap_or("").trim();
-            if line.is_empty() {
-                continue;
-            }
-            let hex: String = line.chars().filter(|c| *c != ':').collect::<String>().to_ascii_lowercase();
-            if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(RevocationError::Parse { path: self.path.clone(), line: i + 1 });
-            }
-            fingerprints.insert(hex);
+        let file = std::fs::File::open(&self.path).map_err(err)?;
+        let meta = file.metadata().map_err(err)?;
+        let mut bytes = Vec::new();
+        file.take(MAX_REVOCATION_LIST_BYTES + 1).read_to_end(&mut bytes).map_err(err)?;
+        if bytes.len() as u64 > MAX_REVOCATION_LIST_BYTES {
+            return Err(RevocationError::TooLarge { path: self.path.clone(), cap: MAX_REVOCATION_LIST_BYTES });
         }
+        let fingerprints = parse_revocation_list(&bytes)
+            .map_err(|(line, reason)| RevocationError::Parse { path: self.path.clone(), line, reason })?;
         Ok(RevocationState { stamp: meta.modified().ok().map(|m| (m, meta.len())), fingerprints })
     }
 
     /// Refuses a revoked certificate. Re-reads the file if it changed; if it became
-    /// unreadable, keeps the last good list and says so in the log.
+    /// unreadable or malformed, keeps the last good list, logs why (with the line) and
+    /// counts the failure.
     pub fn check(&self, principal: &Principal, der: &[u8]) -> Result<(), AuthError> {
         let stamp = std::fs::metadata(&self.path).ok().and_then(|m| m.modified().ok().map(|t| (t, m.len())));
         let mut st = self.state.lock().map_err(|_| AuthError::RevocationUnavailable)?;
@@ -273,7 +367,14 @@ impl RevocationList {
                     tracing::info!(path = %self.path.display(), entries = fresh.fingerprints.len(), "revocation list reloaded");
                     *st = fresh;
                 }
-                Err(e) => tracing::error!(error = %e, "revocation list unreadable; keeping the previous one"),
+                Err(e) => {
+                    tracing::error!(error = %e, "revocation list not reloaded; keeping the previous one");
+                    // Retry only when the file changes again.
+                    st.stamp = stamp;
+                    if let Some(m) = &self.metrics {
+                        m.reload_failed();
+                    }
+                }
             }
         }
         let fp = hex::encode(ring::digest::digest(&ring::digest::SHA256, der));
@@ -469,5 +570,130 @@ mod tests {
         })
         .join();
         assert!(matches!(list.check(&p, b"some certificate"), Err(AuthError::RevocationUnavailable)));
+    }
+
+    const FP: &str = "25601742e95796c1358e8b6ae9d73754a0aa296b47e31a01e6a8a3b9d694b0b0";
+
+    fn line_error(text: &str) -> (usize, RevocationLineError) {
+        parse_revocation_list(text.as_bytes()).unwrap_err()
+    }
+
+    #[test]
+    fn revocation_list_accepts_fingerprints_comments_and_blank_lines() {
+        let colon = FP.to_ascii_uppercase().as_bytes().chunks(2).map(|c| std::str::from_utf8(c).unwrap()).collect::<Vec<_>>().join(":");
+        let text = format!("# revoked\n\n  {FP}  # laptop\n{}\r\n\t{colon}\n", FP.to_ascii_uppercase());
+        let set = parse_revocation_list(text.as_bytes()).unwrap();
+        assert_eq!(set.len(), 1);
+        assert!(set.contains(FP));
+        assert!(parse_revocation_list(b"").unwrap().is_empty());
+    }
+
+    #[test]
+    fn revocation_list_refuses_a_short_or_long_fingerprint_naming_the_line() {
+        assert_eq!(line_error(&format!("# x\n{}\n", &FP[..63])), (2, RevocationLineError::NotFingerprint));
+        assert_eq!(line_error(&format!("{FP}0\n")), (1, RevocationLineError::NotFingerprint));
+    }
+
+    #[test]
+    fn revocation_list_refuses_non_hex_naming_the_line() {
+        assert_eq!(line_error(&format!("{FP}\n\n{}g\n", &FP[..63])), (3, RevocationLineError::NotFingerprint));
+        assert_eq!(line_error("sealer\n"), (1, RevocationLineError::NotFingerprint));
+    }
+
+    #[test]
+    fn revocation_list_refuses_malformed_colon_groups() {
+        let bad = format!("{}:{}", &FP[..3], &FP[3..]);
+        assert_eq!(line_error(&bad), (1, RevocationLineError::NotFingerprint));
+        let mixed = format!("{}:{}", &FP[..2], &FP[2..]);
+        assert_eq!(line_error(&mixed), (1, RevocationLineError::NotFingerprint));
+    }
+
+    #[test]
+    fn revocation_list_refuses_text_after_a_fingerprint_that_is_not_a_comment() {
+        assert_eq!(line_error(&format!("{FP}\n{FP} sealer\n")), (2, RevocationLineError::TrailingText));
+        assert_eq!(line_error(&format!("{FP} {FP}\n")), (1, RevocationLineError::TrailingText));
+    }
+
+    #[test]
+    fn revocation_list_refuses_non_utf8_naming_the_line() {
+        assert_eq!(parse_revocation_list(b"# ok\n# \xff\n").unwrap_err(), (2, RevocationLineError::NotUtf8));
+    }
+
+    #[test]
+    fn revocation_list_over_the_cap_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("revoked.txt");
+        let f = std::fs::File::create(&path).unwrap();
+        f.set_len(MAX_REVOCATION_LIST_BYTES + 1).unwrap();
+        let e = RevocationList::load(&path).err().unwrap();
+        assert!(matches!(e, RevocationError::TooLarge { .. }), "{e}");
+        assert!(e.to_string().contains(&path.display().to_string()), "{e}");
+    }
+
+    #[test]
+    fn a_malformed_reload_keeps_the_previous_list_and_counts_the_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("revoked.txt");
+        let der = b"some certificate";
+        let fp = hex::encode(ring::digest::digest(&ring::digest::SHA256, der));
+        std::fs::write(&path, format!("{fp}\n")).unwrap();
+        let metrics = std::sync::Arc::new(crate::metrics::Metrics::default());
+        let list = RevocationList::load(&path).unwrap().with_metrics(metrics.clone());
+        let p = Principal::for_test("host1");
+        assert!(matches!(list.check(&p, der), Err(AuthError::Revoked { .. })));
+        // Not a fingerprint on line 2: the previous list stays in force.
+        std::fs::write(&path, format!("{fp}\nnot-a-fingerprint\n# and more\n")).unwrap();
+        assert!(matches!(list.check(&p, der), Err(AuthError::Revoked { .. })));
+        assert!(metrics.render(true).contains("kluis_reload_failures_total 1\n"));
+        // Checked again without a change: not counted again.
+        assert!(matches!(list.check(&p, der), Err(AuthError::Revoked { .. })));
+        assert!(metrics.render(true).contains("kluis_reload_failures_total 1\n"));
+        // A good file again takes effect.
+        std::fs::write(&path, "# nobody revoked\n").unwrap();
+        assert!(list.check(&p, der).is_ok());
+    }
+
+    fn cert_with(dn: rcgen::DistinguishedName, sans: Vec<rcgen::SanType>) -> Vec<u8> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name = dn;
+        params.subject_alt_names = sans;
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn several_common_names_are_refused_as_ambiguous() {
+        let mut dn = rcgen::DistinguishedName::new();
+        dn.push(rcgen::DnType::CommonName, "dev");
+        // A second CN attribute (OID 2.5.4.3) after the first: CN=dev,CN=nobody.
+        dn.push(rcgen::DnType::CustomDnType(vec![2, 5, 4, 3]), "nobody");
+        let der = cert_with(dn, vec![]);
+        let e = Principal::from_certificate(&der, IdentitySource::Cn).unwrap_err();
+        assert!(
+            matches!(e, AuthError::AmbiguousIdentity { reason: AmbiguousIdentity::SeveralCommonNames { count: 2 } }),
+            "{e}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "the client certificate's identity is ambiguous: its subject has 2 common names (CN); exactly one is accepted"
+        );
+        let mut one = rcgen::DistinguishedName::new();
+        one.push(rcgen::DnType::CommonName, "dev");
+        assert_eq!(Principal::from_certificate(&cert_with(one, vec![]), IdentitySource::Cn).unwrap().name(), "dev");
+    }
+
+    #[test]
+    fn several_matching_sans_are_refused_as_ambiguous() {
+        let uri = |u: &str| rcgen::SanType::URI(u.try_into().unwrap());
+        let dns = |d: &str| rcgen::SanType::DnsName(d.try_into().unwrap());
+        let der = cert_with(rcgen::DistinguishedName::new(), vec![uri("spiffe://clinic/a"), uri("spiffe://clinic/b"), dns("a.clinic")]);
+        let e = Principal::from_certificate(&der, IdentitySource::SanUri).unwrap_err();
+        assert!(matches!(e, AuthError::AmbiguousIdentity { reason: AmbiguousIdentity::SeveralSans { kind: "URI", count: 2 } }), "{e}");
+        // One DNS name among them: unambiguous for san-dns.
+        assert_eq!(Principal::from_certificate(&der, IdentitySource::SanDns).unwrap().name(), "a.clinic");
+        let der = cert_with(rcgen::DistinguishedName::new(), vec![dns("a.clinic"), dns("b.clinic")]);
+        let e = Principal::from_certificate(&der, IdentitySource::SanDns).unwrap_err();
+        assert!(matches!(e, AuthError::AmbiguousIdentity { reason: AmbiguousIdentity::SeveralSans { kind: "DNS", count: 2 } }), "{e}");
+        assert!(matches!(Principal::from_certificate(&der, IdentitySource::SanUri), Err(AuthError::NoSan { kind: "URI" })));
     }
 }

@@ -97,6 +97,8 @@ pub fn main_with(env: Environment) -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal; a log file or the journal gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none())
         .init();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -154,6 +156,8 @@ async fn run(cmd: Cmd, env: Environment) -> Result<(), CliError> {
                 _ => dev::DevMaster::Software,
             };
             let (cfg, created) = dev::prepare(&data_dir, listen, master)?;
+            cfg.check_files()?;
+            let prepared = server::prepare(&cfg)?;
             let keys = startup::open_keys(&cfg, &env)?;
             match dev::bootstrap_keyring(&keys, DEFAULT_KEYRING).await {
                 Ok(_) | Err(KeyError::KeyringExists { .. }) => {}
@@ -171,7 +175,7 @@ async fn run(cmd: Cmd, env: Environment) -> Result<(), CliError> {
             );
             let metrics = metrics_listener(&cfg).await?;
             announce(addr);
-            Ok(server::serve(&cfg, keys, listener, metrics, shutdown_signal()).await?)
+            Ok(server::serve(&cfg, keys, listener, metrics, prepared, shutdown_signal()).await?)
         }
         Cmd::Init { config } => {
             let cfg = ServerConfig::load(&config)?;
@@ -181,12 +185,14 @@ async fn run(cmd: Cmd, env: Environment) -> Result<(), CliError> {
         }
         Cmd::Serve { config } => {
             let cfg = ServerConfig::load(&config)?;
+            cfg.check_files()?;
+            let prepared = server::prepare(&cfg)?;
             let keys = startup::open_keys(&cfg, &env)?;
             let listener = server::bind(&cfg).await?;
             let addr = listener.local_addr().map_err(|e| ServerError::Bind { addr: cfg.listen, source: e })?;
             let metrics = metrics_listener(&cfg).await?;
             announce(addr);
-            Ok(server::serve(&cfg, keys, listener, metrics, shutdown_signal()).await?)
+            Ok(server::serve(&cfg, keys, listener, metrics, prepared, shutdown_signal()).await?)
         }
         Cmd::MigrateMaster { from, to } => {
             let report = startup::migrate::migrate_master(&from, &to, &env).map_err(Box::new)?;

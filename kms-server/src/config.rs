@@ -13,19 +13,50 @@ pub const CONFIG_VERSION: u32 = 1;
 /// Store file name inside `data_dir`.
 pub const STORE_FILE: &str = "kluis.redb";
 
+/// Largest config file read (the server config is a few KiB; grants make it grow slowly).
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
 /// Errors reading the configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("config file {path} could not be read: {source}")]
     Read { path: PathBuf, source: std::io::Error },
-    #[error("config file {path} is not valid: {source}")]
-    Parse { path: PathBuf, source: Box<toml::de::Error> },
+    #[error("config file {path} is larger than {cap} bytes; refusing to read it")]
+    TooLarge { path: PathBuf, cap: u64 },
+    #[error("config file {path} is not UTF-8 text (byte {offset})")]
+    NotUtf8 { path: PathBuf, offset: usize },
+    #[error("config file {path}{at}{fpath}: {message}", at = fmt_at(.line, .column), fpath = fmt_field(.field))]
+    Parse { path: PathBuf, line: Option<usize>, column: Option<usize>, field: String, message: String },
+    #[error("config file {path}: [limits] {field} must be at least 1")]
+    Limit { path: PathBuf, field: &'static str },
+    #[error("{role} file {path} could not be read: {source}")]
+    File { role: &'static str, path: PathBuf, source: std::io::Error },
     #[error("config file {path} has version {found}; this kms-server understands version {CONFIG_VERSION}")]
     Version { path: PathBuf, found: u32 },
     #[error("config file {path} could not be written: {source}")]
     Write { path: PathBuf, source: std::io::Error },
     #[error("config could not be serialised: {0}")]
     Serialize(#[from] toml::ser::Error),
+}
+
+fn fmt_at(line: &Option<usize>, column: &Option<usize>) -> String {
+    match (line, column) {
+        (Some(l), Some(c)) => format!(", line {l}, column {c}"),
+        (Some(l), None) => format!(", line {l}"),
+        _ => String::new(),
+    }
+}
+
+fn fmt_field(field: &str) -> String {
+    if field.is_empty() || field == "." { String::new() } else { format!(", field `{field}`") }
+}
+
+/// 1-based line and column of byte `offset` in `text`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
 }
 
 /// The server configuration file.
@@ -56,6 +87,9 @@ pub struct ServerConfig {
     /// How client certificates become principals, and which are revoked.
     #[serde(default, skip_serializing_if = "AuthConfig::is_default")]
     pub auth: AuthConfig,
+    /// Connection limits of the TLS listener.
+    #[serde(default, skip_serializing_if = "Limits::is_default")]
+    pub limits: Limits,
     /// Who may do what on which keyrings. Anything not granted is refused.
     #[serde(default, rename = "grant")]
     pub grants: Vec<Grant>,
@@ -71,6 +105,40 @@ pub struct AuthConfig {
     /// A deny list of certificate SHA-256 fingerprints, re-read when it changes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoked: Option<PathBuf>,
+    /// X.509 CRL files (PEM or DER) of the client CAs, checked at the TLS handshake and
+    /// re-read when they change.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub crl: Vec<PathBuf>,
+}
+
+/// `[limits]`: what a connection may hold before it does anything useful.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Seconds a client has to finish the TLS handshake (default 10).
+    pub handshake_timeout_secs: u64,
+    /// Seconds a connection may go without any traffic before it is closed (default 300).
+    pub idle_timeout_secs: u64,
+    /// Most connections open at once, handshakes included (default 1024); more are closed at accept.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { handshake_timeout_secs: 10, idle_timeout_secs: 300, max_connections: 1024 }
+    }
+}
+
+impl Limits {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+    pub fn handshake_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.handshake_timeout_secs)
+    }
+    pub fn idle_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.idle_timeout_secs)
+    }
 }
 
 /// Server TLS: certificate and key, and the CA that signs client certificates.
@@ -118,16 +186,91 @@ impl AuthConfig {
 impl ServerConfig {
     /// Reads and validates a config file; relative paths become relative to its directory.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::Read { path: path.to_owned(), source: e })?;
-        let mut cfg: ServerConfig = toml::from_str(&text)
-            .map_err(|e| ConfigError::Parse { path: path.to_owned(), source: Box::new(e) })?;
+        use std::io::Read as _;
+        let read_err = |e| ConfigError::Read { path: path.to_owned(), source: e };
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_CONFIG_BYTES + 1).read_to_end(&mut bytes))
+            .map_err(read_err)?;
+        if bytes.len() as u64 > MAX_CONFIG_BYTES {
+            return Err(ConfigError::TooLarge { path: path.to_owned(), cap: MAX_CONFIG_BYTES });
+        }
+        let text = String::from_utf8(bytes)
+            .map_err(|e| ConfigError::NotUtf8 { path: path.to_owned(), offset: e.utf8_error().valid_up_to() })?;
+        let mut cfg = Self::parse(path, &text)?;
         if cfg.version != CONFIG_VERSION {
             return Err(ConfigError::Version { path: path.to_owned(), found: cfg.version });
+        }
+        for (field, v) in [
+            ("handshake_timeout_secs", cfg.limits.handshake_timeout_secs),
+            ("idle_timeout_secs", cfg.limits.idle_timeout_secs),
+            ("max_connections", cfg.limits.max_connections as u64),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::Limit { path: path.to_owned(), field });
+            }
         }
         let base = path.parent().unwrap_or(Path::new("."));
         cfg.resolve(base);
         Ok(cfg)
+    }
+
+    /// Parses TOML; an error names the line, column and field path.
+    fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let parse_err = |e: toml::de::Error, field: String| {
+            let (line, column) = match e.span() {
+                Some(span) => {
+                    let (l, c) = line_column(text, span.start);
+                    (Some(l), Some(c))
+                }
+                None => (None, None),
+            };
+            ConfigError::Parse { path: path.to_owned(), line, column, field, message: e.message().replace('\n', " ") }
+        };
+        let de = toml::Deserializer::parse(text).map_err(|e| parse_err(e, String::new()))?;
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            parse_err(e.into_inner(), field)
+        })
+    }
+
+    /// Checks that every file the server reads at start exists and is readable, naming
+    /// each missing one by its role.
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        let mut files: Vec<(&'static str, &Path)> =
+            vec![("TLS certificate", &self.tls.cert), ("TLS key", &self.tls.key), ("CA", &self.tls.client_ca)];
+        if let Some(p) = &self.auth.revoked {
+            files.push(("revocation list", p));
+        }
+        files.extend(self.auth.crl.iter().map(|p| ("CRL", p.as_path())));
+        match &self.master {
+            MasterConfig::Software { key_file, passphrase_file, .. } => {
+                files.push(("master key", key_file));
+                if let Some(p) = passphrase_file {
+                    files.push(("passphrase", p));
+                }
+            }
+            MasterConfig::Pkcs11 { module, pin_file, .. } => {
+                // A bare module name is found by the dynamic loader's search path.
+                if module.is_absolute() {
+                    files.push(("PKCS#11 module", module));
+                }
+                if let Some(p) = pin_file {
+                    files.push(("PIN", p));
+                }
+            }
+        }
+        for (role, path) in files {
+            let opened = std::fs::File::open(path).and_then(|f| {
+                if f.metadata()?.is_dir() {
+                    Err(std::io::Error::other("is a directory"))
+                } else {
+                    Ok(())
+                }
+            });
+            opened.map_err(|e| ConfigError::File { role, path: path.to_owned(), source: e })?;
+        }
+        Ok(())
     }
 
     fn resolve(&mut self, base: &Path) {
@@ -141,6 +284,9 @@ impl ServerConfig {
         abs(&mut self.tls.key);
         abs(&mut self.tls.client_ca);
         if let Some(p) = &mut self.auth.revoked {
+            abs(p);
+        }
+        for p in &mut self.auth.crl {
             abs(p);
         }
         match &mut self.master {
@@ -212,5 +358,96 @@ keyrings = ["ehr-db"]
         assert!(matches!(ServerConfig::load(&p), Err(ConfigError::Version { found: 2, .. })));
         std::fs::write(&p, GOOD.replace("key_file = \"master.key\"", "key_file = \"m\"\npin = \"1234\"")).unwrap();
         assert!(ServerConfig::load(&p).is_err());
+    }
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        let p = dir.join("kluis.toml");
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn a_config_over_the_cap_is_refused_naming_file_and_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = format!("{GOOD}\n{}", "# padding padding padding\n".repeat(50_000));
+        let p = write(dir.path(), &big);
+        let e = ServerConfig::load(&p).unwrap_err();
+        assert!(matches!(e, ConfigError::TooLarge { cap: MAX_CONFIG_BYTES, .. }), "{e}");
+        let msg = e.to_string();
+        assert!(msg.contains(&p.display().to_string()) && msg.contains("1048576"), "{msg}");
+    }
+
+    #[test]
+    fn an_unknown_field_names_line_column_and_field_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), &GOOD.replace("client_ca = \"ca.pem\"", "client_ca = \"ca.pem\"\ncolour = \"blue\""));
+        let e = ServerConfig::load(&p).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, ConfigError::Parse { line: Some(9), .. }), "{msg}");
+        assert!(msg.contains("line 9, column 1") && msg.contains("colour"), "{msg}");
+        assert!(msg.contains("field `tls`") || msg.contains("field `tls.colour`"), "{msg}");
+        assert!(!msg.contains('\n'), "one line: {msg}");
+    }
+
+    #[test]
+    fn a_wrong_type_names_the_field_path_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), &format!("{GOOD}\n[limits]\nmax_connections = \"many\"\n"));
+        let msg = ServerConfig::load(&p).unwrap_err().to_string();
+        assert!(msg.contains("field `limits.max_connections`") && msg.contains("line 18"), "{msg}");
+        let p = write(dir.path(), &GOOD.replace("roles = [\"sealer\"]", "roles = [\"sealer\", \"janitor\"]"));
+        let msg = ServerConfig::load(&p).unwrap_err().to_string();
+        assert!(msg.contains("field `grant[0].roles[1]`") && msg.contains("janitor") && msg.contains("line 14"), "{msg}");
+    }
+
+    #[test]
+    fn a_toml_syntax_error_names_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), &GOOD.replace("[master]", "[master"));
+        let e = ServerConfig::load(&p).unwrap_err();
+        assert!(matches!(e, ConfigError::Parse { line: Some(9), .. }), "{e}");
+    }
+
+    #[test]
+    fn non_utf8_is_refused_with_the_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("kluis.toml");
+        std::fs::write(&p, b"version = 1\n\xff\n").unwrap();
+        assert!(matches!(ServerConfig::load(&p), Err(ConfigError::NotUtf8 { offset: 12, .. })));
+    }
+
+    #[test]
+    fn limits_default_parse_and_refuse_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = ServerConfig::load(&write(dir.path(), GOOD)).unwrap();
+        assert_eq!(c.limits, Limits { handshake_timeout_secs: 10, idle_timeout_secs: 300, max_connections: 1024 });
+        let c = ServerConfig::load(&write(dir.path(), &format!("{GOOD}\n[limits]\nmax_connections = 2\n"))).unwrap();
+        assert_eq!(c.limits, Limits { max_connections: 2, ..Limits::default() });
+        let e = ServerConfig::load(&write(dir.path(), &format!("{GOOD}\n[limits]\nidle_timeout_secs = 0\n"))).unwrap_err();
+        assert!(e.to_string().contains("[limits] idle_timeout_secs must be at least 1"), "{e}");
+        let e = ServerConfig::load(&write(dir.path(), &format!("{GOOD}\n[limits]\nidle_timeout = 5\n"))).unwrap_err();
+        assert!(e.to_string().contains("idle_timeout"), "{e}");
+    }
+
+    #[test]
+    fn crl_paths_resolve_and_check_files_names_each_missing_file_by_role() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!("{GOOD}\n[auth]\nrevoked = \"revoked.txt\"\ncrl = [\"ca.crl\", \"sub.crl\"]\n");
+        let c = ServerConfig::load(&write(dir.path(), &text)).unwrap();
+        assert_eq!(c.auth.crl, vec![dir.path().join("ca.crl"), dir.path().join("sub.crl")]);
+        let expect = |role: &str, file: &str| {
+            let e = c.check_files().unwrap_err();
+            assert!(matches!(&e, ConfigError::File { role: r, path, .. } if *r == role && *path == dir.path().join(file)), "{e}");
+            assert!(e.to_string().starts_with(&format!("{role} file {}", dir.path().join(file).display())), "{e}");
+            std::fs::write(dir.path().join(file), "x").unwrap();
+        };
+        expect("TLS certificate", "server.pem");
+        expect("TLS key", "server.key");
+        expect("CA", "ca.pem");
+        expect("revocation list", "revoked.txt");
+        expect("CRL", "ca.crl");
+        expect("CRL", "sub.crl");
+        expect("master key", "master.key");
+        c.check_files().unwrap();
     }
 }

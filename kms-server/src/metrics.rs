@@ -29,6 +29,11 @@ pub struct Metrics {
     issued: AtomicU64,
     unwrapped: AtomicU64,
     audit_failures: AtomicU64,
+    reload_failures: AtomicU64,
+    connections_open: AtomicU64,
+    handshake_timeouts: AtomicU64,
+    over_cap: AtomicU64,
+    idle_closed: AtomicU64,
     refusals: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     errors: Mutex<BTreeMap<(&'static str, String), u64>>,
     latency: Mutex<BTreeMap<&'static str, Histogram>>,
@@ -43,6 +48,29 @@ impl Metrics {
     }
     pub fn audit_failure(&self) {
         self.audit_failures.fetch_add(1, Ordering::Relaxed);
+    }
+    /// A changed revocation list or CRL that could not be read or parsed (the previous one stays).
+    pub fn reload_failed(&self) {
+        self.reload_failures.fetch_add(1, Ordering::Relaxed);
+    }
+    /// A TCP connection accepted (handshake included); [`Metrics::connection_closed`] when it ends.
+    pub fn connection_opened(&self) {
+        self.connections_open.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn connection_closed(&self) {
+        self.connections_open.fetch_sub(1, Ordering::Relaxed);
+    }
+    /// A connection closed because its TLS handshake did not finish in time.
+    pub fn handshake_timed_out(&self) {
+        self.handshake_timeouts.fetch_add(1, Ordering::Relaxed);
+    }
+    /// A connection closed at accept because `max_connections` were open.
+    pub fn refused_over_cap(&self) {
+        self.over_cap.fetch_add(1, Ordering::Relaxed);
+    }
+    /// A connection closed after `idle_timeout_secs` without traffic.
+    pub fn idle_closed(&self) {
+        self.idle_closed.fetch_add(1, Ordering::Relaxed);
     }
     /// A refused request (`reason`: permission, unauthenticated, revoked).
     pub fn refused(&self, action: &'static str, reason: &'static str) {
@@ -78,6 +106,21 @@ impl Metrics {
         let _ = writeln!(o, "# HELP kluis_audit_write_failures_total Requests refused because the audit trail could not be written.");
         let _ = writeln!(o, "# TYPE kluis_audit_write_failures_total counter");
         let _ = writeln!(o, "kluis_audit_write_failures_total {}", self.audit_failures.load(Ordering::Relaxed));
+        let _ = writeln!(o, "# HELP kluis_reload_failures_total Changed revocation lists or CRLs that were refused (the previous one is kept).");
+        let _ = writeln!(o, "# TYPE kluis_reload_failures_total counter");
+        let _ = writeln!(o, "kluis_reload_failures_total {}", self.reload_failures.load(Ordering::Relaxed));
+        let _ = writeln!(o, "# HELP kluis_connections_open TCP connections open on the gRPC listener, handshakes included.");
+        let _ = writeln!(o, "# TYPE kluis_connections_open gauge");
+        let _ = writeln!(o, "kluis_connections_open {}", self.connections_open.load(Ordering::Relaxed));
+        let _ = writeln!(o, "# HELP kluis_connections_handshake_timeout_total Connections closed because the TLS handshake did not finish in time.");
+        let _ = writeln!(o, "# TYPE kluis_connections_handshake_timeout_total counter");
+        let _ = writeln!(o, "kluis_connections_handshake_timeout_total {}", self.handshake_timeouts.load(Ordering::Relaxed));
+        let _ = writeln!(o, "# HELP kluis_connections_refused_over_cap_total Connections closed at accept because max_connections were open.");
+        let _ = writeln!(o, "# TYPE kluis_connections_refused_over_cap_total counter");
+        let _ = writeln!(o, "kluis_connections_refused_over_cap_total {}", self.over_cap.load(Ordering::Relaxed));
+        let _ = writeln!(o, "# HELP kluis_connections_idle_closed_total Connections closed after the idle timeout.");
+        let _ = writeln!(o, "# TYPE kluis_connections_idle_closed_total counter");
+        let _ = writeln!(o, "kluis_connections_idle_closed_total {}", self.idle_closed.load(Ordering::Relaxed));
         let _ = writeln!(o, "# HELP kluis_master_key_up Whether the master-key provider (HSM token) answers.");
         let _ = writeln!(o, "# TYPE kluis_master_key_up gauge");
         let _ = writeln!(o, "kluis_master_key_up {}", u8::from(master_healthy));

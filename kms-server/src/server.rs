@@ -79,35 +79,53 @@ async fn maintenance_loop(keys: Arc<KeyManager>, interval: std::time::Duration) 
     }
 }
 
-/// Serves until `shutdown` resolves.
-pub async fn serve(
-    cfg: &ServerConfig,
-    keys: Arc<KeyManager>,
-    listener: tokio::net::TcpListener,
-    metrics_listener: Option<tokio::net::TcpListener>,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), ServerError> {
+/// The TLS listener's configuration, checked before the server announces itself, and
+/// the metrics it counts into.
+pub struct Prepared {
+    tls: crate::tls::Tls,
+    metrics: Arc<Metrics>,
+    revoked: Option<RevocationList>,
+}
+
+/// Reads the TLS certificate, key, client CA, CRLs and the revocation list; any problem
+/// is an error naming the file.
+pub fn prepare(cfg: &ServerConfig) -> Result<Prepared, ServerError> {
     check_key_file_permissions(&cfg.tls.key).map_err(|e| match e {
         MasterError::KeyFilePermissions { path, mode } => {
             ServerError::TlsFile { path, source: std::io::Error::other(format!("TLS key readable by group or others (mode {mode:o}); run chmod 600")) }
         }
         other => ServerError::Master(other),
     })?;
-    let tls = crate::tls::acceptor(
+    let metrics = Arc::new(Metrics::default());
+    let tls = crate::tls::Tls::new(
         (&cfg.tls.cert, &read(&cfg.tls.cert)?),
         (&cfg.tls.key, &read(&cfg.tls.key)?),
         (&cfg.tls.client_ca, &read(&cfg.tls.client_ca)?),
+        &cfg.auth.crl,
+        metrics.clone(),
     )
     .map_err(ServerError::Tls)?;
-    let policy = Arc::new(Policy::new(cfg.grants.clone()));
-    policy.set_runtime(&keys.runtime_grants()?);
     let revoked = match &cfg.auth.revoked {
-        Some(p) => Some(RevocationList::load(p)?),
+        Some(p) => Some(RevocationList::load(p)?.with_metrics(metrics.clone())),
         None => None,
     };
+    Ok(Prepared { tls, metrics, revoked })
+}
+
+/// Serves until `shutdown` resolves.
+pub async fn serve(
+    cfg: &ServerConfig,
+    keys: Arc<KeyManager>,
+    listener: tokio::net::TcpListener,
+    metrics_listener: Option<tokio::net::TcpListener>,
+    prepared: Prepared,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let Prepared { tls, metrics, revoked } = prepared;
+    let policy = Arc::new(Policy::new(cfg.grants.clone()));
+    policy.set_runtime(&keys.runtime_grants()?);
     let authn = Arc::new(Authenticator::new(cfg.auth.identity, revoked));
     let health_service = HealthServer::new(HealthService::new(keys.master().clone()));
-    let metrics = Arc::new(Metrics::default());
     if let Some(l) = metrics_listener {
         tokio::spawn(crate::metrics::serve(l, metrics.clone(), keys.master().clone()));
     }
@@ -130,7 +148,12 @@ pub async fn serve(
 
     // TLS is done by our own listener (crate::tls), so a refused client certificate
     // reaches the client as an alert rather than a reset.
-    let (incoming, _accepting) = crate::tls::incoming(listener, tls);
+    let limits = crate::tls::Limits {
+        handshake_timeout: cfg.limits.handshake_timeout(),
+        idle_timeout: cfg.limits.idle_timeout(),
+        max_connections: cfg.limits.max_connections,
+    };
+    let (incoming, _accepting) = crate::tls::incoming(listener, Arc::new(tls), limits);
     Server::builder()
         .add_service(health_service)
         .add_service(reflection)

@@ -9,28 +9,51 @@
 //! went away: retry". Here a failed handshake ends in an orderly close: the alert is
 //! sent, the write side is shut down, and whatever the client still sends is read
 //! and dropped until it closes (at most [`LINGER`]), so the alert reaches it.
+//!
+//! The listener also bounds what a connection can hold ([`Limits`]): at most
+//! `max_connections` open at once (more are closed at accept), a handshake deadline,
+//! and an idle timeout after which a connection without traffic is closed. Client
+//! certificates are checked against the configured X.509 CRLs, which are re-read
+//! when a file changes (checked at each new connection; a bad file keeps the last
+//! good set).
 
+use std::future::Future;
 use std::io;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls::RootCertStore;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::metrics::Metrics;
+
 /// How long a refused connection is kept open for the client to read the alert.
 pub const LINGER: Duration = Duration::from_secs(5);
 
-/// How long a client has to complete its TLS handshake. A connection that has not
-/// finished by then is closed, so a peer that connects and stalls holds no task.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest CRL file read.
+pub const MAX_CRL_BYTES: u64 = 64 << 20;
+
+/// What a connection may hold (the config's `[limits]`).
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// A connection that has not finished its TLS handshake by then is closed.
+    pub handshake_timeout: Duration,
+    /// A connection with no traffic either way for this long is closed.
+    pub idle_timeout: Duration,
+    /// Connections open at once, handshakes included; more are closed at accept.
+    pub max_connections: usize,
+}
 
 /// Why the TLS configuration could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +64,16 @@ pub enum TlsSetupError {
     PrivateKey { path: String },
     #[error("{path}: no usable CA certificate")]
     ClientCa { path: String },
+    #[error("CRL file {path} could not be read: {source}")]
+    CrlRead { path: PathBuf, source: std::io::Error },
+    #[error("CRL file {path} is larger than {cap} bytes")]
+    CrlTooLarge { path: PathBuf, cap: u64 },
+    #[error("CRL file {path}: {reason}")]
+    CrlPem { path: PathBuf, reason: String },
+    #[error("CRL file {path} holds no CRL")]
+    CrlEmpty { path: PathBuf },
+    #[error("CRL file {path} is not a valid X.509 CRL: {source}")]
+    CrlInvalid { path: PathBuf, source: rustls::server::VerifierBuilderError },
     #[error("{0}")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
     #[error("{0}")]
@@ -57,27 +90,132 @@ fn certificates(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>,
     Ok(certs)
 }
 
-/// The server's TLS: its certificate and key, client certificates required and
-/// verified against `client_ca`, HTTP/2 by ALPN (what tonic's `ServerTlsConfig` set up).
-pub fn acceptor(
-    (cert_path, cert_pem): (&Path, &[u8]),
-    (key_path, key_pem): (&Path, &[u8]),
-    (ca_path, ca_pem): (&Path, &[u8]),
-) -> Result<TlsAcceptor, TlsSetupError> {
-    let certs = certificates(cert_path, cert_pem)?;
-    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut &key_pem[..])
-        .ok()
-        .flatten()
-        .ok_or_else(|| TlsSetupError::PrivateKey { path: key_path.display().to_string() })?;
-    let mut roots = RootCertStore::empty();
-    let (added, _ignored) = roots.add_parsable_certificates(certificates(ca_path, ca_pem)?);
-    if added == 0 {
-        return Err(TlsSetupError::ClientCa { path: ca_path.display().to_string() });
+/// The CRLs of one file (PEM with one or more `X509 CRL` blocks, or one DER CRL), each
+/// checked to parse, so an error names the file.
+pub fn load_crl_file(path: &Path, roots: &Arc<RootCertStore>) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsSetupError> {
+    use std::io::Read as _;
+    let err = |e| TlsSetupError::CrlRead { path: path.to_owned(), source: e };
+    let mut bytes = Vec::new();
+    std::fs::File::open(path).and_then(|f| f.take(MAX_CRL_BYTES + 1).read_to_end(&mut bytes)).map_err(err)?;
+    if bytes.len() as u64 > MAX_CRL_BYTES {
+        return Err(TlsSetupError::CrlTooLarge { path: path.to_owned(), cap: MAX_CRL_BYTES });
     }
-    let verifier = WebPkiClientVerifier::builder(Arc::new(roots)).build()?;
-    let mut config = rustls::ServerConfig::builder().with_client_cert_verifier(verifier).with_single_cert(certs, key)?;
+    let is_pem = bytes.trim_ascii_start().starts_with(b"-----BEGIN");
+    let crls: Vec<CertificateRevocationListDer<'static>> = if is_pem {
+        rustls_pemfile::crls(&mut &bytes[..])
+            .collect::<Result<_, _>>()
+            .map_err(|e| TlsSetupError::CrlPem { path: path.to_owned(), reason: e.to_string() })?
+    } else {
+        vec![CertificateRevocationListDer::from(bytes)]
+    };
+    if crls.is_empty() {
+        return Err(TlsSetupError::CrlEmpty { path: path.to_owned() });
+    }
+    // The verifier builder parses each CRL; built per file so the error names it.
+    WebPkiClientVerifier::builder(roots.clone())
+        .with_crls(crls.iter().cloned())
+        .build()
+        .map_err(|e| TlsSetupError::CrlInvalid { path: path.to_owned(), source: e })?;
+    Ok(crls)
+}
+
+/// The size and modification time of each CRL file (None if unreadable), to see changes cheaply.
+type Stamps = Vec<Option<(std::time::SystemTime, u64)>>;
+
+fn stamps(paths: &[PathBuf]) -> Stamps {
+    paths.iter().map(|p| std::fs::metadata(p).ok().and_then(|m| m.modified().ok().map(|t| (t, m.len())))).collect()
+}
+
+/// The server's TLS configuration, rebuilt when a CRL file changes.
+pub struct Tls {
+    /// The server's certificate and signing key, as rustls holds them (the raw key
+    /// bytes are not kept).
+    resolver: Arc<dyn rustls::server::ResolvesServerCert>,
+    roots: Arc<RootCertStore>,
+    crl_paths: Vec<PathBuf>,
+    current: Mutex<(Stamps, TlsAcceptor)>,
+    metrics: Arc<Metrics>,
+}
+
+impl Tls {
+    /// The server's TLS: its certificate and key, client certificates required and
+    /// verified against `client_ca` and the CRLs in `crls`, HTTP/2 by ALPN (what
+    /// tonic's `ServerTlsConfig` set up). A CRL that cannot be read or parsed is an error.
+    pub fn new(
+        (cert_path, cert_pem): (&Path, &[u8]),
+        (key_path, key_pem): (&Path, &[u8]),
+        (ca_path, ca_pem): (&Path, &[u8]),
+        crls: &[PathBuf],
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, TlsSetupError> {
+        let certs = certificates(cert_path, cert_pem)?;
+        let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut &key_pem[..])
+            .ok()
+            .flatten()
+            .ok_or_else(|| TlsSetupError::PrivateKey { path: key_path.display().to_string() })?;
+        let mut roots = RootCertStore::empty();
+        let (added, _ignored) = roots.add_parsable_certificates(certificates(ca_path, ca_pem)?);
+        if added == 0 {
+            return Err(TlsSetupError::ClientCa { path: ca_path.display().to_string() });
+        }
+        let roots = Arc::new(roots);
+        let stamp = stamps(crls);
+        let mut all = Vec::new();
+        for p in crls {
+            all.extend(load_crl_file(p, &roots)?);
+        }
+        let first = rustls::ServerConfig::builder()
+            .with_client_cert_verifier(verifier(&roots, all)?)
+            .with_single_cert(certs, key)?;
+        let resolver = first.cert_resolver.clone();
+        let acceptor = h2_acceptor(first);
+        Ok(Self { resolver, roots, crl_paths: crls.to_vec(), current: Mutex::new((stamp, acceptor)), metrics })
+    }
+
+    /// The acceptor for a new connection: rebuilt first if a CRL file changed. A file
+    /// that became unreadable or malformed keeps the last good set (logged, counted).
+    pub fn acceptor(&self) -> TlsAcceptor {
+        let mut cur = match self.current.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if self.crl_paths.is_empty() {
+            return cur.1.clone();
+        }
+        let now = stamps(&self.crl_paths);
+        if now != cur.0 {
+            cur.0 = now;
+            let loaded: Result<Vec<_>, _> = self.crl_paths.iter().map(|p| load_crl_file(p, &self.roots)).collect();
+            match loaded.and_then(|crls| verifier(&self.roots, crls.into_iter().flatten().collect())) {
+                Ok(v) => {
+                    tracing::info!(files = self.crl_paths.len(), "CRLs reloaded");
+                    let config = rustls::ServerConfig::builder().with_client_cert_verifier(v).with_cert_resolver(self.resolver.clone());
+                    cur.1 = h2_acceptor(config);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "CRLs not reloaded; keeping the previous ones");
+                    self.metrics.reload_failed();
+                }
+            }
+        }
+        cur.1.clone()
+    }
+}
+
+/// Client certificates required, from `roots`, not revoked by `crls`.
+fn verifier(
+    roots: &Arc<RootCertStore>,
+    crls: Vec<CertificateRevocationListDer<'static>>,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsSetupError> {
+    // A CA without a configured CRL has nothing to check against: its certificates
+    // pass on the CA alone (and the fingerprint list), as without any CRL.
+    Ok(WebPkiClientVerifier::builder(roots.clone()).with_crls(crls).allow_unknown_revocation_status().build()?)
+}
+
+/// HTTP/2 by ALPN (what tonic's `ServerTlsConfig` set up).
+fn h2_acceptor(mut config: rustls::ServerConfig) -> TlsAcceptor {
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    TlsAcceptor::from(Arc::new(config))
 }
 
 /// Accepts on `listener` until dropped; yields the connections whose handshake succeeded.
@@ -91,9 +229,112 @@ impl Drop for Incoming {
     }
 }
 
+/// One open connection counted against `max_connections`, released when dropped.
+struct Slot {
+    open: Arc<AtomicUsize>,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::AcqRel);
+        self.metrics.connection_closed();
+    }
+}
+
+/// A handshaken connection that is closed after `idle` without traffic either way.
+pub struct Conn {
+    inner: TlsStream<TcpStream>,
+    idle: Duration,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    slot: Slot,
+}
+
+impl Conn {
+    fn touch(&mut self) {
+        self.deadline.as_mut().reset(tokio::time::Instant::now() + self.idle);
+    }
+
+    fn idle_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.deadline.as_mut().poll(cx).is_ready() {
+            self.slot.metrics.idle_closed();
+            tracing::debug!("connection idle too long; closed");
+            return true;
+        }
+        false
+    }
+}
+
+fn idle_error() -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, "connection idle timeout")
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                if buf.filled().len() > before {
+                    this.touch();
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending if this.idle_expired(cx) => Poll::Ready(Err(idle_error())),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_write(cx, buf) {
+            Poll::Ready(Ok(n)) => {
+                if n > 0 {
+                    this.touch();
+                }
+                Poll::Ready(Ok(n))
+            }
+            Poll::Pending if this.idle_expired(cx) => Poll::Ready(Err(idle_error())),
+            other => other,
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
+            Poll::Ready(Ok(n)) => {
+                if n > 0 {
+                    this.touch();
+                }
+                Poll::Ready(Ok(n))
+            }
+            Poll::Pending if this.idle_expired(cx) => Poll::Ready(Err(idle_error())),
+            other => other,
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+impl tonic::transport::server::Connected for Conn {
+    type ConnectInfo = <TlsStream<TcpStream> as tonic::transport::server::Connected>::ConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        tonic::transport::server::Connected::connect_info(&self.inner)
+    }
+}
+
 /// The stream of handshaken connections to serve, and the guard that stops accepting when dropped.
-pub fn incoming(listener: TcpListener, acceptor: TlsAcceptor) -> (ReceiverStream<io::Result<TlsStream<TcpStream>>>, Incoming) {
+pub fn incoming(listener: TcpListener, tls: Arc<Tls>, limits: Limits) -> (ReceiverStream<io::Result<Conn>>, Incoming) {
     let (tx, rx) = mpsc::channel(64);
+    let open = Arc::new(AtomicUsize::new(0));
     let accept_loop = tokio::spawn(async move {
         loop {
             let tcp = match listener.accept().await {
@@ -110,18 +351,37 @@ pub fn incoming(listener: TcpListener, acceptor: TlsAcceptor) -> (ReceiverStream
             if tx.is_closed() {
                 break;
             }
+            if open.load(Ordering::Acquire) >= limits.max_connections {
+                tls.metrics.refused_over_cap();
+                tracing::warn!(max_connections = limits.max_connections, "connection refused: too many open connections");
+                drop(tcp);
+                continue;
+            }
+            open.fetch_add(1, Ordering::AcqRel);
+            tls.metrics.connection_opened();
+            let slot = Slot { open: open.clone(), metrics: tls.metrics.clone() };
             let _ = tcp.set_nodelay(true);
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            let (acceptor, tx, metrics) = (tls.acceptor(), tx.clone(), tls.metrics.clone());
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp).into_fallible()).await {
+                let mut handshake = Box::pin(acceptor.accept(tcp).into_fallible());
+                match tokio::time::timeout(limits.handshake_timeout, &mut handshake).await {
                     Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(tls)).await;
+                        let deadline = Box::pin(tokio::time::sleep(limits.idle_timeout));
+                        let conn = Conn { inner: tls, idle: limits.idle_timeout, deadline, slot };
+                        let _ = tx.send(Ok(conn)).await;
                     }
                     Ok(Err((e, tcp))) => {
                         tracing::debug!(error = %e, "TLS handshake failed");
                         linger(tcp).await;
+                        drop(slot);
                     }
-                    Err(_) => tracing::debug!("TLS handshake not completed in time; connection closed"),
+                    Err(_) => {
+                        // Counted before the socket closes, so whoever sees the close sees the count.
+                        metrics.handshake_timed_out();
+                        tracing::debug!("TLS handshake not completed in time; connection closed");
+                        drop(handshake);
+                        drop(slot);
+                    }
                 }
             });
         }

@@ -96,12 +96,16 @@ impl Server {
     }
 
     fn spawn(&mut self) {
+        self.spawn_on("127.0.0.1:0");
+    }
+
+    fn spawn_on(&mut self, listen: &str) {
         self.stderr_path = self.dir.path().join(format!("server-{}.log", self.addr.len() + rand_suffix()));
         let log = std::fs::File::create(&self.stderr_path).unwrap();
         // Test seams (a clock file, injected faults) exist only in kms-server-testkit.
         let seams = self.env.iter().any(|(k, _)| k.starts_with("KLUIS_TEST_"));
         let mut cmd = Command::new(bin(if seams { "kms-server-testkit" } else { "kms-server" }));
-        cmd.args(["dev", "--data-dir"]).arg(self.data_dir()).args(["--listen", "127.0.0.1:0"]).env("KLUIS_LOG", "warn");
+        cmd.args(["dev", "--data-dir"]).arg(self.data_dir()).args(["--listen", listen]).env("KLUIS_LOG", "warn");
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
@@ -163,6 +167,24 @@ impl Server {
     pub fn restart(&mut self) {
         self.kill9();
         self.spawn();
+    }
+
+    /// Starts again on the same data directory and the same address, after [`Server::kill9`]
+    /// (a no-op kill if it still runs): clients configured for it reach it again.
+    pub fn start_again(&mut self) {
+        self.kill9();
+        let addr = self.addr.clone();
+        self.spawn_on(&addr);
+    }
+
+    /// A copy of the dev identity `who`'s client config with `extra` appended (e.g. a
+    /// `[retry]` table), as `DIR/file`. `kms-server dev` rewrites its own configs at each
+    /// start; this copy stays.
+    pub fn client_with(&self, who: &str, file: &str, extra: &str) -> PathBuf {
+        let text = std::fs::read_to_string(self.client(who)).unwrap();
+        let p = self.dir.path().join(file);
+        std::fs::write(&p, format!("{text}{extra}")).unwrap();
+        p
     }
 
     pub fn log(&self) -> String {
@@ -423,4 +445,212 @@ macro_rules! per_provider {
             $( #[test] fn $name() { super::$name($crate::Provider::SoftHsm) } )*
         }
     };
+}
+
+/// A CLI running in the background whose stderr can be waited on line by line.
+pub struct Running {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+    stdout: Option<std::thread::JoinHandle<Vec<u8>>>,
+}
+
+impl Running {
+    /// Starts `name` with `args` and writes `stdin` to it.
+    pub fn start(name: &str, args: &[&str], stdin: &[u8]) -> Self {
+        let mut child = Command::new(bin(name))
+            .args(args)
+            .env_remove("KLUIS_CLIENT_CONFIG")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut sin = child.stdin.take().unwrap();
+        let data = stdin.to_vec();
+        std::thread::spawn(move || {
+            let _ = sin.write_all(&data);
+        });
+        let mut out = child.stdout.take().unwrap();
+        let stdout = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = out.read_to_end(&mut v);
+            v
+        });
+        let err = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { child, lines, seen: Vec::new(), stdout: Some(stdout) }
+    }
+
+    /// `backup-hook --client-config CFG ARGS...` with `stdin`, in the background.
+    pub fn backup_hook(cfg: &Path, args: &[&str], stdin: &[u8]) -> Self {
+        let mut all = vec!["--client-config", s(cfg)];
+        all.extend_from_slice(args);
+        Self::start("backup-hook", &all, stdin)
+    }
+
+    /// Blocks until a line of stderr contains `needle` (returns it); panics, showing
+    /// stderr, if the program closes stderr (exits) first.
+    pub fn wait_for_stderr(&mut self, needle: &str) -> String {
+        for line in self.lines.iter() {
+            self.seen.push(line.clone());
+            if line.contains(needle) {
+                return line;
+            }
+        }
+        let status = self.child.wait().unwrap();
+        panic!("exited ({status}) without {needle:?} on stderr:\n{}", self.seen.join("\n"));
+    }
+
+    /// Waits for the exit; the whole stdout and stderr.
+    pub fn finish(mut self) -> Output {
+        let status = self.child.wait().unwrap();
+        self.seen.extend(self.lines.iter());
+        let stdout = self.stdout.take().unwrap().join().unwrap();
+        let mut stderr = self.seen.join("\n").into_bytes();
+        if !stderr.is_empty() {
+            stderr.push(b'\n');
+        }
+        Output { status, stdout, stderr }
+    }
+}
+
+/// What a [`KillingProxy`] does with the connections that come after its kill.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AfterKill {
+    /// Closes them at once (as if nothing listened any more).
+    Close,
+    /// Relays them to the server address (refused, hence closed, while the server is down;
+    /// through once it is started again on the same address).
+    Relay,
+}
+
+/// A TCP proxy between a client and the real server. It forwards the TLS handshake
+/// both ways and reads the client's TLS records (their 5-byte headers are in the
+/// clear). With TLS 1.3 the client's second flight (certificate, verify, finished)
+/// is its first application-data record; its next one (the HTTP/2 preface and the
+/// request) is only sent once the client is through the handshake. That record is
+/// not forwarded: the proxy SIGKILLs the server, waits until the dead server's end
+/// of the connection closes, and then closes the client's. So the client has a
+/// handshaken connection, sends its request, and the server is gone before anything
+/// could answer it; no sleeping, nothing racing the reply. Connections after that
+/// are handled as [`AfterKill`] says.
+pub struct KillingProxy {
+    pub addr: std::net::SocketAddr,
+    killed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl KillingProxy {
+    /// Kills the process `server_pid` at the first request; later connections as `after`.
+    pub fn start(server_addr: &str, server_pid: u32, after: AfterKill) -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let killed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (k, server_addr) = (killed.clone(), server_addr.to_owned());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let server_addr = server_addr.clone();
+                if k.load(Ordering::SeqCst) {
+                    match after {
+                        AfterKill::Close => {
+                            let _ = client.shutdown(std::net::Shutdown::Both);
+                        }
+                        AfterKill::Relay => {
+                            std::thread::spawn(move || pipe(client, &server_addr));
+                        }
+                    }
+                    continue;
+                }
+                let k = k.clone();
+                std::thread::spawn(move || kill_at_request(client, &server_addr, server_pid, &k));
+            }
+        });
+        Self { addr, killed }
+    }
+
+    /// Whether the proxy killed the server.
+    pub fn killed(&self) -> bool {
+        self.killed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The client config of dev identity `who` pointed at this proxy, as `DIR/file`, with
+    /// `extra` appended.
+    pub fn client_config(&self, server: &Server, who: &str, file: &str, extra: &str) -> PathBuf {
+        let text = std::fs::read_to_string(server.client(who)).unwrap();
+        let text: Vec<String> = text
+            .lines()
+            .map(|l| if l.starts_with("endpoint =") { format!("endpoint = \"https://{}\"", self.addr) } else { l.to_owned() })
+            .collect();
+        let p = server.dir.path().join(file);
+        std::fs::write(&p, text.join("\n") + "\n" + extra).unwrap();
+        p
+    }
+}
+
+/// Plain relay both ways; the client is closed at once if the server cannot be reached.
+fn pipe(client: std::net::TcpStream, server_addr: &str) {
+    use std::net::Shutdown;
+    let Ok(server) = std::net::TcpStream::connect(server_addr) else {
+        let _ = client.shutdown(Shutdown::Both);
+        return;
+    };
+    let (mut from_server, mut to_client) = (server.try_clone().unwrap(), client.try_clone().unwrap());
+    let back = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut from_server, &mut to_client);
+        let _ = to_client.shutdown(Shutdown::Write);
+    });
+    let (mut from_client, mut to_server) = (client, server);
+    let _ = std::io::copy(&mut from_client, &mut to_server);
+    let _ = to_server.shutdown(Shutdown::Write);
+    let _ = back.join();
+}
+
+fn kill_at_request(client: std::net::TcpStream, server_addr: &str, server_pid: u32, killed: &std::sync::atomic::AtomicBool) {
+    use std::net::Shutdown;
+    let Ok(server) = std::net::TcpStream::connect(server_addr) else {
+        let _ = client.shutdown(Shutdown::Both);
+        return;
+    };
+    let (mut from_server, mut to_client) = (server.try_clone().unwrap(), client.try_clone().unwrap());
+    // Server to client until the server's side closes; then the client's side closes too.
+    let back = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut from_server, &mut to_client);
+        let _ = to_client.shutdown(Shutdown::Both);
+    });
+    let (mut from_client, mut to_server) = (client, server);
+    let mut application_records = 0;
+    loop {
+        let mut head = [0u8; 5];
+        if from_client.read_exact(&mut head).is_err() {
+            break;
+        }
+        let mut body = vec![0u8; usize::from(u16::from_be_bytes([head[3], head[4]]))];
+        if from_client.read_exact(&mut body).is_err() {
+            break;
+        }
+        if head[0] == 23 {
+            application_records += 1;
+            if application_records == 2 {
+                killed.store(true, std::sync::atomic::Ordering::SeqCst);
+                let st = Command::new("kill").args(["-KILL", &server_pid.to_string()]).status().unwrap();
+                assert!(st.success(), "kill -KILL {server_pid}");
+                // The kernel closes the dead server's socket; `back` then closes the client's.
+                back.join().unwrap();
+                return;
+            }
+        }
+        if to_server.write_all(&head).and_then(|()| to_server.write_all(&body)).is_err() {
+            break;
+        }
+    }
+    let _ = to_server.shutdown(Shutdown::Both);
+    let _ = back.join();
 }

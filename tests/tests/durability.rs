@@ -15,7 +15,8 @@ const KILL_AFTER: usize = 40;
 
 fn kill9_mid_load_loses_no_issued_key(p: Provider) {
     let mut server = Server::start_with(p);
-    let sealer = server.client("sealer");
+    // Clients stop at their first failure, so they must not ride the kill out.
+    let sealer = server.client_with("sealer", "sealer-no-retry.toml", "[retry]\ndeadline_secs = 0\n");
     let (tx, rx) = mpsc::channel::<()>();
     let mut clients = Vec::new();
     for c in 0..CLIENTS {

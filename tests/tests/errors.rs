@@ -3,11 +3,7 @@
 //! refusal.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use base64::Engine;
 use kluis_proto::error::{Reason, reason_of};
@@ -25,93 +21,15 @@ fn config_with(server: &Server, who: &str, file: &str, change: impl Fn(&str) -> 
     p
 }
 
-/// A TCP proxy between a client and the real server. It forwards the TLS handshake
-/// both ways and reads the client's TLS records (their 5-byte headers are in the
-/// clear). With TLS 1.3 the client's second flight (certificate, verify, finished)
-/// is its first application-data record; its next one (the HTTP/2 preface and the
-/// request) is only sent once the client is through the handshake. That record is
-/// not forwarded: the proxy SIGKILLs the server, waits until the dead server's end
-/// of the connection closes, and then closes the client's. So the client has a
-/// handshaken connection, sends its request, and the server is gone before anything
-/// could answer it; no sleeping, nothing racing the reply. Connections after that
-/// are closed at once (nothing listens any more).
-struct KillingProxy {
-    addr: SocketAddr,
-    killed: Arc<AtomicBool>,
-}
-
-impl KillingProxy {
-    fn start(server_addr: &str, server_pid: u32) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let killed = Arc::new(AtomicBool::new(false));
-        let (k, server_addr) = (killed.clone(), server_addr.to_owned());
-        std::thread::spawn(move || {
-            for client in listener.incoming().flatten() {
-                if k.load(Ordering::SeqCst) {
-                    let _ = client.shutdown(Shutdown::Both);
-                    continue;
-                }
-                let (k, server_addr) = (k.clone(), server_addr.clone());
-                std::thread::spawn(move || relay(client, &server_addr, server_pid, &k));
-            }
-        });
-        Self { addr, killed }
-    }
-
-    fn killed(&self) -> bool {
-        self.killed.load(Ordering::SeqCst)
-    }
-}
-
-fn relay(client: TcpStream, server_addr: &str, server_pid: u32, killed: &AtomicBool) {
-    let server = TcpStream::connect(server_addr).unwrap();
-    let (mut from_server, mut to_client) = (server.try_clone().unwrap(), client.try_clone().unwrap());
-    // Server to client until the server's side closes; then the client's side closes too.
-    let back = std::thread::spawn(move || {
-        let _ = std::io::copy(&mut from_server, &mut to_client);
-        let _ = to_client.shutdown(Shutdown::Both);
-    });
-    let (mut from_client, mut to_server) = (client, server);
-    let mut application_records = 0;
-    loop {
-        let mut head = [0u8; 5];
-        if from_client.read_exact(&mut head).is_err() {
-            break;
-        }
-        let mut body = vec![0u8; usize::from(u16::from_be_bytes([head[3], head[4]]))];
-        if from_client.read_exact(&mut body).is_err() {
-            break;
-        }
-        if head[0] == 23 {
-            application_records += 1;
-            if application_records == 2 {
-                killed.store(true, Ordering::SeqCst);
-                let st = std::process::Command::new("kill").args(["-KILL", &server_pid.to_string()]).status().unwrap();
-                assert!(st.success(), "kill -KILL {server_pid}");
-                // The kernel closes the dead server's socket; `back` then closes the client's.
-                back.join().unwrap();
-                return;
-            }
-        }
-        if to_server.write_all(&head).and_then(|()| to_server.write_all(&body)).is_err() {
-            break;
-        }
-    }
-    let _ = to_server.shutdown(Shutdown::Both);
-    let _ = back.join();
-}
-
 /// (a) A server that took the connection and the TLS handshake and then died with the
 /// request in flight is "unavailable, retry later" (exit 3), not a refusal (exit 4,
 /// which tells a backup wrapper not to retry).
 #[test]
 fn a_server_killed_with_a_seal_request_in_flight_means_retry_later() {
     let mut server = Server::start();
-    let proxy = KillingProxy::start(&server.addr, server.pid());
-    let cfg = config_with(&server, "sealer", "via-proxy.toml", |l| {
-        l.starts_with("endpoint =").then(|| format!("endpoint = \"https://{}\"", proxy.addr))
-    });
+    let proxy = KillingProxy::start(&server.addr, server.pid(), AfterKill::Close);
+    // No retrying here: this is about the one failure (retry.rs rides the restart out).
+    let cfg = proxy.client_config(&server, "sealer", "via-proxy.toml", "[retry]\ndeadline_secs = 0\n");
     let out = backup_hook(&cfg, &["seal", "--keyring", "default", "--backup-id", "in-flight"], b"nightly dump");
     assert!(proxy.killed(), "the proxy never saw the request, so the server was not killed: {}", stderr(&out));
     let err = refused_one_line(&out, 3, &["unavailable", "retry later"]);

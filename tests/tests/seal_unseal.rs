@@ -228,7 +228,8 @@ fn unreachable_server_fails_fast_with_a_clear_message(p: Provider) {
     // Point at a port nothing listens on: bind one, then close it.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let cfg = server.dir.path().join("dead.toml");
-    std::fs::write(&cfg, cfg_text.replace(&server.addr, &format!("127.0.0.1:{port}"))).unwrap();
+    // Fails fast without retrying (retry.rs checks the retrying against the deadline).
+    std::fs::write(&cfg, cfg_text.replace(&server.addr, &format!("127.0.0.1:{port}")) + "[retry]\ndeadline_secs = 0\n").unwrap();
     let out = run("backup-hook", &["--client-config", cfg.to_str().unwrap(), "seal", "--keyring", "default", "--backup-id", "x"], b"data");
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     assert!(stderr(&out).contains("cannot reach the Kluis server"), "{}", stderr(&out));

@@ -144,6 +144,11 @@ fn every_auth_error_maps_to_its_code_and_reason_and_keeps_its_message() {
         (AuthError::NoSan { kind: "URI" }, Code::Unauthenticated, Reason::CertificateNotAccepted),
         (AuthError::Revoked { principal: s("sealer"), fingerprint: s("ab") }, Code::Unauthenticated, Reason::CertificateRevoked),
         (AuthError::RevocationUnavailable, Code::Internal, Reason::Internal),
+        (
+            AuthError::AmbiguousIdentity { reason: crate::auth::AmbiguousIdentity::SeveralCommonNames { count: 2 } },
+            Code::Unauthenticated,
+            Reason::CertificateNotAccepted,
+        ),
     ];
     let mut covered = [false; AUTH_VARIANTS];
     for (e, code, reason) in cases {
@@ -168,6 +173,7 @@ fn auth_variant(e: &AuthError) -> usize {
         AuthError::NoSan { .. } => 5,
         AuthError::Revoked { .. } => 6,
         AuthError::RevocationUnavailable => 7,
+        AuthError::AmbiguousIdentity { .. } => 8,
     }
 }
-const AUTH_VARIANTS: usize = 8;
+const AUTH_VARIANTS: usize = 9;

@@ -129,7 +129,7 @@ pub enum KeyError {
     NoEscrow,
     #[error("approval request {id} no longer applies: {reason}; ask again")]
     ApprovalOutdated { id: u64, reason: &'static str },
-    #[error("the new master key (generation {generation}) could not be made or opened")]
+    #[error("the new master key (generation {generation}) could not be made or opened: {source}")]
     MasterGeneration { generation: u32, source: MasterError },
 }
 

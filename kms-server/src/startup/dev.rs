@@ -69,6 +69,7 @@ pub fn prepare(dir: &Path, listen: SocketAddr, master: DevMaster) -> Result<(Ser
             }
         },
         auth: Default::default(),
+        limits: Default::default(),
         grants: DEV_IDENTITIES
             .iter()
             .map(|(name, roles, ring)| Grant {

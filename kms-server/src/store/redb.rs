@@ -2,8 +2,9 @@
 //!
 //! All writes go through one writer thread that commits them in groups: every caller
 //! waits until its group is in a committed, fsynced transaction (redb
-//! `Durability::Immediate`), but concurrent callers share one commit. Reads use their
-//! own read transactions and never wait for the writer.
+//! `Durability::Immediate`), but concurrent callers share one commit. Every commit saves
+//! redb's allocator state too (quick repair), so opening after a crash does not rebuild it
+//! from the whole file. Reads use their own read transactions and never wait for the writer.
 //!
 //! The tables keep the typed keys of earlier versions of this file (a store made by an
 //! older kms-server opens as it is); [`Table`] key bytes are converted at this boundary.
@@ -151,7 +152,7 @@ impl RedbStore {
         let db = Arc::new(db);
         let store = path.display().to_string();
         let head = {
-            let txn = db.begin_write().map_err(dberr)?;
+            let txn = begin_write(&db)?;
             let head = {
                 let mut meta = txn.open_table(META).map_err(dberr)?;
                 let found = match meta.get(FORMAT_META).map_err(dberr)? {
@@ -337,11 +338,21 @@ fn writer_loop(database: &Database, rx: &mpsc::Receiver<(WriteGroup, Reply)>, ch
     }
 }
 
+/// A write transaction whose commit also saves redb's allocator state ("quick repair"): after a
+/// crash, the next open loads that state instead of walking every tree of the file to rebuild
+/// it, so the restart after kill -9 or a power cut no longer grows with the registry
+/// (docs/benchmarks.md, "Restart after a crash at scale").
+fn begin_write(database: &Database) -> Result<redb::WriteTransaction, StoreError> {
+    let mut txn = database.begin_write().map_err(dberr)?;
+    txn.set_quick_repair(true);
+    Ok(txn)
+}
+
 fn commit_batch(database: &Database, groups: Vec<WriteGroup>, chain: &dyn Chain, head: &mut LogHead) -> Result<(), StoreError> {
     // A group commit is one transaction, so every group inside it is atomic too.
     // The log head advances only if the transaction commits.
     let (mut next_seq, mut prev) = (head.next_seq, head.prev.clone());
-    let txn = database.begin_write().map_err(dberr)?;
+    let txn = begin_write(database)?;
     {
         let mut audit = txn.open_table(AUDIT).map_err(dberr)?;
         let mut checkpoints = txn.open_table(CHECKPOINTS).map_err(dberr)?;
