@@ -65,6 +65,7 @@ impl ErrorClass {
             | Reason::ApprovalExpired
             | Reason::SelfApproval
             | Reason::ApprovalAlreadyDone
+            | Reason::ApprovalOutdated
             | Reason::AlreadyScheduled
             | Reason::DestructionNotFound
             | Reason::DestructionNotPending

@@ -316,6 +316,24 @@ pub enum DestroyOutcome {
     Scheduled(DestructionInfo),
 }
 
+/// What a request that may need a second officer led to.
+#[derive(Clone, Debug)]
+pub enum Requested<T> {
+    /// Done: the new state.
+    Done(T),
+    /// Dual control: nothing changed until a second officer approves.
+    PendingApproval(ApprovalInfo),
+}
+
+impl<T> Requested<T> {
+    fn of(pending: Option<pb::Approval>, done: impl FnOnce() -> T) -> Self {
+        match pending {
+            Some(a) => Requested::PendingApproval(approval(a)),
+            None => Requested::Done(done()),
+        }
+    }
+}
+
 /// The master key in force after a rotation.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct MasterStatus {
@@ -500,10 +518,12 @@ impl KmsClient {
     }
 
     /// Grants (`grant = true`) or revokes a role on a keyring at run time (officer).
-    pub async fn change_grant(&self, keyring: &str, principal: &str, role: &str, grant: bool) -> Result<Vec<GrantInfo>, ClientError> {
+    /// A grant needs a second officer's approval (the answer is then pending); a
+    /// revocation is done at once.
+    pub async fn change_grant(&self, keyring: &str, principal: &str, role: &str, grant: bool) -> Result<Requested<Vec<GrantInfo>>, ClientError> {
         let req = pb::ChangeGrantRequest { keyring: keyring.to_owned(), principal: principal.to_owned(), role: role.to_owned(), grant };
-        let r = call!(self, Rpc::ChangeGrant, admin.change_grant(req))?;
-        Ok(grants(r.into_inner()))
+        let mut r = call!(self, Rpc::ChangeGrant, admin.change_grant(req))?.into_inner();
+        Ok(Requested::of(r.pending.take(), || grants(r)))
     }
 
     /// The grants on a keyring, from the server config and from officers.
@@ -558,9 +578,12 @@ impl KmsClient {
     }
 
     /// Installs a manifest; `allow_new_recipient` is needed to switch to a different recovery recipient.
-    pub async fn install_escrow(&self, manifest_json: &str, allow_new_recipient: bool) -> Result<EscrowStatus, ClientError> {
+    /// A new recovery recipient (or the first) needs a second officer's approval (the
+    /// answer is then pending); the same recipient again is installed at once.
+    pub async fn install_escrow(&self, manifest_json: &str, allow_new_recipient: bool) -> Result<Requested<EscrowStatus>, ClientError> {
         let r = call!(self, Rpc::InstallEscrow, admin.install_escrow(pb::InstallEscrowRequest { manifest_json: manifest_json.to_owned(), allow_new_recipient }))?;
-        Ok(escrow_status(r.into_inner()))
+        let mut r = r.into_inner();
+        Ok(Requested::of(r.pending.take(), || escrow_status(r)))
     }
 
     pub async fn escrow_status(&self) -> Result<EscrowStatus, ClientError> {
@@ -584,17 +607,20 @@ impl KmsClient {
     }
 
     /// Changes a keyring's retention and/or rotation period (officer).
-    pub async fn set_keyring_policy(&self, name: &str, retention_days: Option<u32>, rotation_period_days: Option<u32>) -> Result<KeyringInfo, ClientError> {
+    /// Lowering the retention needs a second officer's approval (the answer is then
+    /// pending); raising it and the rotation period apply at once.
+    pub async fn set_keyring_policy(&self, name: &str, retention_days: Option<u32>, rotation_period_days: Option<u32>) -> Result<Requested<KeyringInfo>, ClientError> {
         let req = pb::SetKeyringPolicyRequest { name: name.to_owned(), retention_days, rotation_period_days };
-        let r = call!(self, Rpc::SetKeyringPolicy, admin.set_keyring_policy(req))?;
-        Ok(keyring_info(r.into_inner()))
+        let mut r = call!(self, Rpc::SetKeyringPolicy, admin.set_keyring_policy(req))?.into_inner();
+        Ok(Requested::of(r.pending.take(), || keyring_info(r)))
     }
 
-    /// Places (`hold = true`) or releases a legal hold on a keyring (officer).
-    pub async fn set_legal_hold(&self, keyring: &str, hold: bool, reason: &str) -> Result<KeyringInfo, ClientError> {
+    /// Places (`hold = true`) or releases a legal hold on a keyring (officer). A release
+    /// needs a second officer's approval (the answer is then pending).
+    pub async fn set_legal_hold(&self, keyring: &str, hold: bool, reason: &str) -> Result<Requested<KeyringInfo>, ClientError> {
         let req = pb::SetLegalHoldRequest { keyring: keyring.to_owned(), hold, reason: reason.to_owned() };
-        let r = call!(self, Rpc::SetLegalHold, admin.set_legal_hold(req))?;
-        Ok(keyring_info(r.into_inner()))
+        let mut r = call!(self, Rpc::SetLegalHold, admin.set_legal_hold(req))?.into_inner();
+        Ok(Requested::of(r.pending.take(), || keyring_info(r)))
     }
 
     /// Registry facts of one data key (officer, auditor).

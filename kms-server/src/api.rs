@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 use tracing::instrument;
 
 use crate::auth::{Action, AuthError, Authenticator, Authorized, Policy, Principal};
-use crate::keys::{DestroyOutcome, KeyError, KeyManager, KeyringInfo, WireDestruction, wire_version_state};
+use crate::keys::{DestroyOutcome, KeyError, KeyManager, KeyringInfo, Requested, WireDestruction, wire_version_state};
 use kluis_proto::states as wire;
 use crate::master::MasterError;
 use crate::metrics::Metrics;
@@ -270,6 +270,7 @@ fn key_code_reason(e: &KeyError) -> (tonic::Code, kluis_proto::error::Reason) {
         KeyError::SelfApproval { .. } => (Code::PermissionDenied, Reason::SelfApproval),
         KeyError::ApprovalExpired { .. } => (Code::FailedPrecondition, Reason::ApprovalExpired),
         KeyError::ApprovalDone { .. } => (Code::FailedPrecondition, Reason::ApprovalAlreadyDone),
+        KeyError::ApprovalOutdated { .. } => (Code::FailedPrecondition, Reason::ApprovalOutdated),
         KeyError::BadRetire { .. } => (Code::FailedPrecondition, Reason::RetireNotPossible),
         KeyError::KeyringExists { .. } => (Code::AlreadyExists, Reason::KeyringExists),
         KeyError::KeyringMismatch { .. } => (Code::InvalidArgument, Reason::KeyringMismatch),
@@ -326,6 +327,18 @@ fn keyring_pb(k: KeyringInfo) -> pb::Keyring {
         hold_by: k.hold.as_ref().map(|h| h.by.clone()).unwrap_or_default(),
         hold_since_unix: k.hold.as_ref().map(|h| h.since).unwrap_or(0),
         destroyed_unix: k.destroyed.unwrap_or(0),
+        pending: None,
+    }
+}
+
+/// The answer to a request that may need a second officer: the keyring as it now is,
+/// with the pending approval when the change waits for one.
+fn requested_keyring_pb(r: Requested<KeyringInfo>, now: i64) -> pb::Keyring {
+    match r {
+        Requested::Done(k) => keyring_pb(k),
+        Requested::Pending { approval, current } => {
+            pb::Keyring { pending: Some(approval_pb(approval, now)), ..keyring_pb(current) }
+        }
     }
 }
 
@@ -483,7 +496,11 @@ impl pb::admin_service_server::AdminService for Api {
         let auth = self.authorize(&req, &mut ev).await?;
         let id = r.id;
         let a = self.settle(&ev, self.keys.approve(&auth, id, ev.with_outcome(Outcome::ok_with(format!("approved and carried out request {id}")))).await).await?;
-        tracing::warn!(id, "destructive request approved and carried out");
+        if matches!(a.action, crate::model::PendingAction::Grant { .. }) {
+            // The approved grant is in the store; the policy uses it from now on.
+            self.policy.set_runtime(&self.keys.runtime_grants().map_err(key_status)?);
+        }
+        tracing::warn!(id, "dual-control request approved and carried out");
         Ok(Response::new(approval_pb(a, self.keys.now())))
     }
 
@@ -501,10 +518,16 @@ impl pb::admin_service_server::AdminService for Api {
         let auth = self.authorize(&req, &mut ev).await?;
         let what = Outcome::ok_with(format!("{} {} {}", if r.grant { "granted" } else { "revoked" }, r.role, r.principal));
         let role = r.role.to_string();
-        let set = self.settle(&ev, self.keys.change_grant(&auth, r.keyring.as_str(), &r.principal, &role, r.grant, ev.with_outcome(what)).await).await?;
-        self.policy.set_runtime(&set);
-        tracing::info!(principal = %r.principal, role = %r.role, grant = r.grant, "grant changed");
-        Ok(Response::new(self.grants_pb(r.keyring.as_str())))
+        let done = self.settle(&ev, self.keys.change_grant(&auth, r.keyring.as_str(), &r.principal, &role, r.grant, ev.with_outcome(what)).await).await?;
+        let pending = match done {
+            Requested::Done(set) => {
+                self.policy.set_runtime(&set);
+                tracing::info!(principal = %r.principal, role = %r.role, grant = r.grant, "grant changed");
+                None
+            }
+            Requested::Pending { approval, .. } => Some(approval_pb(approval, self.keys.now())),
+        };
+        Ok(Response::new(pb::Grants { pending, ..self.grants_pb(r.keyring.as_str()) }))
     }
 
     #[instrument(skip_all, fields(principal, keyring = %Shown(&req.get_ref().keyring)))]
@@ -556,10 +579,15 @@ impl pb::admin_service_server::AdminService for Api {
     async fn install_escrow(&self, req: Request<pb::InstallEscrowRequest>) -> Result<Response<pb::EscrowStatus>, Status> {
         let (r, mut ev) = self.valid(&req, Action::InstallEscrow).await?;
         let auth = self.authorize(&req, &mut ev).await?;
-        self.settle(&ev, self.keys.install_escrow(&auth, &r.manifest_json, r.allow_new_recipient, ev.ok()).await).await?;
+        let done = self.settle(&ev, self.keys.install_escrow(&auth, &r.manifest_json, r.allow_new_recipient, ev.ok()).await).await?;
+        let pending = match done {
+            Requested::Done(()) => None,
+            Requested::Pending { approval, .. } => Some(approval_pb(approval, self.keys.now())),
+        };
         let mut status_ev = self.ev(Action::GetEscrowStatus, None);
         let status_auth = self.authorize(&req, &mut status_ev).await?;
-        self.escrow_status_pb(&status_auth)
+        let status = self.escrow_status_pb(&status_auth)?.into_inner();
+        Ok(Response::new(pb::EscrowStatus { pending, ..status }))
     }
 
     #[instrument(skip_all, fields(principal))]
@@ -591,7 +619,7 @@ impl pb::admin_service_server::AdminService for Api {
         let auth = self.authorize(&req, &mut ev).await?;
         let what = Outcome::ok_with(format!("retention_days={:?} rotation_period_days={:?}", r.retention_days, r.rotation_period_days));
         let k = self.settle(&ev, self.keys.set_keyring_policy(&auth, r.name.as_str(), r.retention_days, r.rotation_period_days, ev.with_outcome(what)).await).await?;
-        Ok(Response::new(keyring_pb(k)))
+        Ok(Response::new(requested_keyring_pb(k, self.keys.now())))
     }
 
     #[instrument(skip_all, fields(principal, keyring = %Shown(&req.get_ref().keyring)))]
@@ -600,8 +628,10 @@ impl pb::admin_service_server::AdminService for Api {
         let auth = self.authorize(&req, &mut ev).await?;
         let what = if r.hold { Outcome::ok_with(format!("legal hold placed: {}", r.reason)) } else { Outcome::ok_with("legal hold released") };
         let k = self.settle(&ev, self.keys.set_legal_hold(&auth, r.keyring.as_str(), r.hold, &r.reason, ev.with_outcome(what)).await).await?;
-        tracing::warn!(hold = r.hold, "legal hold changed");
-        Ok(Response::new(keyring_pb(k)))
+        if matches!(k, Requested::Done(_)) {
+            tracing::warn!(hold = r.hold, "legal hold changed");
+        }
+        Ok(Response::new(requested_keyring_pb(k, self.keys.now())))
     }
 
     #[instrument(skip_all, fields(principal, key_id = %Shown(&req.get_ref().key_id)))]
@@ -796,7 +826,7 @@ impl Api {
                 grants.push(pb::GrantEntry { principal: g.principal, role: g.role.to_string(), keyring: g.keyring, source: "runtime".into() });
             }
         }
-        pb::Grants { grants }
+        pb::Grants { grants, pending: None }
     }
 
     fn escrow_status_pb(&self, auth: &Authorized) -> Result<Response<pb::EscrowStatus>, Status> {
@@ -821,6 +851,7 @@ impl Api {
                 keys_without_escrow: without,
                 manifest_json: i.manifest_json,
                 previous_recipients: i.previous_recipients,
+                pending: None,
             },
         }))
     }

@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::auth::Role;
+
 /// State of one keyring version.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VersionState {
@@ -135,6 +137,19 @@ pub enum PendingAction {
     DestroyKeyring { keyring: String },
     /// Remove the escrow manifest in force.
     RemoveEscrow,
+    // Variants are only ever added at the end: postcard encodes the variant by its
+    // index, so records stored by an older server keep decoding.
+    /// Install an escrow manifest whose recovery recipient differs from the one in force
+    /// (or when none is in force). `replaces` is the recipient in force at the request;
+    /// the approval is refused if that changed in the meantime.
+    InstallEscrow { manifest_json: String, ceremony_id: String, recovery_recipient: String, replaces: Option<String> },
+    /// Grant `role` on `keyring` to `principal` at run time.
+    Grant { principal: String, role: Role, keyring: String },
+    /// Release the legal hold in force at the request (`hold`); a hold placed later is
+    /// not released by it.
+    ReleaseHold { keyring: String, hold: Hold },
+    /// Lower a keyring's retention (0 = keep until destroyed counts as the longest).
+    LowerRetention { keyring: String, from_days: u32, to_days: u32 },
 }
 
 /// The outcome of one restore test (`backup-hook verify`).
@@ -234,6 +249,80 @@ impl std::fmt::Display for Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The approval record as servers before the dual-control variants stored it (the
+    /// same fields; the action enum with its first four variants only).
+    mod old {
+        use serde::{Deserialize, Serialize};
+
+        #[derive(Serialize, Deserialize)]
+        pub enum PendingAction {
+            RetireVersions { keyring: String, below: u32 },
+            DestroyKey { id: [u8; 16], keyring: String },
+            DestroyKeyring { keyring: String },
+            RemoveEscrow,
+        }
+
+        #[derive(Serialize, Deserialize)]
+        pub struct ApprovalRecord {
+            pub id: u64,
+            pub action: PendingAction,
+            pub requested_by: String,
+            pub requested: i64,
+            pub expires: i64,
+            pub approved_by: Option<String>,
+            pub approved: Option<i64>,
+        }
+    }
+
+    #[test]
+    fn approval_records_of_an_older_server_still_decode() {
+        let olds = [
+            old::PendingAction::RetireVersions { keyring: "ehr".into(), below: 3 },
+            old::PendingAction::DestroyKey { id: [7; 16], keyring: "ehr".into() },
+            old::PendingAction::DestroyKeyring { keyring: "pacs".into() },
+            old::PendingAction::RemoveEscrow,
+        ];
+        let news = [
+            PendingAction::RetireVersions { keyring: "ehr".into(), below: 3 },
+            PendingAction::DestroyKey { id: [7; 16], keyring: "ehr".into() },
+            PendingAction::DestroyKeyring { keyring: "pacs".into() },
+            PendingAction::RemoveEscrow,
+        ];
+        for (i, (o, n)) in olds.into_iter().zip(news).enumerate() {
+            let rec = old::ApprovalRecord {
+                id: i as u64 + 1,
+                action: o,
+                requested_by: "officer".into(),
+                requested: 1_700_000_000,
+                expires: 1_700_086_400,
+                approved_by: (i % 2 == 1).then(|| "officer2".into()),
+                approved: (i % 2 == 1).then_some(1_700_000_100),
+            };
+            let bytes = postcard::to_allocvec(&rec).unwrap();
+            let back: ApprovalRecord = postcard::from_bytes(&bytes).unwrap();
+            assert_eq!(back.action, n);
+            assert_eq!((back.id, back.requested_by.as_str(), back.expires), (i as u64 + 1, "officer", 1_700_086_400));
+            assert_eq!(back.approved_by.is_some(), i % 2 == 1);
+            // And the new server writes them the same way.
+            assert_eq!(postcard::to_allocvec(&back).unwrap(), bytes);
+        }
+        // The new variants round-trip.
+        for a in [
+            PendingAction::InstallEscrow {
+                manifest_json: "{}".into(),
+                ceremony_id: "c1".into(),
+                recovery_recipient: "age1x".into(),
+                replaces: Some("age1y".into()),
+            },
+            PendingAction::Grant { principal: "backup01".into(), role: Role::Restorer, keyring: "ehr".into() },
+            PendingAction::ReleaseHold { keyring: "ehr".into(), hold: Hold { by: "officer".into(), since: 5, reason: "case 7".into() } },
+            PendingAction::LowerRetention { keyring: "ehr".into(), from_days: 0, to_days: 1 },
+        ] {
+            let back: PendingAction = postcard::from_bytes(&postcard::to_allocvec(&a).unwrap()).unwrap();
+            assert_eq!(back, a);
+        }
+    }
 
     #[test]
     fn outcomes_round_trip_through_their_text() {

@@ -90,6 +90,9 @@ reasons! {
     SelfApproval = "SELF_APPROVAL",
     /// The approval request was already approved.
     ApprovalAlreadyDone = "APPROVAL_ALREADY_DONE",
+    /// What the approval request was made against changed since (the retention, the
+    /// hold, the recovery recipient in force); ask again.
+    ApprovalOutdated = "APPROVAL_OUTDATED",
     /// The target already has a destruction scheduled.
     AlreadyScheduled = "ALREADY_SCHEDULED",
     /// No such destruction.

@@ -228,6 +228,33 @@ impl Server {
         std::fs::write(&p, text).unwrap();
         p
     }
+
+    /// Another certificate of the dev identity `name`: the same common name (so the same
+    /// principal), a new key, from the dev CA. Returns a client config that uses it.
+    pub fn another_certificate(&self, name: &str) -> PathBuf {
+        let pki = self.data_dir().join("pki");
+        let out_dir = self.dir.path().join(format!("again-{name}"));
+        let out = kmsctl_offline(&["cert", "issue", "--ca-dir", s(&pki), "--name", name, "--out", s(&out_dir)]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let (cert, key) = (out_dir.join(format!("{name}.pem")), out_dir.join(format!("{name}.key")));
+        let first = self.client(name);
+        let text = std::fs::read_to_string(&first).unwrap();
+        let mut lines = Vec::new();
+        for l in text.lines() {
+            if l.starts_with("cert =") {
+                let old = l.trim_start_matches("cert =").trim().trim_matches('"');
+                assert_ne!(std::fs::read(old).unwrap(), std::fs::read(&cert).unwrap(), "a certificate other than the dev one");
+                lines.push(format!("cert = {:?}", s(&cert)));
+            } else if l.starts_with("key =") {
+                lines.push(format!("key = {:?}", s(&key)));
+            } else {
+                lines.push(l.to_owned());
+            }
+        }
+        let p = self.dir.path().join(format!("{name}-again.toml"));
+        std::fs::write(&p, lines.join("\n") + "\n").unwrap();
+        p
+    }
 }
 
 fn rand_suffix() -> usize {

@@ -248,6 +248,21 @@ struct Fixture {
     key_id: String,
     wrapped: Vec<u8>,
     manifest_json: String,
+    /// The two officers (`officer`, `dev`): whichever did not make a request approves it.
+    approvers: Vec<Channel>,
+}
+
+/// Approves a pending dual-control request (if any) as the officer who did not make it.
+async fn approve_pending(f: &Fixture, pending: Option<pb::Approval>) -> Result<(), tonic::Status> {
+    let Some(a) = pending else { return Ok(()) };
+    for ch in &f.approvers {
+        match pb::admin_service_client::AdminServiceClient::new(ch.clone()).approve(pb::ApproveRequest { id: a.id }).await {
+            Ok(_) => return Ok(()),
+            Err(st) if st.code() == Code::PermissionDenied => continue,
+            Err(st) => return Err(st),
+        }
+    }
+    Err(tonic::Status::internal(format!("no second officer approved request {}", a.id)))
 }
 
 async fn call(ch: Channel, rpc: Rpc, f: &Fixture, n: usize) -> Result<(), tonic::Status> {
@@ -269,10 +284,13 @@ async fn call(ch: Channel, rpc: Rpc, f: &Fixture, n: usize) -> Result<(), tonic:
             .map(drop),
         Rpc::ListKeyrings => admin.list_keyrings(pb::ListKeyringsRequest {}).await.map(drop),
         Rpc::GetKeyring => admin.get_keyring(pb::GetKeyringRequest { name: "default".into() }).await.map(drop),
-        Rpc::InstallEscrow => admin
-            .install_escrow(pb::InstallEscrowRequest { manifest_json: f.manifest_json.clone(), allow_new_recipient: false })
-            .await
-            .map(drop),
+        // The first install is dual control: approved, so that the escrow is in force.
+        Rpc::InstallEscrow => {
+            let r = admin
+                .install_escrow(pb::InstallEscrowRequest { manifest_json: f.manifest_json.clone(), allow_new_recipient: false })
+                .await?;
+            approve_pending(f, r.into_inner().pending).await
+        }
         Rpc::EscrowStatus => admin.get_escrow_status(pb::GetEscrowStatusRequest {}).await.map(drop),
         Rpc::Rotate => admin.rotate_keyring(pb::RotateKeyringRequest { name: "default".into() }).await.map(drop),
         Rpc::ChangeGrant => admin
@@ -317,10 +335,12 @@ async fn call(ch: Channel, rpc: Rpc, f: &Fixture, n: usize) -> Result<(), tonic:
         // The key does not expire: the answer is a pending approval, nothing is destroyed.
         Rpc::DestroyKey => admin.destroy_key(pb::DestroyKeyRequest { key_id: f.key_id.clone() }).await.map(drop),
         Rpc::DestroyKeyring => admin.destroy_keyring(pb::DestroyKeyringRequest { name: "default".into() }).await.map(drop),
-        // Placed and released, so that the next identity's destroy requests are not held.
+        // Placed and released (dual control: approved), so that the next identity's
+        // destroy requests are not held.
         Rpc::SetLegalHold => {
             admin.set_legal_hold(pb::SetLegalHoldRequest { keyring: "default".into(), hold: true, reason: format!("case {n}") }).await?;
-            admin.set_legal_hold(pb::SetLegalHoldRequest { keyring: "default".into(), hold: false, reason: String::new() }).await.map(drop)
+            let r = admin.set_legal_hold(pb::SetLegalHoldRequest { keyring: "default".into(), hold: false, reason: String::new() }).await?;
+            approve_pending(f, r.into_inner().pending).await
         }
         Rpc::CancelDestruction => match admin.cancel_destruction(pb::CancelDestructionRequest { id: 999_999 }).await {
             Err(s) if s.code() == Code::NotFound => Ok(()),
@@ -341,7 +361,8 @@ async fn every_rpc_by_every_role_matches_the_table() {
     // A key to unwrap, and a real escrow manifest to install.
     let dev_pki = server.data_dir().join("pki/clients");
     let dev = channel(&server, &dev_pki.join("dev.pem"), &dev_pki.join("dev.key")).await;
-    let issued = pb::key_service_client::KeyServiceClient::new(dev)
+    let officer = channel(&server, &dev_pki.join("officer.pem"), &dev_pki.join("officer.key")).await;
+    let issued = pb::key_service_client::KeyServiceClient::new(dev.clone())
         .generate_data_key(pb::GenerateDataKeyRequest { keyring: "default".into(), backup_id: "fixture".into(), labels: Default::default() })
         .await
         .unwrap()
@@ -354,6 +375,7 @@ async fn every_rpc_by_every_role_matches_the_table() {
         key_id: issued.key_id.clone(),
         wrapped: issued.wrapped_key.clone(),
         manifest_json: std::fs::read_to_string(ceremony.join("manifest.json")).unwrap(),
+        approvers: vec![officer, dev],
     };
 
     let mut identities: Vec<(&str, PathBuf, PathBuf)> = ["sealer", "restorer", "officer", "auditor", "dev"]
@@ -408,6 +430,9 @@ fn officer_grants_and_revokes_at_run_time_stored_and_audited() {
 
     let out = server.kmsctl("officer", &["keyring", "grant", "ehr-db", "--principal", "backup02", "--role", "sealer"]);
     assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(seal_ehr(&cfg).status.code(), Some(4), "a grant waits for a second officer");
+    let out = server.kmsctl("dev", &["approve", &approval_id(&out)]);
+    assert!(out.status.success(), "{}", stderr(&out));
     assert!(seal_ehr(&cfg).status.success(), "granted at run time");
     // Only on that keyring, and only that role.
     let out = backup_hook(&cfg, &["seal", "--keyring", "default", "--backup-id", "e"], b"d");
@@ -431,7 +456,7 @@ fn officer_grants_and_revokes_at_run_time_stored_and_audited() {
     // Audited.
     let out = server.kmsctl("auditor", &["audit", "export"]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    for outcome in ["ok: granted sealer backup02", "ok: revoked sealer backup02"] {
+    for outcome in ["ok: pending approval 1: grant sealer on keyring ehr-db to backup02", "ok: revoked sealer backup02"] {
         assert!(text.lines().any(|l| l.contains("\"action\":\"ChangeGrant\"") && l.contains(outcome)), "{outcome}: {text}");
     }
     assert!(text.lines().any(|l| l.contains("ChangeGrant") && l.contains("\"principal\":\"sealer\"") && l.contains("denied")));

@@ -3,9 +3,9 @@
 //!
 //! The real `kms-server` runs under `strace -f` (every thread, `-yy` so each fd names its file
 //! or its TCP endpoints, `-xx -s` so written bytes are in the trace), while concurrent
-//! `backup-hook seal -o` calls and a sequence of officer writes (create a keyring, set its
-//! retention, grant a role, rotate, request a dual-control retire and approve it, install the
-//! escrow) run against it, each client under its own `strace`. Then, from the traces:
+//! `backup-hook seal -o` calls and a sequence of officer writes (create a keyring, raise its
+//! retention, request a grant, a retire and the escrow install, each dual control, and
+//! approve them) run against it, each client under its own `strace`. Then, from the traces:
 //!
 //! - **The write**: the first write to the store file (`kluis.redb`) after the client's
 //!   connection opened that contains the request's marker: the 16 key-id bytes of an issued
@@ -630,14 +630,31 @@ fn every_acknowledged_write_is_fsynced_before_its_reply() {
             o
         };
         let by = |p: &'static str, a: &'static str| [("principal", p), ("action", a), ("keyring", "krdurable1")];
-        step(&off, "create", &["keyring", "create", kr], by("officer", "CreateKeyring"));
+        // Retention raised (10 -> 30 days: one officer; lowering would be a request).
+        step(&off, "create", &["keyring", "create", kr, "--retention-days", "10"], by("officer", "CreateKeyring"));
         step(&off, "retention", &["keyring", "policy", kr, "--retention-days", "30"], by("officer", "SetKeyringPolicy"));
-        step(&off, "grant", &["keyring", "grant", kr, "--principal", "restorer", "--role", "restorer"], by("officer", "ChangeGrant"));
+        // Dual control: each request, then its approval by the second officer (told apart
+        // by the outcome, which names the request).
+        let approved = |id: &str, what: &str| -> AuditMatch {
+            let outcome: &'static str = Box::leak(format!("ok: approved and carried out request {id} of officer: {what}").into_boxed_str());
+            [("principal", "dev"), ("action", "Approve"), ("outcome", outcome)]
+        };
+        let o = step(&off, "grant", &["keyring", "grant", kr, "--principal", "restorer", "--role", "restorer"], by("officer", "ChangeGrant"));
+        let id = approval_id(&o);
+        step(&dev, "approve-grant", &["approve", &id], approved(&id, "grant restorer on keyring krdurable1 to restorer"));
         step(&off, "rotate", &["keyring", "rotate", kr], by("officer", "RotateKeyring"));
         let o = step(&off, "retire", &["keyring", "retire", kr, "--below-version", "2"], by("officer", "RetireKeyringVersions"));
         let id = approval_id(&o);
-        step(&dev, "approve", &["approve", &id], [("principal", "dev"), ("action", "Approve"), ("principal", "dev")]);
-        step(&off, "escrow-install", &["escrow", "install", s(&manifest)], [("principal", "officer"), ("action", "InstallEscrow"), ("outcome", "ok")]);
+        step(&dev, "approve", &["approve", &id], approved(&id, "retire keyring krdurable1 versions below 2"));
+        let o = step(&off, "escrow-install", &["escrow", "install", s(&manifest)], [("principal", "officer"), ("action", "InstallEscrow"), ("principal", "officer")]);
+        let id = approval_id(&o);
+        let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+        let what = format!(
+            "install escrow ceremony {}: recovery recipient {} (none in force)",
+            m["ceremony_id"].as_str().unwrap(),
+            m["recovery_recipient"].as_str().unwrap()
+        );
+        step(&dev, "approve-escrow", &["approve", &id], approved(&id, &what));
     }
     let sealed: Vec<Sealed> = sealers.into_iter().flat_map(|t| t.join().unwrap()).collect();
     let entries = audit_entries(&server);
@@ -659,7 +676,7 @@ fn every_acknowledged_write_is_fsynced_before_its_reply() {
     // The store's commit model, then every acknowledged write.
     let store_writes = trace.every_store_write_is_synced().unwrap();
     let proofs: Vec<Proof> = all_acks.iter().map(|a| trace.check(a).unwrap_or_else(|e| panic!("{e}"))).collect();
-    assert_eq!(proofs.len(), SEAL_THREADS * SEALS_PER_THREAD + 7);
+    assert_eq!(proofs.len(), SEAL_THREADS * SEALS_PER_THREAD + 9);
     let commits: std::collections::BTreeSet<usize> = proofs.iter().map(|p| p.sync_exit).collect();
     // Concurrency was real: some reply went out after other requests' store writes had begun.
     let overlapped = proofs.iter().filter(|p| trace.calls.iter().any(|c| trace.on_store(c) && is_write(&c.name) && c.entry > p.sync_exit && c.entry < p.reply)).count();

@@ -130,8 +130,19 @@ fn has_recovery_stanza(sealed: &[u8]) -> bool {
     header(sealed).contains("\n-> X25519 ")
 }
 
+/// `kmsctl escrow install` as `identity`. An install that needs dual control (the first
+/// recipient, or another one) is approved by a second officer (`dev`; `officer` when
+/// `identity` is `dev`); returns the approval's output then, else the install's.
 fn install(server: &Server, identity: &str, manifest: &Path) -> Output {
-    server.kmsctl(identity, &["escrow", "install", s(manifest)])
+    approve_if_pending(server, identity, server.kmsctl(identity, &["escrow", "install", s(manifest)]))
+}
+
+fn approve_if_pending(server: &Server, identity: &str, o: Output) -> Output {
+    if !o.status.success() || !stdout(&o).contains("kmsctl approve ") {
+        return o;
+    }
+    let id = approval_id(&o);
+    server.kmsctl(if identity == "dev" { "officer" } else { "dev" }, &["approve", &id])
 }
 
 fn status_json(server: &Server, identity: &str) -> serde_json::Value {
@@ -712,6 +723,15 @@ fn status_counts_exactly_the_keys_sealed_before_the_install() {
 
     let o = install(&server, "officer", &manifest);
     ok(&o, "escrow install");
+    // The first install is approved by a second officer; the approval names it.
+    assert!(
+        stdout(&o).contains(&format!("install escrow ceremony {ceremony_id}: recovery recipient {recipient} (none in force)")),
+        "{}",
+        stdout(&o)
+    );
+    // The same manifest again (the recipient in force) is installed at once.
+    let o = server.kmsctl("officer", &["escrow", "install", s(&manifest)]);
+    ok(&o, "escrow install again");
     assert!(
         stdout(&o).contains(&format!("installed escrow ceremony {ceremony_id} (2 of 3); recovery recipient {recipient}")),
         "{}",
@@ -814,11 +834,12 @@ fn removing_the_escrow_needs_a_second_officer() {
     refused(&server.kmsctl("auditor", &["escrow", "remove"]), 4, &["principal \"auditor\" may not RemoveEscrow"]);
     let o = server.kmsctl("officer", &["escrow", "remove"]);
     ok(&o, "escrow remove");
-    assert!(stdout(&o).contains("kmsctl approve 1"), "{}", stdout(&o));
+    // (Request 1 was the install.)
+    assert!(stdout(&o).contains("kmsctl approve 2"), "{}", stdout(&o));
     // Pending: the recipient still goes out with new keys; the requester cannot approve.
-    refused(&server.kmsctl("officer", &["approve", "1"]), 4, &["a second, different officer must approve it"]);
+    refused(&server.kmsctl("officer", &["approve", "2"]), 4, &["a second, different officer must approve it"]);
     assert!(has_recovery_stanza(&seal(&server, "sealer", "default", "still-escrowed", b"y")));
-    ok(&server.kmsctl("dev", &["approve", "1"]), "second officer approves");
+    ok(&server.kmsctl("dev", &["approve", "2"]), "second officer approves");
     let st = status_json(&server, "auditor");
     assert_eq!(st["installed"], false, "{st}");
     assert_eq!(st["previous_recipients"][0], m["recovery_recipient"], "{st}");
@@ -860,8 +881,83 @@ fn forged_manifests_and_silent_recipient_switches_are_refused() {
     refused(&o, 4, &["differs from the one in force", "--new-recipient"]);
     assert_eq!(status_json(&server, "officer")["recovery_recipient"], json["recovery_recipient"]);
     let cfg = server.client("officer");
-    ok(&kmsctl(&cfg, &["escrow", "install", "--new-recipient", s(&other)]), "install --new-recipient");
+    let o = approve_if_pending(&server, "officer", kmsctl(&cfg, &["escrow", "install", "--new-recipient", s(&other)]));
+    ok(&o, "install --new-recipient, approved by a second officer");
     let st = status_json(&server, "officer");
     assert_eq!(st["recovery_recipient"], other_json["recovery_recipient"]);
     assert_eq!(st["previous_recipients"], serde_json::json!([json["recovery_recipient"]]));
+}
+
+/// The finding: one officer swapped the recovery recipient, and every later
+/// backup opened only with the new key (a ransom path). Installing a recipient other
+/// than the one in force, and the first one, is now a request a second officer approves;
+/// the same recipient again is installed at once.
+#[test]
+fn a_new_recovery_recipient_needs_a_second_officer() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let cs = custodians(w, &["a", "b"]);
+    let (first, fj) = ceremony(&w.join("first"), 2, &cs);
+    let (second, sj) = ceremony(&w.join("second"), 2, &cs);
+    let (r1, r2) = (fj["recovery_recipient"].as_str().unwrap(), sj["recovery_recipient"].as_str().unwrap());
+    let (c1, c2) = (fj["ceremony_id"].as_str().unwrap(), sj["ceremony_id"].as_str().unwrap());
+    let server = Server::start();
+    let again = server.another_certificate("officer");
+    let approvals = || -> serde_json::Value {
+        let o = server.kmsctl("auditor", &["approvals", "--json"]);
+        ok(&o, "approvals --json");
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+
+    // The first install: pending, nothing goes out until a second officer approves.
+    let o = server.kmsctl("officer", &["escrow", "install", s(&first)]);
+    ok(&o, "first install request");
+    assert!(stdout(&o).contains("until then the recovery recipient in force stays"), "{}", stdout(&o));
+    let id = approval_id(&o);
+    let nothing_yet = || {
+        assert_eq!(status_json(&server, "auditor")["installed"], false);
+        assert!(!has_recovery_stanza(&seal(&server, "sealer", "default", "pending", b"x")));
+    };
+    nothing_yet();
+    refused(&server.kmsctl("officer", &["approve", &id]), 4, &["a second, different officer must approve it"]);
+    refused(&kmsctl(&again, &["approve", &id]), 4, &["a second, different officer must approve it"]);
+    nothing_yet();
+    let listed = approvals();
+    assert_eq!(listed[0]["state"], "pending", "{listed}");
+    assert_eq!(listed[0]["action"], format!("install escrow ceremony {c1}: recovery recipient {r1} (none in force)"), "{listed}");
+    ok(&server.kmsctl("dev", &["approve", &id]), "second officer approves the first install");
+    assert_eq!(status_json(&server, "auditor")["recovery_recipient"], r1);
+    assert!(has_recovery_stanza(&seal(&server, "sealer", "default", "escrowed", b"y")));
+
+    // A switch: without --new-recipient refused outright; with it, pending.
+    refused(&server.kmsctl("officer", &["escrow", "install", s(&second)]), 4, &["differs from the one in force"]);
+    let o = server.kmsctl("officer", &["escrow", "install", "--new-recipient", s(&second)]);
+    ok(&o, "switch request");
+    let id = approval_id(&o);
+    refused(&server.kmsctl("officer", &["approve", &id]), 4, &["a second, different officer must approve it"]);
+    refused(&kmsctl(&again, &["approve", &id]), 4, &["a second, different officer must approve it"]);
+    let st = status_json(&server, "auditor");
+    assert_eq!((st["recovery_recipient"].as_str(), st["ceremony_id"].as_str()), (Some(r1), Some(c1)), "unchanged while pending: {st}");
+    let want = format!("install escrow ceremony {c2}: recovery recipient {r2} replaces {r1}");
+    assert!(approvals()[1]["action"].as_str().unwrap().starts_with(&want), "{}", approvals());
+    ok(&server.kmsctl("dev", &["approve", &id]), "second officer approves the switch");
+    let st = status_json(&server, "auditor");
+    assert_eq!(st["recovery_recipient"], r2);
+    assert_eq!(st["previous_recipients"], serde_json::json!([r1]));
+
+    // Re-installing the manifest in force is immediate (no new recipient).
+    let o = server.kmsctl("officer", &["escrow", "install", s(&second)]);
+    ok(&o, "same recipient again");
+    assert!(stdout(&o).contains("installed escrow ceremony"), "{}", stdout(&o));
+
+    // An approval made against a recipient that changed since is not carried out.
+    let stale = approval_id(&server.kmsctl("officer", &["escrow", "install", "--new-recipient", s(&first)]));
+    let newer = approval_id(&server.kmsctl("dev", &["escrow", "install", "--new-recipient", s(&first)]));
+    ok(&server.kmsctl("officer", &["approve", &newer]), "the other officer approves the newer request");
+    refused(&server.kmsctl("dev", &["approve", &stale]), 4, &["no longer applies", "recovery recipient in force changed"]);
+
+    let o = server.kmsctl("auditor", &["audit", "export"]);
+    let audit = stdout(&o);
+    assert!(audit.lines().any(|l| l.contains("\"action\":\"InstallEscrow\"") && l.contains("pending approval 1: install escrow ceremony")));
+    assert!(audit.lines().any(|l| l.contains("\"action\":\"Approve\"") && l.contains("approved and carried out request 2 of officer: install escrow")));
 }

@@ -599,7 +599,9 @@ fn restic_disaster_custodians_recover_the_passphrase_with_no_server() {
     let manifest = ceremony.join("manifest.json");
 
     let mut server = Server::start();
-    ok(&server.kmsctl("officer", &["escrow", "install", s(&manifest)]), "escrow install");
+    let o = server.kmsctl("officer", &["escrow", "install", s(&manifest)]);
+    ok(&o, "escrow install request");
+    ok(&server.kmsctl("dev", &["approve", &approval_id(&o)]), "escrow install approved by a second officer");
     create_keyring(&server, "restic-ehr");
 
     // Backup storage, outside the server's directory.

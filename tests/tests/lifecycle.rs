@@ -51,7 +51,8 @@ impl World {
         time::OffsetDateTime::from_unix_timestamp(t).unwrap().format(&time::format_description::well_known::Rfc3339).unwrap()
     }
 
-    /// The pending approval id printed by a destroy/remove request.
+    /// The pending approval id printed by a dual-control request, approved by `officer2`
+    /// after the requester's own approval is refused.
     fn approve_as_second(&self, out: &Output) -> String {
         ok(out);
         let id = approval_id(out);
@@ -114,7 +115,8 @@ fn destruction_is_scheduled_cancelled_held_and_carried_out_after_the_wait() {
     assert!(shown.contains("legal hold:") && shown.contains("court order 2026-117"), "{shown}");
 
     // Released: the due destruction goes ahead, and the refusal names the date.
-    ok(&kmsctl(&w.officer, &["keyring", "release", "default"]));
+    // (Releasing is dual control: the second officer approves.)
+    w.approve_as_second(&kmsctl(&w.officer, &["keyring", "release", "default"]));
     refused(&kmsctl(&w.officer, &["keyring", "release", "default"]), 4, "has no legal hold to release");
     let out = unseal(&w.server, "restorer", &b);
     let day = &w.date(w.t0 + 20 * DAY)[..10];
@@ -144,7 +146,7 @@ fn expired_keys_are_destroyed_by_the_server_and_after_expiry_one_officer_suffice
     let w = World::new("maintenance_interval_secs = 3600\n");
     ok(&kmsctl(&w.officer, &["keyring", "create", "short", "--retention-days", "1"]));
     for role in ["sealer", "restorer"] {
-        ok(&kmsctl(&w.officer, &["keyring", "grant", "short", "--principal", role, "--role", role]));
+        w.approve_as_second(&kmsctl(&w.officer, &["keyring", "grant", "short", "--principal", role, "--role", role]));
     }
     let x = seal(&w.server, "sealer", "short", "short/x", b"x");
     let y = seal(&w.server, "sealer", "short", "short/y", b"y");
@@ -180,7 +182,7 @@ fn a_keyring_is_destroyed_under_dual_control_and_rotates_on_its_period() {
     let w = World::new("");
     ok(&kmsctl(&w.officer, &["keyring", "create", "pacs", "--rotation-period-days", "30"]));
     for role in ["sealer", "restorer"] {
-        ok(&kmsctl(&w.officer, &["keyring", "grant", "pacs", "--principal", role, "--role", role]));
+        w.approve_as_second(&kmsctl(&w.officer, &["keyring", "grant", "pacs", "--principal", role, "--role", role]));
     }
     let p1 = seal(&w.server, "sealer", "pacs", "pacs/1", b"p1");
     let shown = ok(&kmsctl(&w.officer, &["keyring", "show", "pacs"]));

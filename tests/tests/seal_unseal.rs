@@ -94,6 +94,9 @@ fn install_recovery(server: &Server) -> age::x25519::Identity {
     let manifest = ceremony.join("manifest.json");
     let out = run("kmsctl", &["--client-config", officer.to_str().unwrap(), "escrow", "install", manifest.to_str().unwrap()], b"");
     assert!(out.status.success(), "{}", stderr(&out));
+    // The first recovery recipient is dual control: a second officer approves it.
+    let out = server.kmsctl("dev", &["approve", &approval_id(&out)]);
+    assert!(out.status.success(), "{}", stderr(&out));
     let key = dir.join("recovery.key");
     let out = run(
         "kmsctl",

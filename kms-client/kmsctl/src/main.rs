@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 use kluis_escrow::Manifest;
 use kms_client::class::ErrorClass;
 use kms_client::client::{
-    ApprovalInfo, ClientError, DataKeyState, DestroyOutcome, DestructionInfo, DestructionState, KeyringInfo, KmsClient,
+    ApprovalInfo, ClientError, DataKeyState, DestroyOutcome, DestructionInfo, DestructionState, KeyringInfo, KmsClient, Requested,
 };
 use kms_client::config::ClientConfig;
 use kmsctl::cert;
@@ -182,7 +182,8 @@ enum KeyringCmd {
         #[arg(long, default_value_t = 0)]
         rotation_period_days: u32,
     },
-    /// Change retention (for keys issued from now on) and/or the rotation period (officer).
+    /// Change retention (for keys issued from now on) and/or the rotation period (officer;
+    /// lowering the retention needs a second officer's `kmsctl approve`).
     Policy {
         name: String,
         #[arg(long)]
@@ -197,7 +198,7 @@ enum KeyringCmd {
         #[arg(long)]
         reason: String,
     },
-    /// Release a legal hold (officer).
+    /// Release a legal hold (officer; needs a second officer's `kmsctl approve`).
     Release { name: String },
     /// Schedule destruction of the keyring and every key in it (needs a second officer's `kmsctl approve`).
     Destroy { name: String },
@@ -214,7 +215,7 @@ enum KeyringCmd {
         #[arg(long)]
         below_version: u32,
     },
-    /// Grant a role on a keyring to a principal (officer; stored and audited).
+    /// Grant a role on a keyring to a principal (officer; needs a second officer's `kmsctl approve`).
     Grant {
         name: String,
         #[arg(long)]
@@ -248,7 +249,8 @@ enum KeyringCmd {
 #[derive(Subcommand)]
 enum EscrowCmd {
     /// Install a ceremony's manifest at the server (officer): its recovery
-    /// recipient goes out with every data key from then on.
+    /// recipient goes out with every data key from then on. A recipient other than the
+    /// one in force (or the first) needs a second officer's `kmsctl approve`.
     Install {
         /// manifest.json, or the ceremony directory holding it.
         manifest: PathBuf,
@@ -390,16 +392,29 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 print_keyring(&mut out, &k).map_err(io)?;
             }
             Cmd::Keyring(KeyringCmd::Policy { name, retention_days, rotation_period_days }) => {
-                let k = client.set_keyring_policy(&name, retention_days, rotation_period_days).await?;
-                print_keyring(&mut out, &k).map_err(io)?;
+                match client.set_keyring_policy(&name, retention_days, rotation_period_days).await? {
+                    Requested::Done(k) => print_keyring(&mut out, &k).map_err(io)?,
+                    Requested::PendingApproval(a) => print_pending(&mut out, &a, "; until then the retention in force stays").map_err(io)?,
+                }
             }
             Cmd::Keyring(KeyringCmd::Hold { name, reason }) => {
-                client.set_legal_hold(&name, true, &reason).await?;
-                writeln!(out, "legal hold placed on keyring {name}: nothing of it is destroyed until `kmsctl keyring release {name}`").map_err(io)?;
+                match client.set_legal_hold(&name, true, &reason).await? {
+                    Requested::Done(_) => writeln!(
+                        out,
+                        "legal hold placed on keyring {name}: nothing of it is destroyed until `kmsctl keyring release {name}` (and a second officer's approval)"
+                    )
+                    .map_err(io)?,
+                    // Placing a hold is never dual control; shown should a server say otherwise.
+                    Requested::PendingApproval(a) => print_pending(&mut out, &a, "").map_err(io)?,
+                }
             }
             Cmd::Keyring(KeyringCmd::Release { name }) => {
-                client.set_legal_hold(&name, false, "").await?;
-                writeln!(out, "legal hold on keyring {name} released; due destructions now go ahead").map_err(io)?;
+                match client.set_legal_hold(&name, false, "").await? {
+                    Requested::Done(_) => {
+                        writeln!(out, "legal hold on keyring {name} released; due destructions now go ahead").map_err(io)?
+                    }
+                    Requested::PendingApproval(a) => print_pending(&mut out, &a, "; until then the hold stays").map_err(io)?,
+                }
             }
             Cmd::Keyring(KeyringCmd::Destroy { name }) => {
                 let o = client.destroy_keyring(&name).await?;
@@ -492,8 +507,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 }
             }
             Cmd::Keyring(KeyringCmd::Grant { name, principal, role }) => {
-                client.change_grant(&name, &principal, &role, true).await?;
-                writeln!(out, "granted {role} on keyring {name} to {principal}").map_err(io)?;
+                match client.change_grant(&name, &principal, &role, true).await? {
+                    Requested::Done(_) => writeln!(out, "granted {role} on keyring {name} to {principal}").map_err(io)?,
+                    Requested::PendingApproval(a) => print_pending(&mut out, &a, "; until then the grant does not apply").map_err(io)?,
+                }
             }
             Cmd::Keyring(KeyringCmd::Revoke { name, principal, role }) => {
                 client.change_grant(&name, &principal, &role, false).await?;
@@ -538,13 +555,17 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 // Full validation here (format, commitments, recipients) before the server sees it.
                 let m = Manifest::load(&manifest).map_err(|e| fail(e.to_string()))?;
                 let text = m.to_json().map_err(|e| fail(e.to_string()))?;
-                let s = client.install_escrow(&text, new_recipient).await?;
-                writeln!(
-                    out,
-                    "installed escrow ceremony {} ({} of {}); recovery recipient {}",
-                    s.ceremony_id, s.threshold, s.shares, s.recovery_recipient
-                )
-                .map_err(io)?;
+                match client.install_escrow(&text, new_recipient).await? {
+                    Requested::Done(s) => writeln!(
+                        out,
+                        "installed escrow ceremony {} ({} of {}); recovery recipient {}",
+                        s.ceremony_id, s.threshold, s.shares, s.recovery_recipient
+                    )
+                    .map_err(io)?,
+                    Requested::PendingApproval(a) => {
+                        print_pending(&mut out, &a, "; until then the recovery recipient in force stays").map_err(io)?
+                    }
+                }
             }
             Cmd::Escrow(EscrowCmd::Status { json }) => {
                 let s = client.escrow_status().await?;

@@ -53,9 +53,10 @@ fn key_variant(e: &KeyError) -> usize {
         KeyError::DestructionNotPending { .. } => 32,
         KeyError::NoEscrow => 33,
         KeyError::MasterGeneration { .. } => 34,
+        KeyError::ApprovalOutdated { .. } => 35,
     }
 }
-const KEY_VARIANTS: usize = 35;
+const KEY_VARIANTS: usize = 36;
 
 async fn join_error() -> tokio::task::JoinError {
     let task = tokio::spawn(std::future::pending::<()>());
@@ -98,6 +99,7 @@ async fn key_errors() -> Vec<(KeyError, Code, Reason)> {
         (KeyError::ApprovalExpired { id: 7, date: s("2026-01-01") }, Code::FailedPrecondition, Reason::ApprovalExpired),
         (KeyError::SelfApproval { id: 7, principal: s("officer") }, Code::PermissionDenied, Reason::SelfApproval),
         (KeyError::ApprovalDone { id: 7, by: s("officer2") }, Code::FailedPrecondition, Reason::ApprovalAlreadyDone),
+        (KeyError::ApprovalOutdated { id: 7, reason: "the legal hold was replaced since the request" }, Code::FailedPrecondition, Reason::ApprovalOutdated),
         (KeyError::BadRetire { keyring: s("k"), below: 9, reason: "no such version" }, Code::FailedPrecondition, Reason::RetireNotPossible),
         (KeyError::AuditKey { reason: "wrong length" }, Code::Internal, Reason::Internal),
         (KeyError::KeyringDestroyed { keyring: s("k"), date: s("2026-01-01") }, Code::FailedPrecondition, Reason::KeyringDestroyed),

@@ -13,7 +13,8 @@ use super::{
     AUDIT_KEY_META, ESCROW_META, KeyError, KeyManager, MASTER_CHECK_META, format_date, next_rotation, parse_key_id,
     validate_keyring_name, validate_text,
 };
-use crate::auth::{Action, Authorized};
+use super::Requested;
+use crate::auth::{Action, Authorized, RuntimeGrant};
 use crate::master::MasterKeyProvider;
 use super::registry::WriteOp;
 use super::{Admin, LiveKeyring, master_rewrap};
@@ -23,6 +24,13 @@ use crate::model::{
     KeyState, KeyringRecord, PendingAction, VersionState,
 };
 use crate::store::StoreError;
+
+/// Whether retention `to` days is shorter than `from` days (0 = keep until destroyed,
+/// the longest).
+pub(super) fn retention_lowered(from: u32, to: u32) -> bool {
+    let days = |d: u32| if d == 0 { u64::MAX } else { u64::from(d) };
+    days(to) < days(from)
+}
 
 /// The principal named in audit entries of the server's own scheduled actions.
 const SERVER_PRINCIPAL: &str = "kms-server";
@@ -135,7 +143,10 @@ impl KeyManager {
         Ok(true)
     }
 
-    /// Changes retention and/or rotation period. A new retention applies to keys issued from now on.
+    /// Changes retention and/or rotation period. A new retention applies to keys issued
+    /// from now on. Lowering the retention shortens how long backups stay restorable: it
+    /// becomes a request that a second officer approves (nothing changes until then);
+    /// raising it, and the rotation period, apply at once.
     pub async fn set_keyring_policy(
         &self,
         auth: &Authorized,
@@ -143,17 +154,30 @@ impl KeyManager {
         retention_days: Option<u32>,
         rotation_period_days: Option<u32>,
         audit: AuditEvent,
-    ) -> Result<super::KeyringInfo, KeyError> {
+    ) -> Result<Requested<super::KeyringInfo>, KeyError> {
         Self::check(auth, Action::SetKeyringPolicy, Some(name))?;
         validate_keyring_name(name)?;
         if retention_days.is_none() && rotation_period_days.is_none() {
             return Err(KeyError::InvalidArgument { field: "retention_days", reason: "give a retention or a rotation period to change" });
         }
         let admin = self.admin.lock().await;
-        self.update_ring(&admin, name, audit, |r| {
-            if let Some(d) = r.destroyed {
-                return Err(KeyError::KeyringDestroyed { keyring: r.name.clone(), date: format_date(d) });
+        let live = self.ring(name)?;
+        if let Some(d) = live.record.destroyed {
+            return Err(KeyError::KeyringDestroyed { keyring: name.to_owned(), date: format_date(d) });
+        }
+        let from_days = live.record.retention_days;
+        if let Some(to_days) = retention_days.filter(|&to| retention_lowered(from_days, to)) {
+            if rotation_period_days.is_some() {
+                return Err(KeyError::InvalidArgument {
+                    field: "rotation_period_days",
+                    reason: "lowering the retention needs a second officer: change the rotation period in its own request",
+                });
             }
+            let action = PendingAction::LowerRetention { keyring: name.to_owned(), from_days, to_days };
+            let approval = self.new_approval(auth, action, audit).await?;
+            return Ok(Requested::Pending { approval, current: self.info_of(&live)? });
+        }
+        self.update_ring(&admin, name, None, audit, |r| {
             if let Some(d) = retention_days {
                 r.retention_days = d;
             }
@@ -163,9 +187,12 @@ impl KeyManager {
             Ok(())
         })
         .await
+        .map(Requested::Done)
     }
 
-    /// Places or releases a legal hold.
+    /// Places or releases a legal hold. Placing one only protects and is done at once;
+    /// releasing one lets destructions go ahead: it becomes a request that a second
+    /// officer approves (the hold stays until then).
     pub async fn set_legal_hold(
         &self,
         auth: &Authorized,
@@ -173,7 +200,7 @@ impl KeyManager {
         hold: bool,
         reason: &str,
         audit: AuditEvent,
-    ) -> Result<super::KeyringInfo, KeyError> {
+    ) -> Result<Requested<super::KeyringInfo>, KeyError> {
         Self::check(auth, Action::SetLegalHold, Some(keyring))?;
         validate_keyring_name(keyring)?;
         if hold {
@@ -182,29 +209,38 @@ impl KeyManager {
         let now = self.now();
         let by = auth.principal().name().to_owned();
         let admin = self.admin.lock().await;
-        self.update_ring(&admin, keyring, audit, |r| {
-            if hold {
-                r.hold = Some(Hold { by, since: now, reason: reason.to_owned() });
-            } else if r.hold.take().is_none() {
-                return Err(KeyError::NoHold { keyring: r.name.clone() });
-            }
+        if !hold {
+            let live = self.ring(keyring)?;
+            let h = live.record.hold.clone().ok_or_else(|| KeyError::NoHold { keyring: keyring.to_owned() })?;
+            let action = PendingAction::ReleaseHold { keyring: keyring.to_owned(), hold: h };
+            let approval = self.new_approval(auth, action, audit).await?;
+            return Ok(Requested::Pending { approval, current: self.info_of(&live)? });
+        }
+        self.update_ring(&admin, keyring, None, audit, |r| {
+            r.hold = Some(Hold { by, since: now, reason: reason.to_owned() });
             Ok(())
         })
         .await
+        .map(Requested::Done)
     }
 
-    /// Applies `f` to a keyring record and stores it with the audit entry (admin lock held).
+    /// Applies `f` to a keyring record and stores it with the audit entry (and the
+    /// approval that led to it), admin lock held.
     async fn update_ring(
         &self,
         admin: &Admin<'_>,
         name: &str,
+        approval: Option<&ApprovalRecord>,
         audit: AuditEvent,
         f: impl FnOnce(&mut KeyringRecord) -> Result<(), KeyError>,
     ) -> Result<super::KeyringInfo, KeyError> {
         let old = self.ring(name)?;
         let mut record = old.record.clone();
         f(&mut record)?;
-        self.store.write(WriteOp::Atomic(vec![WriteOp::PutKeyring(record.clone()), WriteOp::Audit(audit)])).await?;
+        let mut ops = vec![WriteOp::PutKeyring(record.clone())];
+        ops.extend(approval.map(|a| WriteOp::PutApproval(a.clone())));
+        ops.push(WriteOp::Audit(audit));
+        self.store.write(WriteOp::Atomic(ops)).await?;
         let live = Arc::new(LiveKeyring { record, keys: old.keys.clone() });
         self.publish(admin, |s| {
             s.rings.insert(name.to_owned(), live.clone());
@@ -301,6 +337,43 @@ impl KeyManager {
                 };
                 self.check_destroyable(&target, &label)?;
                 self.schedule_with(admin, action, &approval.requested_by, Some(approval), audit).await.map(|_| ())
+            }
+            PendingAction::InstallEscrow { manifest_json, replaces, .. } => {
+                self.approved_escrow(admin, manifest_json, replaces.as_deref(), approval, audit).await
+            }
+            PendingAction::Grant { principal, role, keyring } => {
+                let g = RuntimeGrant { principal: principal.clone(), role: *role, keyring: keyring.clone() };
+                self.approved_grant(g, approval, audit).await
+            }
+            PendingAction::ReleaseHold { keyring, hold } => {
+                let id = approval.id;
+                self.update_ring(admin, keyring, Some(approval), audit, |r| match &r.hold {
+                    None => Err(KeyError::NoHold { keyring: r.name.clone() }),
+                    Some(h) if h != hold => {
+                        Err(KeyError::ApprovalOutdated { id, reason: "the legal hold was replaced since the request" })
+                    }
+                    Some(_) => {
+                        r.hold = None;
+                        Ok(())
+                    }
+                })
+                .await
+                .map(|_| ())
+            }
+            PendingAction::LowerRetention { keyring, from_days, to_days } => {
+                let id = approval.id;
+                self.update_ring(admin, keyring, Some(approval), audit, |r| {
+                    if let Some(d) = r.destroyed {
+                        return Err(KeyError::KeyringDestroyed { keyring: r.name.clone(), date: format_date(d) });
+                    }
+                    if r.retention_days != *from_days {
+                        return Err(KeyError::ApprovalOutdated { id, reason: "the keyring's retention changed since the request" });
+                    }
+                    r.retention_days = *to_days;
+                    Ok(())
+                })
+                .await
+                .map(|_| ())
             }
             PendingAction::RemoveEscrow => {
                 let mut info = self.state().escrow.clone().ok_or(KeyError::NoEscrow)?;

@@ -127,6 +127,8 @@ pub enum KeyError {
     DestructionNotPending { id: u64, state: &'static str },
     #[error("no escrow manifest is in force")]
     NoEscrow,
+    #[error("approval request {id} no longer applies: {reason}; ask again")]
+    ApprovalOutdated { id: u64, reason: &'static str },
     #[error("the new master key (generation {generation}) could not be made or opened: {source}")]
     MasterGeneration { generation: u32, source: MasterError },
 }
@@ -176,6 +178,13 @@ pub struct UnwrappedDataKey {
     pub keyring: String,
     pub version: u32,
     pub backup_id: String,
+}
+
+/// What a request that may need a second officer led to: done at once, or a pending
+/// approval (dual control) with the state in force, which the request left unchanged.
+pub enum Requested<T> {
+    Done(T),
+    Pending { approval: ApprovalRecord, current: T },
 }
 
 /// Keyring metadata for listings.
@@ -731,9 +740,11 @@ impl KeyManager {
     }
 
     /// Records a pending approval (admin lock held by the caller).
-    async fn new_approval(&self, auth: &Authorized, action: PendingAction, audit: AuditEvent) -> Result<ApprovalRecord, KeyError> {
+    /// The audit entry names the request's id and what it would do.
+    async fn new_approval(&self, auth: &Authorized, action: PendingAction, mut audit: AuditEvent) -> Result<ApprovalRecord, KeyError> {
         let id = self.store.next_approval_id()?;
         let now = self.now();
+        audit.outcome = Outcome::ok_with(format!("pending approval {id}: {}", describe_action(&action)));
         let rec = ApprovalRecord {
             id,
             action,
@@ -748,7 +759,7 @@ impl KeyManager {
     }
 
     /// Approves and carries out a pending request of another officer.
-    pub async fn approve(&self, auth: &Authorized, id: u64, audit: AuditEvent) -> Result<ApprovalRecord, KeyError> {
+    pub async fn approve(&self, auth: &Authorized, id: u64, mut audit: AuditEvent) -> Result<ApprovalRecord, KeyError> {
         Self::check(auth, Action::Approve, None)?;
         let admin = self.admin.lock().await;
         let mut rec = self.store.approval(id)?.ok_or(KeyError::ApprovalNotFound { id })?;
@@ -764,6 +775,11 @@ impl KeyManager {
         }
         rec.approved_by = Some(auth.principal().name().to_owned());
         rec.approved = Some(now);
+        audit.outcome = Outcome::ok_with(format!(
+            "approved and carried out request {id} of {}: {}",
+            rec.requested_by,
+            describe_action(&rec.action)
+        ));
         match rec.action.clone() {
             PendingAction::RetireVersions { keyring, below } => {
                 let old = self.ring(&keyring)?;
@@ -802,7 +818,9 @@ impl KeyManager {
         }
     }
 
-    /// Grants (or revokes) `role` on `keyring` to `principal`; returns the new runtime set.
+    /// Grants (or revokes) `role` on `keyring` to `principal`. A revocation only
+    /// protects: done at once, the new runtime set returned. A grant widens access: it
+    /// becomes a request that a second officer approves (the set is then unchanged).
     pub async fn change_grant(
         &self,
         auth: &Authorized,
@@ -811,7 +829,7 @@ impl KeyManager {
         role: &str,
         grant: bool,
         audit: AuditEvent,
-    ) -> Result<Vec<RuntimeGrant>, KeyError> {
+    ) -> Result<Requested<Vec<RuntimeGrant>>, KeyError> {
         Self::check(auth, Action::ChangeGrant, Some(keyring))?;
         validate_keyring_name(keyring)?;
         validate_text("principal", principal, 256, false)?;
@@ -823,22 +841,42 @@ impl KeyManager {
         }
         let _guard = self.admin.lock().await;
         let mut set = self.runtime_grants()?;
-        let g = RuntimeGrant { principal: principal.to_owned(), role, keyring: keyring.to_owned() };
         if grant {
-            if !set.contains(&g) {
-                set.push(g);
-                set.sort();
-            }
-        } else {
-            let before = set.len();
-            set.retain(|x| *x != g);
-            if set.len() == before {
-                return Err(KeyError::GrantNotFound { principal: principal.to_owned(), role: role.to_string(), keyring: keyring.to_owned() });
-            }
+            let action = PendingAction::Grant { principal: principal.to_owned(), role, keyring: keyring.to_owned() };
+            let approval = self.new_approval(auth, action, audit).await?;
+            return Ok(Requested::Pending { approval, current: set });
         }
-        let bytes = postcard::to_allocvec(&set).map_err(|e| StoreError::Encode { what: "grants", source: e })?;
-        self.store.write(WriteOp::Atomic(vec![WriteOp::PutMeta { key: GRANTS_META, value: bytes }, WriteOp::Audit(audit)])).await?;
-        Ok(set)
+        let g = RuntimeGrant { principal: principal.to_owned(), role, keyring: keyring.to_owned() };
+        let before = set.len();
+        set.retain(|x| *x != g);
+        if set.len() == before {
+            return Err(KeyError::GrantNotFound { principal: principal.to_owned(), role: role.to_string(), keyring: keyring.to_owned() });
+        }
+        self.store_grants(&set, None, audit).await?;
+        Ok(Requested::Done(set))
+    }
+
+    /// Stores the runtime grant set with its audit entry (and the approval that led to it).
+    async fn store_grants(&self, set: &[RuntimeGrant], approval: Option<&ApprovalRecord>, audit: AuditEvent) -> Result<(), KeyError> {
+        let bytes = postcard::to_allocvec(set).map_err(|e| StoreError::Encode { what: "grants", source: e })?;
+        let mut ops = vec![WriteOp::PutMeta { key: GRANTS_META, value: bytes }];
+        ops.extend(approval.map(|a| WriteOp::PutApproval(a.clone())));
+        ops.push(WriteOp::Audit(audit));
+        self.store.write(WriteOp::Atomic(ops)).await?;
+        Ok(())
+    }
+
+    /// Carries out an approved grant (admin lock held): adds it to the runtime set.
+    pub(super) async fn approved_grant(&self, g: RuntimeGrant, approval: &ApprovalRecord, audit: AuditEvent) -> Result<(), KeyError> {
+        if !self.has_keyring(&g.keyring) {
+            return Err(KeyError::KeyringNotFound { name: g.keyring });
+        }
+        let mut set = self.runtime_grants()?;
+        if !set.contains(&g) {
+            set.push(g);
+            set.sort();
+        }
+        self.store_grants(&set, Some(approval), audit).await
     }
 
     /// Checks that `auth` may list the grants of `keyring`.
@@ -1041,30 +1079,78 @@ impl KeyManager {
         Ok((out, current, key.version))
     }
 
-    /// Installs the escrow manifest in force.
+    /// Installs an escrow manifest. A manifest with the recovery recipient in force (a
+    /// new custodian list, say) is installed at once. One with another recipient, or the
+    /// first one (none in force), decides who can open every later backup without the
+    /// server: it becomes a request that a second officer approves.
     pub async fn install_escrow(
         &self,
         auth: &Authorized,
         manifest_json: &str,
         allow_new_recipient: bool,
         audit: AuditEvent,
-    ) -> Result<EscrowInfo, KeyError> {
+    ) -> Result<Requested<()>, KeyError> {
         Self::check(auth, Action::InstallEscrow, None)?;
         // The same manifest type and checks as `kmsctl escrow` (kluis-escrow).
         let m = Manifest::parse(manifest_json.as_bytes()).map_err(KeyError::EscrowManifest)?;
         let admin = self.admin.lock().await;
         let current = self.state().escrow.clone();
-        let mut previous_recipients = current.as_ref().map(|c| c.previous_recipients.clone()).unwrap_or_default();
-        if let Some(cur) =
-            current.as_ref().filter(|c| c.removed.is_none() && c.recovery_recipient != m.recovery_recipient)
-        {
-            if !allow_new_recipient {
-                return Err(KeyError::EscrowRecipientChange {
-                    current: cur.recovery_recipient.clone(),
-                    new: m.recovery_recipient,
-                    ceremony: cur.ceremony_id.clone(),
-                });
+        let in_force = current.as_ref().and_then(|c| c.in_force().map(str::to_owned));
+        match &in_force {
+            Some(r) if *r == m.recovery_recipient => {
+                self.write_escrow(&admin, m, manifest_json, None, audit).await?;
+                return Ok(Requested::Done(()));
             }
+            Some(r) if !allow_new_recipient => {
+                let ceremony = current.map(|c| c.ceremony_id).unwrap_or_default();
+                return Err(KeyError::EscrowRecipientChange { current: r.clone(), new: m.recovery_recipient, ceremony });
+            }
+            _ => {}
+        }
+        let action = PendingAction::InstallEscrow {
+            manifest_json: manifest_json.to_owned(),
+            ceremony_id: m.ceremony_id,
+            recovery_recipient: m.recovery_recipient,
+            replaces: in_force,
+        };
+        let approval = self.new_approval(auth, action, audit).await?;
+        Ok(Requested::Pending { approval, current: () })
+    }
+
+    /// Carries out an approved escrow install (admin lock held): the recipient in force
+    /// must still be the one the request replaces.
+    pub(super) async fn approved_escrow(
+        &self,
+        admin: &Admin<'_>,
+        manifest_json: &str,
+        replaces: Option<&str>,
+        approval: &ApprovalRecord,
+        audit: AuditEvent,
+    ) -> Result<(), KeyError> {
+        let m = Manifest::parse(manifest_json.as_bytes()).map_err(KeyError::EscrowManifest)?;
+        let in_force = self.state().escrow.as_ref().and_then(|c| c.in_force().map(str::to_owned));
+        if in_force.as_deref() != replaces {
+            return Err(KeyError::ApprovalOutdated {
+                id: approval.id,
+                reason: "the recovery recipient in force changed since the request",
+            });
+        }
+        self.write_escrow(admin, m, manifest_json, Some(approval), audit).await
+    }
+
+    /// Stores `m` as the manifest in force (admin lock held), keeping the recipient it
+    /// replaces in the list of earlier ones.
+    async fn write_escrow(
+        &self,
+        admin: &Admin<'_>,
+        m: Manifest,
+        manifest_json: &str,
+        approval: Option<&ApprovalRecord>,
+        audit: AuditEvent,
+    ) -> Result<(), KeyError> {
+        let current = self.state().escrow.clone();
+        let mut previous_recipients = current.as_ref().map(|c| c.previous_recipients.clone()).unwrap_or_default();
+        if let Some(cur) = current.as_ref().filter(|c| c.removed.is_none() && c.recovery_recipient != m.recovery_recipient) {
             previous_recipients.push(cur.recovery_recipient.clone());
         }
         let info = EscrowInfo {
@@ -1079,11 +1165,12 @@ impl KeyManager {
             removed: None,
         };
         let bytes = postcard::to_allocvec(&info).map_err(|e| StoreError::Encode { what: "escrow", source: e })?;
-        self.store
-            .write(WriteOp::Atomic(vec![WriteOp::PutMeta { key: ESCROW_META, value: bytes }, WriteOp::Audit(audit)]))
-            .await?;
-        self.publish(&admin, |s| s.escrow = Some(info.clone()));
-        Ok(info)
+        let mut ops = vec![WriteOp::PutMeta { key: ESCROW_META, value: bytes }];
+        ops.extend(approval.map(|a| WriteOp::PutApproval(a.clone())));
+        ops.push(WriteOp::Audit(audit));
+        self.store.write(WriteOp::Atomic(ops)).await?;
+        self.publish(admin, |s| s.escrow = Some(info));
+        Ok(())
     }
 
     /// The escrow manifest in force, and how many live keys have no recovery stanza.

@@ -97,6 +97,23 @@ pub fn describe_action(a: &PendingAction) -> String {
         PendingAction::DestroyKey { id, keyring } => format!("destroy data key {} of keyring {keyring}", hex::encode(id)),
         PendingAction::DestroyKeyring { keyring } => format!("destroy keyring {keyring} and every key in it"),
         PendingAction::RemoveEscrow => "remove the escrow manifest in force".into(),
+        PendingAction::InstallEscrow { ceremony_id, recovery_recipient, replaces, .. } => match replaces {
+            Some(old) => format!(
+                "install escrow ceremony {ceremony_id}: recovery recipient {recovery_recipient} replaces {old} (later backups open only with the new ceremony's shares)"
+            ),
+            None => format!("install escrow ceremony {ceremony_id}: recovery recipient {recovery_recipient} (none in force)"),
+        },
+        PendingAction::Grant { principal, role, keyring } => format!("grant {role} on keyring {keyring} to {principal}"),
+        PendingAction::ReleaseHold { keyring, hold } => format!(
+            "release the legal hold on keyring {keyring} (placed by {} on {}: {})",
+            hold.by,
+            format_date(hold.since),
+            hold.reason
+        ),
+        PendingAction::LowerRetention { keyring, from_days, to_days } => {
+            let days = |d: &u32| if *d == 0 { "keep until destroyed".to_owned() } else { format!("{d} days") };
+            format!("lower the retention of keyring {keyring} from {} to {} (for keys issued from then on)", days(from_days), days(to_days))
+        }
     }
 }
 

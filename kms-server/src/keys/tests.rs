@@ -213,7 +213,15 @@ async fn a_legal_hold_blocks_destruction_until_released() {
     c.advance_days(8);
     assert_eq!(c.keys.maintain().await.unwrap(), 0, "held");
     assert!(c.unwrap(&k).await.is_ok(), "a held key still unwraps after its due date");
-    c.keys.set_legal_hold(&hold, "ehr", false, "", c.ev("officer", Action::SetLegalHold)).await.unwrap();
+    // Releasing is a request: the hold stays until a second officer approves.
+    let Requested::Pending { approval, .. } =
+        c.keys.set_legal_hold(&hold, "ehr", false, "", c.ev("officer", Action::SetLegalHold)).await.unwrap()
+    else {
+        panic!("a release needs a second officer");
+    };
+    assert_eq!(c.keys.maintain().await.unwrap(), 0, "still held while the release waits");
+    assert!(matches!(c.approve("officer", approval.id).await, Err(KeyError::SelfApproval { .. })));
+    c.approve("officer2", approval.id).await.unwrap();
     assert_eq!(c.keys.maintain().await.unwrap(), 1);
     assert!(matches!(c.unwrap(&k).await, Err(KeyError::Destroyed { .. })));
 }
@@ -290,4 +298,71 @@ async fn a_poisoned_audit_signer_fails_the_write_closed() {
     use crate::store::Chain;
     let ev = c.ev("host", Action::GenerateDataKey).encode().unwrap();
     assert!(chain.link(256, &chain.genesis(), &ev).is_err(), "a checkpoint that cannot be signed fails the commit");
+}
+
+/// The issue's finding: retention set to 1 day by one officer destroyed keys the next
+/// day. Lowering is now a request; keys issued meanwhile keep the retention in force.
+#[tokio::test]
+async fn lowering_retention_waits_for_a_second_officer_and_raising_does_not() {
+    let c = Core::new();
+    c.create("ehr", 0, 0).await;
+    let pol = c.auth("officer", Action::SetKeyringPolicy, Some("ehr"));
+    let ev = || c.ev("officer", Action::SetKeyringPolicy);
+    let Requested::Pending { approval, current } = c.keys.set_keyring_policy(&pol, "ehr", Some(1), None, ev()).await.unwrap() else {
+        panic!("lowering needs a second officer");
+    };
+    assert_eq!(current.retention_days, 0, "unchanged while pending");
+    // Lowering together with a rotation change is refused, nothing half-applied.
+    assert!(matches!(
+        c.keys.set_keyring_policy(&pol, "ehr", Some(1), Some(30), ev()).await,
+        Err(KeyError::InvalidArgument { field: "rotation_period_days", .. })
+    ));
+    assert!(matches!(c.approve("officer", approval.id).await, Err(KeyError::SelfApproval { .. })));
+    let early = c.issue("ehr", "before-approval").await;
+    c.advance_days(2);
+    assert_eq!(c.keys.maintain().await.unwrap(), 0, "nothing expires under the retention in force");
+    assert!(c.unwrap(&early).await.is_ok());
+    // The request expired unapproved: it never applies.
+    assert!(matches!(c.approve("officer2", approval.id).await, Err(KeyError::ApprovalExpired { .. })));
+    let Requested::Pending { approval, .. } = c.keys.set_keyring_policy(&pol, "ehr", Some(1), None, ev()).await.unwrap() else {
+        panic!("pending expected");
+    };
+    c.approve("officer2", approval.id).await.unwrap();
+    assert_eq!(c.keys.get_keyring(&c.auth("officer", Action::GetKeyring, Some("ehr")), "ehr").unwrap().retention_days, 1);
+    let late = c.issue("ehr", "after-approval").await;
+    c.advance_days(2);
+    assert_eq!(c.keys.maintain().await.unwrap(), 1, "the approved retention applies to keys issued after it");
+    assert!(matches!(c.unwrap(&late).await, Err(KeyError::Destroyed { .. })));
+    assert!(c.unwrap(&early).await.is_ok());
+    // Raising (1 -> 30, then 30 -> keep forever) and the rotation period apply at once.
+    for (ret, rot) in [(Some(30), None), (Some(0), Some(90)), (None, Some(7))] {
+        assert!(matches!(c.keys.set_keyring_policy(&pol, "ehr", ret, rot, ev()).await.unwrap(), Requested::Done(_)));
+    }
+    // A request made against a retention that has changed since is not carried out.
+    let Requested::Pending { approval: stale, .. } = c.keys.set_keyring_policy(&pol, "ehr", Some(10), None, ev()).await.unwrap() else {
+        panic!("pending expected");
+    };
+    let Requested::Pending { approval: first, .. } = c.keys.set_keyring_policy(&pol, "ehr", Some(20), None, ev()).await.unwrap() else {
+        panic!("pending expected");
+    };
+    c.approve("officer2", first.id).await.unwrap();
+    assert!(matches!(c.approve("officer2", stale.id).await, Err(KeyError::ApprovalOutdated { .. })));
+    assert_eq!(c.keys.get_keyring(&c.auth("officer", Action::GetKeyring, Some("ehr")), "ehr").unwrap().retention_days, 20);
+}
+
+#[tokio::test]
+async fn a_release_approved_after_a_new_hold_does_not_release_it() {
+    let c = Core::new();
+    c.create("ehr", 0, 0).await;
+    let hold = c.auth("officer", Action::SetLegalHold, Some("ehr"));
+    let ev = || c.ev("officer", Action::SetLegalHold);
+    c.keys.set_legal_hold(&hold, "ehr", true, "case 1", ev()).await.unwrap();
+    let Requested::Pending { approval, .. } = c.keys.set_legal_hold(&hold, "ehr", false, "", ev()).await.unwrap() else {
+        panic!("pending expected");
+    };
+    // Replaced in the same second by the same officer: still another hold.
+    c.keys.set_legal_hold(&hold, "ehr", true, "case 2", ev()).await.unwrap();
+    assert!(matches!(c.approve("officer2", approval.id).await, Err(KeyError::ApprovalOutdated { .. })));
+    let info = c.keys.get_keyring(&c.auth("officer", Action::GetKeyring, Some("ehr")), "ehr").unwrap();
+    assert_eq!(info.hold.map(|h| h.reason), Some("case 2".to_owned()));
 }
