@@ -17,6 +17,7 @@ use kms_client::client::{
 };
 use kms_client::config::ClientConfig;
 use kmsctl::cert;
+use kmsctl::output::Esc;
 use kmsctl::escrow::{OfflineEscrowCommand, run_offline};
 
 #[derive(Parser)]
@@ -299,7 +300,7 @@ fn date(unix: i64) -> String {
 }
 
 fn print_keyring(out: &mut dyn Write, k: &KeyringInfo) -> std::io::Result<()> {
-    writeln!(out, "keyring:         {}", k.name)?;
+    writeln!(out, "keyring:         {}", Esc(&k.name))?;
     writeln!(out, "current version: {}", k.current_version)?;
     writeln!(out, "created:         {}", date(k.created_unix))?;
     let retention = if k.retention_days == 0 { "until destroyed".to_owned() } else { format!("{} days", k.retention_days) };
@@ -309,7 +310,7 @@ fn print_keyring(out: &mut dyn Write, k: &KeyringInfo) -> std::io::Result<()> {
         writeln!(out, "rotation:        every {} days; next {}", k.rotation_period_days, date(k.next_rotation_unix))?;
     }
     if k.held {
-        writeln!(out, "legal hold:      since {} by {}: {}", date(k.hold_since_unix), k.hold_by, k.hold_reason)?;
+        writeln!(out, "legal hold:      since {} by {}: {}", date(k.hold_since_unix), Esc(&k.hold_by), Esc(&k.hold_reason))?;
     }
     if k.destroyed_unix != 0 {
         writeln!(out, "DESTROYED:       {}", date(k.destroyed_unix))?;
@@ -323,11 +324,11 @@ fn print_keyring(out: &mut dyn Write, k: &KeyringInfo) -> std::io::Result<()> {
 fn print_destruction(out: &mut dyn Write, d: &DestructionInfo) -> std::io::Result<()> {
     let when = match d.state {
         DestructionState::Destroyed => format!("destroyed on {}", date(d.done_unix)),
-        DestructionState::Cancelled => format!("cancelled by {} on {}", d.cancelled_by, date(d.done_unix)),
+        DestructionState::Cancelled => format!("cancelled by {} on {}", Esc(&d.cancelled_by), date(d.done_unix)),
         DestructionState::Held => format!("due {} but blocked by a legal hold", date(d.due_unix)),
         _ => format!("due {}", date(d.due_unix)),
     };
-    writeln!(out, "{:>4} {:<9} {} {} ({}; requested by {}): {when}", d.id, d.state, d.target_kind, d.target, d.reason, d.requested_by)
+    writeln!(out, "{:>4} {:<9} {} {} ({}; requested by {}): {when}", d.id, d.state, d.target_kind, Esc(&d.target), d.reason, Esc(&d.requested_by))
 }
 
 /// A dual-control request: what it is and how a second officer approves it.
@@ -336,7 +337,7 @@ fn print_pending(out: &mut dyn Write, a: &ApprovalInfo, then: &str) -> std::io::
         out,
         "request {} is pending: {}\nA second officer approves it with: kmsctl approve {} (before {}){then}",
         a.id,
-        a.action,
+        Esc(&a.action),
         a.id,
         date(a.expires_unix)
     )
@@ -429,10 +430,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 if json {
                     print_json(&mut out, &k)?;
                 } else {
-                    writeln!(out, "key id:     {}", k.key_id).map_err(io)?;
-                    writeln!(out, "keyring:    {} (version {})", k.keyring, k.keyring_version).map_err(io)?;
-                    writeln!(out, "backup id:  {}", k.backup_id).map_err(io)?;
-                    writeln!(out, "issued:     {} to {}", date(k.created_unix), k.issued_to).map_err(io)?;
+                    writeln!(out, "key id:     {}", Esc(&k.key_id)).map_err(io)?;
+                    writeln!(out, "keyring:    {} (version {})", Esc(&k.keyring), k.keyring_version).map_err(io)?;
+                    writeln!(out, "backup id:  {}", Esc(&k.backup_id)).map_err(io)?;
+                    writeln!(out, "issued:     {} to {}", date(k.created_unix), Esc(&k.issued_to)).map_err(io)?;
                     let expires = if k.expires_unix == 0 { "never".to_owned() } else { date(k.expires_unix) };
                     writeln!(out, "expires:    {expires}").map_err(io)?;
                     writeln!(out, "escrowed:   {}", if k.escrowed { "yes" } else { "no" }).map_err(io)?;
@@ -469,7 +470,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 writeln!(
                     out,
                     "master key generation {} in force: {}\nrewrapped {} versions of {} keyrings (no data key needed rewrapping); the previous key is kept: remove it once no copy of the store from before today is needed",
-                    m.generation, m.description, m.versions_rewrapped, m.keyrings_rewrapped
+                    m.generation, Esc(&m.description), m.versions_rewrapped, m.keyrings_rewrapped
                 )
                 .map_err(io)?;
             }
@@ -484,7 +485,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
             Cmd::Approve { id } => {
                 let a = client.approve(id).await?;
-                writeln!(out, "approved and carried out request {}: {} (requested by {})", a.id, a.action, a.requested_by).map_err(io)?;
+                writeln!(out, "approved and carried out request {}: {} (requested by {})", a.id, Esc(&a.action), Esc(&a.requested_by)).map_err(io)?;
             }
             Cmd::Approvals { json } => {
                 let list = client.approvals().await?;
@@ -497,8 +498,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
                             "{:>4} {:<9} {} (by {}, expires {}{})",
                             a.id,
                             a.state,
-                            a.action,
-                            a.requested_by,
+                            Esc(&a.action),
+                            Esc(&a.requested_by),
                             date(a.expires_unix),
                             if a.approved_by.is_empty() { String::new() } else { format!(", approved by {}", a.approved_by) }
                         )
@@ -523,7 +524,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 } else {
                     writeln!(out, "{:<32} {:<9} {:<20} SOURCE", "PRINCIPAL", "ROLE", "KEYRINGS").map_err(io)?;
                     for g in list {
-                        writeln!(out, "{:<32} {:<9} {:<20} {}", g.principal, g.role, g.keyring, g.source).map_err(io)?;
+                        writeln!(out, "{:<32} {:<9} {:<20} {}", Esc(&g.principal), Esc(&g.role), Esc(&g.keyring), Esc(&g.source)).map_err(io)?;
                     }
                 }
             }
@@ -538,7 +539,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 } else {
                     writeln!(out, "{:<24} {:>7} {:>12}  created", "KEYRING", "VERSION", "ISSUED KEYS").map_err(io)?;
                     for k in list {
-                        writeln!(out, "{:<24} {:>7} {:>12}  {}", k.name, k.current_version, k.issued_keys, date(k.created_unix))
+                        writeln!(out, "{:<24} {:>7} {:>12}  {}", Esc(&k.name), k.current_version, k.issued_keys, date(k.created_unix))
                             .map_err(io)?;
                     }
                 }
@@ -559,7 +560,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     Requested::Done(s) => writeln!(
                         out,
                         "installed escrow ceremony {} ({} of {}); recovery recipient {}",
-                        s.ceremony_id, s.threshold, s.shares, s.recovery_recipient
+                        Esc(&s.ceremony_id), s.threshold, s.shares, Esc(&s.recovery_recipient)
                     )
                     .map_err(io)?,
                     Requested::PendingApproval(a) => {
@@ -573,17 +574,17 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     print_json(&mut out, &s)?;
                 } else {
                     if s.installed {
-                        writeln!(out, "ceremony:            {}", s.ceremony_id).map_err(io)?;
-                        writeln!(out, "recovery recipient:  {}", s.recovery_recipient).map_err(io)?;
+                        writeln!(out, "ceremony:            {}", Esc(&s.ceremony_id)).map_err(io)?;
+                        writeln!(out, "recovery recipient:  {}", Esc(&s.recovery_recipient)).map_err(io)?;
                         writeln!(out, "threshold:           {} of {}", s.threshold, s.shares).map_err(io)?;
-                        writeln!(out, "custodians:          {}", s.custodians.join(", ")).map_err(io)?;
+                        writeln!(out, "custodians:          {}", Esc(&s.custodians.join(", "))).map_err(io)?;
                         writeln!(out, "installed:           {}", date(s.installed_unix)).map_err(io)?;
                     } else {
                         writeln!(out, "no escrow manifest installed").map_err(io)?;
                     }
                     writeln!(out, "keys without escrow: {}", s.keys_without_escrow).map_err(io)?;
                     for r in &s.previous_recipients {
-                        writeln!(out, "earlier recipient:   {r} (backups sealed while it was in force need its ceremony's shares)")
+                        writeln!(out, "earlier recipient:   {} (backups sealed while it was in force need its ceremony's shares)", Esc(r))
                             .map_err(io)?;
                     }
                 }
@@ -707,5 +708,40 @@ fn main() -> ExitCode {
             eprintln!("kmsctl: error: {}", kmsctl::output::Esc(&f.message));
             ExitCode::from(f.code)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// Server text is shown escaped: the server refuses control characters in names and
+    /// reasons, and kmsctl does not rely on it (an older or a hostile server).
+    #[test]
+    fn server_text_in_a_keyring_is_shown_escaped() {
+        let evil = "x\u{1b}[2J\nFORGED: all keys destroyed\u{7}";
+        let k = KeyringInfo {
+            name: evil.into(),
+            current_version: 1,
+            created_unix: 0,
+            retention_days: 0,
+            issued_keys: 0,
+            versions: Vec::new(),
+            rotation_period_days: 0,
+            next_rotation_unix: 0,
+            held: true,
+            hold_reason: evil.into(),
+            hold_by: evil.into(),
+            hold_since_unix: 0,
+            destroyed_unix: 0,
+        };
+        let mut out = Vec::new();
+        print_keyring(&mut out, &k).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(!text.contains('\u{1b}') && !text.contains('\u{7}'), "{text:?}");
+        assert!(!text.lines().any(|l| l.starts_with("FORGED")), "{text}");
+        assert_eq!(text.lines().filter(|l| l.contains("x\\u{1b}[2J\\u{a}FORGED")).count(), 2, "{text}");
     }
 }
