@@ -32,7 +32,8 @@ pub struct Metrics {
     issued: AtomicU64,
     unwrapped: AtomicU64,
     audit_failures: AtomicU64,
-    reload_failures: AtomicU64,
+    /// Shared with the revocation list, which counts its refused reloads (auth is below metrics).
+    reload_failures: Arc<AtomicU64>,
     connections_open: AtomicU64,
     handshake_timeouts: AtomicU64,
     over_cap: AtomicU64,
@@ -63,6 +64,10 @@ impl Metrics {
     /// A changed revocation list or CRL that could not be read or parsed (the previous one stays).
     pub fn reload_failed(&self) {
         self.reload_failures.fetch_add(1, Ordering::Relaxed);
+    }
+    /// The counter behind `kluis_reload_failures_total`, for the revocation list.
+    pub fn reload_failure_counter(&self) -> Arc<AtomicU64> {
+        self.reload_failures.clone()
     }
     /// A TCP connection accepted (handshake included); [`Metrics::connection_closed`] when it ends.
     pub fn connection_opened(&self) {

@@ -1,9 +1,43 @@
 //! The typed records, actions and outcomes that every layer shares. Plain data: no
 //! persistence, no key material in clear (wrapped keys only), no knowledge of the wire.
 
+use std::fmt;
+
 use serde::{Deserialize, Serialize};
 
-use crate::auth::Role;
+/// A role a principal holds on some keyrings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Sealer,
+    Restorer,
+    Officer,
+    Auditor,
+}
+
+impl std::str::FromStr for Role {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        match s {
+            "sealer" => Ok(Role::Sealer),
+            "restorer" => Ok(Role::Restorer),
+            "officer" => Ok(Role::Officer),
+            "auditor" => Ok(Role::Auditor),
+            _ => Err(()),
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Sealer => "sealer",
+            Role::Restorer => "restorer",
+            Role::Officer => "officer",
+            Role::Auditor => "auditor",
+        })
+    }
+}
 
 /// State of one keyring version.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]

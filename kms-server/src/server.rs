@@ -106,7 +106,7 @@ pub fn prepare(cfg: &ServerConfig) -> Result<Prepared, ServerError> {
     )
     .map_err(ServerError::Tls)?;
     let revoked = match &cfg.auth.revoked {
-        Some(p) => Some(RevocationList::load(p)?.with_metrics(metrics.clone())),
+        Some(p) => Some(RevocationList::load(p)?.with_failure_counter(metrics.reload_failure_counter())),
         None => None,
     };
     Ok(Prepared { tls, metrics, revoked })
