@@ -275,7 +275,7 @@ fn key_code_reason(e: &KeyError) -> (tonic::Code, kluis_proto::error::Reason) {
         KeyError::KeyringExists { .. } => (Code::AlreadyExists, Reason::KeyringExists),
         KeyError::KeyringMismatch { .. } => (Code::InvalidArgument, Reason::KeyringMismatch),
         KeyError::UnwrapFailed { .. } => (Code::InvalidArgument, Reason::WrappedKeyNotAuthentic),
-        KeyError::Destroyed { .. } => (Code::FailedPrecondition, Reason::KeyDestroyed),
+        KeyError::Destroyed { .. } | KeyError::KeyMaterialErased { .. } => (Code::FailedPrecondition, Reason::KeyDestroyed),
         KeyError::KeyringDestroyed { .. } => (Code::FailedPrecondition, Reason::KeyringDestroyed),
         KeyError::LegalHold { .. } => (Code::FailedPrecondition, Reason::LegalHold),
         KeyError::NoHold { .. } => (Code::FailedPrecondition, Reason::NoLegalHold),
@@ -296,6 +296,7 @@ fn key_code_reason(e: &KeyError) -> (tonic::Code, kluis_proto::error::Reason) {
         | KeyError::Rewrap(_)
         | KeyError::Internal { .. }
         | KeyError::Rng
+        | KeyError::Derivation
         | KeyError::Join(_)
         | KeyError::AuditKey { .. }
         | KeyError::MasterGeneration { .. } => (Code::Internal, Reason::Internal),

@@ -79,6 +79,12 @@ pub struct ServerConfig {
     /// meets due work does it first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub maintenance_interval_secs: Option<u64>,
+    /// Least time between two scrubs of the store, seconds (default 86400). A scrub
+    /// rewrites the store file so that the bytes of destroyed key material are gone from
+    /// it; it runs with the scheduled work when something was destroyed since the last
+    /// one, and commits wait while it copies (docs/benchmarks.md, "Store scrub").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scrub_interval_secs: Option<u64>,
     /// Plain-HTTP Prometheus endpoint (`GET /metrics`), e.g. `127.0.0.1:9464`; off if absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<SocketAddr>,

@@ -37,12 +37,27 @@ use registry::{Registry, RegistryError, WriteOp};
 
 /// Default time a destructive request waits for a second officer.
 pub const DEFAULT_APPROVAL_TTL_SECS: u64 = 86_400;
+/// Default least time between two scrubs of the store.
+pub const DEFAULT_SCRUB_INTERVAL_SECS: u64 = 86_400;
+/// META key: when the store was last scrubbed (i64 big-endian, lifecycle clock).
+const SCRUB_LAST_META: &str = "scrub_last";
 /// Default waiting period between a destruction request and the destruction.
 pub const DEFAULT_DESTRUCTION_WAIT_DAYS: u32 = 7;
 
-/// Format byte of a wrapped data key blob.
-const WRAPPED_DK_FORMAT: u8 = 1;
-/// `format(1) || version(4) || nonce(12) || ciphertext(32) || tag(16)`.
+/// Format byte of a wrapped data key blob issued before format 2: the data key itself is
+/// wrapped, so the file's header plus the store and the master key open it even after the
+/// key is destroyed (the tombstone alone refuses it). Still read.
+const WRAPPED_DK_V1: u8 = 1;
+/// Format byte of a wrapped data key blob since format 2: a base key is wrapped, and the
+/// data key is derived from it and a per-key secret that only the registry holds
+/// ([`derive_data_key`]); destroying the key deletes the secret, so nothing the server
+/// keeps opens the file any more.
+const WRAPPED_DK_V2: u8 = 2;
+/// What a format 2 blob's AAD starts with: a blob relabelled as the other format fails.
+const DK_V2_AAD: &[u8] = b"kluis/v2/wrapped-data-key";
+/// HKDF salt of the format 2 derivation (a fixed domain label).
+const DK_V2_SALT: &[u8] = b"kluis/v2/data-key";
+/// Both formats: `format(1) || version(4) || nonce(12) || ciphertext(32) || tag(16)`.
 pub const WRAPPED_DK_LEN: usize = 1 + 4 + 12 + 32 + 16;
 pub(crate) const MASTER_CHECK_META: &str = "master_check";
 /// Which generation of the configured master key wraps the store (u32 big-endian;
@@ -74,6 +89,8 @@ pub enum KeyError {
     VersionRetired { keyring: String, version: u32 },
     #[error("the wrapped data key {key_id} does not authenticate: it was altered, or its context does not match")]
     UnwrapFailed { key_id: String },
+    #[error("the secret of data key {key_id} is gone from the registry (the key was destroyed): nothing the server keeps opens it; the escrow recovery key still opens a backup that carries an escrow stanza")]
+    KeyMaterialErased { key_id: String },
     #[error("the master key does not open this store ({master}); wrong key file or token key")]
     MasterMismatch { master: String },
     #[error("keyring {keyring:?} version {version} could not be unwrapped by the master key")]
@@ -97,6 +114,8 @@ pub enum KeyError {
     Internal { what: &'static str },
     #[error("the system random number generator failed")]
     Rng,
+    #[error("the data key could not be derived (HKDF)")]
+    Derivation,
     #[error("a blocking task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
     #[error("principal {principal:?} has no runtime grant of {role} on keyring {keyring:?} (grants from the config file are changed there)")]
@@ -172,6 +191,14 @@ pub struct IssuedDataKey {
     pub recovery_recipient: Option<String>,
 }
 
+/// A wrapped data key blob opened by its keyring key: the data key (format 1) or the
+/// base key it is derived from (format 2). No `Debug`.
+struct Opened {
+    format: u8,
+    key: Key256,
+    version: u32,
+}
+
 /// An unwrapped data key. Holds the plaintext key: no `Debug`.
 pub struct UnwrappedDataKey {
     pub data_key: Key256,
@@ -230,6 +257,7 @@ pub struct KeyManager {
     configured: Arc<dyn MasterKeyProvider>,
     clock: Arc<dyn Clock>,
     destruction_wait_secs: i64,
+    scrub_interval_secs: i64,
     audit_key: Arc<ring::signature::Ed25519KeyPair>,
     chain: Arc<AuditChain>,
     state: ArcSwap<State>,
@@ -300,6 +328,35 @@ pub(crate) fn krk_aad(keyring: &str, version: u32) -> Vec<u8> {
 }
 
 /// AAD of a data key under a keyring key: binds key id, keyring, version and backup context.
+/// The data key of a format 2 blob: HKDF-SHA256 over the unwrapped base key and the
+/// registry's secret for the key, bound to the key id.
+fn derive_data_key(base: &Key256, secret: &Key256, id: &[u8; 16]) -> Result<Key256, KeyError> {
+    use ring::hkdf::{HKDF_SHA256, Salt};
+    let mut ikm = Zeroizing::new([0u8; 64]);
+    ikm[..32].copy_from_slice(base.expose());
+    ikm[32..].copy_from_slice(secret.expose());
+    let info: [&[u8]; 2] = [b"data key", id];
+    let mut out = Zeroizing::new([0u8; 32]);
+    Salt::new(HKDF_SHA256, DK_V2_SALT)
+        .extract(ikm.as_slice())
+        .expand(&info, HKDF_SHA256)
+        .and_then(|okm| okm.fill(out.as_mut_slice()))
+        .map_err(|_| KeyError::Derivation)?;
+    Key256::from_slice(out.as_slice()).ok_or(KeyError::Derivation)
+}
+
+/// The AAD of a wrapped data key blob of `format`.
+fn blob_aad(format: u8, key_id: &[u8; 16], keyring: &str, version: u32, backup_id: &str, labels: &[(String, String)]) -> Vec<u8> {
+    let aad = dk_aad(key_id, keyring, version, backup_id, labels);
+    if format == WRAPPED_DK_V1 {
+        return aad;
+    }
+    let mut out = Vec::with_capacity(DK_V2_AAD.len() + aad.len());
+    out.extend_from_slice(DK_V2_AAD);
+    out.extend_from_slice(&aad);
+    out
+}
+
 fn dk_aad(key_id: &[u8; 16], keyring: &str, version: u32, backup_id: &str, labels: &[(String, String)]) -> Vec<u8> {
     let mut a = b"kluis/v1/dk\0".to_vec();
     a.extend_from_slice(key_id);
@@ -389,6 +446,7 @@ impl KeyManager {
             configured: master.clone(),
             clock,
             destruction_wait_secs: i64::from(DEFAULT_DESTRUCTION_WAIT_DAYS) * 86_400,
+            scrub_interval_secs: DEFAULT_SCRUB_INTERVAL_SECS as i64,
             audit_key,
             chain: chain.clone(),
             state: ArcSwap::from_pointee(State { master: (generation, master), rings, escrow, scheduled }),
@@ -430,6 +488,40 @@ impl KeyManager {
     pub fn with_destruction_wait_days(mut self, days: u32) -> Self {
         self.destruction_wait_secs = i64::from(days) * 86_400;
         self
+    }
+
+    /// The least time between two scrubs of the store.
+    pub fn with_scrub_interval_secs(mut self, secs: u64) -> Self {
+        self.scrub_interval_secs = i64::try_from(secs).unwrap_or(i64::MAX);
+        self
+    }
+
+    /// Scrubs the store if key material was erased since the last scrub and the last one
+    /// is at least the scrub interval ago. Returns what the scrub did, if it ran.
+    pub async fn scrub_if_due(&self) -> Result<Option<crate::store::ScrubReport>, KeyError> {
+        if !self.store.scrub_pending()? {
+            return Ok(None);
+        }
+        let now = self.now();
+        let last = self
+            .store
+            .get_meta(SCRUB_LAST_META)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map(i64::from_be_bytes);
+        if last.is_some_and(|l| now.saturating_sub(l) < self.scrub_interval_secs) {
+            return Ok(None);
+        }
+        // Under the admin lock: nothing is erased between the copy and clearing the mark.
+        let _admin = self.admin.lock().await;
+        let report = self.store.scrub().await?;
+        self.store.write(WriteOp::PutMeta { key: SCRUB_LAST_META, value: now.to_be_bytes().to_vec() }).await?;
+        tracing::info!(
+            bytes_before = report.bytes_before,
+            bytes_after = report.bytes_after,
+            millis = report.millis,
+            "store scrubbed: destroyed key material is gone from the store file"
+        );
+        Ok(Some(report))
     }
 
     /// Now, by the lifecycle clock.
@@ -572,12 +664,13 @@ impl KeyManager {
         Ok((key, wrapped?))
     }
 
-    /// The wrapped form of a data key under keyring key `krk` (version `version`): format
-    /// byte, version, AES-256-GCM with the AAD binding id, keyring, version, backup and
-    /// labels. `unwrap_inner` reads it.
+    /// The wrapped form of a key (format 2: the base key; format 1: the data key) under
+    /// keyring key `krk` (version `version`): format byte, version, AES-256-GCM with the
+    /// AAD binding format, id, keyring, version, backup and labels. `unwrap_inner` reads it.
     #[allow(clippy::too_many_arguments)]
     fn wrap_data_key(
         &self,
+        format: u8,
         krk: &Key256,
         id: &[u8; 16],
         keyring: &str,
@@ -586,10 +679,10 @@ impl KeyManager {
         labels: &[(String, String)],
         data_key: &Key256,
     ) -> Result<Vec<u8>, KeyError> {
-        let aad = dk_aad(id, keyring, version, backup_id, labels);
+        let aad = blob_aad(format, id, keyring, version, backup_id, labels);
         let sealed = aes_gcm_seal(krk, &self.rng, &aad, data_key.expose()).map_err(|_| KeyError::Rng)?;
         let mut out = Vec::with_capacity(WRAPPED_DK_LEN);
-        out.push(WRAPPED_DK_FORMAT);
+        out.push(format);
         out.extend_from_slice(&version.to_be_bytes());
         out.extend_from_slice(&sealed);
         Ok(out)
@@ -961,8 +1054,12 @@ impl KeyManager {
             (v, k, live.record.retention_days)
         };
         let id: [u8; 16] = random_array(&self.rng).map_err(|_| KeyError::Rng)?;
-        let data_key = Key256::generate(&self.rng).map_err(|_| KeyError::Rng)?;
-        let wrapped = self.wrap_data_key(&krk, &id, keyring, version, backup_id, &labels, &data_key)?;
+        // Format 2: the file's header carries the base key; the data key also needs the
+        // secret that stays in the registry until the key is destroyed.
+        let base = Key256::generate(&self.rng).map_err(|_| KeyError::Rng)?;
+        let secret = Key256::generate(&self.rng).map_err(|_| KeyError::Rng)?;
+        let data_key = derive_data_key(&base, &secret, &id)?;
+        let wrapped = self.wrap_data_key(WRAPPED_DK_V2, &krk, &id, keyring, version, backup_id, &labels, &base)?;
         let recovery_recipient = state.escrow.as_ref().and_then(|e| e.in_force().map(str::to_owned));
         let created = self.now();
         let record = DataKeyRecord {
@@ -978,7 +1075,9 @@ impl KeyManager {
         };
         // The registry record and its audit entry land in one transaction.
         audit.key_id = Some(hex::encode(id));
-        self.store.write(WriteOp::Atomic(vec![WriteOp::IssueDataKey { id, record }, WriteOp::Audit(audit)])).await?;
+        self.store
+            .write(WriteOp::Atomic(vec![WriteOp::IssueDataKey { id, record, secret: Some(secret) }, WriteOp::Audit(audit)]))
+            .await?;
         Ok(IssuedDataKey {
             key_id: hex::encode(id),
             data_key,
@@ -999,7 +1098,18 @@ impl KeyManager {
         wrapped: &[u8],
     ) -> Result<UnwrappedDataKey, KeyError> {
         Self::check(auth, Action::UnwrapDataKey, Some(keyring))?;
-        self.unwrap_inner(key_id, keyring, wrapped).await.map(|(_, _, k)| k)
+        let (id, record, opened) = self.unwrap_inner(key_id, keyring, wrapped).await?;
+        let data_key = match opened.format {
+            WRAPPED_DK_V1 => opened.key,
+            _ => {
+                let secret = self
+                    .store
+                    .key_secret(&id)?
+                    .ok_or_else(|| KeyError::KeyMaterialErased { key_id: key_id.to_owned() })?;
+                derive_data_key(&opened.key, &secret, &id)?
+            }
+        };
+        Ok(UnwrappedDataKey { data_key, keyring: record.keyring, version: opened.version, backup_id: record.backup_id })
     }
 
     /// The checks and the unwrap, for unwrap and rewrap. A key whose destruction is
@@ -1009,11 +1119,12 @@ impl KeyManager {
         key_id: &str,
         keyring: &str,
         wrapped: &[u8],
-    ) -> Result<([u8; 16], DataKeyRecord, UnwrappedDataKey), KeyError> {
+    ) -> Result<([u8; 16], DataKeyRecord, Opened), KeyError> {
         validate_keyring_name(keyring)?;
         let id = parse_key_id(key_id)?;
-        if wrapped.len() != WRAPPED_DK_LEN || wrapped[0] != WRAPPED_DK_FORMAT {
-            return Err(KeyError::InvalidArgument { field: "wrapped_key", reason: "not a Kluis v1 wrapped data key" });
+        let format = wrapped.first().copied().unwrap_or(0);
+        if wrapped.len() != WRAPPED_DK_LEN || !matches!(format, WRAPPED_DK_V1 | WRAPPED_DK_V2) {
+            return Err(KeyError::InvalidArgument { field: "wrapped_key", reason: "not a Kluis wrapped data key (format 1 or 2)" });
         }
         let record = self
             .store
@@ -1043,11 +1154,10 @@ impl KeyManager {
             }
             live.keys.get(&version).cloned().ok_or(KeyError::UnwrapFailed { key_id: key_id.to_owned() })?
         };
-        let aad = dk_aad(&id, keyring, version, &record.backup_id, &record.labels);
+        let aad = blob_aad(format, &id, keyring, version, &record.backup_id, &record.labels);
         let raw = aes_gcm_open(&krk, &aad, &wrapped[5..]).map_err(|_| KeyError::UnwrapFailed { key_id: key_id.to_owned() })?;
-        let data_key = Key256::from_slice(&raw).ok_or(KeyError::UnwrapFailed { key_id: key_id.to_owned() })?;
-        let out = UnwrappedDataKey { data_key, keyring: record.keyring.clone(), version, backup_id: record.backup_id.clone() };
-        Ok((id, record, out))
+        let key = Key256::from_slice(&raw).ok_or(KeyError::UnwrapFailed { key_id: key_id.to_owned() })?;
+        Ok((id, record, Opened { format, key, version }))
     }
 
     /// Re-wraps a data key under the keyring's current version and records the new
@@ -1064,6 +1174,9 @@ impl KeyManager {
     ) -> Result<(Vec<u8>, u32, u32), KeyError> {
         Self::check(auth, Action::RewrapDataKey, Some(keyring))?;
         let (id, mut record, key) = self.unwrap_inner(key_id, keyring, wrapped).await?;
+        if key.format == WRAPPED_DK_V2 && self.store.key_secret(&id)?.is_none() {
+            return Err(KeyError::KeyMaterialErased { key_id: key_id.to_owned() });
+        }
         let (current, krk) =
             self.ring(keyring)?.current().ok_or(KeyError::VersionRetired { keyring: keyring.to_owned(), version: key.version })?;
         audit.backup_id = Some(record.backup_id.clone());
@@ -1072,7 +1185,9 @@ impl KeyManager {
             self.audit(audit).await?;
             return Ok((wrapped.to_vec(), current, key.version));
         }
-        let out = self.wrap_data_key(&krk, &id, keyring, current, &record.backup_id, &record.labels, &key.data_key)?;
+        // The same key under the current version, in the blob's own format: a format 1
+        // file stays format 1 (its data key is fixed by its payload).
+        let out = self.wrap_data_key(key.format, &krk, &id, keyring, current, &record.backup_id, &record.labels, &key.key)?;
         record.version = current;
         audit.outcome = Outcome::ok_with(format!("version {} -> {current}", key.version));
         self.store.write(WriteOp::Atomic(vec![WriteOp::PutDataKey { id, record }, WriteOp::Audit(audit)])).await?;

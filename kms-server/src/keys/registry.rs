@@ -9,7 +9,13 @@ use serde::de::DeserializeOwned;
 
 use crate::audit::{AuditError, AuditEvent};
 use crate::model::{ApprovalRecord, DataKeyRecord, DestructionRecord, KeyState, KeyringRecord, RestoreTestRecord};
-use crate::store::{Op, Store, StoreError, Table, WriteGroup, expiry_key, id_key, key_id, parse_expiry_key};
+use crate::secret::Key256;
+use crate::store::{Op, ScrubReport, Store, StoreError, Table, WriteGroup, expiry_key, id_key, key_id, parse_expiry_key};
+
+/// META key set by every write that erases key material (a destroyed data key's secret,
+/// a destroyed keyring's keys) and cleared by the scrub that removed its bytes: a scrub
+/// cut off by a crash is done again after the restart.
+pub const SCRUB_PENDING_META: &str = "scrub_pending";
 
 /// An entry of the expiry index: (expires, key id).
 pub type ExpiryEntry = (i64, [u8; 16]);
@@ -18,8 +24,9 @@ pub type ExpiryEntry = (i64, [u8; 16]);
 pub enum WriteOp {
     PutMeta { key: &'static str, value: Vec<u8> },
     PutKeyring(KeyringRecord),
-    /// A newly issued key: its record, its expiry index entry, its keyring's count.
-    IssueDataKey { id: [u8; 16], record: DataKeyRecord },
+    /// A newly issued key: its record, its expiry index entry, its keyring's count, and
+    /// the secret its data key is derived with (none for a format 1 key).
+    IssueDataKey { id: [u8; 16], record: DataKeyRecord, secret: Option<Key256> },
     /// Several writes that must land together or not at all.
     Atomic(Vec<WriteOp>),
     /// An audit entry; the store numbers and the audit chain links it.
@@ -29,7 +36,8 @@ pub enum WriteOp {
     /// A dual-control approval (new or updated).
     PutApproval(ApprovalRecord),
     /// Replaces the registry record of an issued key (rewrap, destruction); keeps the
-    /// expiry index in step (a destroyed key leaves it).
+    /// expiry index in step (a destroyed key leaves it), and a destroyed key's secret
+    /// is deleted with it.
     PutDataKey { id: [u8; 16], record: DataKeyRecord },
     /// A destruction record (new or updated).
     PutDestruction(DestructionRecord),
@@ -56,9 +64,16 @@ fn lower(op: WriteOp, g: &mut WriteGroup) -> Result<(), RegistryError> {
     match op {
         WriteOp::PutMeta { key, value } => g.push(Op::Put { table: Table::Meta, key: key.as_bytes().to_vec(), value }),
         WriteOp::PutKeyring(rec) => {
+            if rec.destroyed.is_some() {
+                g.push(scrub_pending());
+            }
             g.push(Op::Put { table: Table::Keyrings, key: rec.name.as_bytes().to_vec(), value: enc("keyring", &rec)? })
         }
-        WriteOp::IssueDataKey { id, record } => {
+        WriteOp::IssueDataKey { id, record, secret } => {
+            if let Some(secret) = secret {
+                let value = zeroize::Zeroizing::new(secret.expose().to_vec());
+                g.push(Op::PutSecret { table: Table::KeySecrets, key: id.to_vec(), value });
+            }
             if let Some(at) = record.expires {
                 g.push(Op::Put { table: Table::Expiry, key: expiry_key(at, &id).to_vec(), value: Vec::new() });
             }
@@ -66,8 +81,12 @@ fn lower(op: WriteOp, g: &mut WriteGroup) -> Result<(), RegistryError> {
             g.push(Op::Put { table: Table::DataKeys, key: id.to_vec(), value: enc("data key", &record)? });
         }
         WriteOp::PutDataKey { id, record } => {
-            if let (Some(at), KeyState::Destroyed { .. }) = (record.expires, record.state) {
-                g.push(Op::Delete { table: Table::Expiry, key: expiry_key(at, &id).to_vec() });
+            if let KeyState::Destroyed { .. } = record.state {
+                if let Some(at) = record.expires {
+                    g.push(Op::Delete { table: Table::Expiry, key: expiry_key(at, &id).to_vec() });
+                }
+                g.push(Op::Delete { table: Table::KeySecrets, key: id.to_vec() });
+                g.push(scrub_pending());
             }
             g.push(Op::Put { table: Table::DataKeys, key: id.to_vec(), value: enc("data key", &record)? });
         }
@@ -86,6 +105,16 @@ fn lower(op: WriteOp, g: &mut WriteGroup) -> Result<(), RegistryError> {
         }
     }
     Ok(())
+}
+
+fn scrub_pending() -> Op {
+    Op::Put { table: Table::Meta, key: SCRUB_PENDING_META.as_bytes().to_vec(), value: vec![1] }
+}
+
+fn group_of(op: Op) -> WriteGroup {
+    let mut g = WriteGroup::default();
+    g.push(op);
+    g
 }
 
 fn group(op: WriteOp) -> Result<WriteGroup, RegistryError> {
@@ -156,6 +185,27 @@ impl Registry {
 
     pub fn data_key(&self, id: &[u8; 16]) -> Result<Option<DataKeyRecord>, StoreError> {
         self.one(Table::DataKeys, id, "data key")
+    }
+
+    /// The secret a format 2 data key is derived with; none once the key is destroyed.
+    pub fn key_secret(&self, id: &[u8; 16]) -> Result<Option<Key256>, StoreError> {
+        let Some(bytes) = self.store.get(Table::KeySecrets, id)?.map(zeroize::Zeroizing::new) else {
+            return Ok(None);
+        };
+        Key256::from_slice(&bytes).map(Some).ok_or(StoreError::BadKey { table: Table::KeySecrets })
+    }
+
+    /// Whether key material was erased since the last scrub.
+    pub fn scrub_pending(&self) -> Result<bool, StoreError> {
+        Ok(self.get_meta(SCRUB_PENDING_META)?.is_some())
+    }
+
+    /// Scrubs the store, then clears the pending mark. The caller keeps erasures out
+    /// meanwhile (the admin lock), so the mark is never cleared over a newer one.
+    pub async fn scrub(&self) -> Result<ScrubReport, StoreError> {
+        let report = self.store.scrub().await?;
+        self.store.commit(group_of(Op::Delete { table: Table::Meta, key: SCRUB_PENDING_META.as_bytes().to_vec() })).await?;
+        Ok(report)
     }
 
     /// Number of data keys issued from a keyring.

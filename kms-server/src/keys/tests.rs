@@ -66,6 +66,9 @@ impl Store for Flaky {
     fn last(&self, table: Table) -> Result<Option<Row>, StoreError> {
         self.inner.last(table)
     }
+    fn scrub(&self) -> StoreFuture<'_, crate::store::ScrubReport> {
+        self.inner.scrub()
+    }
 }
 
 struct Core {

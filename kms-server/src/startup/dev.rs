@@ -52,6 +52,7 @@ pub fn prepare(dir: &Path, listen: SocketAddr, master: DevMaster) -> Result<(Ser
         approval_ttl_secs: None,
         destruction_wait_days: None,
         maintenance_interval_secs: None,
+        scrub_interval_secs: None,
         tls: TlsConfig { cert: pki.server_cert, key: pki.server_key, client_ca: pki.ca_cert },
         master: match master {
             DevMaster::Software => {

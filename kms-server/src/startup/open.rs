@@ -60,7 +60,8 @@ pub fn open_keys(cfg: &ServerConfig, env: &Environment) -> Result<Arc<KeyManager
     Ok(Arc::new(
         KeyManager::open(store, &chain, generation, master, env.clock.clone())?
             .with_approval_ttl(ttl)
-            .with_destruction_wait_days(wait),
+            .with_destruction_wait_days(wait)
+            .with_scrub_interval_secs(cfg.scrub_interval_secs.unwrap_or(crate::keys::DEFAULT_SCRUB_INTERVAL_SECS)),
     ))
 }
 

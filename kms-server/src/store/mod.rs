@@ -16,6 +16,7 @@
 //! - Keys sort as bytes; every table's key layout is given on [`Table`].
 
 use std::future::Future;
+use zeroize::Zeroizing;
 use std::ops::Bound;
 use std::pin::Pin;
 
@@ -44,12 +45,17 @@ pub enum Table {
     Destructions,
     /// An index; key: [`expiry_key`] (time, then key id); value: empty.
     Expiry,
+    /// Per-key secrets the data keys are derived with; key: the 16-byte key id; value:
+    /// 32 bytes, written only with [`Op::PutSecret`]. Deleting a row is what destroys a
+    /// key; [`Store::scrub`] then removes its bytes from the medium.
+    KeySecrets,
 }
 
-/// One write of a group.
-#[derive(Debug)]
+/// One write of a group. No `Debug`: a group may carry secret bytes.
 pub enum Op {
     Put { table: Table, key: Vec<u8>, value: Vec<u8> },
+    /// A put of secret bytes: zeroized when the group is dropped.
+    PutSecret { table: Table, key: Vec<u8>, value: Zeroizing<Vec<u8>> },
     Delete { table: Table, key: Vec<u8> },
     /// Adds `by` to the u64 counter under `key` (absent counts as 0).
     Increment { table: Table, key: Vec<u8>, by: u64 },
@@ -60,7 +66,7 @@ pub enum Op {
 }
 
 /// Writes that land together or not at all.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct WriteGroup {
     pub ops: Vec<Op>,
 }
@@ -138,6 +144,23 @@ pub trait Store: Send + Sync {
 
     /// The row with the largest key.
     fn last(&self, table: Table) -> Result<Option<Row>, StoreError>;
+
+    /// Removes the bytes of deleted and overwritten rows from the medium, so that a copy
+    /// of the store taken afterwards holds only live rows (destroyed key secrets, erased
+    /// keyring keys). Ordered after every commit acknowledged before the call; commits
+    /// wait while it runs. What "the medium" means is the implementation's: the live
+    /// file (redb), the table's heap (a database).
+    fn scrub(&self) -> StoreFuture<'_, ScrubReport>;
+}
+
+/// What a [`Store::scrub`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ScrubReport {
+    /// The store's size before and after, in bytes.
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+    /// How long commits waited, in milliseconds.
+    pub millis: u64,
 }
 
 /// Errors of the store layer.
@@ -171,6 +194,12 @@ pub enum StoreError {
     NewerFormat { store: String, found: u32, supported: u32 },
     #[error("store {store} has an unreadable format marker")]
     BadFormat { store: String },
+    #[error("scrubbing store {store} failed at {step} ({path}); the store is unchanged: {source}")]
+    Scrub { store: String, step: &'static str, path: String, source: std::io::Error },
+    #[error("scrubbing store {store} refused: it holds table {table:?}, which this kms-server does not know; nothing was changed")]
+    ScrubUnknownTable { store: String, table: String },
+    #[error("scrubbing store {store} refused: the copy of table {table} has {copied} rows, the store {found}; nothing was changed")]
+    ScrubMismatch { store: String, table: String, copied: u64, found: u64 },
 }
 
 /// The key of an id-keyed table.

@@ -13,10 +13,11 @@ use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, mpsc};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use arc_swap::ArcSwap;
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle};
 use tokio::sync::oneshot;
 
-use super::{Chain, ChainHead, KeyRange, Op, Store, StoreError, StoreFuture, Table, Visit, WriteGroup};
+use super::{Chain, ChainHead, KeyRange, Op, ScrubReport, Store, StoreError, StoreFuture, Table, Visit, WriteGroup};
 
 /// redb's page cache (its default is 1 GiB): bounds the server's memory at any registry size.
 const STORE_CACHE_BYTES: usize = 64 << 20;
@@ -31,6 +32,23 @@ const RESTORE_TESTS: TableDefinition<u64, &[u8]> = TableDefinition::new("restore
 const APPROVALS: TableDefinition<u64, &[u8]> = TableDefinition::new("approvals");
 const DESTRUCTIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("destructions");
 const EXPIRY: TableDefinition<(i64, [u8; 16]), ()> = TableDefinition::new("expiry_index");
+const KEY_SECRETS: TableDefinition<[u8; 16], [u8; 32]> = TableDefinition::new("key_secrets");
+
+/// Every table of the file, by name: a scrub copies exactly these and refuses a file
+/// that holds any other.
+const TABLE_NAMES: [&str; 11] = [
+    "meta",
+    "keyrings",
+    "data_keys",
+    "issued_per_keyring",
+    "audit",
+    "audit_checkpoints",
+    "restore_tests",
+    "approvals",
+    "destructions",
+    "expiry_index",
+    "key_secrets",
+];
 
 /// META key of the store format: absent in format 1; 2 since audit records are stored
 /// compactly. A store of a later format than this is refused.
@@ -71,6 +89,12 @@ fn str_table(table: Table) -> Option<TableDefinition<'static, &'static str, &'st
     }
 }
 
+/// What the writer thread is asked to do.
+enum Job {
+    Write(WriteGroup, Reply),
+    Scrub(oneshot::Sender<Result<ScrubReport, StoreError>>),
+}
+
 /// How the writer answers: to an async waiter or to a blocked thread.
 enum Reply {
     Async(oneshot::Sender<Result<(), StoreError>>),
@@ -95,18 +119,19 @@ struct LogHead {
 /// The redb store. The last handle dropped stops the writer thread and waits for it,
 /// so the file is closed when it returns.
 pub struct RedbStore {
-    db: Arc<Database>,
+    /// The open file; a scrub replaces it with its rewritten copy.
+    db: Arc<ArcSwap<Database>>,
     writer: Writer,
     path: PathBuf,
 }
 
 struct Writer {
-    tx: std::sync::Mutex<Option<mpsc::Sender<(WriteGroup, Reply)>>>,
+    tx: std::sync::Mutex<Option<mpsc::Sender<Job>>>,
     thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl Writer {
-    fn send(&self, item: (WriteGroup, Reply)) -> Result<(), StoreError> {
+    fn send(&self, item: Job) -> Result<(), StoreError> {
         let guard = self.tx.lock().map_err(|_| StoreError::WriterGone)?;
         guard.as_ref().ok_or(StoreError::WriterGone)?.send(item).map_err(|_| StoreError::WriterGone)
     }
@@ -129,6 +154,7 @@ impl RedbStore {
         if path.exists() {
             return Err(StoreError::AlreadyExists { store: path.display().to_string() });
         }
+        remove_stale_scrub(path)?;
         let db = redb::Builder::new().set_cache_size(STORE_CACHE_BYTES).create(path).map_err(dberr)?;
         // `start` makes the tables and marks the format of an empty file.
         Self::start(db, path, chain)
@@ -145,11 +171,13 @@ impl RedbStore {
             }
             e => StoreError::Backend(Box::new(e)),
         })?;
+        // Only now that this process holds the store's lock: a copy left by a scrub that
+        // was cut off is not the store (the rename is what makes it one).
+        remove_stale_scrub(path)?;
         Self::start(db, path, chain)
     }
 
     fn start(db: Database, path: &Path, chain: Arc<dyn Chain>) -> Result<Self, StoreError> {
-        let db = Arc::new(db);
         let store = path.display().to_string();
         let head = {
             let txn = begin_write(&db)?;
@@ -178,6 +206,7 @@ impl RedbStore {
                 txn.open_table(APPROVALS).map_err(dberr)?;
                 txn.open_table(DESTRUCTIONS).map_err(dberr)?;
                 txn.open_table(EXPIRY).map_err(dberr)?;
+                txn.open_table(KEY_SECRETS).map_err(dberr)?;
                 let audit = txn.open_table(AUDIT).map_err(dberr)?;
                 match audit.last().map_err(dberr)? {
                     Some((k, v)) => {
@@ -191,11 +220,13 @@ impl RedbStore {
             txn.commit().map_err(dberr)?;
             head
         };
-        let (tx, rx) = mpsc::channel::<(WriteGroup, Reply)>();
+        let db = Arc::new(ArcSwap::from_pointee(db));
+        let (tx, rx) = mpsc::channel::<Job>();
         let wdb = db.clone();
+        let wpath = path.to_owned();
         let thread = std::thread::Builder::new()
             .name("kluis-store-writer".into())
-            .spawn(move || writer_loop(&wdb, &rx, chain.as_ref(), head))
+            .spawn(move || writer_loop(&wdb, &wpath, &rx, chain.as_ref(), head))
             .map_err(|e| tracing::error!(error = %e, "could not start the store writer"))
             .ok();
         let writer = Writer { tx: std::sync::Mutex::new(Some(tx)), thread: std::sync::Mutex::new(thread) };
@@ -215,7 +246,7 @@ impl Store for RedbStore {
 
     fn commit(&self, group: WriteGroup) -> StoreFuture<'_, ()> {
         let (tx, rx) = oneshot::channel();
-        let sent = self.writer.send((group, Reply::Async(tx)));
+        let sent = self.writer.send(Job::Write(group, Reply::Async(tx)));
         Box::pin(async move {
             sent?;
             rx.await.map_err(|_| StoreError::WriterGone)?
@@ -224,12 +255,12 @@ impl Store for RedbStore {
 
     fn commit_blocking(&self, group: WriteGroup) -> Result<(), StoreError> {
         let (tx, rx) = mpsc::sync_channel(1);
-        self.writer.send((group, Reply::Blocking(tx)))?;
+        self.writer.send(Job::Write(group, Reply::Blocking(tx)))?;
         rx.recv().map_err(|_| StoreError::WriterGone)?
     }
 
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        let txn = self.db.begin_read().map_err(dberr)?;
+        let txn = self.db.load().begin_read().map_err(dberr)?;
         if let Some(def) = str_table(table) {
             let t = txn.open_table(def).map_err(dberr)?;
             return Ok(t.get(str_key(table, key)?).map_err(dberr)?.map(|v| v.value().to_vec()));
@@ -251,12 +282,16 @@ impl Store for RedbStore {
                 let t = txn.open_table(EXPIRY).map_err(dberr)?;
                 Ok(t.get(super::parse_expiry_key(key)?).map_err(dberr)?.map(|_| Vec::new()))
             }
+            Table::KeySecrets => {
+                let t = txn.open_table(KEY_SECRETS).map_err(dberr)?;
+                Ok(t.get(id16(table, key)?).map_err(dberr)?.map(|v| v.value().to_vec()))
+            }
             _ => Err(StoreError::WrongTable { table }),
         }
     }
 
     fn scan(&self, table: Table, range: KeyRange<'_>, visit: &mut Visit<'_>) -> Result<(), StoreError> {
-        let txn = self.db.begin_read().map_err(dberr)?;
+        let txn = self.db.load().begin_read().map_err(dberr)?;
         macro_rules! walk {
             ($def:expr, $kt:ty, $from:expr, $kb:expr, $vb:expr) => {{
                 let t = txn.open_table($def).map_err(dberr)?;
@@ -290,15 +325,25 @@ impl Store for RedbStore {
                 |k: &(i64, [u8; 16])| super::expiry_key(k.0, &k.1).to_vec(),
                 |_v: &()| Vec::new()
             ),
+            // Secrets are read one by one, never listed.
             _ => Err(StoreError::WrongTable { table }),
         }
     }
 
     fn last(&self, table: Table) -> Result<Option<super::Row>, StoreError> {
-        let txn = self.db.begin_read().map_err(dberr)?;
+        let txn = self.db.load().begin_read().map_err(dberr)?;
         let def = u64_table(table).ok_or(StoreError::WrongTable { table })?;
         let t = txn.open_table(def).map_err(dberr)?;
         Ok(t.last().map_err(dberr)?.map(|(k, v)| (k.value().to_be_bytes().to_vec(), v.value().to_vec())))
+    }
+
+    fn scrub(&self) -> StoreFuture<'_, ScrubReport> {
+        let (tx, rx) = oneshot::channel();
+        let sent = self.writer.send(Job::Scrub(tx));
+        Box::pin(async move {
+            sent?;
+            rx.await.map_err(|_| StoreError::WriterGone)?
+        })
     }
 }
 
@@ -311,17 +356,38 @@ fn map_bound<'a, K>(b: Bound<&'a [u8]>, f: impl Fn(&'a [u8]) -> Result<K, StoreE
     })
 }
 
-fn writer_loop(database: &Database, rx: &mpsc::Receiver<(WriteGroup, Reply)>, chain: &dyn Chain, mut head: LogHead) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
+fn writer_loop(shared: &ArcSwap<Database>, path: &Path, rx: &mpsc::Receiver<Job>, chain: &dyn Chain, mut head: LogHead) {
+    let mut next = None;
+    loop {
+        let first = match next.take() {
+            Some(job) => job,
+            None => match rx.recv() {
+                Ok(job) => job,
+                Err(_) => return,
+            },
+        };
+        let (group, reply) = match first {
+            Job::Write(group, reply) => (group, reply),
+            Job::Scrub(reply) => {
+                // In the writer thread: every write acknowledged before is in the copy,
+                // and writes sent meanwhile wait for the copy to be the store.
+                let _ = reply.send(scrub(shared, path));
+                continue;
+            }
+        };
+        let mut batch = vec![(group, reply)];
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(item) => batch.push(item),
+                Ok(Job::Write(g, r)) => batch.push((g, r)),
+                Ok(scrub) => {
+                    next = Some(scrub);
+                    break;
+                }
                 Err(_) => break,
             }
         }
         let (groups, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-        match commit_batch(database, groups, chain, &mut head) {
+        match commit_batch(&shared.load(), groups, chain, &mut head) {
             Ok(()) => {
                 for r in replies {
                     r.send(Ok(()));
@@ -364,6 +430,7 @@ fn commit_batch(database: &Database, groups: Vec<WriteGroup>, chain: &dyn Chain,
         let mut approvals = txn.open_table(APPROVALS).map_err(dberr)?;
         let mut destructions = txn.open_table(DESTRUCTIONS).map_err(dberr)?;
         let mut expiry = txn.open_table(EXPIRY).map_err(dberr)?;
+        let mut secrets = txn.open_table(KEY_SECRETS).map_err(dberr)?;
         for op in groups.into_iter().flat_map(|g| g.ops) {
             match op {
                 Op::Put { table, key, value } => match table {
@@ -376,11 +443,19 @@ fn commit_batch(database: &Database, groups: Vec<WriteGroup>, chain: &dyn Chain,
                     }
                     Table::RestoreTests => drop(tests.insert(super::key_id(table, &key)?, value.as_slice()).map_err(dberr)?),
                     Table::Expiry => drop(expiry.insert(super::parse_expiry_key(&key)?, ()).map_err(dberr)?),
-                    Table::Issued | Table::Audit | Table::Checkpoints => return Err(StoreError::WrongTable { table }),
+                    Table::Issued | Table::Audit | Table::Checkpoints | Table::KeySecrets => {
+                        return Err(StoreError::WrongTable { table });
+                    }
                 },
+                Op::PutSecret { table: Table::KeySecrets, key, value } => {
+                    let v: &[u8; 32] = value.as_slice().try_into().map_err(|_| StoreError::WrongTable { table: Table::KeySecrets })?;
+                    secrets.insert(id16(Table::KeySecrets, &key)?, v).map_err(dberr)?;
+                }
+                Op::PutSecret { table, .. } => return Err(StoreError::WrongTable { table }),
                 Op::Delete { table, key } => match table {
                     Table::Expiry => drop(expiry.remove(super::parse_expiry_key(&key)?).map_err(dberr)?),
                     Table::Meta => drop(meta.remove(str_key(table, &key)?).map_err(dberr)?),
+                    Table::KeySecrets => drop(secrets.remove(id16(table, &key)?).map_err(dberr)?),
                     _ => return Err(StoreError::WrongTable { table }),
                 },
                 Op::Increment { table: Table::Issued, key, by } => {
@@ -414,5 +489,121 @@ fn commit_batch(database: &Database, groups: Vec<WriteGroup>, chain: &dyn Chain,
     if appended {
         chain.committed(next_seq - 1);
     }
+    Ok(())
+}
+
+/// Where a scrub writes its copy: beside the store, same directory (so the rename is atomic).
+fn scrub_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".scrub");
+    path.with_file_name(name)
+}
+
+fn remove_stale_scrub(path: &Path) -> Result<(), StoreError> {
+    let tmp = scrub_path(path);
+    match std::fs::remove_file(&tmp) {
+        Ok(()) => {
+            tracing::warn!(copy = %tmp.display(), "removed the copy of a store scrub that was cut off");
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(scrub_io(path, "removing a stale copy", &tmp, e)),
+    }
+}
+
+fn scrub_io(store: &Path, step: &'static str, path: &Path, source: std::io::Error) -> StoreError {
+    StoreError::Scrub { store: store.display().to_string(), step, path: path.display().to_string(), source }
+}
+
+/// Rows per copy transaction: bounds the memory of a scrub at any store size.
+const SCRUB_ROWS_PER_TXN: usize = 50_000;
+
+/// Rewrites the store: every live row into a new file beside it, which then replaces
+/// it by rename. redb reuses freed pages but never clears them, so a deleted row's bytes
+/// stay in the file until then; the copy holds live rows only. Runs in the writer thread.
+fn scrub(shared: &ArcSwap<Database>, path: &Path) -> Result<ScrubReport, StoreError> {
+    let started = std::time::Instant::now();
+    let tmp = scrub_path(path);
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).map_err(|e| scrub_io(path, "reading the size", p, e));
+    let bytes_before = size(path)?;
+    remove_stale_scrub(path)?;
+    let old = shared.load_full();
+    let copy = redb::Builder::new().set_cache_size(STORE_CACHE_BYTES).create(&tmp).map_err(dberr)?;
+    if let Err(e) = copy_tables(&old, &copy, path) {
+        drop(copy);
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    let mode = std::fs::metadata(path).map_err(|e| scrub_io(path, "reading the permissions", path, e))?.permissions();
+    let renamed = std::fs::set_permissions(&tmp, mode)
+        .map_err(|e| scrub_io(path, "setting the permissions", &tmp, e))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| scrub_io(path, "renaming the copy over the store", &tmp, e)));
+    if let Err(e) = renamed {
+        drop(copy);
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    // From here the copy is the store (its every commit was durable): later writes go to it.
+    shared.store(Arc::new(copy));
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| scrub_io(path, "syncing the directory after the rename", dir, e))?;
+    Ok(ScrubReport { bytes_before, bytes_after: size(path)?, millis: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX) })
+}
+
+/// Copies every table of `from` into the empty `to`, in transactions of at most
+/// [`SCRUB_ROWS_PER_TXN`] rows (the last one durable), and checks the row counts.
+fn copy_tables(from: &Database, to: &Database, store: &Path) -> Result<(), StoreError> {
+    let read = from.begin_read().map_err(dberr)?;
+    for t in read.list_tables().map_err(dberr)? {
+        if !TABLE_NAMES.contains(&t.name()) {
+            return Err(StoreError::ScrubUnknownTable { store: store.display().to_string(), table: t.name().to_owned() });
+        }
+    }
+    if read.list_multimap_tables().map_err(dberr)?.next().is_some() {
+        return Err(StoreError::ScrubUnknownTable { store: store.display().to_string(), table: "(a multimap table)".into() });
+    }
+    macro_rules! copy {
+        ($def:expr) => {{
+            let src = read.open_table($def).map_err(dberr)?;
+            let mut rows = src.iter().map_err(dberr)?.peekable();
+            let mut copied = 0u64;
+            loop {
+                let mut txn = to.begin_write().map_err(dberr)?;
+                txn.set_durability(redb::Durability::None).map_err(dberr)?;
+                {
+                    let mut dst = txn.open_table($def).map_err(dberr)?;
+                    for row in rows.by_ref().take(SCRUB_ROWS_PER_TXN) {
+                        let (k, v) = row.map_err(dberr)?;
+                        dst.insert(k.value(), v.value()).map_err(dberr)?;
+                        copied += 1;
+                    }
+                }
+                txn.commit().map_err(dberr)?;
+                if rows.peek().is_none() {
+                    break;
+                }
+            }
+            let found = src.len().map_err(dberr)?;
+            if copied != found {
+                return Err(StoreError::ScrubMismatch { store: store.display().to_string(), table: $def.name().to_owned(), copied, found });
+            }
+        }};
+    }
+    copy!(META);
+    copy!(KEYRINGS);
+    copy!(DATA_KEYS);
+    copy!(ISSUED);
+    copy!(AUDIT);
+    copy!(CHECKPOINTS);
+    copy!(RESTORE_TESTS);
+    copy!(APPROVALS);
+    copy!(DESTRUCTIONS);
+    copy!(EXPIRY);
+    copy!(KEY_SECRETS);
+    // One durable commit makes every commit before it durable, with the allocator state
+    // saved (quick repair) as every commit of the store does.
+    begin_write(to)?.commit().map_err(dberr)?;
     Ok(())
 }

@@ -79,6 +79,10 @@ impl Store for FailingAudit {
     fn last(&self, table: Table) -> Result<Option<Row>, StoreError> {
         self.0.last(table)
     }
+
+    fn scrub(&self) -> StoreFuture<'_, kms_server::store::ScrubReport> {
+        self.0.scrub()
+    }
 }
 
 fn main() -> std::process::ExitCode {
