@@ -54,9 +54,11 @@ fn key_variant(e: &KeyError) -> usize {
         KeyError::NoEscrow => 33,
         KeyError::MasterGeneration { .. } => 34,
         KeyError::ApprovalOutdated { .. } => 35,
+        KeyError::KeyMaterialErased { .. } => 36,
+        KeyError::Derivation => 37,
     }
 }
-const KEY_VARIANTS: usize = 36;
+const KEY_VARIANTS: usize = 38;
 
 async fn join_error() -> tokio::task::JoinError {
     let task = tokio::spawn(std::future::pending::<()>());
@@ -75,6 +77,8 @@ async fn key_errors() -> Vec<(KeyError, Code, Reason)> {
         (KeyError::KeyringMismatch { key_id: s("k1"), claimed: s("a"), actual: s("b") }, Code::InvalidArgument, Reason::KeyringMismatch),
         (KeyError::Destroyed { key_id: s("k1"), date: s("2026-01-01") }, Code::FailedPrecondition, Reason::KeyDestroyed),
         (KeyError::VersionRetired { keyring: s("ehr-db"), version: 1 }, Code::FailedPrecondition, Reason::VersionRetired),
+        (KeyError::KeyMaterialErased { key_id: s("k1") }, Code::FailedPrecondition, Reason::KeyDestroyed),
+        (KeyError::Derivation, Code::Internal, Reason::Internal),
         (KeyError::UnwrapFailed { key_id: s("k1") }, Code::InvalidArgument, Reason::WrappedKeyNotAuthentic),
         (KeyError::MasterMismatch { master: s("software") }, Code::Internal, Reason::Internal),
         (KeyError::KeyringUnwrap { keyring: s("ehr-db"), version: 1, source: MasterError::UnwrapFailed }, Code::Internal, Reason::Internal),

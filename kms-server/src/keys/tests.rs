@@ -369,3 +369,111 @@ async fn a_release_approved_after_a_new_hold_does_not_release_it() {
     let info = c.keys.get_keyring(&c.auth("officer", Action::GetKeyring, Some("ehr")), "ehr").unwrap();
     assert_eq!(info.hold.map(|h| h.reason), Some("case 2".to_owned()));
 }
+
+#[tokio::test]
+async fn a_destroyed_key_stays_unopenable_when_an_attacker_rewrites_its_tombstone() {
+    let c = Core::new();
+    c.create("short", 10, 0).await;
+    let k = c.issue("short", "b1").await;
+    let other = c.issue("short", "b2").await;
+    assert_eq!(k.wrapped[0], WRAPPED_DK_V2, "new keys are format 2");
+    c.advance_days(10);
+    assert_eq!(c.keys.maintain().await.unwrap(), 2);
+    assert!(!c.keys.store.scrub_pending().unwrap(), "the sweep scrubbed the store after destroying");
+    let id = parse_key_id(&k.key_id).unwrap();
+    assert!(c.keys.store.key_secret(&id).unwrap().is_none());
+    // Someone with write access to the store (and the master key) puts the record back
+    // to active: the tombstone is gone, but the secret is too.
+    let mut rec = c.keys.store.data_key(&id).unwrap().unwrap();
+    rec.state = KeyState::Active;
+    rec.expires = None;
+    c.keys.store.write(WriteOp::PutDataKey { id, record: rec }).await.unwrap();
+    match c.unwrap(&k).await {
+        Err(KeyError::KeyMaterialErased { key_id }) => assert_eq!(key_id, k.key_id),
+        other => panic!("expected the key material to be gone, got {:?}", other.err()),
+    }
+    let a = c.auth("ops", Action::RewrapDataKey, Some("short"));
+    let r = c.keys.rewrap_data_key(&a, &k.key_id, "short", &k.wrapped, c.ev("ops", Action::RewrapDataKey)).await;
+    assert!(matches!(r, Err(KeyError::KeyMaterialErased { .. })), "rewrap cannot revive it either");
+    // The other key was destroyed the same way; nothing else was touched.
+    assert!(matches!(c.unwrap(&other).await, Err(KeyError::Destroyed { .. })));
+}
+
+#[tokio::test]
+async fn a_format_2_data_key_needs_its_secret_and_its_format_byte() {
+    let c = Core::new();
+    c.create("ehr", 0, 0).await;
+    let k = c.issue("ehr", "b1").await;
+    assert_eq!(c.unwrap(&k).await.unwrap().data_key.expose(), k.data_key.expose());
+    // Relabelled as format 1, the blob does not authenticate (the AAD binds the format):
+    // the base key is never handed out as if it were the data key.
+    let mut relabelled = IssuedDataKey { wrapped: k.wrapped.clone(), data_key: Key256::from_slice(k.data_key.expose()).unwrap(), key_id: k.key_id.clone(), keyring: k.keyring.clone(), version: k.version, recovery_recipient: None };
+    relabelled.wrapped[0] = WRAPPED_DK_V1;
+    assert!(matches!(c.unwrap(&relabelled).await, Err(KeyError::UnwrapFailed { .. })));
+    // The derivation binds the secret and the key id.
+    let (base, s1, s2) = (Key256::from_slice(&[1; 32]).unwrap(), Key256::from_slice(&[2; 32]).unwrap(), Key256::from_slice(&[3; 32]).unwrap());
+    let d = derive_data_key(&base, &s1, &[0; 16]).unwrap();
+    assert_ne!(d.expose(), base.expose());
+    assert_ne!(d.expose(), derive_data_key(&base, &s2, &[0; 16]).unwrap().expose());
+    assert_ne!(d.expose(), derive_data_key(&base, &s1, &[1; 16]).unwrap().expose());
+    // A rewrap keeps format 2 and the same data key.
+    c.keys.rotate_keyring(&c.auth("officer", Action::RotateKeyring, Some("ehr")), "ehr", c.ev("officer", Action::RotateKeyring)).await.unwrap();
+    let a = c.auth("ops", Action::RewrapDataKey, Some("ehr"));
+    let (blob, v, _) = c.keys.rewrap_data_key(&a, &k.key_id, "ehr", &k.wrapped, c.ev("ops", Action::RewrapDataKey)).await.unwrap();
+    assert_eq!((blob[0], v), (WRAPPED_DK_V2, 2));
+    relabelled.wrapped = blob;
+    assert_eq!(c.unwrap(&relabelled).await.unwrap().data_key.expose(), k.data_key.expose());
+}
+
+#[tokio::test]
+async fn a_format_1_key_from_before_still_unwraps_and_rewraps_as_format_1() {
+    let c = Core::new();
+    c.create("ehr", 0, 0).await;
+    // A key issued by an older server: a registry record without a secret, and a blob
+    // that wraps the data key itself.
+    let id = [9u8; 16];
+    let (version, krk) = c.keys.ring("ehr").unwrap().current().unwrap();
+    let rec = DataKeyRecord {
+        keyring: "ehr".into(),
+        version,
+        backup_id: "old".into(),
+        labels: vec![],
+        created: T0,
+        expires: None,
+        state: KeyState::Active,
+        issued_to: "host".into(),
+        escrowed: false,
+    };
+    c.keys.store.write(WriteOp::IssueDataKey { id, record: rec, secret: None }).await.unwrap();
+    let data_key = Key256::from_slice(&[7; 32]).unwrap();
+    let wrapped = c.keys.wrap_data_key(WRAPPED_DK_V1, &krk, &id, "ehr", version, "old", &[], &data_key).unwrap();
+    let old = IssuedDataKey { key_id: hex::encode(id), data_key, wrapped, keyring: "ehr".into(), version, recovery_recipient: None };
+    assert_eq!(c.unwrap(&old).await.unwrap().data_key.expose(), &[7; 32]);
+    c.keys.rotate_keyring(&c.auth("officer", Action::RotateKeyring, Some("ehr")), "ehr", c.ev("officer", Action::RotateKeyring)).await.unwrap();
+    let a = c.auth("ops", Action::RewrapDataKey, Some("ehr"));
+    let (blob, _, _) = c.keys.rewrap_data_key(&a, &old.key_id, "ehr", &old.wrapped, c.ev("ops", Action::RewrapDataKey)).await.unwrap();
+    assert_eq!(blob[0], WRAPPED_DK_V1, "its data key is fixed by the file's payload");
+    let rewrapped = IssuedDataKey { wrapped: blob, ..old };
+    assert_eq!(c.unwrap(&rewrapped).await.unwrap().data_key.expose(), &[7; 32]);
+}
+
+#[tokio::test]
+async fn the_store_is_scrubbed_at_most_once_per_interval_and_a_due_scrub_is_not_forgotten() {
+    let c = Core::new();
+    c.create("short", 1, 0).await;
+    let _ = c.issue("short", "b1").await;
+    assert!(c.keys.scrub_if_due().await.unwrap().is_none(), "nothing was erased");
+    c.clock.0.fetch_add(DAY / 2, Ordering::SeqCst);
+    let _ = c.issue("short", "b2").await;
+    c.clock.0.fetch_add(DAY / 2, Ordering::SeqCst);
+    assert_eq!(c.keys.maintain().await.unwrap(), 1);
+    assert!(!c.keys.store.scrub_pending().unwrap(), "the first erasure is scrubbed at once");
+    c.clock.0.fetch_add(DAY / 2, Ordering::SeqCst);
+    assert_eq!(c.keys.maintain().await.unwrap(), 1);
+    assert!(c.keys.store.scrub_pending().unwrap(), "half a day after the last scrub: pending");
+    c.clock.0.fetch_add(DAY / 2 - 1, Ordering::SeqCst);
+    assert!(c.keys.scrub_if_due().await.unwrap().is_none(), "a second short of a day: still pending");
+    c.clock.0.fetch_add(1, Ordering::SeqCst);
+    assert!(c.keys.scrub_if_due().await.unwrap().is_some(), "a day after the last scrub it runs");
+    assert!(!c.keys.store.scrub_pending().unwrap());
+}
