@@ -961,3 +961,72 @@ fn a_new_recovery_recipient_needs_a_second_officer() {
     assert!(audit.lines().any(|l| l.contains("\"action\":\"InstallEscrow\"") && l.contains("pending approval 1: install escrow ceremony")));
     assert!(audit.lines().any(|l| l.contains("\"action\":\"Approve\"") && l.contains("approved and carried out request 2 of officer: install escrow")));
 }
+
+/// The 32-byte secret the registry holds for `key_id` (hex), read from a copy of the
+/// store file (the server holds the file's lock; nothing is written meanwhile).
+fn registry_secret(server: &Server, key_id: &str, scratch: &Path) -> Option<[u8; 32]> {
+    use redb::ReadableDatabase;
+    let copy = scratch.join("store-copy.redb");
+    std::fs::copy(server.data_dir().join("data/kluis.redb"), &copy).unwrap();
+    let db = redb::Database::open(&copy).unwrap();
+    let secrets: redb::TableDefinition<[u8; 16], [u8; 32]> = redb::TableDefinition::new("key_secrets");
+    let txn = db.begin_read().unwrap();
+    let t = txn.open_table(secrets).unwrap();
+    let id: [u8; 16] = hex::decode(key_id).unwrap().try_into().unwrap();
+    let found = t.get(id).unwrap().map(|v| v.value());
+    drop((t, txn, db));
+    std::fs::remove_file(&copy).unwrap();
+    found
+}
+
+fn file_contains(path: &Path, needle: &[u8]) -> bool {
+    std::fs::read(path).unwrap().windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn a_destroyed_key_is_gone_from_the_server_and_its_store_file_while_the_escrow_shares_still_open_the_backup() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let keys = w.join("custodian-keys");
+    std::fs::create_dir(&keys).unwrap();
+    let cs = custodians(&keys, &["alice", "bob", "carol"]);
+    let cer = w.join("ceremony");
+    let (manifest, _) = ceremony(&cer, 2, &cs);
+
+    // A server on a test clock that scrubs the store whenever something was destroyed.
+    let mut server = Server::start();
+    let clock = server.dir.path().join("clock");
+    let t0 = time::OffsetDateTime::now_utc().unix_timestamp();
+    std::fs::write(&clock, t0.to_string()).unwrap();
+    server.env.push(("KLUIS_TEST_CLOCK_FILE".into(), clock.to_str().unwrap().into()));
+    server.set_top_level("scrub_interval_secs = 0\n");
+    server.restart();
+    ok(&install(&server, "officer", &manifest), "escrow install");
+    ok(&server.kmsctl("officer", &["keyring", "create", "short", "--retention-days", "1"]), "keyring create");
+    let data = sample(41, 100_000);
+    let sealed = seal(&server, "dev", "short", "short/ehr-full", &data);
+    assert!(has_recovery_stanza(&sealed));
+    assert_eq!(unseal(&server, "dev", &sealed).stdout, data);
+    let key_id = header(&sealed).lines().find(|l| l.starts_with("-> kluis ")).unwrap().split_whitespace().nth(3).unwrap().to_owned();
+    let store_file = server.data_dir().join("data/kluis.redb");
+    let secret = registry_secret(&server, &key_id, w).expect("a format 2 key has a secret in the registry");
+    assert!(file_contains(&store_file, &secret), "the secret is in the live store file while the key lives");
+
+    // Past its retention: the start-up sweep destroys the key and scrubs the store.
+    std::fs::write(&clock, (t0 + 2 * 86_400).to_string()).unwrap();
+    server.restart();
+    let shown = stdout(&server.kmsctl("auditor", &["key", "show", &key_id]));
+    assert!(shown.contains("state:      destroyed on"), "{shown}");
+    refused(&unseal(&server, "dev", &sealed), 4, &["was destroyed on"]);
+    assert_eq!(registry_secret(&server, &key_id, w), None, "the registry no longer holds the secret");
+    assert!(!file_contains(&store_file, &secret), "no byte of the secret is left in the live store file");
+    assert!(!server.data_dir().join("data/kluis.redb.scrub").exists());
+
+    // The custodians' escrow still opens the backup, with no server.
+    let texts_dir = w.join("texts");
+    std::fs::create_dir(&texts_dir).unwrap();
+    let texts = decrypt_all_with_crate(&cer, &cs, &texts_dir);
+    let key = w.join("recovery.key");
+    ok(&combine(&manifest, &[], &key, &[&texts[0], &texts[2]]), "escrow combine");
+    assert_eq!(age_crate_decrypt(&key, &sealed).unwrap(), data);
+}
