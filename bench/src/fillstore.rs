@@ -39,6 +39,9 @@ struct Args {
     keyring: String,
     #[arg(long, default_value = "sealer")]
     identity: String,
+    /// After filling, scrub the store (rewrite the file) and report how long commits waited.
+    #[arg(long)]
+    scrub: bool,
 }
 
 fn pem_der(path: &std::path::Path) -> Result<Vec<u8>, String> {
@@ -85,8 +88,13 @@ async fn run(a: Args) -> Result<serde_json::Value, String> {
         t.await.map_err(|e| e.to_string())??;
     }
     let secs = t0.elapsed().as_secs_f64();
+    let mut out = serde_json::json!({ "keys": a.keys, "seconds": secs, "rate_per_second": a.keys as f64 / secs });
+    if a.scrub {
+        let r = keys.scrub_now().await.map_err(|e| e.to_string())?;
+        out["scrub"] = serde_json::json!({ "bytes_before": r.bytes_before, "bytes_after": r.bytes_after, "seconds": r.millis as f64 / 1000.0 });
+    }
     drop(keys);
-    Ok(serde_json::json!({ "keys": a.keys, "seconds": secs, "rate_per_second": a.keys as f64 / secs }))
+    Ok(out)
 }
 
 fn main() -> ExitCode {

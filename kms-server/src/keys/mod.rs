@@ -511,6 +511,12 @@ impl KeyManager {
         if last.is_some_and(|l| now.saturating_sub(l) < self.scrub_interval_secs) {
             return Ok(None);
         }
+        self.scrub_now().await.map(Some)
+    }
+
+    /// Scrubs the store now (whether or not anything was erased) and clears the pending mark.
+    pub async fn scrub_now(&self) -> Result<crate::store::ScrubReport, KeyError> {
+        let now = self.now();
         // Under the admin lock: nothing is erased between the copy and clearing the mark.
         let _admin = self.admin.lock().await;
         let report = self.store.scrub().await?;
@@ -521,7 +527,7 @@ impl KeyManager {
             millis = report.millis,
             "store scrubbed: destroyed key material is gone from the store file"
         );
-        Ok(Some(report))
+        Ok(report)
     }
 
     /// Now, by the lifecycle clock.
