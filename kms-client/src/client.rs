@@ -533,8 +533,9 @@ impl KmsClient {
     }
 
     /// Asks to retire versions below `below` (officer); returns the pending approval.
-    pub async fn retire_versions(&self, keyring: &str, below: u32) -> Result<ApprovalInfo, ClientError> {
-        let req = pb::RetireKeyringVersionsRequest { keyring: keyring.to_owned(), below_version: below };
+    /// `force`: even though keys are still wrapped under those versions.
+    pub async fn retire_versions(&self, keyring: &str, below: u32, force: bool) -> Result<ApprovalInfo, ClientError> {
+        let req = pb::RetireKeyringVersionsRequest { keyring: keyring.to_owned(), below_version: below, force };
         let r = call!(self, Rpc::RetireKeyringVersions, admin.retire_keyring_versions(req))?;
         Ok(approval(r.into_inner()))
     }

@@ -271,7 +271,7 @@ fn key_code_reason(e: &KeyError) -> (tonic::Code, kluis_proto::error::Reason) {
         KeyError::ApprovalExpired { .. } => (Code::FailedPrecondition, Reason::ApprovalExpired),
         KeyError::ApprovalDone { .. } => (Code::FailedPrecondition, Reason::ApprovalAlreadyDone),
         KeyError::ApprovalOutdated { .. } => (Code::FailedPrecondition, Reason::ApprovalOutdated),
-        KeyError::BadRetire { .. } => (Code::FailedPrecondition, Reason::RetireNotPossible),
+        KeyError::BadRetire { .. } | KeyError::RetireStrands { .. } => (Code::FailedPrecondition, Reason::RetireNotPossible),
         KeyError::KeyringExists { .. } => (Code::AlreadyExists, Reason::KeyringExists),
         KeyError::KeyringMismatch { .. } => (Code::InvalidArgument, Reason::KeyringMismatch),
         KeyError::UnwrapFailed { .. } => (Code::InvalidArgument, Reason::WrappedKeyNotAuthentic),
@@ -487,7 +487,7 @@ impl pb::admin_service_server::AdminService for Api {
         let (r, mut ev) = self.valid(&req, Action::RetireVersions).await?;
         let auth = self.authorize(&req, &mut ev).await?;
         let outcome = Outcome::ok_with(format!("pending approval to retire versions below {}", r.below_version));
-        let a = self.settle(&ev, self.keys.request_retire(&auth, r.keyring.as_str(), r.below_version, ev.with_outcome(outcome)).await).await?;
+        let a = self.settle(&ev, self.keys.request_retire(&auth, r.keyring.as_str(), r.below_version, r.force, ev.with_outcome(outcome)).await).await?;
         Ok(Response::new(approval_pb(a, self.keys.now())))
     }
 

@@ -184,6 +184,9 @@ pub enum PendingAction {
     ReleaseHold { keyring: String, hold: Hold },
     /// Lower a keyring's retention (0 = keep until destroyed counts as the longest).
     LowerRetention { keyring: String, from_days: u32, to_days: u32 },
+    /// Retire versions below `below` although `stranded` active keys were still wrapped
+    /// under them at the request (forced): their backups no longer open through the server.
+    RetireVersionsForced { keyring: String, below: u32, stranded: u64 },
 }
 
 /// The outcome of one restore test (`backup-hook verify`).

@@ -312,7 +312,7 @@ async fn call(ch: Channel, rpc: Rpc, f: &Fixture, n: usize) -> Result<(), tonic:
         Rpc::AuditPublicKey => audit.get_audit_public_key(pb::GetAuditPublicKeyRequest {}).await.map(drop),
         // Versions below 2 exist once an officer has rotated (Rotate runs earlier in ALL).
         Rpc::Retire => admin
-            .retire_keyring_versions(pb::RetireKeyringVersionsRequest { keyring: "default".into(), below_version: 2 })
+            .retire_keyring_versions(pb::RetireKeyringVersionsRequest { keyring: "default".into(), below_version: 2, force: true })
             .await
             .map(drop),
         // An id that does not exist: an authorized caller gets NOT_FOUND, past the policy.

@@ -19,18 +19,33 @@ fn retiring_old_versions_needs_a_second_officer() {
     let out = kmsctl(&officer, &["keyring", "retire", "default", "--below-version", "3"]);
     assert!(stderr(&out).contains("the current version must stay active"), "{}", stderr(&out));
 
+    // `old` is still wrapped under version 1: refused, with the count, unless forced.
     let out = kmsctl(&officer, &["keyring", "retire", "default", "--below-version", "2"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(stderr(&out).contains("would strand 1 active key(s) still wrapped under them"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--force"), "{}", stderr(&out));
+    // Under a legal hold even a forced retirement is refused.
+    assert!(kmsctl(&officer, &["keyring", "hold", "default", "--reason", "court order 7"]).status.success());
+    let out = kmsctl(&officer, &["keyring", "retire", "default", "--below-version", "2", "--force"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(stderr(&out).contains("legal hold"), "{}", stderr(&out));
+    let out = kmsctl(&officer, &["keyring", "release", "default"]);
+    let release = approval_id(&out);
+    assert!(kmsctl(&officer2, &["approve", &release]).status.success());
+
+    let out = kmsctl(&officer, &["keyring", "retire", "default", "--below-version", "2", "--force"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("kmsctl approve 1"), "{}", String::from_utf8_lossy(&out.stdout));
+    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(shown.contains("kmsctl approve 2") && shown.contains("forced: 1 key(s) still wrapped under them"), "{shown}");
     // Pending: nothing retired yet.
     assert!(unseal(&server, "restorer", &old).status.success());
 
-    let out = kmsctl(&officer, &["approve", "1"]);
+    let out = kmsctl(&officer, &["approve", "2"]);
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
     assert!(stderr(&out).contains("a second, different officer must approve it"), "{}", stderr(&out));
     assert!(unseal(&server, "restorer", &old).status.success(), "self-approval must change nothing");
 
-    let out = kmsctl(&officer2, &["approve", "1"]);
+    let out = kmsctl(&officer2, &["approve", "2"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let out = unseal(&server, "restorer", &old);
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
@@ -39,16 +54,17 @@ fn retiring_old_versions_needs_a_second_officer() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(out.stdout, b"new");
 
-    let out = kmsctl(&officer2, &["approve", "1"]);
+    let out = kmsctl(&officer2, &["approve", "2"]);
     assert!(stderr(&out).contains("already approved by \"officer2\""), "{}", stderr(&out));
     let out = server.kmsctl("auditor", &["approvals", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v[0]["state"], "approved");
-    assert_eq!(v[0]["requested_by"], "officer");
-    assert_eq!(v[0]["approved_by"], "officer2");
+    assert_eq!(v[1]["state"], "approved");
+    assert_eq!(v[1]["requested_by"], "officer");
+    assert_eq!(v[1]["approved_by"], "officer2");
     let out = server.kmsctl("auditor", &["audit", "export"]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(text.contains("\"action\":\"RetireKeyringVersions\"") && text.contains("ok: approved and carried out request 1"), "{text}");
+    assert!(text.contains("\"action\":\"RetireKeyringVersions\"") && text.contains("ok: approved and carried out request 2"), "{text}");
+    assert!(text.contains("forced: 1 active key(s) still wrapped under them"), "the count is in the audit: {text}");
     assert!(text.lines().any(|l| l.contains("\"action\":\"Approve\"") && l.contains("\"principal\":\"officer\"") && l.contains("denied")));
 }
 

@@ -111,7 +111,7 @@ fn requests(out: &Out, manifest_json: String) {
         ("RotateKeyring", pb::RotateKeyringRequest { name: "ehr-db".into() }.encode_to_vec()),
         ("ChangeGrant", pb::ChangeGrantRequest { keyring: "ehr-db".into(), principal: "backup02".into(), role: "sealer".into(), grant: true }.encode_to_vec()),
         ("ListGrants", pb::ListGrantsRequest { keyring: "ehr-db".into() }.encode_to_vec()),
-        ("RetireKeyringVersions", pb::RetireKeyringVersionsRequest { keyring: "ehr-db".into(), below_version: 2 }.encode_to_vec()),
+        ("RetireKeyringVersions", pb::RetireKeyringVersionsRequest { keyring: "ehr-db".into(), below_version: 2, force: false }.encode_to_vec()),
         ("Approve", pb::ApproveRequest { id: 7 }.encode_to_vec()),
         ("ListApprovals", pb::ListApprovalsRequest {}.encode_to_vec()),
         ("InstallEscrow", pb::InstallEscrowRequest { manifest_json, allow_new_recipient: true }.encode_to_vec()),

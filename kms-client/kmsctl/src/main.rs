@@ -211,10 +211,16 @@ enum KeyringCmd {
     /// Add a version: new data keys use it; older versions keep unsealing (officer).
     Rotate { name: String },
     /// Stop unwraps under versions below N (destructive: needs a second officer's `kmsctl approve`).
+    /// Refused while active keys are still wrapped under them (it names how many: rewrap
+    /// their backups first) or while the keyring is under a legal hold.
     Retire {
         name: String,
         #[arg(long)]
         below_version: u32,
+        /// Retire although keys are still wrapped under those versions: their backups then
+        /// open only with the escrow recovery key. The count goes into the request and the audit.
+        #[arg(long)]
+        force: bool,
     },
     /// Grant a role on a keyring to a principal (officer; needs a second officer's `kmsctl approve`).
     Grant {
@@ -479,8 +485,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 let report = client.report(since.as_deref()).await?;
                 out.write_all(kmsctl::report::render(&report, format).as_bytes()).map_err(io)?;
             }
-            Cmd::Keyring(KeyringCmd::Retire { name, below_version }) => {
-                let a = client.retire_versions(&name, below_version).await?;
+            Cmd::Keyring(KeyringCmd::Retire { name, below_version, force }) => {
+                let a = client.retire_versions(&name, below_version, force).await?;
                 print_pending(&mut out, &a, "").map_err(io)?;
             }
             Cmd::Approve { id } => {

@@ -56,9 +56,10 @@ fn key_variant(e: &KeyError) -> usize {
         KeyError::ApprovalOutdated { .. } => 35,
         KeyError::KeyMaterialErased { .. } => 36,
         KeyError::Derivation => 37,
+        KeyError::RetireStrands { .. } => 38,
     }
 }
-const KEY_VARIANTS: usize = 38;
+const KEY_VARIANTS: usize = 39;
 
 async fn join_error() -> tokio::task::JoinError {
     let task = tokio::spawn(std::future::pending::<()>());
@@ -79,6 +80,7 @@ async fn key_errors() -> Vec<(KeyError, Code, Reason)> {
         (KeyError::VersionRetired { keyring: s("ehr-db"), version: 1 }, Code::FailedPrecondition, Reason::VersionRetired),
         (KeyError::KeyMaterialErased { key_id: s("k1") }, Code::FailedPrecondition, Reason::KeyDestroyed),
         (KeyError::Derivation, Code::Internal, Reason::Internal),
+        (KeyError::RetireStrands { keyring: s("ehr-db"), below: 2, count: 3 }, Code::FailedPrecondition, Reason::RetireNotPossible),
         (KeyError::UnwrapFailed { key_id: s("k1") }, Code::InvalidArgument, Reason::WrappedKeyNotAuthentic),
         (KeyError::MasterMismatch { master: s("software") }, Code::Internal, Reason::Internal),
         (KeyError::KeyringUnwrap { keyring: s("ehr-db"), version: 1, source: MasterError::UnwrapFailed }, Code::Internal, Reason::Internal),

@@ -522,12 +522,13 @@ impl Validate for pb::ChangeGrantRequest {
 pub struct RetireVersions {
     pub keyring: KeyringName,
     pub below_version: u32,
+    pub force: bool,
 }
 
 impl Validate for pb::RetireKeyringVersionsRequest {
     type Valid = RetireVersions;
     fn validate(&self) -> Result<RetireVersions, Invalid> {
-        Ok(RetireVersions { keyring: KeyringName::parse("keyring", &self.keyring)?, below_version: self.below_version })
+        Ok(RetireVersions { keyring: KeyringName::parse("keyring", &self.keyring)?, below_version: self.below_version, force: self.force })
     }
     fn claimed(&self) -> Subject<'_> {
         Subject { keyring: Some(self.keyring.as_str()), ..Subject::default() }

@@ -62,7 +62,7 @@ impl KeyManager {
         e
     }
 
-    fn hold_error(keyring: &str, h: &Hold) -> KeyError {
+    pub(super) fn hold_error(keyring: &str, h: &Hold) -> KeyError {
         KeyError::LegalHold {
             keyring: keyring.to_owned(),
             by: h.by.clone(),
@@ -72,7 +72,7 @@ impl KeyManager {
     }
 
     /// The keyring's hold, if any (and whether it exists / was destroyed).
-    fn ring_state(&self, keyring: &str) -> Result<(Option<Hold>, Option<i64>), KeyError> {
+    pub(super) fn ring_state(&self, keyring: &str) -> Result<(Option<Hold>, Option<i64>), KeyError> {
         let live = self.ring(keyring)?;
         Ok((live.record.hold.clone(), live.record.destroyed))
     }
@@ -325,7 +325,9 @@ impl KeyManager {
         audit: AuditEvent,
     ) -> Result<(), KeyError> {
         match action {
-            PendingAction::RetireVersions { .. } => Err(KeyError::Internal { what: "retirement is carried out by approve" }),
+            PendingAction::RetireVersions { .. } | PendingAction::RetireVersionsForced { .. } => {
+                Err(KeyError::Internal { what: "retirement is carried out by approve" })
+            }
             PendingAction::DestroyKey { keyring, .. } | PendingAction::DestroyKeyring { keyring } => {
                 let label = match action {
                     PendingAction::DestroyKey { id, .. } => hex::encode(id),

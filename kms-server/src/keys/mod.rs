@@ -89,6 +89,8 @@ pub enum KeyError {
     VersionRetired { keyring: String, version: u32 },
     #[error("the wrapped data key {key_id} does not authenticate: it was altered, or its context does not match")]
     UnwrapFailed { key_id: String },
+    #[error("retiring keyring {keyring:?} versions below {below} would strand {count} active key(s) still wrapped under them: their backups would no longer open through the server. Rewrap them first (`backup-hook rewrap`), or retire with --force")]
+    RetireStrands { keyring: String, below: u32, count: u64 },
     #[error("the secret of data key {key_id} is gone from the registry (the key was destroyed): nothing the server keeps opens it; the escrow recovery key still opens a backup that carries an escrow stanza")]
     KeyMaterialErased { key_id: String },
     #[error("the master key does not open this store ({master}); wrong key file or token key")]
@@ -819,7 +821,8 @@ impl KeyManager {
         auth: &Authorized,
         keyring: &str,
         below: u32,
-        audit: AuditEvent,
+        force: bool,
+        mut audit: AuditEvent,
     ) -> Result<ApprovalRecord, KeyError> {
         Self::check(auth, Action::RetireVersions, Some(keyring))?;
         validate_keyring_name(keyring)?;
@@ -834,8 +837,35 @@ impl KeyManager {
                 reason: "the current version must stay active (rotate first)",
             });
         }
+        if let (Some(h), _) = self.ring_state(keyring)? {
+            return Err(Self::hold_error(keyring, &h));
+        }
+        let stranded = self.wrapped_below(keyring, below)?;
+        let action = match (stranded, force) {
+            (0, _) => PendingAction::RetireVersions { keyring: keyring.to_owned(), below },
+            (count, false) => return Err(KeyError::RetireStrands { keyring: keyring.to_owned(), below, count }),
+            (stranded, true) => {
+                audit.outcome = Outcome::ok_with(format!(
+                    "pending approval to retire versions below {below}, forced: {stranded} active key(s) still wrapped under them"
+                ));
+                PendingAction::RetireVersionsForced { keyring: keyring.to_owned(), below, stranded }
+            }
+        };
         let _guard = self.admin.lock().await;
-        self.new_approval(auth, PendingAction::RetireVersions { keyring: keyring.to_owned(), below }, audit).await
+        self.new_approval(auth, action, audit).await
+    }
+
+    /// How many active (not destroyed) keys of `keyring` are wrapped under a version
+    /// below `below`, by the registry (a rewrap records the new version). Reads the whole
+    /// registry: an officer's request, not a hot path.
+    fn wrapped_below(&self, keyring: &str, below: u32) -> Result<u64, KeyError> {
+        let mut n = 0u64;
+        self.store.for_each_data_key(|_, r| {
+            if r.keyring == keyring && r.version < below && matches!(r.state, KeyState::Active) {
+                n += 1;
+            }
+        })?;
+        Ok(n)
     }
 
     /// Records a pending approval (admin lock held by the caller).
@@ -880,7 +910,12 @@ impl KeyManager {
             describe_action(&rec.action)
         ));
         match rec.action.clone() {
-            PendingAction::RetireVersions { keyring, below } => {
+            PendingAction::RetireVersions { keyring, below } | PendingAction::RetireVersionsForced { keyring, below, .. } => {
+                // A hold placed since the request blocks it; so does a key wrapped under
+                // those versions since (none can be: new keys use the current version).
+                if let (Some(h), _) = self.ring_state(&keyring)? {
+                    return Err(Self::hold_error(&keyring, &h));
+                }
                 let old = self.ring(&keyring)?;
                 let mut record = old.record.clone();
                 for v in record.versions.iter_mut().filter(|v| v.version < below) {

@@ -94,6 +94,9 @@ fn destruction_entry(d: &DestructionRecord, held: bool) -> DestructionEntry {
 pub fn describe_action(a: &PendingAction) -> String {
     match a {
         PendingAction::RetireVersions { keyring, below } => format!("retire keyring {keyring} versions below {below}"),
+        PendingAction::RetireVersionsForced { keyring, below, stranded } => format!(
+            "retire keyring {keyring} versions below {below}, forced: {stranded} key(s) still wrapped under them stop opening through the server (rewrap them first to keep them)"
+        ),
         PendingAction::DestroyKey { id, keyring } => format!("destroy data key {} of keyring {keyring}", hex::encode(id)),
         PendingAction::DestroyKeyring { keyring } => format!("destroy keyring {keyring} and every key in it"),
         PendingAction::RemoveEscrow => "remove the escrow manifest in force".into(),

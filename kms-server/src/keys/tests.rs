@@ -236,13 +236,13 @@ async fn dual_control_refuses_the_same_officer_and_expired_requests() {
     let rot = c.auth("officer", Action::RotateKeyring, Some("ehr"));
     c.keys.rotate_keyring(&rot, "ehr", c.ev("officer", Action::RotateKeyring)).await.unwrap();
     let a = c.auth("officer", Action::RetireVersions, Some("ehr"));
-    let req = c.keys.request_retire(&a, "ehr", 2, c.ev("officer", Action::RetireVersions)).await.unwrap();
+    let req = c.keys.request_retire(&a, "ehr", 2, false, c.ev("officer", Action::RetireVersions)).await.unwrap();
     assert!(matches!(c.approve("officer", req.id).await, Err(KeyError::SelfApproval { .. })));
-    let late = c.keys.request_retire(&a, "ehr", 2, c.ev("officer", Action::RetireVersions)).await.unwrap();
+    let late = c.keys.request_retire(&a, "ehr", 2, false, c.ev("officer", Action::RetireVersions)).await.unwrap();
     c.advance_days(2);
     assert!(matches!(c.approve("officer2", late.id).await, Err(KeyError::ApprovalExpired { .. })));
     // The first one expired too; a fresh one is approved by a second officer.
-    let fresh = c.keys.request_retire(&a, "ehr", 2, c.ev("officer", Action::RetireVersions)).await.unwrap();
+    let fresh = c.keys.request_retire(&a, "ehr", 2, false, c.ev("officer", Action::RetireVersions)).await.unwrap();
     c.approve("officer2", fresh.id).await.unwrap();
     assert!(matches!(c.approve("officer2", fresh.id).await, Err(KeyError::ApprovalDone { .. })));
     let info = c.keys.get_keyring(&c.auth("officer", Action::GetKeyring, Some("ehr")), "ehr").unwrap();
@@ -476,4 +476,46 @@ async fn the_store_is_scrubbed_at_most_once_per_interval_and_a_due_scrub_is_not_
     c.clock.0.fetch_add(1, Ordering::SeqCst);
     assert!(c.keys.scrub_if_due().await.unwrap().is_some(), "a day after the last scrub it runs");
     assert!(!c.keys.store.scrub_pending().unwrap());
+}
+
+#[tokio::test]
+async fn retiring_is_refused_while_keys_are_wrapped_under_the_versions_or_the_keyring_is_held() {
+    let c = Core::new();
+    c.create("ehr", 0, 0).await;
+    let k = c.issue("ehr", "b1").await;
+    let _destroyed_later = c.issue("ehr", "b0").await;
+    let rot = c.auth("officer", Action::RotateKeyring, Some("ehr"));
+    c.keys.rotate_keyring(&rot, "ehr", c.ev("officer", Action::RotateKeyring)).await.unwrap();
+    let a = c.auth("officer", Action::RetireVersions, Some("ehr"));
+    match c.keys.request_retire(&a, "ehr", 2, false, c.ev("officer", Action::RetireVersions)).await {
+        Err(KeyError::RetireStrands { count, below, .. }) => assert_eq!((count, below), (2, 2)),
+        other => panic!("expected a refusal naming the stranded keys, got {:?}", other.map(|r| r.action)),
+    }
+    // Rewrapped (the registry records the new version), a key no longer counts.
+    let rw = c.auth("ops", Action::RewrapDataKey, Some("ehr"));
+    let (blob, _, _) = c.keys.rewrap_data_key(&rw, &k.key_id, "ehr", &k.wrapped, c.ev("ops", Action::RewrapDataKey)).await.unwrap();
+    match c.keys.request_retire(&a, "ehr", 2, false, c.ev("officer", Action::RetireVersions)).await {
+        Err(KeyError::RetireStrands { count, .. }) => assert_eq!(count, 1, "one key left under version 1"),
+        other => panic!("expected a refusal, got {:?}", other.map(|r| r.action)),
+    }
+    // Forced: the request carries the count; approved, it is carried out.
+    let forced = c.keys.request_retire(&a, "ehr", 2, true, c.ev("officer", Action::RetireVersions)).await.unwrap();
+    assert_eq!(forced.action, PendingAction::RetireVersionsForced { keyring: "ehr".into(), below: 2, stranded: 1 });
+    // A legal hold placed meanwhile blocks the approval, and any new request.
+    let hold = c.auth("officer", Action::SetLegalHold, Some("ehr"));
+    c.keys.set_legal_hold(&hold, "ehr", true, "litigation 2026-17", c.ev("officer", Action::SetLegalHold)).await.unwrap();
+    assert!(matches!(c.approve("officer2", forced.id).await, Err(KeyError::LegalHold { .. })));
+    assert!(matches!(
+        c.keys.request_retire(&a, "ehr", 2, true, c.ev("officer", Action::RetireVersions)).await,
+        Err(KeyError::LegalHold { .. })
+    ));
+    let release = match c.keys.set_legal_hold(&hold, "ehr", false, "", c.ev("officer", Action::SetLegalHold)).await.unwrap() {
+        Requested::Pending { approval, .. } => approval,
+        Requested::Done(_) => panic!("releasing a hold needs a second officer"),
+    };
+    c.approve("officer2", release.id).await.unwrap();
+    c.approve("officer2", forced.id).await.unwrap();
+    let rewrapped = IssuedDataKey { wrapped: blob, ..k };
+    assert!(c.unwrap(&rewrapped).await.is_ok(), "the rewrapped key opens under version 2");
+    assert!(matches!(c.unwrap(&_destroyed_later).await, Err(KeyError::VersionRetired { version: 1, .. })));
 }
