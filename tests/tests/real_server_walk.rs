@@ -222,11 +222,12 @@ fn the_walk_runs_with_certificates_from_the_openssl_recipe() {
     run_walk(&blocks);
 }
 
-/// The walk up to `kms-server init`, then the server's key is encrypted (PKCS#8 or the
-/// legacy OpenSSL form): `serve` refuses to start and says the key is encrypted.
+/// The walk (with openssl certificates) up to `kms-server init`, then the server's key is
+/// encrypted (PKCS#8 or the legacy OpenSSL form): `serve` refuses to start and says the key
+/// is encrypted.
 #[test]
 fn an_encrypted_server_key_is_refused_saying_so() {
-    let blocks = walk(None);
+    let blocks = walk(Some(openssl_recipe()));
     let serve_at = blocks.iter().position(|b| b.lang == "sh" && is_serve(&b.body)).unwrap();
     let mut m = Machine::new();
     for b in &blocks[..serve_at] {

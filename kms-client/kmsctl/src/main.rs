@@ -48,8 +48,8 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Client certificates from a CA directory (tests and small sites; real
-    /// deployments use their own PKI).
+    /// Certificates for sites without a CA of their own: a CA, the server certificate,
+    /// client certificates (docs/certificates.md; sites with a CA use it instead).
     #[command(subcommand)]
     Cert(CertCmd),
     /// One data key: registry facts, destruction.
