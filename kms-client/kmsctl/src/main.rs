@@ -143,7 +143,7 @@ enum AuditCmd {
 /// When a new certificate is valid, and whether existing files may be replaced.
 #[derive(clap::Args)]
 struct CertValidity {
-    /// Validity in days from now (ignored with --not-after).
+    /// Validity in days from now (default: ca 3650, server 825, issue 365; ignored with --not-after).
     #[arg(long)]
     days: Option<i64>,
     /// Start of validity, RFC 3339 (default: one hour ago).
