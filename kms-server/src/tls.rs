@@ -60,8 +60,10 @@ pub struct Limits {
 pub enum TlsSetupError {
     #[error("{path}: no PEM certificate could be read ({reason})")]
     Certificates { path: String, reason: String },
-    #[error("{path}: no PEM private key could be read")]
+    #[error("{path}: no PEM private key could be read (expected an unencrypted `PRIVATE KEY` (PKCS#8), `EC PRIVATE KEY` or `RSA PRIVATE KEY` block)")]
     PrivateKey { path: String },
+    #[error("{path}: the private key is encrypted; encrypted private keys are not supported (kms-server starts unattended): decrypt it to a file only its user can read, e.g. `openssl pkey -in {path} -out {path}.plain`")]
+    EncryptedKey { path: String },
     #[error("{path}: no usable CA certificate")]
     ClientCa { path: String },
     #[error("CRL file {path} could not be read: {source}")]
@@ -88,6 +90,13 @@ fn certificates(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>,
         return Err(TlsSetupError::Certificates { path: path.display().to_string(), reason: "none found".into() });
     }
     Ok(certs)
+}
+
+/// A PEM key that is encrypted: PKCS#8 `ENCRYPTED PRIVATE KEY`, or a legacy OpenSSL
+/// key with `Proc-Type: 4,ENCRYPTED` headers. rustls_pemfile skips both silently.
+pub fn is_encrypted_key(pem: &[u8]) -> bool {
+    let has = |needle: &[u8]| pem.windows(needle.len()).any(|w| w == needle);
+    has(b"-----BEGIN ENCRYPTED PRIVATE KEY-----") || has(b"Proc-Type: 4,ENCRYPTED")
 }
 
 /// The CRLs of one file (PEM with one or more `X509 CRL` blocks, or one DER CRL), each
@@ -149,6 +158,9 @@ impl Tls {
         metrics: Arc<Metrics>,
     ) -> Result<Self, TlsSetupError> {
         let certs = certificates(cert_path, cert_pem)?;
+        if is_encrypted_key(key_pem) {
+            return Err(TlsSetupError::EncryptedKey { path: key_path.display().to_string() });
+        }
         let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut &key_pem[..])
             .ok()
             .flatten()

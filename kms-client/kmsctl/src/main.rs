@@ -48,8 +48,8 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Client certificates from a CA directory (tests and small sites; real
-    /// deployments use their own PKI).
+    /// Certificates for sites without a CA of their own: a CA, the server certificate,
+    /// client certificates (docs/certificates.md; sites with a CA use it instead).
     #[command(subcommand)]
     Cert(CertCmd),
     /// One data key: registry facts, destruction.
@@ -140,8 +140,57 @@ enum AuditCmd {
     },
 }
 
+/// When a new certificate is valid, and whether existing files may be replaced.
+#[derive(clap::Args)]
+struct CertValidity {
+    /// Validity in days from now (default: ca 3650, server 825, issue 365; ignored with --not-after).
+    #[arg(long)]
+    days: Option<i64>,
+    /// Start of validity, RFC 3339 (default: one hour ago).
+    #[arg(long)]
+    not_before: Option<String>,
+    /// End of validity, RFC 3339.
+    #[arg(long)]
+    not_after: Option<String>,
+    /// Replace existing files of the same name (otherwise they are refused and nothing is written).
+    #[arg(long)]
+    force: bool,
+}
+
 #[derive(Subcommand)]
 enum CertCmd {
+    /// Create a CA for a site without one: writes DIR/ca.pem and DIR/ca.key (0600; keep it off the server).
+    Ca {
+        /// Directory to create the CA in.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Subject common name of the CA.
+        #[arg(long, default_value = "Kluis CA")]
+        name: String,
+        #[command(flatten)]
+        validity: CertValidity,
+    },
+    /// Issue the server certificate: writes OUT/NAME.pem and OUT/NAME.key (0600), with a
+    /// subject alternative name for every --dns and --ip (clients check the name they connect to).
+    Server {
+        /// Directory with ca.pem and ca.key.
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// A DNS name clients connect to (repeatable): the endpoint's host, or their server_name.
+        #[arg(long)]
+        dns: Vec<String>,
+        /// An IP address clients connect to (repeatable).
+        #[arg(long)]
+        ip: Vec<std::net::IpAddr>,
+        /// File name of the certificate and key.
+        #[arg(long, default_value = "server")]
+        name: String,
+        /// Where to write the files (default: CA_DIR).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        validity: CertValidity,
+    },
     /// Issue a client certificate: writes OUT/NAME.pem and OUT/NAME.key (0600).
     Issue {
         /// Directory with ca.pem and ca.key (for `kms-server dev`: DATA_DIR/pki).
@@ -159,15 +208,8 @@ enum CertCmd {
         /// A DNS subject alternative name (repeatable).
         #[arg(long)]
         san_dns: Vec<String>,
-        /// Validity in days from now (ignored with --not-after).
-        #[arg(long, default_value_t = 365)]
-        days: i64,
-        /// Start of validity, RFC 3339 (default: one hour ago).
-        #[arg(long)]
-        not_before: Option<String>,
-        /// End of validity, RFC 3339.
-        #[arg(long)]
-        not_after: Option<String>,
+        #[command(flatten)]
+        validity: CertValidity,
     },
 }
 
@@ -362,25 +404,52 @@ fn print_destroy(out: &mut dyn Write, o: &DestroyOutcome) -> std::io::Result<()>
     }
 }
 
+impl CertValidity {
+    fn options(&self, default_days: i64) -> Result<cert::Options, Failure> {
+        let parse = |s: &str| {
+            time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                .map_err(|e| fail(format!("{s:?} is not an RFC 3339 time: {e}")))
+        };
+        let now = time::OffsetDateTime::now_utc();
+        let days = self.days.unwrap_or(default_days);
+        let not_before = match &self.not_before { Some(s) => parse(s)?, None => now - time::Duration::hours(1) };
+        let not_after = match &self.not_after { Some(s) => parse(s)?, None => now + time::Duration::days(days) };
+        Ok(cert::Options { not_before, not_after, force: self.force })
+    }
+}
+
+/// `kmsctl cert ...`: offline, no client config.
+fn run_cert(cmd: CertCmd, out: &mut dyn Write) -> Result<(), Failure> {
+    let io = |e: std::io::Error| fail(format!("writing output failed: {e}"));
+    let err = |e: cert::CertError| fail(e.to_string());
+    let issued = match cmd {
+        CertCmd::Ca { dir, name, validity } => {
+            let ca = cert::create_ca(&dir, &name, &validity.options(3650)?).map_err(err)?;
+            writeln!(out, "CA certificate: {}\nCA key:         {}", ca.display(), dir.join("ca.key").display()).map_err(io)?;
+            return Ok(());
+        }
+        CertCmd::Server { ca_dir, dns, ip, name, out: out_dir, validity } => {
+            let out_dir = out_dir.unwrap_or_else(|| ca_dir.clone());
+            let req = cert::ServerRequest { name, dns, ips: ip, options: validity.options(825)? };
+            cert::issue_server(&ca_dir, &out_dir, &req).map_err(err)?
+        }
+        CertCmd::Issue { ca_dir, name, out: out_dir, san_uri, san_dns, validity } => {
+            let out_dir = out_dir.unwrap_or_else(|| ca_dir.join("clients"));
+            let req = cert::CertRequest { name, san_uris: san_uri, san_dns, options: validity.options(365)? };
+            cert::issue(&ca_dir, &out_dir, &req).map_err(err)?
+        }
+    };
+    writeln!(out, "certificate: {}\nkey:         {}", issued.cert.display(), issued.key.display()).map_err(io)
+}
+
 fn run(cli: Cli) -> Result<(), Failure> {
     let mut out = std::io::stdout().lock();
     let io = |e: std::io::Error| fail(format!("writing output failed: {e}"));
     if let Cmd::Escrow(EscrowCmd::Offline(cmd)) = cli.cmd {
         return run_offline(cmd, &mut out).map_err(|e| fail(e.to_string()));
     }
-    if let Cmd::Cert(CertCmd::Issue { ca_dir, name, out: out_dir, san_uri, san_dns, days, not_before, not_after }) = cli.cmd {
-        let parse = |s: &str| {
-            time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-                .map_err(|e| fail(format!("{s:?} is not an RFC 3339 time: {e}")))
-        };
-        let now = time::OffsetDateTime::now_utc();
-        let not_before = match not_before { Some(s) => parse(&s)?, None => now - time::Duration::hours(1) };
-        let not_after = match not_after { Some(s) => parse(&s)?, None => now + time::Duration::days(days) };
-        let out_dir = out_dir.unwrap_or_else(|| ca_dir.join("clients"));
-        let req = cert::CertRequest { name, san_uris: san_uri, san_dns, not_before, not_after };
-        let issued = cert::issue(&ca_dir, &out_dir, &req).map_err(|e| fail(e.to_string()))?;
-        writeln!(out, "certificate: {}\nkey:         {}", issued.cert.display(), issued.key.display()).map_err(io)?;
-        return Ok(());
+    if let Cmd::Cert(c) = cli.cmd {
+        return run_cert(c, &mut out);
     }
     if let Cmd::Audit(AuditCmd::Verify { file, public_key: Some(key_file), since_head, anchors }) = &cli.cmd {
         let key = read_public_key(key_file)?;
