@@ -32,6 +32,8 @@ struct Machine {
     server_log: PathBuf,
     /// Everything the blocks printed, in order (stdout and stderr of each).
     transcript: String,
+    /// Directories made immutable (`chattr +i`), made mutable again on drop.
+    immutable: Vec<PathBuf>,
 }
 
 impl Drop for Machine {
@@ -40,7 +42,15 @@ impl Drop for Machine {
             let _ = c.kill();
             let _ = c.wait();
         }
+        for d in &self.immutable {
+            let _ = Command::new("chattr").arg("-i").arg(d).status();
+        }
     }
+}
+
+fn is_root() -> bool {
+    let out = Command::new("id").arg("-u").output().expect("`id -u` runs");
+    String::from_utf8_lossy(&out.stdout).trim() == "0"
 }
 
 /// A port nothing listens on now (the server binds it a moment later).
@@ -53,7 +63,7 @@ impl Machine {
         let root = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(root.path().join("home")).unwrap();
         let server_log = root.path().join("kms-server.log");
-        Machine { root, port: free_port(), server: None, server_log, transcript: String::new() }
+        Machine { root, port: free_port(), server: None, server_log, transcript: String::new(), immutable: Vec::new() }
     }
 
     fn path(&self, p: &str) -> PathBuf {
@@ -130,6 +140,7 @@ impl Machine {
     /// it blocks on the server's stdout until the line comes (or the server exits).
     fn serve(&mut self, block: &Block, body: &str) {
         assert!(self.server.is_none(), "{}: a second server", block.at());
+        self.config_read_only();
         let log = std::fs::File::create(&self.server_log).unwrap();
         let mut child = self.bash(&format!("exec {}", body.trim())).stdout(Stdio::piped()).stderr(Stdio::from(log)).spawn().unwrap();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
@@ -151,6 +162,24 @@ impl Machine {
         std::thread::spawn(move || for _ in lines {});
         self.transcript.push_str(&format!("== {}\n{announced}\n", block.at()));
         self.server = Some(child);
+    }
+}
+
+impl Machine {
+    /// Makes `/etc/kluis` read-only for the server, as the shipped unit does
+    /// (`ProtectSystem=strict`): immutable for root (`chattr +i`: root ignores modes), mode
+    /// 0555 for anyone else; then checks that nothing can be created in it.
+    fn config_read_only(&mut self) {
+        use std::os::unix::fs::PermissionsExt;
+        let etc = self.path("etc/kluis");
+        if is_root() {
+            let st = Command::new("chattr").arg("+i").arg(&etc).status().expect("chattr runs (package e2fsprogs)");
+            assert!(st.success(), "chattr +i {}: the walk needs a file system with attributes (ext4, xfs, btrfs)", etc.display());
+            self.immutable.push(etc.clone());
+        } else {
+            std::fs::set_permissions(&etc, std::fs::Permissions::from_mode(0o555)).unwrap();
+        }
+        assert!(std::fs::write(etc.join("probe"), b"x").is_err(), "{} is still writable", etc.display());
     }
 }
 
@@ -196,10 +225,14 @@ fn run_walk(blocks: &[Block]) -> Machine {
     assert!(t.contains("refused: exit 4"), "{t}");
     assert!(t.contains("principal \"backup01.ehr.example\" may not UnwrapDataKey"), "{t}");
     assert!(!m.path("nope.bin").exists(), "a refused unseal leaves no output file");
-    // Step 7: the auditor verified the whole trail.
+    // Step 7: the master key rotated with /etc/kluis read-only; its generation is beside the key.
+    assert!(m.path("var/lib/kluis-keys/master.key.g2").exists(), "{t}");
+    assert!(t.contains("identical after the rotation"), "{t}");
+    assert!(!m.path("etc/kluis/master.key.g2").exists());
+    // Step 8: the auditor verified the whole trail.
     assert!(t.contains("audit trail intact: entries 1.."), "{t}");
     // The files the walk says it makes, with the modes it says.
-    for key in ["etc/kluis/server.key", "etc/kluis/master.key", "home/kluis-ca/clients/backup01.ehr.example.key"] {
+    for key in ["etc/kluis/server.key", "var/lib/kluis-keys/master.key", "home/kluis-ca/clients/backup01.ehr.example.key"] {
         assert_eq!(kluis_tests::mode(&m.path(key)) & 0o077, 0, "{key} is readable by others");
     }
     assert!(m.path("var/lib/kluis/kluis.redb").exists());
