@@ -30,8 +30,8 @@ pub enum ServerError {
     Keys(#[from] KeyError),
     #[error(transparent)]
     Revocation(#[from] RevocationError),
-    #[error("TLS file {path} could not be read: {source}")]
-    TlsFile { path: PathBuf, source: std::io::Error },
+    #[error("{role} {path} could not be read: {source}")]
+    TlsFile { role: &'static str, path: PathBuf, source: std::io::Error },
     #[error("TLS setup failed: {0}")]
     Tls(#[source] crate::tls::TlsSetupError),
     #[error("could not listen on {addr}: {source}")]
@@ -42,8 +42,8 @@ pub enum ServerError {
     Serve(#[source] tonic::transport::Error),
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, ServerError> {
-    std::fs::read(path).map_err(|e| ServerError::TlsFile { path: path.to_owned(), source: e })
+fn read(role: &'static str, path: &Path) -> Result<Vec<u8>, ServerError> {
+    std::fs::read(path).map_err(|e| ServerError::TlsFile { role, path: path.to_owned(), source: e })
 }
 
 /// Binds the listen address (port 0 picks a free port).
@@ -92,15 +92,17 @@ pub struct Prepared {
 pub fn prepare(cfg: &ServerConfig) -> Result<Prepared, ServerError> {
     check_key_file_permissions(&cfg.tls.key).map_err(|e| match e {
         MasterError::KeyFilePermissions { path, mode } => {
-            ServerError::TlsFile { path, source: std::io::Error::other(format!("TLS key readable by group or others (mode {mode:o}); run chmod 600")) }
+            ServerError::TlsFile { role: "TLS key", path, source: std::io::Error::other(format!("readable by group or others (mode {mode:o}); run chmod 600")) }
         }
+        // The check is the master key file's; a missing or unreadable file here is the TLS key.
+        MasterError::ReadKeyFile { path, source } => ServerError::TlsFile { role: "TLS key", path, source },
         other => ServerError::Master(other),
     })?;
     let metrics = Arc::new(Metrics::default());
     let tls = crate::tls::Tls::new(
-        (&cfg.tls.cert, &read(&cfg.tls.cert)?),
-        (&cfg.tls.key, &read(&cfg.tls.key)?),
-        (&cfg.tls.client_ca, &read(&cfg.tls.client_ca)?),
+        (&cfg.tls.cert, &read("TLS certificate", &cfg.tls.cert)?),
+        (&cfg.tls.key, &read("TLS key", &cfg.tls.key)?),
+        (&cfg.tls.client_ca, &read("CA", &cfg.tls.client_ca)?),
         &cfg.auth.crl,
         metrics.clone(),
     )

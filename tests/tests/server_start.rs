@@ -57,6 +57,21 @@ fn software_master_key_problems_are_named() {
 }
 
 #[test]
+fn a_missing_tls_file_is_named_by_its_role_not_as_the_master_key() {
+    let s = stopped(Provider::Software);
+    let pki = s.data_dir().join("pki");
+    for (file, role) in [("server.key", "TLS key"), ("server.pem", "TLS certificate"), ("ca.pem", "CA file")] {
+        let path = pki.join(file);
+        let kept = pki.join(format!("{file}.kept"));
+        std::fs::rename(&path, &kept).unwrap();
+        let err = serve_fails(&config(&s), &[]);
+        assert!(err.contains(role) && err.contains(&path.display().to_string()) && err.contains("could not be read"), "{file}: {err}");
+        assert!(!err.contains("master key"), "{file}: {err}");
+        std::fs::rename(&kept, &path).unwrap();
+    }
+}
+
+#[test]
 fn missing_store_and_bad_config_are_named() {
     let s = stopped(Provider::Software);
     std::fs::remove_file(s.data_dir().join("data/kluis.redb")).unwrap();
