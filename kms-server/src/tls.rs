@@ -346,10 +346,11 @@ impl tonic::transport::server::Connected for Conn {
 pub fn incoming(listener: TcpListener, tls: Arc<Tls>, limits: Limits) -> (ReceiverStream<io::Result<Conn>>, Incoming) {
     let (tx, rx) = mpsc::channel(64);
     let open = Arc::new(AtomicUsize::new(0));
+    let rejects = Arc::new(RejectLog::default());
     let accept_loop = tokio::spawn(async move {
         loop {
-            let tcp = match listener.accept().await {
-                Ok((tcp, _)) => tcp,
+            let (tcp, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
                 // One connection that went away before it was accepted.
                 Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset) => continue,
                 Err(e) => {
@@ -372,7 +373,7 @@ pub fn incoming(listener: TcpListener, tls: Arc<Tls>, limits: Limits) -> (Receiv
             tls.metrics.connection_opened();
             let slot = Slot { open: open.clone(), metrics: tls.metrics.clone() };
             let _ = tcp.set_nodelay(true);
-            let (acceptor, tx, metrics) = (tls.acceptor(), tx.clone(), tls.metrics.clone());
+            let (acceptor, tx, metrics, rejects) = (tls.acceptor(), tx.clone(), tls.metrics.clone(), rejects.clone());
             tokio::spawn(async move {
                 let mut handshake = Box::pin(acceptor.accept(tcp).into_fallible());
                 match tokio::time::timeout(limits.handshake_timeout, &mut handshake).await {
@@ -382,7 +383,11 @@ pub fn incoming(listener: TcpListener, tls: Arc<Tls>, limits: Limits) -> (Receiv
                         let _ = tx.send(Ok(conn)).await;
                     }
                     Ok(Err((e, tcp))) => {
-                        tracing::debug!(error = %e, "TLS handshake failed");
+                        if let Some(suppressed) = rejects.allow() {
+                            // The reason is rustls' text; escaped and cut, it cannot forge a log line.
+                            let reason: String = e.to_string().escape_debug().take(200).collect();
+                            tracing::warn!(peer = %peer, reason = %reason, suppressed, "TLS handshake refused");
+                        }
                         linger(tcp).await;
                         drop(slot);
                     }
@@ -400,6 +405,40 @@ pub fn incoming(listener: TcpListener, tls: Arc<Tls>, limits: Limits) -> (Receiv
     (ReceiverStream::new(rx), Incoming { accept_loop })
 }
 
+/// How often a refused handshake is logged: a scan or a flood of bad clients writes at
+/// most one line per 10 s, each saying how many refusals it stands for.
+struct RejectLog {
+    base: std::time::Instant,
+    every: Duration,
+    /// When the next line may be written, in milliseconds after `base`.
+    next_ms: std::sync::atomic::AtomicU64,
+    suppressed: std::sync::atomic::AtomicU64,
+}
+
+impl Default for RejectLog {
+    fn default() -> Self {
+        Self::every(Duration::from_secs(10))
+    }
+}
+
+impl RejectLog {
+    fn every(every: Duration) -> Self {
+        Self { base: std::time::Instant::now(), every, next_ms: Default::default(), suppressed: Default::default() }
+    }
+
+    /// Whether to log this refusal now; if so, how many were not logged since the last line.
+    fn allow(&self) -> Option<u64> {
+        let now = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let next = self.next_ms.load(Ordering::Acquire);
+        let until = now.saturating_add(u64::try_from(self.every.as_millis()).unwrap_or(u64::MAX));
+        if now < next || self.next_ms.compare_exchange(next, until, Ordering::AcqRel, Ordering::Acquire).is_err() {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(self.suppressed.swap(0, Ordering::Relaxed))
+    }
+}
+
 /// An orderly close after a failed handshake (the alert is already written): no
 /// reset while the client has unread data for us, so it reads the alert.
 async fn linger(mut tcp: TcpStream) {
@@ -413,4 +452,25 @@ async fn linger(mut tcp: TcpStream) {
         }
     };
     let _ = tokio::time::timeout(LINGER, drain).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_handshakes_are_logged_once_per_window_with_the_count_of_the_rest() {
+        // A window no test run reaches: the first refusal is logged, the rest are counted.
+        let log = RejectLog::every(Duration::from_secs(86_400));
+        assert_eq!(log.allow(), Some(0));
+        for _ in 0..5 {
+            assert_eq!(log.allow(), None);
+        }
+        assert_eq!(log.suppressed.load(Ordering::Relaxed), 5);
+        // A zero window logs every refusal, each reporting what was held back before it.
+        let log = RejectLog::every(Duration::ZERO);
+        log.suppressed.store(3, Ordering::Relaxed);
+        assert_eq!(log.allow(), Some(3));
+        assert_eq!(log.allow(), Some(0));
+    }
 }

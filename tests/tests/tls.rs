@@ -100,4 +100,8 @@ async fn tls_layer_requires_a_client_certificate_from_the_configured_ca() {
         assert!(stderr(&out).contains("alert"), "{}", stderr(&out));
         assert_eq!(stderr(&out).lines().count(), 1);
     }
+    // The server logs refused handshakes with the peer and the reason (at most one line per 10 s).
+    let log = server.log();
+    let line = log.lines().find(|l| l.contains("TLS handshake refused")).unwrap_or_else(|| panic!("no refusal logged:\n{log}"));
+    assert!(line.contains("peer=127.0.0.1:") && line.contains("reason="), "{line}");
 }
