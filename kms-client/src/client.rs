@@ -33,10 +33,26 @@ pub enum ClientError {
     /// the kind of the I/O error behind it, if any (connection refused, ...).
     #[error("cannot reach the Kluis server at {endpoint}: {detail}")]
     Connect { endpoint: String, detail: String, io: Option<std::io::ErrorKind> },
-    /// The server sent a TLS alert: it rejected this client's certificate (or TLS settings).
-    #[error("the TLS connection to {endpoint} was refused ({detail}); check that this client's certificate is signed by the server's client CA, unexpired and not revoked")]
-    TlsRejected { endpoint: String, detail: String },
-    /// This client does not accept the server's certificate.
+    /// The server sent a TLS alert: it refused this client's certificate (or TLS settings).
+    /// `alert` is the alert when the error that carried it reached this side typed (a
+    /// refusal during the handshake); on an established TLS 1.3 connection HTTP/2 hands up
+    /// only that TLS failed (the kind of an I/O error), and `detail` its description.
+    #[error("{}", rejected_text(.endpoint, *.alert, .detail))]
+    TlsRejected { endpoint: String, alert: Option<rustls::AlertDescription>, detail: String },
+    /// The server's certificate is not valid for the name this client checks
+    /// (`server_name`, else the endpoint's host).
+    #[error("the Kluis server at {endpoint} presented a certificate that is not valid for the name {expected:?} this client checks (the certificate names {}); set `server_name` in the client config to one of those names, or use an endpoint by that name", presented_text(.presented))]
+    ServerNameMismatch { endpoint: String, expected: String, presented: Vec<String> },
+    /// The server's certificate is not signed by the CA this client trusts.
+    #[error("the Kluis server at {endpoint} presented a certificate this client does not trust: it is not signed by the CA in `ca` of the client config; point `ca` at the CA that issued the server's certificate (and `server_name` at a name in it)")]
+    ServerUnknownIssuer { endpoint: String },
+    /// The server's certificate has expired (times in Unix seconds, when rustls gave them).
+    #[error("the Kluis server at {endpoint} presented an expired certificate{}: the server's certificate must be renewed (or this machine's clock is wrong)", validity_text("expired at", *.not_after, *.now))]
+    ServerCertificateExpired { endpoint: String, not_after: Option<u64>, now: Option<u64> },
+    /// The server's certificate is not valid yet.
+    #[error("the Kluis server at {endpoint} presented a certificate that is not valid yet{}: check this machine's clock (and the server's certificate)", validity_text("valid from", *.not_before, *.now))]
+    ServerCertificateNotYetValid { endpoint: String, not_before: Option<u64>, now: Option<u64> },
+    /// This client does not accept the server's certificate, for another reason.
     #[error("the Kluis server at {endpoint} presented a certificate this client does not trust ({detail}); check `ca` and `server_name` in the client config")]
     ServerNotTrusted { endpoint: String, detail: String },
     /// Any other TLS failure on this side (no common protocol, a malformed record, ...).
@@ -59,6 +75,44 @@ pub enum ClientError {
     GaveUp { attempts: u32, elapsed: std::time::Duration, cause: Cause, last: Box<ClientError> },
 }
 
+/// The message of a TLS refusal by the server, by its alert when known.
+fn rejected_text(endpoint: &str, alert: Option<rustls::AlertDescription>, detail: &str) -> String {
+    use rustls::AlertDescription as A;
+    let why = match alert {
+        Some(A::CertificateExpired) => {
+            "it says this client's certificate has expired or is not valid yet; renew `cert` in the client config (or check this machine's clock)"
+        }
+        Some(A::CertificateRevoked) => "it says this client's certificate is revoked; this client needs a new certificate",
+        Some(A::CertificateRequired) => "it requires a client certificate and got none; set `cert` and `key` in the client config",
+        Some(A::UnknownCA | A::BadCertificate | A::CertificateUnknown | A::UnsupportedCertificate | A::DecryptError) => {
+            "it does not accept this client's certificate; check that this client's certificate is signed by the server's client CA and is a client certificate"
+        }
+        _ => "check that this client's certificate is signed by the server's client CA, unexpired and not revoked",
+    };
+    format!("the TLS connection to {endpoint} was refused by the server ({detail}): {why}")
+}
+
+/// The names a certificate holds, as rustls lists them.
+fn presented_text(presented: &[String]) -> String {
+    if presented.is_empty() { "no names".to_owned() } else { presented.join(", ") }
+}
+
+/// " (LABEL DATE; this machine's clock says DATE)" when the times are known.
+fn validity_text(label: &str, when: Option<u64>, now: Option<u64>) -> String {
+    let date = |secs: u64| {
+        i64::try_from(secs)
+            .ok()
+            .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
+            .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+            .unwrap_or_else(|| format!("{secs} s after 1970"))
+    };
+    match (when, now) {
+        (Some(w), Some(n)) => format!(" ({label} {}; this machine's clock says {})", date(w), date(n)),
+        (Some(w), None) => format!(" ({label} {})", date(w)),
+        _ => String::new(),
+    }
+}
+
 fn server_text(endpoint: &str, code: tonic::Code, message: &str) -> String {
     use tonic::Code;
     match code {
@@ -79,7 +133,12 @@ impl ClientError {
             ClientError::Connect { .. } | ClientError::ConnectionLost { .. } | ClientError::DeadlineExceeded { .. } => {
                 ErrorClass::Unavailable
             }
-            ClientError::TlsRejected { .. } | ClientError::ServerNotTrusted { .. } => ErrorClass::Refused,
+            ClientError::TlsRejected { .. }
+            | ClientError::ServerNameMismatch { .. }
+            | ClientError::ServerUnknownIssuer { .. }
+            | ClientError::ServerCertificateExpired { .. }
+            | ClientError::ServerCertificateNotYetValid { .. }
+            | ClientError::ServerNotTrusted { .. } => ErrorClass::Refused,
             ClientError::Tls { .. } | ClientError::BadResponse { .. } => ErrorClass::Other,
             ClientError::Server { code, reason, .. } => match reason {
                 Some(r) => ErrorClass::of_reason(*r),
@@ -126,7 +185,7 @@ impl ClientError {
                 .filter_map(|e| e.downcast_ref::<std::io::Error>())
                 .find(|io| io.kind() == std::io::ErrorKind::InvalidData)
             {
-                return ClientError::TlsRejected { endpoint, detail: io.to_string() };
+                return ClientError::TlsRejected { endpoint, alert: None, detail: io.to_string() };
             }
             if chain(source).any(|e| e.is::<tonic::TimeoutExpired>()) {
                 return ClientError::DeadlineExceeded { endpoint };
@@ -156,10 +215,30 @@ impl ClientError {
     }
 
     fn from_tls(endpoint: String, e: &rustls::Error) -> Self {
+        use rustls::CertificateError as C;
         let detail = e.to_string();
         match e {
-            rustls::Error::AlertReceived(_) => ClientError::TlsRejected { endpoint, detail },
-            rustls::Error::InvalidCertificate(_) => ClientError::ServerNotTrusted { endpoint, detail },
+            rustls::Error::AlertReceived(alert) => ClientError::TlsRejected { endpoint, alert: Some(*alert), detail },
+            rustls::Error::InvalidCertificate(c) => match c {
+                C::NotValidForName => ClientError::ServerNameMismatch { endpoint, expected: String::new(), presented: Vec::new() },
+                C::NotValidForNameContext { expected, presented } => {
+                    ClientError::ServerNameMismatch { endpoint, expected: expected.to_str().into_owned(), presented: presented.clone() }
+                }
+                C::UnknownIssuer => ClientError::ServerUnknownIssuer { endpoint },
+                C::Expired => ClientError::ServerCertificateExpired { endpoint, not_after: None, now: None },
+                C::ExpiredContext { time, not_after } => ClientError::ServerCertificateExpired {
+                    endpoint,
+                    not_after: Some(not_after.as_secs()),
+                    now: Some(time.as_secs()),
+                },
+                C::NotValidYet => ClientError::ServerCertificateNotYetValid { endpoint, not_before: None, now: None },
+                C::NotValidYetContext { time, not_before } => ClientError::ServerCertificateNotYetValid {
+                    endpoint,
+                    not_before: Some(not_before.as_secs()),
+                    now: Some(time.as_secs()),
+                },
+                _ => ClientError::ServerNotTrusted { endpoint, detail },
+            },
             _ => ClientError::Tls { endpoint, detail },
         }
     }
@@ -907,24 +986,66 @@ mod tests {
     }
 
     #[test]
-    fn a_tls_alert_from_the_server_is_a_refusal() {
+    fn a_tls_alert_from_the_server_is_a_refusal_that_says_what_was_refused() {
         use rustls::AlertDescription as A;
-        for alert in [A::BadCertificate, A::UnknownCA, A::CertificateRevoked, A::CertificateExpired, A::DecryptError, A::CertificateRequired] {
+        for (alert, words) in [
+            (A::BadCertificate, "signed by the server's client CA"),
+            (A::UnknownCA, "signed by the server's client CA"),
+            (A::CertificateUnknown, "signed by the server's client CA"),
+            (A::CertificateRevoked, "this client's certificate is revoked"),
+            (A::CertificateExpired, "this client's certificate has expired or is not valid yet"),
+            (A::DecryptError, "signed by the server's client CA"),
+            (A::CertificateRequired, "requires a client certificate"),
+            (A::HandshakeFailure, "unexpired and not revoked"),
+        ] {
             // tokio-rustls hands the rustls error up inside an io::Error.
             let io = std::io::Error::new(std::io::ErrorKind::InvalidData, rustls::Error::AlertReceived(alert));
             let e = ClientError::from_status(EP, transport(io));
-            assert!(matches!(e, ClientError::TlsRejected { .. }), "{alert:?}: {e:?}");
+            assert!(matches!(e, ClientError::TlsRejected { alert: Some(a), .. } if a == alert), "{alert:?}: {e:?}");
             assert_eq!(e.class(), ErrorClass::Refused);
-            assert!(e.to_string().contains("client's certificate"), "{e}");
+            let text = e.to_string();
+            assert!(text.contains("refused by the server") && text.contains(words), "{alert:?}: {text}");
         }
-        // This client not trusting the server's certificate is a refusal too, worded as such.
-        let io = std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
-        );
-        let e = ClientError::from_status(EP, transport(io));
-        assert!(matches!(e, ClientError::ServerNotTrusted { .. }), "{e:?}");
-        assert_eq!(e.class(), ErrorClass::Refused);
+    }
+
+    /// Each reason this client does not accept the server's certificate has its own
+    /// variant and words, from the rustls error's type (never its text); all are exit 4.
+    #[test]
+    fn each_server_certificate_problem_is_named() {
+        use rustls::CertificateError as C;
+        use rustls::pki_types::{ServerName, UnixTime};
+        let at = |secs: u64| UnixTime::since_unix_epoch(std::time::Duration::from_secs(secs));
+        let cases: Vec<(C, &str)> = vec![
+            (
+                C::NotValidForNameContext {
+                    expected: ServerName::try_from("kms.example").unwrap().to_owned(),
+                    presented: vec!["DnsName(\"localhost\")".into()],
+                },
+                "not valid for the name \"kms.example\" this client checks (the certificate names DnsName(\"localhost\")); set `server_name`",
+            ),
+            (C::NotValidForName, "not valid for the name"),
+            (C::UnknownIssuer, "not signed by the CA in `ca`"),
+            (
+                C::ExpiredContext { time: at(1_800_000_000), not_after: at(1_700_000_000) },
+                "an expired certificate (expired at 2023-11-14T22:13:20Z; this machine's clock says 2027-01-15T08:00:00Z)",
+            ),
+            (C::Expired, "an expired certificate: the server's certificate must be renewed"),
+            (
+                C::NotValidYetContext { time: at(1_700_000_000), not_before: at(1_800_000_000) },
+                "not valid yet (valid from 2027-01-15T08:00:00Z; this machine's clock says 2023-11-14T22:13:20Z): check this machine's clock",
+            ),
+            (C::NotValidYet, "not valid yet: check this machine's clock"),
+            (C::BadSignature, "does not trust"),
+        ];
+        for (c, words) in cases {
+            let io = std::io::Error::new(std::io::ErrorKind::InvalidData, rustls::Error::InvalidCertificate(c.clone()));
+            let e = ClientError::from_status(EP, transport(io));
+            assert_eq!(e.class(), ErrorClass::Refused, "{c:?}");
+            let text = e.to_string();
+            assert!(text.contains(words), "{c:?}: {text}");
+        }
+        let io = std::io::Error::new(std::io::ErrorKind::InvalidData, rustls::Error::InvalidCertificate(C::UnknownIssuer));
+        assert!(matches!(ClientError::from_status(EP, transport(io)), ClientError::ServerUnknownIssuer { .. }));
     }
 
     #[test]
