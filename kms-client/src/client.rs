@@ -494,9 +494,13 @@ impl KmsClient {
     /// [`KmsClient::connect`] with a given retry loop (its clock, jitter and notices).
     pub async fn connect_with(cfg: &ClientConfig, retry: Retrier) -> Result<Self, ClientError> {
         cfg.check_key_permissions()?;
-        let mut tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(read(&cfg.ca)?))
-            .identity(Identity::from_pem(read(&cfg.cert)?, read(&cfg.key)?));
+        let (ca, cert, key) = (read(&cfg.ca)?, read(&cfg.cert)?, read(&cfg.key)?);
+        // Named here: an encrypted or missing key, a file with no certificate (tonic
+        // would only say "transport error").
+        crate::config::check_certificate_pem(&cfg.ca, &ca, "ca")?;
+        crate::config::check_certificate_pem(&cfg.cert, &cert, "cert")?;
+        crate::config::check_key_pem(&cfg.key, &key)?;
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)).identity(Identity::from_pem(cert, key));
         if let Some(name) = &cfg.server_name {
             tls = tls.domain_name(name.clone());
         }
