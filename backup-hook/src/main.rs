@@ -13,6 +13,10 @@
 //! passes, 5 when the key file is not a passphrase key file, 1 when `--create` finds the
 //! key file already there.
 //!
+//! `seal` and `unseal` with `-o FILE`: 1 when FILE already exists and `--force` was not
+//! given (nothing is written, no data key is issued). `seal` prints the key id it used on
+//! stderr (`--json`: one JSON object).
+//!
 //! `rewrap` uses the same codes per file; for a batch, the exit code is the first failed
 //! file's (and the message says how many failed).
 #![forbid(unsafe_code)]

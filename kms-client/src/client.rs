@@ -9,12 +9,13 @@ use kluis_proto::v1 as pb;
 use kluis_proto::v1::admin_service_client::AdminServiceClient;
 use kluis_proto::v1::audit_service_client::AuditServiceClient;
 use kluis_proto::v1::key_service_client::KeyServiceClient;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Channel, Endpoint};
 use zeroize::Zeroize;
 
 use crate::class::ErrorClass;
 use crate::config::{ClientConfig, ConfigError};
 use crate::retry::{Cause, Policy, Retrier, Rpc};
+use crate::tls::{LastTlsError, TlsConnect, TlsSetupError};
 
 /// Errors talking to the server.
 ///
@@ -28,6 +29,9 @@ pub enum ClientError {
     ReadFile { path: std::path::PathBuf, source: std::io::Error },
     #[error("invalid server endpoint {endpoint:?}: {source}")]
     Endpoint { endpoint: String, source: tonic::transport::Error },
+    /// The CA, certificate or key of the client config cannot be used for TLS.
+    #[error("cannot set up TLS from the client config: {0}")]
+    TlsSetup(#[source] TlsSetupError),
     /// No connection: nothing listens, the server is down or restarting, or the TLS
     /// handshake was cut short without an alert. The request was never sent. `io` is
     /// the kind of the I/O error behind it, if any (connection refused, ...).
@@ -129,7 +133,9 @@ impl ClientError {
     /// What this failure means for the caller (and so the exit code).
     pub fn class(&self) -> ErrorClass {
         match self {
-            ClientError::Config(_) | ClientError::ReadFile { .. } | ClientError::Endpoint { .. } => ErrorClass::Other,
+            ClientError::Config(_) | ClientError::ReadFile { .. } | ClientError::Endpoint { .. } | ClientError::TlsSetup(_) => {
+                ErrorClass::Other
+            }
             ClientError::Connect { .. } | ClientError::ConnectionLost { .. } | ClientError::DeadlineExceeded { .. } => {
                 ErrorClass::Unavailable
             }
@@ -170,6 +176,13 @@ impl ClientError {
     /// (recognised by the error types in the status's source chain), or the server's
     /// answer with its code and reason.
     pub fn from_status(endpoint: &str, s: tonic::Status) -> Self {
+        Self::from_status_with(endpoint, s, &LastTlsError::default())
+    }
+
+    /// [`ClientError::from_status`] for a call on a channel whose connections record their
+    /// TLS failures in `last_tls`: a TLS failure that HTTP/2 handed up untyped is named by
+    /// the rustls error recorded there (e.g. the alert refusing this client's certificate).
+    pub fn from_status_with(endpoint: &str, s: tonic::Status, last_tls: &LastTlsError) -> Self {
         let endpoint = endpoint.to_owned();
         // A status with a source was made on this side, from a transport error.
         if let Some(source) = std::error::Error::source(&s) {
@@ -185,7 +198,10 @@ impl ClientError {
                 .filter_map(|e| e.downcast_ref::<std::io::Error>())
                 .find(|io| io.kind() == std::io::ErrorKind::InvalidData)
             {
-                return ClientError::TlsRejected { endpoint, alert: None, detail: io.to_string() };
+                return match last_tls.take() {
+                    Some(tls) => ClientError::from_tls(endpoint, &tls),
+                    None => ClientError::TlsRejected { endpoint, alert: None, detail: io.to_string() },
+                };
             }
             if chain(source).any(|e| e.is::<tonic::TimeoutExpired>()) {
                 return ClientError::DeadlineExceeded { endpoint };
@@ -463,6 +479,8 @@ pub struct KmsClient {
     audit: AuditServiceClient<Channel>,
     endpoint: String,
     retry: Retrier,
+    /// The TLS error behind the last failed read or write of the channel's connections.
+    last_tls: LastTlsError,
 }
 
 /// One unary call through the retry loop: `call!(self, Rpc::X, service.method(request))`.
@@ -500,20 +518,33 @@ impl KmsClient {
         crate::config::check_certificate_pem(&cfg.ca, &ca, "ca")?;
         crate::config::check_certificate_pem(&cfg.cert, &cert, "cert")?;
         crate::config::check_key_pem(&cfg.key, &key)?;
-        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)).identity(Identity::from_pem(cert, key));
-        if let Some(name) = &cfg.server_name {
-            tls = tls.domain_name(name.clone());
-        }
         let endpoint = Endpoint::from_shared(cfg.endpoint.clone())
-            .and_then(|e| e.tls_config(tls))
+            .map_err(|e| ClientError::Endpoint { endpoint: cfg.endpoint.clone(), source: e })?;
+        let uri = endpoint.uri();
+        let (Some(host), Some(authority)) = (uri.host(), uri.authority()) else {
+            return Err(ClientError::Config(ConfigError::EndpointNotHttps { path: "the client config".into(), endpoint: cfg.endpoint.clone() }));
+        };
+        let addr = format!("{host}:{}", uri.port_u16().unwrap_or(443));
+        let name = cfg.server_name.as_deref().unwrap_or(host);
+        let tls = std::sync::Arc::new(TlsConnect::new(&ca, &cert, &key, name, addr).map_err(ClientError::TlsSetup)?);
+        // TLS is done by the connector below (crate::tls), so the scheme tonic sees is http.
+        let endpoint = Endpoint::from_shared(format!("http://{authority}"))
             .map_err(|e| ClientError::Endpoint { endpoint: cfg.endpoint.clone(), source: e })?
             .connect_timeout(cfg.connect_timeout())
             .timeout(cfg.timeout());
+        let last_tls = LastTlsError::default();
+        let connector = {
+            let last_tls = last_tls.clone();
+            tower::service_fn(move |_: tonic::codegen::http::Uri| {
+                let (tls, last_tls) = (tls.clone(), last_tls.clone());
+                async move { tls.connect(last_tls).await.map(hyper_util::rt::TokioIo::new) }
+            })
+        };
         // The endpoint's connect timeout covers TCP only; the deadline must also
         // cover the TLS handshake (a peer that accepts but never answers).
         let channel = retry
             .run(Rpc::Connect, || async {
-                match tokio::time::timeout(cfg.connect_timeout(), endpoint.connect()).await {
+                match tokio::time::timeout(cfg.connect_timeout(), endpoint.connect_with_connector(connector.clone())).await {
                     Ok(r) => r.map_err(|e| ClientError::from_connect(&cfg.endpoint, e)),
                     Err(_) => Err(ClientError::DeadlineExceeded { endpoint: cfg.endpoint.clone() }),
                 }
@@ -525,6 +556,7 @@ impl KmsClient {
             audit: AuditServiceClient::new(channel),
             endpoint: cfg.endpoint.clone(),
             retry,
+            last_tls,
         })
     }
 
@@ -534,11 +566,11 @@ impl KmsClient {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
-        let endpoint = self.endpoint.as_str();
+        let (endpoint, last_tls) = (self.endpoint.as_str(), &self.last_tls);
         self.retry
             .run(rpc, || {
                 let attempt = f();
-                async move { attempt.await.map_err(|s| ClientError::from_status(endpoint, s)) }
+                async move { attempt.await.map_err(|s| ClientError::from_status_with(endpoint, s, last_tls)) }
             })
             .await
     }
@@ -799,8 +831,8 @@ impl KmsClient {
         // Opening the stream goes through the retry loop; once lines have been handed to `line`,
         // a stream cut short is an error (it cannot be read again from the start here).
         let mut stream = call!(self, Rpc::ExportAudit, audit.export_audit(req))?.into_inner();
-        let endpoint = self.endpoint.as_str();
-        while let Some(l) = stream.message().await.map_err(|s| ClientError::from_status(endpoint, s))? {
+        let (endpoint, last_tls) = (self.endpoint.as_str(), &self.last_tls);
+        while let Some(l) = stream.message().await.map_err(|s| ClientError::from_status_with(endpoint, s, last_tls))? {
             line(l.json)?;
         }
         Ok(())
