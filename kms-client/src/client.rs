@@ -29,6 +29,9 @@ pub enum ClientError {
     ReadFile { path: std::path::PathBuf, source: std::io::Error },
     #[error("invalid server endpoint {endpoint:?}: {source}")]
     Endpoint { endpoint: String, source: tonic::transport::Error },
+    /// An endpoint URI without a host to connect to.
+    #[error("invalid server endpoint {endpoint:?}: it names no host (https://HOST:PORT)")]
+    EndpointHost { endpoint: String },
     /// The CA, certificate or key of the client config cannot be used for TLS.
     #[error("cannot set up TLS from the client config: {0}")]
     TlsSetup(#[source] TlsSetupError),
@@ -133,9 +136,11 @@ impl ClientError {
     /// What this failure means for the caller (and so the exit code).
     pub fn class(&self) -> ErrorClass {
         match self {
-            ClientError::Config(_) | ClientError::ReadFile { .. } | ClientError::Endpoint { .. } | ClientError::TlsSetup(_) => {
-                ErrorClass::Other
-            }
+            ClientError::Config(_)
+            | ClientError::ReadFile { .. }
+            | ClientError::Endpoint { .. }
+            | ClientError::EndpointHost { .. }
+            | ClientError::TlsSetup(_) => ErrorClass::Other,
             ClientError::Connect { .. } | ClientError::ConnectionLost { .. } | ClientError::DeadlineExceeded { .. } => {
                 ErrorClass::Unavailable
             }
@@ -522,7 +527,7 @@ impl KmsClient {
             .map_err(|e| ClientError::Endpoint { endpoint: cfg.endpoint.clone(), source: e })?;
         let uri = endpoint.uri();
         let (Some(host), Some(authority)) = (uri.host(), uri.authority()) else {
-            return Err(ClientError::Config(ConfigError::EndpointNotHttps { path: "the client config".into(), endpoint: cfg.endpoint.clone() }));
+            return Err(ClientError::EndpointHost { endpoint: cfg.endpoint.clone() });
         };
         let addr = format!("{host}:{}", uri.port_u16().unwrap_or(443));
         let name = cfg.server_name.as_deref().unwrap_or(host);
@@ -1042,6 +1047,26 @@ mod tests {
             let text = e.to_string();
             assert!(text.contains("refused by the server") && text.contains(words), "{alert:?}: {text}");
         }
+    }
+
+    /// On an established connection HTTP/2 hands the TLS failure up rebuilt from kind and
+    /// text; the alert recorded by the connection's stream names it.
+    #[test]
+    fn an_alert_behind_an_untyped_tls_failure_is_named_from_the_connection() {
+        let rebuilt = || transport(std::io::Error::new(std::io::ErrorKind::InvalidData, "received fatal alert: CertificateRevoked"));
+        let last = LastTlsError::default();
+        let e = ClientError::from_status_with(EP, rebuilt(), &last);
+        assert!(matches!(e, ClientError::TlsRejected { alert: None, .. }), "{e:?}");
+        assert_eq!(e.class(), ErrorClass::Refused);
+        let alert = rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRevoked);
+        last.record(&std::io::Error::new(std::io::ErrorKind::InvalidData, alert));
+        let e = ClientError::from_status_with(EP, rebuilt(), &last);
+        assert!(matches!(e, ClientError::TlsRejected { alert: Some(rustls::AlertDescription::CertificateRevoked), .. }), "{e:?}");
+        assert!(e.to_string().contains("this client's certificate is revoked"), "{e}");
+        // A lost connection does not pick up a recorded alert.
+        last.record(&std::io::Error::new(std::io::ErrorKind::InvalidData, rustls::Error::AlertReceived(rustls::AlertDescription::UnknownCA)));
+        let lost = ClientError::from_status_with(EP, transport(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset")), &last);
+        assert!(matches!(lost, ClientError::ConnectionLost { .. }), "{lost:?}");
     }
 
     /// Each reason this client does not accept the server's certificate has its own

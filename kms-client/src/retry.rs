@@ -184,6 +184,7 @@ pub fn transient(e: &ClientError) -> Option<(Delivery, Cause)> {
         ClientError::Config(_)
         | ClientError::ReadFile { .. }
         | ClientError::Endpoint { .. }
+        | ClientError::EndpointHost { .. }
         | ClientError::TlsSetup(_)
         | ClientError::TlsRejected { .. }
         | ClientError::ServerNameMismatch { .. }

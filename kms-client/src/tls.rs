@@ -38,7 +38,7 @@ pub enum TlsSetupError {
 pub struct LastTlsError(Arc<Mutex<Option<rustls::Error>>>);
 
 impl LastTlsError {
-    fn record(&self, e: &io::Error) {
+    pub(crate) fn record(&self, e: &io::Error) {
         if let Some(tls) = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
             *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(tls.clone());
         }
