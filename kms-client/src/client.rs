@@ -531,11 +531,13 @@ impl KmsClient {
         };
         let addr = format!("{host}:{}", uri.port_u16().unwrap_or(443));
         let name = cfg.server_name.as_deref().unwrap_or(host);
-        let tls = std::sync::Arc::new(TlsConnect::new(&ca, &cert, &key, name, addr).map_err(ClientError::TlsSetup)?);
+        let tls = TlsConnect::new(&ca, &cert, &key, name, addr, cfg.connect_timeout()).map_err(ClientError::TlsSetup)?;
+        let tls = std::sync::Arc::new(tls);
         // TLS is done by the connector below (crate::tls), so the scheme tonic sees is http.
+        // No connect timeout on the endpoint: it would wrap TCP and TLS both and race the
+        // deadline below; the connector bounds the TCP connect of every (re)connection.
         let endpoint = Endpoint::from_shared(format!("http://{authority}"))
             .map_err(|e| ClientError::Endpoint { endpoint: cfg.endpoint.clone(), source: e })?
-            .connect_timeout(cfg.connect_timeout())
             .timeout(cfg.timeout());
         let last_tls = LastTlsError::default();
         let connector = {
@@ -545,8 +547,8 @@ impl KmsClient {
                 async move { tls.connect(last_tls).await.map(hyper_util::rt::TokioIo::new) }
             })
         };
-        // The endpoint's connect timeout covers TCP only; the deadline must also
-        // cover the TLS handshake (a peer that accepts but never answers).
+        // The connector's timeout covers TCP only; this deadline also covers the TLS
+        // handshake (a peer that accepts but never answers): DeadlineExceeded, not retried.
         let channel = retry
             .run(Rpc::Connect, || async {
                 match tokio::time::timeout(cfg.connect_timeout(), endpoint.connect_with_connector(connector.clone())).await {

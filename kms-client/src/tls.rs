@@ -12,6 +12,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -56,12 +57,15 @@ pub struct TlsConnect {
     name: ServerName<'static>,
     /// `host:port` to connect to.
     addr: String,
+    /// Deadline of the TCP connect alone (as tonic's own connector has it); the caller's
+    /// deadline around the first connect covers the TLS handshake too.
+    tcp_timeout: Duration,
 }
 
 impl TlsConnect {
     /// TLS 1.2/1.3 (ring) trusting the CA certificates in `ca`, presenting `cert` and `key`,
     /// checking the server's certificate for `name`, offering only `h2`.
-    pub fn new(ca: &[u8], cert: &[u8], key: &[u8], name: &str, addr: String) -> Result<Self, TlsSetupError> {
+    pub fn new(ca: &[u8], cert: &[u8], key: &[u8], name: &str, addr: String, tcp_timeout: Duration) -> Result<Self, TlsSetupError> {
         let mut roots = rustls::RootCertStore::empty();
         for c in CertificateDer::pem_slice_iter(ca) {
             let c = c.map_err(|source| TlsSetupError::Pem { what: "`ca`", source })?;
@@ -80,13 +84,15 @@ impl TlsConnect {
         config.alpn_protocols = vec![ALPN_H2.to_vec()];
         let host = name.trim_start_matches('[').trim_end_matches(']');
         let name = ServerName::try_from(host.to_owned()).map_err(|_| TlsSetupError::ServerName { name: name.to_owned() })?;
-        Ok(Self { config: Arc::new(config), name, addr })
+        Ok(Self { config: Arc::new(config), name, addr, tcp_timeout })
     }
 
     /// TCP, then the TLS handshake; a TLS failure is an `io::Error` holding the rustls error
     /// (as tokio-rustls gives it). The stream records later TLS failures in `last`.
     pub async fn connect(&self, last: LastTlsError) -> io::Result<Recording<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>> {
-        let tcp = tokio::net::TcpStream::connect(self.addr.as_str()).await?;
+        let tcp = tokio::time::timeout(self.tcp_timeout, tokio::net::TcpStream::connect(self.addr.as_str()))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TCP connect timed out"))??;
         tcp.set_nodelay(true)?;
         let stream = tokio_rustls::TlsConnector::from(self.config.clone()).connect(self.name.clone(), tcp).await?;
         if stream.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
