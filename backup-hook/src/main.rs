@@ -13,6 +13,10 @@
 //! passes, 5 when the key file is not a passphrase key file, 1 when `--create` finds the
 //! key file already there.
 //!
+//! `seal` and `unseal` with `-o FILE`: 1 when FILE already exists and `--force` was not
+//! given (nothing is written, no data key is issued). `seal` prints the key id it used on
+//! stderr (`--json`: one JSON object).
+//!
 //! `rewrap` uses the same codes per file; for a batch, the exit code is the first failed
 //! file's (and the message says how many failed).
 #![forbid(unsafe_code)]
@@ -32,11 +36,11 @@ use kluis_age::sealed::{SealError, UnsealError};
 use kms_client::class::ErrorClass;
 use kms_client::client::ClientError;
 use kms_client::config::ClientConfig;
-use kms_client::hook::{Hook, HookError, unseal_offline};
+use kms_client::hook::{Hook, HookError, SealReport, unseal_offline};
 use kms_client::passphrase::{self, KeyFile, Passphrase, PassphraseError};
 use kms_client::rewrap::{Action, JournalNote, RewrapError, rewrap_file};
 
-use crate::output::{Output, OutputError};
+use crate::output::{Output, OutputError, Overwrite};
 
 #[derive(Parser)]
 #[command(name = "backup-hook", version, about = "Seal and unseal backups with Kluis (age v1 files)")]
@@ -53,9 +57,20 @@ struct Io {
     /// Input file (default: stdin).
     #[arg(short = 'i', long = "input")]
     input: Option<PathBuf>,
-    /// Output file, written atomically (default: stdout).
+    /// Output file, written atomically (default: stdout). An existing file is never
+    /// replaced without --force.
     #[arg(short = 'o', long = "output")]
     output: Option<PathBuf>,
+    /// Replace the -o file if it exists (atomically: the old one stays until the new one
+    /// is complete).
+    #[arg(long, requires = "output")]
+    force: bool,
+}
+
+impl Io {
+    fn overwrite(&self) -> Overwrite {
+        if self.force { Overwrite::Replace } else { Overwrite::Refuse }
+    }
 }
 
 #[derive(Subcommand)]
@@ -71,6 +86,10 @@ enum Cmd {
         /// A label KEY=VALUE bound to the data key (repeatable).
         #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
+        /// Print what was sealed (key id, keyring, version, backup id, escrow, bytes) as one
+        /// JSON object on standard error instead of the line of text.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         io: Io,
     },
@@ -219,7 +238,36 @@ impl From<HookError> for Failure {
 
 impl From<OutputError> for Failure {
     fn from(e: OutputError) -> Self {
-        Failure::new(EXIT_IO, e.to_string())
+        match e {
+            // As `passphrase --create` and `kmsctl escrow combine` refuse an existing file.
+            OutputError::Exists { .. } => Failure::new(EXIT_OTHER, e.to_string()),
+            OutputError::Create { .. } | OutputError::Finish { .. } => Failure::new(EXIT_IO, e.to_string()),
+        }
+    }
+}
+
+/// The line `seal` prints on standard error, so the officer has the key id at hand.
+fn seal_summary(r: &SealReport, backup_id: &str, json: bool) -> String {
+    if json {
+        serde_json::json!({
+            "key_id": r.key_id,
+            "keyring": r.keyring,
+            "keyring_version": r.version,
+            "backup_id": backup_id,
+            "escrowed": r.escrowed,
+            "plaintext_bytes": r.moved.plaintext_bytes,
+        })
+        .to_string()
+    } else {
+        let line = format!(
+            "backup-hook: sealed backup {backup_id} ({} bytes): key id {}, keyring {} version {}; escrow copy: {}",
+            r.moved.plaintext_bytes,
+            r.key_id,
+            r.keyring,
+            r.version,
+            if r.escrowed { "yes" } else { "NO" }
+        );
+        kms_client::escape::Esc(&line).to_string()
     }
 }
 
@@ -457,13 +505,16 @@ fn run(cli: Cli) -> Result<(), Failure> {
     match &cli.cmd {
         Cmd::Passphrase(args) => run_passphrase(cli.client_config.as_deref(), args),
         Cmd::Rewrap(args) => run_rewrap(&config()?, args),
-        Cmd::Seal { keyring, backup_id, labels, io } => {
+        Cmd::Seal { keyring, backup_id, labels, json, io } => {
             let labels: BTreeMap<String, String> = labels.iter().cloned().collect();
-            let hook = Hook::connect(&config()?)?;
+            // An existing -o file is refused before a data key is issued.
+            let output = Output::create(io.output.as_deref(), io.overwrite())?;
             let input = open_input(io.input.as_deref())?;
-            let output = Output::create(io.output.as_deref())?;
-            let (output, _report) = hook.seal(keyring, backup_id, &labels, input, output)?;
+            let hook = Hook::connect(&config()?)?;
+            let (output, report) = hook.seal(keyring, backup_id, &labels, input, output)?;
             output.commit()?;
+            // The backup is complete: a summary that cannot be shown does not fail it.
+            let _ = writeln!(io::stderr(), "{}", seal_summary(&report, backup_id, *json));
             Ok(())
         }
         Cmd::Verify { input, host } => {
@@ -496,7 +547,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Cmd::Unseal { recovery_identity, io } => {
             let input = open_input(io.input.as_deref())?;
-            let output = Output::create(io.output.as_deref())?;
+            let output = Output::create(io.output.as_deref(), io.overwrite())?;
             let output = match recovery_identity {
                 Some(path) => {
                     let ids = load_recovery(path)?;

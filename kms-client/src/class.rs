@@ -3,10 +3,10 @@
 //! | exit | class | meaning for a backup wrapper |
 //! |---|---|---|
 //! | 0 | | success |
-//! | 1 | [`ErrorClass::Other`] | any other failure (bad config, invalid request, server fault) |
+//! | 1 | [`ErrorClass::Other`] | any other failure (bad config: a plain `http://` endpoint, an encrypted key; invalid request, server fault) |
 //! | 2 | [`ErrorClass::Usage`] | the command line is wrong |
 //! | 3 | [`ErrorClass::Unavailable`] | the server is down, restarting, too slow, or the connection was lost: retry later |
-//! | 4 | [`ErrorClass::Refused`] | the server refused: role, certificate, unknown or destroyed key or keyring, retired version, legal hold, ...: do not retry |
+//! | 4 | [`ErrorClass::Refused`] | refused: role, this client's certificate (a TLS alert), a server certificate this client does not accept (name, CA, validity), unknown or destroyed key or keyring, retired version, legal hold, ...: do not retry |
 //! | 5 | [`ErrorClass::Integrity`] | not a sealed file, damaged, truncated or altered, a wrapped key that does not authenticate |
 //! | 6 | [`ErrorClass::Io`] | reading or writing local data failed (including a closed pipe) |
 //!

@@ -9,12 +9,13 @@ use kluis_proto::v1 as pb;
 use kluis_proto::v1::admin_service_client::AdminServiceClient;
 use kluis_proto::v1::audit_service_client::AuditServiceClient;
 use kluis_proto::v1::key_service_client::KeyServiceClient;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Channel, Endpoint};
 use zeroize::Zeroize;
 
 use crate::class::ErrorClass;
 use crate::config::{ClientConfig, ConfigError};
 use crate::retry::{Cause, Policy, Retrier, Rpc};
+use crate::tls::{LastTlsError, TlsConnect, TlsSetupError};
 
 /// Errors talking to the server.
 ///
@@ -28,15 +29,37 @@ pub enum ClientError {
     ReadFile { path: std::path::PathBuf, source: std::io::Error },
     #[error("invalid server endpoint {endpoint:?}: {source}")]
     Endpoint { endpoint: String, source: tonic::transport::Error },
+    /// An endpoint URI without a host to connect to.
+    #[error("invalid server endpoint {endpoint:?}: it names no host (https://HOST:PORT)")]
+    EndpointHost { endpoint: String },
+    /// The CA, certificate or key of the client config cannot be used for TLS.
+    #[error("cannot set up TLS from the client config: {0}")]
+    TlsSetup(#[source] TlsSetupError),
     /// No connection: nothing listens, the server is down or restarting, or the TLS
     /// handshake was cut short without an alert. The request was never sent. `io` is
     /// the kind of the I/O error behind it, if any (connection refused, ...).
     #[error("cannot reach the Kluis server at {endpoint}: {detail}")]
     Connect { endpoint: String, detail: String, io: Option<std::io::ErrorKind> },
-    /// The server sent a TLS alert: it rejected this client's certificate (or TLS settings).
-    #[error("the TLS connection to {endpoint} was refused ({detail}); check that this client's certificate is signed by the server's client CA, unexpired and not revoked")]
-    TlsRejected { endpoint: String, detail: String },
-    /// This client does not accept the server's certificate.
+    /// The server sent a TLS alert: it refused this client's certificate (or TLS settings).
+    /// `alert` is the alert when the error that carried it reached this side typed (a
+    /// refusal during the handshake); on an established TLS 1.3 connection HTTP/2 hands up
+    /// only that TLS failed (the kind of an I/O error), and `detail` its description.
+    #[error("{}", rejected_text(.endpoint, *.alert, .detail))]
+    TlsRejected { endpoint: String, alert: Option<rustls::AlertDescription>, detail: String },
+    /// The server's certificate is not valid for the name this client checks
+    /// (`server_name`, else the endpoint's host).
+    #[error("the Kluis server at {endpoint} presented a certificate that is not valid for the name {expected:?} this client checks (the certificate names {}); set `server_name` in the client config to one of those names, or use an endpoint by that name", presented_text(.presented))]
+    ServerNameMismatch { endpoint: String, expected: String, presented: Vec<String> },
+    /// The server's certificate is not signed by the CA this client trusts.
+    #[error("the Kluis server at {endpoint} presented a certificate this client does not trust: it is not signed by the CA in `ca` of the client config; point `ca` at the CA that issued the server's certificate (and `server_name` at a name in it)")]
+    ServerUnknownIssuer { endpoint: String },
+    /// The server's certificate has expired (times in Unix seconds, when rustls gave them).
+    #[error("the Kluis server at {endpoint} presented an expired certificate{}: the server's certificate must be renewed (or this machine's clock is wrong)", validity_text("expired at", *.not_after, *.now))]
+    ServerCertificateExpired { endpoint: String, not_after: Option<u64>, now: Option<u64> },
+    /// The server's certificate is not valid yet.
+    #[error("the Kluis server at {endpoint} presented a certificate that is not valid yet{}: check this machine's clock (and the server's certificate)", validity_text("valid from", *.not_before, *.now))]
+    ServerCertificateNotYetValid { endpoint: String, not_before: Option<u64>, now: Option<u64> },
+    /// This client does not accept the server's certificate, for another reason.
     #[error("the Kluis server at {endpoint} presented a certificate this client does not trust ({detail}); check `ca` and `server_name` in the client config")]
     ServerNotTrusted { endpoint: String, detail: String },
     /// Any other TLS failure on this side (no common protocol, a malformed record, ...).
@@ -59,6 +82,44 @@ pub enum ClientError {
     GaveUp { attempts: u32, elapsed: std::time::Duration, cause: Cause, last: Box<ClientError> },
 }
 
+/// The message of a TLS refusal by the server, by its alert when known.
+fn rejected_text(endpoint: &str, alert: Option<rustls::AlertDescription>, detail: &str) -> String {
+    use rustls::AlertDescription as A;
+    let why = match alert {
+        Some(A::CertificateExpired) => {
+            "it says this client's certificate has expired or is not valid yet; renew `cert` in the client config (or check this machine's clock)"
+        }
+        Some(A::CertificateRevoked) => "it says this client's certificate is revoked; this client needs a new certificate",
+        Some(A::CertificateRequired) => "it requires a client certificate and got none; set `cert` and `key` in the client config",
+        Some(A::UnknownCA | A::BadCertificate | A::CertificateUnknown | A::UnsupportedCertificate | A::DecryptError) => {
+            "it does not accept this client's certificate; check that this client's certificate is signed by the server's client CA and is a client certificate"
+        }
+        _ => "check that this client's certificate is signed by the server's client CA, unexpired and not revoked",
+    };
+    format!("the TLS connection to {endpoint} was refused by the server ({detail}): {why}")
+}
+
+/// The names a certificate holds, as rustls lists them.
+fn presented_text(presented: &[String]) -> String {
+    if presented.is_empty() { "no names".to_owned() } else { presented.join(", ") }
+}
+
+/// " (LABEL DATE; this machine's clock says DATE)" when the times are known.
+fn validity_text(label: &str, when: Option<u64>, now: Option<u64>) -> String {
+    let date = |secs: u64| {
+        i64::try_from(secs)
+            .ok()
+            .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
+            .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+            .unwrap_or_else(|| format!("{secs} s after 1970"))
+    };
+    match (when, now) {
+        (Some(w), Some(n)) => format!(" ({label} {}; this machine's clock says {})", date(w), date(n)),
+        (Some(w), None) => format!(" ({label} {})", date(w)),
+        _ => String::new(),
+    }
+}
+
 fn server_text(endpoint: &str, code: tonic::Code, message: &str) -> String {
     use tonic::Code;
     match code {
@@ -75,11 +136,20 @@ impl ClientError {
     /// What this failure means for the caller (and so the exit code).
     pub fn class(&self) -> ErrorClass {
         match self {
-            ClientError::Config(_) | ClientError::ReadFile { .. } | ClientError::Endpoint { .. } => ErrorClass::Other,
+            ClientError::Config(_)
+            | ClientError::ReadFile { .. }
+            | ClientError::Endpoint { .. }
+            | ClientError::EndpointHost { .. }
+            | ClientError::TlsSetup(_) => ErrorClass::Other,
             ClientError::Connect { .. } | ClientError::ConnectionLost { .. } | ClientError::DeadlineExceeded { .. } => {
                 ErrorClass::Unavailable
             }
-            ClientError::TlsRejected { .. } | ClientError::ServerNotTrusted { .. } => ErrorClass::Refused,
+            ClientError::TlsRejected { .. }
+            | ClientError::ServerNameMismatch { .. }
+            | ClientError::ServerUnknownIssuer { .. }
+            | ClientError::ServerCertificateExpired { .. }
+            | ClientError::ServerCertificateNotYetValid { .. }
+            | ClientError::ServerNotTrusted { .. } => ErrorClass::Refused,
             ClientError::Tls { .. } | ClientError::BadResponse { .. } => ErrorClass::Other,
             ClientError::Server { code, reason, .. } => match reason {
                 Some(r) => ErrorClass::of_reason(*r),
@@ -111,6 +181,13 @@ impl ClientError {
     /// (recognised by the error types in the status's source chain), or the server's
     /// answer with its code and reason.
     pub fn from_status(endpoint: &str, s: tonic::Status) -> Self {
+        Self::from_status_with(endpoint, s, &LastTlsError::default())
+    }
+
+    /// [`ClientError::from_status`] for a call on a channel whose connections record their
+    /// TLS failures in `last_tls`: a TLS failure that HTTP/2 handed up untyped is named by
+    /// the rustls error recorded there (e.g. the alert refusing this client's certificate).
+    pub fn from_status_with(endpoint: &str, s: tonic::Status, last_tls: &LastTlsError) -> Self {
         let endpoint = endpoint.to_owned();
         // A status with a source was made on this side, from a transport error.
         if let Some(source) = std::error::Error::source(&s) {
@@ -126,7 +203,10 @@ impl ClientError {
                 .filter_map(|e| e.downcast_ref::<std::io::Error>())
                 .find(|io| io.kind() == std::io::ErrorKind::InvalidData)
             {
-                return ClientError::TlsRejected { endpoint, detail: io.to_string() };
+                return match last_tls.take() {
+                    Some(tls) => ClientError::from_tls(endpoint, &tls),
+                    None => ClientError::TlsRejected { endpoint, alert: None, detail: io.to_string() },
+                };
             }
             if chain(source).any(|e| e.is::<tonic::TimeoutExpired>()) {
                 return ClientError::DeadlineExceeded { endpoint };
@@ -156,10 +236,30 @@ impl ClientError {
     }
 
     fn from_tls(endpoint: String, e: &rustls::Error) -> Self {
+        use rustls::CertificateError as C;
         let detail = e.to_string();
         match e {
-            rustls::Error::AlertReceived(_) => ClientError::TlsRejected { endpoint, detail },
-            rustls::Error::InvalidCertificate(_) => ClientError::ServerNotTrusted { endpoint, detail },
+            rustls::Error::AlertReceived(alert) => ClientError::TlsRejected { endpoint, alert: Some(*alert), detail },
+            rustls::Error::InvalidCertificate(c) => match c {
+                C::NotValidForName => ClientError::ServerNameMismatch { endpoint, expected: String::new(), presented: Vec::new() },
+                C::NotValidForNameContext { expected, presented } => {
+                    ClientError::ServerNameMismatch { endpoint, expected: expected.to_str().into_owned(), presented: presented.clone() }
+                }
+                C::UnknownIssuer => ClientError::ServerUnknownIssuer { endpoint },
+                C::Expired => ClientError::ServerCertificateExpired { endpoint, not_after: None, now: None },
+                C::ExpiredContext { time, not_after } => ClientError::ServerCertificateExpired {
+                    endpoint,
+                    not_after: Some(not_after.as_secs()),
+                    now: Some(time.as_secs()),
+                },
+                C::NotValidYet => ClientError::ServerCertificateNotYetValid { endpoint, not_before: None, now: None },
+                C::NotValidYetContext { time, not_before } => ClientError::ServerCertificateNotYetValid {
+                    endpoint,
+                    not_before: Some(not_before.as_secs()),
+                    now: Some(time.as_secs()),
+                },
+                _ => ClientError::ServerNotTrusted { endpoint, detail },
+            },
             _ => ClientError::Tls { endpoint, detail },
         }
     }
@@ -384,6 +484,8 @@ pub struct KmsClient {
     audit: AuditServiceClient<Channel>,
     endpoint: String,
     retry: Retrier,
+    /// The TLS error behind the last failed read or write of the channel's connections.
+    last_tls: LastTlsError,
 }
 
 /// One unary call through the retry loop: `call!(self, Rpc::X, service.method(request))`.
@@ -415,22 +517,41 @@ impl KmsClient {
     /// [`KmsClient::connect`] with a given retry loop (its clock, jitter and notices).
     pub async fn connect_with(cfg: &ClientConfig, retry: Retrier) -> Result<Self, ClientError> {
         cfg.check_key_permissions()?;
-        let mut tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(read(&cfg.ca)?))
-            .identity(Identity::from_pem(read(&cfg.cert)?, read(&cfg.key)?));
-        if let Some(name) = &cfg.server_name {
-            tls = tls.domain_name(name.clone());
-        }
+        let (ca, cert, key) = (read(&cfg.ca)?, read(&cfg.cert)?, read(&cfg.key)?);
+        // Named here: an encrypted or missing key, a file with no certificate (tonic
+        // would only say "transport error").
+        crate::config::check_certificate_pem(&cfg.ca, &ca, "ca")?;
+        crate::config::check_certificate_pem(&cfg.cert, &cert, "cert")?;
+        crate::config::check_key_pem(&cfg.key, &key)?;
         let endpoint = Endpoint::from_shared(cfg.endpoint.clone())
-            .and_then(|e| e.tls_config(tls))
+            .map_err(|e| ClientError::Endpoint { endpoint: cfg.endpoint.clone(), source: e })?;
+        let uri = endpoint.uri();
+        let (Some(host), Some(authority)) = (uri.host(), uri.authority()) else {
+            return Err(ClientError::EndpointHost { endpoint: cfg.endpoint.clone() });
+        };
+        let addr = format!("{host}:{}", uri.port_u16().unwrap_or(443));
+        let name = cfg.server_name.as_deref().unwrap_or(host);
+        let tls = TlsConnect::new(&ca, &cert, &key, name, addr, cfg.connect_timeout()).map_err(ClientError::TlsSetup)?;
+        let tls = std::sync::Arc::new(tls);
+        // TLS is done by the connector below (crate::tls), so the scheme tonic sees is http.
+        // No connect timeout on the endpoint: it would wrap TCP and TLS both and race the
+        // deadline below; the connector bounds the TCP connect of every (re)connection.
+        let endpoint = Endpoint::from_shared(format!("http://{authority}"))
             .map_err(|e| ClientError::Endpoint { endpoint: cfg.endpoint.clone(), source: e })?
-            .connect_timeout(cfg.connect_timeout())
             .timeout(cfg.timeout());
-        // The endpoint's connect timeout covers TCP only; the deadline must also
-        // cover the TLS handshake (a peer that accepts but never answers).
+        let last_tls = LastTlsError::default();
+        let connector = {
+            let last_tls = last_tls.clone();
+            tower::service_fn(move |_: tonic::codegen::http::Uri| {
+                let (tls, last_tls) = (tls.clone(), last_tls.clone());
+                async move { tls.connect(last_tls).await.map(hyper_util::rt::TokioIo::new) }
+            })
+        };
+        // The connector's timeout covers TCP only; this deadline also covers the TLS
+        // handshake (a peer that accepts but never answers): DeadlineExceeded, not retried.
         let channel = retry
             .run(Rpc::Connect, || async {
-                match tokio::time::timeout(cfg.connect_timeout(), endpoint.connect()).await {
+                match tokio::time::timeout(cfg.connect_timeout(), endpoint.connect_with_connector(connector.clone())).await {
                     Ok(r) => r.map_err(|e| ClientError::from_connect(&cfg.endpoint, e)),
                     Err(_) => Err(ClientError::DeadlineExceeded { endpoint: cfg.endpoint.clone() }),
                 }
@@ -442,6 +563,7 @@ impl KmsClient {
             audit: AuditServiceClient::new(channel),
             endpoint: cfg.endpoint.clone(),
             retry,
+            last_tls,
         })
     }
 
@@ -451,11 +573,11 @@ impl KmsClient {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
-        let endpoint = self.endpoint.as_str();
+        let (endpoint, last_tls) = (self.endpoint.as_str(), &self.last_tls);
         self.retry
             .run(rpc, || {
                 let attempt = f();
-                async move { attempt.await.map_err(|s| ClientError::from_status(endpoint, s)) }
+                async move { attempt.await.map_err(|s| ClientError::from_status_with(endpoint, s, last_tls)) }
             })
             .await
     }
@@ -717,8 +839,8 @@ impl KmsClient {
         // Opening the stream goes through the retry loop; once lines have been handed to `line`,
         // a stream cut short is an error (it cannot be read again from the start here).
         let mut stream = call!(self, Rpc::ExportAudit, audit.export_audit(req))?.into_inner();
-        let endpoint = self.endpoint.as_str();
-        while let Some(l) = stream.message().await.map_err(|s| ClientError::from_status(endpoint, s))? {
+        let (endpoint, last_tls) = (self.endpoint.as_str(), &self.last_tls);
+        while let Some(l) = stream.message().await.map_err(|s| ClientError::from_status_with(endpoint, s, last_tls))? {
             line(l.json)?;
         }
         Ok(())
@@ -908,24 +1030,86 @@ mod tests {
     }
 
     #[test]
-    fn a_tls_alert_from_the_server_is_a_refusal() {
+    fn a_tls_alert_from_the_server_is_a_refusal_that_says_what_was_refused() {
         use rustls::AlertDescription as A;
-        for alert in [A::BadCertificate, A::UnknownCA, A::CertificateRevoked, A::CertificateExpired, A::DecryptError, A::CertificateRequired] {
+        for (alert, words) in [
+            (A::BadCertificate, "signed by the server's client CA"),
+            (A::UnknownCA, "signed by the server's client CA"),
+            (A::CertificateUnknown, "signed by the server's client CA"),
+            (A::CertificateRevoked, "this client's certificate is revoked"),
+            (A::CertificateExpired, "this client's certificate has expired or is not valid yet"),
+            (A::DecryptError, "signed by the server's client CA"),
+            (A::CertificateRequired, "requires a client certificate"),
+            (A::HandshakeFailure, "unexpired and not revoked"),
+        ] {
             // tokio-rustls hands the rustls error up inside an io::Error.
             let io = std::io::Error::new(std::io::ErrorKind::InvalidData, rustls::Error::AlertReceived(alert));
             let e = ClientError::from_status(EP, transport(io));
-            assert!(matches!(e, ClientError::TlsRejected { .. }), "{alert:?}: {e:?}");
+            assert!(matches!(e, ClientError::TlsRejected { alert: Some(a), .. } if a == alert), "{alert:?}: {e:?}");
             assert_eq!(e.class(), ErrorClass::Refused);
-            assert!(e.to_string().contains("client's certificate"), "{e}");
+            let text = e.to_string();
+            assert!(text.contains("refused by the server") && text.contains(words), "{alert:?}: {text}");
         }
-        // This client not trusting the server's certificate is a refusal too, worded as such.
-        let io = std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
-        );
-        let e = ClientError::from_status(EP, transport(io));
-        assert!(matches!(e, ClientError::ServerNotTrusted { .. }), "{e:?}");
+    }
+
+    /// On an established connection HTTP/2 hands the TLS failure up rebuilt from kind and
+    /// text; the alert recorded by the connection's stream names it.
+    #[test]
+    fn an_alert_behind_an_untyped_tls_failure_is_named_from_the_connection() {
+        let rebuilt = || transport(std::io::Error::new(std::io::ErrorKind::InvalidData, "received fatal alert: CertificateRevoked"));
+        let last = LastTlsError::default();
+        let e = ClientError::from_status_with(EP, rebuilt(), &last);
+        assert!(matches!(e, ClientError::TlsRejected { alert: None, .. }), "{e:?}");
         assert_eq!(e.class(), ErrorClass::Refused);
+        let alert = rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRevoked);
+        last.record(&std::io::Error::new(std::io::ErrorKind::InvalidData, alert));
+        let e = ClientError::from_status_with(EP, rebuilt(), &last);
+        assert!(matches!(e, ClientError::TlsRejected { alert: Some(rustls::AlertDescription::CertificateRevoked), .. }), "{e:?}");
+        assert!(e.to_string().contains("this client's certificate is revoked"), "{e}");
+        // A lost connection does not pick up a recorded alert.
+        last.record(&std::io::Error::new(std::io::ErrorKind::InvalidData, rustls::Error::AlertReceived(rustls::AlertDescription::UnknownCA)));
+        let lost = ClientError::from_status_with(EP, transport(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset")), &last);
+        assert!(matches!(lost, ClientError::ConnectionLost { .. }), "{lost:?}");
+    }
+
+    /// Each reason this client does not accept the server's certificate has its own
+    /// variant and words, from the rustls error's type (never its text); all are exit 4.
+    #[test]
+    fn each_server_certificate_problem_is_named() {
+        use rustls::CertificateError as C;
+        use rustls::pki_types::{ServerName, UnixTime};
+        let at = |secs: u64| UnixTime::since_unix_epoch(std::time::Duration::from_secs(secs));
+        let cases: Vec<(C, &str)> = vec![
+            (
+                C::NotValidForNameContext {
+                    expected: ServerName::try_from("kms.example").unwrap().to_owned(),
+                    presented: vec!["DnsName(\"localhost\")".into()],
+                },
+                "not valid for the name \"kms.example\" this client checks (the certificate names DnsName(\"localhost\")); set `server_name`",
+            ),
+            (C::NotValidForName, "not valid for the name"),
+            (C::UnknownIssuer, "not signed by the CA in `ca`"),
+            (
+                C::ExpiredContext { time: at(1_800_000_000), not_after: at(1_700_000_000) },
+                "an expired certificate (expired at 2023-11-14T22:13:20Z; this machine's clock says 2027-01-15T08:00:00Z)",
+            ),
+            (C::Expired, "an expired certificate: the server's certificate must be renewed"),
+            (
+                C::NotValidYetContext { time: at(1_700_000_000), not_before: at(1_800_000_000) },
+                "not valid yet (valid from 2027-01-15T08:00:00Z; this machine's clock says 2023-11-14T22:13:20Z): check this machine's clock",
+            ),
+            (C::NotValidYet, "not valid yet: check this machine's clock"),
+            (C::BadSignature, "does not trust"),
+        ];
+        for (c, words) in cases {
+            let io = std::io::Error::new(std::io::ErrorKind::InvalidData, rustls::Error::InvalidCertificate(c.clone()));
+            let e = ClientError::from_status(EP, transport(io));
+            assert_eq!(e.class(), ErrorClass::Refused, "{c:?}");
+            let text = e.to_string();
+            assert!(text.contains(words), "{c:?}: {text}");
+        }
+        let io = std::io::Error::new(std::io::ErrorKind::InvalidData, rustls::Error::InvalidCertificate(C::UnknownIssuer));
+        assert!(matches!(ClientError::from_status(EP, transport(io)), ClientError::ServerUnknownIssuer { .. }));
     }
 
     #[test]

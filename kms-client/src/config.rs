@@ -25,6 +25,22 @@ pub enum ConfigError {
     KeyPermissions { path: PathBuf, mode: u32 },
     #[error("no client config: pass --client-config FILE or set {CLIENT_CONFIG_ENV}")]
     Missing,
+    /// A plain `http://` endpoint: Kluis speaks mutual TLS only.
+    #[error("client config {path}: endpoint {endpoint:?} is plain http://; the Kluis server speaks mutual TLS only: use https://HOST:PORT")]
+    PlainHttp { path: PathBuf, endpoint: String },
+    /// An endpoint that is not `https://HOST:PORT`.
+    #[error("client config {path}: endpoint {endpoint:?} is not https://HOST:PORT")]
+    EndpointNotHttps { path: PathBuf, endpoint: String },
+    /// A PEM private key encrypted with a passphrase (PKCS#8 `ENCRYPTED PRIVATE KEY`, or
+    /// OpenSSL's legacy `Proc-Type: 4,ENCRYPTED`): this client never prompts.
+    #[error("client key {path} is encrypted; encrypted private keys are not supported: decrypt it with `openssl pkey -in {path} -out PLAIN.key` (then `chmod 600 PLAIN.key`) and name that file as `key` in the client config")]
+    EncryptedKey { path: PathBuf },
+    /// The key file holds no PEM private key.
+    #[error("client key {path} holds no PEM private key (PRIVATE KEY, RSA PRIVATE KEY or EC PRIVATE KEY)")]
+    NoPrivateKey { path: PathBuf },
+    /// A certificate file (`what`: `cert` or `ca`) holds no PEM certificate.
+    #[error("client config `{what}` {path} holds no PEM certificate")]
+    NoCertificate { path: PathBuf, what: &'static str },
     /// A value outside its range; `field` is its TOML name, e.g. `retry.deadline_secs`.
     #[error("client config {path}: {field} = {value} is out of range; allowed: {min} to {max}")]
     Range { path: PathBuf, field: &'static str, value: u64, min: u64, max: u64 },
@@ -119,6 +135,7 @@ impl ClientConfig {
             return Err(ConfigError::Version { path: path.to_owned(), found: cfg.version });
         }
         cfg.retry.check(path)?;
+        check_endpoint(path, &cfg.endpoint)?;
         let base = path.parent().unwrap_or(Path::new("."));
         for p in [&mut cfg.ca, &mut cfg.cert, &mut cfg.key] {
             if p.is_relative() {
@@ -158,6 +175,67 @@ impl ClientConfig {
     }
 }
 
+/// Refuses an endpoint that is not `https://...`, naming plain `http://` on its own.
+fn check_endpoint(path: &Path, endpoint: &str) -> Result<(), ConfigError> {
+    let scheme = endpoint.split_once("://").map(|(scheme, _)| scheme.to_ascii_lowercase());
+    match scheme.as_deref() {
+        Some("https") => Ok(()),
+        Some("http") => Err(ConfigError::PlainHttp { path: path.to_owned(), endpoint: endpoint.to_owned() }),
+        _ => Err(ConfigError::EndpointNotHttps { path: path.to_owned(), endpoint: endpoint.to_owned() }),
+    }
+}
+
+/// The labels of the PEM blocks in `text` (`-----BEGIN LABEL-----`), each with whether
+/// its RFC 1421 headers say `Proc-Type: 4,ENCRYPTED`.
+fn pem_blocks(text: &str) -> Vec<(&str, bool)> {
+    let mut blocks = Vec::new();
+    let mut lines = text.lines().map(str::trim);
+    while let Some(line) = lines.next() {
+        let Some(label) = line.strip_prefix("-----BEGIN ").and_then(|l| l.strip_suffix("-----")) else { continue };
+        let mut encrypted = false;
+        for l in lines.by_ref() {
+            if l.starts_with("-----END ") {
+                break;
+            }
+            if let Some((name, value)) = l.split_once(':')
+                && name.trim().eq_ignore_ascii_case("Proc-Type")
+                && value.split(',').any(|v| v.trim().eq_ignore_ascii_case("ENCRYPTED"))
+            {
+                encrypted = true;
+            }
+        }
+        blocks.push((label, encrypted));
+    }
+    blocks
+}
+
+/// Checks the PEM key file before it goes to TLS: a key this client cannot use is named
+/// (encrypted, or none at all) instead of failing deep in the TLS setup.
+pub(crate) fn check_key_pem(path: &Path, pem: &[u8]) -> Result<(), ConfigError> {
+    use rustls::pki_types::PrivateKeyDer;
+    use rustls::pki_types::pem::PemObject;
+    if PrivateKeyDer::from_pem_slice(pem).is_ok() {
+        return Ok(());
+    }
+    let text = String::from_utf8_lossy(pem);
+    let encrypted = pem_blocks(&text).iter().any(|(label, proc_encrypted)| *label == "ENCRYPTED PRIVATE KEY" || *proc_encrypted);
+    if encrypted {
+        Err(ConfigError::EncryptedKey { path: path.to_owned() })
+    } else {
+        Err(ConfigError::NoPrivateKey { path: path.to_owned() })
+    }
+}
+
+/// Checks that a PEM file (`what`: `cert` or `ca`) holds at least one certificate.
+pub(crate) fn check_certificate_pem(path: &Path, pem: &[u8], what: &'static str) -> Result<(), ConfigError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    match CertificateDer::pem_slice_iter(pem).next() {
+        Some(Ok(_)) => Ok(()),
+        _ => Err(ConfigError::NoCertificate { path: path.to_owned(), what }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -171,6 +249,45 @@ mod tests {
         let p = dir.path().join("client.toml");
         std::fs::write(&p, format!("{BASE}{extra}")).unwrap();
         ClientConfig::load(&p)
+    }
+
+    #[test]
+    fn a_plain_http_endpoint_is_refused_by_name() {
+        for (endpoint, words) in [
+            ("http://127.0.0.1:8443", "is plain http://; the Kluis server speaks mutual TLS only: use https://HOST:PORT"),
+            ("HTTP://kms:8443", "is plain http://"),
+            ("127.0.0.1:8443", "is not https://HOST:PORT"),
+            ("grpc://kms:8443", "is not https://HOST:PORT"),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("client.toml");
+            std::fs::write(&p, BASE.replace("https://127.0.0.1:8443", endpoint)).unwrap();
+            let e = ClientConfig::load(&p).unwrap_err();
+            assert!(matches!(e, ConfigError::PlainHttp { .. } | ConfigError::EndpointNotHttps { .. }), "{e:?}");
+            assert!(e.to_string().contains(words), "{endpoint}: {e}");
+        }
+        assert!(load("").is_ok());
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("client.toml");
+        std::fs::write(&p, BASE.replace("https://", "HTTPS://")).unwrap();
+        ClientConfig::load(&p).unwrap();
+    }
+
+    #[test]
+    fn an_encrypted_or_missing_key_is_named() {
+        let p = Path::new("/etc/kluis/c.key");
+        let pkcs8_encrypted = "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIGjMF8GCSqGSIb3DQEFDTBSMDEGCSqGSIb3DQEFDDAkBBD=\n-----END ENCRYPTED PRIVATE KEY-----\n";
+        let e = check_key_pem(p, pkcs8_encrypted.as_bytes()).unwrap_err();
+        assert!(matches!(e, ConfigError::EncryptedKey { .. }), "{e:?}");
+        let text = e.to_string();
+        assert!(text.contains("encrypted private keys are not supported") && text.contains("openssl pkey -in /etc/kluis/c.key"), "{text}");
+        let legacy = "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-256-CBC,0123456789ABCDEF0123456789ABCDEF\n\nAAAA\n-----END RSA PRIVATE KEY-----\n";
+        assert!(matches!(check_key_pem(p, legacy.as_bytes()), Err(ConfigError::EncryptedKey { .. })));
+        let cert_only = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+        let e = check_key_pem(p, cert_only.as_bytes()).unwrap_err();
+        assert!(matches!(e, ConfigError::NoPrivateKey { .. }), "{e:?}");
+        assert!(check_key_pem(p, b"").is_err());
+        assert!(matches!(check_certificate_pem(p, b"not pem", "cert"), Err(ConfigError::NoCertificate { what: "cert", .. })));
     }
 
     #[test]

@@ -13,3 +13,4 @@ pub mod hook;
 pub mod passphrase;
 pub mod retry;
 pub mod rewrap;
+pub mod tls;

@@ -184,7 +184,13 @@ pub fn transient(e: &ClientError) -> Option<(Delivery, Cause)> {
         ClientError::Config(_)
         | ClientError::ReadFile { .. }
         | ClientError::Endpoint { .. }
+        | ClientError::EndpointHost { .. }
+        | ClientError::TlsSetup(_)
         | ClientError::TlsRejected { .. }
+        | ClientError::ServerNameMismatch { .. }
+        | ClientError::ServerUnknownIssuer { .. }
+        | ClientError::ServerCertificateExpired { .. }
+        | ClientError::ServerCertificateNotYetValid { .. }
         | ClientError::ServerNotTrusted { .. }
         | ClientError::Tls { .. }
         | ClientError::DeadlineExceeded { .. }
@@ -561,7 +567,12 @@ mod tests {
             server(Code::Unavailable, Some(Reason::MasterKeyUnavailable)),
             server(Code::Unavailable, Some(Reason::StoreUnavailable)),
             ClientError::DeadlineExceeded { endpoint: EP.into() },
-            ClientError::TlsRejected { endpoint: EP.into(), detail: "bad certificate".into() },
+            ClientError::TlsRejected { endpoint: EP.into(), alert: None, detail: "bad certificate".into() },
+            ClientError::TlsRejected { endpoint: EP.into(), alert: Some(rustls::AlertDescription::UnknownCA), detail: "x".into() },
+            ClientError::ServerNameMismatch { endpoint: EP.into(), expected: "kms".into(), presented: Vec::new() },
+            ClientError::ServerUnknownIssuer { endpoint: EP.into() },
+            ClientError::ServerCertificateExpired { endpoint: EP.into(), not_after: None, now: None },
+            ClientError::ServerCertificateNotYetValid { endpoint: EP.into(), not_before: None, now: None },
             ClientError::ServerNotTrusted { endpoint: EP.into(), detail: "unknown issuer".into() },
             ClientError::Tls { endpoint: EP.into(), detail: "x".into() },
             ClientError::BadResponse { what: "x" },

@@ -119,6 +119,9 @@ enum AuditCmd {
         /// is left if the export fails) instead of standard output.
         #[arg(short = 'o', long = "out", value_name = "FILE")]
         out: Option<PathBuf>,
+        /// Replace the -o file if it exists (without it an existing file is never replaced).
+        #[arg(long, requires = "out")]
+        force: bool,
     },
     /// The server's audit public key: `kmsctl audit public-key > audit.pub`.
     PublicKey,
@@ -334,6 +337,11 @@ fn fail(message: impl Into<String>) -> Failure {
     Failure { code: ErrorClass::Other.exit_code(), message: message.into() }
 }
 
+/// The refusal of an existing `-o` file (as backup-hook's and `escrow combine`'s).
+fn exists(path: &std::path::Path) -> Failure {
+    fail(format!("{} already exists; it was not replaced (pass --force to replace it)", path.display()))
+}
+
 /// Writes `value` as pretty JSON and a newline.
 fn print_json<T: serde::Serialize + ?Sized>(out: &mut dyn Write, value: &T) -> Result<(), Failure> {
     serde_json::to_writer_pretty(&mut *out, value).map_err(|e| fail(e.to_string()))?;
@@ -454,6 +462,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
     if let Cmd::Audit(AuditCmd::Verify { file, public_key: Some(key_file), since_head, anchors }) = &cli.cmd {
         let key = read_public_key(key_file)?;
         return verify_audit(&mut out, file, &key, since_head.as_deref(), anchors.as_deref());
+    }
+    // An existing export file is refused before the server is asked for anything.
+    if let Cmd::Audit(AuditCmd::Export { out: Some(path), force: false, .. }) = &cli.cmd
+        && std::fs::symlink_metadata(path).is_ok()
+    {
+        return Err(exists(path));
     }
     let cfg = ClientConfig::from_arg_or_env(cli.client_config.as_deref()).map_err(|e| fail(e.to_string()))?;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -679,7 +693,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     writeln!(out, "{}", kmsctl::output::audit_tail_line(&r)).map_err(io)?;
                 }
             }
-            Cmd::Audit(AuditCmd::Export { since, out: Some(path) }) => {
+            Cmd::Audit(AuditCmd::Export { since, out: Some(path), force }) => {
                 let dir = match path.parent() {
                     Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
                     _ => PathBuf::from("."),
@@ -694,12 +708,18 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     w.flush().map_err(what)?;
                 }
                 tmp.as_file().sync_all().map_err(what)?;
-                tmp.persist(&path).map_err(|e| what(e.error))?;
+                // Without --force the rename itself refuses a file that appeared meanwhile
+                // (RENAME_NOREPLACE, or link + unlink): no window after the check above.
+                let persisted = if force { tmp.persist(&path) } else { tmp.persist_noclobber(&path) };
+                persisted.map_err(|e| match e.error.kind() {
+                    std::io::ErrorKind::AlreadyExists => exists(&path),
+                    _ => what(e.error),
+                })?;
                 if let Ok(d) = std::fs::File::open(&dir) {
                     d.sync_all().map_err(what)?;
                 }
             }
-            Cmd::Audit(AuditCmd::Export { since, out: None }) => {
+            Cmd::Audit(AuditCmd::Export { since, out: None, .. }) => {
                 client.export_audit_each(since.as_deref(), 0, |l| writeln!(out, "{l}").map_err(io)).await?;
             }
             Cmd::Audit(AuditCmd::PublicKey) => {
