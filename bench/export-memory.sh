@@ -22,7 +22,7 @@
 # docs/benchmarks.md.
 #
 # Knobs: EXPORT_KEYS ("100000 400000": keys in the trail at each size, cumulative), CONCURRENT (20),
-# TMPDIR (where the store and the single export live: about 1 KiB per key), BENCH_OUT
+# TMPDIR (where the store and the single export live: about 0.6 KiB per key), BENCH_OUT
 # (docs/benchmarks.md), BENCH_QUIET_WAIT (120), BENCH_BIN (a directory with release kms-server,
 # kmsctl, kluis-fillstore; default: build them).
 set -euo pipefail
