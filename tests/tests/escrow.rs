@@ -80,14 +80,19 @@ fn ceremony(out_dir: &Path, threshold: u8, cs: &[Custodian]) -> (PathBuf, serde_
     (manifest, json)
 }
 
-/// The custodian decrypts their own share file with the stock command
-/// `age -d -i me.key share-NAME.age > share-NAME.txt`.
+/// The custodian decrypts their own share file with the stock command, as the guide says:
+/// `(umask 077; age -d -i me.key share-NAME.age > share-NAME.txt)`; the text is theirs alone.
 fn decrypt_share(ceremony_dir: &Path, c: &Custodian, into: &Path) -> PathBuf {
     let share = ceremony_dir.join(format!("share-{}.age", c.name));
-    let o = stock("age", &["-d", "-i", s(&c.key), s(&share)]);
-    ok(&o, "age -d of a share file");
     let txt = into.join(format!("share-{}.txt", c.name));
-    std::fs::write(&txt, &o.stdout).unwrap();
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg(r#"(umask 077; age -d -i "$1" "$2" > "$3")"#)
+        .args(["sh", s(&c.key), s(&share), s(&txt)])
+        .output()
+        .unwrap();
+    ok(&o, "age -d of a share file");
+    assert_eq!(mode(&txt), 0o600, "the decrypted share is readable by its custodian only");
     txt
 }
 

@@ -41,9 +41,13 @@ fn tamper_mac(bytes: &mut [u8]) {
     bytes[m] = if bytes[m] == b'A' { b'B' } else { b'A' };
 }
 
-/// Retires the versions below `below` of `default` under dual control.
+/// Retires the versions below `below` of `default` under dual control, forced: the tests
+/// leave a file under the old version on purpose, to see it refused afterwards.
 fn retire(server: &Server, officer2: &Path, below: &str) {
     let out = server.kmsctl("officer", &["keyring", "retire", "default", "--below-version", below]);
+    assert_eq!(out.status.code(), Some(4), "refused while a key is still under the old version: {}", stderr(&out));
+    assert!(stderr(&out).contains("would strand 1 active key(s)"), "{}", stderr(&out));
+    let out = server.kmsctl("officer", &["keyring", "retire", "default", "--below-version", below, "--force"]);
     assert!(out.status.success(), "retire: {}", stderr(&out));
     let id = approval_id(&out);
     let out = kmsctl(officer2, &["approve", &id]);
