@@ -527,6 +527,23 @@ mod tests {
     }
 
     #[test]
+    fn finding_keys_needs_the_role_on_one_keyring_and_sees_only_those() {
+        let p = Policy::new(vec![
+            Grant { principal: "aud".into(), roles: [Role::Auditor].into(), keyrings: vec!["pacs".into()] },
+            Grant { principal: "host1".into(), roles: [Role::Sealer].into(), keyrings: vec!["*".into()] },
+        ]);
+        let aud = Principal::for_test("aud");
+        let a = p.authorize(&aud, Action::FindDataKeys, None).unwrap();
+        assert!(p.may_see(&a, "pacs") && !p.may_see(&a, "ehr"));
+        assert!(p.authorize(&aud, Action::FindDataKeys, Some("pacs")).is_ok());
+        let e = p.authorize(&aud, Action::FindDataKeys, Some("ehr")).unwrap_err();
+        assert_eq!(e.to_string(), "principal \"aud\" may not FindDataKeys on keyring \"ehr\"");
+        assert!(p.authorize(&aud, Action::ListDestructions, None).is_err(), "other global reads still need \"*\"");
+        let e = p.authorize(&Principal::for_test("host1"), Action::FindDataKeys, None).unwrap_err();
+        assert_eq!(e.to_string(), "principal \"host1\" may not FindDataKeys");
+    }
+
+    #[test]
     fn a_poisoned_revocation_list_refuses_instead_of_letting_in() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("revoked.txt");
