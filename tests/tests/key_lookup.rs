@@ -104,7 +104,7 @@ fn officers_and_auditors_find_the_keys_of_a_backup_id_newest_first_within_their_
         assert!(!truncated);
     }
     let (ids, _) = find_json(&officer, &["--backup-id", "weekly"]);
-    assert_eq!(ids, [other.clone()]);
+    assert_eq!(ids, std::slice::from_ref(&other));
 
     // The text form: `key show`'s block per key, in the same order.
     let out = kmsctl(&auditor, &["key", "find", "--backup-id", "nightly"]);
@@ -122,11 +122,11 @@ fn officers_and_auditors_find_the_keys_of_a_backup_id_newest_first_within_their_
     let (ids, _) = find_json(&officer, &["--backup-id", "nightly", "--keyring", "default"]);
     assert_eq!(ids, [second.clone(), first.clone()]);
     let (ids, _) = find_json(&auditor, &["--backup-id", "nightly", "--keyring", "pacs"]);
-    assert_eq!(ids, [on_pacs.clone()]);
+    assert_eq!(ids, std::slice::from_ref(&on_pacs));
 
     // An auditor of `pacs` only sees `pacs`' keys, and is refused on `default`.
     let (ids, _) = find_json(&w.pacs_auditor, &["--backup-id", "nightly"]);
-    assert_eq!(ids, [on_pacs.clone()]);
+    assert_eq!(ids, std::slice::from_ref(&on_pacs));
     let (ids, _) = find_json(&w.pacs_auditor, &["--backup-id", "weekly"]);
     assert!(ids.is_empty());
     let out = kmsctl(&w.pacs_auditor, &["key", "find", "--backup-id", "nightly", "--keyring", "default"]);
