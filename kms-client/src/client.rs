@@ -390,6 +390,31 @@ pub struct DataKeyInfo {
     pub destruction_id: u64,
 }
 
+/// The data keys issued for one backup id, newest first.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct FoundDataKeys {
+    pub keys: Vec<DataKeyInfo>,
+    /// More keys matched than the server returns (100).
+    pub truncated: bool,
+}
+
+fn data_key_info(k: pb::DataKeyInfo) -> DataKeyInfo {
+    DataKeyInfo {
+        key_id: k.key_id,
+        keyring: k.keyring,
+        keyring_version: k.keyring_version,
+        backup_id: k.backup_id,
+        created_unix: k.created_unix,
+        expires_unix: k.expires_unix,
+        state: DataKeyState::from_wire(k.key_state, &k.state),
+        destroyed_unix: k.destroyed_unix,
+        issued_to: k.issued_to,
+        escrowed: k.escrowed,
+        labels: k.labels.into_iter().collect(),
+        destruction_id: k.destruction_id,
+    }
+}
+
 /// A scheduled (or cancelled, or carried out) destruction.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct DestructionInfo {
@@ -749,21 +774,15 @@ impl KmsClient {
     /// Registry facts of one data key (officer, auditor).
     pub async fn get_data_key(&self, key_id: &str) -> Result<DataKeyInfo, ClientError> {
         let r = call!(self, Rpc::GetDataKey, admin.get_data_key(pb::GetDataKeyRequest { key_id: key_id.to_owned() }))?;
-        let k = r.into_inner();
-        Ok(DataKeyInfo {
-            key_id: k.key_id,
-            keyring: k.keyring,
-            keyring_version: k.keyring_version,
-            backup_id: k.backup_id,
-            created_unix: k.created_unix,
-            expires_unix: k.expires_unix,
-            state: DataKeyState::from_wire(k.key_state, &k.state),
-            destroyed_unix: k.destroyed_unix,
-            issued_to: k.issued_to,
-            escrowed: k.escrowed,
-            labels: k.labels.into_iter().collect(),
-            destruction_id: k.destruction_id,
-        })
+        Ok(data_key_info(r.into_inner()))
+    }
+
+    /// The data keys issued for `backup_id`, newest first, at most 100 (officer, auditor):
+    /// in `keyring` if given, else in every keyring the caller's grants cover.
+    pub async fn find_data_keys(&self, backup_id: &str, keyring: Option<&str>) -> Result<FoundDataKeys, ClientError> {
+        let req = pb::FindDataKeysRequest { backup_id: backup_id.to_owned(), keyring: keyring.unwrap_or_default().to_owned() };
+        let r = call!(self, Rpc::FindDataKeys, admin.find_data_keys(req))?.into_inner();
+        Ok(FoundDataKeys { keys: r.keys.into_iter().map(data_key_info).collect(), truncated: r.truncated })
     }
 
     /// Asks to destroy one data key (officer).

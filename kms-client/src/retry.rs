@@ -54,6 +54,7 @@ pub enum Rpc {
     ListKeyrings,
     GetKeyring,
     GetDataKey,
+    FindDataKeys,
     DestroyKey,
     DestroyKeyring,
     CancelDestruction,
@@ -94,6 +95,7 @@ impl Rpc {
             | Rpc::ListKeyrings
             | Rpc::GetKeyring
             | Rpc::GetDataKey
+            | Rpc::FindDataKeys
             | Rpc::ListDestructions
             | Rpc::GetEscrowStatus
             | Rpc::GetReport
@@ -605,7 +607,7 @@ mod tests {
         use Rpc::*;
         let replayable = [
             Connect, GenerateDataKey, UnwrapDataKey, RewrapDataKey, ListGrants, ListApprovals, ListKeyrings, GetKeyring,
-            GetDataKey, ListDestructions, GetEscrowStatus, GetReport, ExportAudit, GetAuditPublicKey,
+            GetDataKey, FindDataKeys, ListDestructions, GetEscrowStatus, GetReport, ExportAudit, GetAuditPublicKey,
         ];
         let writes = [
             RecordRestoreTest, CreateKeyring, RotateKeyring, SetKeyringPolicy, SetLegalHold, ChangeGrant, RetireKeyringVersions,

@@ -214,6 +214,29 @@ impl Api {
     }
 }
 
+/// Registry facts of one data key on the wire (GetDataKey, FindDataKeys).
+fn data_key_pb(key_id: String, k: crate::model::DataKeyRecord, sched: Option<u64>) -> pb::DataKeyInfo {
+    let (state, destroyed) = match k.state {
+        crate::model::KeyState::Active => (wire::DataKeyState::Active, 0),
+        crate::model::KeyState::Destroyed { at } => (wire::DataKeyState::Destroyed, at),
+    };
+    pb::DataKeyInfo {
+        key_id,
+        keyring: k.keyring,
+        keyring_version: k.version,
+        backup_id: k.backup_id,
+        created_unix: k.created,
+        expires_unix: k.expires.unwrap_or(0),
+        state: state.as_str().into(),
+        key_state: state.to_wire(),
+        destroyed_unix: destroyed,
+        issued_to: k.issued_to,
+        escrowed: k.escrowed,
+        labels: k.labels.into_iter().collect(),
+        destruction_id: sched.unwrap_or(0),
+    }
+}
+
 fn invalid_status(e: validate::Invalid) -> Status {
     kluis_proto::error::status(tonic::Code::InvalidArgument, e.to_string(), kluis_proto::error::Reason::InvalidArgument)
 }
@@ -644,25 +667,24 @@ impl pb::admin_service_server::AdminService for Api {
             Ok((k, sched)) => {
                 ev.backup_id = Some(k.backup_id.clone());
                 self.done(&ev).await?;
-                let (state, destroyed) = match k.state {
-                    crate::model::KeyState::Active => (wire::DataKeyState::Active, 0),
-                    crate::model::KeyState::Destroyed { at } => (wire::DataKeyState::Destroyed, at),
-                };
-                Ok(Response::new(pb::DataKeyInfo {
-                    key_id,
-                    keyring: k.keyring,
-                    keyring_version: k.version,
-                    backup_id: k.backup_id,
-                    created_unix: k.created,
-                    expires_unix: k.expires.unwrap_or(0),
-                    state: state.as_str().into(),
-                    key_state: state.to_wire(),
-                    destroyed_unix: destroyed,
-                    issued_to: k.issued_to,
-                    escrowed: k.escrowed,
-                    labels: k.labels.into_iter().collect(),
-                    destruction_id: sched.unwrap_or(0),
-                }))
+                Ok(Response::new(data_key_pb(key_id, k, sched)))
+            }
+            Err(e) => Err(self.fail(&ev, key_status(e)).await),
+        }
+    }
+
+    #[instrument(skip_all, fields(principal, backup_id = %Shown(&req.get_ref().backup_id)))]
+    async fn find_data_keys(&self, req: Request<pb::FindDataKeysRequest>) -> Result<Response<pb::DataKeyInfos>, Status> {
+        let (r, mut ev) = self.valid(&req, Action::FindDataKeys).await?;
+        let auth = self.authorize(&req, &mut ev).await?;
+        let keyring = r.keyring.as_ref().map(validate::KeyringName::as_str);
+        match self.keys.find_data_keys(&auth, r.backup_id.as_str(), keyring, |k| self.policy.may_see(&auth, k)) {
+            Ok(found) => {
+                let more = if found.truncated { " (more matched)" } else { "" };
+                let outcome = Outcome::ok_with(format!("{} keys found{more}", found.keys.len()));
+                self.keys.audit(ev.with_outcome(outcome)).await.map_err(|e| self.audit_unavailable(e))?;
+                let keys = found.keys.into_iter().map(|(key_id, k, sched)| data_key_pb(key_id, k, sched)).collect();
+                Ok(Response::new(pb::DataKeyInfos { keys, truncated: found.truncated }))
             }
             Err(e) => Err(self.fail(&ev, key_status(e)).await),
         }

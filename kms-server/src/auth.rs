@@ -34,6 +34,7 @@ pub enum Action {
     SetKeyringPolicy,
     SetLegalHold,
     GetDataKey,
+    FindDataKeys,
     DestroyKey,
     DestroyKeyring,
     CancelDestruction,
@@ -55,7 +56,7 @@ impl Action {
             | Action::DestroyKeyring
             | Action::CancelDestruction
             | Action::RotateMaster => &[Role::Officer],
-            Action::GetDataKey | Action::ListDestructions | Action::GetReport => &[Role::Officer, Role::Auditor],
+            Action::GetDataKey | Action::FindDataKeys | Action::ListDestructions | Action::GetReport => &[Role::Officer, Role::Auditor],
             Action::RotateKeyring | Action::ChangeGrant | Action::RetireVersions | Action::Approve => &[Role::Officer],
             Action::ListApprovals => &[Role::Officer, Role::Auditor],
             Action::ListGrants => &[Role::Officer, Role::Auditor],
@@ -91,6 +92,7 @@ impl Action {
             Action::SetKeyringPolicy => "SetKeyringPolicy",
             Action::SetLegalHold => "SetLegalHold",
             Action::GetDataKey => "GetDataKey",
+            Action::FindDataKeys => "FindDataKeys",
             Action::DestroyKey => "DestroyKey",
             Action::DestroyKeyring => "DestroyKeyring",
             Action::CancelDestruction => "CancelDestruction",
@@ -459,7 +461,8 @@ impl Policy {
 
     /// Checks `principal` for `action`; `keyring` is `None` for actions not tied to one
     /// keyring (listing, escrow), which need the role on all keyrings (`"*"`) or, for
-    /// listing, on at least one (the listing is then filtered with [`Policy::may_see`]).
+    /// listing keyrings and finding data keys, on at least one (the answer is then
+    /// filtered with [`Policy::may_see`]).
     pub fn authorize(
         &self,
         principal: &Principal,
@@ -472,7 +475,7 @@ impl Policy {
                 && g.roles.iter().any(|r| roles.contains(r))
                 && match (keyring, action) {
                     (Some(k), _) => g.covers(k),
-                    (None, Action::ListKeyrings) => !g.keyrings.is_empty(),
+                    (None, Action::ListKeyrings | Action::FindDataKeys) => !g.keyrings.is_empty(),
                     (None, _) => g.keyrings.iter().any(|k| k == "*"),
                 }
         });
@@ -521,6 +524,23 @@ mod tests {
         let a = p.authorize(&Principal::for_test("so"), Action::CreateKeyring, Some("x")).unwrap();
         assert!(a.covers(Action::CreateKeyring, Some("x")));
         assert!(!a.covers(Action::CreateKeyring, Some("y")));
+    }
+
+    #[test]
+    fn finding_keys_needs_the_role_on_one_keyring_and_sees_only_those() {
+        let p = Policy::new(vec![
+            Grant { principal: "aud".into(), roles: [Role::Auditor].into(), keyrings: vec!["pacs".into()] },
+            Grant { principal: "host1".into(), roles: [Role::Sealer].into(), keyrings: vec!["*".into()] },
+        ]);
+        let aud = Principal::for_test("aud");
+        let a = p.authorize(&aud, Action::FindDataKeys, None).unwrap();
+        assert!(p.may_see(&a, "pacs") && !p.may_see(&a, "ehr"));
+        assert!(p.authorize(&aud, Action::FindDataKeys, Some("pacs")).is_ok());
+        let e = p.authorize(&aud, Action::FindDataKeys, Some("ehr")).unwrap_err();
+        assert_eq!(e.to_string(), "principal \"aud\" may not FindDataKeys on keyring \"ehr\"");
+        assert!(p.authorize(&aud, Action::ListDestructions, None).is_err(), "other global reads still need \"*\"");
+        let e = p.authorize(&Principal::for_test("host1"), Action::FindDataKeys, None).unwrap_err();
+        assert_eq!(e.to_string(), "principal \"host1\" may not FindDataKeys");
     }
 
     #[test]

@@ -175,6 +175,7 @@ enum Rpc {
     RemoveEscrow,
     SetKeyringPolicy,
     GetDataKey,
+    FindDataKeys,
     DestroyKey,
     DestroyKeyring,
     SetLegalHold,
@@ -184,7 +185,7 @@ enum Rpc {
     GetReport,
 }
 
-const ALL: [Rpc; 27] = [
+const ALL: [Rpc; 28] = [
     Rpc::Generate,
     Rpc::Unwrap,
     Rpc::CreateKeyring,
@@ -205,6 +206,7 @@ const ALL: [Rpc; 27] = [
     Rpc::RemoveEscrow,
     Rpc::SetKeyringPolicy,
     Rpc::GetDataKey,
+    Rpc::FindDataKeys,
     Rpc::DestroyKey,
     Rpc::DestroyKeyring,
     // After the destroy requests: a hold would refuse them.
@@ -233,6 +235,7 @@ fn allowed(who: &str, rpc: Rpc) -> bool {
                 | AuditPublicKey
                 | ListApprovals
                 | GetDataKey
+                | FindDataKeys
                 | ListDestructions
                 | GetReport
         ),
@@ -332,6 +335,12 @@ async fn call(ch: Channel, rpc: Rpc, f: &Fixture, n: usize) -> Result<(), tonic:
             .await
             .map(drop),
         Rpc::GetDataKey => admin.get_data_key(pb::GetDataKeyRequest { key_id: f.key_id.clone() }).await.map(drop),
+        // On keyring `default`, as the table is; without a keyring the answer is filtered
+        // to the caller's keyrings (tests/tests/key_lookup.rs).
+        Rpc::FindDataKeys => admin
+            .find_data_keys(pb::FindDataKeysRequest { backup_id: "fixture".into(), keyring: "default".into() })
+            .await
+            .map(drop),
         // The key does not expire: the answer is a pending approval, nothing is destroyed.
         Rpc::DestroyKey => admin.destroy_key(pb::DestroyKeyRequest { key_id: f.key_id.clone() }).await.map(drop),
         Rpc::DestroyKeyring => admin.destroy_keyring(pb::DestroyKeyringRequest { name: "default".into() }).await.map(drop),

@@ -128,6 +128,7 @@ fn requests(out: &Out, manifest_json: String) {
         ("GetReport", pb::GetReportRequest { since: "2026-01-01T00:00:00Z".into() }.encode_to_vec()),
         ("ExportAudit", pb::ExportAuditRequest { since: "2026-01-01T00:00:00.000Z".into(), tail: 10 }.encode_to_vec()),
         ("GetAuditPublicKey", pb::GetAuditPublicKeyRequest {}.encode_to_vec()),
+        ("FindDataKeys", pb::FindDataKeysRequest { backup_id: "ehr-db/2026-11-22T02:00Z/full".into(), keyring: "ehr-db".into() }.encode_to_vec()),
     ];
     assert_eq!(reqs.len(), rpc::RPCS.len(), "a seed per RPC");
     for (name, body) in reqs {

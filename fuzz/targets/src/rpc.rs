@@ -82,6 +82,8 @@ rpcs!(
     "GetReport" => pb::GetReportRequest,
     "ExportAudit" => pb::ExportAuditRequest,
     "GetAuditPublicKey" => pb::GetAuditPublicKeyRequest,
+    // New RPCs go last: the selector bytes of the seeds already written stay theirs.
+    "FindDataKeys" => pb::FindDataKeysRequest,
 );
 
 /// The target: selector byte, then the encoded request.

@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 use kluis_escrow::Manifest;
 use kms_client::class::ErrorClass;
 use kms_client::client::{
-    ApprovalInfo, ClientError, DataKeyState, DestroyOutcome, DestructionInfo, DestructionState, KeyringInfo, KmsClient, Requested,
+    ApprovalInfo, ClientError, DataKeyInfo, DataKeyState, DestroyOutcome, DestructionInfo, DestructionState, KeyringInfo, KmsClient, Requested,
 };
 use kms_client::config::ClientConfig;
 use kmsctl::cert;
@@ -52,7 +52,7 @@ enum Cmd {
     /// client certificates (docs/certificates.md; sites with a CA use it instead).
     #[command(subcommand)]
     Cert(CertCmd),
-    /// One data key: registry facts, destruction.
+    /// Data keys: registry facts, lookup by backup id, destruction.
     #[command(subcommand)]
     Key(KeyCmd),
     /// Scheduled destructions: list, cancel.
@@ -77,6 +77,18 @@ enum KeyCmd {
     /// Registry facts of a data key (no key material).
     Show {
         key_id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The data keys issued for a backup id, newest first (at most 100; officer, auditor).
+    /// It reads the server's whole registry.
+    Find {
+        /// The backup id given at seal (exact match).
+        #[arg(long)]
+        backup_id: String,
+        /// Only this keyring (default: every keyring your grants cover).
+        #[arg(long)]
+        keyring: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -355,6 +367,26 @@ fn date(unix: i64) -> String {
         .unwrap_or_else(|| unix.to_string())
 }
 
+/// Registry facts of one data key (`key show`, `key find`), escaped.
+fn print_data_key(out: &mut dyn Write, k: &DataKeyInfo) -> std::io::Result<()> {
+    writeln!(out, "key id:     {}", Esc(&k.key_id))?;
+    writeln!(out, "keyring:    {} (version {})", Esc(&k.keyring), k.keyring_version)?;
+    writeln!(out, "backup id:  {}", Esc(&k.backup_id))?;
+    writeln!(out, "issued:     {} to {}", date(k.created_unix), Esc(&k.issued_to))?;
+    let expires = if k.expires_unix == 0 { "never".to_owned() } else { date(k.expires_unix) };
+    writeln!(out, "expires:    {expires}")?;
+    writeln!(out, "escrowed:   {}", if k.escrowed { "yes" } else { "no" })?;
+    if k.state == DataKeyState::Destroyed {
+        writeln!(out, "state:      destroyed on {}", date(k.destroyed_unix))?;
+    } else {
+        writeln!(out, "state:      {}", k.state)?;
+    }
+    if k.destruction_id != 0 {
+        writeln!(out, "scheduled:  destruction {}", k.destruction_id)?;
+    }
+    Ok(())
+}
+
 fn print_keyring(out: &mut dyn Write, k: &KeyringInfo) -> std::io::Result<()> {
     writeln!(out, "keyring:         {}", Esc(&k.name))?;
     writeln!(out, "current version: {}", k.current_version)?;
@@ -519,20 +551,25 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 if json {
                     print_json(&mut out, &k)?;
                 } else {
-                    writeln!(out, "key id:     {}", Esc(&k.key_id)).map_err(io)?;
-                    writeln!(out, "keyring:    {} (version {})", Esc(&k.keyring), k.keyring_version).map_err(io)?;
-                    writeln!(out, "backup id:  {}", Esc(&k.backup_id)).map_err(io)?;
-                    writeln!(out, "issued:     {} to {}", date(k.created_unix), Esc(&k.issued_to)).map_err(io)?;
-                    let expires = if k.expires_unix == 0 { "never".to_owned() } else { date(k.expires_unix) };
-                    writeln!(out, "expires:    {expires}").map_err(io)?;
-                    writeln!(out, "escrowed:   {}", if k.escrowed { "yes" } else { "no" }).map_err(io)?;
-                    if k.state == DataKeyState::Destroyed {
-                        writeln!(out, "state:      destroyed on {}", date(k.destroyed_unix)).map_err(io)?;
-                    } else {
-                        writeln!(out, "state:      {}", k.state).map_err(io)?;
+                    print_data_key(&mut out, &k).map_err(io)?;
+                }
+            }
+            Cmd::Key(KeyCmd::Find { backup_id, keyring, json }) => {
+                let found = client.find_data_keys(&backup_id, keyring.as_deref()).await?;
+                if json {
+                    print_json(&mut out, &found)?;
+                } else {
+                    if found.keys.is_empty() {
+                        writeln!(out, "no data key found for backup id {} in the keyrings you may see", Esc(&backup_id)).map_err(io)?;
                     }
-                    if k.destruction_id != 0 {
-                        writeln!(out, "scheduled:  destruction {}", k.destruction_id).map_err(io)?;
+                    for (i, k) in found.keys.iter().enumerate() {
+                        if i > 0 {
+                            writeln!(out).map_err(io)?;
+                        }
+                        print_data_key(&mut out, k).map_err(io)?;
+                    }
+                    if found.truncated {
+                        writeln!(out, "\nmore keys matched: only the newest {} are shown (narrow it with --keyring)", found.keys.len()).map_err(io)?;
                     }
                 }
             }

@@ -297,6 +297,33 @@ macro_rules! key_requests {
 
 key_requests!(pb::GetDataKeyRequest, pb::DestroyKeyRequest);
 
+/// FindDataKeys, validated: the backup id as GenerateDataKey's, the keyring optional.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FindDataKeys {
+    pub backup_id: BackupId,
+    /// `None`: every keyring the caller's grants cover.
+    pub keyring: Option<KeyringName>,
+}
+
+impl Validate for pb::FindDataKeysRequest {
+    type Valid = FindDataKeys;
+    fn validate(&self) -> Result<FindDataKeys, Invalid> {
+        let backup_id = BackupId::parse(&self.backup_id)?;
+        let keyring = if self.keyring.is_empty() { None } else { Some(KeyringName::parse("keyring", &self.keyring)?) };
+        Ok(FindDataKeys { backup_id, keyring })
+    }
+    fn claimed(&self) -> Subject<'_> {
+        Subject {
+            keyring: Some(self.keyring.as_str()).filter(|k| !k.is_empty()),
+            backup_id: Some(self.backup_id.as_str()),
+            ..Subject::default()
+        }
+    }
+    fn subject(v: &FindDataKeys) -> Subject<'_> {
+        Subject { keyring: v.keyring.as_ref().map(KeyringName::as_str), backup_id: Some(v.backup_id.as_str()), ..Subject::default() }
+    }
+}
+
 /// A request naming one approval or destruction by id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ById {
@@ -682,6 +709,13 @@ mod tests {
         assert_eq!(pb::GetReportRequest { since: "yesterday".into() }.validate().unwrap_err().problem, Problem::Time);
         assert!(pb::SetLegalHoldRequest { keyring: "k".into(), hold: true, reason: String::new() }.validate().is_err());
         assert!(pb::SetLegalHoldRequest { keyring: "k".into(), hold: false, reason: String::new() }.validate().is_ok());
+        let find = |backup_id: &str, keyring: &str| pb::FindDataKeysRequest { backup_id: backup_id.into(), keyring: keyring.into() }.validate();
+        assert_eq!(find("", "").unwrap_err(), Invalid { field: "backup_id", problem: Problem::Empty });
+        assert_eq!(find(&"b".repeat(MAX_TEXT + 1), "").unwrap_err().field, "backup_id");
+        assert_eq!(find("a\nb", "").unwrap_err(), Invalid { field: "backup_id", problem: Problem::Control });
+        assert_eq!(find("b", "bad name").unwrap_err(), Invalid { field: "keyring", problem: Problem::Charset });
+        assert_eq!(find("b", "").unwrap().keyring, None);
+        assert_eq!(find("b", "ehr-db").unwrap().keyring.map(|k| k.as_str().to_owned()).as_deref(), Some("ehr-db"));
     }
 
     #[test]

@@ -46,6 +46,17 @@ pub enum DestroyOutcome {
     Scheduled(DestructionRecord),
 }
 
+/// Most data keys one [`KeyManager::find_data_keys`] answer carries.
+pub const FIND_LIMIT: usize = 100;
+
+/// The data keys issued for one backup id, newest first.
+pub struct FoundKeys {
+    /// Key id (hex), registry record, the destruction scheduled for it (if any).
+    pub keys: Vec<(String, DataKeyRecord, Option<u64>)>,
+    /// More keys matched than [`FIND_LIMIT`].
+    pub truncated: bool,
+}
+
 /// The result of a master-key rotation.
 pub struct MasterRotation {
     pub generation: u32,
@@ -261,6 +272,47 @@ impl KeyManager {
         Self::check(auth, Action::GetDataKey, Some(&rec.keyring))?;
         let sched = self.scheduled_for(&id, &rec.keyring).map(|d| d.id);
         Ok((rec, sched))
+    }
+
+    /// The data keys issued for `backup_id` (exact match), newest first (ties by key id),
+    /// at most [`FIND_LIMIT`] (`truncated` when more matched): in `keyring` if given (the
+    /// caller is authorized on it), else in every keyring `visible` says the caller may
+    /// see. Reads the whole registry (every data key record): there is no index by backup
+    /// id, so it costs as much as the registry is large (an officer's question, not a hot
+    /// path); memory stays bounded by a few times [`FIND_LIMIT`] records.
+    pub fn find_data_keys(
+        &self,
+        auth: &Authorized,
+        backup_id: &str,
+        keyring: Option<&str>,
+        visible: impl Fn(&str) -> bool,
+    ) -> Result<FoundKeys, KeyError> {
+        Self::check(auth, Action::FindDataKeys, keyring)?;
+        let newest_first = |a: &([u8; 16], DataKeyRecord), b: &([u8; 16], DataKeyRecord)| b.1.created.cmp(&a.1.created).then(b.0.cmp(&a.0));
+        let mut found: Vec<([u8; 16], DataKeyRecord)> = Vec::new();
+        let mut matched = 0usize;
+        self.store.for_each_data_key(|id, rec| {
+            let wanted = rec.backup_id == backup_id && keyring.map_or_else(|| visible(&rec.keyring), |k| rec.keyring == k);
+            if !wanted {
+                return;
+            }
+            matched += 1;
+            found.push((*id, rec.clone()));
+            if found.len() >= 4 * FIND_LIMIT {
+                found.sort_by(newest_first);
+                found.truncate(FIND_LIMIT);
+            }
+        })?;
+        found.sort_by(newest_first);
+        found.truncate(FIND_LIMIT);
+        let keys = found
+            .into_iter()
+            .map(|(id, rec)| {
+                let sched = self.scheduled_for(&id, &rec.keyring).map(|d| d.id);
+                (hex::encode(id), rec, sched)
+            })
+            .collect();
+        Ok(FoundKeys { keys, truncated: matched > FIND_LIMIT })
     }
 
     /// Asks to destroy one key: before its expiry this needs a second officer.
