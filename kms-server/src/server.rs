@@ -76,6 +76,11 @@ async fn maintenance_loop(keys: Arc<KeyManager>, interval: std::time::Duration) 
             Ok(n) => tracing::info!(actions = n, "scheduled maintenance done"),
             Err(e) => tracing::error!(error = %e, "scheduled maintenance failed; retrying at the next tick"),
         }
+        // Here, not in the start-up run: the keys are already gone for the server, only their
+        // bytes are left, and a restart should not wait for a copy of the whole store.
+        if let Err(e) = keys.scrub_if_due().await {
+            tracing::error!(error = %e, "store scrub failed; retrying at the next tick");
+        }
     }
 }
 

@@ -634,8 +634,6 @@ impl KeyManager {
                 None => break,
             }
         }
-        // Not counted as an action: it is housekeeping of the file, not of the keys.
-        self.scrub_if_due().await?;
         Ok(done)
     }
 
