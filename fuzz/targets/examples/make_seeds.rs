@@ -179,9 +179,17 @@ fn from_a_server(out: &Out) {
 fn main() {
     let dir = PathBuf::from(std::env::args().nth(1).expect("usage: make_seeds OUT_DIR (fuzz/corpus)"));
     for (t, _) in TARGETS {
+        // Only the seeds this generator makes (`valid-*`, `payload-*`) are replaced; hand-made
+        // cases (`hand-*`) and past crashes (`crash-*`, ...) in the same folder are kept.
         let d = dir.join(t);
-        let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("valid-") || name.starts_with("payload-") {
+                std::fs::remove_file(e.path()).unwrap();
+            }
+        }
     }
     let out = Out(dir.clone());
     let tmp = tempfile::tempdir().unwrap();
