@@ -93,6 +93,10 @@ fn stored_hash(store: &dyn Store, seq: u64) -> Result<Option<String>, AuditError
     }
 }
 
+/// Checkpoints read per store scan at start (a few in unit tests, so that their trails
+/// cross pages).
+const CHECKPOINT_PAGE: usize = if cfg!(test) { 2 } else { 1024 };
+
 /// The check at start (see the module docs). `Ok(Err(_))`: the history was tampered with.
 pub fn check_at_start(store: &dyn Store, public_key: &[u8]) -> Result<Result<Checked, IntegrityError>, AuditError> {
     use std::ops::Bound;
@@ -100,45 +104,52 @@ pub fn check_at_start(store: &dyn Store, public_key: &[u8]) -> Result<Result<Che
         Some((k, _)) => key_id(Table::Audit, &k)?,
         None => 0,
     };
-    let mut rows = Vec::new();
-    store.scan(Table::Checkpoints, (Bound::Unbounded, Bound::Unbounded), &mut |k, v| {
-        rows.push((key_id(Table::Checkpoints, k)?, v.to_vec()));
-        Ok(true)
-    })?;
     let mut expected = CHECKPOINT_EVERY;
     let mut last: (u64, String) = (0, GENESIS.to_owned());
     let mut v2_seen = false;
     let mut hashes = vec![last.clone()];
-    for (seq, bytes) in rows {
-        let c: Checkpoint = match serde_json::from_slice(&bytes) {
-            Ok(c) => c,
-            Err(_) => return Ok(Err(IntegrityError::CheckpointCorrupt { seq })),
-        };
-        if !seq.is_multiple_of(CHECKPOINT_EVERY) {
-            return Ok(Err(IntegrityError::UnexpectedCheckpoint { seq }));
+    // A page of checkpoints at a time: the start's memory does not grow with the trail.
+    let mut next = 0u64;
+    loop {
+        let mut rows = Vec::with_capacity(CHECKPOINT_PAGE);
+        let start = id_key(next);
+        store.scan(Table::Checkpoints, (Bound::Included(&start), Bound::Unbounded), &mut |k, v| {
+            rows.push((key_id(Table::Checkpoints, k)?, v.to_vec()));
+            Ok(rows.len() < CHECKPOINT_PAGE)
+        })?;
+        let Some(&(page_last, _)) = rows.last() else { break };
+        next = page_last + 1;
+        for (seq, bytes) in rows {
+            let c: Checkpoint = match serde_json::from_slice(&bytes) {
+                Ok(c) => c,
+                Err(_) => return Ok(Err(IntegrityError::CheckpointCorrupt { seq })),
+            };
+            if !seq.is_multiple_of(CHECKPOINT_EVERY) {
+                return Ok(Err(IntegrityError::UnexpectedCheckpoint { seq }));
+            }
+            if seq != expected {
+                return Ok(Err(IntegrityError::MissingCheckpoint { seq: expected }));
+            }
+            let Some(hash) = stored_hash(store, seq)? else { return Ok(Err(IntegrityError::EntryMissing { seq })) };
+            if c.seq != seq || c.hash != hash {
+                return Ok(Err(IntegrityError::CheckpointMismatch { seq }));
+            }
+            if c.prev.as_ref().is_some_and(|p| *p != last.1) {
+                return Ok(Err(IntegrityError::PrevMismatch { seq }));
+            }
+            match check_signature(public_key, SigKind::Checkpoint, &c, !v2_seen) {
+                Ok(()) => {}
+                Err(SignatureProblem::Invalid) => return Ok(Err(IntegrityError::BadSignature { seq })),
+                Err(SignatureProblem::OldFormat) => return Ok(Err(IntegrityError::OldFormat { seq })),
+            }
+            v2_seen |= c.prev.is_some();
+            last = (seq, hash);
+            hashes.push(last.clone());
+            if hashes.len() > 2 {
+                hashes.remove(0);
+            }
+            expected += CHECKPOINT_EVERY;
         }
-        if seq != expected {
-            return Ok(Err(IntegrityError::MissingCheckpoint { seq: expected }));
-        }
-        let Some(hash) = stored_hash(store, seq)? else { return Ok(Err(IntegrityError::EntryMissing { seq })) };
-        if c.seq != seq || c.hash != hash {
-            return Ok(Err(IntegrityError::CheckpointMismatch { seq }));
-        }
-        if c.prev.as_ref().is_some_and(|p| *p != last.1) {
-            return Ok(Err(IntegrityError::PrevMismatch { seq }));
-        }
-        match check_signature(public_key, SigKind::Checkpoint, &c, !v2_seen) {
-            Ok(()) => {}
-            Err(SignatureProblem::Invalid) => return Ok(Err(IntegrityError::BadSignature { seq })),
-            Err(SignatureProblem::OldFormat) => return Ok(Err(IntegrityError::OldFormat { seq })),
-        }
-        v2_seen |= c.prev.is_some();
-        last = (seq, hash);
-        hashes.push(last.clone());
-        if hashes.len() > 2 {
-            hashes.remove(0);
-        }
-        expected += CHECKPOINT_EVERY;
     }
     if expected <= head_seq {
         return Ok(Err(IntegrityError::MissingCheckpoint { seq: expected }));

@@ -522,3 +522,57 @@ async fn retiring_is_refused_while_keys_are_wrapped_under_the_versions_or_the_ke
     assert!(c.unwrap(&rewrapped).await.is_ok(), "the rewrapped key opens under version 2");
     assert!(matches!(c.unwrap(&_destroyed_later).await, Err(KeyError::VersionRetired { version: 1, .. })));
 }
+
+#[tokio::test]
+async fn the_start_check_reads_the_checkpoints_page_by_page_and_misses_none() {
+    use crate::audit::integrity::{IntegrityError, check_at_start};
+    use crate::store::id_key;
+    let c = Core::new();
+    c.create("ehr", 0, 0).await;
+    // Five checkpoints (every 256 entries): three pages of two in unit tests.
+    for i in 0..5 * 256 {
+        c.issue("ehr", &format!("b{i}")).await;
+    }
+    let public = c.keys.audit_public_key(&c.auth("officer", Action::GetAuditPublicKey, None)).unwrap();
+    let checked = check_at_start(c.store.as_ref(), &public).unwrap().unwrap();
+    assert!(checked.head_seq > 5 * 256, "{}", checked.head_seq);
+    assert_eq!(checked.checkpoint_hashes.last().unwrap().0, 5 * 256);
+    // The store as an attacker left it: a checkpoint gone from the middle of the second page
+    // (the store itself refuses to delete one).
+    let cut = Without { inner: c.store.clone(), table: Table::Checkpoints, key: id_key(3 * 256).to_vec() };
+    match check_at_start(&cut, &public).unwrap() {
+        Err(IntegrityError::MissingCheckpoint { seq }) => assert_eq!(seq, 3 * 256),
+        other => panic!("expected the missing checkpoint 768, got {:?}", other.map(|c| c.head_seq)),
+    }
+}
+
+/// A store with one row gone, as if removed behind the server's back.
+struct Without {
+    inner: Arc<Flaky>,
+    table: Table,
+    key: Vec<u8>,
+}
+
+impl Store for Without {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn commit(&self, group: WriteGroup) -> StoreFuture<'_, ()> {
+        self.inner.commit(group)
+    }
+    fn commit_blocking(&self, group: WriteGroup) -> Result<(), StoreError> {
+        self.inner.commit_blocking(group)
+    }
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        if table == self.table && key == self.key.as_slice() { Ok(None) } else { self.inner.get(table, key) }
+    }
+    fn scan(&self, table: Table, range: KeyRange<'_>, visit: &mut Visit<'_>) -> Result<(), StoreError> {
+        self.inner.scan(table, range, &mut |k, v| if table == self.table && k == self.key.as_slice() { Ok(true) } else { visit(k, v) })
+    }
+    fn last(&self, table: Table) -> Result<Option<Row>, StoreError> {
+        self.inner.last(table)
+    }
+    fn scrub(&self) -> StoreFuture<'_, crate::store::ScrubReport> {
+        self.inner.scrub()
+    }
+}
