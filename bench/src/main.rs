@@ -171,9 +171,9 @@ fn endpoint(cfg: &ClientConfig) -> Result<Endpoint, String> {
     if let Some(name) = &cfg.server_name {
         tls = tls.domain_name(name.clone());
     }
-    Ok(Endpoint::from_shared(cfg.endpoint.clone())
+    Ok(Endpoint::from_shared(cfg.endpoint().to_owned())
         .and_then(|e| e.tls_config(tls))
-        .map_err(|e| format!("invalid server endpoint {:?}: {e}", cfg.endpoint))?
+        .map_err(|e| format!("invalid server endpoint {:?}: {e}", cfg.endpoint()))?
         .connect_timeout(cfg.connect_timeout())
         .timeout(cfg.timeout()))
 }
@@ -208,7 +208,7 @@ async fn connect_all(path: &Path, n: u32) -> Result<(Vec<Channel>, ClientConfig)
         let ch = ep
             .connect()
             .await
-            .map_err(|e| format!("cannot reach the Kluis server at {}: {e}", cfg.endpoint))?;
+            .map_err(|e| format!("cannot reach the Kluis server at {}: {e}", cfg.endpoint()))?;
         channels.push(ch);
     }
     Ok((channels, cfg))
@@ -396,7 +396,7 @@ async fn run(cli: Cli) -> Result<Report, String> {
                     },
                 });
             }
-            (gen_cfg.endpoint.clone(), None)
+            (gen_cfg.endpoint().to_owned(), None)
         }
         Op::Unwrap => {
             let n = cli.unwrap_keys as usize;
@@ -414,7 +414,7 @@ async fn run(cli: Cli) -> Result<Report, String> {
                     step: tasks,
                 });
             }
-            (cfg.endpoint, Some(cli.unwrap_keys))
+            (cfg.endpoint().to_owned(), Some(cli.unwrap_keys))
         }
     };
 
