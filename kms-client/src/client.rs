@@ -266,7 +266,9 @@ impl ClientError {
     }
 
     /// The error for a failed connect: TLS (by the rustls error in the chain) or unreachable.
-    fn from_connect(endpoint: &str, e: tonic::transport::Error) -> Self {
+    /// Public for tools that open their own tonic channels (the load generator), so that
+    /// [`crate::retry::next_step`] decides for them too whether to move on to the next endpoint.
+    pub fn from_connect(endpoint: &str, e: tonic::transport::Error) -> Self {
         match rustls_error(&e) {
             Some(tls) => ClientError::from_tls(endpoint.to_owned(), tls),
             None => ClientError::Connect { endpoint: endpoint.to_owned(), detail: innermost(&e), io: io_kind(&e) },

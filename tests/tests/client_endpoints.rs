@@ -165,3 +165,38 @@ fn the_dev_setup_writes_several_endpoints() {
     assert!(stderr(&out).contains("--client-endpoint") && stderr(&out).contains("is not https://HOST:PORT"), "{}", stderr(&out));
     assert!(!dir.path().join("d").exists(), "nothing was created");
 }
+
+/// The load generator connects to the first endpoint that is available, saying so, and
+/// reports which one it loaded; a certificate of another CA stops it too.
+#[test]
+fn the_load_generator_passes_over_an_unavailable_endpoint() {
+    let server = Server::start();
+    let (dead, dropper, live) = (closed_port(), dropping_listener(), real(&server));
+    let cfg = with_endpoints(&server, "dev", "loadgen.toml", &[&dead, &dropper, &live]);
+    // One second of health checks on two connections.
+    let loadgen = |cfg: &std::path::Path| {
+        let args = ["--client-config", cfg.to_str().unwrap(), "--op", "health", "-c", "2", "-s", "1", "-t", "1", "-w", "0", "--json"];
+        run("kluis-loadgen", &args, b"")
+    };
+    let out = loadgen(&cfg);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stderr(&out);
+    assert!(text.contains(&format!("kluis: server {dead} unavailable (connection refused), trying {dropper}")), "{text}");
+    assert!(text.contains(&format!("kluis: server {dropper} unavailable (")) && text.contains(&format!("trying {live}")), "{text}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["endpoint"], live.as_str(), "{report}");
+    // Every endpoint down: each is named, non-zero exit.
+    let cfg = with_endpoints(&server, "dev", "loadgen-dead.toml", &[&dead, &dropper]);
+    let out = loadgen(&cfg);
+    assert!(!out.status.success());
+    let text = stderr(&out);
+    assert!(text.contains("no Kluis server in `endpoints` is available (2 tried)") && text.contains(&dead) && text.contains(&dropper), "{text}");
+    // Another CA's certificate first: final, the good server is not tried.
+    let stranger = Server::start();
+    let cfg = with_endpoints(&server, "dev", "loadgen-stranger.toml", &[&real(&stranger), &live]);
+    let out = loadgen(&cfg);
+    assert!(!out.status.success());
+    let text = stderr(&out);
+    assert!(text.contains(&format!("the Kluis server at {} presented a certificate this client does not trust", real(&stranger))), "{text}");
+    assert!(!text.contains("trying"), "{text}");
+}
