@@ -15,7 +15,7 @@ use zeroize::Zeroize;
 use crate::class::ErrorClass;
 use crate::config::{ClientConfig, ConfigError};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use crate::retry::{Cause, FailoverNotice, Policy, Retrier, Rpc};
 use crate::tls::{LastTlsError, TlsConnect, TlsSetupError};
@@ -605,17 +605,27 @@ impl Target {
     async fn services(&self) -> Result<&Services, ClientError> {
         self.services
             .get_or_try_init(|| async {
+                let tcp_up = Arc::new(AtomicBool::new(false));
                 let connector = {
-                    let (tls, last_tls) = (self.tls.clone(), self.last_tls.clone());
+                    let (tls, last_tls, tcp_up) = (self.tls.clone(), self.last_tls.clone(), tcp_up.clone());
                     tower::service_fn(move |_: tonic::codegen::http::Uri| {
-                        let (tls, last_tls) = (tls.clone(), last_tls.clone());
-                        async move { tls.connect(last_tls).await.map(hyper_util::rt::TokioIo::new) }
+                        let (tls, last_tls, tcp_up) = (tls.clone(), last_tls.clone(), tcp_up.clone());
+                        async move { tls.connect(last_tls, &tcp_up).await.map(hyper_util::rt::TokioIo::new) }
                     })
                 };
                 // The connector's timeout covers TCP only; this deadline also covers the TLS
                 // handshake (a peer that accepts but never answers): DeadlineExceeded, not retried.
+                // When it runs out before TCP was even up (the two deadlines are the same and race),
+                // it is the connector's TCP timeout: the server is not there, retried and moved on from.
                 let channel = match tokio::time::timeout(self.connect_timeout, self.channel_endpoint.connect_with_connector(connector)).await {
                     Ok(r) => r.map_err(|e| ClientError::from_connect(&self.endpoint, e))?,
+                    Err(_) if !tcp_up.load(Ordering::Relaxed) => {
+                        return Err(ClientError::Connect {
+                            endpoint: self.endpoint.clone(),
+                            detail: "TCP connect timed out".to_owned(),
+                            io: Some(std::io::ErrorKind::TimedOut),
+                        });
+                    }
                     Err(_) => return Err(ClientError::DeadlineExceeded { endpoint: self.endpoint.clone() }),
                 };
                 Ok(Services {

@@ -200,3 +200,45 @@ fn the_load_generator_passes_over_an_unavailable_endpoint() {
     assert!(text.contains(&format!("the Kluis server at {} presented a certificate this client does not trust", real(&stranger))), "{text}");
     assert!(!text.contains("trying"), "{text}");
 }
+
+/// An address that never answers a TCP connect (a machine that is down, a firewall that
+/// drops): a listener with an accept queue of one, filled by a connection nobody accepts;
+/// Linux drops the SYNs that follow. Lives as long as the value.
+struct BlackHole {
+    _rt: tokio::runtime::Runtime,
+    _listener: tokio::net::TcpListener,
+    _queued: std::net::TcpStream,
+    url: String,
+}
+
+fn black_hole() -> BlackHole {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_io().build().unwrap();
+    let _in_rt = rt.enter();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let queued = std::net::TcpStream::connect(addr).unwrap();
+    drop(_in_rt);
+    BlackHole { _rt: rt, _listener: listener, _queued: queued, url: format!("https://{addr}") }
+}
+
+/// A server that does not answer the TCP connect at all: when `connect_timeout_secs`
+/// runs out the client moves on (the server is not there), for seal, unseal and kmsctl.
+#[test]
+fn an_endpoint_that_never_answers_the_tcp_connect_is_passed_over() {
+    let server = Server::start();
+    let (hole, live) = (black_hole(), real(&server));
+    let cfg = with_endpoints(&server, "dev", "hole-first.toml", &[&hole.url, &live]);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, format!("connect_timeout_secs = 1\n{text}")).unwrap();
+    let (seal_err, _) = seal_and_unseal(&cfg, "ha-hole-first");
+    assert!(seal_err.contains(&format!("kluis: server {} unavailable (could not connect), trying {live}", hole.url)), "{seal_err}");
+    // Alone it is unavailable (exit 3), naming the connect timeout.
+    let cfg = with_endpoints(&server, "dev", "hole-only.toml", &[&hole.url, &closed_port()]);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, format!("connect_timeout_secs = 1\n{text}")).unwrap();
+    let out = kmsctl(&cfg, &["keyring", "list"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains(&format!("[1] cannot reach the Kluis server at {}: TCP connect timed out", hole.url)), "{}", stderr(&out));
+}
