@@ -242,3 +242,23 @@ fn an_endpoint_that_never_answers_the_tcp_connect_is_passed_over() {
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     assert!(stderr(&out).contains(&format!("[1] cannot reach the Kluis server at {}: TCP connect timed out", hole.url)), "{}", stderr(&out));
 }
+
+/// What is final on one server is final for all: a refusal (PERMISSION_DENIED, exit 4) and
+/// UNAVAILABLE with a Kluis reason (the audit trail cannot be written, exit 3) end the
+/// call at the first endpoint; the next (a closed port) is never tried, and the error is
+/// that server's own, not "no server available".
+#[test]
+fn a_refusal_or_a_server_reason_is_final_and_not_taken_to_the_next_endpoint() {
+    let mut server = Server::start();
+    let (live, dead) = (real(&server), closed_port());
+    let cfg = with_endpoints(&server, "auditor", "auditor.toml", &[&live, &dead]);
+    let out = backup_hook(&cfg, &["seal", "--keyring", "default", "--backup-id", "ha-refused"], b"data");
+    let err = refused_one_line(&out, 4, &["auditor"]);
+    assert!(!err.contains("trying") && !err.contains(&dead), "{err}");
+    server.env.push(("KLUIS_TEST_FAIL_AUDIT".into(), "1".into()));
+    server.restart();
+    let cfg = with_endpoints(&server, "sealer", "sealer.toml", &[&real(&server), &dead]);
+    let out = backup_hook(&cfg, &["seal", "--keyring", "default", "--backup-id", "ha-no-audit"], b"data");
+    let err = refused_one_line(&out, 3, &["audit trail"]);
+    assert!(!err.contains("trying") && !err.contains(&dead) && !err.contains("no Kluis server in"), "{err}");
+}
