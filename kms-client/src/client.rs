@@ -2,6 +2,8 @@
 
 pub use kluis_proto::states::{ApprovalState, DataKeyState, DestructionKind, DestructionReason, DestructionState, VersionState};
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use kluis_age::secret::{DataKey, IssuedKey};
 use kluis_proto::error::{Reason, reason_of};
@@ -14,9 +16,6 @@ use zeroize::Zeroize;
 
 use crate::class::ErrorClass;
 use crate::config::{ClientConfig, ConfigError};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-
 use crate::retry::{Cause, FailoverNotice, Policy, Retrier, Rpc};
 use crate::tls::{LastTlsError, TlsConnect, TlsSetupError};
 
