@@ -348,7 +348,7 @@ fn run_passphrase(client_config: Option<&Path>, args: &PassphraseArgs) -> Result
         let labels: BTreeMap<String, String> = args.labels.iter().cloned().collect();
         let on_timeout = format!(
             "no answer from the Kluis server {} within the {secs} s deadline (--timeout); {} was not created, or if it exists it is complete",
-            cfg.endpoint,
+            cfg.endpoints_text(),
             key_file.display()
         );
         let report = with_deadline(secs, on_timeout, move || {
@@ -386,7 +386,7 @@ fn run_passphrase(client_config: Option<&Path>, args: &PassphraseArgs) -> Result
             let cfg = ClientConfig::from_arg_or_env(client_config).map_err(|e| Failure::new(EXIT_OTHER, e.to_string()))?;
             let on_timeout = format!(
                 "no answer from the Kluis server {} within the {secs} s deadline (--timeout); the server is unreachable or too slow",
-                cfg.endpoint
+                cfg.endpoints_text()
             );
             with_deadline(secs, on_timeout, move || {
                 // A missing or wrong file fails before any server round trip.

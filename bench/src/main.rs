@@ -22,7 +22,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use clap::{Parser, ValueEnum};
 use kluis_proto::v1 as pb;
 use kluis_proto::v1::key_service_client::KeyServiceClient;
+use kms_client::client::{ClientError, EndpointFailure};
 use kms_client::config::ClientConfig;
+use kms_client::retry::{self, FailoverNotice, Rpc};
 use serde::Serialize;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic_health::pb::health_client::HealthClient;
@@ -160,20 +162,17 @@ fn main() -> ExitCode {
     }
 }
 
-/// Builds an endpoint exactly as `KmsClient::connect` does (mTLS, connect
-/// timeout and per-request timeout from the config).
-fn endpoint(cfg: &ClientConfig) -> Result<Endpoint, String> {
-    cfg.check_key_permissions().map_err(|e| e.to_string())?;
-    let read = |p: &Path| std::fs::read(p).map_err(|e| format!("could not read {}: {e}", p.display()));
-    let mut tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read(&cfg.ca)?))
-        .identity(Identity::from_pem(read(&cfg.cert)?, read(&cfg.key)?));
+/// Builds the endpoint `url` of `cfg` as `KmsClient::connect` does (mTLS with the config's
+/// CA and client certificate, the server name checked per endpoint, connect timeout and
+/// per-request timeout from the config).
+fn endpoint(cfg: &ClientConfig, url: &str, tls: &ClientTlsConfig) -> Result<Endpoint, String> {
+    let mut tls = tls.clone();
     if let Some(name) = &cfg.server_name {
         tls = tls.domain_name(name.clone());
     }
-    Ok(Endpoint::from_shared(cfg.endpoint.clone())
+    Ok(Endpoint::from_shared(url.to_owned())
         .and_then(|e| e.tls_config(tls))
-        .map_err(|e| format!("invalid server endpoint {:?}: {e}", cfg.endpoint))?
+        .map_err(|e| format!("invalid server endpoint {url:?}: {e}"))?
         .connect_timeout(cfg.connect_timeout())
         .timeout(cfg.timeout()))
 }
@@ -198,20 +197,53 @@ async fn require_loopback(ep: &Endpoint) -> Result<(), String> {
     Ok(())
 }
 
-/// Opens `n` separate connections (one `Channel` each).
-async fn connect_all(path: &Path, n: u32) -> Result<(Vec<Channel>, ClientConfig), String> {
+/// Opens `n` separate connections (one `Channel` each) to the first endpoint of the config
+/// that takes them all; returns that endpoint too. An endpoint that is unavailable (as
+/// `kms_client::retry::next_step` decides, the same decision as `KmsClient`'s) is passed
+/// over with one line on stderr; any other failure (a server certificate of another CA, ...)
+/// is final. Once connected the run stays on that endpoint: errors during the measurement
+/// are counted, not failed over (they are what a load test reports).
+async fn connect_all(path: &Path, n: u32) -> Result<(Vec<Channel>, ClientConfig, String), String> {
     let cfg = ClientConfig::load(path).map_err(|e| e.to_string())?;
-    let ep = endpoint(&cfg)?;
-    require_loopback(&ep).await?;
+    cfg.check_key_permissions().map_err(|e| e.to_string())?;
+    let read = |p: &Path| std::fs::read(p).map_err(|e| format!("could not read {}: {e}", p.display()));
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read(&cfg.ca)?))
+        .identity(Identity::from_pem(read(&cfg.cert)?, read(&cfg.key)?));
+    let mut eps = Vec::with_capacity(cfg.endpoints.len());
+    for url in &cfg.endpoints {
+        let ep = endpoint(&cfg, url, &tls)?;
+        require_loopback(&ep).await?;
+        eps.push(ep);
+    }
+    let mut failures = Vec::new();
+    for (i, (url, ep)) in cfg.endpoints.iter().zip(&eps).enumerate() {
+        let e = match connect_n(ep, n).await {
+            Ok(channels) => return Ok((channels, cfg.clone(), url.clone())),
+            Err(e) => ClientError::from_connect(url, e),
+        };
+        let Some(cause) = retry::next_step(Rpc::Connect, &e) else { return Err(e.to_string()) };
+        if let Some(to) = cfg.endpoints.get(i + 1) {
+            eprintln!("{}", FailoverNotice { rpc: Rpc::Connect, from: url.clone(), cause, to: to.clone() });
+        }
+        failures.push(EndpointFailure { endpoint: url.clone(), error: e });
+    }
+    Err(match failures.pop() {
+        Some(only) if failures.is_empty() => only.error.to_string(),
+        last => {
+            failures.extend(last);
+            ClientError::NoEndpointAvailable { failures }.to_string()
+        }
+    })
+}
+
+/// `n` connections to one endpoint.
+async fn connect_n(ep: &Endpoint, n: u32) -> Result<Vec<Channel>, tonic::transport::Error> {
     let mut channels = Vec::with_capacity(n as usize);
     for _ in 0..n {
-        let ch = ep
-            .connect()
-            .await
-            .map_err(|e| format!("cannot reach the Kluis server at {}: {e}", cfg.endpoint))?;
-        channels.push(ch);
+        channels.push(ep.connect().await?);
     }
-    Ok((channels, cfg))
+    Ok(channels)
 }
 
 /// A key issued before an unwrap run. Throwaway bench keys on a dev server.
@@ -378,7 +410,7 @@ async fn run(cli: Cli) -> Result<Report, String> {
     let s = cli.streams;
     let tasks = (c * s) as usize;
 
-    let (gen_channels, gen_cfg) = connect_all(&cli.client_config, c).await?;
+    let (gen_channels, gen_cfg, gen_endpoint) = connect_all(&cli.client_config, c).await?;
     let timeout = gen_cfg.timeout();
     let mut calls = Vec::with_capacity(tasks);
     let (endpoint, unwrap_keys) = match cli.op {
@@ -396,7 +428,7 @@ async fn run(cli: Cli) -> Result<Report, String> {
                     },
                 });
             }
-            (gen_cfg.endpoint.clone(), None)
+            (gen_endpoint, None)
         }
         Op::Unwrap => {
             let n = cli.unwrap_keys as usize;
@@ -404,7 +436,7 @@ async fn run(cli: Cli) -> Result<Report, String> {
             let keys = Arc::new(issue_keys(&gen_channels, &cli.keyring, n, tasks, timeout).await?);
             drop(gen_channels);
             let path = cli.unwrap_client_config.as_deref().unwrap_or(&cli.client_config);
-            let (channels, cfg) = connect_all(path, c).await?;
+            let (channels, _, endpoint) = connect_all(path, c).await?;
             for t in 0..tasks {
                 calls.push(Call::Unwrap {
                     client: KeyServiceClient::new(channels[t % c as usize].clone()),
@@ -414,7 +446,7 @@ async fn run(cli: Cli) -> Result<Report, String> {
                     step: tasks,
                 });
             }
-            (cfg.endpoint, Some(cli.unwrap_keys))
+            (endpoint, Some(cli.unwrap_keys))
         }
     };
 

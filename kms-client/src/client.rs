@@ -2,6 +2,8 @@
 
 pub use kluis_proto::states::{ApprovalState, DataKeyState, DestructionKind, DestructionReason, DestructionState, VersionState};
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use kluis_age::secret::{DataKey, IssuedKey};
 use kluis_proto::error::{Reason, reason_of};
@@ -14,7 +16,7 @@ use zeroize::Zeroize;
 
 use crate::class::ErrorClass;
 use crate::config::{ClientConfig, ConfigError};
-use crate::retry::{Cause, Policy, Retrier, Rpc};
+use crate::retry::{Cause, FailoverNotice, Policy, Retrier, Rpc};
 use crate::tls::{LastTlsError, TlsConnect, TlsSetupError};
 
 /// Errors talking to the server.
@@ -77,9 +79,41 @@ pub enum ClientError {
     Server { endpoint: String, code: tonic::Code, reason: Option<Reason>, message: String },
     #[error("the server's answer is malformed: {what}")]
     BadResponse { what: &'static str },
+    /// Several endpoints, and each failed in a way that moves on to the next one (the
+    /// failures in the order they were tried, at most one per endpoint).
+    #[error("no Kluis server in `endpoints` is available ({} tried): {}", .failures.len(), failures_text(.failures))]
+    NoEndpointAvailable { failures: Vec<EndpointFailure> },
     /// The server stayed unavailable until the retry deadline (`[retry] deadline_secs`).
     #[error("the Kluis server stayed unavailable: gave up after {attempts} attempts in {:.1} s (retry.deadline_secs in the client config); the last failure ({cause}): {last}", .elapsed.as_secs_f64())]
     GaveUp { attempts: u32, elapsed: std::time::Duration, cause: Cause, last: Box<ClientError> },
+}
+
+/// Why one of several endpoints was passed over.
+#[derive(Debug)]
+pub struct EndpointFailure {
+    pub endpoint: String,
+    pub error: ClientError,
+}
+
+/// The most characters of one endpoint's failure in [`ClientError::NoEndpointAvailable`]'s
+/// message (16 endpoints at most: the message stays bounded).
+const FAILURE_TEXT_MAX: usize = 300;
+
+/// "[1] TEXT; [2] TEXT": each failure's own message (it names its endpoint), cut to a bound.
+fn failures_text(failures: &[EndpointFailure]) -> String {
+    failures
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let mut text = f.error.to_string();
+            if let Some((cut, _)) = text.char_indices().nth(FAILURE_TEXT_MAX) {
+                text.truncate(cut);
+                text.push_str("...");
+            }
+            format!("[{}] {text}", i + 1)
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// The message of a TLS refusal by the server, by its alert when known.
@@ -155,6 +189,7 @@ impl ClientError {
                 Some(r) => ErrorClass::of_reason(*r),
                 None => ErrorClass::of_code(*code),
             },
+            ClientError::NoEndpointAvailable { .. } => ErrorClass::Unavailable,
             ClientError::GaveUp { last, .. } => last.class(),
         }
     }
@@ -163,6 +198,7 @@ impl ClientError {
     pub fn code(&self) -> Option<tonic::Code> {
         match self {
             ClientError::Server { code, .. } => Some(*code),
+            ClientError::NoEndpointAvailable { failures } => failures.last().and_then(|f| f.error.code()),
             ClientError::GaveUp { last, .. } => last.code(),
             _ => None,
         }
@@ -172,6 +208,7 @@ impl ClientError {
     pub fn reason(&self) -> Option<Reason> {
         match self {
             ClientError::Server { reason, .. } => *reason,
+            ClientError::NoEndpointAvailable { failures } => failures.last().and_then(|f| f.error.reason()),
             ClientError::GaveUp { last, .. } => last.reason(),
             _ => None,
         }
@@ -228,7 +265,9 @@ impl ClientError {
     }
 
     /// The error for a failed connect: TLS (by the rustls error in the chain) or unreachable.
-    fn from_connect(endpoint: &str, e: tonic::transport::Error) -> Self {
+    /// Public for tools that open their own tonic channels (the load generator), so that
+    /// [`crate::retry::next_step`] decides for them too whether to move on to the next endpoint.
+    pub fn from_connect(endpoint: &str, e: tonic::transport::Error) -> Self {
         match rustls_error(&e) {
             Some(tls) => ClientError::from_tls(endpoint.to_owned(), tls),
             None => ClientError::Connect { endpoint: endpoint.to_owned(), detail: innermost(&e), io: io_kind(&e) },
@@ -498,19 +537,104 @@ pub struct EscrowStatus {
     pub previous_recipients: Vec<String>,
 }
 
-/// A connection to the Kluis server. Cheap to clone.
+/// A connection to the Kluis server (or to one of several: the client config's
+/// `endpoints`). Cheap to clone.
 ///
 /// Every call goes through the retry loop of [`crate::retry`] (the client config's
-/// `[retry]`); the channel reconnects by itself after a lost connection.
+/// `[retry]`); each attempt tries the endpoints in order from the one that answered last,
+/// moving on when [`crate::retry::next_step`] says so. A channel reconnects by itself
+/// after a lost connection.
 #[derive(Clone)]
 pub struct KmsClient {
+    targets: Arc<[Target]>,
+    /// The endpoint that answered last: the next call starts there.
+    active: Arc<AtomicUsize>,
+    retry: Retrier,
+}
+
+/// One endpoint: where it is, how to reach it, and its connection once made.
+struct Target {
+    endpoint: String,
+    /// `http://AUTHORITY` with the request timeout: TLS is done by the connector.
+    channel_endpoint: Endpoint,
+    tls: Arc<TlsConnect>,
+    connect_timeout: std::time::Duration,
+    /// The TLS error behind the last failed read or write of this channel's connections.
+    last_tls: LastTlsError,
+    services: tokio::sync::OnceCell<Services>,
+}
+
+/// The gRPC services on one channel.
+struct Services {
     keys: KeyServiceClient<Channel>,
     admin: AdminServiceClient<Channel>,
     audit: AuditServiceClient<Channel>,
-    endpoint: String,
-    retry: Retrier,
-    /// The TLS error behind the last failed read or write of the channel's connections.
-    last_tls: LastTlsError,
+}
+
+impl Target {
+    /// The endpoint as the client config names it, checked for the same CA and client
+    /// certificate as every other; the server name is `server_name`, else its own host.
+    fn new(endpoint: &str, cfg: &ClientConfig, ca: &[u8], cert: &[u8], key: &[u8]) -> Result<Self, ClientError> {
+        let parsed = Endpoint::from_shared(endpoint.to_owned())
+            .map_err(|e| ClientError::Endpoint { endpoint: endpoint.to_owned(), source: e })?;
+        let uri = parsed.uri();
+        let (Some(host), Some(authority)) = (uri.host(), uri.authority()) else {
+            return Err(ClientError::EndpointHost { endpoint: endpoint.to_owned() });
+        };
+        let addr = format!("{host}:{}", uri.port_u16().unwrap_or(443));
+        let name = cfg.server_name.as_deref().unwrap_or(host);
+        let tls = TlsConnect::new(ca, cert, key, name, addr, cfg.connect_timeout()).map_err(ClientError::TlsSetup)?;
+        // TLS is done by the connector (crate::tls), so the scheme tonic sees is http.
+        // No connect timeout on the endpoint: it would wrap TCP and TLS both and race the
+        // deadline in `services`; the connector bounds the TCP connect of every (re)connection.
+        let channel_endpoint = Endpoint::from_shared(format!("http://{authority}"))
+            .map_err(|e| ClientError::Endpoint { endpoint: endpoint.to_owned(), source: e })?
+            .timeout(cfg.timeout());
+        Ok(Self {
+            endpoint: endpoint.to_owned(),
+            channel_endpoint,
+            tls: Arc::new(tls),
+            connect_timeout: cfg.connect_timeout(),
+            last_tls: LastTlsError::default(),
+            services: tokio::sync::OnceCell::new(),
+        })
+    }
+
+    /// The services on this endpoint's channel, connecting first if it is not connected yet.
+    async fn services(&self) -> Result<&Services, ClientError> {
+        self.services
+            .get_or_try_init(|| async {
+                let tcp_up = Arc::new(AtomicBool::new(false));
+                let connector = {
+                    let (tls, last_tls, tcp_up) = (self.tls.clone(), self.last_tls.clone(), tcp_up.clone());
+                    tower::service_fn(move |_: tonic::codegen::http::Uri| {
+                        let (tls, last_tls, tcp_up) = (tls.clone(), last_tls.clone(), tcp_up.clone());
+                        async move { tls.connect(last_tls, &tcp_up).await.map(hyper_util::rt::TokioIo::new) }
+                    })
+                };
+                // The connector's timeout covers TCP only; this deadline also covers the TLS
+                // handshake (a peer that accepts but never answers): DeadlineExceeded, not retried.
+                // When it runs out before TCP was even up (the two deadlines are the same and race),
+                // it is the connector's TCP timeout: the server is not there, retried and moved on from.
+                let channel = match tokio::time::timeout(self.connect_timeout, self.channel_endpoint.connect_with_connector(connector)).await {
+                    Ok(r) => r.map_err(|e| ClientError::from_connect(&self.endpoint, e))?,
+                    Err(_) if !tcp_up.load(Ordering::Relaxed) => {
+                        return Err(ClientError::Connect {
+                            endpoint: self.endpoint.clone(),
+                            detail: "TCP connect timed out".to_owned(),
+                            io: Some(std::io::ErrorKind::TimedOut),
+                        });
+                    }
+                    Err(_) => return Err(ClientError::DeadlineExceeded { endpoint: self.endpoint.clone() }),
+                };
+                Ok(Services {
+                    keys: KeyServiceClient::new(channel.clone()),
+                    admin: AdminServiceClient::new(channel.clone()),
+                    audit: AuditServiceClient::new(channel),
+                })
+            })
+            .await
+    }
 }
 
 /// One unary call through the retry loop: `call!(self, Rpc::X, service.method(request))`.
@@ -519,8 +643,8 @@ macro_rules! call {
     ($self:ident, $rpc:expr, $svc:ident . $method:ident ( $req:expr )) => {{
         let req = $req;
         $self
-            .call($rpc, || {
-                let mut svc = $self.$svc.clone();
+            .call($rpc, |s: &Services| {
+                let mut svc = s.$svc.clone();
                 let req = req.clone();
                 async move { svc.$method(req).await }
             })
@@ -533,8 +657,8 @@ fn read(path: &std::path::Path) -> Result<Vec<u8>, ClientError> {
 }
 
 impl KmsClient {
-    /// Connects with mTLS, within the config's connect deadline; while the server is
-    /// unreachable, retries as the config's `[retry]` says.
+    /// Connects with mTLS to the first endpoint that answers, within the config's connect
+    /// deadline per endpoint; while none is reachable, retries as the config's `[retry]` says.
     pub async fn connect(cfg: &ClientConfig) -> Result<Self, ClientError> {
         Self::connect_with(cfg, Retrier::new(Policy::from(&cfg.retry))).await
     }
@@ -548,63 +672,74 @@ impl KmsClient {
         crate::config::check_certificate_pem(&cfg.ca, &ca, "ca")?;
         crate::config::check_certificate_pem(&cfg.cert, &cert, "cert")?;
         crate::config::check_key_pem(&cfg.key, &key)?;
-        let endpoint = Endpoint::from_shared(cfg.endpoint.clone())
-            .map_err(|e| ClientError::Endpoint { endpoint: cfg.endpoint.clone(), source: e })?;
-        let uri = endpoint.uri();
-        let (Some(host), Some(authority)) = (uri.host(), uri.authority()) else {
-            return Err(ClientError::EndpointHost { endpoint: cfg.endpoint.clone() });
-        };
-        let addr = format!("{host}:{}", uri.port_u16().unwrap_or(443));
-        let name = cfg.server_name.as_deref().unwrap_or(host);
-        let tls = TlsConnect::new(&ca, &cert, &key, name, addr, cfg.connect_timeout()).map_err(ClientError::TlsSetup)?;
-        let tls = std::sync::Arc::new(tls);
-        // TLS is done by the connector below (crate::tls), so the scheme tonic sees is http.
-        // No connect timeout on the endpoint: it would wrap TCP and TLS both and race the
-        // deadline below; the connector bounds the TCP connect of every (re)connection.
-        let endpoint = Endpoint::from_shared(format!("http://{authority}"))
-            .map_err(|e| ClientError::Endpoint { endpoint: cfg.endpoint.clone(), source: e })?
-            .timeout(cfg.timeout());
-        let last_tls = LastTlsError::default();
-        let connector = {
-            let last_tls = last_tls.clone();
-            tower::service_fn(move |_: tonic::codegen::http::Uri| {
-                let (tls, last_tls) = (tls.clone(), last_tls.clone());
-                async move { tls.connect(last_tls).await.map(hyper_util::rt::TokioIo::new) }
-            })
-        };
-        // The connector's timeout covers TCP only; this deadline also covers the TLS
-        // handshake (a peer that accepts but never answers): DeadlineExceeded, not retried.
-        let channel = retry
-            .run(Rpc::Connect, || async {
-                match tokio::time::timeout(cfg.connect_timeout(), endpoint.connect_with_connector(connector.clone())).await {
-                    Ok(r) => r.map_err(|e| ClientError::from_connect(&cfg.endpoint, e)),
-                    Err(_) => Err(ClientError::DeadlineExceeded { endpoint: cfg.endpoint.clone() }),
-                }
-            })
-            .await?;
-        Ok(Self {
-            keys: KeyServiceClient::new(channel.clone()),
-            admin: AdminServiceClient::new(channel.clone()),
-            audit: AuditServiceClient::new(channel),
-            endpoint: cfg.endpoint.clone(),
-            retry,
-            last_tls,
-        })
+        let targets = cfg.endpoints.iter().map(|e| Target::new(e, cfg, &ca, &cert, &key)).collect::<Result<Vec<_>, _>>()?;
+        if targets.is_empty() {
+            return Err(ClientError::Config(ConfigError::NoEndpoint { path: std::path::PathBuf::new() }));
+        }
+        let client = Self { targets: targets.into(), active: Arc::new(AtomicUsize::new(0)), retry };
+        client.call(Rpc::Connect, |_: &Services| std::future::ready(Ok::<(), tonic::Status>(()))).await?;
+        Ok(client)
     }
 
-    /// Runs one call (`f` makes one attempt) through the retry loop.
-    async fn call<T, F, Fut>(&self, rpc: Rpc, mut f: F) -> Result<T, ClientError>
+    /// The endpoint that answered last (the first of the config before any call).
+    pub fn endpoint(&self) -> &str {
+        let i = self.active.load(Ordering::Relaxed) % self.targets.len();
+        self.targets[i].endpoint.as_str()
+    }
+
+    /// Runs one call (`f` makes one attempt on an endpoint's services) through the retry loop.
+    async fn call<T, F, Fut>(&self, rpc: Rpc, f: F) -> Result<T, ClientError>
     where
-        F: FnMut() -> Fut,
+        F: Fn(&Services) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
-        let (endpoint, last_tls) = (self.endpoint.as_str(), &self.last_tls);
-        self.retry
-            .run(rpc, || {
-                let attempt = f();
-                async move { attempt.await.map_err(|s| ClientError::from_status_with(endpoint, s, last_tls)) }
-            })
-            .await
+        self.call_at(rpc, f).await.map(|(v, _)| v)
+    }
+
+    /// [`KmsClient::call`], also saying which endpoint answered (its index).
+    async fn call_at<T, F, Fut>(&self, rpc: Rpc, f: F) -> Result<(T, usize), ClientError>
+    where
+        F: Fn(&Services) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let f = &f;
+        self.retry.run(rpc, || self.pass(rpc, f)).await
+    }
+
+    /// One attempt: the endpoints in order from the one that answered last, moving on after
+    /// each failure that [`crate::retry::next_step`] retries; any other failure is final.
+    async fn pass<T, F, Fut>(&self, rpc: Rpc, f: &F) -> Result<(T, usize), ClientError>
+    where
+        F: Fn(&Services) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let n = self.targets.len();
+        let start = self.active.load(Ordering::Relaxed) % n;
+        let mut failures = Vec::new();
+        for k in 0..n {
+            let i = (start + k) % n;
+            let t = &self.targets[i];
+            let r = match t.services().await {
+                Ok(s) => f(s).await.map_err(|s| ClientError::from_status_with(&t.endpoint, s, &t.last_tls)),
+                Err(e) => Err(e),
+            };
+            let e = match r {
+                Ok(v) => {
+                    self.active.store(i, Ordering::Relaxed);
+                    return Ok((v, i));
+                }
+                // One endpoint: its error as it is, for the retry loop.
+                Err(e) if n == 1 => return Err(e),
+                Err(e) => e,
+            };
+            let Some(cause) = crate::retry::next_step(rpc, &e) else { return Err(e) };
+            if k + 1 < n {
+                let to = self.targets[(i + 1) % n].endpoint.clone();
+                self.retry.failover(&FailoverNotice { rpc, from: t.endpoint.clone(), cause, to });
+            }
+            failures.push(EndpointFailure { endpoint: t.endpoint.clone(), error: e });
+        }
+        Err(ClientError::NoEndpointAvailable { failures })
     }
 
     /// Asks for a fresh data key for one backup object.
@@ -831,8 +966,8 @@ impl KmsClient {
     pub async fn export_audit(&self, since: Option<&str>, tail: u64) -> Result<Vec<String>, ClientError> {
         let req = pb::ExportAuditRequest { since: since.unwrap_or_default().to_owned(), tail };
         // The whole stream is one attempt: a stream cut short is read again from the start.
-        self.call(Rpc::ExportAudit, || {
-            let mut audit = self.audit.clone();
+        self.call(Rpc::ExportAudit, |s: &Services| {
+            let mut audit = s.audit.clone();
             let req = req.clone();
             async move {
                 let mut stream = audit.export_audit(req).await?.into_inner();
@@ -857,9 +992,16 @@ impl KmsClient {
         let req = pb::ExportAuditRequest { since: since.unwrap_or_default().to_owned(), tail };
         // Opening the stream goes through the retry loop; once lines have been handed to `line`,
         // a stream cut short is an error (it cannot be read again from the start here).
-        let mut stream = call!(self, Rpc::ExportAudit, audit.export_audit(req))?.into_inner();
-        let (endpoint, last_tls) = (self.endpoint.as_str(), &self.last_tls);
-        while let Some(l) = stream.message().await.map_err(|s| ClientError::from_status_with(endpoint, s, last_tls))? {
+        let (stream, at) = self
+            .call_at(Rpc::ExportAudit, |s: &Services| {
+                let mut audit = s.audit.clone();
+                let req = req.clone();
+                async move { audit.export_audit(req).await }
+            })
+            .await?;
+        let mut stream = stream.into_inner();
+        let t = &self.targets[at];
+        while let Some(l) = stream.message().await.map_err(|s| ClientError::from_status_with(&t.endpoint, s, &t.last_tls))? {
             line(l.json)?;
         }
         Ok(())

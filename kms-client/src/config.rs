@@ -11,6 +11,8 @@ pub const CLIENT_CONFIG_ENV: &str = "KLUIS_CLIENT_CONFIG";
 pub const CONFIG_VERSION: u32 = 1;
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most servers one client config may name in `endpoints`.
+pub const MAX_ENDPOINTS: usize = 16;
 
 /// Errors reading a client config.
 #[derive(Debug, thiserror::Error)]
@@ -25,12 +27,28 @@ pub enum ConfigError {
     KeyPermissions { path: PathBuf, mode: u32 },
     #[error("no client config: pass --client-config FILE or set {CLIENT_CONFIG_ENV}")]
     Missing,
-    /// A plain `http://` endpoint: Kluis speaks mutual TLS only.
-    #[error("client config {path}: endpoint {endpoint:?} is plain http://; the Kluis server speaks mutual TLS only: use https://HOST:PORT")]
-    PlainHttp { path: PathBuf, endpoint: String },
+    /// A plain `http://` endpoint: Kluis speaks mutual TLS only. `field` is `endpoint`,
+    /// or `endpoints[N]` (counted from 1).
+    #[error("client config {path}: {field} {endpoint:?} is plain http://; the Kluis server speaks mutual TLS only: use https://HOST:PORT")]
+    PlainHttp { path: PathBuf, field: String, endpoint: String },
     /// An endpoint that is not `https://HOST:PORT`.
-    #[error("client config {path}: endpoint {endpoint:?} is not https://HOST:PORT")]
-    EndpointNotHttps { path: PathBuf, endpoint: String },
+    #[error("client config {path}: {field} {endpoint:?} is not https://HOST:PORT")]
+    EndpointNotHttps { path: PathBuf, field: String, endpoint: String },
+    /// Neither `endpoint` nor `endpoints`.
+    #[error("client config {path}: no server: set `endpoint = \"https://HOST:PORT\"` (or `endpoints = [...]` for several servers)")]
+    NoEndpoint { path: PathBuf },
+    /// Both `endpoint` and `endpoints`.
+    #[error("client config {path}: both `endpoint` and `endpoints` are set; use one of the two (`endpoints` for several servers)")]
+    EndpointAndEndpoints { path: PathBuf },
+    /// `endpoints = []`.
+    #[error("client config {path}: `endpoints` is empty; name at least one server (https://HOST:PORT)")]
+    EndpointsEmpty { path: PathBuf },
+    /// More entries in `endpoints` than a client tries.
+    #[error("client config {path}: `endpoints` has {count} entries; at most {MAX_ENDPOINTS} are allowed")]
+    TooManyEndpoints { path: PathBuf, count: usize },
+    /// The same server twice in `endpoints` (`field` is the second one, e.g. `endpoints[3]`).
+    #[error("client config {path}: {field} {endpoint:?} repeats {first}; name each server once")]
+    DuplicateEndpoint { path: PathBuf, field: String, endpoint: String, first: String },
     /// A PEM private key encrypted with a passphrase (PKCS#8 `ENCRYPTED PRIVATE KEY`, or
     /// OpenSSL's legacy `Proc-Type: 4,ENCRYPTED`): this client never prompts.
     #[error("client key {path} is encrypted; encrypted private keys are not supported: decrypt it with `openssl pkey -in {path} -out PLAIN.key` (then `chmod 600 PLAIN.key`) and name that file as `key` in the client config")]
@@ -100,42 +118,74 @@ impl RetryConfig {
 }
 
 /// Where the server is and how to authenticate to it.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+///
+/// In the file the server is `endpoint = "https://HOST:PORT"`, or several servers (replicas
+/// of one Kluis service) are `endpoints = ["https://a:8443", "https://b:8443"]`: exactly one
+/// of the two. Either way [`ClientConfig::endpoints`] holds them in order, at least one.
+#[derive(Clone, Debug)]
 pub struct ClientConfig {
     pub version: u32,
-    /// `https://host:port`
-    pub endpoint: String,
-    /// Name to verify in the server certificate (defaults to the endpoint's host).
-    #[serde(default)]
+    /// `https://host:port`, in the order they are tried; never empty, at most [`MAX_ENDPOINTS`].
+    pub endpoints: Vec<String>,
+    /// Name to verify in every server's certificate (defaults to each endpoint's own host).
     pub server_name: Option<String>,
-    /// CA certificate that signed the server certificate (PEM).
+    /// CA certificate that signed the server certificates (PEM).
     pub ca: PathBuf,
     /// This client's certificate and key (PEM).
     pub cert: PathBuf,
     pub key: PathBuf,
     /// Deadline of each request, seconds (default 30).
-    #[serde(default)]
     pub timeout_secs: Option<u64>,
     /// Deadline to establish the connection, seconds (default 10).
-    #[serde(default)]
     pub connect_timeout_secs: Option<u64>,
     /// Retrying while the server is unavailable (default: for 60 s).
-    #[serde(default)]
     pub retry: RetryConfig,
+}
+
+/// The file as written: `endpoint` or `endpoints`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    version: u32,
+    #[serde(default)]
+    endpoint: Option<String>,
+    #[serde(default)]
+    endpoints: Option<Vec<String>>,
+    #[serde(default)]
+    server_name: Option<String>,
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    #[serde(default)]
+    timeout_secs: Option<u64>,
+    #[serde(default)]
+    connect_timeout_secs: Option<u64>,
+    #[serde(default)]
+    retry: RetryConfig,
 }
 
 impl ClientConfig {
     /// Loads a config; relative paths are relative to the config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read { path: path.to_owned(), source: e })?;
-        let mut cfg: ClientConfig =
+        let file: ConfigFile =
             toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.to_owned(), source: Box::new(e) })?;
-        if cfg.version != CONFIG_VERSION {
-            return Err(ConfigError::Version { path: path.to_owned(), found: cfg.version });
+        if file.version != CONFIG_VERSION {
+            return Err(ConfigError::Version { path: path.to_owned(), found: file.version });
         }
-        cfg.retry.check(path)?;
-        check_endpoint(path, &cfg.endpoint)?;
+        file.retry.check(path)?;
+        let endpoints = check_endpoints(path, file.endpoint, file.endpoints)?;
+        let mut cfg = ClientConfig {
+            version: file.version,
+            endpoints,
+            server_name: file.server_name,
+            ca: file.ca,
+            cert: file.cert,
+            key: file.key,
+            timeout_secs: file.timeout_secs,
+            connect_timeout_secs: file.connect_timeout_secs,
+            retry: file.retry,
+        };
         let base = path.parent().unwrap_or(Path::new("."));
         for p in [&mut cfg.ca, &mut cfg.cert, &mut cfg.key] {
             if p.is_relative() {
@@ -154,6 +204,16 @@ impl ClientConfig {
                 None => Err(ConfigError::Missing),
             },
         }
+    }
+
+    /// The first endpoint (the only one of a config with `endpoint`).
+    pub fn endpoint(&self) -> &str {
+        self.endpoints.first().map(String::as_str).unwrap_or_default()
+    }
+
+    /// The endpoints for a message: `https://a:8443`, or `https://a:8443, https://b:8443`.
+    pub fn endpoints_text(&self) -> String {
+        self.endpoints.join(", ")
     }
 
     pub fn timeout(&self) -> Duration {
@@ -175,13 +235,55 @@ impl ClientConfig {
     }
 }
 
+/// Exactly one of `endpoint` and `endpoints`; every entry `https://`, none twice, at most
+/// [`MAX_ENDPOINTS`]. Each refusal names the field (`endpoints[N]`, counted from 1).
+fn check_endpoints(path: &Path, one: Option<String>, several: Option<Vec<String>>) -> Result<Vec<String>, ConfigError> {
+    let path_buf = || path.to_owned();
+    match (one, several) {
+        (Some(_), Some(_)) => Err(ConfigError::EndpointAndEndpoints { path: path_buf() }),
+        (None, None) => Err(ConfigError::NoEndpoint { path: path_buf() }),
+        (Some(endpoint), None) => {
+            check_endpoint(path, "endpoint", &endpoint)?;
+            Ok(vec![endpoint])
+        }
+        (None, Some(list)) => {
+            if list.is_empty() {
+                return Err(ConfigError::EndpointsEmpty { path: path_buf() });
+            }
+            if list.len() > MAX_ENDPOINTS {
+                return Err(ConfigError::TooManyEndpoints { path: path_buf(), count: list.len() });
+            }
+            for (i, endpoint) in list.iter().enumerate() {
+                let field = format!("endpoints[{}]", i + 1);
+                check_endpoint(path, &field, endpoint)?;
+                if let Some(j) = list[..i].iter().position(|earlier| same_endpoint(earlier, endpoint)) {
+                    return Err(ConfigError::DuplicateEndpoint {
+                        path: path_buf(),
+                        field,
+                        endpoint: endpoint.clone(),
+                        first: format!("endpoints[{}]", j + 1),
+                    });
+                }
+            }
+            Ok(list)
+        }
+    }
+}
+
+/// Two spellings of one server: scheme and host are case-insensitive, a trailing `/` is nothing.
+fn same_endpoint(a: &str, b: &str) -> bool {
+    let norm = |s: &str| s.trim_end_matches('/').to_ascii_lowercase();
+    norm(a) == norm(b)
+}
+
 /// Refuses an endpoint that is not `https://...`, naming plain `http://` on its own.
-fn check_endpoint(path: &Path, endpoint: &str) -> Result<(), ConfigError> {
+fn check_endpoint(path: &Path, field: &str, endpoint: &str) -> Result<(), ConfigError> {
     let scheme = endpoint.split_once("://").map(|(scheme, _)| scheme.to_ascii_lowercase());
+    let (path, field, endpoint) = (path.to_owned(), field.to_owned(), endpoint.to_owned());
     match scheme.as_deref() {
         Some("https") => Ok(()),
-        Some("http") => Err(ConfigError::PlainHttp { path: path.to_owned(), endpoint: endpoint.to_owned() }),
-        _ => Err(ConfigError::EndpointNotHttps { path: path.to_owned(), endpoint: endpoint.to_owned() }),
+        Some("http") => Err(ConfigError::PlainHttp { path, field, endpoint }),
+        _ => Err(ConfigError::EndpointNotHttps { path, field, endpoint }),
     }
 }
 
@@ -271,6 +373,56 @@ mod tests {
         let p = dir.path().join("client.toml");
         std::fs::write(&p, BASE.replace("https://", "HTTPS://")).unwrap();
         ClientConfig::load(&p).unwrap();
+    }
+
+    /// A config with `endpoints = LIST` instead of `endpoint`.
+    fn load_endpoints(list: &str) -> Result<ClientConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("client.toml");
+        std::fs::write(&p, BASE.replace("endpoint = \"https://127.0.0.1:8443\"", &format!("endpoints = {list}"))).unwrap();
+        ClientConfig::load(&p)
+    }
+
+    #[test]
+    fn several_endpoints_are_kept_in_order() {
+        let cfg = load_endpoints("[\"https://a.example:8443\", \"https://b.example:8443\", \"https://[::1]:8443\"]").unwrap();
+        assert_eq!(cfg.endpoints, ["https://a.example:8443", "https://b.example:8443", "https://[::1]:8443"]);
+        assert_eq!(cfg.endpoint(), "https://a.example:8443");
+        assert_eq!(cfg.endpoints_text(), "https://a.example:8443, https://b.example:8443, https://[::1]:8443");
+        let one = load("").unwrap();
+        assert_eq!(one.endpoints, ["https://127.0.0.1:8443"]);
+        let sixteen: Vec<String> = (1..=MAX_ENDPOINTS).map(|i| format!("\"https://kms{i}:8443\"")).collect();
+        assert_eq!(load_endpoints(&format!("[{}]", sixteen.join(", "))).unwrap().endpoints.len(), 16);
+    }
+
+    #[test]
+    fn bad_endpoint_lists_are_refused_naming_the_field() {
+        let cases: &[(&str, &str)] = &[
+            ("[]", "`endpoints` is empty"),
+            ("[\"https://a:8443\", \"http://b:8443\"]", "endpoints[2] \"http://b:8443\" is plain http://"),
+            ("[\"kms:8443\"]", "endpoints[1] \"kms:8443\" is not https://HOST:PORT"),
+            ("[\"https://a:8443\", \"https://b:8443\", \"HTTPS://A:8443/\"]", "endpoints[3] \"HTTPS://A:8443/\" repeats endpoints[1]"),
+            ("\"https://a:8443\"", "endpoints"),
+            ("[1]", "endpoints"),
+        ];
+        for (list, words) in cases {
+            let e = load_endpoints(list).unwrap_err();
+            assert!(e.to_string().contains(words), "{list}: {e}");
+        }
+        let seventeen: Vec<String> = (1..=MAX_ENDPOINTS + 1).map(|i| format!("\"https://kms{i}:8443\"")).collect();
+        let e = load_endpoints(&format!("[{}]", seventeen.join(", "))).unwrap_err();
+        assert!(matches!(e, ConfigError::TooManyEndpoints { count: 17, .. }), "{e:?}");
+        assert!(e.to_string().contains("`endpoints` has 17 entries; at most 16 are allowed"), "{e}");
+        // Both, or neither.
+        let e = load("endpoints = [\"https://b:8443\"]\n").unwrap_err();
+        assert!(matches!(e, ConfigError::EndpointAndEndpoints { .. }), "{e:?}");
+        assert!(e.to_string().contains("both `endpoint` and `endpoints` are set"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("client.toml");
+        std::fs::write(&p, BASE.replace("endpoint = \"https://127.0.0.1:8443\"\n", "")).unwrap();
+        let e = ClientConfig::load(&p).unwrap_err();
+        assert!(matches!(e, ConfigError::NoEndpoint { .. }), "{e:?}");
+        assert!(e.to_string().contains("no server: set `endpoint"), "{e}");
     }
 
     #[test]

@@ -18,6 +18,15 @@
 //! is in the registry with its backup id), `UnwrapDataKey` and `RewrapDataKey` are; officer
 //! writes and the restore-test record are retried only when they were never sent.
 //!
+//! With several endpoints (`endpoints = [...]` in the client config) one attempt is a pass
+//! over them, starting at the one that answered last: a failure that [`next_step`] retries
+//! moves on to the next endpoint at once (one line on stderr); a failure it does not retry
+//! is final, whichever endpoint gave it (a server certificate of another CA, a refusal, ...).
+//! When every endpoint failed, the pass fails with all their failures
+//! ([`ClientError::NoEndpointAvailable`]) and the backoff below runs before the next pass.
+//! So the same rules decide a retry on one endpoint and a move to another: an officer write
+//! that may have reached one server is not sent to another either.
+//!
 //! Backoff is exponential with full jitter (a delay drawn uniformly from zero to
 //! `min(max, initial * 2^n)`), within a total deadline counted from the first attempt.
 //! Each retry says so on stderr in one line; when the deadline runs out the error says
@@ -183,6 +192,14 @@ pub fn transient(e: &ClientError) -> Option<(Delivery, Cause)> {
             },
         )),
         ClientError::Server { code: tonic::Code::Unavailable, reason: None, .. } => Some((Delivery::MaybeSent, Cause::Unavailable)),
+        // Every endpoint failed in a way that is retried: as far as the farthest got, for
+        // the cause of the last one.
+        ClientError::NoEndpointAvailable { failures } => {
+            let each: Vec<(Delivery, Cause)> = failures.iter().filter_map(|f| transient(&f.error)).collect();
+            let (_, cause) = *each.last()?;
+            let delivery = if each.iter().any(|(d, _)| *d == Delivery::MaybeSent) { Delivery::MaybeSent } else { Delivery::NeverSent };
+            Some((delivery, cause))
+        }
         ClientError::Config(_)
         | ClientError::ReadFile { .. }
         | ClientError::Endpoint { .. }
@@ -199,6 +216,30 @@ pub fn transient(e: &ClientError) -> Option<(Delivery, Cause)> {
         | ClientError::Server { .. }
         | ClientError::BadResponse { .. }
         | ClientError::GaveUp { .. } => None,
+    }
+}
+
+/// What to do after a failed attempt of `rpc`: `Some(cause)` to try again (the next
+/// endpoint at once, or the same after the backoff), `None` when the failure is final.
+/// The one place that decides both retry and failover.
+pub fn next_step(rpc: Rpc, e: &ClientError) -> Option<Cause> {
+    transient(e).filter(|(delivery, _)| rpc.may_retry(*delivery)).map(|(_, cause)| cause)
+}
+
+/// A move to the next endpoint, as told to the user.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FailoverNotice {
+    pub rpc: Rpc,
+    /// The endpoint that failed and why.
+    pub from: String,
+    pub cause: Cause,
+    /// The endpoint tried now.
+    pub to: String,
+}
+
+impl std::fmt::Display for FailoverNotice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "kluis: server {} unavailable ({}), trying {}", self.from, self.cause, self.to)
     }
 }
 
@@ -307,6 +348,9 @@ impl std::fmt::Display for Notice {
 /// Where notices go: stderr in the client, a list in tests.
 pub type Notify = Arc<dyn Fn(&Notice) + Send + Sync>;
 
+/// Where failover notices go: stderr in the client.
+pub type NotifyFailover = Arc<dyn Fn(&FailoverNotice) + Send + Sync>;
+
 /// The retry loop with its policy, clock, jitter and notice sink.
 #[derive(Clone)]
 pub struct Retrier {
@@ -314,6 +358,7 @@ pub struct Retrier {
     clock: Arc<dyn Clock>,
     jitter: Arc<dyn Jitter>,
     notify: Notify,
+    notify_failover: NotifyFailover,
 }
 
 impl Retrier {
@@ -323,7 +368,18 @@ impl Retrier {
     }
 
     pub fn with(policy: Policy, clock: Arc<dyn Clock>, jitter: Arc<dyn Jitter>, notify: Notify) -> Self {
-        Self { policy, clock, jitter, notify }
+        Self { policy, clock, jitter, notify, notify_failover: Arc::new(|n: &FailoverNotice| eprintln!("{n}")) }
+    }
+
+    /// The same loop, telling moves to the next endpoint to `notify` instead of stderr.
+    pub fn with_failover_notify(mut self, notify: NotifyFailover) -> Self {
+        self.notify_failover = notify;
+        self
+    }
+
+    /// Tells of a move to the next endpoint.
+    pub fn failover(&self, n: &FailoverNotice) {
+        (self.notify_failover)(n);
     }
 
     pub fn policy(&self) -> Policy {
@@ -345,8 +401,8 @@ impl Retrier {
                 Ok(v) => return Ok(v),
                 Err(e) => e,
             };
-            let Some((delivery, cause)) = transient(&e) else { return Err(e) };
-            if self.policy.deadline.is_zero() || !rpc.may_retry(delivery) {
+            let Some(cause) = next_step(rpc, &e) else { return Err(e) };
+            if self.policy.deadline.is_zero() {
                 return Err(e);
             }
             let elapsed = self.clock.now().saturating_duration_since(started);
@@ -642,6 +698,73 @@ mod tests {
         let h = harness(policy(60), Arc::new(Top));
         let (r, calls) = run_script(&h, Rpc::GenerateDataKey, vec![lost(Some(ErrorKind::ConnectionReset)), server(Code::Unavailable, None)]).await;
         assert_eq!((r.unwrap(), calls), ("done", 3));
+    }
+
+    fn at(endpoint: &str, error: ClientError) -> crate::client::EndpointFailure {
+        crate::client::EndpointFailure { endpoint: endpoint.into(), error }
+    }
+
+    /// Failover and retry are one decision: what is retried moves on to the next endpoint,
+    /// what is final stays final whichever endpoint said it.
+    #[test]
+    fn the_next_endpoint_is_tried_exactly_when_a_retry_would_be_made() {
+        use crate::client::EndpointFailure;
+        let finals = [
+            server(Code::PermissionDenied, Some(Reason::PermissionDenied)),
+            server(Code::InvalidArgument, Some(Reason::InvalidArgument)),
+            server(Code::Unavailable, Some(Reason::StoreUnavailable)),
+            ClientError::ServerUnknownIssuer { endpoint: EP.into() },
+            ClientError::ServerNameMismatch { endpoint: EP.into(), expected: "kms".into(), presented: Vec::new() },
+            ClientError::TlsRejected { endpoint: EP.into(), alert: Some(rustls::AlertDescription::UnknownCA), detail: "x".into() },
+            ClientError::DeadlineExceeded { endpoint: EP.into() },
+        ];
+        for e in &finals {
+            assert_eq!(next_step(Rpc::GenerateDataKey, e), None, "{e:?}");
+            assert_eq!(next_step(Rpc::ListKeyrings, e), None, "{e:?}");
+        }
+        assert_eq!(next_step(Rpc::GenerateDataKey, &refused_conn()), Some(Cause::ConnectionRefused));
+        assert_eq!(next_step(Rpc::DestroyKey, &refused_conn()), Some(Cause::ConnectionRefused));
+        // An officer write that may have reached one server is not sent to another.
+        assert_eq!(next_step(Rpc::DestroyKey, &lost(Some(ErrorKind::ConnectionReset))), None);
+        assert_eq!(next_step(Rpc::DestroyKey, &server(Code::Unavailable, None)), None);
+        assert_eq!(next_step(Rpc::GenerateDataKey, &lost(Some(ErrorKind::ConnectionReset))), Some(Cause::ConnectionReset));
+        // Every endpoint failed: as far as the farthest got, the last cause.
+        let all = ClientError::NoEndpointAvailable {
+            failures: vec![at("https://a:8443", refused_conn()), at("https://b:8443", lost(Some(ErrorKind::BrokenPipe)))],
+        };
+        assert_eq!(transient(&all), Some((Delivery::MaybeSent, Cause::BrokenPipe)));
+        assert_eq!(next_step(Rpc::UnwrapDataKey, &all), Some(Cause::BrokenPipe));
+        assert_eq!(next_step(Rpc::Approve, &all), None);
+        let unsent = ClientError::NoEndpointAvailable { failures: vec![at("https://a:8443", refused_conn()), at("https://b:8443", refused_conn())] };
+        assert_eq!(next_step(Rpc::Approve, &unsent), Some(Cause::ConnectionRefused));
+        assert_eq!(all.class(), crate::class::ErrorClass::Unavailable);
+        assert_eq!(all.class().exit_code(), 3);
+        let none: Vec<EndpointFailure> = Vec::new();
+        assert_eq!(transient(&ClientError::NoEndpointAvailable { failures: none }), None);
+    }
+
+    #[test]
+    fn the_error_after_every_endpoint_failed_names_each_and_stays_bounded() {
+        let failures = (1..=16)
+            .map(|i| {
+                let ep = format!("https://kms{i}.example:8443");
+                at(&ep, ClientError::Connect { endpoint: ep.clone(), detail: "x".repeat(10_000), io: Some(ErrorKind::ConnectionRefused) })
+            })
+            .collect();
+        let e = ClientError::NoEndpointAvailable { failures };
+        let text = e.to_string();
+        assert!(text.starts_with("no Kluis server in `endpoints` is available (16 tried): [1] cannot reach the Kluis server at https://kms1.example:8443: xxx"), "{}", &text[..200]);
+        for i in 1..=16 {
+            assert!(text.contains(&format!("[{i}] cannot reach the Kluis server at https://kms{i}.example:8443")), "{i}");
+        }
+        assert!(text.len() < 16 * 320 + 100, "bounded: {} bytes", text.len());
+    }
+
+    /// The line said when moving on.
+    #[test]
+    fn a_move_to_the_next_endpoint_is_one_line() {
+        let n = FailoverNotice { rpc: Rpc::GenerateDataKey, from: "https://a:8443".into(), cause: Cause::ConnectionRefused, to: "https://b:8443".into() };
+        assert_eq!(n.to_string(), "kluis: server https://a:8443 unavailable (connection refused), trying https://b:8443");
     }
 
     /// The deadline counts from the first attempt, attempts' own time included.

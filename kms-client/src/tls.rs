@@ -11,6 +11,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -89,10 +90,13 @@ impl TlsConnect {
 
     /// TCP, then the TLS handshake; a TLS failure is an `io::Error` holding the rustls error
     /// (as tokio-rustls gives it). The stream records later TLS failures in `last`.
-    pub async fn connect(&self, last: LastTlsError) -> io::Result<Recording<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>> {
+    /// `tcp_up` is set once the TCP connection is made: a caller whose own deadline ran out
+    /// tells from it whether the server answered at all (not there) or was too slow.
+    pub async fn connect(&self, last: LastTlsError, tcp_up: &AtomicBool) -> io::Result<Recording<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>> {
         let tcp = tokio::time::timeout(self.tcp_timeout, tokio::net::TcpStream::connect(self.addr.as_str()))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TCP connect timed out"))??;
+        tcp_up.store(true, Ordering::Relaxed);
         tcp.set_nodelay(true)?;
         let stream = tokio_rustls::TlsConnector::from(self.config.clone()).connect(self.name.clone(), tcp).await?;
         if stream.get_ref().1.alpn_protocol() != Some(ALPN_H2) {

@@ -63,6 +63,11 @@ enum Cmd {
         /// File holding the token's user PIN.
         #[arg(long)]
         pkcs11_pin_file: Option<PathBuf>,
+        /// Another server (a replica) for the client configs, after this one (repeatable):
+        /// they then list `endpoints = ["https://THIS", URL, ...]` and move on to the next
+        /// when one is unavailable. https://HOST:PORT; at most 15.
+        #[arg(long = "client-endpoint", value_name = "URL", value_parser = dev::parse_client_endpoint)]
+        client_endpoints: Vec<String>,
     },
     /// Create the master key and the store for a config (once).
     Init {
@@ -145,7 +150,7 @@ fn announce(addr: SocketAddr) {
 
 async fn run(cmd: Cmd, env: Environment) -> Result<(), CliError> {
     match cmd {
-        Cmd::Dev { data_dir, listen, pkcs11_module, pkcs11_token_label, pkcs11_key_label, pkcs11_pin_file } => {
+        Cmd::Dev { data_dir, listen, pkcs11_module, pkcs11_token_label, pkcs11_key_label, pkcs11_pin_file, client_endpoints } => {
             let data_dir = std::path::absolute(&data_dir)
                 .map_err(|e| CliError::Path { path: data_dir.clone(), source: e })?;
             let master = match (pkcs11_module, pkcs11_token_label, pkcs11_pin_file) {
@@ -165,7 +170,8 @@ async fn run(cmd: Cmd, env: Environment) -> Result<(), CliError> {
             }
             let listener = server::bind(&cfg).await?;
             let addr = listener.local_addr().map_err(|e| ServerError::Bind { addr: cfg.listen, source: e })?;
-            let clients = dev::write_client_configs(&data_dir, addr)?;
+            let endpoints = dev::client_endpoints(addr, &client_endpoints).map_err(StartupError::from)?;
+            let clients = dev::write_client_configs(&data_dir, &endpoints)?;
             eprintln!(
                 "kms-server dev: {} {}\n  client configs: {}/{{sealer,restorer,officer,auditor,dev}}.toml\n  e.g. export KLUIS_CLIENT_CONFIG={}/dev.toml",
                 if created { "created" } else { "reusing" },

@@ -73,6 +73,8 @@ pub struct Server {
     pub env: Vec<(String, String)>,
     /// `host:port` of the metrics endpoint, if the config enables it.
     pub metrics_addr: Option<String>,
+    /// Extra arguments of `kms-server dev` (e.g. `--client-endpoint URL`).
+    pub args: Vec<String>,
     stderr_path: PathBuf,
 }
 
@@ -86,7 +88,16 @@ impl Server {
     pub fn start_with(provider: Provider) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let token = (provider == Provider::SoftHsm).then(|| SoftHsmToken::create(&dir.path().join("hsm"), "kluis-test"));
-        let mut s = Server { child: None, dir, addr: String::new(), provider, token, env: Vec::new(), metrics_addr: None, stderr_path: PathBuf::new() };
+        let mut s = Server { child: None, dir, addr: String::new(), provider, token, env: Vec::new(), metrics_addr: None, args: Vec::new(), stderr_path: PathBuf::new() };
+        s.spawn();
+        s
+    }
+
+    /// Starts `kms-server dev` (software master key) with extra arguments.
+    pub fn start_with_args(args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let args = args.iter().map(|a| (*a).to_owned()).collect();
+        let mut s = Server { child: None, dir, addr: String::new(), provider: Provider::Software, token: None, env: Vec::new(), metrics_addr: None, args, stderr_path: PathBuf::new() };
         s.spawn();
         s
     }
@@ -105,7 +116,7 @@ impl Server {
         // Test seams (a clock file, injected faults) exist only in kms-server-testkit.
         let seams = self.env.iter().any(|(k, _)| k.starts_with("KLUIS_TEST_"));
         let mut cmd = Command::new(bin(if seams { "kms-server-testkit" } else { "kms-server" }));
-        cmd.args(["dev", "--data-dir"]).arg(self.data_dir()).args(["--listen", listen]).env("KLUIS_LOG", "warn");
+        cmd.args(["dev", "--data-dir"]).arg(self.data_dir()).args(["--listen", listen]).args(&self.args).env("KLUIS_LOG", "warn");
         for (k, v) in &self.env {
             cmd.env(k, v);
         }

@@ -95,8 +95,58 @@ fn create_private_dir(dir: &Path) -> Result<(), StartupError> {
         .map_err(|e| StartupError::Io { path: dir.to_owned(), source: e })
 }
 
-/// Writes `DIR/clients/NAME.toml` for every dev identity, pointing at `addr`.
-pub fn write_client_configs(dir: &Path, addr: SocketAddr) -> Result<PathBuf, StartupError> {
+/// The most endpoints a client config may list (kms-client's `MAX_ENDPOINTS`).
+pub const MAX_CLIENT_ENDPOINTS: usize = 16;
+
+/// A `--client-endpoint` that the written client configs could not carry.
+#[derive(Debug, thiserror::Error)]
+pub enum DevEndpointError {
+    #[error("--client-endpoint {endpoint:?} is not https://HOST:PORT (Kluis clients speak mutual TLS only)")]
+    NotHttps { endpoint: String },
+    #[error("--client-endpoint {endpoint:?} is named twice (or is this server's own address); name each server once")]
+    Duplicate { endpoint: String },
+    #[error("{count} endpoints with this server's own; a client config takes at most {MAX_CLIENT_ENDPOINTS}")]
+    TooMany { count: usize },
+}
+
+/// Checks one `--client-endpoint` value: `https://` and a host (clap's value parser).
+pub fn parse_client_endpoint(s: &str) -> Result<String, DevEndpointError> {
+    let rest = s.get(..8).filter(|p| p.eq_ignore_ascii_case("https://")).map(|_| &s[8..]);
+    match rest {
+        Some(r) if !r.is_empty() && !r.starts_with(['/', ':']) => Ok(s.to_owned()),
+        _ => Err(DevEndpointError::NotHttps { endpoint: s.to_owned() }),
+    }
+}
+
+/// This server's own endpoint first, then `extra` in order; refuses a repeat and more
+/// than a client config takes.
+pub fn client_endpoints(addr: SocketAddr, extra: &[String]) -> Result<Vec<String>, DevEndpointError> {
+    let mut all = vec![format!("https://{addr}")];
+    for e in extra {
+        let norm = |s: &str| s.trim_end_matches('/').to_ascii_lowercase();
+        if all.iter().any(|a| norm(a) == norm(e)) {
+            return Err(DevEndpointError::Duplicate { endpoint: e.clone() });
+        }
+        all.push(e.clone());
+    }
+    if all.len() > MAX_CLIENT_ENDPOINTS {
+        return Err(DevEndpointError::TooMany { count: all.len() });
+    }
+    Ok(all)
+}
+
+/// The endpoint line of a client config: `endpoint = "..."` for one, `endpoints = [...]` for several.
+fn endpoint_line(endpoints: &[String]) -> String {
+    match endpoints {
+        [one] => format!("endpoint = {one:?}"),
+        several => format!("endpoints = [{}]", several.iter().map(|e| format!("{e:?}")).collect::<Vec<_>>().join(", ")),
+    }
+}
+
+/// Writes `DIR/clients/NAME.toml` for every dev identity, pointing at `endpoints` (this
+/// server's own first; see [`client_endpoints`]).
+pub fn write_client_configs(dir: &Path, endpoints: &[String]) -> Result<PathBuf, StartupError> {
+    let endpoint_line = endpoint_line(endpoints);
     let clients = dir.join("clients");
     create_private_dir(&clients)?;
     let pki_dir = dir.join("pki");
@@ -105,7 +155,7 @@ pub fn write_client_configs(dir: &Path, addr: SocketAddr) -> Result<PathBuf, Sta
         let text = format!(
             "# Kluis client config for the dev identity {name:?}, written by `kms-server dev`.\n\
              version = 1\n\
-             endpoint = \"https://{addr}\"\n\
+             {endpoint_line}\n\
              server_name = \"localhost\"\n\
              ca = \"{ca}\"\n\
              cert = \"{cert}\"\n\
@@ -126,4 +176,33 @@ pub fn write_client_configs(dir: &Path, addr: SocketAddr) -> Result<PathBuf, Sta
 pub async fn bootstrap_keyring(keys: &crate::keys::KeyManager, name: &str) -> Result<(), crate::keys::KeyError> {
     let ev = keys.event("kms-server dev", "CreateKeyring", Some(name), None, crate::model::Outcome::ok_with("dev bootstrap"));
     keys.create_keyring_unchecked(name, 0, 0, ev).await.map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn extra_endpoints_follow_this_servers_own() {
+        let addr: SocketAddr = "127.0.0.1:8443".parse().unwrap();
+        assert_eq!(endpoint_line(&client_endpoints(addr, &[]).unwrap()), "endpoint = \"https://127.0.0.1:8443\"");
+        let two = client_endpoints(addr, &["https://kms-b:8443".to_owned()]).unwrap();
+        assert_eq!(endpoint_line(&two), "endpoints = [\"https://127.0.0.1:8443\", \"https://kms-b:8443\"]");
+        let e = client_endpoints(addr, &["HTTPS://127.0.0.1:8443/".to_owned()]).unwrap_err();
+        assert!(matches!(e, DevEndpointError::Duplicate { .. }), "{e:?}");
+        let many: Vec<String> = (1..=16).map(|i| format!("https://kms{i}:8443")).collect();
+        assert!(matches!(client_endpoints(addr, &many[..15]), Ok(v) if v.len() == 16));
+        assert!(matches!(client_endpoints(addr, &many), Err(DevEndpointError::TooMany { count: 17 })));
+    }
+
+    #[test]
+    fn a_client_endpoint_must_be_https_with_a_host() {
+        assert_eq!(parse_client_endpoint("https://kms-b:8443").unwrap(), "https://kms-b:8443");
+        for bad in ["http://kms-b:8443", "kms-b:8443", "https://", "https://:8443", "ftp://x", ""] {
+            let e = parse_client_endpoint(bad).unwrap_err();
+            assert!(e.to_string().contains("is not https://HOST:PORT"), "{bad}: {e}");
+        }
+    }
 }

@@ -27,6 +27,8 @@ pub enum StartupError {
     Pki(#[from] super::pki::PkiError),
     #[error(transparent)]
     Anchor(#[from] crate::audit::anchor::BadAnchor),
+    #[error(transparent)]
+    DevEndpoint(#[from] super::dev::DevEndpointError),
     #[error("could not create {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
 }
