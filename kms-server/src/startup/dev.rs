@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use crate::auth::{Grant, Role};
-use crate::config::{CONFIG_VERSION, MasterConfig, ServerConfig, TlsConfig};
+use crate::config::{CONFIG_VERSION, MasterConfig, ServerConfig, StoreConfig, TlsConfig};
 use super::open::{StartupError, init};
 use super::pki::{DevPkiPaths, create_dev_pki};
 
@@ -33,10 +33,16 @@ pub enum DevMaster {
 }
 
 /// Creates the dev directory on first run; returns its config.
-pub fn prepare(dir: &Path, listen: SocketAddr, master: DevMaster) -> Result<(ServerConfig, bool), StartupError> {
+///
+/// `store` is the store of a new directory (default: the redb file in it); a directory that
+/// exists keeps the store its config names.
+pub fn prepare(dir: &Path, listen: SocketAddr, master: DevMaster, store: &StoreConfig) -> Result<(ServerConfig, bool), StartupError> {
     let cfg_path = config_path(dir);
     if cfg_path.exists() {
         let mut cfg = ServerConfig::load(&cfg_path)?;
+        if *store != StoreConfig::default() && cfg.store != *store {
+            return Err(StartupError::DevStore { config: cfg_path, store: cfg.store_describe() });
+        }
         cfg.listen = listen;
         return Ok((cfg, false));
     }
@@ -72,6 +78,7 @@ pub fn prepare(dir: &Path, listen: SocketAddr, master: DevMaster) -> Result<(Ser
         auth: Default::default(),
         limits: Default::default(),
         audit: Default::default(),
+        store: store.clone(),
         grants: DEV_IDENTITIES
             .iter()
             .map(|(name, roles, ring)| Grant {

@@ -270,6 +270,15 @@ fn tls_config(path: &std::path::Path) -> Result<rustls::ClientConfig, StoreError
         .map_err(|e| bad(std::io::Error::other(e)))
 }
 
+/// Checks a store URL: libpq form, no password in it.
+pub fn check_url(url: &str) -> Result<(), StoreError> {
+    let config = tokio_postgres::Config::from_str(url).map_err(|source| StoreError::BadUrl { source })?;
+    if config.get_password().is_some() {
+        return Err(StoreError::UrlPassword);
+    }
+    Ok(())
+}
+
 /// What the writer task is asked to do.
 enum Job {
     Write(WriteGroup, oneshot::Sender<Result<(), StoreError>>),
