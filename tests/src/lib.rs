@@ -75,6 +75,8 @@ pub struct Server {
     pub env: Vec<(String, String)>,
     /// `host:port` of the metrics endpoint, if the config enables it.
     pub metrics_addr: Option<String>,
+    /// The PostgreSQL store (`kms-server dev --store-url`), if not the redb file.
+    pub store_url: Option<String>,
     stderr_path: PathBuf,
 }
 
@@ -88,7 +90,35 @@ impl Server {
     pub fn start_with(provider: Provider) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let token = (provider == Provider::SoftHsm).then(|| SoftHsmToken::create(&dir.path().join("hsm"), "kluis-test"));
-        let mut s = Server { child: None, dir, addr: String::new(), provider, token, env: Vec::new(), metrics_addr: None, stderr_path: PathBuf::new() };
+        let mut s = Server {
+            child: None,
+            dir,
+            addr: String::new(),
+            provider,
+            token,
+            env: Vec::new(),
+            metrics_addr: None,
+            store_url: None,
+            stderr_path: PathBuf::new(),
+        };
+        s.spawn();
+        s
+    }
+
+    /// Starts `kms-server dev --store-url URL` (software master key): the store is that
+    /// PostgreSQL database (see [`pg::Postgres`]), which must exist and be empty.
+    pub fn start_on_postgres(url: &str) -> Self {
+        let mut s = Server {
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+            addr: String::new(),
+            provider: Provider::Software,
+            token: None,
+            env: Vec::new(),
+            metrics_addr: None,
+            store_url: Some(url.to_owned()),
+            stderr_path: PathBuf::new(),
+        };
         s.spawn();
         s
     }
@@ -108,6 +138,9 @@ impl Server {
         let seams = self.env.iter().any(|(k, _)| k.starts_with("KLUIS_TEST_"));
         let mut cmd = Command::new(bin(if seams { "kms-server-testkit" } else { "kms-server" }));
         cmd.args(["dev", "--data-dir"]).arg(self.data_dir()).args(["--listen", listen]).env("KLUIS_LOG", "warn");
+        if let Some(url) = &self.store_url {
+            cmd.args(["--store-url", url]);
+        }
         for (k, v) in &self.env {
             cmd.env(k, v);
         }

@@ -138,6 +138,29 @@ impl Postgres {
         self.child = Some(child);
     }
 
+    /// Stops the server (immediate shutdown) and starts it again on the same data
+    /// directory, waiting for it to accept connections: after a change of `pg_hba.conf`.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// From now on every connection must give `password` (SCRAM) for [`USER`]: sets it and
+    /// restarts the server with a `pg_hba.conf` that asks for it.
+    pub fn require_password(&mut self, password: &str) {
+        self.psql("postgres", &format!("SET password_encryption = 'scram-sha-256'; ALTER ROLE {USER} PASSWORD '{password}'"));
+        std::fs::write(self.data.join("pg_hba.conf"), "local all all scram-sha-256\n").unwrap();
+        self.restart();
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // Immediate shutdown: the postmaster stops its backends and removes its socket.
+            let _ = Command::new("kill").args(["-QUIT", &child.id().to_string()]).status();
+            let _ = child.wait();
+        }
+    }
+
     /// What the server logged.
     pub fn log(&self) -> String {
         self.log.lock().map(|l| l.clone()).unwrap_or_default()
@@ -184,10 +207,6 @@ fn s(p: &Path) -> &str {
 
 impl Drop for Postgres {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // Immediate shutdown: the postmaster stops its backends and removes its socket.
-            let _ = Command::new("kill").args(["-QUIT", &child.id().to_string()]).status();
-            let _ = child.wait();
-        }
+        self.stop();
     }
 }

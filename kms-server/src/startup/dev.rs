@@ -40,13 +40,27 @@ pub fn prepare(dir: &Path, listen: SocketAddr, master: DevMaster, store: &StoreC
     let cfg_path = config_path(dir);
     if cfg_path.exists() {
         let mut cfg = ServerConfig::load(&cfg_path)?;
-        if *store != StoreConfig::default() && cfg.store != *store {
+        // Compared by backend and URL only: a password_file or ca_file added to the
+        // config by hand stays.
+        if *store != StoreConfig::default() && (cfg.store.backend, &cfg.store.url) != (store.backend, &store.url) {
             return Err(StartupError::DevStore { config: cfg_path, store: cfg.store_describe() });
         }
         cfg.listen = listen;
         return Ok((cfg, false));
     }
+    let existed = dir.exists();
     create_private_dir(dir)?;
+    let made = make(dir, &cfg_path, listen, master, store);
+    if made.is_err() && !existed {
+        // Nothing half-made: a store that could not be reached leaves no directory whose
+        // keys a second run would refuse to overwrite.
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    made.map(|cfg| (cfg, true))
+}
+
+/// Makes the PKI, the config, the master key and the store of a new dev directory.
+fn make(dir: &Path, cfg_path: &Path, listen: SocketAddr, master: DevMaster, store: &StoreConfig) -> Result<ServerConfig, StartupError> {
     let pki_dir = dir.join("pki");
     let names: Vec<&str> = DEV_IDENTITIES.iter().map(|(n, _, _)| *n).collect();
     let pki = create_dev_pki(&pki_dir, &names)?;
@@ -89,8 +103,8 @@ pub fn prepare(dir: &Path, listen: SocketAddr, master: DevMaster, store: &StoreC
             .collect(),
     };
     init(&cfg)?;
-    cfg.save(&cfg_path)?;
-    Ok((cfg, true))
+    cfg.save(cfg_path)?;
+    Ok(cfg)
 }
 
 fn create_private_dir(dir: &Path) -> Result<(), StartupError> {

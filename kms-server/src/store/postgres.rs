@@ -333,11 +333,19 @@ impl PostgresStore {
         let store = connector.store.clone();
         let c = connector.clone();
         let genesis = chain.genesis();
-        let client = wait(&handle, async move {
+        let client = match wait(&handle, async move {
             let mut client = c.connect().await?;
             if create { create_schema(&mut client, &c.store, &genesis).await? } else { check_schema(&mut client, &c.store).await? }
             Ok(client)
-        })?;
+        }) {
+            Ok(client) => client,
+            Err(e) => {
+                // A plain drop would block, which tokio forbids when the caller is async
+                // (start-up runs on the server's runtime).
+                runtime.shutdown_background();
+                return Err(e);
+            }
+        };
         let (tx, rx) = mpsc::unbounded_channel();
         handle.spawn(writer_loop(connector.clone(), client, rx, chain));
         let readers = Arc::new(Readers { connector, idle: Mutex::new(Vec::new()), permits: Arc::new(Semaphore::new(READERS)) });
