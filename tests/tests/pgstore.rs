@@ -154,3 +154,80 @@ fn a_newer_schema_and_a_database_never_initialised_are_refused() {
     edit(&config(&server), &pg.url("kluis"), &pg.url("empty"));
     refused_one_line(&serve(&config(&server)), 1, &["does not exist; run `kms-server init` first", &pg.url("empty")]);
 }
+
+/// `kms-server serve --config CFG --listen 127.0.0.1:0`: a second replica on the same config
+/// and database; killed when dropped.
+struct Replica {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl Replica {
+    fn start(config: &Path) -> Self {
+        use std::io::BufRead;
+        let mut child = Command::new(bin("kms-server"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .args(["--listen", "127.0.0.1:0"])
+            .env("KLUIS_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        // Waits on the server's own line; an exit closes stdout first.
+        let addr = loop {
+            match lines.next() {
+                Some(Ok(line)) => {
+                    if let Some(a) = line.strip_prefix("kms-server listening on ") {
+                        break a.to_owned();
+                    }
+                }
+                _ => panic!("the replica exited before listening: {:?}", child.wait()),
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        Self { child, addr }
+    }
+
+    /// The dev identity `who`'s client config, pointed at this replica.
+    fn client(&self, server: &Server, who: &str) -> PathBuf {
+        let text = std::fs::read_to_string(server.client(who)).unwrap();
+        assert!(text.contains(&server.addr), "{text}");
+        let p = server.dir.path().join(format!("{who}-replica.toml"));
+        std::fs::write(&p, text.replace(&server.addr, &self.addr)).unwrap();
+        p
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn two_replicas_on_one_database_serve_one_audit_chain() {
+    let pg = Postgres::start();
+    pg.create_db("kluis");
+    let server = Server::start_on_postgres(&pg.url("kluis"));
+    // The same config, another address: `serve --listen` overrides the config's `listen`.
+    let replica = Replica::start(&config(&server));
+    assert_ne!(replica.addr, server.addr);
+
+    let a = seal(&server, "sealer", "default", "ehr/a", b"sealed on the first");
+    let out = backup_hook(&replica.client(&server, "sealer"), &["seal", "--keyring", "default", "--backup-id", "ehr/b"], b"sealed on the second");
+    ok(&out, "seal on the replica");
+    let b = out.stdout;
+    // Each unseals what the other sealed: one registry.
+    let out = backup_hook(&replica.client(&server, "restorer"), &["unseal"], &a);
+    ok(&out, "unseal on the replica");
+    assert_eq!(out.stdout, b"sealed on the first");
+    assert_eq!(unseal(&server, "restorer", &b).stdout, b"sealed on the second");
+
+    // The entries of both replicas are one chain, numbered by the database: it verifies.
+    let export = export_verifies(&server);
+    assert!(export.contains("ehr/a") && export.contains("ehr/b"), "{export}");
+}
