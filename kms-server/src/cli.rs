@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use crate::config::{ConfigError, ServerConfig};
+use crate::config::{ConfigError, ServerConfig, StoreBackend, StoreConfig};
 use crate::keys::KeyError;
 use crate::server::{self, ServerError};
 use crate::startup::dev::{self, DEFAULT_KEYRING};
@@ -68,6 +68,10 @@ enum Cmd {
         /// when one is unavailable. https://HOST:PORT; at most 15.
         #[arg(long = "client-endpoint", value_name = "URL", value_parser = dev::parse_client_endpoint)]
         client_endpoints: Vec<String>,
+        /// Keep the store in this PostgreSQL database instead of the redb file (first run
+        /// only): a libpq URL without a password, e.g. postgresql://kluis@%2Frun%2Fpostgresql/kluis.
+        #[arg(long)]
+        store_url: Option<String>,
     },
     /// Create the master key and the store for a config (once).
     Init {
@@ -78,6 +82,9 @@ enum Cmd {
     Serve {
         #[arg(long, env = "KLUIS_SERVER_CONFIG")]
         config: PathBuf,
+        /// Listen here instead of the config's `listen` (several replicas, one config).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
     },
     /// Rewrap every keyring key from one master key to another, in one atomic commit
     /// (software -> PKCS#11, PKCS#11 -> another token key, software -> another key file).
@@ -150,7 +157,7 @@ fn announce(addr: SocketAddr) {
 
 async fn run(cmd: Cmd, env: Environment) -> Result<(), CliError> {
     match cmd {
-        Cmd::Dev { data_dir, listen, pkcs11_module, pkcs11_token_label, pkcs11_key_label, pkcs11_pin_file, client_endpoints } => {
+        Cmd::Dev { data_dir, listen, pkcs11_module, pkcs11_token_label, pkcs11_key_label, pkcs11_pin_file, client_endpoints, store_url } => {
             let data_dir = std::path::absolute(&data_dir)
                 .map_err(|e| CliError::Path { path: data_dir.clone(), source: e })?;
             let master = match (pkcs11_module, pkcs11_token_label, pkcs11_pin_file) {
@@ -160,7 +167,15 @@ async fn run(cmd: Cmd, env: Environment) -> Result<(), CliError> {
                 }
                 _ => dev::DevMaster::Software,
             };
-            let (cfg, created) = dev::prepare(&data_dir, listen, master)?;
+            let store = match store_url {
+                None => StoreConfig::default(),
+                Some(url) => {
+                    let store = StoreConfig { backend: StoreBackend::Postgres, url: Some(url), password_file: None, ca_file: None };
+                    store.check(std::path::Path::new("--store-url"))?;
+                    store
+                }
+            };
+            let (cfg, created) = dev::prepare(&data_dir, listen, master, &store)?;
             cfg.check_files()?;
             let prepared = server::prepare(&cfg)?;
             let keys = startup::open_keys(&cfg, &env)?;
@@ -186,11 +201,14 @@ async fn run(cmd: Cmd, env: Environment) -> Result<(), CliError> {
         Cmd::Init { config } => {
             let cfg = ServerConfig::load(&config)?;
             startup::init(&cfg)?;
-            eprintln!("kms-server: initialised store {}", cfg.store_path().display());
+            eprintln!("kms-server: initialised store {}", cfg.store_describe());
             Ok(())
         }
-        Cmd::Serve { config } => {
-            let cfg = ServerConfig::load(&config)?;
+        Cmd::Serve { config, listen } => {
+            let mut cfg = ServerConfig::load(&config)?;
+            if let Some(listen) = listen {
+                cfg.listen = listen;
+            }
             cfg.check_files()?;
             let prepared = server::prepare(&cfg)?;
             let keys = startup::open_keys(&cfg, &env)?;

@@ -35,6 +35,8 @@ pub enum ConfigError {
     Version { path: PathBuf, found: u32 },
     #[error("config file {path} could not be written: {source}")]
     Write { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: [store] {field} {problem}")]
+    Store { path: PathBuf, field: &'static str, problem: &'static str },
     #[error("config could not be serialised: {0}")]
     Serialize(#[from] toml::ser::Error),
 }
@@ -102,6 +104,95 @@ pub struct ServerConfig {
     /// `[audit]`: exports and anchors of the audit trail.
     #[serde(default, skip_serializing_if = "AuditConfig::is_default")]
     pub audit: AuditConfig,
+    /// `[store]`: where the keys and the audit trail are kept (default: the redb file in `data_dir`).
+    #[serde(default, skip_serializing_if = "StoreConfig::is_default")]
+    pub store: StoreConfig,
+}
+
+/// Largest store password file read.
+pub const MAX_PASSWORD_BYTES: u64 = 4096;
+
+/// Which store the server keeps its data in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// One redb file, `data_dir/kluis.redb`.
+    #[default]
+    Redb,
+    /// A PostgreSQL database (`url`), which several kms-server replicas can share.
+    Postgres,
+}
+
+/// `[store]`: the store backend and, for PostgreSQL, how to reach it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `redb` (default) or `postgres`.
+    #[serde(default)]
+    pub backend: StoreBackend,
+    /// PostgreSQL: a libpq URL or key/value string, e.g.
+    /// `postgresql://kluis@db1,db2/kluis?target_session_attrs=read-write`; never with a password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// PostgreSQL: a file holding the password (one line, at most 4096 bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// PostgreSQL: CA certificates (PEM) the database server's certificate must chain to;
+    /// with it the connection uses TLS (rustls).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl StoreConfig {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// Refuses what does not fit the backend, and a URL that is not libpq's or carries a
+    /// password; `path` names the config in the message.
+    pub fn check(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |field: &'static str, problem: &'static str| ConfigError::Store { path: path.to_owned(), field, problem };
+        match self.backend {
+            StoreBackend::Redb => {
+                for (field, set) in
+                    [("url", self.url.is_some()), ("password_file", self.password_file.is_some()), ("ca_file", self.ca_file.is_some())]
+                {
+                    if set {
+                        return Err(bad(field, "is only read with backend = \"postgres\""));
+                    }
+                }
+                Ok(())
+            }
+            StoreBackend::Postgres => {
+                let url = self.url.as_deref().ok_or_else(|| bad("url", "is required with backend = \"postgres\""))?;
+                match crate::store::postgres::check_url(url) {
+                    Ok(()) => Ok(()),
+                    Err(crate::store::StoreError::UrlPassword) => {
+                        Err(bad("url", "carries a password; put the password in [store] password_file instead"))
+                    }
+                    Err(_) => Err(bad("url", "is not a libpq connection URL (postgresql://...) or key=value string")),
+                }
+            }
+        }
+    }
+
+    /// Reads the password file (at most [`MAX_PASSWORD_BYTES`]; one trailing newline dropped).
+    pub fn read_password(&self) -> Result<Option<zeroize::Zeroizing<String>>, ConfigError> {
+        use std::io::Read as _;
+        let Some(path) = &self.password_file else { return Ok(None) };
+        let err = |e| ConfigError::File { role: "store password", path: path.clone(), source: e };
+        let mut bytes = zeroize::Zeroizing::new(Vec::new());
+        std::fs::File::open(path).and_then(|f| f.take(MAX_PASSWORD_BYTES + 1).read_to_end(&mut bytes)).map_err(err)?;
+        if bytes.len() as u64 > MAX_PASSWORD_BYTES {
+            return Err(err(std::io::Error::new(std::io::ErrorKind::InvalidData, "larger than 4096 bytes")));
+        }
+        let text = std::str::from_utf8(&bytes).map_err(|_| err(std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text")))?;
+        let line = text.strip_suffix('\n').map(|t| t.strip_suffix('\r').unwrap_or(t)).unwrap_or(text);
+        if line.is_empty() || line.contains('\n') {
+            return Err(err(std::io::Error::new(std::io::ErrorKind::InvalidData, "must hold the password on one line")));
+        }
+        Ok(Some(zeroize::Zeroizing::new(line.to_owned())))
+    }
 }
 
 /// Audit exports running at once unless `[audit] max_concurrent_exports` says otherwise.
@@ -245,6 +336,7 @@ impl ServerConfig {
                 return Err(ConfigError::Limit { path: path.to_owned(), field });
             }
         }
+        cfg.store.check(path)?;
         let base = path.parent().unwrap_or(Path::new("."));
         cfg.resolve(base);
         Ok(cfg)
@@ -274,6 +366,12 @@ impl ServerConfig {
     pub fn check_files(&self) -> Result<(), ConfigError> {
         let mut files: Vec<(&'static str, &Path)> =
             vec![("TLS certificate", &self.tls.cert), ("TLS key", &self.tls.key), ("CA", &self.tls.client_ca)];
+        if let Some(p) = &self.store.password_file {
+            files.push(("store password", p));
+        }
+        if let Some(p) = &self.store.ca_file {
+            files.push(("store CA", p));
+        }
         if let Some(p) = &self.auth.revoked {
             files.push(("revocation list", p));
         }
@@ -317,6 +415,12 @@ impl ServerConfig {
             }
         };
         abs(&mut self.data_dir);
+        if let Some(p) = &mut self.store.password_file {
+            abs(p);
+        }
+        if let Some(p) = &mut self.store.ca_file {
+            abs(p);
+        }
         abs(&mut self.tls.cert);
         abs(&mut self.tls.key);
         abs(&mut self.tls.client_ca);
@@ -343,6 +447,14 @@ impl ServerConfig {
 
     pub fn store_path(&self) -> PathBuf {
         self.data_dir.join(STORE_FILE)
+    }
+
+    /// The store, for messages: the redb file's path or the PostgreSQL URL (no password).
+    pub fn store_describe(&self) -> String {
+        match (self.store.backend, &self.store.url) {
+            (StoreBackend::Postgres, Some(url)) => url.clone(),
+            _ => self.store_path().display().to_string(),
+        }
     }
 
     /// Writes the config as TOML (used by `kms-server dev`).
@@ -487,5 +599,68 @@ keyrings = ["ehr-db"]
         // The master key file is named by the master key's own open, which knows the
         // generation the store needs (after a rotation, not the configured file).
         c.check_files().unwrap();
+    }
+
+    #[test]
+    fn the_store_section_defaults_to_redb_and_chooses_postgres() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = ServerConfig::load(&write(dir.path(), GOOD)).unwrap();
+        assert_eq!(c.store, StoreConfig::default());
+        assert_eq!(c.store.backend, StoreBackend::Redb);
+        let text = format!(
+            "{GOOD}\n[store]\nbackend = \"postgres\"\nurl = \"postgresql://kluis@db1,db2/kluis?target_session_attrs=read-write\"\npassword_file = \"pg.pw\"\n"
+        );
+        let c = ServerConfig::load(&write(dir.path(), &text)).unwrap();
+        assert_eq!(c.store.backend, StoreBackend::Postgres);
+        assert_eq!(c.store.password_file, Some(dir.path().join("pg.pw")));
+        assert_eq!(c.store_describe(), "postgresql://kluis@db1,db2/kluis?target_session_attrs=read-write");
+        // The password file is a file the server needs: named by role when missing.
+        for f in ["server.pem", "server.key", "ca.pem"] {
+            std::fs::write(dir.path().join(f), "x").unwrap();
+        }
+        let e = c.check_files().unwrap_err();
+        assert!(matches!(&e, ConfigError::File { role: "store password", .. }), "{e}");
+        let text = format!("{GOOD}\n[store]\nbackend = \"postgres\"\nurl = \"host=/run/postgresql user=kluis dbname=kluis\"\n");
+        ServerConfig::load(&write(dir.path(), &text)).unwrap();
+    }
+
+    #[test]
+    fn a_bad_store_section_is_refused_naming_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let refused = |section: &str, needle: &str| {
+            let e = ServerConfig::load(&write(dir.path(), &format!("{GOOD}\n[store]\n{section}\n"))).unwrap_err();
+            let msg = e.to_string();
+            assert!(msg.contains(needle), "{section}: {msg}");
+            assert!(!msg.contains("s3cret"), "the password is never in a message: {msg}");
+            assert!(!msg.contains('\n'), "one line: {msg}");
+        };
+        refused("backend = \"postgres\"\nurl = \"postgresql://kluis:s3cret@db/kluis\"", "[store] url carries a password");
+        refused("backend = \"postgres\"\nurl = \"host=db user=kluis password=s3cret\"", "[store] url carries a password");
+        refused("backend = \"postgres\"", "[store] url is required");
+        refused("backend = \"postgres\"\nurl = \"mysql://db/kluis\"", "[store] url is not a libpq connection URL");
+        refused("url = \"postgresql://kluis@db/kluis\"", "[store] url is only read with backend = \"postgres\"");
+        refused("backend = \"sqlite\"", "sqlite");
+        refused("backend = \"postgres\"\nurl = \"postgresql://kluis@db/kluis\"\npassword = \"s3cret\"", "unknown field `password`");
+    }
+
+    #[test]
+    fn the_store_password_file_is_read_capped_and_one_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pg.pw");
+        let store = StoreConfig {
+            backend: StoreBackend::Postgres,
+            url: Some("postgresql://kluis@db/kluis".into()),
+            password_file: Some(pw.clone()),
+            ca_file: None,
+        };
+        std::fs::write(&pw, "correct horse\n").unwrap();
+        assert_eq!(store.read_password().unwrap().as_deref().map(String::as_str), Some("correct horse"));
+        std::fs::write(&pw, "a\nb\n").unwrap();
+        assert!(store.read_password().unwrap_err().to_string().contains("one line"));
+        std::fs::write(&pw, "").unwrap();
+        assert!(store.read_password().is_err());
+        std::fs::write(&pw, "x".repeat(MAX_PASSWORD_BYTES as usize + 1)).unwrap();
+        let e = store.read_password().unwrap_err().to_string();
+        assert!(e.contains("store password") && e.contains("larger than 4096 bytes"), "{e}");
     }
 }

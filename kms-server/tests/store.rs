@@ -1,6 +1,7 @@
-//! The redb store behind the `Store` trait, with the key layer's records and the audit
-//! chain on top: durability of concurrent writes, the store formats, the chain head
-//! across restarts. A real redb file in a temp dir.
+//! The stores behind the `Store` trait, with the key layer's records and the audit chain
+//! on top. The contract tests (module `contract`) run once per store from one source: on a
+//! real redb file in a temp dir, and on a real PostgreSQL cluster that the test starts
+//! (`kluis_tests::pg`). The tests after them are of the redb file's own formats.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::Path;
@@ -36,33 +37,6 @@ fn create(path: &Path) -> Registry {
 
 fn open(path: &Path) -> Result<Registry, StoreError> {
     Ok(Registry::new(Arc::new(RedbStore::open(path, AuditChain::new())?)))
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_writes_are_all_durable_after_reopen() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("s.redb");
-    let store = create(&path);
-    let mut tasks = Vec::new();
-    for i in 0..200u8 {
-        let s = store.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut id = [0u8; 16];
-            id[0] = i;
-            s.write(WriteOp::IssueDataKey { id, record: rec("r"), secret: None }).await
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap().unwrap();
-    }
-    drop(store);
-    let store = open(&path).unwrap();
-    assert_eq!(store.issued_count("r").unwrap(), 200);
-    let mut id = [0u8; 16];
-    id[0] = 199;
-    assert_eq!(store.data_key(&id).unwrap().unwrap().backup_id, "b");
-    drop(store);
-    assert!(matches!(RedbStore::create(&path, AuditChain::new()), Err(StoreError::AlreadyExists { .. })));
 }
 
 fn event(principal: &str) -> AuditEvent {
@@ -162,26 +136,6 @@ fn a_format_1_store_keeps_its_json_records_and_the_chain_continues_compactly() {
 }
 
 #[test]
-fn a_store_of_a_newer_format_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("s.redb");
-    drop(RedbStore::create(&path, AuditChain::new()).unwrap());
-    {
-        let db = Database::open(&path).unwrap();
-        let txn = db.begin_write().unwrap();
-        txn.open_table(META).unwrap().insert(FORMAT_META, 3u32.to_be_bytes().as_slice()).unwrap();
-        txn.commit().unwrap();
-    }
-    match RedbStore::open(&path, AuditChain::new()) {
-        Err(e @ StoreError::NewerFormat { found: 3, supported: 2, .. }) => {
-            assert!(e.to_string().contains("has format 3, newer than this kms-server reads"), "{e}");
-        }
-        Err(e) => panic!("wrong error: {e}"),
-        Ok(_) => panic!("a format 3 store was opened"),
-    }
-}
-
-#[test]
 fn registry_record_is_small() {
     let bytes = postcard::to_allocvec(&rec("ehr-db")).unwrap();
     assert!(bytes.len() < 64, "{}", bytes.len());
@@ -278,4 +232,343 @@ fn a_copy_left_by_a_scrub_cut_off_is_removed_at_open_and_is_never_the_store() {
     let store = open(&path).unwrap();
     assert!(!tmp.exists(), "the stale copy is removed once the store is open");
     assert_eq!(store.issued_count("r").unwrap(), 0);
+}
+
+/// The store contract, once per store (see `per_store!` at the end).
+mod contract {
+    use std::ops::Bound;
+    use std::path::PathBuf;
+    use std::sync::Arc;
+
+    use kluis_tests::pg::Postgres;
+    use kms_server::audit::AuditChain;
+    use kms_server::keys::registry::{Registry, WriteOp};
+    use kms_server::model::KeyState;
+    use kms_server::store::postgres::{PgOptions, PostgresStore};
+    use kms_server::store::redb::RedbStore;
+    use kms_server::store::{Op, Store, StoreError, Table, WriteGroup, id_key};
+
+    use super::{event, rec, secret_of};
+
+    #[derive(Clone, Copy, Debug)]
+    pub enum Kind {
+        Redb,
+        Postgres,
+    }
+
+    /// One store of a kind, made fresh for a test.
+    pub struct Fixture {
+        kind: Kind,
+        _dir: tempfile::TempDir,
+        path: PathBuf,
+        pub pg: Option<Postgres>,
+    }
+
+    impl Fixture {
+        pub fn new(kind: Kind) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("s.redb");
+            let pg = match kind {
+                Kind::Redb => None,
+                Kind::Postgres => {
+                    let pg = Postgres::start();
+                    pg.create_db("kluis");
+                    Some(pg)
+                }
+            };
+            Self { kind, _dir: dir, path, pg }
+        }
+
+        pub fn opts(&self) -> PgOptions {
+            PgOptions { url: self.pg.as_ref().unwrap().url("kluis"), password: None, ca_file: None }
+        }
+
+        pub fn create_store(&self) -> Result<Arc<dyn Store>, StoreError> {
+            Ok(match self.kind {
+                Kind::Redb => Arc::new(RedbStore::create(&self.path, AuditChain::new())?),
+                Kind::Postgres => Arc::new(PostgresStore::create(&self.opts(), AuditChain::new())?),
+            })
+        }
+
+        pub fn open_store(&self) -> Result<Arc<dyn Store>, StoreError> {
+            Ok(match self.kind {
+                Kind::Redb => Arc::new(RedbStore::open(&self.path, AuditChain::new())?),
+                Kind::Postgres => Arc::new(PostgresStore::open(&self.opts(), AuditChain::new())?),
+            })
+        }
+
+        pub fn create(&self) -> Registry {
+            Registry::new(self.create_store().unwrap())
+        }
+
+        pub fn open(&self) -> Result<Registry, StoreError> {
+            Ok(Registry::new(self.open_store()?))
+        }
+
+        /// Marks the (closed) store as made by a later kms-server.
+        fn set_newer_format(&self) {
+            match self.kind {
+                Kind::Redb => {
+                    let db = ::redb::Database::open(&self.path).unwrap();
+                    let txn = db.begin_write().unwrap();
+                    txn.open_table(super::META).unwrap().insert(super::FORMAT_META, 3u32.to_be_bytes().as_slice()).unwrap();
+                    txn.commit().unwrap();
+                }
+                Kind::Postgres => {
+                    self.pg.as_ref().unwrap().psql("kluis", "UPDATE kluis_schema SET format = 3");
+                }
+            }
+        }
+    }
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+    }
+
+    fn id(i: u32) -> [u8; 16] {
+        let mut id = [0u8; 16];
+        id[..4].copy_from_slice(&i.to_be_bytes());
+        id
+    }
+
+    fn keys(store: &dyn Store, table: Table, range: (Bound<&[u8]>, Bound<&[u8]>), stop_after: usize) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        store
+            .scan(table, range, &mut |k, _| {
+                out.push(k.to_vec());
+                Ok(out.len() < stop_after)
+            })
+            .unwrap();
+        out
+    }
+
+    pub fn concurrent_writes_are_all_durable_after_reopen(kind: Kind) {
+        let f = Fixture::new(kind);
+        let store = f.create();
+        rt().block_on(async {
+            let mut tasks = Vec::new();
+            for i in 0..200u8 {
+                let s = store.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut id = [0u8; 16];
+                    id[0] = i;
+                    s.write(WriteOp::IssueDataKey { id, record: rec("r"), secret: None }).await
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap().unwrap();
+            }
+        });
+        drop(store);
+        let store = f.open().unwrap();
+        assert_eq!(store.issued_count("r").unwrap(), 200);
+        let mut id = [0u8; 16];
+        id[0] = 199;
+        assert_eq!(store.data_key(&id).unwrap().unwrap().backup_id, "b");
+        drop(store);
+        match f.create_store() {
+            Err(StoreError::AlreadyExists { .. }) => {}
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("a second create made a store over the first"),
+        }
+    }
+
+    /// Appends from many tasks are numbered 1..n without a gap, each linked to the one
+    /// before, and the chain goes on from its head after a restart.
+    pub fn appends_are_numbered_without_gaps_and_linked_across_a_restart(kind: Kind) {
+        let f = Fixture::new(kind);
+        let store = f.create();
+        rt().block_on(async {
+            let mut tasks = Vec::new();
+            for i in 0..60 {
+                let s = store.clone();
+                tasks.push(tokio::spawn(async move { s.write(WriteOp::Audit(event(&format!("host-{i}")))).await }));
+            }
+            for t in tasks {
+                t.await.unwrap().unwrap();
+            }
+        });
+        let page: Vec<_> = kms_server::audit::page(store.store(), 1, 1000).unwrap().into_iter().map(|(r, _)| r).collect();
+        assert_eq!(page.iter().map(|r| r.seq).collect::<Vec<_>>(), (1..=60).collect::<Vec<_>>());
+        assert_eq!(page[0].prev, kluis_proto::audit::GENESIS);
+        for w in page.windows(2) {
+            assert_eq!(w[1].prev, w[0].hash, "entry {} links to {}", w[1].seq, w[0].seq);
+        }
+        for r in &page {
+            assert_eq!(r.hash, r.compute_hash());
+        }
+        drop(store);
+        let store = f.open().unwrap();
+        store.write_blocking(WriteOp::Audit(event("after-restart"))).unwrap();
+        let next = kms_server::audit::page(store.store(), 61, 10).unwrap();
+        assert_eq!(next.len(), 1);
+        assert_eq!(next[0].0.prev, page[59].hash);
+    }
+
+    /// A group with one op the store cannot take writes nothing of the group.
+    pub fn a_group_with_a_bad_op_writes_nothing(kind: Kind) {
+        let f = Fixture::new(kind);
+        let store = f.create_store().unwrap();
+        let mut g = WriteGroup::default();
+        g.push(Op::Put { table: Table::Meta, key: b"half".to_vec(), value: b"written".to_vec() });
+        g.push(Op::Put { table: Table::Issued, key: b"r".to_vec(), value: vec![1] });
+        assert!(matches!(store.commit_blocking(g), Err(StoreError::WrongTable { table: Table::Issued })));
+        let mut g = WriteGroup::default();
+        g.push(Op::Put { table: Table::Meta, key: b"half".to_vec(), value: b"written".to_vec() });
+        g.push(Op::Put { table: Table::DataKeys, key: vec![1, 2, 3], value: vec![1] });
+        assert!(matches!(store.commit_blocking(g), Err(StoreError::BadKey { table: Table::DataKeys })));
+        let mut g = WriteGroup::default();
+        g.push(Op::Append { entry: b"not an audit event".to_vec() });
+        g.push(Op::Put { table: Table::Meta, key: b"half".to_vec(), value: b"written".to_vec() });
+        assert!(matches!(store.commit_blocking(g), Err(StoreError::Link { seq: 1, .. })));
+        assert_eq!(store.get(Table::Meta, b"half").unwrap(), None, "nothing of a failed group is written");
+        assert_eq!(store.last(Table::Audit).unwrap(), None);
+        // The store goes on, and the failed append did not use up a number.
+        let mut g = WriteGroup::default();
+        g.push(Op::Put { table: Table::Meta, key: b"whole".to_vec(), value: b"yes".to_vec() });
+        g.push(Op::Append { entry: postcard::to_allocvec(&event("ok")).unwrap() });
+        store.commit_blocking(g).unwrap();
+        assert_eq!(store.get(Table::Meta, b"whole").unwrap().as_deref(), Some(&b"yes"[..]));
+        assert_eq!(store.last(Table::Audit).unwrap().unwrap().0, id_key(1).to_vec());
+    }
+
+    /// Gets, ranges (every kind of bound, early stop, more rows than a page), the largest
+    /// key, counters, numbered inserts, deletes; and what a table does not take.
+    pub fn reads_by_key_and_by_range(kind: Kind) {
+        let f = Fixture::new(kind);
+        let store = f.create_store().unwrap();
+        let mut g = WriteGroup::default();
+        for i in 0..10u32 {
+            g.push(Op::Put { table: Table::DataKeys, key: id(i).to_vec(), value: vec![i as u8] });
+        }
+        for i in 0..2500u32 {
+            g.push(Op::Put { table: Table::Expiry, key: kms_server::store::expiry_key(i64::from(i) - 100, &id(i)).to_vec(), value: vec![] });
+        }
+        g.push(Op::Increment { table: Table::Issued, key: b"r".to_vec(), by: 2 });
+        g.push(Op::Put { table: Table::Meta, key: b"gone".to_vec(), value: b"soon".to_vec() });
+        store.commit_blocking(g).unwrap();
+        let mut g = WriteGroup::default();
+        g.push(Op::Increment { table: Table::Issued, key: b"r".to_vec(), by: 3 });
+        g.push(Op::Increment { table: Table::Issued, key: "ring-é".as_bytes().to_vec(), by: 1 });
+        g.push(Op::Delete { table: Table::Meta, key: b"gone".to_vec() });
+        for _ in 0..3 {
+            g.push(Op::Insert { table: Table::RestoreTests, value: b"t".to_vec() });
+        }
+        store.commit_blocking(g).unwrap();
+
+        assert_eq!(store.get(Table::DataKeys, &id(3)).unwrap(), Some(vec![3]));
+        assert_eq!(store.get(Table::DataKeys, &id(99)).unwrap(), None);
+        assert_eq!(store.get(Table::Issued, b"r").unwrap(), Some(5u64.to_be_bytes().to_vec()));
+        assert_eq!(store.get(Table::Meta, b"gone").unwrap(), None);
+        assert_eq!(store.last(Table::RestoreTests).unwrap(), Some((id_key(3).to_vec(), b"t".to_vec())));
+        let all = keys(store.as_ref(), Table::DataKeys, (Bound::Unbounded, Bound::Unbounded), usize::MAX);
+        assert_eq!(all, (0..10).map(|i| id(i).to_vec()).collect::<Vec<_>>());
+        let (lo, hi) = (id(2), id(5));
+        let incl = keys(store.as_ref(), Table::DataKeys, (Bound::Included(&lo[..]), Bound::Excluded(&hi[..])), usize::MAX);
+        assert_eq!(incl, (2..5).map(|i| id(i).to_vec()).collect::<Vec<_>>());
+        let excl = keys(store.as_ref(), Table::DataKeys, (Bound::Excluded(&lo[..]), Bound::Included(&hi[..])), usize::MAX);
+        assert_eq!(excl, (3..=5).map(|i| id(i).to_vec()).collect::<Vec<_>>());
+        let stopped = keys(store.as_ref(), Table::DataKeys, (Bound::Included(&lo[..]), Bound::Unbounded), 2);
+        assert_eq!(stopped, vec![id(2).to_vec(), id(3).to_vec()]);
+        let mut counters = Vec::new();
+        store
+            .scan(Table::Issued, (Bound::Unbounded, Bound::Unbounded), &mut |k, v| {
+                counters.push((String::from_utf8(k.to_vec()).unwrap(), u64::from_be_bytes(v.try_into().unwrap())));
+                Ok(true)
+            })
+            .unwrap();
+        assert_eq!(counters, vec![("r".to_owned(), 5), ("ring-é".to_owned(), 1)]);
+        // Expiry keys sort as times, negative ones first, across pages.
+        let times: Vec<i64> = keys(store.as_ref(), Table::Expiry, (Bound::Unbounded, Bound::Unbounded), usize::MAX)
+            .iter()
+            .map(|k| kms_server::store::parse_expiry_key(k).unwrap().0)
+            .collect();
+        assert_eq!(times, (0..2500).map(|i| i - 100).collect::<Vec<_>>());
+        // A visitor's error ends the scan with that error; the store reads on.
+        let err = store.scan(Table::Expiry, (Bound::Unbounded, Bound::Unbounded), &mut |_, _| Err(StoreError::WriterGone));
+        assert!(matches!(err, Err(StoreError::WriterGone)));
+        assert_eq!(store.get(Table::DataKeys, &id(0)).unwrap(), Some(vec![0]));
+        // Secrets are never listed; only id-keyed tables have a last row.
+        let refused = store.scan(Table::KeySecrets, (Bound::Unbounded, Bound::Unbounded), &mut |_, _| Ok(true));
+        assert!(matches!(refused, Err(StoreError::WrongTable { table: Table::KeySecrets })));
+        assert!(matches!(store.last(Table::Meta), Err(StoreError::WrongTable { table: Table::Meta })));
+        assert!(matches!(store.get(Table::Audit, b"short"), Err(StoreError::BadKey { table: Table::Audit })));
+    }
+
+    pub fn opening_a_store_that_was_never_made_is_refused(kind: Kind) {
+        let f = Fixture::new(kind);
+        match f.open_store() {
+            Err(e @ StoreError::NotInitialised { .. }) => assert!(e.to_string().contains("run `kms-server init` first"), "{e}"),
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("opened a store that was never made"),
+        }
+    }
+
+    pub fn a_store_of_a_newer_format_is_refused(kind: Kind) {
+        let f = Fixture::new(kind);
+        drop(f.create());
+        f.set_newer_format();
+        match f.open_store() {
+            Err(e @ StoreError::NewerFormat { found: 3, .. }) => {
+                assert!(e.to_string().contains("has format 3, newer than this kms-server reads"), "{e}");
+            }
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("a format 3 store was opened"),
+        }
+    }
+
+    /// A scrub keeps every live row, the erased secret stays gone, and the audit chain
+    /// numbers on after it.
+    pub fn a_scrub_keeps_every_live_row_and_writes_go_on(kind: Kind) {
+        let f = Fixture::new(kind);
+        let store = f.create();
+        let rt = rt();
+        for i in 0..40u32 {
+            let secret = Some(kms_server::secret::Key256::from_slice(&secret_of(i)).unwrap());
+            rt.block_on(store.write(WriteOp::Atomic(vec![
+                WriteOp::IssueDataKey { id: id(i), record: rec("r"), secret },
+                WriteOp::Audit(event("sealer")),
+            ])))
+            .unwrap();
+        }
+        let mut destroyed = rec("r");
+        destroyed.state = KeyState::Destroyed { at: 2 };
+        rt.block_on(store.write(WriteOp::PutDataKey { id: id(7), record: destroyed })).unwrap();
+        assert!(store.scrub_pending().unwrap());
+        let report = rt.block_on(store.scrub()).unwrap();
+        assert!(report.bytes_before > 0 && report.bytes_after > 0);
+        assert!(!store.scrub_pending().unwrap());
+        assert!(store.key_secret(&id(7)).unwrap().is_none());
+        for i in (0..40u32).filter(|&i| i != 7) {
+            assert_eq!(store.key_secret(&id(i)).unwrap().unwrap().expose(), &secret_of(i));
+        }
+        rt.block_on(store.write(WriteOp::Audit(event("officer")))).unwrap();
+        drop(store);
+        let store = f.open().unwrap();
+        assert_eq!(store.issued_count("r").unwrap(), 40);
+        let page = kms_server::audit::page(store.store(), 1, 1000).unwrap();
+        assert_eq!(page.iter().map(|(r, _)| r.seq).collect::<Vec<_>>(), (1..=41).collect::<Vec<_>>(), "40 before the scrub, one after");
+    }
+
+    /// Runs each named contract test once per store.
+    macro_rules! per_store {
+        ($($name:ident),* $(,)?) => {
+            mod redb {
+                $( #[test] fn $name() { super::$name(super::Kind::Redb) } )*
+            }
+            mod postgres {
+                $( #[test] fn $name() { super::$name(super::Kind::Postgres) } )*
+            }
+        };
+    }
+
+    per_store!(
+        concurrent_writes_are_all_durable_after_reopen,
+        appends_are_numbered_without_gaps_and_linked_across_a_restart,
+        a_group_with_a_bad_op_writes_nothing,
+        reads_by_key_and_by_range,
+        opening_a_store_that_was_never_made_is_refused,
+        a_store_of_a_newer_format_is_refused,
+        a_scrub_keeps_every_live_row_and_writes_go_on,
+    );
 }

@@ -5,6 +5,8 @@
 //! project's test command does).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod pg;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -75,6 +77,8 @@ pub struct Server {
     pub metrics_addr: Option<String>,
     /// Extra arguments of `kms-server dev` (e.g. `--client-endpoint URL`).
     pub args: Vec<String>,
+    /// The PostgreSQL store (`kms-server dev --store-url`), if not the redb file.
+    pub store_url: Option<String>,
     stderr_path: PathBuf,
 }
 
@@ -88,7 +92,18 @@ impl Server {
     pub fn start_with(provider: Provider) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let token = (provider == Provider::SoftHsm).then(|| SoftHsmToken::create(&dir.path().join("hsm"), "kluis-test"));
-        let mut s = Server { child: None, dir, addr: String::new(), provider, token, env: Vec::new(), metrics_addr: None, args: Vec::new(), stderr_path: PathBuf::new() };
+        let mut s = Server {
+            child: None,
+            dir,
+            addr: String::new(),
+            provider,
+            token,
+            env: Vec::new(),
+            metrics_addr: None,
+            args: Vec::new(),
+            store_url: None,
+            stderr_path: PathBuf::new(),
+        };
         s.spawn();
         s
     }
@@ -97,7 +112,26 @@ impl Server {
     pub fn start_with_args(args: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let args = args.iter().map(|a| (*a).to_owned()).collect();
-        let mut s = Server { child: None, dir, addr: String::new(), provider: Provider::Software, token: None, env: Vec::new(), metrics_addr: None, args, stderr_path: PathBuf::new() };
+        let mut s = Server { child: None, dir, addr: String::new(), provider: Provider::Software, token: None, env: Vec::new(), metrics_addr: None, args, store_url: None, stderr_path: PathBuf::new() };
+        s.spawn();
+        s
+    }
+
+    /// Starts `kms-server dev --store-url URL` (software master key): the store is that
+    /// PostgreSQL database (see [`pg::Postgres`]), which must exist and be empty.
+    pub fn start_on_postgres(url: &str) -> Self {
+        let mut s = Server {
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+            addr: String::new(),
+            provider: Provider::Software,
+            token: None,
+            env: Vec::new(),
+            metrics_addr: None,
+            args: Vec::new(),
+            store_url: Some(url.to_owned()),
+            stderr_path: PathBuf::new(),
+        };
         s.spawn();
         s
     }
@@ -117,6 +151,9 @@ impl Server {
         let seams = self.env.iter().any(|(k, _)| k.starts_with("KLUIS_TEST_"));
         let mut cmd = Command::new(bin(if seams { "kms-server-testkit" } else { "kms-server" }));
         cmd.args(["dev", "--data-dir"]).arg(self.data_dir()).args(["--listen", listen]).args(&self.args).env("KLUIS_LOG", "warn");
+        if let Some(url) = &self.store_url {
+            cmd.args(["--store-url", url]);
+        }
         for (k, v) in &self.env {
             cmd.env(k, v);
         }

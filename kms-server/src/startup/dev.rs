@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use crate::auth::{Grant, Role};
-use crate::config::{CONFIG_VERSION, MasterConfig, ServerConfig, TlsConfig};
+use crate::config::{CONFIG_VERSION, MasterConfig, ServerConfig, StoreConfig, TlsConfig};
 use super::open::{StartupError, init};
 use super::pki::{DevPkiPaths, create_dev_pki};
 
@@ -33,14 +33,34 @@ pub enum DevMaster {
 }
 
 /// Creates the dev directory on first run; returns its config.
-pub fn prepare(dir: &Path, listen: SocketAddr, master: DevMaster) -> Result<(ServerConfig, bool), StartupError> {
+///
+/// `store` is the store of a new directory (default: the redb file in it); a directory that
+/// exists keeps the store its config names.
+pub fn prepare(dir: &Path, listen: SocketAddr, master: DevMaster, store: &StoreConfig) -> Result<(ServerConfig, bool), StartupError> {
     let cfg_path = config_path(dir);
     if cfg_path.exists() {
         let mut cfg = ServerConfig::load(&cfg_path)?;
+        // Compared by backend and URL only: a password_file or ca_file added to the
+        // config by hand stays.
+        if *store != StoreConfig::default() && (cfg.store.backend, &cfg.store.url) != (store.backend, &store.url) {
+            return Err(StartupError::DevStore { config: cfg_path, store: cfg.store_describe() });
+        }
         cfg.listen = listen;
         return Ok((cfg, false));
     }
+    let existed = dir.exists();
     create_private_dir(dir)?;
+    let made = make(dir, &cfg_path, listen, master, store);
+    if made.is_err() && !existed {
+        // Nothing half-made: a store that could not be reached leaves no directory whose
+        // keys a second run would refuse to overwrite.
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    made.map(|cfg| (cfg, true))
+}
+
+/// Makes the PKI, the config, the master key and the store of a new dev directory.
+fn make(dir: &Path, cfg_path: &Path, listen: SocketAddr, master: DevMaster, store: &StoreConfig) -> Result<ServerConfig, StartupError> {
     let pki_dir = dir.join("pki");
     let names: Vec<&str> = DEV_IDENTITIES.iter().map(|(n, _, _)| *n).collect();
     let pki = create_dev_pki(&pki_dir, &names)?;
@@ -72,6 +92,7 @@ pub fn prepare(dir: &Path, listen: SocketAddr, master: DevMaster) -> Result<(Ser
         auth: Default::default(),
         limits: Default::default(),
         audit: Default::default(),
+        store: store.clone(),
         grants: DEV_IDENTITIES
             .iter()
             .map(|(name, roles, ring)| Grant {
@@ -82,8 +103,8 @@ pub fn prepare(dir: &Path, listen: SocketAddr, master: DevMaster) -> Result<(Ser
             .collect(),
     };
     init(&cfg)?;
-    cfg.save(&cfg_path)?;
-    Ok((cfg, true))
+    cfg.save(cfg_path)?;
+    Ok(cfg)
 }
 
 fn create_private_dir(dir: &Path) -> Result<(), StartupError> {

@@ -6,11 +6,12 @@ use std::sync::Arc;
 
 use super::env::Environment;
 use crate::audit::AuditChain;
-use crate::config::{ConfigError, ServerConfig};
+use crate::config::{ConfigError, ServerConfig, StoreBackend};
 use crate::keys::{KeyError, KeyManager};
 use crate::master::MasterError;
 use crate::store::redb::RedbStore;
-use crate::store::StoreError;
+use crate::store::postgres::{PgOptions, PostgresStore};
+use crate::store::{Chain, Store, StoreError};
 
 /// Why the server's key manager could not be made or opened.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +30,8 @@ pub enum StartupError {
     Anchor(#[from] crate::audit::anchor::BadAnchor),
     #[error(transparent)]
     DevEndpoint(#[from] super::dev::DevEndpointError),
+    #[error("{config} keeps its store in {store}; a dev directory keeps the store it was made with (use another --data-dir)")]
+    DevStore { config: PathBuf, store: String },
     #[error("could not create {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
 }
@@ -37,13 +40,39 @@ pub enum StartupError {
 pub fn init(cfg: &ServerConfig) -> Result<(), StartupError> {
     std::fs::create_dir_all(&cfg.data_dir).map_err(|e| StartupError::Io { path: cfg.data_dir.clone(), source: e })?;
     let store_path = cfg.store_path();
-    if store_path.exists() {
+    if cfg.store.backend == StoreBackend::Redb && store_path.exists() {
         return Err(StoreError::AlreadyExists { store: store_path.display().to_string() }.into());
     }
+    // The PostgreSQL schema is made first: a database that has one is refused before a
+    // master key is made for it.
+    let pg = match cfg.store.backend {
+        StoreBackend::Redb => None,
+        StoreBackend::Postgres => Some(open_store(cfg, AuditChain::new(), true)?),
+    };
     let master = crate::master::create_configured(&cfg.master)?;
-    let store = Arc::new(RedbStore::create(&store_path, AuditChain::new())?);
+    let store = match pg {
+        Some(store) => store,
+        None => Arc::new(RedbStore::create(&store_path, AuditChain::new())?),
+    };
     KeyManager::init_store(store, master.as_ref())?;
     Ok(())
+}
+
+/// Opens (or, with `create`, makes) the store a config names.
+pub fn open_store(cfg: &ServerConfig, chain: Arc<dyn Chain>, create: bool) -> Result<Arc<dyn Store>, StartupError> {
+    Ok(match cfg.store.backend {
+        StoreBackend::Redb if create => Arc::new(RedbStore::create(&cfg.store_path(), chain)?),
+        StoreBackend::Redb => Arc::new(RedbStore::open(&cfg.store_path(), chain)?),
+        StoreBackend::Postgres => {
+            let url = cfg.store.url.clone().ok_or_else(|| ConfigError::Store {
+                path: cfg.data_dir.clone(),
+                field: "url",
+                problem: "is required with backend = \"postgres\"",
+            })?;
+            let opts = PgOptions { url, password: cfg.store.read_password()?, ca_file: cfg.store.ca_file.clone() };
+            if create { Arc::new(PostgresStore::create(&opts, chain)?) } else { Arc::new(PostgresStore::open(&opts, chain)?) }
+        }
+    })
 }
 
 /// Opens master key and store and returns the key manager; every failure says why.
@@ -51,7 +80,7 @@ pub fn open_keys(cfg: &ServerConfig, env: &Environment) -> Result<Arc<KeyManager
     let chain = AuditChain::new();
     let anchors = cfg.audit.anchors.iter().map(|a| a.parse()).collect::<Result<Vec<_>, _>>()?;
     chain.set_anchors(anchors).map_err(KeyError::from)?;
-    let store = env.store(Arc::new(RedbStore::open(&cfg.store_path(), chain.clone())?));
+    let store = env.store(open_store(cfg, chain.clone(), false)?);
     let generation = crate::master::decode_generation(
         store.get(crate::store::Table::Meta, crate::keys::MASTER_GENERATION_META.as_bytes())?.as_deref(),
     )?;

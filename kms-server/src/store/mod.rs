@@ -20,6 +20,7 @@ use zeroize::Zeroizing;
 use std::ops::Bound;
 use std::pin::Pin;
 
+pub mod postgres;
 pub mod redb;
 
 /// The tables, with the layout of their keys.
@@ -194,6 +195,20 @@ pub enum StoreError {
     NewerFormat { store: String, found: u32, supported: u32 },
     #[error("store {store} has an unreadable format marker")]
     BadFormat { store: String },
+    #[error("store url is not a libpq connection string or URL: {reason}", reason = postgres::pg_reason(.source))]
+    BadUrl { source: tokio_postgres::Error },
+    #[error("store url carries a password; put it in [store] password_file instead")]
+    UrlPassword,
+    #[error("store {store}: PostgreSQL cannot be reached: {reason}", reason = postgres::pg_reason(.source))]
+    Unreachable { store: String, source: tokio_postgres::Error },
+    #[error("store {store}: PostgreSQL refused the login of user {user}: {reason}", reason = postgres::pg_reason(.source))]
+    AuthFailed { store: String, user: String, source: tokio_postgres::Error },
+    #[error("store {store}: {reason}", reason = postgres::pg_reason(.source))]
+    Pg { store: String, source: tokio_postgres::Error },
+    #[error("store CA file {path}: {source}")]
+    CaFile { path: String, source: std::io::Error },
+    #[error("cannot start the store's runtime: {source}")]
+    Runtime { source: std::io::Error },
     #[error("scrubbing store {store} failed at {step} ({path}); the store is unchanged: {source}")]
     Scrub { store: String, step: &'static str, path: String, source: std::io::Error },
     #[error("scrubbing store {store} refused: it holds table {table:?}, which this kms-server does not know; nothing was changed")]

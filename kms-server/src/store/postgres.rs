@@ -1,0 +1,831 @@
+//! The PostgreSQL store: the same [`Store`] contract as the redb file, on a database that
+//! several kms-server replicas can share.
+//!
+//! - **Schema** (format [`FORMAT`], in `kluis_schema`): one table per [`Table`] (`k bytea`
+//!   primary key, `v bytea`; the per-keyring counters keep `v bigint`), and `kluis_audit_head`,
+//!   the one row that numbers and links the audit chain. Made by [`PostgresStore::create`]
+//!   (`kms-server init`); [`PostgresStore::open`] refuses a newer format.
+//! - **Writes**: one writer task per store takes the queued [`WriteGroup`]s and commits them
+//!   together in one transaction (group commit, like the redb writer). If that transaction
+//!   fails, each of its groups is committed again on its own, so one bad group fails alone.
+//!   An [`Op::Append`] locks the chain-head row (`SELECT ... FOR UPDATE`), numbers and links
+//!   from it and writes it back, inside the same transaction: the database orders the chain,
+//!   also between replicas. Every session sets `synchronous_commit = on`, so a commit is
+//!   acknowledged only once PostgreSQL says it is durable (on the synchronous standby too, if
+//!   the cluster has one).
+//! - **Reads** are synchronous in the trait. The store owns a small tokio runtime of its own
+//!   (two threads) that drives every connection; a read hands its query to it and waits on a
+//!   channel (inside `block_in_place` when the caller is on a multi-thread runtime, so the
+//!   caller's other tasks move on). A read never waits for the writer: it uses a pool of its
+//!   own connections (at most [`READERS`] at once).
+//!
+//! The password never appears in the URL (refused) nor in a message: it comes from
+//! [`PgOptions::password`] (the config's `password_file`).
+
+use std::ops::Bound;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::runtime::{Handle, Runtime, RuntimeFlavor};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Client, NoTls};
+use zeroize::Zeroizing;
+
+use super::{Chain, ChainHead, KeyRange, Op, Row, ScrubReport, Store, StoreError, StoreFuture, Table, Visit, WriteGroup};
+
+/// The schema format this kms-server writes; a database of a later one is refused.
+pub const FORMAT: i32 = 1;
+
+/// Largest number of groups committed in one transaction.
+const MAX_BATCH: usize = 1024;
+
+/// Read connections open at once.
+pub const READERS: usize = 8;
+
+/// Rows per round trip of a scan.
+const SCAN_PAGE: i64 = 1000;
+
+/// How long a connection attempt may take when the URL does not say (`connect_timeout`).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The transaction-level advisory lock that orders schema changes (create, upgrade).
+const SCHEMA_LOCK: i64 = 0x6b6c_7569_735f_7363; // "kluis_sc"
+
+/// The tables the scrub rewrites: the ones that hold secret or wrapped-key bytes.
+const SECRET_TABLES: [&str; 3] = ["kluis_key_secrets", "kluis_keyrings", "kluis_meta"];
+
+/// The SQL name of a table.
+fn name(table: Table) -> &'static str {
+    match table {
+        Table::Meta => "kluis_meta",
+        Table::Keyrings => "kluis_keyrings",
+        Table::DataKeys => "kluis_data_keys",
+        Table::Issued => "kluis_issued_per_keyring",
+        Table::Audit => "kluis_audit",
+        Table::Checkpoints => "kluis_audit_checkpoints",
+        Table::RestoreTests => "kluis_restore_tests",
+        Table::Approvals => "kluis_approvals",
+        Table::Destructions => "kluis_destructions",
+        Table::Expiry => "kluis_expiry_index",
+        Table::KeySecrets => "kluis_key_secrets",
+    }
+}
+
+const ALL_TABLES: [Table; 11] = [
+    Table::Meta,
+    Table::Keyrings,
+    Table::DataKeys,
+    Table::Issued,
+    Table::Audit,
+    Table::Checkpoints,
+    Table::RestoreTests,
+    Table::Approvals,
+    Table::Destructions,
+    Table::Expiry,
+    Table::KeySecrets,
+];
+
+/// Checks a key against its table's layout (as the redb store's typed keys do).
+fn check_key(table: Table, key: &[u8]) -> Result<(), StoreError> {
+    let ok = match table {
+        Table::Meta | Table::Keyrings | Table::Issued => std::str::from_utf8(key).is_ok(),
+        Table::DataKeys | Table::KeySecrets => key.len() == 16,
+        Table::Audit | Table::Checkpoints | Table::RestoreTests | Table::Approvals | Table::Destructions => key.len() == 8,
+        Table::Expiry => key.len() == 24,
+    };
+    if ok { Ok(()) } else { Err(StoreError::BadKey { table }) }
+}
+
+/// Checks every op of a group before any of it is sent: the same refusals as the redb store.
+fn check_group(group: &WriteGroup) -> Result<(), StoreError> {
+    for op in &group.ops {
+        match op {
+            Op::Put { table, key, .. } => match table {
+                Table::Issued | Table::Audit | Table::Checkpoints | Table::KeySecrets => {
+                    return Err(StoreError::WrongTable { table: *table });
+                }
+                _ => check_key(*table, key)?,
+            },
+            Op::PutSecret { table: Table::KeySecrets, key, value } => {
+                check_key(Table::KeySecrets, key)?;
+                if value.len() != 32 {
+                    return Err(StoreError::WrongTable { table: Table::KeySecrets });
+                }
+            }
+            Op::PutSecret { table, .. } => return Err(StoreError::WrongTable { table: *table }),
+            Op::Delete { table: table @ (Table::Expiry | Table::Meta | Table::KeySecrets), key } => check_key(*table, key)?,
+            Op::Delete { table, .. } => return Err(StoreError::WrongTable { table: *table }),
+            Op::Increment { table: Table::Issued, key, .. } => check_key(Table::Issued, key)?,
+            Op::Increment { table, .. } => return Err(StoreError::WrongTable { table: *table }),
+            Op::Insert { table: Table::RestoreTests, .. } | Op::Append { .. } => {}
+            Op::Insert { table, .. } => return Err(StoreError::WrongTable { table: *table }),
+        }
+    }
+    Ok(())
+}
+
+/// How to reach the database.
+pub struct PgOptions {
+    /// libpq form: `postgresql://user@host1,host2/db?target_session_attrs=read-write` or
+    /// `host=... user=...`; never with a password.
+    pub url: String,
+    /// The password (from the config's `password_file`).
+    pub password: Option<Zeroizing<String>>,
+    /// CA certificates (PEM) that the server's certificate must chain to; without it the
+    /// connection is plain (a unix socket, or a network the site trusts).
+    pub ca_file: Option<PathBuf>,
+}
+
+/// The TLS side of a connection.
+#[derive(Clone)]
+enum Tls {
+    Plain,
+    Rustls(tokio_postgres_rustls::MakeRustlsConnect),
+}
+
+/// What a connection is made from.
+struct Connector {
+    config: tokio_postgres::Config,
+    tls: Tls,
+    /// The URL as given (it carries no password), for messages.
+    store: String,
+}
+
+impl Connector {
+    fn new(opts: &PgOptions) -> Result<Self, StoreError> {
+        let store = opts.url.clone();
+        let mut config = tokio_postgres::Config::from_str(&opts.url).map_err(|source| StoreError::BadUrl { source })?;
+        if config.get_password().is_some() {
+            return Err(StoreError::UrlPassword);
+        }
+        if let Some(pw) = &opts.password {
+            config.password(pw.as_bytes());
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("kluis");
+        }
+        let tls = match &opts.ca_file {
+            None => Tls::Plain,
+            Some(path) => Tls::Rustls(tokio_postgres_rustls::MakeRustlsConnect::new(tls_config(path)?)),
+        };
+        Ok(Self { config, tls, store })
+    }
+
+    async fn connect(&self) -> Result<Client, StoreError> {
+        let client = match &self.tls {
+            Tls::Plain => {
+                let (client, conn) = self.config.connect(NoTls).await.map_err(|e| self.connect_error(e))?;
+                tokio::spawn(drive(conn));
+                client
+            }
+            Tls::Rustls(tls) => {
+                let (client, conn) = self.config.connect(tls.clone()).await.map_err(|e| self.connect_error(e))?;
+                tokio::spawn(drive(conn));
+                client
+            }
+        };
+        // Durability is the store's promise: never weaker than the server's `on`, whatever
+        // the role or database default says.
+        client.batch_execute("SET synchronous_commit = on").await.map_err(|e| self.err(e))?;
+        Ok(client)
+    }
+
+    fn connect_error(&self, e: tokio_postgres::Error) -> StoreError {
+        let store = self.store.clone();
+        let user = self.config.get_user().unwrap_or("(default)").to_owned();
+        let io = {
+            let mut cause = std::error::Error::source(&e);
+            let mut found = false;
+            while let Some(c) = cause {
+                found |= c.is::<std::io::Error>();
+                cause = c.source();
+            }
+            found
+        };
+        match e.code() {
+            Some(c) if *c == SqlState::INVALID_PASSWORD || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION => {
+                StoreError::AuthFailed { store, user, source: e }
+            }
+            Some(_) => StoreError::Pg { store, source: e },
+            None if io => StoreError::Unreachable { store, source: e },
+            // No password given where the server asks for one, or an authentication
+            // exchange that failed.
+            None if pg_reason(&e).contains("password") || e.to_string() == "authentication error" => {
+                StoreError::AuthFailed { store, user, source: e }
+            }
+            None => StoreError::Unreachable { store, source: e },
+        }
+    }
+
+    fn err(&self, e: tokio_postgres::Error) -> StoreError {
+        StoreError::Pg { store: self.store.clone(), source: e }
+    }
+}
+
+async fn drive<S, T>(conn: tokio_postgres::Connection<S, T>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio_postgres::tls::TlsStream + Unpin,
+{
+    if let Err(e) = conn.await {
+        tracing::warn!(error = %pg_reason(&e), "store connection to PostgreSQL closed");
+    }
+}
+
+/// One line that says what went wrong (the client's own Display gives only the kind).
+pub fn pg_reason(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{e}: {}: {} (SQLSTATE {})", db.severity(), db.message(), db.code().code());
+    }
+    let mut s = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s.replace('\n', " ")
+}
+
+fn tls_config(path: &std::path::Path) -> Result<rustls::ClientConfig, StoreError> {
+    let bad = |source: std::io::Error| StoreError::CaFile { path: path.display().to_string(), source };
+    let pem = std::fs::read(path).map_err(bad)?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots.add(cert.map_err(bad)?).map_err(|e| bad(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
+    }
+    if roots.is_empty() {
+        return Err(bad(std::io::Error::new(std::io::ErrorKind::InvalidData, "no certificate in the file")));
+    }
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map(|b| b.with_root_certificates(roots).with_no_client_auth())
+        .map_err(|e| bad(std::io::Error::other(e)))
+}
+
+/// Checks a store URL: libpq form, no password in it.
+pub fn check_url(url: &str) -> Result<(), StoreError> {
+    let config = tokio_postgres::Config::from_str(url).map_err(|source| StoreError::BadUrl { source })?;
+    if config.get_password().is_some() {
+        return Err(StoreError::UrlPassword);
+    }
+    Ok(())
+}
+
+/// What the writer task is asked to do.
+enum Job {
+    Write(WriteGroup, oneshot::Sender<Result<(), StoreError>>),
+    Scrub(oneshot::Sender<Result<ScrubReport, StoreError>>),
+}
+
+/// The PostgreSQL store. Dropping the last handle stops its runtime (and so its connections).
+pub struct PostgresStore {
+    runtime: Option<Runtime>,
+    handle: Handle,
+    writer: mpsc::UnboundedSender<Job>,
+    readers: Arc<Readers>,
+    store: String,
+}
+
+struct Readers {
+    connector: Arc<Connector>,
+    idle: Mutex<Vec<Client>>,
+    permits: Arc<Semaphore>,
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            // Allowed inside an async context too; the connections close with it.
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl PostgresStore {
+    /// Makes the schema in an empty database; refuses a database that has one.
+    pub fn create(opts: &PgOptions, chain: Arc<dyn Chain>) -> Result<Self, StoreError> {
+        Self::start(opts, chain, true)
+    }
+
+    /// Opens the schema of a database made by [`create`](Self::create); upgrades an older
+    /// format in place, refuses a newer one.
+    pub fn open(opts: &PgOptions, chain: Arc<dyn Chain>) -> Result<Self, StoreError> {
+        Self::start(opts, chain, false)
+    }
+
+    fn start(opts: &PgOptions, chain: Arc<dyn Chain>, create: bool) -> Result<Self, StoreError> {
+        let connector = Arc::new(Connector::new(opts)?);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("kluis-pg")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Runtime { source: e })?;
+        let handle = runtime.handle().clone();
+        let store = connector.store.clone();
+        let c = connector.clone();
+        let genesis = chain.genesis();
+        let client = match wait(&handle, async move {
+            let mut client = c.connect().await?;
+            if create { create_schema(&mut client, &c.store, &genesis).await? } else { check_schema(&mut client, &c.store).await? }
+            Ok(client)
+        }) {
+            Ok(client) => client,
+            Err(e) => {
+                // A plain drop would block, which tokio forbids when the caller is async
+                // (start-up runs on the server's runtime).
+                runtime.shutdown_background();
+                return Err(e);
+            }
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        handle.spawn(writer_loop(connector.clone(), client, rx, chain));
+        let readers = Arc::new(Readers { connector, idle: Mutex::new(Vec::new()), permits: Arc::new(Semaphore::new(READERS)) });
+        Ok(Self { runtime: Some(runtime), handle, writer: tx, readers, store })
+    }
+
+    /// Runs `f` with a read connection of the pool; a connection whose query failed is
+    /// closed, not returned.
+    fn read<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<Client>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<T, tokio_postgres::Error>> + Send,
+    {
+        let readers = self.readers.clone();
+        wait(&self.handle, async move {
+            let _permit = readers.permits.clone().acquire_owned().await.map_err(|_| StoreError::WriterGone)?;
+            let client = readers.checkout().await?;
+            let client = Arc::new(client);
+            let r = f(client.clone()).await;
+            match (r, Arc::try_unwrap(client)) {
+                (Ok(v), Ok(client)) => {
+                    readers.give_back(client);
+                    Ok(v)
+                }
+                (Ok(v), Err(_)) => Ok(v),
+                (Err(e), _) => Err(readers.connector.err(e)),
+            }
+        })
+    }
+}
+
+impl Readers {
+    async fn checkout(&self) -> Result<Client, StoreError> {
+        let idle = self.idle.lock().ok().and_then(|mut v| v.pop());
+        match idle {
+            Some(c) if !c.is_closed() => Ok(c),
+            _ => self.connector.connect().await,
+        }
+    }
+
+    fn give_back(&self, client: Client) {
+        if let Ok(mut idle) = self.idle.lock()
+            && idle.len() < READERS
+        {
+            idle.push(client);
+        }
+    }
+}
+
+/// Runs `fut` on the store's runtime and waits for it on this thread.
+fn wait<T: Send + 'static>(
+    handle: &Handle,
+    fut: impl std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
+) -> Result<T, StoreError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    handle.spawn(async move {
+        let _ = tx.send(fut.await);
+    });
+    let recv = move || rx.recv().map_err(|_| StoreError::WriterGone)?;
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(recv),
+        _ => recv(),
+    }
+}
+
+const EXISTS_SQL: &str = "SELECT to_regclass('kluis_schema') IS NOT NULL";
+
+async fn schema_exists(client: &Client, store: &str) -> Result<bool, StoreError> {
+    let row = client
+        .query_typed_one(EXISTS_SQL, &[])
+        .await
+        .map_err(|source| StoreError::Pg { store: store.to_owned(), source })?;
+    Ok(row.get(0))
+}
+
+async fn create_schema(client: &mut Client, store: &str, genesis: &str) -> Result<(), StoreError> {
+    let pg = |source| StoreError::Pg { store: store.to_owned(), source };
+    let txn = client.transaction().await.map_err(pg)?;
+    txn.execute_typed("SELECT pg_advisory_xact_lock($1)", &[(&SCHEMA_LOCK, Type::INT8)]).await.map_err(pg)?;
+    let exists: bool = txn.query_typed_one(EXISTS_SQL, &[]).await.map_err(pg)?.get(0);
+    if exists {
+        return Err(StoreError::AlreadyExists { store: store.to_owned() });
+    }
+    let mut sql = String::from(
+        "CREATE TABLE kluis_schema (id smallint PRIMARY KEY CHECK (id = 1), format integer NOT NULL);
+         CREATE TABLE kluis_audit_head (id smallint PRIMARY KEY CHECK (id = 1), next_seq bigint NOT NULL, head text NOT NULL);\n",
+    );
+    for t in ALL_TABLES {
+        let v = if t == Table::Issued { "bigint" } else { "bytea" };
+        sql += &format!("CREATE TABLE {} (k bytea PRIMARY KEY, v {v} NOT NULL);\n", name(t));
+    }
+    txn.batch_execute(&sql).await.map_err(pg)?;
+    txn.execute_typed("INSERT INTO kluis_schema (id, format) VALUES (1, $1)", &[(&FORMAT, Type::INT4)]).await.map_err(pg)?;
+    txn.execute_typed("INSERT INTO kluis_audit_head (id, next_seq, head) VALUES (1, 1, $1)", &[(&genesis, Type::TEXT)])
+        .await
+        .map_err(pg)?;
+    txn.commit().await.map_err(pg)
+}
+
+async fn check_schema(client: &mut Client, store: &str) -> Result<(), StoreError> {
+    let pg = |source| StoreError::Pg { store: store.to_owned(), source };
+    if !schema_exists(client, store).await? {
+        return Err(StoreError::NotInitialised { store: store.to_owned() });
+    }
+    let row = client.query_typed_opt("SELECT format FROM kluis_schema WHERE id = 1", &[]).await.map_err(pg)?;
+    let found: i32 = row.ok_or_else(|| StoreError::BadFormat { store: store.to_owned() })?.get(0);
+    if found > FORMAT {
+        return Err(StoreError::NewerFormat {
+            store: store.to_owned(),
+            found: u32::try_from(found).unwrap_or(u32::MAX),
+            supported: FORMAT as u32,
+        });
+    }
+    if found < 1 {
+        return Err(StoreError::BadFormat { store: store.to_owned() });
+    }
+    // Format 1 is the first: nothing to upgrade yet. An upgrade takes SCHEMA_LOCK, checks the
+    // format again and moves it on in one transaction.
+    Ok(())
+}
+
+async fn writer_loop(connector: Arc<Connector>, mut client: Client, mut rx: mpsc::UnboundedReceiver<Job>, chain: Arc<dyn Chain>) {
+    let mut next = None;
+    loop {
+        let first = match next.take() {
+            Some(job) => job,
+            None => match rx.recv().await {
+                Some(job) => job,
+                None => return,
+            },
+        };
+        if client.is_closed() {
+            match connector.connect().await {
+                Ok(c) => client = c,
+                Err(e) => {
+                    tracing::error!(error = %e, "store: cannot reconnect to PostgreSQL");
+                    reply_err(first, e);
+                    continue;
+                }
+            }
+        }
+        let (group, reply) = match first {
+            Job::Write(group, reply) => (group, reply),
+            Job::Scrub(reply) => {
+                // In the writer: ordered after every acknowledged commit, and commits wait.
+                let _ = reply.send(scrub(&client, &connector.store).await);
+                continue;
+            }
+        };
+        let mut batch = vec![(group, reply)];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(Job::Write(g, r)) => batch.push((g, r)),
+                Ok(scrub) => {
+                    next = Some(scrub);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        // Groups refused before any SQL fail alone.
+        let mut ready = Vec::with_capacity(batch.len());
+        for (g, r) in batch {
+            match check_group(&g) {
+                Ok(()) => ready.push((g, r)),
+                Err(e) => {
+                    let _ = r.send(Err(e));
+                }
+            }
+        }
+        if ready.is_empty() {
+            continue;
+        }
+        let groups: Vec<&WriteGroup> = ready.iter().map(|(g, _)| g).collect();
+        match commit_groups(&mut client, &connector.store, &groups, chain.as_ref()).await {
+            Ok(()) => {
+                for (_, r) in ready {
+                    let _ = r.send(Ok(()));
+                }
+            }
+            Err(e) if ready.len() == 1 || client.is_closed() => {
+                tracing::error!(error = %e, writes = ready.len(), "store commit failed");
+                let mut first = Some(e);
+                for (_, r) in ready {
+                    let _ = r.send(Err(first.take().unwrap_or(StoreError::GroupFailed)));
+                }
+            }
+            Err(e) => {
+                // One group may have failed the others: commit each on its own.
+                tracing::warn!(error = %e, writes = ready.len(), "store group commit failed; committing its groups one by one");
+                for (g, r) in ready {
+                    let res = commit_groups(&mut client, &connector.store, &[&g], chain.as_ref()).await;
+                    if let Err(e) = &res {
+                        tracing::error!(error = %e, "store commit failed");
+                    }
+                    let _ = r.send(res);
+                }
+            }
+        }
+    }
+}
+
+fn reply_err(job: Job, e: StoreError) {
+    match job {
+        Job::Write(_, r) => drop(r.send(Err(e))),
+        Job::Scrub(r) => drop(r.send(Err(e))),
+    }
+}
+
+/// The chain head as the transaction holds it, once locked.
+struct Head {
+    next_seq: u64,
+    prev: ChainHead,
+}
+
+/// Commits `groups` in one transaction.
+async fn commit_groups(client: &mut Client, store: &str, groups: &[&WriteGroup], chain: &dyn Chain) -> Result<(), StoreError> {
+    let pg = |source| StoreError::Pg { store: store.to_owned(), source };
+    let txn = client.transaction().await.map_err(pg)?;
+    let mut head: Option<Head> = None;
+    let mut locked_tests = false;
+    for op in groups.iter().flat_map(|g| g.ops.iter()) {
+        match op {
+            Op::Put { table, key, value } => {
+                let sql = format!("INSERT INTO {0} (k, v) VALUES ($1, $2) ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v", name(*table));
+                txn.execute_typed(&sql, &[(key, Type::BYTEA), (value, Type::BYTEA)]).await.map_err(pg)?;
+            }
+            Op::PutSecret { table, key, value } => {
+                let sql = format!("INSERT INTO {0} (k, v) VALUES ($1, $2) ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v", name(*table));
+                let v: &[u8] = value.as_slice();
+                txn.execute_typed(&sql, &[(key, Type::BYTEA), (&v, Type::BYTEA)]).await.map_err(pg)?;
+            }
+            Op::Delete { table, key } => {
+                let sql = format!("DELETE FROM {} WHERE k = $1", name(*table));
+                txn.execute_typed(&sql, &[(key, Type::BYTEA)]).await.map_err(pg)?;
+            }
+            Op::Increment { table, key, by } => {
+                let by = i64::try_from(*by).unwrap_or(i64::MAX);
+                let sql = format!(
+                    "INSERT INTO {0} AS t (k, v) VALUES ($1, $2) ON CONFLICT (k) DO UPDATE SET v = \
+                     CASE WHEN t.v > 9223372036854775807 - EXCLUDED.v THEN 9223372036854775807 ELSE t.v + EXCLUDED.v END",
+                    name(*table)
+                );
+                txn.execute_typed(&sql, &[(key, Type::BYTEA), (&by, Type::INT8)]).await.map_err(pg)?;
+            }
+            Op::Insert { table, value } => {
+                // The next id is one more than the largest: the table lock orders inserters
+                // across replicas (restore tests are rare).
+                if !locked_tests {
+                    txn.batch_execute(&format!("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE", name(*table))).await.map_err(pg)?;
+                    locked_tests = true;
+                }
+                let last = txn
+                    .query_typed_opt(&format!("SELECT k FROM {} ORDER BY k DESC LIMIT 1", name(*table)), &[])
+                    .await
+                    .map_err(pg)?;
+                let id = match last {
+                    Some(row) => super::key_id(*table, row.get::<_, &[u8]>(0))? + 1,
+                    None => 1,
+                };
+                let key = super::id_key(id).to_vec();
+                let sql = format!("INSERT INTO {} (k, v) VALUES ($1, $2)", name(*table));
+                txn.execute_typed(&sql, &[(&key, Type::BYTEA), (value, Type::BYTEA)]).await.map_err(pg)?;
+            }
+            Op::Append { entry } => {
+                if head.is_none() {
+                    let row = txn
+                        .query_typed_one("SELECT next_seq, head FROM kluis_audit_head WHERE id = 1 FOR UPDATE", &[])
+                        .await
+                        .map_err(pg)?;
+                    let next: i64 = row.get(0);
+                    head = Some(Head { next_seq: u64::try_from(next).map_err(|_| StoreError::BadFormat { store: store.to_owned() })?, prev: row.get(1) });
+                }
+                let h = head.as_mut().ok_or(StoreError::GroupFailed)?;
+                let seq = h.next_seq;
+                let linked = chain.link(seq, &h.prev, entry).map_err(|source| StoreError::Link { seq, source })?;
+                let key = super::id_key(seq).to_vec();
+                txn.execute_typed("INSERT INTO kluis_audit (k, v) VALUES ($1, $2)", &[(&key, Type::BYTEA), (&linked.stored, Type::BYTEA)])
+                    .await
+                    .map_err(pg)?;
+                if let Some(cp) = &linked.checkpoint {
+                    txn.execute_typed(
+                        "INSERT INTO kluis_audit_checkpoints (k, v) VALUES ($1, $2) ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v",
+                        &[(&key, Type::BYTEA), (cp, Type::BYTEA)],
+                    )
+                    .await
+                    .map_err(pg)?;
+                }
+                h.prev = linked.head;
+                h.next_seq += 1;
+            }
+        }
+    }
+    if let Some(h) = &head {
+        let next = i64::try_from(h.next_seq).map_err(|_| StoreError::BadFormat { store: store.to_owned() })?;
+        txn.execute_typed("UPDATE kluis_audit_head SET next_seq = $1, head = $2 WHERE id = 1", &[(&next, Type::INT8), (&h.prev, Type::TEXT)])
+            .await
+            .map_err(pg)?;
+    }
+    txn.commit().await.map_err(pg)?;
+    if let Some(h) = head {
+        chain.committed(h.next_seq - 1);
+    }
+    Ok(())
+}
+
+/// Bytes of every Kluis table (heap, indexes, TOAST).
+async fn size(client: &Client, store: &str) -> Result<u64, StoreError> {
+    let mut sql = String::from("SELECT (0");
+    for t in ALL_TABLES {
+        sql += &format!(" + pg_total_relation_size('{}')", name(t));
+    }
+    sql += ")::bigint";
+    let row = client.query_typed_one(&sql, &[]).await.map_err(|source| StoreError::Pg { store: store.to_owned(), source })?;
+    Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+}
+
+/// `VACUUM FULL` of the tables that hold secrets (key secrets, keyrings, meta): PostgreSQL
+/// writes each into new files with only the live rows and removes the old ones, so a copy
+/// of the data directory taken afterwards no longer holds a destroyed key's secret in a
+/// table. It does **not** remove: the WAL that recorded the row (until PostgreSQL recycles
+/// the segment) and any WAL archive; a standby's WAL (its heap is rewritten too, when it
+/// replays the VACUUM FULL); backups of the database taken before; the blocks the file
+/// system freed (as for the redb file's rename). Needs the tables' owner (the role that ran
+/// `kms-server init`).
+async fn scrub(client: &Client, store: &str) -> Result<ScrubReport, StoreError> {
+    let started = std::time::Instant::now();
+    let bytes_before = size(client, store).await?;
+    client
+        .batch_execute(&format!("VACUUM FULL {}", SECRET_TABLES.join(", ")))
+        .await
+        .map_err(|source| StoreError::Pg { store: store.to_owned(), source })?;
+    Ok(ScrubReport {
+        bytes_before,
+        bytes_after: size(client, store).await?,
+        millis: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+    })
+}
+
+/// A `WHERE` clause for a key range, its parameters numbered from `first`.
+fn range_sql(range: &KeyRange<'_>, first: usize) -> (String, Vec<Vec<u8>>) {
+    let mut clauses = Vec::new();
+    let mut params = Vec::new();
+    for (b, lo) in [(range.0, true), (range.1, false)] {
+        let (op, k) = match b {
+            Bound::Included(k) => (if lo { ">=" } else { "<=" }, k),
+            Bound::Excluded(k) => (if lo { ">" } else { "<" }, k),
+            Bound::Unbounded => continue,
+        };
+        clauses.push(format!("k {op} ${}", first + params.len()));
+        params.push(k.to_vec());
+    }
+    (clauses.join(" AND "), params)
+}
+
+impl Store for PostgresStore {
+    fn describe(&self) -> String {
+        self.store.clone()
+    }
+
+    fn commit(&self, group: WriteGroup) -> StoreFuture<'_, ()> {
+        let (tx, rx) = oneshot::channel();
+        let sent = self.writer.send(Job::Write(group, tx)).map_err(|_| StoreError::WriterGone);
+        Box::pin(async move {
+            sent?;
+            rx.await.map_err(|_| StoreError::WriterGone)?
+        })
+    }
+
+    fn commit_blocking(&self, group: WriteGroup) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.writer.send(Job::Write(group, tx)).map_err(|_| StoreError::WriterGone)?;
+        wait(&self.handle, async move { rx.await.map_err(|_| StoreError::WriterGone)? })
+    }
+
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        check_key(table, key)?;
+        let key = key.to_vec();
+        let row = self.read(move |c| async move {
+            let sql = format!("SELECT v FROM {} WHERE k = $1", name(table));
+            c.query_typed_opt(&sql, &[(&key, Type::BYTEA)]).await
+        })?;
+        Ok(row.map(|r| if table == Table::Issued { (r.get::<_, i64>(0) as u64).to_be_bytes().to_vec() } else { r.get::<_, Vec<u8>>(0) }))
+    }
+
+    fn scan(&self, table: Table, range: KeyRange<'_>, visit: &mut Visit<'_>) -> Result<(), StoreError> {
+        if table == Table::KeySecrets {
+            // Secrets are read one by one, never listed.
+            return Err(StoreError::WrongTable { table });
+        }
+        for b in [range.0, range.1] {
+            if let Bound::Included(k) | Bound::Excluded(k) = b {
+                check_key(table, k)?;
+            }
+        }
+        // One REPEATABLE READ transaction over the pages: one consistent read, as the
+        // contract says, while the visitor runs between the pages.
+        let readers = self.readers.clone();
+        let client = wait(&self.handle, {
+            let readers = readers.clone();
+            async move {
+                let permit = readers.permits.clone().acquire_owned().await.map_err(|_| StoreError::WriterGone)?;
+                let client = readers.checkout().await?;
+                client.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY").await.map_err(|e| readers.connector.err(e))?;
+                Ok((Arc::new(client), permit))
+            }
+        })?;
+        let (client, permit) = client;
+        let (bounds, bound_params) = range_sql(&range, 2);
+        let mut after: Option<Vec<u8>> = None;
+        let result = (|| {
+            loop {
+                let mut clauses = vec![];
+                if after.is_some() {
+                    clauses.push("k > $1".to_owned());
+                } else {
+                    clauses.push("$1::bytea IS NULL".to_owned());
+                }
+                if !bounds.is_empty() {
+                    clauses.push(bounds.clone());
+                }
+                let sql = format!("SELECT k, v FROM {} WHERE {} ORDER BY k LIMIT {SCAN_PAGE}", name(table), clauses.join(" AND "));
+                let c = client.clone();
+                let params = bound_params.clone();
+                let a = after.clone();
+                let rows = wait(&self.handle, {
+                    let readers = readers.clone();
+                    async move {
+                        let mut p: Vec<(&(dyn ToSql + Sync), Type)> = vec![(&a, Type::BYTEA)];
+                        for v in &params {
+                            p.push((v, Type::BYTEA));
+                        }
+                        c.query_typed(&sql, &p).await.map_err(|e| readers.connector.err(e))
+                    }
+                })?;
+                let full = rows.len() as i64 == SCAN_PAGE;
+                for row in &rows {
+                    let k: &[u8] = row.get(0);
+                    let more = if table == Table::Issued {
+                        visit(k, &(row.get::<_, i64>(1) as u64).to_be_bytes())?
+                    } else {
+                        visit(k, row.get::<_, &[u8]>(1))?
+                    };
+                    if !more {
+                        return Ok(());
+                    }
+                }
+                match rows.last() {
+                    Some(row) if full => after = Some(row.get::<_, Vec<u8>>(0)),
+                    _ => return Ok(()),
+                }
+            }
+        })();
+        let c = client.clone();
+        let ended = wait(&self.handle, async move { Ok(c.batch_execute("ROLLBACK").await.is_ok()) }).unwrap_or(false);
+        if ended && let Ok(client) = Arc::try_unwrap(client) {
+            readers.give_back(client);
+        }
+        drop(permit);
+        result
+    }
+
+    fn last(&self, table: Table) -> Result<Option<Row>, StoreError> {
+        if !matches!(table, Table::Audit | Table::Checkpoints | Table::RestoreTests | Table::Approvals | Table::Destructions) {
+            return Err(StoreError::WrongTable { table });
+        }
+        let row = self.read(move |c| async move {
+            let sql = format!("SELECT k, v FROM {} ORDER BY k DESC LIMIT 1", name(table));
+            c.query_typed_opt(&sql, &[]).await
+        })?;
+        Ok(row.map(|r| (r.get::<_, Vec<u8>>(0), r.get::<_, Vec<u8>>(1))))
+    }
+
+    fn scrub(&self) -> StoreFuture<'_, ScrubReport> {
+        let (tx, rx) = oneshot::channel();
+        let sent = self.writer.send(Job::Scrub(tx)).map_err(|_| StoreError::WriterGone);
+        Box::pin(async move {
+            sent?;
+            rx.await.map_err(|_| StoreError::WriterGone)?
+        })
+    }
+}

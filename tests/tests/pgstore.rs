@@ -1,0 +1,233 @@
+//! The PostgreSQL store end to end: `kms-server dev --store-url` on a real PostgreSQL that
+//! the test starts (tests/src/pg.rs), seal and unseal with backup-hook across a restart,
+//! the audit export verifies; a store that cannot be reached, a wrong password and a newer
+//! schema each refuse the start in one line that names it.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use kluis_tests::pg::Postgres;
+use kluis_tests::*;
+
+fn config(s: &Server) -> PathBuf {
+    s.data_dir().join("server.toml")
+}
+
+/// `kms-server serve --config CFG` (which must refuse to start here).
+fn serve(config: &Path) -> Output {
+    Command::new(bin("kms-server")).args(["serve", "--config"]).arg(config).env("KLUIS_LOG", "error").output().unwrap()
+}
+
+fn edit(path: &Path, from: &str, to: &str) {
+    let text = std::fs::read_to_string(path).unwrap();
+    assert!(text.contains(from), "{from:?} not in {text}");
+    std::fs::write(path, text.replacen(from, to, 1)).unwrap();
+}
+
+fn export_verifies(server: &Server) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let out = server.kmsctl("auditor", &["audit", "export"]);
+    ok(&out, "audit export");
+    let file = dir.path().join("audit.jsonl");
+    std::fs::write(&file, &out.stdout).unwrap();
+    let out = server.kmsctl("auditor", &["audit", "public-key"]);
+    ok(&out, "audit public-key");
+    let key = dir.path().join("audit.pub");
+    std::fs::write(&key, &out.stdout).unwrap();
+    let out = kmsctl_offline(&["audit", "verify", s(&file), "--public-key", s(&key)]);
+    ok(&out, "audit verify");
+    assert!(stdout(&out).contains("audit trail intact"), "{}", stdout(&out));
+    std::fs::read_to_string(&file).unwrap()
+}
+
+#[test]
+fn seal_and_unseal_on_postgres_across_a_restart_and_the_audit_export_verifies() {
+    let pg = Postgres::start();
+    pg.create_db("kluis");
+    let mut server = Server::start_on_postgres(&pg.url("kluis"));
+    // The store is the database, not a redb file next to the config.
+    assert!(!server.data_dir().join("data/kluis.redb").exists());
+    assert!(std::fs::read_to_string(config(&server)).unwrap().contains("backend = \"postgres\""));
+
+    let data = sample(16, 300_000);
+    let sealed = seal(&server, "sealer", "default", "ehr/2026-12-07/full", &data);
+    let out = unseal(&server, "restorer", &sealed);
+    ok(&out, "unseal");
+    assert_eq!(out.stdout, data);
+    assert_eq!(pg.psql("kluis", "SELECT count(*) FROM kluis_data_keys"), "1");
+
+    server.restart();
+    let out = unseal(&server, "restorer", &sealed);
+    ok(&out, "unseal after restart");
+    assert_eq!(out.stdout, data);
+    let sealed2 = seal(&server, "sealer", "default", "ehr/2026-12-08/full", b"second");
+    assert_eq!(unseal(&server, "restorer", &sealed2).stdout, b"second");
+
+    // One chain over both runs, numbered by the database's chain head.
+    let export = export_verifies(&server);
+    assert!(export.contains("ehr/2026-12-07/full") && export.contains("ehr/2026-12-08/full"));
+    let gapless = pg.psql(
+        "kluis",
+        "SELECT (SELECT count(*) FROM kluis_audit) = next_seq - 1 \
+           AND (SELECT k FROM kluis_audit ORDER BY k LIMIT 1) = int8send(1) \
+           AND (SELECT k FROM kluis_audit ORDER BY k DESC LIMIT 1) = int8send(next_seq - 1) \
+         FROM kluis_audit_head",
+    );
+    assert_eq!(gapless, "t", "audit rows 1 ..= next_seq - 1, no gap");
+}
+
+#[test]
+fn an_unreachable_store_is_named_in_one_line() {
+    let pg = Postgres::start();
+    pg.create_db("kluis");
+    let mut server = Server::start_on_postgres(&pg.url("kluis"));
+    server.kill9();
+    let url = pg.url("kluis");
+    let bad = url.replace("%2Fsock", "%2Fno-such-socket-dir");
+    assert_ne!(url, bad);
+    edit(&config(&server), &url, &bad);
+    refused_one_line(&serve(&config(&server)), 1, &["PostgreSQL cannot be reached", &bad]);
+
+    // kms-server dev names it too, and leaves no directory behind.
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("kluis");
+    let out = Command::new(bin("kms-server"))
+        .args(["dev", "--data-dir", s(&data_dir), "--listen", "127.0.0.1:0", "--store-url", &bad])
+        .env("KLUIS_LOG", "error")
+        .output()
+        .unwrap();
+    refused_one_line(&out, 1, &["PostgreSQL cannot be reached", &bad]);
+    assert!(!data_dir.exists(), "nothing half-made: a second run would refuse the dev CA it left");
+}
+
+#[test]
+fn a_url_with_a_password_is_refused_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(bin("kms-server"))
+        .args(["dev", "--data-dir", s(&dir.path().join("kluis")), "--listen", "127.0.0.1:0"])
+        .args(["--store-url", "postgresql://kluis:hunter2@%2Ftmp/kluis"])
+        .env("KLUIS_LOG", "error")
+        .output()
+        .unwrap();
+    let err = refused_one_line(&out, 1, &["[store] url carries a password"]);
+    assert!(!err.contains("hunter2"), "{err}");
+    assert!(!dir.path().join("kluis").exists(), "nothing made");
+}
+
+#[test]
+fn a_missing_or_wrong_password_is_refused_and_the_right_password_file_serves() {
+    let mut pg = Postgres::start();
+    pg.create_db("kluis");
+    let mut server = Server::start_on_postgres(&pg.url("kluis"));
+    let sealed = seal(&server, "sealer", "default", "ehr/1", b"kept");
+    server.kill9();
+    pg.require_password("right horse battery");
+
+    // No password where PostgreSQL asks for one.
+    refused_one_line(&serve(&config(&server)), 1, &["PostgreSQL refused the login of user kluis", &pg.url("kluis")]);
+
+    let wrong = server.dir.path().join("wrong.pw");
+    std::fs::write(&wrong, "wrong staple\n").unwrap();
+    edit(&config(&server), "[store]", &format!("[store]\npassword_file = \"{}\"", wrong.display()));
+    let err = refused_one_line(&serve(&config(&server)), 1, &["PostgreSQL refused the login of user kluis", "password"]);
+    assert!(!err.contains("wrong staple") && !err.contains("right horse"), "no password in the message: {err}");
+
+    // The right one: the server starts (kms-server dev keeps the config's password_file).
+    let right = server.dir.path().join("right.pw");
+    std::fs::write(&right, "right horse battery\n").unwrap();
+    edit(&config(&server), &wrong.display().to_string(), &right.display().to_string());
+    server.start_again();
+    assert_eq!(unseal(&server, "restorer", &sealed).stdout, b"kept");
+}
+
+#[test]
+fn a_newer_schema_and_a_database_never_initialised_are_refused() {
+    let pg = Postgres::start();
+    pg.create_db("kluis");
+    let mut server = Server::start_on_postgres(&pg.url("kluis"));
+    server.kill9();
+    pg.psql("kluis", "UPDATE kluis_schema SET format = 9");
+    refused_one_line(&serve(&config(&server)), 1, &["has format 9, newer than this kms-server reads (format 1)", &pg.url("kluis")]);
+
+    pg.create_db("empty");
+    edit(&config(&server), &pg.url("kluis"), &pg.url("empty"));
+    refused_one_line(&serve(&config(&server)), 1, &["does not exist; run `kms-server init` first", &pg.url("empty")]);
+}
+
+/// `kms-server serve --config CFG --listen 127.0.0.1:0`: a second replica on the same config
+/// and database; killed when dropped.
+struct Replica {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl Replica {
+    fn start(config: &Path) -> Self {
+        use std::io::BufRead;
+        let mut child = Command::new(bin("kms-server"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .args(["--listen", "127.0.0.1:0"])
+            .env("KLUIS_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        // Waits on the server's own line; an exit closes stdout first.
+        let addr = loop {
+            match lines.next() {
+                Some(Ok(line)) => {
+                    if let Some(a) = line.strip_prefix("kms-server listening on ") {
+                        break a.to_owned();
+                    }
+                }
+                _ => panic!("the replica exited before listening: {:?}", child.wait()),
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        Self { child, addr }
+    }
+
+    /// The dev identity `who`'s client config, pointed at this replica.
+    fn client(&self, server: &Server, who: &str) -> PathBuf {
+        let text = std::fs::read_to_string(server.client(who)).unwrap();
+        assert!(text.contains(&server.addr), "{text}");
+        let p = server.dir.path().join(format!("{who}-replica.toml"));
+        std::fs::write(&p, text.replace(&server.addr, &self.addr)).unwrap();
+        p
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn two_replicas_on_one_database_serve_one_audit_chain() {
+    let pg = Postgres::start();
+    pg.create_db("kluis");
+    let server = Server::start_on_postgres(&pg.url("kluis"));
+    // The same config, another address: `serve --listen` overrides the config's `listen`.
+    let replica = Replica::start(&config(&server));
+    assert_ne!(replica.addr, server.addr);
+
+    let a = seal(&server, "sealer", "default", "ehr/a", b"sealed on the first");
+    let out = backup_hook(&replica.client(&server, "sealer"), &["seal", "--keyring", "default", "--backup-id", "ehr/b"], b"sealed on the second");
+    ok(&out, "seal on the replica");
+    let b = out.stdout;
+    // Each unseals what the other sealed: one registry.
+    let out = backup_hook(&replica.client(&server, "restorer"), &["unseal"], &a);
+    ok(&out, "unseal on the replica");
+    assert_eq!(out.stdout, b"sealed on the first");
+    assert_eq!(unseal(&server, "restorer", &b).stdout, b"sealed on the second");
+
+    // The entries of both replicas are one chain, numbered by the database: it verifies.
+    let export = export_verifies(&server);
+    assert!(export.contains("ehr/a") && export.contains("ehr/b"), "{export}");
+}
