@@ -46,7 +46,14 @@ fn ceremony(dir: &Path, k: u8, names: &[&str]) -> (PathBuf, String, Vec<PathBuf>
 /// `kmsctl escrow install` as the officer, approved by a second officer (`dev`) when the
 /// install needs dual control.
 fn install(server: &Server, manifest: &Path) {
-    let o = server.kmsctl("officer", &["escrow", "install", s(manifest)]);
+    install_with(server, &[], manifest);
+}
+
+fn install_with(server: &Server, flags: &[&str], manifest: &Path) {
+    let mut args = vec!["escrow", "install"];
+    args.extend_from_slice(flags);
+    args.push(s(manifest));
+    let o = server.kmsctl("officer", &args);
     ok(&o, "escrow install");
     if stdout(&o).contains("kmsctl approve ") {
         ok(&server.kmsctl("dev", &["approve", &approval_id(&o)]), "approve the install");
@@ -310,4 +317,78 @@ async fn the_server_marks_escrowed_only_the_recipient_in_force_for_a_restorer() 
     let r = restorer.clone().mark_data_key_escrowed(req(&recipient)).await.unwrap().into_inner();
     assert!(!r.newly_escrowed, "already counted");
     assert_eq!(mark_entries(&server).iter().filter(|l| l.contains("\"outcome\":\"ok")).count(), 2);
+}
+
+/// Rebuilds a ceremony's recovery key from the first two custodians' shares (the stock
+/// `age` decrypts each share, `kmsctl escrow combine` joins them) and opens `file` with it
+/// through the stock `age`.
+fn open_offline(w: &Path, ceremony_dir: &Path, manifest: &Path, names: [&str; 2], keys: [&Path; 2], file: &Path) -> Vec<u8> {
+    let mut texts = Vec::new();
+    for (name, key) in names.iter().zip(keys) {
+        let txt = w.join(format!("{}-share-{name}.txt", ceremony_dir.file_name().unwrap().to_str().unwrap()));
+        let o = stock("age", &["-d", "-i", s(key), "-o", s(&txt), s(&ceremony_dir.join(format!("share-{name}.age")))]);
+        ok(&o, "age -d of a share");
+        texts.push(txt);
+    }
+    let recovery = w.join("recovery-offline.key");
+    let _ = std::fs::remove_file(&recovery);
+    let o = kmsctl_offline(&["escrow", "combine", "--manifest", s(manifest), "-o", s(&recovery), s(&texts[0]), s(&texts[1])]);
+    ok(&o, "escrow combine");
+    let plain = w.join("offline.plain");
+    let _ = std::fs::remove_file(&plain);
+    let o = stock("age", &["-d", "-i", s(&recovery), "-o", s(&plain), s(file)]);
+    ok(&o, "age -d with the rebuilt recovery key");
+    std::fs::read(&plain).unwrap()
+}
+
+/// A backup sealed under an earlier recovery recipient (the escrow was replaced since):
+/// rewrap keeps that stanza byte for byte and adds one to the recipient in force; both
+/// ceremonies' custodians open it; the key was counted as escrowed already.
+#[test]
+fn rewrap_keeps_the_stanza_of_an_earlier_recipient_and_adds_the_one_in_force() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let server = Server::start();
+    let first_dir = w.join("first");
+    std::fs::create_dir(&first_dir).unwrap();
+    let (first, r1, k1) = ceremony(&first_dir, 2, &["ann", "bob"]);
+    install(&server, &first);
+    let f = w.join("b.age");
+    let data = sample(3, 70_001);
+    seal_to(&server, &f, "b", &data);
+    let before = std::fs::read(&f).unwrap();
+    assert_eq!(x25519_stanzas(&before), 1);
+    assert_eq!(without_escrow(&server), 0);
+
+    let second_dir = w.join("second");
+    std::fs::create_dir(&second_dir).unwrap();
+    let (second, r2, k2) = ceremony(&second_dir, 2, &["cas", "dan"]);
+    assert_ne!(r1, r2);
+    install_with(&server, &["--new-recipient"], &second);
+
+    let o = server.backup_hook("restorer", &["rewrap", s(&f)], b"");
+    ok(&o, "rewrap");
+    assert!(
+        stdout(&o).contains(&format!(
+            "escrow stanza added (recovery recipient {r2}); kept 1 X25519 stanza(s) to an earlier recovery recipient"
+        )),
+        "{}",
+        stdout(&o)
+    );
+    let after = std::fs::read(&f).unwrap();
+    assert_eq!(x25519_stanzas(&after), 2);
+    assert_eq!(stanza(&after, "X25519"), stanza(&before, "X25519"), "the earlier stanza is kept byte for byte");
+    assert_eq!(after[header_len(&after)..], before[header_len(&before)..]);
+    assert_eq!(without_escrow(&server), 0);
+    let marks = mark_entries(&server);
+    assert_eq!(marks.len(), 1, "{marks:?}");
+    assert!(marks[0].contains(&r2) && marks[0].contains("counted the key as escrowed already"), "{}", marks[0]);
+
+    assert_eq!(open_offline(w, &second_dir.join("ceremony"), &second, ["cas", "dan"], [&k2[0], &k2[1]], &f), data);
+    assert_eq!(open_offline(w, &first_dir.join("ceremony"), &first, ["ann", "bob"], [&k1[0], &k1[1]], &f), data);
+
+    // Again: nothing written.
+    ok(&server.backup_hook("restorer", &["rewrap", s(&f)], b""), "rewrap again");
+    assert_eq!(std::fs::read(&f).unwrap(), after);
+    assert_eq!(mark_entries(&server).len(), 1);
 }
