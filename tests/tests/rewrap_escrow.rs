@@ -392,3 +392,38 @@ fn rewrap_keeps_the_stanza_of_an_earlier_recipient_and_adds_the_one_in_force() {
     assert_eq!(std::fs::read(&f).unwrap(), after);
     assert_eq!(mark_entries(&server).len(), 1);
 }
+
+/// A keyring rotated since the backup and an escrow installed since: one rewrap moves the
+/// file to the newest version and adds the escrow stanza (one copy), and the server
+/// accepts the report made with the re-wrapped key.
+#[test]
+fn one_rewrap_moves_the_version_and_adds_the_escrow_stanza() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let server = Server::start();
+    let f = w.join("old.age");
+    let data = sample(11, 130_000);
+    seal_to(&server, &f, "old", &data);
+    let before = std::fs::read(&f).unwrap();
+    ok(&server.kmsctl("officer", &["keyring", "rotate", "default"]), "keyring rotate");
+    let (manifest, recipient, _) = ceremony(w, 2, &["ann", "bob"]);
+    install(&server, &manifest);
+    assert_eq!(without_escrow(&server), 1);
+
+    let o = server.backup_hook("restorer", &["rewrap", s(&f)], b"");
+    ok(&o, "rewrap");
+    let said = stdout(&o);
+    assert!(
+        said.contains(&format!("keyring default version 1 -> 2; escrow stanza added (recovery recipient {recipient}) (the header's length changed")),
+        "{said}"
+    );
+    let after = std::fs::read(&f).unwrap();
+    assert_eq!(x25519_stanzas(&after), 1);
+    assert_ne!(stanza(&after, "kluis"), stanza(&before, "kluis"), "the Kluis stanza names version 2 now");
+    assert_eq!(after[header_len(&after)..], before[header_len(&before)..]);
+    assert_eq!(without_escrow(&server), 0);
+    assert_eq!(mark_entries(&server).iter().filter(|l| l.contains("\"outcome\":\"ok")).count(), 1);
+    let o = unseal(&server, "restorer", &after);
+    ok(&o, "unseal");
+    assert_eq!(o.stdout, data);
+}
