@@ -38,7 +38,7 @@ use kms_client::client::ClientError;
 use kms_client::config::ClientConfig;
 use kms_client::hook::{Hook, HookError, SealReport, unseal_offline};
 use kms_client::passphrase::{self, KeyFile, Passphrase, PassphraseError};
-use kms_client::rewrap::{Action, JournalNote, RewrapError, rewrap_file};
+use kms_client::rewrap::{Action, Escrow, JournalNote, Report, RewrapError, rewrap_file};
 
 use crate::output::{Output, OutputError, Overwrite};
 
@@ -131,6 +131,13 @@ a journal (.NAME.kluis-rewrap next to the file), so a crash leaves the old heade
 one, or a journal that the next rewrap of the file completes. A file already under the
 current version is not written at all.
 
+Old backups under escrow: once an escrow is installed (`kmsctl escrow install`), rewrap also
+adds an X25519 stanza to the recovery recipient in force to every file that lacks one (a
+backup sealed before the escrow, or under an earlier recipient, whose stanza is kept), and
+the server then counts the key as escrowed (`kmsctl report`, `kmsctl escrow status`). The
+header grows, so such a file is copied with the new header and renamed over the original
+(O(file size), fsynced). A file that has the stanza is not written again.
+
 Needs the restorer role on the file's keyring: the age header MAC is keyed from the file
 key, which only the unwrapped data key opens, so a sealer-only identity is refused (exit 4).
 
@@ -151,6 +158,10 @@ struct RewrapArgs {
     /// Read the files to rewrap from LIST, one path a line ('-': standard input).
     #[arg(long, value_name = "LIST")]
     files_from: Option<PathBuf>,
+    /// One JSON object a line on stdout per file done (file, keyring, key_id,
+    /// from_version, to_version, written, escrow, recovery_recipient, journal).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -408,8 +419,10 @@ impl From<RewrapError> for Failure {
             RewrapError::Integrity(UnsealError::ReadInput(_)) | RewrapError::Io { .. } | RewrapError::JournalNotAFile { .. } => EXIT_IO,
             RewrapError::Integrity(_) | RewrapError::BadJournal { .. } => EXIT_INTEGRITY,
             RewrapError::NeedsRestorer { .. } => EXIT_REFUSED,
-            RewrapError::Server { source, .. } => client_failure(source).code,
-            RewrapError::ServerMismatch(_) | RewrapError::Busy | RewrapError::Changed => EXIT_OTHER,
+            RewrapError::Server { source, .. } | RewrapError::NotRecorded { source, .. } => client_failure(source).code,
+            RewrapError::ServerMismatch(_) | RewrapError::Busy | RewrapError::Changed | RewrapError::BadRecoveryRecipient(_) => {
+                EXIT_OTHER
+            }
         };
         Failure::new(code, e.to_string())
     }
@@ -437,6 +450,82 @@ fn rewrap_list(args: &RewrapArgs) -> Result<Vec<PathBuf>, Failure> {
     Ok(files)
 }
 
+/// The human line of one rewrapped file: the version move, the escrow stanza, the journal.
+fn rewrap_line(path: &Path, r: &Report) -> String {
+    let journal = match r.journal {
+        JournalNote::None => String::new(),
+        JournalNote::Completed => "; completed an interrupted rewrap from its journal".to_owned(),
+        JournalNote::Discarded(why) => format!("; removed a leftover rewrap journal that was never applied ({why})"),
+    };
+    let escrow = match &r.escrow {
+        Escrow::NoneInForce => String::new(),
+        Escrow::Added { recipient, kept: 0 } => format!("; escrow stanza added (recovery recipient {recipient})"),
+        Escrow::Added { recipient, kept } => format!(
+            "; escrow stanza added (recovery recipient {recipient}); kept {kept} X25519 stanza(s) to an earlier recovery recipient"
+        ),
+        Escrow::Present { recipient, reported: false } => format!("; escrow stanza present (recovery recipient {recipient})"),
+        Escrow::Present { recipient, reported: true } => format!(
+            "; escrow stanza present (recovery recipient {recipient}), now recorded at the server (an earlier run was interrupted)"
+        ),
+    };
+    let (file, keyring) = (path.display(), &r.keyring);
+    let copied = " (the header's length changed, so the whole file was copied and renamed over the original)";
+    let moved = r.from_version != r.to_version;
+    match (r.action, r.journal) {
+        (Action::AlreadyCurrent, JournalNote::Completed) => {
+            format!("rewrapped {file}: keyring {keyring} version {}{escrow}{journal}", r.to_version)
+        }
+        (Action::AlreadyCurrent, _) => {
+            format!("{file}: already current (keyring {keyring} version {}){escrow}; not written{journal}", r.to_version)
+        }
+        (Action::InPlace, _) => format!("rewrapped {file}: keyring {keyring} version {} -> {}{escrow}{journal}", r.from_version, r.to_version),
+        // The copy of a file that only gained its escrow stanza: the version is unchanged.
+        (Action::Copied, _) if !moved => {
+            format!("{file}: keyring {keyring} version {} (unchanged){escrow}{copied}{journal}", r.to_version)
+        }
+        (Action::Copied, _) => {
+            format!("rewrapped {file}: keyring {keyring} version {} -> {}{escrow}{copied}{journal}", r.from_version, r.to_version)
+        }
+    }
+}
+
+/// The JSON line of one rewrapped file (`rewrap --json`).
+fn rewrap_json(path: &Path, r: &Report) -> String {
+    let written = match r.action {
+        Action::AlreadyCurrent => None,
+        Action::InPlace => Some("in-place"),
+        Action::Copied => Some("copied"),
+    };
+    let escrow = match &r.escrow {
+        Escrow::NoneInForce => "none-in-force",
+        Escrow::Added { .. } => "added",
+        Escrow::Present { reported: false, .. } => "present",
+        Escrow::Present { reported: true, .. } => "present-recorded-now",
+    };
+    let journal = match r.journal {
+        JournalNote::None => None,
+        JournalNote::Completed => Some("completed".to_owned()),
+        JournalNote::Discarded(why) => Some(format!("discarded: {why}")),
+    };
+    let kept = match &r.escrow {
+        Escrow::Added { kept, .. } => *kept,
+        _ => 0,
+    };
+    serde_json::json!({
+        "file": path.display().to_string(),
+        "keyring": r.keyring,
+        "key_id": r.key_id,
+        "from_version": r.from_version,
+        "to_version": r.to_version,
+        "written": written,
+        "escrow": escrow,
+        "recovery_recipient": r.escrow.recipient(),
+        "earlier_escrow_stanzas_kept": kept,
+        "journal": journal,
+    })
+    .to_string()
+}
+
 fn run_rewrap(cfg: &ClientConfig, args: &RewrapArgs) -> Result<(), Failure> {
     let files = rewrap_list(args)?;
     let hook = Hook::connect(cfg)?;
@@ -446,39 +535,8 @@ fn run_rewrap(cfg: &ClientConfig, args: &RewrapArgs) -> Result<(), Failure> {
     for path in &files {
         match rewrap_file(&hook, path) {
             Ok(r) => {
-                let journal = match r.journal {
-                    JournalNote::None => String::new(),
-                    JournalNote::Completed => "; completed an interrupted rewrap from its journal".to_owned(),
-                    JournalNote::Discarded(why) => {
-                        format!("; removed a leftover rewrap journal that was never applied ({why})")
-                    }
-                };
-                let line = match (r.action, r.journal) {
-                    (Action::AlreadyCurrent, JournalNote::Completed) => {
-                        format!("rewrapped {}: keyring {} version {}{journal}", path.display(), r.keyring, r.to_version)
-                    }
-                    (Action::AlreadyCurrent, _) => format!(
-                        "{}: already current (keyring {} version {}); not written{journal}",
-                        path.display(),
-                        r.keyring,
-                        r.to_version
-                    ),
-                    (Action::InPlace, _) => format!(
-                        "rewrapped {}: keyring {} version {} -> {}{journal}",
-                        path.display(),
-                        r.keyring,
-                        r.from_version,
-                        r.to_version
-                    ),
-                    (Action::Copied, _) => format!(
-                        "rewrapped {}: keyring {} version {} -> {} (the header's length changed, so the whole file was copied and renamed over the original){journal}",
-                        path.display(),
-                        r.keyring,
-                        r.from_version,
-                        r.to_version
-                    ),
-                };
-                writeln!(out, "{}", kms_client::escape::Esc(&line)).map_err(|e| io_failure("writing to standard output failed", &e))?;
+                let line = if args.json { rewrap_json(path, &r) } else { kms_client::escape::Esc(&rewrap_line(path, &r)).to_string() };
+                writeln!(out, "{line}").map_err(|e| io_failure("writing to standard output failed", &e))?;
             }
             Err(e) => {
                 let f = Failure::from(e);

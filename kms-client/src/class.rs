@@ -71,7 +71,8 @@ impl ErrorClass {
             | Reason::DestructionNotPending
             | Reason::GrantNotFound
             | Reason::NoEscrow
-            | Reason::EscrowRecipientChange => ErrorClass::Refused,
+            | Reason::EscrowRecipientChange
+            | Reason::EscrowRecipientNotInForce => ErrorClass::Refused,
             Reason::WrappedKeyNotAuthentic | Reason::KeyringMismatch | Reason::AuditTampered => ErrorClass::Integrity,
             Reason::AuditUnavailable | Reason::MasterKeyUnavailable | Reason::StoreUnavailable | Reason::AuditExportBusy => {
                 ErrorClass::Unavailable

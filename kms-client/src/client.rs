@@ -513,6 +513,12 @@ pub struct Rewrapped {
     pub wrapped: Vec<u8>,
     pub version: u32,
     pub previous_version: u32,
+    /// The escrow recovery recipient in force ("age1..."), if any.
+    pub recovery_recipient: Option<String>,
+    /// The registry counts the key as escrowed.
+    pub escrowed: bool,
+    /// The key was issued with `recovery_recipient`: its file carries that stanza from sealing.
+    pub sealed_with_recipient: bool,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -880,7 +886,34 @@ impl KmsClient {
     pub async fn rewrap_data_key(&self, key_id: &str, keyring: &str, wrapped: &[u8]) -> Result<Rewrapped, ClientError> {
         let req = pb::RewrapDataKeyRequest { key_id: key_id.to_owned(), wrapped_key: wrapped.to_vec(), keyring: keyring.to_owned() };
         let r = call!(self, Rpc::RewrapDataKey, keys.rewrap_data_key(req))?.into_inner();
-        Ok(Rewrapped { wrapped: r.wrapped_key, version: r.keyring_version, previous_version: r.previous_version })
+        Ok(Rewrapped {
+            wrapped: r.wrapped_key,
+            version: r.keyring_version,
+            previous_version: r.previous_version,
+            recovery_recipient: (!r.recovery_recipient.is_empty()).then_some(r.recovery_recipient),
+            escrowed: r.escrowed,
+            sealed_with_recipient: r.sealed_with_recipient,
+        })
+    }
+
+    /// Reports that a sealed file of this key now carries a durable stanza to
+    /// `recovery_recipient` (restorer); the server refuses a recipient not in force.
+    /// Returns whether the registry did not count the key as escrowed before.
+    pub async fn mark_data_key_escrowed(
+        &self,
+        key_id: &str,
+        keyring: &str,
+        wrapped: &[u8],
+        recovery_recipient: &str,
+    ) -> Result<bool, ClientError> {
+        let req = pb::MarkDataKeyEscrowedRequest {
+            key_id: key_id.to_owned(),
+            wrapped_key: wrapped.to_vec(),
+            keyring: keyring.to_owned(),
+            recovery_recipient: recovery_recipient.to_owned(),
+        };
+        let r = call!(self, Rpc::MarkDataKeyEscrowed, keys.mark_data_key_escrowed(req))?.into_inner();
+        Ok(r.newly_escrowed)
     }
 
     /// Asks to remove the escrow manifest in force (officer; dual control).

@@ -15,7 +15,8 @@
 //!
 //! [`Rpc::replay`] says per RPC whether a request that may have reached the server is
 //! replayed: reads, `GenerateDataKey` (a replay may leave an issued key no file uses; it
-//! is in the registry with its backup id), `UnwrapDataKey` and `RewrapDataKey` are; officer
+//! is in the registry with its backup id), `UnwrapDataKey`, `RewrapDataKey` and
+//! `MarkDataKeyEscrowed` (a replay finds the flag set) are; officer
 //! writes and the restore-test record are retried only when they were never sent.
 //!
 //! With several endpoints (`endpoints = [...]` in the client config) one attempt is a pass
@@ -50,6 +51,7 @@ pub enum Rpc {
     GenerateDataKey,
     UnwrapDataKey,
     RewrapDataKey,
+    MarkDataKeyEscrowed,
     RecordRestoreTest,
     CreateKeyring,
     RotateKeyring,
@@ -98,6 +100,8 @@ impl Rpc {
             // No state changes (both are audited; a replay is one more audit entry).
             | Rpc::UnwrapDataKey
             | Rpc::RewrapDataKey
+            // Sets a flag that a replay finds set (one more audit entry saying so).
+            | Rpc::MarkDataKeyEscrowed
             // Reads.
             | Rpc::ListGrants
             | Rpc::ListApprovals
@@ -662,7 +666,7 @@ mod tests {
     fn only_reads_and_data_key_calls_are_replayed_after_they_may_have_been_sent() {
         use Rpc::*;
         let replayable = [
-            Connect, GenerateDataKey, UnwrapDataKey, RewrapDataKey, ListGrants, ListApprovals, ListKeyrings, GetKeyring,
+            Connect, GenerateDataKey, UnwrapDataKey, RewrapDataKey, MarkDataKeyEscrowed, ListGrants, ListApprovals, ListKeyrings, GetKeyring,
             GetDataKey, FindDataKeys, ListDestructions, GetEscrowStatus, GetReport, ExportAudit, GetAuditPublicKey,
         ];
         let writes = [

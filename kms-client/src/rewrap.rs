@@ -76,6 +76,7 @@ use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use age_core::format::{FileKey, Stanza};
+use kluis_age::escrow_stanza::{EscrowStanzaError, X25519_TAG, escrow_stanza, has_escrow_stanza};
 use kluis_age::fsutil::{self, parent_dir};
 use kluis_age::sealed::{IO_BUF, KluisIdentity, KluisStanza, STANZA_TAG, UnsealError, header_read_error, parse_stanza};
 use kluis_age::secret::DataKey;
@@ -92,8 +93,13 @@ const JOURNAL_SUFFIX: &str = ".kluis-rewrap";
 pub trait KeyService {
     /// Unwraps the data key of a Kluis stanza (restorer role).
     fn unwrap(&self, st: &KluisStanza) -> Result<UnwrappedKey, ClientError>;
-    /// Re-wraps the same data key under the keyring's current version (restorer role).
+    /// Re-wraps the same data key under the keyring's current version (restorer role);
+    /// the answer also names the escrow recovery recipient in force.
     fn rewrap(&self, st: &KluisStanza) -> Result<Rewrapped, ClientError>;
+    /// Reports that the file of this Kluis stanza now durably carries a stanza to
+    /// `recipient` (restorer role); true if the registry did not count the key as
+    /// escrowed before.
+    fn mark_escrowed(&self, st: &KluisStanza, recipient: &str) -> Result<bool, ClientError>;
 }
 
 impl KeyService for Hook {
@@ -103,6 +109,10 @@ impl KeyService for Hook {
 
     fn rewrap(&self, st: &KluisStanza) -> Result<Rewrapped, ClientError> {
         self.block_on(self.client().rewrap_data_key(&st.key_id, &st.keyring, &st.wrapped))
+    }
+
+    fn mark_escrowed(&self, st: &KluisStanza, recipient: &str) -> Result<bool, ClientError> {
+        self.block_on(self.client().mark_data_key_escrowed(&st.key_id, &st.keyring, &st.wrapped, recipient))
     }
 }
 
@@ -150,6 +160,19 @@ pub enum RewrapError {
         "the file's header does not verify ({file}) and the rewrap journal {journal} next to it is not valid for this file ({why}); both were left as they are"
     )]
     BadJournal { file: UnsealError<ClientError>, journal: PathBuf, why: &'static str },
+    /// The server named a recovery recipient no escrow stanza can be made for.
+    #[error("{0}; the file was not changed")]
+    BadRecoveryRecipient(#[source] EscrowStanzaError),
+    /// The escrow stanza was added and is durable, but the server did not record it
+    /// (unreachable, or the escrow was replaced in between).
+    #[error(
+        "the escrow stanza to {recipient} was added to the file and is durable, but the server did not record the key as escrowed: {source}; run rewrap again to report it (or to add a stanza to the recipient now in force)"
+    )]
+    NotRecorded {
+        recipient: String,
+        #[source]
+        source: ClientError,
+    },
     /// Reading or writing failed.
     #[error("{what}: {source}")]
     Io {
@@ -167,13 +190,40 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> RewrapError {
 /// What was done to the file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
-    /// The Kluis stanza already named the keyring's current version; nothing written.
+    /// Nothing to do (the Kluis stanza already named the keyring's current version, and
+    /// no escrow stanza was missing); nothing written.
     AlreadyCurrent,
     /// The header was rewritten in place (same length; journaled; O(header)).
     InPlace,
-    /// The header length changed: the file was copied with the new header and
-    /// renamed over the original (O(payload), new inode).
+    /// The header length changed (an escrow stanza was added, or the wrapped key's
+    /// length changed): the file was copied with the new header and renamed over the
+    /// original (O(payload), new inode).
     Copied,
+}
+
+/// What happened about the escrow recovery stanza.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Escrow {
+    /// No escrow recovery recipient is in force.
+    NoneInForce,
+    /// The file already carries a stanza to the recipient in force (from sealing, or
+    /// added by an earlier rewrap); nothing written for escrow. `reported`: the
+    /// registry did not count the key yet (a run interrupted after writing), so it
+    /// was told now.
+    Present { recipient: String, reported: bool },
+    /// A stanza to `recipient` was added and the registry told. `kept`: X25519 stanzas
+    /// that were there already (to an earlier recovery recipient), kept byte for byte.
+    Added { recipient: String, kept: usize },
+}
+
+impl Escrow {
+    /// The recipient in force, if any.
+    pub fn recipient(&self) -> Option<&str> {
+        match self {
+            Escrow::NoneInForce => None,
+            Escrow::Present { recipient, .. } | Escrow::Added { recipient, .. } => Some(recipient),
+        }
+    }
 }
 
 /// What happened to a rewrap journal found next to the file.
@@ -199,6 +249,7 @@ pub struct Report {
     pub to_version: u32,
     pub action: Action,
     pub journal: JournalNote,
+    pub escrow: Escrow,
 }
 
 /// The journal path of `path`: `.<name>.kluis-rewrap` in the same directory.
@@ -329,6 +380,21 @@ fn splice(hdr: &RawHeader, index: usize, stanza: &Stanza, fk: &FileKey) -> Resul
     // Cross-check with the header reader: it must parse back and verify.
     let back = header::parse(&out).map_err(|_| RewrapError::ServerMismatch("the new header does not parse"))?;
     back.verify_mac(fk).map_err(|_| RewrapError::ServerMismatch("the new header MAC does not verify"))?;
+    Ok(RawHeader::from_parsed(out, back))
+}
+
+/// The header with the escrow stanza of `fk` to `recipient` added after its last
+/// stanza, and a new MAC; every other byte up to `---` is kept. Checked to parse back,
+/// verify under `fk` and hold the stanza.
+fn append_escrow(hdr: &RawHeader, recipient: &str, fk: &FileKey) -> Result<RawHeader, RewrapError> {
+    let stanza = escrow_stanza(fk, recipient).map_err(RewrapError::BadRecoveryRecipient)?;
+    let out = header::append_stanza(&hdr.bytes, hdr.dashes_end, &stanza, fk)
+        .map_err(|_| RewrapError::ServerMismatch("the escrow stanza cannot be encoded"))?;
+    let back = header::parse(&out).map_err(|_| RewrapError::ServerMismatch("the header with the escrow stanza does not parse"))?;
+    back.verify_mac(fk).map_err(|_| RewrapError::ServerMismatch("the header MAC does not verify"))?;
+    if !has_escrow_stanza(&back.stanzas, fk, recipient).map_err(RewrapError::BadRecoveryRecipient)? {
+        return Err(RewrapError::ServerMismatch("the escrow stanza did not survive encoding"));
+    }
     Ok(RawHeader::from_parsed(out, back))
 }
 
@@ -542,30 +608,63 @@ pub fn rewrap_file(svc: &dyn KeyService, path: &Path) -> Result<Report, RewrapEr
         to_version: from_version,
         action: Action::AlreadyCurrent,
         journal: note,
+        escrow: Escrow::NoneInForce,
     };
 
     let rw = svc.rewrap(&st).map_err(|e| server_error(e, &st.keyring))?;
-    if rw.version == from_version {
-        return Ok(report);
-    }
     if rw.version < from_version {
         return Err(RewrapError::ServerMismatch("the server named an older keyring version"));
     }
 
-    // The new stanza: the re-wrapped key, then the same encrypted file key.
-    let old = &hdr.parsed.stanzas[index];
-    let mut body = rw.wrapped.clone();
-    body.extend_from_slice(&old.body[st.wrapped.len()..]);
-    let stanza = Stanza { tag: STANZA_TAG.to_owned(), args: old.args.clone(), body };
-    // Never write a header that does not open: unwrap the new key and check it
-    // yields the same file key (the new MAC is made with the old file key).
-    let new = splice(&hdr, index, &stanza, &fk)?;
-    match file_key_of(svc, &new) {
-        Ok(opened) if opened.version == rw.version => {}
-        Ok(_) => return Err(RewrapError::ServerMismatch("the re-wrapped key names another version")),
-        Err(RewrapError::Integrity(_)) => return Err(RewrapError::ServerMismatch("it opens another file key")),
-        Err(e) => return Err(e),
+    // The Kluis stanza of the header to write (the one the registry is told about).
+    let mut rewrapped: Option<KluisStanza> = None;
+    let mut new: Option<RawHeader> = None;
+    if rw.version != from_version {
+        // The new stanza: the re-wrapped key, then the same encrypted file key.
+        let old = &hdr.parsed.stanzas[index];
+        let mut body = rw.wrapped.clone();
+        body.extend_from_slice(&old.body[st.wrapped.len()..]);
+        let stanza = Stanza { tag: STANZA_TAG.to_owned(), args: old.args.clone(), body };
+        // Never write a header that does not open: unwrap the new key and check it
+        // yields the same file key (the new MAC is made with the old file key).
+        let spliced = splice(&hdr, index, &stanza, &fk)?;
+        match file_key_of(svc, &spliced) {
+            Ok(opened) if opened.version == rw.version => rewrapped = Some(opened.stanza),
+            Ok(_) => return Err(RewrapError::ServerMismatch("the re-wrapped key names another version")),
+            Err(RewrapError::Integrity(_)) => return Err(RewrapError::ServerMismatch("it opens another file key")),
+            Err(e) => return Err(e),
+        }
+        new = Some(spliced);
     }
+
+    // The escrow stanza to the recipient in force, unless the file has it: added by an
+    // earlier rewrap (found byte for byte, see kluis_age::escrow_stanza), or from
+    // sealing (the registry says the key went out with this recipient).
+    let mut mark: Option<String> = None;
+    if let Some(recipient) = rw.recovery_recipient.clone() {
+        let base = new.as_ref().unwrap_or(&hdr);
+        if has_escrow_stanza(&base.parsed.stanzas, &fk, &recipient).map_err(RewrapError::BadRecoveryRecipient)? {
+            if !rw.escrowed {
+                mark = Some(recipient.clone());
+            }
+            report.escrow = Escrow::Present { recipient, reported: !rw.escrowed };
+        } else if rw.sealed_with_recipient {
+            report.escrow = Escrow::Present { recipient, reported: false };
+        } else {
+            let kept = base.parsed.stanzas.iter().filter(|s| s.tag == X25519_TAG).count();
+            new = Some(append_escrow(base, &recipient, &fk)?);
+            mark = Some(recipient.clone());
+            report.escrow = Escrow::Added { recipient, kept };
+        }
+    }
+    let kluis = rewrapped.as_ref().unwrap_or(&st);
+    let Some(new) = new else {
+        // Nothing to write; an escrow stanza from an interrupted run is reported.
+        if let Some(recipient) = mark {
+            svc.mark_escrowed(kluis, &recipient).map_err(|source| RewrapError::NotRecorded { recipient, source })?;
+        }
+        return Ok(report);
+    };
 
     // Nothing may have changed since the header was read.
     let mut now = vec![0u8; hdr.bytes.len()];
@@ -581,6 +680,10 @@ pub fn rewrap_file(svc: &dyn KeyService, path: &Path) -> Result<Report, RewrapEr
         report.action = Action::Copied;
     }
     report.to_version = rw.version;
+    // Only now that the new header is durable: the registry counts the key as escrowed.
+    if let Some(recipient) = mark {
+        svc.mark_escrowed(kluis, &recipient).map_err(|source| RewrapError::NotRecorded { recipient, source })?;
+    }
     Ok(report)
 }
 
@@ -617,8 +720,8 @@ fn read_journal(journal: &Path) -> Result<Option<Vec<u8>>, RewrapError> {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-    use std::cell::Cell;
-    use std::collections::HashMap;
+    use std::cell::{Cell, RefCell};
+    use std::collections::{HashMap, HashSet};
     use std::os::unix::fs::MetadataExt;
 
     use super::*;
@@ -639,6 +742,15 @@ mod tests {
         /// Wraps under newer versions are one byte longer (forces the copy path).
         grow: bool,
         unwraps: Cell<u32>,
+        /// The recovery recipient in force.
+        recipient: RefCell<Option<String>>,
+        /// The recipient each key was issued with.
+        issued_with: HashMap<String, Option<String>>,
+        /// Keys the registry counts as escrowed, and each mark_escrowed call.
+        escrowed: RefCell<HashSet<String>>,
+        marks: RefCell<Vec<(String, String)>>,
+        /// mark_escrowed fails (the server unreachable after the write).
+        mark_fails: Cell<bool>,
     }
 
     fn pad(version: u32, key_id: &str) -> [u8; 32] {
@@ -654,6 +766,11 @@ mod tests {
                 deny: false,
                 grow: false,
                 unwraps: Cell::new(0),
+                recipient: RefCell::new(None),
+                issued_with: HashMap::new(),
+                escrowed: RefCell::new(HashSet::new()),
+                marks: RefCell::new(Vec::new()),
+                mark_fails: Cell::new(false),
             }
         }
 
@@ -668,6 +785,10 @@ mod tests {
 
         fn issue(&mut self, key_id: &str, dk: [u8; 32], recovery: Option<String>) -> IssuedKey {
             self.keys.insert(key_id.to_owned(), dk);
+            self.issued_with.insert(key_id.to_owned(), recovery.clone());
+            if recovery.is_some() {
+                self.escrowed.borrow_mut().insert(key_id.to_owned());
+            }
             IssuedKey {
                 key_id: key_id.to_owned(),
                 keyring: "default".into(),
@@ -709,7 +830,27 @@ mod tests {
         fn rewrap(&self, st: &KluisStanza) -> Result<Rewrapped, ClientError> {
             let (dk, v) = self.open(st)?;
             let cur = self.current.get();
-            Ok(Rewrapped { wrapped: self.wrap(&st.key_id, &dk, cur), version: cur, previous_version: v })
+            let recipient = self.recipient.borrow().clone();
+            Ok(Rewrapped {
+                wrapped: self.wrap(&st.key_id, &dk, cur),
+                version: cur,
+                previous_version: v,
+                sealed_with_recipient: recipient.is_some() && self.issued_with.get(&st.key_id) == Some(&recipient),
+                recovery_recipient: recipient,
+                escrowed: self.escrowed.borrow().contains(&st.key_id),
+            })
+        }
+
+        fn mark_escrowed(&self, st: &KluisStanza, recipient: &str) -> Result<bool, ClientError> {
+            self.open(st)?;
+            if self.mark_fails.get() {
+                return Err(fake_status(tonic::Code::Unavailable, "server gone", Reason::StoreUnavailable));
+            }
+            if self.recipient.borrow().as_deref() != Some(recipient) {
+                return Err(fake_status(tonic::Code::FailedPrecondition, "not in force", Reason::EscrowRecipientNotInForce));
+            }
+            self.marks.borrow_mut().push((st.key_id.clone(), recipient.to_owned()));
+            Ok(self.escrowed.borrow_mut().insert(st.key_id.clone()))
         }
     }
 
@@ -727,7 +868,13 @@ mod tests {
 
     impl Setup {
         fn seal(&mut self, name: &str, key_id: &str, seed: u8) -> PathBuf {
-            let key = self.fake.issue(key_id, [seed; 32], Some(self.recovery.to_public().to_string()));
+            let r = Some(self.recovery.to_public().to_string());
+            self.seal_for(name, key_id, seed, r)
+        }
+
+        /// Seals with the given recovery recipient (`None`: before any escrow).
+        fn seal_for(&mut self, name: &str, key_id: &str, seed: u8, recovery: Option<String>) -> PathBuf {
+            let key = self.fake.issue(key_id, [seed; 32], recovery);
             let (sealed, _) = sealed::seal(&key, self.data.as_slice(), Vec::new()).unwrap();
             let p = self.dir.path().join(name);
             fs::write(&p, sealed).unwrap();
@@ -983,7 +1130,17 @@ mod tests {
                 // The wrap of another key (k2's data key under k1's id would not
                 // open; use a key the fake knows for this id but wrong bytes).
                 let wrong = [1u8; 32];
-                Ok(Rewrapped { wrapped: self.0.wrap(&st.key_id, &wrong, 2), version: 2, previous_version: v })
+                Ok(Rewrapped {
+                    wrapped: self.0.wrap(&st.key_id, &wrong, 2),
+                    version: 2,
+                    previous_version: v,
+                    recovery_recipient: None,
+                    escrowed: false,
+                    sealed_with_recipient: false,
+                })
+            }
+            fn mark_escrowed(&self, st: &KluisStanza, recipient: &str) -> Result<bool, ClientError> {
+                self.0.mark_escrowed(st, recipient)
             }
         }
         let mut s = setup();
@@ -995,5 +1152,140 @@ mod tests {
         assert!(matches!(e, RewrapError::Server { .. } | RewrapError::ServerMismatch(_)), "{e}");
         assert_eq!(fs::read(&p).unwrap(), before);
         assert!(!journal_path(&p).unwrap().exists());
+    }
+
+    fn x25519_count(b: &[u8]) -> usize {
+        let h = String::from_utf8(b[..header_len(b)].to_vec()).unwrap();
+        h.matches("\n-> X25519 ").count()
+    }
+
+    #[test]
+    fn a_file_sealed_before_the_escrow_gets_the_stanza_once() {
+        let mut s = setup();
+        let p = s.seal_for("old.age", "k1", 7, None);
+        let before = fs::read(&p).unwrap();
+        assert_eq!(x25519_count(&before), 0);
+        // No escrow in force: nothing to do.
+        let r = rewrap_file(&s.fake, &p).unwrap();
+        assert_eq!((r.action, r.escrow.clone()), (Action::AlreadyCurrent, Escrow::NoneInForce));
+        assert_eq!(fs::read(&p).unwrap(), before);
+
+        let recipient = s.recovery.to_public().to_string();
+        *s.fake.recipient.borrow_mut() = Some(recipient.clone());
+        let r = rewrap_file(&s.fake, &p).unwrap();
+        assert_eq!(r.escrow, Escrow::Added { recipient: recipient.clone(), kept: 0 });
+        assert_eq!((r.action, r.from_version, r.to_version), (Action::Copied, 1, 1));
+        let after = fs::read(&p).unwrap();
+        assert_eq!(after[header_len(&after)..], before[header_len(&before)..], "payload bytes unchanged");
+        assert_eq!(stanza_lines(&after, "kluis"), stanza_lines(&before, "kluis"), "the Kluis stanza is kept byte for byte");
+        assert_eq!(x25519_count(&after), 1);
+        assert_eq!(s.unseal(&after), s.data);
+        assert_eq!(s.unseal_recovery(&after), s.data);
+        assert_eq!(*s.fake.marks.borrow(), vec![("k1".to_owned(), recipient.clone())]);
+        assert!(s.fake.escrowed.borrow().contains("k1"));
+
+        // Again: the stanza is found, nothing written, nothing reported.
+        let r = rewrap_file(&s.fake, &p).unwrap();
+        assert_eq!((r.action, r.escrow), (Action::AlreadyCurrent, Escrow::Present { recipient, reported: false }));
+        assert_eq!(fs::read(&p).unwrap(), after);
+        assert_eq!(s.fake.marks.borrow().len(), 1);
+    }
+
+    #[test]
+    fn a_rotation_and_the_escrow_stanza_in_one_run() {
+        let mut s = setup();
+        let p = s.seal_for("old.age", "k1", 7, None);
+        let before = fs::read(&p).unwrap();
+        s.fake.current.set(2);
+        let recipient = s.recovery.to_public().to_string();
+        *s.fake.recipient.borrow_mut() = Some(recipient.clone());
+        let r = rewrap_file(&s.fake, &p).unwrap();
+        assert_eq!((r.action, r.from_version, r.to_version), (Action::Copied, 1, 2));
+        assert_eq!(r.escrow, Escrow::Added { recipient, kept: 0 });
+        let after = fs::read(&p).unwrap();
+        assert_eq!(after[header_len(&after)..], before[header_len(&before)..]);
+        assert_eq!(sealed::read_kluis_stanza(after.as_slice()).unwrap().wrapped[0], 2);
+        assert_eq!(s.unseal(&after), s.data);
+        assert_eq!(s.unseal_recovery(&after), s.data);
+        // The registry is told with the key as the file now names it (version 2).
+        assert_eq!(s.fake.marks.borrow().len(), 1);
+    }
+
+    #[test]
+    fn a_stanza_to_an_earlier_recipient_is_kept_and_the_current_one_added() {
+        let mut s = setup();
+        let old = age::x25519::Identity::generate();
+        let p = s.seal_for("a.age", "k1", 7, Some(old.to_public().to_string()));
+        let before = fs::read(&p).unwrap();
+        let recipient = s.recovery.to_public().to_string();
+        *s.fake.recipient.borrow_mut() = Some(recipient.clone());
+        let r = rewrap_file(&s.fake, &p).unwrap();
+        assert_eq!(r.escrow, Escrow::Added { recipient, kept: 1 });
+        let after = fs::read(&p).unwrap();
+        assert_eq!(x25519_count(&after), 2);
+        // The old stanza is still the first X25519 stanza, byte for byte.
+        assert_eq!(stanza_lines(&after, "X25519"), stanza_lines(&before, "X25519"));
+        assert_eq!(s.unseal_recovery(&after), s.data);
+        let dec = age::Decryptor::new(after.as_slice()).unwrap();
+        let mut out = Vec::new();
+        dec.decrypt(std::iter::once(&old as &dyn age::Identity)).unwrap().read_to_end(&mut out).unwrap();
+        assert_eq!(out, s.data, "the earlier recipient still opens it");
+    }
+
+    #[test]
+    fn a_file_sealed_with_the_recipient_in_force_is_not_written() {
+        let mut s = setup();
+        let p = s.seal("a.age", "k1", 7);
+        let before = fs::read(&p).unwrap();
+        *s.fake.recipient.borrow_mut() = Some(s.recovery.to_public().to_string());
+        let r = rewrap_file(&s.fake, &p).unwrap();
+        assert_eq!(r.action, Action::AlreadyCurrent);
+        assert!(matches!(r.escrow, Escrow::Present { reported: false, .. }), "{:?}", r.escrow);
+        assert_eq!(fs::read(&p).unwrap(), before);
+        assert!(s.fake.marks.borrow().is_empty());
+    }
+
+    #[test]
+    fn a_stanza_the_server_did_not_record_is_reported_by_the_next_run() {
+        let mut s = setup();
+        let p = s.seal_for("old.age", "k1", 7, None);
+        let recipient = s.recovery.to_public().to_string();
+        *s.fake.recipient.borrow_mut() = Some(recipient.clone());
+        s.fake.mark_fails.set(true);
+        let e = rewrap_file(&s.fake, &p).unwrap_err();
+        assert!(matches!(&e, RewrapError::NotRecorded { .. }), "{e:?}");
+        assert!(e.to_string().contains("run rewrap again"), "{e}");
+        let written = fs::read(&p).unwrap();
+        assert_eq!(x25519_count(&written), 1, "the stanza is durable");
+        assert!(!s.fake.escrowed.borrow().contains("k1"));
+        s.fake.mark_fails.set(false);
+        let r = rewrap_file(&s.fake, &p).unwrap();
+        assert_eq!((r.action, r.escrow), (Action::AlreadyCurrent, Escrow::Present { recipient, reported: true }));
+        assert_eq!(fs::read(&p).unwrap(), written);
+        assert!(s.fake.escrowed.borrow().contains("k1"));
+    }
+
+    #[test]
+    fn a_tampered_or_refused_file_gets_no_escrow_stanza() {
+        let mut s = setup();
+        let p = s.seal_for("old.age", "k1", 7, None);
+        let before = fs::read(&p).unwrap();
+        *s.fake.recipient.borrow_mut() = Some(s.recovery.to_public().to_string());
+        s.fake.deny = true;
+        assert!(matches!(rewrap_file(&s.fake, &p), Err(RewrapError::NeedsRestorer { .. })));
+        assert_eq!(fs::read(&p).unwrap(), before);
+        s.fake.deny = false;
+        let mut bad = before.clone();
+        let m = header_len(&bad) - 10;
+        bad[m] = if bad[m] == b'A' { b'B' } else { b'A' };
+        fs::write(&p, &bad).unwrap();
+        assert!(matches!(rewrap_file(&s.fake, &p), Err(RewrapError::Integrity(UnsealError::HeaderMac))));
+        assert_eq!(fs::read(&p).unwrap(), bad);
+        assert!(s.fake.marks.borrow().is_empty());
+        // A recipient that is not an age recipient: refused before writing.
+        fs::write(&p, &before).unwrap();
+        *s.fake.recipient.borrow_mut() = Some("age1notarecipient".into());
+        assert!(matches!(rewrap_file(&s.fake, &p), Err(RewrapError::BadRecoveryRecipient(_))));
+        assert_eq!(fs::read(&p).unwrap(), before);
     }
 }

@@ -307,6 +307,7 @@ fn key_code_reason(e: &KeyError) -> (tonic::Code, kluis_proto::error::Reason) {
         KeyError::NoEscrow => (Code::FailedPrecondition, Reason::NoEscrow),
         KeyError::VersionRetired { .. } => (Code::FailedPrecondition, Reason::VersionRetired),
         KeyError::EscrowRecipientChange { .. } => (Code::FailedPrecondition, Reason::EscrowRecipientChange),
+        KeyError::EscrowRecipientNotInForce { .. } => (Code::FailedPrecondition, Reason::EscrowRecipientNotInForce),
         KeyError::NotCovered => (Code::PermissionDenied, Reason::PermissionDenied),
         KeyError::Master(MasterError::Unavailable(_)) => (Code::Unavailable, Reason::MasterKeyUnavailable),
         KeyError::Store(StoreError::WriterGone) => (Code::Unavailable, Reason::StoreUnavailable),
@@ -473,9 +474,36 @@ impl pb::key_service_server::KeyService for Api {
     ) -> Result<Response<pb::RewrapDataKeyResponse>, Status> {
         let (r, mut ev) = self.valid(&req, Action::RewrapDataKey).await?;
         let auth = self.authorize(&req, &mut ev).await?;
-        let (wrapped_key, keyring_version, previous_version) = self.settle(&ev, self.keys.rewrap_data_key(&auth, r.key_id.as_str(), r.keyring.as_str(), &r.wrapped_key, ev.ok()).await).await?;
-        tracing::info!(from = previous_version, to = keyring_version, "data key rewrapped");
-        Ok(Response::new(pb::RewrapDataKeyResponse { wrapped_key, keyring_version, previous_version }))
+        let o = self.settle(&ev, self.keys.rewrap_data_key(&auth, r.key_id.as_str(), r.keyring.as_str(), &r.wrapped_key, ev.ok()).await).await?;
+        tracing::info!(from = o.previous_version, to = o.version, "data key rewrapped");
+        Ok(Response::new(pb::RewrapDataKeyResponse {
+            wrapped_key: o.wrapped,
+            keyring_version: o.version,
+            previous_version: o.previous_version,
+            recovery_recipient: o.recovery_recipient.unwrap_or_default(),
+            escrowed: o.escrowed,
+            sealed_with_recipient: o.sealed_with_recipient,
+        }))
+    }
+
+    #[instrument(skip_all, fields(principal, keyring = %Shown(&req.get_ref().keyring), key_id = %Shown(&req.get_ref().key_id)))]
+    async fn mark_data_key_escrowed(
+        &self,
+        req: Request<pb::MarkDataKeyEscrowedRequest>,
+    ) -> Result<Response<pb::MarkDataKeyEscrowedResponse>, Status> {
+        let (r, mut ev) = self.valid(&req, Action::MarkDataKeyEscrowed).await?;
+        let auth = self.authorize(&req, &mut ev).await?;
+        let k = &r.key;
+        let newly_escrowed = self
+            .settle(
+                &ev,
+                self.keys
+                    .mark_data_key_escrowed(&auth, k.key_id.as_str(), k.keyring.as_str(), &k.wrapped_key, &r.recovery_recipient, ev.ok())
+                    .await,
+            )
+            .await?;
+        tracing::info!(newly_escrowed, "escrow stanza added to a sealed file");
+        Ok(Response::new(pb::MarkDataKeyEscrowedResponse { newly_escrowed }))
     }
 }
 

@@ -41,6 +41,7 @@ pub enum Action {
     ListDestructions,
     RotateMaster,
     GetReport,
+    MarkDataKeyEscrowed,
 }
 
 impl Action {
@@ -48,7 +49,9 @@ impl Action {
     pub fn permitted_roles(self) -> &'static [Role] {
         match self {
             Action::GenerateDataKey => &[Role::Sealer],
-            Action::UnwrapDataKey | Action::RecordRestoreTest | Action::RewrapDataKey => &[Role::Restorer],
+            Action::UnwrapDataKey | Action::RecordRestoreTest | Action::RewrapDataKey | Action::MarkDataKeyEscrowed => {
+                &[Role::Restorer]
+            }
             Action::RemoveEscrow
             | Action::SetKeyringPolicy
             | Action::SetLegalHold
@@ -99,6 +102,7 @@ impl Action {
             Action::ListDestructions => "ListDestructions",
             Action::RotateMaster => "RotateMaster",
             Action::GetReport => "GetReport",
+            Action::MarkDataKeyEscrowed => "MarkDataKeyEscrowed",
         }
     }
 }

@@ -107,6 +107,9 @@ reasons! {
     EscrowManifestInvalid = "ESCROW_MANIFEST_INVALID",
     /// The manifest would change the recovery recipient and the request did not allow it.
     EscrowRecipientChange = "ESCROW_RECIPIENT_CHANGE",
+    /// The recovery recipient a request names is not the one in force (the escrow was
+    /// replaced or removed in between).
+    EscrowRecipientNotInForce = "ESCROW_RECIPIENT_NOT_IN_FORCE",
     /// A keyring of that name exists.
     KeyringExists = "KEYRING_EXISTS",
     /// The audit entry could not be written, so nothing was done (fail closed).

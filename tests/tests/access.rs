@@ -172,6 +172,7 @@ enum Rpc {
     Approve,
     ListApprovals,
     Rewrap,
+    MarkEscrowed,
     RemoveEscrow,
     SetKeyringPolicy,
     GetDataKey,
@@ -185,7 +186,7 @@ enum Rpc {
     GetReport,
 }
 
-const ALL: [Rpc; 28] = [
+const ALL: [Rpc; 29] = [
     Rpc::Generate,
     Rpc::Unwrap,
     Rpc::CreateKeyring,
@@ -203,6 +204,8 @@ const ALL: [Rpc; 28] = [
     Rpc::Approve,
     Rpc::ListApprovals,
     Rpc::Rewrap,
+    // The escrow is in force (installed before the table).
+    Rpc::MarkEscrowed,
     Rpc::RemoveEscrow,
     Rpc::SetKeyringPolicy,
     Rpc::GetDataKey,
@@ -223,8 +226,8 @@ fn allowed(who: &str, rpc: Rpc) -> bool {
     match who {
         "dev" => true,
         "sealer" => rpc == Generate,
-        "restorer" => matches!(rpc, Unwrap | RecordRestoreTest | Rewrap),
-        "officer" => !matches!(rpc, Generate | Unwrap | RecordRestoreTest | Rewrap),
+        "restorer" => matches!(rpc, Unwrap | RecordRestoreTest | Rewrap | MarkEscrowed),
+        "officer" => !matches!(rpc, Generate | Unwrap | RecordRestoreTest | Rewrap | MarkEscrowed),
         "auditor" => matches!(
             rpc,
             ListKeyrings
@@ -251,6 +254,8 @@ struct Fixture {
     key_id: String,
     wrapped: Vec<u8>,
     manifest_json: String,
+    /// The manifest's recovery recipient.
+    recovery_recipient: String,
     /// The two officers (`officer`, `dev`): whichever did not make a request approves it.
     approvers: Vec<Channel>,
 }
@@ -328,6 +333,15 @@ async fn call(ch: Channel, rpc: Rpc, f: &Fixture, n: usize) -> Result<(), tonic:
             .rewrap_data_key(pb::RewrapDataKeyRequest { key_id: f.key_id.clone(), wrapped_key: f.wrapped.clone(), keyring: "default".into() })
             .await
             .map(drop),
+        Rpc::MarkEscrowed => keys
+            .mark_data_key_escrowed(pb::MarkDataKeyEscrowedRequest {
+                key_id: f.key_id.clone(),
+                wrapped_key: f.wrapped.clone(),
+                keyring: "default".into(),
+                recovery_recipient: f.recovery_recipient.clone(),
+            })
+            .await
+            .map(drop),
         // Escrow is in force (InstallEscrow runs earlier): each request waits for approval.
         Rpc::RemoveEscrow => admin.remove_escrow(pb::RemoveEscrowRequest {}).await.map(drop),
         Rpc::SetKeyringPolicy => admin
@@ -380,12 +394,18 @@ async fn every_rpc_by_every_role_matches_the_table() {
     let (a, b) = (age::x25519::Identity::generate(), age::x25519::Identity::generate());
     let out = kmsctl_offline(&["escrow", "ceremony", "--threshold", "2", "--custodian", &format!("a={}", a.to_public()), "--custodian", &format!("b={}", b.to_public()), "--out", s(&ceremony)]);
     assert!(out.status.success(), "{}", stderr(&out));
+    let manifest_json = std::fs::read_to_string(ceremony.join("manifest.json")).unwrap();
+    let manifest: serde_json::Value = serde_json::from_str(&manifest_json).unwrap();
     let fixture = Fixture {
         key_id: issued.key_id.clone(),
         wrapped: issued.wrapped_key.clone(),
-        manifest_json: std::fs::read_to_string(ceremony.join("manifest.json")).unwrap(),
-        approvers: vec![officer, dev],
+        recovery_recipient: manifest["recovery_recipient"].as_str().unwrap().to_owned(),
+        manifest_json,
+        approvers: vec![officer.clone(), dev],
     };
+    // The escrow is in force before the table: MarkEscrowed needs it for the restorer,
+    // who comes before the officers (the table's InstallEscrow installs the same again).
+    call(officer, Rpc::InstallEscrow, &fixture, 0).await.unwrap();
 
     let mut identities: Vec<(&str, PathBuf, PathBuf)> = ["sealer", "restorer", "officer", "auditor", "dev"]
         .iter()

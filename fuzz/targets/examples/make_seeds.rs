@@ -84,6 +84,7 @@ fn escrow(out: &Out, tmp: &Path) -> String {
 fn requests(out: &Out, manifest_json: String) {
     let key_id = "00112233445566778899aabbccddeeff".to_owned();
     let wrapped = vec![1u8; 65];
+    let mark_key_id = key_id.clone();
     let mut labels = HashMap::new();
     labels.insert("tool".to_owned(), "restic".to_owned());
     labels.insert("host".to_owned(), "db01".to_owned());
@@ -129,6 +130,16 @@ fn requests(out: &Out, manifest_json: String) {
         ("ExportAudit", pb::ExportAuditRequest { since: "2026-01-01T00:00:00.000Z".into(), tail: 10 }.encode_to_vec()),
         ("GetAuditPublicKey", pb::GetAuditPublicKeyRequest {}.encode_to_vec()),
         ("FindDataKeys", pb::FindDataKeysRequest { backup_id: "ehr-db/2026-11-22T02:00Z/full".into(), keyring: "ehr-db".into() }.encode_to_vec()),
+        (
+            "MarkDataKeyEscrowed",
+            pb::MarkDataKeyEscrowedRequest {
+                key_id: mark_key_id,
+                wrapped_key: vec![1u8; 65],
+                keyring: "ehr-db".into(),
+                recovery_recipient: "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p".into(),
+            }
+            .encode_to_vec(),
+        ),
     ];
     assert_eq!(reqs.len(), rpc::RPCS.len(), "a seed per RPC");
     for (name, body) in reqs {

@@ -84,6 +84,7 @@ rpcs!(
     "GetAuditPublicKey" => pb::GetAuditPublicKeyRequest,
     // New RPCs go last: the selector bytes of the seeds already written stay theirs.
     "FindDataKeys" => pb::FindDataKeysRequest,
+    "MarkDataKeyEscrowed" => pb::MarkDataKeyEscrowedRequest,
 );
 
 /// The target: selector byte, then the encoded request.

@@ -10,6 +10,7 @@
 //! escrow crate and the hook operations both use.
 #![forbid(unsafe_code)]
 
+pub mod escrow_stanza;
 pub mod fsutil;
 pub mod sealed;
 pub mod secret;

@@ -57,9 +57,10 @@ fn key_variant(e: &KeyError) -> usize {
         KeyError::KeyMaterialErased { .. } => 36,
         KeyError::Derivation => 37,
         KeyError::RetireStrands { .. } => 38,
+        KeyError::EscrowRecipientNotInForce { .. } => 39,
     }
 }
-const KEY_VARIANTS: usize = 39;
+const KEY_VARIANTS: usize = 40;
 
 async fn join_error() -> tokio::task::JoinError {
     let task = tokio::spawn(std::future::pending::<()>());
@@ -119,6 +120,11 @@ async fn key_errors() -> Vec<(KeyError, Code, Reason)> {
         (KeyError::DestructionNotFound { id: 3 }, Code::NotFound, Reason::DestructionNotFound),
         (KeyError::DestructionNotPending { id: 3, state: "done" }, Code::FailedPrecondition, Reason::DestructionNotPending),
         (KeyError::NoEscrow, Code::FailedPrecondition, Reason::NoEscrow),
+        (
+            KeyError::EscrowRecipientNotInForce { requested: s("age1a"), in_force: s("age1b") },
+            Code::FailedPrecondition,
+            Reason::EscrowRecipientNotInForce,
+        ),
         (KeyError::MasterGeneration { generation: 2, source: MasterError::Rng }, Code::Internal, Reason::Internal),
     ]
 }

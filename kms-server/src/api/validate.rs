@@ -74,6 +74,8 @@ pub enum Problem {
     ZeroId,
     #[error("give a retention or a rotation period to change")]
     NothingToChange,
+    #[error("must be an age X25519 recipient (age1 and lowercase Bech32, at most 128 characters)")]
+    Recipient,
 }
 
 /// A refused request: the field and its problem (never its value).
@@ -406,6 +408,47 @@ macro_rules! wrapped_requests {
 }
 
 wrapped_requests!(pb::UnwrapDataKeyRequest, pb::RewrapDataKeyRequest);
+
+/// MarkDataKeyEscrowed, validated: the wrapped key as for UnwrapDataKey, and the
+/// recovery recipient the file's new stanza is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MarkEscrowed {
+    pub key: WrappedKey,
+    pub recovery_recipient: String,
+}
+
+/// An age X25519 recipient as text: `age1` and lowercase Bech32 characters, bounded.
+/// (Whether it is the one in force is the key manager's check.)
+fn recipient(field: &'static str, s: &str) -> Result<String, Invalid> {
+    if s.is_empty() {
+        return bad(field, Problem::Empty);
+    }
+    check_len(field, s, 128)?;
+    if !s.starts_with("age1") || !s.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_lowercase()) {
+        return bad(field, Problem::Recipient);
+    }
+    Ok(s.to_owned())
+}
+
+impl Validate for pb::MarkDataKeyEscrowedRequest {
+    type Valid = MarkEscrowed;
+    fn validate(&self) -> Result<MarkEscrowed, Invalid> {
+        Ok(MarkEscrowed {
+            key: WrappedKey {
+                keyring: KeyringName::parse("keyring", &self.keyring)?,
+                key_id: KeyId::parse(&self.key_id)?,
+                wrapped_key: wrapped(&self.wrapped_key)?,
+            },
+            recovery_recipient: recipient("recovery_recipient", &self.recovery_recipient)?,
+        })
+    }
+    fn claimed(&self) -> Subject<'_> {
+        Subject { keyring: Some(self.keyring.as_str()), key_id: Some(self.key_id.as_str()), ..Subject::default() }
+    }
+    fn subject(v: &MarkEscrowed) -> Subject<'_> {
+        Subject { keyring: Some(v.key.keyring.as_str()), key_id: Some(v.key.key_id.as_str()), ..Subject::default() }
+    }
+}
 
 /// RecordRestoreTest, validated. The key id and backup id may be empty (a test of a
 /// file whose key the restorer did not name).

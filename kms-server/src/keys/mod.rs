@@ -148,6 +148,8 @@ pub enum KeyError {
     DestructionNotPending { id: u64, state: &'static str },
     #[error("no escrow manifest is in force")]
     NoEscrow,
+    #[error("the recovery recipient {requested} is not the one in force ({in_force}): the escrow was replaced since; run rewrap again to add a stanza to the recipient in force")]
+    EscrowRecipientNotInForce { requested: String, in_force: String },
     #[error("approval request {id} no longer applies: {reason}; ask again")]
     ApprovalOutdated { id: u64, reason: &'static str },
     #[error("the new master key (generation {generation}) could not be made or opened: {source}")]
@@ -191,6 +193,22 @@ pub struct IssuedDataKey {
     pub keyring: String,
     pub version: u32,
     pub recovery_recipient: Option<String>,
+}
+
+/// What [`KeyManager::rewrap_data_key`] answers.
+#[derive(Debug)]
+pub struct RewrapOutcome {
+    /// The same data key wrapped under `version` (the request's blob when unchanged).
+    pub wrapped: Vec<u8>,
+    pub version: u32,
+    pub previous_version: u32,
+    /// The escrow recovery recipient in force, if any.
+    pub recovery_recipient: Option<String>,
+    /// The registry counts the key as escrowed.
+    pub escrowed: bool,
+    /// The key was issued after the manifest in force was installed, so its file carries
+    /// a stanza to `recovery_recipient` from sealing.
+    pub sealed_with_recipient: bool,
 }
 
 /// A wrapped data key blob opened by its keyring key: the data key (format 1) or the
@@ -1212,7 +1230,7 @@ impl KeyManager {
         keyring: &str,
         wrapped: &[u8],
         mut audit: AuditEvent,
-    ) -> Result<(Vec<u8>, u32, u32), KeyError> {
+    ) -> Result<RewrapOutcome, KeyError> {
         Self::check(auth, Action::RewrapDataKey, Some(keyring))?;
         let (id, mut record, key) = self.unwrap_inner(key_id, keyring, wrapped).await?;
         if key.format == WRAPPED_DK_V2 && self.store.key_secret(&id)?.is_none() {
@@ -1221,18 +1239,84 @@ impl KeyManager {
         let (current, krk) =
             self.ring(keyring)?.current().ok_or(KeyError::VersionRetired { keyring: keyring.to_owned(), version: key.version })?;
         audit.backup_id = Some(record.backup_id.clone());
+        // The escrow in force, for the client to add its stanza to a file sealed before it.
+        // Issued strictly after the install: a key of the install's own second may have
+        // gone out with the recipient before it, so it is not assumed to carry this one.
+        let (recovery_recipient, installed) = match self.state().escrow.as_ref() {
+            Some(e) => (e.in_force().map(str::to_owned), e.installed),
+            None => (None, i64::MAX),
+        };
+        let sealed_with_recipient = recovery_recipient.is_some() && record.escrowed && record.created > installed;
+        let answer = |wrapped: Vec<u8>, version: u32, escrowed: bool| RewrapOutcome {
+            wrapped,
+            version,
+            previous_version: key.version,
+            recovery_recipient: recovery_recipient.clone(),
+            escrowed,
+            sealed_with_recipient,
+        };
         if current == key.version {
             audit.outcome = Outcome::ok_with(format!("already under version {current}"));
             self.audit(audit).await?;
-            return Ok((wrapped.to_vec(), current, key.version));
+            return Ok(answer(wrapped.to_vec(), current, record.escrowed));
         }
         // The same key under the current version, in the blob's own format: a format 1
         // file stays format 1 (its data key is fixed by its payload).
         let out = self.wrap_data_key(key.format, &krk, &id, keyring, current, &record.backup_id, &record.labels, &key.key)?;
         record.version = current;
+        let escrowed = record.escrowed;
         audit.outcome = Outcome::ok_with(format!("version {} -> {current}", key.version));
         self.store.write(WriteOp::Atomic(vec![WriteOp::PutDataKey { id, record }, WriteOp::Audit(audit)])).await?;
-        Ok((out, current, key.version))
+        Ok(answer(out, current, escrowed))
+    }
+
+    /// Records that a sealed file of this key now carries a stanza to the recovery
+    /// recipient in force (the client added it and its new header is durable): the
+    /// registry marks the key escrowed, in one transaction with the audit entry. The
+    /// wrapped key must open as for an unwrap (so the caller holds the file's header),
+    /// and `recipient` must be the one in force. Returns whether the key was not
+    /// counted as escrowed before (it may have had a stanza to an earlier recipient).
+    pub async fn mark_data_key_escrowed(
+        &self,
+        auth: &Authorized,
+        key_id: &str,
+        keyring: &str,
+        wrapped: &[u8],
+        recipient: &str,
+        mut audit: AuditEvent,
+    ) -> Result<bool, KeyError> {
+        Self::check(auth, Action::MarkDataKeyEscrowed, Some(keyring))?;
+        let (id, _, _) = self.unwrap_inner(key_id, keyring, wrapped).await?;
+        // Under the admin lock: the escrow in force cannot change between this check and
+        // the write, nor can a destruction rewrite the record in between.
+        let _admin = self.admin.lock().await;
+        match self.state().escrow.as_ref().and_then(|e| e.in_force()) {
+            None => return Err(KeyError::NoEscrow),
+            Some(r) if r != recipient => {
+                return Err(KeyError::EscrowRecipientNotInForce { requested: recipient.to_owned(), in_force: r.to_owned() });
+            }
+            Some(_) => {}
+        }
+        let mut record = self.store.data_key(&id)?.ok_or_else(|| KeyError::UnknownKeyId { key_id: key_id.to_owned() })?;
+        // Destroyed since the unwrap above (which destroyed a key that was due).
+        if let KeyState::Destroyed { at } = record.state {
+            return Err(KeyError::Destroyed { key_id: key_id.to_owned(), date: format_date(at) });
+        }
+        let newly = !record.escrowed;
+        audit.backup_id = Some(record.backup_id.clone());
+        audit.outcome = Outcome::ok_with(if newly {
+            format!("escrow stanza to {recipient} added to the sealed file; the key counts as escrowed")
+        } else {
+            format!("escrow stanza to {recipient} added to the sealed file (the registry counted the key as escrowed already)")
+        });
+        let mut ops = Vec::with_capacity(2);
+        if newly {
+            record.escrowed = true;
+            ops.push(WriteOp::PutDataKey { id, record });
+        }
+        ops.push(WriteOp::Audit(audit));
+        self.store.write(WriteOp::Atomic(ops)).await?;
+        Ok(newly)
     }
 
     /// Installs an escrow manifest. A manifest with the recovery recipient in force (a

@@ -420,7 +420,7 @@ async fn a_format_2_data_key_needs_its_secret_and_its_format_byte() {
     // A rewrap keeps format 2 and the same data key.
     c.keys.rotate_keyring(&c.auth("officer", Action::RotateKeyring, Some("ehr")), "ehr", c.ev("officer", Action::RotateKeyring)).await.unwrap();
     let a = c.auth("ops", Action::RewrapDataKey, Some("ehr"));
-    let (blob, v, _) = c.keys.rewrap_data_key(&a, &k.key_id, "ehr", &k.wrapped, c.ev("ops", Action::RewrapDataKey)).await.unwrap();
+    let RewrapOutcome { wrapped: blob, version: v, .. } = c.keys.rewrap_data_key(&a, &k.key_id, "ehr", &k.wrapped, c.ev("ops", Action::RewrapDataKey)).await.unwrap();
     assert_eq!((blob[0], v), (WRAPPED_DK_V2, 2));
     relabelled.wrapped = blob;
     assert_eq!(c.unwrap(&relabelled).await.unwrap().data_key.expose(), k.data_key.expose());
@@ -452,7 +452,7 @@ async fn a_format_1_key_from_before_still_unwraps_and_rewraps_as_format_1() {
     assert_eq!(c.unwrap(&old).await.unwrap().data_key.expose(), &[7; 32]);
     c.keys.rotate_keyring(&c.auth("officer", Action::RotateKeyring, Some("ehr")), "ehr", c.ev("officer", Action::RotateKeyring)).await.unwrap();
     let a = c.auth("ops", Action::RewrapDataKey, Some("ehr"));
-    let (blob, _, _) = c.keys.rewrap_data_key(&a, &old.key_id, "ehr", &old.wrapped, c.ev("ops", Action::RewrapDataKey)).await.unwrap();
+    let RewrapOutcome { wrapped: blob, .. } = c.keys.rewrap_data_key(&a, &old.key_id, "ehr", &old.wrapped, c.ev("ops", Action::RewrapDataKey)).await.unwrap();
     assert_eq!(blob[0], WRAPPED_DK_V1, "its data key is fixed by the file's payload");
     let rewrapped = IssuedDataKey { wrapped: blob, ..old };
     assert_eq!(c.unwrap(&rewrapped).await.unwrap().data_key.expose(), &[7; 32]);
@@ -496,7 +496,7 @@ async fn retiring_is_refused_while_keys_are_wrapped_under_the_versions_or_the_ke
     }
     // Rewrapped (the registry records the new version), a key no longer counts.
     let rw = c.auth("ops", Action::RewrapDataKey, Some("ehr"));
-    let (blob, _, _) = c.keys.rewrap_data_key(&rw, &k.key_id, "ehr", &k.wrapped, c.ev("ops", Action::RewrapDataKey)).await.unwrap();
+    let RewrapOutcome { wrapped: blob, .. } = c.keys.rewrap_data_key(&rw, &k.key_id, "ehr", &k.wrapped, c.ev("ops", Action::RewrapDataKey)).await.unwrap();
     match c.keys.request_retire(&a, "ehr", 2, false, c.ev("officer", Action::RetireVersions)).await {
         Err(KeyError::RetireStrands { count, .. }) => assert_eq!(count, 1, "one key left under version 1"),
         other => panic!("expected a refusal, got {:?}", other.map(|r| r.action)),

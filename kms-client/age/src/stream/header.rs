@@ -382,6 +382,16 @@ pub fn replace_stanza(
     Ok(close_with_mac(file_key, out))
 }
 
+/// The header `raw` with `stanza` (canonical encoding) added after its last stanza and
+/// a new MAC under `file_key`; every byte before the `---` that ends at `dashes_end` is
+/// kept as it was. The caller checks the result parses.
+pub fn append_stanza(raw: &[u8], dashes_end: usize, stanza: &Stanza, file_key: &FileKey) -> Result<Vec<u8>, HeaderError> {
+    let at = dashes_end
+        .checked_sub(MAC_PREFIX.len())
+        .ok_or(HeaderError::Unwritable("the stanza to replace is not inside the header"))?;
+    replace_stanza(raw, at..at, dashes_end, stanza, file_key)
+}
+
 /// Reads a header from `input`. Returns it and the bytes read past it (the
 /// start of the payload), which the caller must read before the rest of `input`.
 /// Reads at most [`MAX_HEADER`] bytes plus one read step.
