@@ -159,7 +159,7 @@ pub enum RewrapError {
     #[error(
         "the file's header does not verify ({file}) and the rewrap journal {journal} next to it is not valid for this file ({why}); both were left as they are"
     )]
-    BadJournal { file: UnsealError<ClientError>, journal: PathBuf, why: &'static str },
+    BadJournal { file: Box<UnsealError<ClientError>>, journal: PathBuf, why: &'static str },
     /// The server named a recovery recipient no escrow stanza can be made for.
     #[error("{0}; the file was not changed")]
     BadRecoveryRecipient(#[source] EscrowStanzaError),
@@ -689,7 +689,7 @@ pub fn rewrap_file(svc: &dyn KeyService, path: &Path) -> Result<Report, RewrapEr
 
 fn with_journal(e: UnsealError<ClientError>, journal: &Path, discard: Option<&'static str>) -> RewrapError {
     match discard {
-        Some(why) => RewrapError::BadJournal { file: e, journal: journal.to_owned(), why },
+        Some(why) => RewrapError::BadJournal { file: Box::new(e), journal: journal.to_owned(), why },
         None => RewrapError::Integrity(e),
     }
 }
