@@ -15,7 +15,6 @@ use crate::master::MasterError;
 use crate::metrics::Metrics;
 use crate::audit::AuditEvent;
 use crate::model::{Outcome, RestoreTestRecord};
-use crate::store::StoreError;
 
 pub mod validate;
 
@@ -178,6 +177,18 @@ impl Api {
 
     fn audit_unavailable(&self, e: KeyError) -> Status {
         self.metrics.audit_failure();
+        if let KeyError::Store(s) = &e
+            && s.is_unavailable()
+        {
+            // Nothing was written; the same request may succeed once the store is back
+            // (or on another replica): say so, so the client retries.
+            tracing::error!(error = %e, "store unavailable; request refused");
+            return kluis_proto::error::status(
+                tonic::Code::Unavailable,
+                format!("the store cannot be reached, so nothing was done: {e}"),
+                kluis_proto::error::Reason::StoreUnavailable,
+            );
+        }
         tracing::error!(error = %e, "audit trail not writable; request refused");
         kluis_proto::error::status(
             tonic::Code::Unavailable,
@@ -310,7 +321,7 @@ fn key_code_reason(e: &KeyError) -> (tonic::Code, kluis_proto::error::Reason) {
         KeyError::EscrowRecipientNotInForce { .. } => (Code::FailedPrecondition, Reason::EscrowRecipientNotInForce),
         KeyError::NotCovered => (Code::PermissionDenied, Reason::PermissionDenied),
         KeyError::Master(MasterError::Unavailable(_)) => (Code::Unavailable, Reason::MasterKeyUnavailable),
-        KeyError::Store(StoreError::WriterGone) => (Code::Unavailable, Reason::StoreUnavailable),
+        KeyError::Store(s) if s.is_unavailable() => (Code::Unavailable, Reason::StoreUnavailable),
         KeyError::Audit(crate::audit::AuditError::Tampered(_)) => (Code::DataLoss, Reason::AuditTampered),
         KeyError::Master(_)
         | KeyError::Store(_)

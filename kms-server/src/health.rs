@@ -1,6 +1,7 @@
 //! The standard gRPC health service (`grpc.health.v1.Health`), answering from the
-//! real state of the master-key provider: a `Check` asks the provider (for an HSM:
-//! the token) at that moment, so the answer is never stale.
+//! real state of what every request needs: a `Check` asks the master-key provider (for
+//! an HSM: the token) and the store (for PostgreSQL: a query, bounded in time) at that
+//! moment, so the answer is never stale. SERVING only when both answer.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,33 +13,68 @@ use tonic_health::pb::health_server::Health;
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
 use crate::master::MasterKeyProvider;
+use crate::store::Store;
 
 /// Services this server reports on ("" is the server as a whole).
 const SERVICES: &[&str] = &["", "kluis.v1.KeyService", "kluis.v1.AdminService", "kluis.v1.AuditService"];
-/// How often `Watch` re-checks the provider.
+/// How often `Watch` re-checks.
 const WATCH_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Health answered from the master-key provider.
-pub struct HealthService {
+/// What a request needs, asked on demand (by the health service and the metrics).
+#[derive(Clone)]
+pub struct Probe {
     master: Arc<dyn MasterKeyProvider>,
+    store: Arc<dyn Store>,
+}
+
+/// What a [`Probe`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Found {
+    pub master_up: bool,
+    pub store_up: bool,
+}
+
+impl Probe {
+    pub fn new(master: Arc<dyn MasterKeyProvider>, store: Arc<dyn Store>) -> Self {
+        Self { master, store }
+    }
+
+    /// Asks both now (a failure is logged as a warning, naming what failed).
+    pub async fn check(&self) -> Found {
+        let m = self.master.clone();
+        let master_up = match tokio::task::spawn_blocking(move || m.health()).await {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "health: master key provider not serving");
+                false
+            }
+            Err(_) => false,
+        };
+        let store_up = match self.store.health().await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "health: store not serving");
+                false
+            }
+        };
+        Found { master_up, store_up }
+    }
+}
+
+/// Health answered from a [`Probe`].
+pub struct HealthService {
+    probe: Probe,
 }
 
 impl HealthService {
-    pub fn new(master: Arc<dyn MasterKeyProvider>) -> Self {
-        Self { master }
+    pub fn new(probe: Probe) -> Self {
+        Self { probe }
     }
 }
 
-async fn status_of(master: &Arc<dyn MasterKeyProvider>) -> ServingStatus {
-    let m = master.clone();
-    match tokio::task::spawn_blocking(move || m.health()).await {
-        Ok(Ok(())) => ServingStatus::Serving,
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "health: master key provider not serving");
-            ServingStatus::NotServing
-        }
-        Err(_) => ServingStatus::NotServing,
-    }
+async fn status_of(probe: &Probe) -> ServingStatus {
+    let found = probe.check().await;
+    if found.master_up && found.store_up { ServingStatus::Serving } else { ServingStatus::NotServing }
 }
 
 fn response(s: ServingStatus) -> HealthCheckResponse {
@@ -53,7 +89,7 @@ fn known(service: &str) -> Result<(), Status> {
 impl Health for HealthService {
     async fn check(&self, req: Request<HealthCheckRequest>) -> Result<Response<HealthCheckResponse>, Status> {
         known(&req.get_ref().service)?;
-        Ok(Response::new(response(status_of(&self.master).await)))
+        Ok(Response::new(response(status_of(&self.probe).await)))
     }
 
     type WatchStream = ReceiverStream<Result<HealthCheckResponse, Status>>;
@@ -61,11 +97,11 @@ impl Health for HealthService {
     async fn watch(&self, req: Request<HealthCheckRequest>) -> Result<Response<Self::WatchStream>, Status> {
         known(&req.get_ref().service)?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let master = self.master.clone();
+        let probe = self.probe.clone();
         tokio::spawn(async move {
             let mut last = None;
             loop {
-                let s = status_of(&master).await;
+                let s = status_of(&probe).await;
                 if last != Some(s) {
                     if tx.send(Ok(response(s))).await.is_err() {
                         return;

@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::master::MasterKeyProvider;
 
 /// The audit chain's (integrity alarms, anchor failures) counters.
 pub type AuditCounters = (Arc<AtomicU64>, Arc<AtomicU64>);
@@ -111,7 +110,7 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition.
-    pub fn render(&self, master_healthy: bool) -> String {
+    pub fn render(&self, found: crate::health::Found) -> String {
         let mut o = String::new();
         let _ = writeln!(o, "# HELP kluis_data_keys_issued_total Data keys issued (durably recorded).");
         let _ = writeln!(o, "# TYPE kluis_data_keys_issued_total counter");
@@ -145,7 +144,10 @@ impl Metrics {
         let _ = writeln!(o, "kluis_audit_anchor_failures_total {}", self.audit.get().map_or(0, |(_, failures)| failures.load(Ordering::Relaxed)));
         let _ = writeln!(o, "# HELP kluis_master_key_up Whether the master-key provider (HSM token) answers.");
         let _ = writeln!(o, "# TYPE kluis_master_key_up gauge");
-        let _ = writeln!(o, "kluis_master_key_up {}", u8::from(master_healthy));
+        let _ = writeln!(o, "kluis_master_key_up {}", u8::from(found.master_up));
+        let _ = writeln!(o, "# HELP kluis_store_up Whether the store (for PostgreSQL: the database) answers.");
+        let _ = writeln!(o, "# TYPE kluis_store_up gauge");
+        let _ = writeln!(o, "kluis_store_up {}", u8::from(found.store_up));
         let _ = writeln!(o, "# HELP kluis_refusals_total Refused requests by action and reason.");
         let _ = writeln!(o, "# TYPE kluis_refusals_total counter");
         if let Ok(m) = self.refusals.lock() {
@@ -180,11 +182,11 @@ impl Metrics {
 }
 
 /// Serves `GET /metrics` on `listener` until the process ends.
-pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, master: Arc<dyn MasterKeyProvider>) {
+pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, probe: crate::health::Probe) {
     loop {
         let Ok((mut sock, _)) = listener.accept().await else { continue };
         let metrics = metrics.clone();
-        let master = master.clone();
+        let probe = probe.clone();
         tokio::spawn(async move {
             let mut buf = [0u8; 1024];
             let n = match tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf)).await {
@@ -193,9 +195,7 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, mas
             };
             let req = String::from_utf8_lossy(&buf[..n]);
             let response = if req.starts_with("GET /metrics ") || req.starts_with("GET /metrics\r") {
-                let m = master.clone();
-                let healthy = tokio::task::spawn_blocking(move || m.health().is_ok()).await.unwrap_or(false);
-                let body = metrics.render(healthy);
+                let body = metrics.render(probe.check().await);
                 format!(
                     "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                     body.len()

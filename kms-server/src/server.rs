@@ -13,7 +13,7 @@ use tonic::transport::Server;
 
 use crate::api::{Api, validate};
 use crate::auth::{Authenticator, Policy, RevocationError, RevocationList};
-use crate::health::HealthService;
+use crate::health::{HealthService, Probe};
 use crate::metrics::Metrics;
 use tonic_health::pb::health_server::HealthServer;
 use crate::config::ServerConfig;
@@ -132,10 +132,11 @@ pub async fn serve(
     let policy = Arc::new(Policy::new(cfg.grants.clone()));
     policy.set_runtime(&keys.runtime_grants()?);
     let authn = Arc::new(Authenticator::new(cfg.auth.identity, revoked));
-    let health_service = HealthServer::new(HealthService::new(keys.master().clone()));
+    let probe = Probe::new(keys.master().clone(), keys.store());
+    let health_service = HealthServer::new(HealthService::new(probe.clone()));
     metrics.attach_audit_counters(keys.audit_counters());
     if let Some(l) = metrics_listener {
-        tokio::spawn(crate::metrics::serve(l, metrics.clone(), keys.master().clone()));
+        tokio::spawn(crate::metrics::serve(l, metrics.clone(), probe));
     }
     // Work that fell due while the server was down is done before it answers anyone.
     match keys.maintain().await {

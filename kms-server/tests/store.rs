@@ -571,4 +571,49 @@ mod contract {
         a_store_of_a_newer_format_is_refused,
         a_scrub_keeps_every_live_row_and_writes_go_on,
     );
+
+    /// A chain that signs (with `key`) and anchors its committed checkpoints to `file`.
+    fn signing_chain(key: &Arc<ring::signature::Ed25519KeyPair>, file: &std::path::Path) -> Arc<AuditChain> {
+        use kms_server::audit::anchor::AnchorTarget;
+        let chain = AuditChain::new();
+        chain.set_signer(key.clone(), Ok(kms_server::audit::integrity::Checked::default())).unwrap();
+        chain.set_anchors(vec![AnchorTarget::File(file.to_owned())]).unwrap();
+        chain
+    }
+
+    /// Two replicas on one database append to one chain, each signing the checkpoints its
+    /// own transactions reach, bound to the checkpoint before whichever replica signed it.
+    #[test]
+    fn two_replicas_sign_alternate_checkpoints_of_one_chain_without_a_false_alarm() {
+        use ring::signature::KeyPair;
+        let f = Fixture::new(Kind::Postgres);
+        let dir = tempfile::tempdir().unwrap();
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+        let key = Arc::new(ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap());
+        let (anchor_a, anchor_b) = (dir.path().join("a.anchor"), dir.path().join("b.anchor"));
+        let (chain_a, chain_b) = (signing_chain(&key, &anchor_a), signing_chain(&key, &anchor_b));
+        let a = Registry::new(Arc::new(PostgresStore::create(&f.opts(), chain_a.clone()).unwrap()));
+        let b = Registry::new(Arc::new(PostgresStore::open(&f.opts(), chain_b.clone()).unwrap()));
+        let rt = rt();
+        // 1..=256 through A, 257..=512 through B, 513 through A.
+        for (store, n) in [(&a, 256), (&b, 256), (&a, 1)] {
+            for _ in 0..n {
+                rt.block_on(store.write(WriteOp::Audit(event("host")))).unwrap();
+            }
+        }
+        assert!(chain_a.alarmed().is_none(), "A: {:?}", chain_a.alarmed());
+        assert!(chain_b.alarmed().is_none(), "B alarmed over the checkpoint A signed: {:?}", chain_b.alarmed());
+        for seq in [256, 512] {
+            assert!(a.store().get(Table::Checkpoints, &id_key(seq)).unwrap().is_some(), "checkpoint {seq} signed");
+        }
+        // The whole chain verifies, checkpoints included, as the next start checks it.
+        let checked = kms_server::audit::integrity::check_at_start(a.store(), key.public_key().as_ref()).unwrap().unwrap();
+        assert_eq!(checked.head_seq, 513);
+        assert_eq!(checked.checkpoint_hashes.last().unwrap().0, 512);
+        // Each replica anchored the checkpoint its own commit holds, and only that one.
+        let (text_a, text_b) = (std::fs::read_to_string(&anchor_a).unwrap(), std::fs::read_to_string(&anchor_b).unwrap());
+        assert_eq!((text_a.lines().count(), text_b.lines().count()), (1, 1), "A: {text_a}\nB: {text_b}");
+        assert!(text_a.contains("\"seq\":256") && text_b.contains("\"seq\":512"), "A: {text_a}\nB: {text_b}");
+    }
 }

@@ -11,6 +11,34 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
+/// `grpc.health.v1` status SERVING.
+pub const SERVING: i32 = 1;
+/// `grpc.health.v1` status NOT_SERVING.
+pub const NOT_SERVING: i32 = 2;
+
+/// The health status the server reports now for `kluis.v1.KeyService` (as the auditor
+/// of its dev PKI).
+pub async fn health_status(server: &Server) -> i32 {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let pki = server.data_dir().join("pki");
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(pki.join("ca.pem")).unwrap()))
+        .identity(Identity::from_pem(
+            std::fs::read(pki.join("clients/auditor.pem")).unwrap(),
+            std::fs::read(pki.join("clients/auditor.key")).unwrap(),
+        ))
+        .domain_name("localhost");
+    let ch = Endpoint::from_shared(format!("https://{}", server.addr)).unwrap().tls_config(tls).unwrap().connect().await.unwrap();
+    HealthClient::new(ch).check(HealthCheckRequest { service: "kluis.v1.KeyService".into() }).await.unwrap().into_inner().status
+}
+
+/// [`health_status`] for a synchronous test.
+pub fn health_now(server: &Server) -> i32 {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(health_status(server))
+}
+
 /// Path of a workspace binary next to the running test executable.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");

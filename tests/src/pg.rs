@@ -145,6 +145,13 @@ impl Postgres {
         self.spawn();
     }
 
+    /// Starts the server again after [`stop`](Self::stop), on the same data directory,
+    /// waiting for it to accept connections.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "the server is running");
+        self.spawn();
+    }
+
     /// From now on every connection must give `password` (SCRAM) for [`USER`]: sets it and
     /// restarts the server with a `pg_hba.conf` that asks for it.
     pub fn require_password(&mut self, password: &str) {
@@ -153,7 +160,8 @@ impl Postgres {
         self.restart();
     }
 
-    fn stop(&mut self) {
+    /// Stops the server (immediate shutdown: as a crash would, without a checkpoint).
+    pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             // Immediate shutdown: the postmaster stops its backends and removes its socket.
             let _ = Command::new("kill").args(["-QUIT", &child.id().to_string()]).status();

@@ -5,9 +5,6 @@
 use std::process::Command;
 
 use kluis_tests::*;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
-use tonic_health::pb::HealthCheckRequest;
-use tonic_health::pb::health_client::HealthClient;
 
 fn pkcs11_tool(token: &SoftHsmToken, args: &[&str]) -> std::process::Output {
     Command::new("pkcs11-tool")
@@ -35,22 +32,6 @@ fn master_key_on_the_token_is_sensitive_and_not_extractable() {
     let read = pkcs11_tool(token, &["--read-object", "--type", "secrkey", "--label", "kluis-master"]);
     assert!(!read.status.success(), "the master key value was readable: {:?}", read.stdout);
 }
-
-async fn health_status(server: &Server) -> i32 {
-    let pki = server.data_dir().join("pki");
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(std::fs::read(pki.join("ca.pem")).unwrap()))
-        .identity(Identity::from_pem(
-            std::fs::read(pki.join("clients/auditor.pem")).unwrap(),
-            std::fs::read(pki.join("clients/auditor.key")).unwrap(),
-        ))
-        .domain_name("localhost");
-    let ch = Endpoint::from_shared(format!("https://{}", server.addr)).unwrap().tls_config(tls).unwrap().connect().await.unwrap();
-    HealthClient::new(ch).check(HealthCheckRequest { service: "kluis.v1.KeyService".into() }).await.unwrap().into_inner().status
-}
-
-const SERVING: i32 = 1;
-const NOT_SERVING: i32 = 2;
 
 fn create_keyring(server: &Server, name: &str) -> std::process::Output {
     let officer = server.client("officer");

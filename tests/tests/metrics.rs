@@ -38,6 +38,7 @@ fn issuances_unwraps_and_refusals_are_counted() {
     assert_eq!(value(&t, "kluis_data_keys_unwrapped_total "), 1);
     assert_eq!(value(&t, "kluis_refusals_total{action=\"UnwrapDataKey\",reason=\"permission\"} "), 2);
     assert_eq!(value(&t, "kluis_master_key_up "), 1);
+    assert_eq!(value(&t, "kluis_store_up "), 1);
     assert_eq!(value(&t, "kluis_audit_write_failures_total "), 0);
     assert_eq!(value(&t, "kluis_request_duration_seconds_count{action=\"GenerateDataKey\"} "), 1);
     assert_eq!(value(&t, "kluis_request_duration_seconds_count{action=\"UnwrapDataKey\"} "), 3);

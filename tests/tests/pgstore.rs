@@ -231,3 +231,92 @@ fn two_replicas_on_one_database_serve_one_audit_chain() {
     let export = export_verifies(&server);
     assert!(export.contains("ehr/a") && export.contains("ehr/b"), "{export}");
 }
+
+/// What the sealing threads saw: each acknowledged file with its plaintext, each failure.
+#[derive(Default)]
+struct Load {
+    acked: Vec<(Vec<u8>, Vec<u8>)>,
+    failed: Vec<Output>,
+}
+
+/// Calls `done` on `load` until it holds, checking every few milliseconds; panics after
+/// `cap` (generous: the condition depends on work, not on time).
+fn wait_until(load: &std::sync::Mutex<Load>, cap: std::time::Duration, what: &str, done: impl Fn(&Load) -> bool) {
+    let start = std::time::Instant::now();
+    while !done(&load.lock().unwrap()) {
+        assert!(start.elapsed() < cap, "waited {cap:?} for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn the_database_stopped_and_started_again_under_load() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let mut pg = Postgres::start();
+    pg.create_db("kluis");
+    let server = Server::start_on_postgres(&pg.url("kluis"));
+    assert_eq!(health_now(&server), SERVING);
+    // No client-side retry: each failure during the outage is seen, not waited out.
+    let sealer = server.client_with("sealer", "sealer-once.toml", "\n[retry]\ndeadline_secs = 0\n");
+    let load = Arc::new(Mutex::new(Load::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let (load, stop, sealer) = (load.clone(), stop.clone(), sealer.clone());
+            std::thread::spawn(move || {
+                let mut i = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    let data = format!("thread {t} backup {i}").into_bytes();
+                    let out = backup_hook(&sealer, &["seal", "--keyring", "default", "--backup-id", &format!("ehr/{t}/{i}")], &data);
+                    let mut l = load.lock().unwrap();
+                    if out.status.success() {
+                        l.acked.push((data, out.stdout));
+                    } else {
+                        l.failed.push(out);
+                    }
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    let cap = std::time::Duration::from_secs(120);
+    wait_until(&load, cap, "5 seals before the outage", |l| l.acked.len() >= 5);
+    assert!(load.lock().unwrap().failed.is_empty(), "a seal failed with the database up");
+
+    pg.stop();
+    assert_eq!(health_now(&server), NOT_SERVING, "the database is down: the replica must not be chosen");
+    let acked_before = load.lock().unwrap().acked.len();
+    wait_until(&load, cap, "3 failed seals during the outage", |l| l.failed.len() >= 3);
+    let failed: Vec<Output> = load.lock().unwrap().failed.clone();
+    for out in &failed {
+        // Unavailable (exit 3): the job may retry, or go to another replica; the store named.
+        refused(out, 3, &["is unavailable", "the store cannot be reached, so nothing was done", "store postgresql://"]);
+    }
+
+    pg.start_again();
+    // The same process serves again, without a restart.
+    assert_eq!(health_now(&server), SERVING);
+    wait_until(&load, cap, "5 seals after the outage", |l| l.acked.len() >= acked_before + 5);
+    stop.store(true, Ordering::SeqCst);
+    for t in threads {
+        t.join().unwrap();
+    }
+
+    // Every acknowledged file unseals, whenever it was sealed.
+    let load = load.lock().unwrap();
+    for (data, sealed) in load.acked.iter() {
+        let out = unseal(&server, "restorer", sealed);
+        ok(&out, "unseal of an acknowledged seal");
+        assert_eq!(&out.stdout, data);
+    }
+    // The failed requests left the chain whole: it verifies, numbered without gaps.
+    export_verifies(&server);
+    let gapless = pg.psql(
+        "kluis",
+        "SELECT (SELECT count(*) FROM kluis_audit) = next_seq - 1 \
+           AND (SELECT k FROM kluis_audit ORDER BY k DESC LIMIT 1) = int8send(next_seq - 1) \
+         FROM kluis_audit_head",
+    );
+    assert_eq!(gapless, "t", "audit rows 1 ..= next_seq - 1, no gap");
+}

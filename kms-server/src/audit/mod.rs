@@ -9,7 +9,6 @@ pub mod anchor;
 pub mod integrity;
 mod record;
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -82,16 +81,11 @@ impl AuditEvent {
 #[derive(Default)]
 pub struct AuditChain {
     signer: RwLock<Option<Arc<ring::signature::Ed25519KeyPair>>>,
-    /// Entry hashes at the latest checkpoint positions (0: genesis), to bind each
-    /// checkpoint to the one before it. Written by `link`, in sequence order.
-    at_checkpoints: Mutex<BTreeMap<u64, String>>,
     /// The first integrity alarm (what was found), if any.
     alarm: Mutex<Option<integrity::IntegrityError>>,
     alarms: Arc<AtomicU64>,
     anchors: RwLock<Option<Arc<anchor::Anchors>>>,
     anchor_failures: Arc<AtomicU64>,
-    /// Checkpoints signed in a transaction not yet known to be committed: (seq, line).
-    pending: Mutex<Vec<(u64, String)>>,
 }
 
 impl AuditChain {
@@ -107,13 +101,8 @@ impl AuditChain {
         key: Arc<ring::signature::Ed25519KeyPair>,
         checked: Result<integrity::Checked, integrity::IntegrityError>,
     ) -> Result<(), AuditError> {
-        match checked {
-            Ok(c) => {
-                let mut at = self.at_checkpoints.lock().map_err(|_| AuditError::SignerPoisoned)?;
-                at.insert(0, GENESIS.to_owned());
-                at.extend(c.checkpoint_hashes);
-            }
-            Err(e) => self.alarm(e),
+        if let Err(e) = checked {
+            self.alarm(e);
         }
         *self.signer.write().map_err(|_| AuditError::SignerPoisoned)? = Some(key);
         Ok(())
@@ -176,25 +165,23 @@ impl Chain for AuditChain {
         GENESIS.to_owned()
     }
 
-    fn committed(&self, last_seq: u64) {
-        let due: Vec<(u64, String)> = match self.pending.lock() {
-            Ok(mut p) if !p.is_empty() => {
-                let (due, later) = p.drain(..).partition(|(s, _)| *s <= last_seq);
-                *p = later;
-                due
-            }
-            _ => return,
-        };
-        for (_, line) in due {
+    fn committed(&self, on_commit: Vec<String>) {
+        // The checkpoints of a committed transaction: only now do they go to the anchors.
+        for line in on_commit {
             self.anchor(&line);
         }
+    }
+
+    fn base_of(&self, seq: u64) -> Option<u64> {
+        // A checkpoint binds the entry hash at the checkpoint before it.
+        (seq > 0 && seq.is_multiple_of(CHECKPOINT_EVERY)).then(|| prev_checkpoint_seq(seq))
     }
 
     fn head_of(&self, seq: u64, stored: &[u8]) -> Result<ChainHead, ChainError> {
         Ok(record::hash_of(seq, stored)?)
     }
 
-    fn link(&self, seq: u64, prev: &ChainHead, entry: &[u8]) -> Result<Linked, ChainError> {
+    fn link(&self, seq: u64, prev: &ChainHead, entry: &[u8], base: Option<&ChainHead>) -> Result<Linked, ChainError> {
         let ev: AuditEvent = postcard::from_bytes(entry).map_err(AuditError::Event)?;
         let mut rec = AuditRecord {
             seq,
@@ -210,33 +197,24 @@ impl Chain for AuditChain {
         };
         rec.hash = rec.compute_hash();
         let stored = record::encode(&rec)?;
-        let mut checkpoint = None;
-        if seq.is_multiple_of(CHECKPOINT_EVERY) {
-            let prev = {
-                let mut at = self.at_checkpoints.lock().map_err(|_| AuditError::SignerPoisoned)?;
-                let prev = at.get(&prev_checkpoint_seq(seq)).cloned();
-                at.insert(seq, rec.hash.clone());
-                at.retain(|s, _| *s + 2 * CHECKPOINT_EVERY >= seq);
-                prev
-            };
-            if let Some(key) = self.signer()?.filter(|_| self.alarmed().is_none()) {
-                match prev {
-                    Some(prev) => {
-                        let c = kluis_proto::audit::sign(&key, SigKind::Checkpoint, seq, &rec.hash, &prev);
-                        checkpoint = Some(serde_json::to_vec(&c).map_err(AuditError::CheckpointEncode)?);
-                        let line = serde_json::to_string(&kluis_proto::audit::ExportLine::Checkpoint { checkpoint: c })
-                            .map_err(AuditError::CheckpointEncode)?;
-                        if let Ok(mut p) = self.pending.lock() {
-                            // A group that did not commit is linked again under the same numbers.
-                            p.retain(|(s, _)| *s < seq);
-                            p.push((seq, line));
-                        }
-                    }
-                    None => self.alarm(integrity::IntegrityError::MissingCheckpoint { seq: prev_checkpoint_seq(seq) }),
+        let (mut checkpoint, mut on_commit) = (None, None);
+        if seq.is_multiple_of(CHECKPOINT_EVERY)
+            && let Some(key) = self.signer()?.filter(|_| self.alarmed().is_none())
+        {
+            // `base` is the hash at the checkpoint before, as the store holds it (written by
+            // this process or another replica on the same store).
+            match base {
+                Some(prev) => {
+                    let c = kluis_proto::audit::sign(&key, SigKind::Checkpoint, seq, &rec.hash, prev);
+                    checkpoint = Some(serde_json::to_vec(&c).map_err(AuditError::CheckpointEncode)?);
+                    let line = serde_json::to_string(&kluis_proto::audit::ExportLine::Checkpoint { checkpoint: c })
+                        .map_err(AuditError::CheckpointEncode)?;
+                    on_commit = Some(line);
                 }
+                None => self.alarm(integrity::IntegrityError::MissingCheckpoint { seq: prev_checkpoint_seq(seq) }),
             }
         }
-        Ok(Linked { stored, head: rec.hash, checkpoint })
+        Ok(Linked { stored, head: rec.hash, checkpoint, on_commit })
     }
 }
 

@@ -481,6 +481,11 @@ impl KeyManager {
         self.state.load().master.1.clone()
     }
 
+    /// The store (for the health probe).
+    pub fn store(&self) -> Arc<dyn Store> {
+        self.store.shared()
+    }
+
     /// The master key generation in force (1 = the configured key).
     pub fn master_generation(&self) -> u32 {
         self.state.load().master.0

@@ -139,6 +139,11 @@ impl Registry {
         self.store.as_ref()
     }
 
+    /// The store underneath, shared (for the health probe).
+    pub fn shared(&self) -> Arc<dyn Store> {
+        self.store.clone()
+    }
+
     pub fn describe(&self) -> String {
         self.store.describe()
     }

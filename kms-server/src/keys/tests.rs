@@ -300,7 +300,7 @@ async fn a_poisoned_audit_signer_fails_the_write_closed() {
     .join();
     use crate::store::Chain;
     let ev = c.ev("host", Action::GenerateDataKey).encode().unwrap();
-    assert!(chain.link(256, &chain.genesis(), &ev).is_err(), "a checkpoint that cannot be signed fails the commit");
+    assert!(chain.link(256, &chain.genesis(), &ev, Some(&chain.genesis())).is_err(), "a checkpoint that cannot be signed fails the commit");
 }
 
 /// The finding: retention set to 1 day by one officer destroyed keys the next

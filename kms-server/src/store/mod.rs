@@ -94,6 +94,9 @@ pub struct Linked {
     pub head: ChainHead,
     /// A side record stored under the same number in [`Table::Checkpoints`].
     pub checkpoint: Option<Vec<u8>>,
+    /// Given to [`Chain::committed`] once the transaction that holds the entry commits
+    /// (never if it does not).
+    pub on_commit: Option<String>,
 }
 
 /// Error of a [`Chain`]: the group that needed it is not committed.
@@ -101,15 +104,47 @@ pub type ChainError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Links log entries; implemented by the audit layer, called by the store inside the
 /// transaction that appends, in sequence order.
+///
+/// The chain keeps no state of its own about the log: several processes may append to
+/// one store (replicas on one database), each linking the entries its transactions
+/// number. What a link needs besides its predecessor's head, the store reads in the same
+/// transaction ([`Chain::base_of`]).
 pub trait Chain: Send + Sync {
     /// The head before the first entry.
     fn genesis(&self) -> ChainHead;
     /// The head after the stored entry `seq` (to resume after a restart).
     fn head_of(&self, seq: u64, stored: &[u8]) -> Result<ChainHead, ChainError>;
-    /// Links `entry` as number `seq` after `prev`.
-    fn link(&self, seq: u64, prev: &ChainHead, entry: &[u8]) -> Result<Linked, ChainError>;
-    /// The entries up to `last_seq` are committed (called after each commit that appended).
-    fn committed(&self, _last_seq: u64) {}
+    /// The earlier entry whose head linking entry `seq` also needs (for the audit chain:
+    /// the previous checkpoint's, at a checkpoint), if any; 0 means the genesis head.
+    fn base_of(&self, _seq: u64) -> Option<u64> {
+        None
+    }
+    /// Links `entry` as number `seq` after `prev`; `base` is the head after entry
+    /// [`base_of(seq)`](Self::base_of) as the store holds it (None: asked for, not found).
+    fn link(&self, seq: u64, prev: &ChainHead, entry: &[u8], base: Option<&ChainHead>) -> Result<Linked, ChainError>;
+    /// The transaction that linked entries committed: their [`Linked::on_commit`], in order.
+    fn committed(&self, _on_commit: Vec<String>) {}
+}
+
+/// The head after entry `seq`, for [`Chain::base_of`]: the genesis head for 0, one linked
+/// earlier in the same transaction (`linked`, in order), else the stored entry as `read`
+/// gives it (None if it is not there).
+pub fn base_head(
+    chain: &dyn Chain,
+    seq: u64,
+    linked: &[(u64, ChainHead)],
+    read: impl FnOnce(u64) -> Result<Option<Vec<u8>>, StoreError>,
+) -> Result<Option<ChainHead>, StoreError> {
+    if seq == 0 {
+        return Ok(Some(chain.genesis()));
+    }
+    if let Some((_, h)) = linked.iter().rev().find(|(s, _)| *s == seq) {
+        return Ok(Some(h.clone()));
+    }
+    match read(seq)? {
+        Some(stored) => chain.head_of(seq, &stored).map(Some).map_err(|source| StoreError::Resume { seq, source }),
+        None => Ok(None),
+    }
 }
 
 /// A future returned by the store (boxed, so the trait stays object safe).
@@ -152,6 +187,12 @@ pub trait Store: Send + Sync {
     /// wait while it runs. What "the medium" means is the implementation's: the live
     /// file (redb), the table's heap (a database).
     fn scrub(&self) -> StoreFuture<'_, ScrubReport>;
+
+    /// Whether the store answers now (for the health service): an embedded store that
+    /// opened does; a database is asked, within a bounded time.
+    fn health(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// What a [`Store::scrub`] did.
@@ -205,6 +246,10 @@ pub enum StoreError {
     AuthFailed { store: String, user: String, source: tokio_postgres::Error },
     #[error("store {store}: {reason}", reason = postgres::pg_reason(.source))]
     Pg { store: String, source: tokio_postgres::Error },
+    #[error("store {store}: the connection to PostgreSQL was lost during the commit; retry (the writes of this request were not acknowledged)")]
+    ConnectionLost { store: String },
+    #[error("store {store}: PostgreSQL did not answer within {secs} s")]
+    TimedOut { store: String, secs: u64 },
     #[error("store CA file {path}: {source}")]
     CaFile { path: String, source: std::io::Error },
     #[error("cannot start the store's runtime: {source}")]
@@ -215,6 +260,20 @@ pub enum StoreError {
     ScrubUnknownTable { store: String, table: String },
     #[error("scrubbing store {store} refused: the copy of table {table} has {copied} rows, the store {found}; nothing was changed")]
     ScrubMismatch { store: String, table: String, copied: u64, found: u64 },
+}
+
+impl StoreError {
+    /// Whether the store cannot be reached now, so that the same request may succeed
+    /// later or on another replica (the database down, restarting or failing over, a
+    /// connection lost, the writer stopped), as opposed to a write refused or a record
+    /// that does not read.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Unreachable { .. } | StoreError::WriterGone | StoreError::ConnectionLost { .. } | StoreError::TimedOut { .. } => true,
+            StoreError::Pg { source, .. } => postgres::connection_lost(source),
+            _ => false,
+        }
+    }
 }
 
 /// The key of an id-keyed table.

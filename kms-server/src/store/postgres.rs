@@ -52,6 +52,9 @@ const SCAN_PAGE: i64 = 1000;
 /// How long a connection attempt may take when the URL does not say (`connect_timeout`).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a health probe may wait for the database.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// The transaction-level advisory lock that orders schema changes (create, upgrade).
 const SCHEMA_LOCK: i64 = 0x6b6c_7569_735f_7363; // "kluis_sc"
 
@@ -200,15 +203,7 @@ impl Connector {
     fn connect_error(&self, e: tokio_postgres::Error) -> StoreError {
         let store = self.store.clone();
         let user = self.config.get_user().unwrap_or("(default)").to_owned();
-        let io = {
-            let mut cause = std::error::Error::source(&e);
-            let mut found = false;
-            while let Some(c) = cause {
-                found |= c.is::<std::io::Error>();
-                cause = c.source();
-            }
-            found
-        };
+        let io = io_caused(&e);
         match e.code() {
             Some(c) if *c == SqlState::INVALID_PASSWORD || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION => {
                 StoreError::AuthFailed { store, user, source: e }
@@ -240,6 +235,33 @@ where
 }
 
 /// One line that says what went wrong (the client's own Display gives only the kind).
+/// Whether `e` says the connection is gone or the server is not taking work now (shut
+/// down, restarting, in recovery), rather than refusing this statement: a closed
+/// connection, an I/O error without a server answer, SQLSTATE class 08 (connection
+/// exception) or 57P01-57P03 (admin/crash shutdown, cannot connect now).
+pub fn connection_lost(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    match e.code() {
+        Some(c) => {
+            c.code().starts_with("08") || *c == SqlState::ADMIN_SHUTDOWN || *c == SqlState::CRASH_SHUTDOWN || *c == SqlState::CANNOT_CONNECT_NOW
+        }
+        None => io_caused(e),
+    }
+}
+
+fn io_caused(e: &tokio_postgres::Error) -> bool {
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if c.is::<std::io::Error>() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
 pub fn pg_reason(e: &tokio_postgres::Error) -> String {
     if let Some(db) = e.as_db_error() {
         return format!("{e}: {}: {} (SQLSTATE {})", db.severity(), db.message(), db.code().code());
@@ -529,9 +551,15 @@ async fn writer_loop(connector: Arc<Connector>, mut client: Client, mut rx: mpsc
             }
             Err(e) if ready.len() == 1 || client.is_closed() => {
                 tracing::error!(error = %e, writes = ready.len(), "store commit failed");
+                // With the connection gone, the others failed for the same reason: they
+                // may succeed once the database is back.
+                let lost = client.is_closed();
                 let mut first = Some(e);
                 for (_, r) in ready {
-                    let _ = r.send(Err(first.take().unwrap_or(StoreError::GroupFailed)));
+                    let e = first.take().unwrap_or_else(|| {
+                        if lost { StoreError::ConnectionLost { store: connector.store.clone() } } else { StoreError::GroupFailed }
+                    });
+                    let _ = r.send(Err(e));
                 }
             }
             Err(e) => {
@@ -567,6 +595,8 @@ async fn commit_groups(client: &mut Client, store: &str, groups: &[&WriteGroup],
     let pg = |source| StoreError::Pg { store: store.to_owned(), source };
     let txn = client.transaction().await.map_err(pg)?;
     let mut head: Option<Head> = None;
+    let mut linked_here: Vec<(u64, ChainHead)> = Vec::new();
+    let mut on_commit = Vec::new();
     let mut locked_tests = false;
     for op in groups.iter().flat_map(|g| g.ops.iter()) {
         match op {
@@ -622,7 +652,25 @@ async fn commit_groups(client: &mut Client, store: &str, groups: &[&WriteGroup],
                 }
                 let h = head.as_mut().ok_or(StoreError::GroupFailed)?;
                 let seq = h.next_seq;
-                let linked = chain.link(seq, &h.prev, entry).map_err(|source| StoreError::Link { seq, source })?;
+                // The head lock is held: the stored entries below `seq` are committed, by
+                // whichever replica wrote them.
+                let base = match chain.base_of(seq) {
+                    Some(b) => {
+                        let stored = match linked_here.iter().any(|(s, _)| *s == b) || b == 0 {
+                            true => None,
+                            false => txn
+                                .query_typed_opt("SELECT v FROM kluis_audit WHERE k = $1", &[(&super::id_key(b).to_vec(), Type::BYTEA)])
+                                .await
+                                .map_err(pg)?
+                                .map(|r| r.get::<_, Vec<u8>>(0)),
+                        };
+                        super::base_head(chain, b, &linked_here, |_| Ok(stored))?
+                    }
+                    None => None,
+                };
+                let linked = chain.link(seq, &h.prev, entry, base.as_ref()).map_err(|source| StoreError::Link { seq, source })?;
+                linked_here.push((seq, linked.head.clone()));
+                on_commit.extend(linked.on_commit);
                 let key = super::id_key(seq).to_vec();
                 txn.execute_typed("INSERT INTO kluis_audit (k, v) VALUES ($1, $2)", &[(&key, Type::BYTEA), (&linked.stored, Type::BYTEA)])
                     .await
@@ -647,8 +695,8 @@ async fn commit_groups(client: &mut Client, store: &str, groups: &[&WriteGroup],
             .map_err(pg)?;
     }
     txn.commit().await.map_err(pg)?;
-    if let Some(h) = head {
-        chain.committed(h.next_seq - 1);
+    if !on_commit.is_empty() {
+        chain.committed(on_commit);
     }
     Ok(())
 }
@@ -827,5 +875,35 @@ impl Store for PostgresStore {
             sent?;
             rx.await.map_err(|_| StoreError::WriterGone)?
         })
+    }
+
+    fn health(&self) -> StoreFuture<'_, ()> {
+        let readers = self.readers.clone();
+        let store = self.store.clone();
+        let (tx, rx) = oneshot::channel();
+        self.handle.spawn(async move {
+            let probe = async {
+                let _permit = readers.permits.clone().acquire_owned().await.map_err(|_| StoreError::WriterGone)?;
+                let client = readers.checkout().await?;
+                let client = match client.simple_query("SELECT 1").await {
+                    Ok(_) => client,
+                    // A pooled connection the database dropped (a restart): one fresh try.
+                    Err(e) if connection_lost(&e) => {
+                        let fresh = readers.connector.connect().await?;
+                        fresh.simple_query("SELECT 1").await.map_err(|e| readers.connector.err(e))?;
+                        fresh
+                    }
+                    Err(e) => return Err(readers.connector.err(e)),
+                };
+                readers.give_back(client);
+                Ok(())
+            };
+            let r = match tokio::time::timeout(HEALTH_TIMEOUT, probe).await {
+                Ok(r) => r,
+                Err(_) => Err(StoreError::TimedOut { store, secs: HEALTH_TIMEOUT.as_secs() }),
+            };
+            let _ = tx.send(r);
+        });
+        Box::pin(async move { rx.await.map_err(|_| StoreError::WriterGone)? })
     }
 }

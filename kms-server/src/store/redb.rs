@@ -418,6 +418,8 @@ fn commit_batch(database: &Database, groups: Vec<WriteGroup>, chain: &dyn Chain,
     // A group commit is one transaction, so every group inside it is atomic too.
     // The log head advances only if the transaction commits.
     let (mut next_seq, mut prev) = (head.next_seq, head.prev.clone());
+    let mut linked_here: Vec<(u64, ChainHead)> = Vec::new();
+    let mut on_commit = Vec::new();
     let txn = begin_write(database)?;
     {
         let mut audit = txn.open_table(AUDIT).map_err(dberr)?;
@@ -471,7 +473,15 @@ fn commit_batch(database: &Database, groups: Vec<WriteGroup>, chain: &dyn Chain,
                 Op::Insert { table, .. } => return Err(StoreError::WrongTable { table }),
                 Op::Append { entry } => {
                     let seq = next_seq;
-                    let linked = chain.link(seq, &prev, &entry).map_err(|source| StoreError::Link { seq, source })?;
+                    let base = match chain.base_of(seq) {
+                        Some(b) => super::base_head(chain, b, &linked_here, |b| {
+                            Ok(audit.get(b).map_err(dberr)?.map(|v| v.value().to_vec()))
+                        })?,
+                        None => None,
+                    };
+                    let linked = chain.link(seq, &prev, &entry, base.as_ref()).map_err(|source| StoreError::Link { seq, source })?;
+                    linked_here.push((seq, linked.head.clone()));
+                    on_commit.extend(linked.on_commit);
                     audit.insert(seq, linked.stored.as_slice()).map_err(dberr)?;
                     if let Some(cp) = linked.checkpoint {
                         checkpoints.insert(seq, cp.as_slice()).map_err(dberr)?;
@@ -483,11 +493,10 @@ fn commit_batch(database: &Database, groups: Vec<WriteGroup>, chain: &dyn Chain,
         }
     }
     txn.commit().map_err(dberr)?;
-    let appended = next_seq != head.next_seq;
     head.next_seq = next_seq;
     head.prev = prev;
-    if appended {
-        chain.committed(next_seq - 1);
+    if !on_commit.is_empty() {
+        chain.committed(on_commit);
     }
     Ok(())
 }
