@@ -74,7 +74,11 @@ impl ErrorClass {
             | Reason::EscrowRecipientChange
             | Reason::EscrowRecipientNotInForce => ErrorClass::Refused,
             Reason::WrappedKeyNotAuthentic | Reason::KeyringMismatch | Reason::AuditTampered => ErrorClass::Integrity,
-            Reason::AuditUnavailable | Reason::MasterKeyUnavailable | Reason::StoreUnavailable | Reason::AuditExportBusy => {
+            Reason::AuditUnavailable
+            | Reason::MasterKeyUnavailable
+            | Reason::StoreUnavailable
+            | Reason::AuditExportBusy
+            | Reason::ConcurrentChange => {
                 ErrorClass::Unavailable
             }
             Reason::InvalidArgument | Reason::EscrowManifestInvalid | Reason::KeyringExists | Reason::Internal => {
@@ -127,7 +131,11 @@ mod tests {
         for &r in Reason::ALL {
             let want = match r {
                 Reason::WrappedKeyNotAuthentic | Reason::KeyringMismatch | Reason::AuditTampered => ErrorClass::Integrity,
-                Reason::AuditUnavailable | Reason::MasterKeyUnavailable | Reason::StoreUnavailable | Reason::AuditExportBusy => {
+                Reason::AuditUnavailable
+            | Reason::MasterKeyUnavailable
+            | Reason::StoreUnavailable
+            | Reason::AuditExportBusy
+            | Reason::ConcurrentChange => {
                     ErrorClass::Unavailable
                 }
                 Reason::InvalidArgument | Reason::EscrowManifestInvalid | Reason::KeyringExists | Reason::Internal => {

@@ -8,7 +8,12 @@
 //!   *without* a Kluis reason (the gRPC stack, a proxy): the request may have reached
 //!   the server.
 //!
-//! Never retried: any status carrying a Kluis reason (a refusal, an integrity failure,
+//! - the answer is `UNAVAILABLE` with the reason `STORE_UNAVAILABLE`: that server cannot
+//!   reach its database (down, restarting, failing over, or cut off from this server only),
+//!   which another replica may reach, or this one again in a moment. Treated as "may have
+//!   reached the server": a connection lost during the commit leaves the commit unknown.
+//!
+//! Never retried: any other status carrying a Kluis reason (a refusal, an integrity failure,
 //! the audit trail or the master key unavailable, ...), any other code (`PERMISSION_DENIED`,
 //! `INVALID_ARGUMENT`, ...), a TLS refusal, and a deadline that ran out (the server is
 //! there but did not answer in time; the request deadline already bounded the wait).
@@ -164,6 +169,8 @@ pub enum Cause {
     ConnectionLost,
     /// `UNAVAILABLE` without a Kluis reason.
     Unavailable,
+    /// `UNAVAILABLE` with the reason `STORE_UNAVAILABLE`.
+    StoreUnavailable,
 }
 
 impl std::fmt::Display for Cause {
@@ -175,6 +182,7 @@ impl std::fmt::Display for Cause {
             Cause::BrokenPipe => "broken pipe",
             Cause::ConnectionLost => "connection lost during the request",
             Cause::Unavailable => "UNAVAILABLE",
+            Cause::StoreUnavailable => "its store cannot be reached",
         })
     }
 }
@@ -196,6 +204,9 @@ pub fn transient(e: &ClientError) -> Option<(Delivery, Cause)> {
             },
         )),
         ClientError::Server { code: tonic::Code::Unavailable, reason: None, .. } => Some((Delivery::MaybeSent, Cause::Unavailable)),
+        ClientError::Server { code: tonic::Code::Unavailable, reason: Some(kluis_proto::error::Reason::StoreUnavailable), .. } => {
+            Some((Delivery::MaybeSent, Cause::StoreUnavailable))
+        }
         // Every endpoint failed in a way that is retried: as far as the farthest got, for
         // the cause of the last one.
         ClientError::NoEndpointAvailable { failures } => {
@@ -627,7 +638,6 @@ mod tests {
             // UNAVAILABLE with a Kluis reason is the server speaking: not a restart.
             server(Code::Unavailable, Some(Reason::AuditUnavailable)),
             server(Code::Unavailable, Some(Reason::MasterKeyUnavailable)),
-            server(Code::Unavailable, Some(Reason::StoreUnavailable)),
             ClientError::DeadlineExceeded { endpoint: EP.into() },
             ClientError::TlsRejected { endpoint: EP.into(), alert: None, detail: "bad certificate".into() },
             ClientError::TlsRejected { endpoint: EP.into(), alert: Some(rustls::AlertDescription::UnknownCA), detail: "x".into() },
@@ -659,6 +669,12 @@ mod tests {
         assert_eq!(transient(&lost(Some(ErrorKind::BrokenPipe))), Some((Delivery::MaybeSent, Cause::BrokenPipe)));
         assert_eq!(transient(&lost(None)), Some((Delivery::MaybeSent, Cause::ConnectionLost)));
         assert_eq!(transient(&server(Code::Unavailable, None)), Some((Delivery::MaybeSent, Cause::Unavailable)));
+        // A replica without its database: another may reach it; the commit may have happened.
+        let store = server(Code::Unavailable, Some(Reason::StoreUnavailable));
+        assert_eq!(transient(&store), Some((Delivery::MaybeSent, Cause::StoreUnavailable)));
+        assert_eq!(next_step(Rpc::GenerateDataKey, &store), Some(Cause::StoreUnavailable));
+        assert_eq!(next_step(Rpc::UnwrapDataKey, &store), Some(Cause::StoreUnavailable));
+        assert_eq!(next_step(Rpc::DestroyKey, &store), None, "an officer write whose commit is unknown is not sent again");
     }
 
     /// The table: what may be replayed after it may have reached the server.
@@ -716,7 +732,7 @@ mod tests {
         let finals = [
             server(Code::PermissionDenied, Some(Reason::PermissionDenied)),
             server(Code::InvalidArgument, Some(Reason::InvalidArgument)),
-            server(Code::Unavailable, Some(Reason::StoreUnavailable)),
+            server(Code::Unavailable, Some(Reason::AuditUnavailable)),
             ClientError::ServerUnknownIssuer { endpoint: EP.into() },
             ClientError::ServerNameMismatch { endpoint: EP.into(), expected: "kms".into(), presented: Vec::new() },
             ClientError::TlsRejected { endpoint: EP.into(), alert: Some(rustls::AlertDescription::UnknownCA), detail: "x".into() },

@@ -202,6 +202,8 @@ impl Api {
     async fn settle<T>(&self, ev: &Ev, r: Result<T, KeyError>) -> Result<T, Status> {
         match r {
             Ok(v) => Ok(v),
+            // Refused before anything was written: audited as failed like any refusal.
+            Err(e @ KeyError::Store(crate::store::StoreError::Conflict { .. })) => Err(self.fail(ev, key_status(e)).await),
             Err(e @ KeyError::Store(_)) => Err(self.audit_unavailable(e)),
             Err(e) => Err(self.fail(ev, key_status(e)).await),
         }
@@ -322,6 +324,7 @@ fn key_code_reason(e: &KeyError) -> (tonic::Code, kluis_proto::error::Reason) {
         KeyError::NotCovered => (Code::PermissionDenied, Reason::PermissionDenied),
         KeyError::Master(MasterError::Unavailable(_)) => (Code::Unavailable, Reason::MasterKeyUnavailable),
         KeyError::Store(s) if s.is_unavailable() => (Code::Unavailable, Reason::StoreUnavailable),
+        KeyError::Store(crate::store::StoreError::Conflict { .. }) => (Code::Aborted, Reason::ConcurrentChange),
         KeyError::Audit(crate::audit::AuditError::Tampered(_)) => (Code::DataLoss, Reason::AuditTampered),
         KeyError::Master(_)
         | KeyError::Store(_)
@@ -626,7 +629,9 @@ impl pb::admin_service_server::AdminService for Api {
     ) -> Result<Response<pb::ListKeyringsResponse>, Status> {
         let (validate::Empty, mut ev) = self.valid(&req, Action::ListKeyrings).await?;
         let auth = self.authorize(&req, &mut ev).await?;
-        let list = self.settle_read(&ev, self.keys.list_keyrings(&auth, |name| self.policy.may_see(&auth, name))).await?;
+        // What another replica changed counts at once here too (one read by key).
+        let list = self.keys.sync().await.and_then(|_| self.keys.list_keyrings(&auth, |name| self.policy.may_see(&auth, name)));
+        let list = self.settle_read(&ev, list).await?;
         Ok(Response::new(pb::ListKeyringsResponse { keyrings: list.into_iter().map(keyring_pb).collect() }))
     }
 
@@ -634,7 +639,8 @@ impl pb::admin_service_server::AdminService for Api {
     async fn get_keyring(&self, req: Request<pb::GetKeyringRequest>) -> Result<Response<pb::Keyring>, Status> {
         let (r, mut ev) = self.valid(&req, Action::GetKeyring).await?;
         let auth = self.authorize(&req, &mut ev).await?;
-        let k = self.settle_read(&ev, self.keys.get_keyring(&auth, r.keyring.as_str())).await?;
+        let k = self.keys.sync().await.and_then(|_| self.keys.get_keyring(&auth, r.keyring.as_str()));
+        let k = self.settle_read(&ev, k).await?;
         Ok(Response::new(keyring_pb(k)))
     }
 

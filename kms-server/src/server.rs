@@ -84,6 +84,45 @@ async fn maintenance_loop(keys: Arc<KeyManager>, interval: std::time::Duration) 
     }
 }
 
+/// How often a replica looks for changes another replica made ([`KeyManager::sync`]): the
+/// bound on how late a change reaches it (a destroyed key or retired version is checked at
+/// each unwrap, at once).
+pub const SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Brings the state up to the store's every [`SYNC_INTERVAL`], and the runtime grants to
+/// the state loaded (whoever loaded it: this poll or an unwrap). A failed poll keeps what
+/// is in force; it is logged once, and once more when polls succeed again.
+async fn sync_loop(keys: Arc<KeyManager>, policy: Arc<Policy>) {
+    let mut tick = tokio::time::interval(SYNC_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    let mut applied = keys.loaded_epoch();
+    loop {
+        tick.tick().await;
+        let r = keys.sync().await.and_then(|_| {
+            let loaded = keys.loaded_epoch();
+            if loaded != applied {
+                policy.set_runtime(&keys.runtime_grants()?);
+                tracing::info!(epoch = %loaded.as_deref().map(hex::encode).unwrap_or_default(), "runtime grants in force");
+                applied = loaded;
+            }
+            Ok(())
+        });
+        match r {
+            Ok(()) if failing => {
+                failing = false;
+                tracing::warn!("state poll works again");
+            }
+            Ok(()) => {}
+            Err(e) if !failing => {
+                failing = true;
+                tracing::error!(error = %e, "state poll failed; the state in force is kept");
+            }
+            Err(_) => {}
+        }
+    }
+}
+
 /// The TLS listener's configuration, checked before the server announces itself, and
 /// the metrics it counts into.
 pub struct Prepared {
@@ -145,6 +184,7 @@ pub async fn serve(
     }
     let interval = std::time::Duration::from_secs(cfg.maintenance_interval_secs.unwrap_or(60).max(1));
     tokio::spawn(maintenance_loop(keys.clone(), interval));
+    tokio::spawn(sync_loop(keys.clone(), policy.clone()));
     let api = Api::new(keys, policy, authn, metrics).with_max_concurrent_exports(cfg.audit.max_concurrent_exports());
     // Reflection v1 and the older v1alpha (still what many grpcurl builds ask for).
     let reflection_builder = || {

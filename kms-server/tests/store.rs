@@ -432,6 +432,70 @@ mod contract {
         assert_eq!(store.last(Table::Audit).unwrap().unwrap().0, id_key(1).to_vec());
     }
 
+    /// Compare-and-set: a group whose `Expect` does not hold writes nothing and fails
+    /// alone, also when it shares a commit with others; one whose `Expect` holds commits.
+    pub fn a_group_whose_expect_fails_writes_nothing_and_fails_alone(kind: Kind) {
+        let f = Fixture::new(kind);
+        let store = f.create_store().unwrap();
+        let expect = |value: Option<&[u8]>, set: &[u8], also: &[u8]| {
+            let mut g = WriteGroup::default();
+            g.push(Op::Expect { table: Table::Meta, key: b"epoch".to_vec(), value: value.map(<[u8]>::to_vec) });
+            g.push(Op::Put { table: Table::Meta, key: b"epoch".to_vec(), value: set.to_vec() });
+            g.push(Op::Put { table: Table::Meta, key: also.to_vec(), value: b"written".to_vec() });
+            g.push(Op::Append { entry: postcard::to_allocvec(&event("officer")).unwrap() });
+            g
+        };
+        // Absent, as expected; then the value it now has.
+        store.commit_blocking(expect(None, b"e1", b"first")).unwrap();
+        store.commit_blocking(expect(Some(b"e1"), b"e2", b"second")).unwrap();
+        // Stale: expects what was there before.
+        match store.commit_blocking(expect(Some(b"e1"), b"e3", b"stale")) {
+            Err(StoreError::Conflict { what }) => assert!(what.contains("epoch"), "{what}"),
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(()) => panic!("a stale compare-and-set committed"),
+        }
+        match store.commit_blocking(expect(None, b"e3", b"stale2")) {
+            Err(StoreError::Conflict { .. }) => {}
+            other => panic!("expected a conflict: {:?}", other.err().map(|e| e.to_string())),
+        }
+        assert_eq!(store.get(Table::Meta, b"epoch").unwrap().as_deref(), Some(&b"e2"[..]));
+        assert_eq!(store.get(Table::Meta, b"stale").unwrap(), None);
+        assert_eq!(store.get(Table::Meta, b"stale2").unwrap(), None);
+        // Many at once, sharing commits: exactly one of those expecting e2 wins; the plain
+        // writes beside them all commit; the audit numbers stay gapless.
+        let rt = rt();
+        let (wins, plain) = rt.block_on(async {
+            let mut tasks = Vec::new();
+            for i in 0..20u32 {
+                let s = store.clone();
+                tasks.push(tokio::spawn(async move {
+                    let r = s.commit(expect(Some(b"e2"), format!("w{i}").as_bytes(), format!("cas{i}").as_bytes())).await;
+                    let mut g = WriteGroup::default();
+                    g.push(Op::Put { table: Table::Meta, key: format!("plain{i}").into_bytes(), value: b"x".to_vec() });
+                    g.push(Op::Append { entry: postcard::to_allocvec(&event("host")).unwrap() });
+                    (r, s.commit(g).await)
+                }));
+            }
+            let (mut wins, mut plain) = (0, 0);
+            for t in tasks {
+                let (cas, p) = t.await.unwrap();
+                match cas {
+                    Ok(()) => wins += 1,
+                    Err(StoreError::Conflict { .. }) => {}
+                    Err(e) => panic!("wrong error: {e}"),
+                }
+                p.unwrap();
+                plain += 1;
+            }
+            (wins, plain)
+        });
+        assert_eq!((wins, plain), (1, 20));
+        let n = (0..20u32).filter(|i| store.get(Table::Meta, format!("cas{i}").as_bytes()).unwrap().is_some()).count();
+        assert_eq!(n, 1, "only the winner's write is there");
+        let page = kms_server::audit::page(store.as_ref(), 1, 1000).unwrap();
+        assert_eq!(page.iter().map(|(r, _)| r.seq).collect::<Vec<_>>(), (1..=23).collect::<Vec<_>>());
+    }
+
     /// Gets, ranges (every kind of bound, early stop, more rows than a page), the largest
     /// key, counters, numbered inserts, deletes; and what a table does not take.
     pub fn reads_by_key_and_by_range(kind: Kind) {
@@ -566,6 +630,7 @@ mod contract {
         concurrent_writes_are_all_durable_after_reopen,
         appends_are_numbered_without_gaps_and_linked_across_a_restart,
         a_group_with_a_bad_op_writes_nothing,
+        a_group_whose_expect_fails_writes_nothing_and_fails_alone,
         reads_by_key_and_by_range,
         opening_a_store_that_was_never_made_is_refused,
         a_store_of_a_newer_format_is_refused,

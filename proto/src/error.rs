@@ -121,8 +121,12 @@ reasons! {
     AuditExportBusy = "AUDIT_EXPORT_BUSY",
     /// The master-key provider (key file, HSM) cannot be used right now.
     MasterKeyUnavailable = "MASTER_KEY_UNAVAILABLE",
-    /// The store is not taking writes (the server is stopping or failed).
+    /// The store is not taking writes (the server is stopping or failed, or cannot reach
+    /// its database).
     StoreUnavailable = "STORE_UNAVAILABLE",
+    /// Another replica changed the same state at the same moment; nothing was done. Run
+    /// the request again (it is then made on the state the other replica left).
+    ConcurrentChange = "CONCURRENT_CHANGE",
     /// A fault of the server itself; see its log.
     Internal = "INTERNAL",
 }

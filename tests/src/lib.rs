@@ -730,3 +730,85 @@ fn kill_at_request(client: std::net::TcpStream, server_addr: &str, server_pid: u
     let _ = to_server.shutdown(Shutdown::Both);
     let _ = back.join();
 }
+
+/// `kms-server serve --config CFG --listen 127.0.0.1:0`: another replica on the same config
+/// and store (PostgreSQL), logging at info to a file; killed when dropped.
+pub struct Replica {
+    child: Child,
+    pub addr: String,
+    _dir: tempfile::TempDir,
+    log: PathBuf,
+}
+
+impl Replica {
+    pub fn start(config: &Path) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("replica.log");
+        let mut child = Command::new(bin("kms-server"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .args(["--listen", "127.0.0.1:0"])
+            .env("KLUIS_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        // Waits on the server's own line; an exit closes stdout first.
+        let addr = loop {
+            match lines.next() {
+                Some(Ok(line)) => {
+                    if let Some(a) = line.strip_prefix("kms-server listening on ") {
+                        break a.to_owned();
+                    }
+                }
+                _ => panic!("the replica exited before listening: {:?}\n{}", child.wait(), std::fs::read_to_string(&log).unwrap_or_default()),
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        Self { child, addr, _dir: dir, log }
+    }
+
+    /// The dev identity `who`'s client config of `server`, pointed at this replica.
+    pub fn client(&self, server: &Server, who: &str) -> PathBuf {
+        let text = std::fs::read_to_string(server.client(who)).unwrap();
+        assert!(text.contains(&server.addr), "{text}");
+        let p = server.dir.path().join(format!("{who}-{}.toml", self.addr.replace([':', '.'], "_")));
+        std::fs::write(&p, text.replace(&server.addr, &self.addr)).unwrap();
+        p
+    }
+
+    /// What the replica logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the replica's log has a line containing every one of `needles`
+    /// (checking every 20 ms; panics after two minutes, or if the replica exits); returns it.
+    pub fn wait_for_line(&mut self, needles: &[&str]) -> String {
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(line) = self.log().lines().find(|l| needles.iter().all(|n| l.contains(n))) {
+                return line.to_owned();
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("the replica exited ({status}) before logging {needles:?}:\n{}", self.log());
+            }
+            assert!(start.elapsed() < std::time::Duration::from_secs(120), "no line with {needles:?} in:\n{}", self.log());
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

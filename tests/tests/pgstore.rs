@@ -155,59 +155,6 @@ fn a_newer_schema_and_a_database_never_initialised_are_refused() {
     refused_one_line(&serve(&config(&server)), 1, &["does not exist; run `kms-server init` first", &pg.url("empty")]);
 }
 
-/// `kms-server serve --config CFG --listen 127.0.0.1:0`: a second replica on the same config
-/// and database; killed when dropped.
-struct Replica {
-    child: std::process::Child,
-    addr: String,
-}
-
-impl Replica {
-    fn start(config: &Path) -> Self {
-        use std::io::BufRead;
-        let mut child = Command::new(bin("kms-server"))
-            .args(["serve", "--config"])
-            .arg(config)
-            .args(["--listen", "127.0.0.1:0"])
-            .env("KLUIS_LOG", "warn")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-        // Waits on the server's own line; an exit closes stdout first.
-        let addr = loop {
-            match lines.next() {
-                Some(Ok(line)) => {
-                    if let Some(a) = line.strip_prefix("kms-server listening on ") {
-                        break a.to_owned();
-                    }
-                }
-                _ => panic!("the replica exited before listening: {:?}", child.wait()),
-            }
-        };
-        std::thread::spawn(move || for _ in lines {});
-        Self { child, addr }
-    }
-
-    /// The dev identity `who`'s client config, pointed at this replica.
-    fn client(&self, server: &Server, who: &str) -> PathBuf {
-        let text = std::fs::read_to_string(server.client(who)).unwrap();
-        assert!(text.contains(&server.addr), "{text}");
-        let p = server.dir.path().join(format!("{who}-replica.toml"));
-        std::fs::write(&p, text.replace(&server.addr, &self.addr)).unwrap();
-        p
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn two_replicas_on_one_database_serve_one_audit_chain() {
     let pg = Postgres::start();
@@ -319,4 +266,153 @@ fn the_database_stopped_and_started_again_under_load() {
          FROM kluis_audit_head",
     );
     assert_eq!(gapless, "t", "audit rows 1 ..= next_seq - 1, no gap");
+}
+
+/// The state epoch stored now, in hex (as the replicas log it).
+fn stored_epoch(pg: &Postgres) -> String {
+    pg.psql("kluis", "SELECT encode(v, 'hex') FROM kluis_meta WHERE k = convert_to('state_epoch', 'UTF8')")
+}
+
+#[test]
+fn a_change_on_one_replica_is_enforced_by_the_other() {
+    let pg = Postgres::start();
+    pg.create_db("kluis");
+    let mut server = Server::start_on_postgres(&pg.url("kluis"));
+    let officer2 = server.add_officer("officer2");
+    let officer = server.client("officer");
+    let mut b = Replica::start(&config(&server));
+    let restorer_b = b.client(&server, "restorer");
+    let sealer_b = b.client(&server, "sealer");
+    let old = seal(&server, "sealer", "default", "ehr/v1", b"under version 1");
+
+    // A version made on A unwraps on B at once (B checks the epoch before each unwrap).
+    ok(&kmsctl(&officer, &["keyring", "rotate", "default"]), "rotate on A");
+    let new = seal(&server, "sealer", "default", "ehr/v2", b"under version 2");
+    let out = backup_hook(&restorer_b, &["unseal"], &new);
+    ok(&out, "unseal on B of a file sealed on A under the version A just made");
+    assert_eq!(out.stdout, b"under version 2");
+
+    // A retirement approved on A is refused by B at once.
+    assert_eq!(backup_hook(&restorer_b, &["unseal"], &old).stdout, b"under version 1");
+    let out = kmsctl(&officer, &["keyring", "retire", "default", "--below-version", "2", "--force"]);
+    ok(&out, "retire request on A");
+    ok(&kmsctl(&officer2, &["approve", &approval_id(&out)]), "approve on A");
+    refused(&backup_hook(&restorer_b, &["unseal"], &old), 4, &["version 1 is retired"]);
+
+    // A grant approved on A applies on B once B has polled; revoked on A, B refuses again.
+    refused(&backup_hook(&sealer_b, &["unseal"], &new), 4, &["may not UnwrapDataKey"]);
+    let out = kmsctl(&officer, &["keyring", "grant", "default", "--principal", "sealer", "--role", "restorer"]);
+    ok(&out, "grant request on A");
+    ok(&kmsctl(&officer2, &["approve", &approval_id(&out)]), "approve on A");
+    let epoch = stored_epoch(&pg);
+    b.wait_for_line(&["runtime grants in force", &epoch]);
+    let out = backup_hook(&sealer_b, &["unseal"], &new);
+    ok(&out, "the grant made on A works on B");
+    ok(&kmsctl(&officer, &["keyring", "revoke", "default", "--principal", "sealer", "--role", "restorer"]), "revoke on A");
+    let epoch = stored_epoch(&pg);
+    b.wait_for_line(&["runtime grants in force", &epoch]);
+    refused(&backup_hook(&sealer_b, &["unseal"], &new), 4, &["may not UnwrapDataKey"]);
+
+    // B did not restart, and what both did is one chain.
+    assert!(b.log().contains("state reloaded"), "{}", b.log());
+    export_verifies(&server);
+}
+
+#[test]
+fn a_replica_killed_during_concurrent_seals_fails_no_seal() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let pg = Postgres::start();
+    pg.create_db("kluis");
+    let server = Server::start_on_postgres(&pg.url("kluis"));
+    let mut b = Replica::start(&config(&server));
+    // Both replicas, the one to be killed first; the default retry policy.
+    let text = std::fs::read_to_string(server.client("sealer")).unwrap();
+    let own = format!("endpoint = \"https://{}\"\n", server.addr);
+    assert!(text.contains(&own), "{text}");
+    let sealer = server.dir.path().join("sealer-both.toml");
+    std::fs::write(&sealer, text.replace(&own, &format!("endpoints = [\"https://{}\", \"https://{}\"]\n", b.addr, server.addr))).unwrap();
+
+    let load = Arc::new(Mutex::new(Load::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let (load, stop, sealer) = (load.clone(), stop.clone(), sealer.clone());
+            std::thread::spawn(move || {
+                let mut i = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    let data = format!("thread {t} backup {i}").into_bytes();
+                    let out = backup_hook(&sealer, &["seal", "--keyring", "default", "--backup-id", &format!("ehr/{t}/{i}")], &data);
+                    let mut l = load.lock().unwrap();
+                    if out.status.success() {
+                        l.acked.push((data, out.stdout));
+                    } else {
+                        l.failed.push(out);
+                    }
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    let cap = std::time::Duration::from_secs(120);
+    wait_until(&load, cap, "10 seals through the first replica", |l| l.acked.len() >= 10 || !l.failed.is_empty());
+    b.kill9();
+    let acked_before = load.lock().unwrap().acked.len();
+    wait_until(&load, cap, "10 seals after the kill", |l| l.acked.len() >= acked_before + 10 || !l.failed.is_empty());
+    stop.store(true, Ordering::SeqCst);
+    for t in threads {
+        t.join().unwrap();
+    }
+    let load = load.lock().unwrap();
+    if let Some(out) = load.failed.first() {
+        panic!("{} seal(s) failed although one replica was up; the first: exit {:?}: {}", load.failed.len(), out.status.code(), stderr(out));
+    }
+    // Every acknowledged file unseals through the survivor; one chain, intact.
+    for (data, sealed) in load.acked.iter() {
+        let out = unseal(&server, "restorer", sealed);
+        ok(&out, "unseal through the survivor");
+        assert_eq!(&out.stdout, data);
+    }
+    assert!(load.acked.len() >= acked_before + 10);
+    export_verifies(&server);
+}
+
+#[test]
+fn officers_rotating_on_both_replicas_at_once_lose_no_version() {
+    let pg = Postgres::start();
+    pg.create_db("kluis");
+    let server = Server::start_on_postgres(&pg.url("kluis"));
+    let b = Replica::start(&config(&server));
+    let configs = [server.client("officer"), b.client(&server, "officer")];
+    // Eight rotations at once, four through each replica. Each either is made (on the state
+    // the others left) or is refused whole as a concurrent change (exit 3, run it again).
+    let threads: Vec<_> = (0..8)
+        .map(|i| {
+            let cfg = configs[i % 2].clone();
+            std::thread::spawn(move || kmsctl(&cfg, &["keyring", "rotate", "default"]))
+        })
+        .collect();
+    let mut made = 0;
+    for t in threads {
+        let out = t.join().unwrap();
+        if out.status.success() {
+            made += 1;
+        } else {
+            refused(&out, 3, &["another replica changed", "nothing was done: run it again"]);
+        }
+    }
+    assert!(made >= 1);
+    // Every rotation made is a version; none overwrote another.
+    let out = server.kmsctl("auditor", &["keyring", "show", "default", "--json"]);
+    ok(&out, "keyring show");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["versions"].as_array().unwrap().len(), 1 + made, "{v}");
+    assert_eq!(v["current_version"].as_u64().unwrap(), 1 + made as u64, "{v}");
+    // Both replicas seal under the newest version and unwrap each other's files.
+    let a = seal(&server, "sealer", "default", "ehr/a", b"on A");
+    let out = backup_hook(&b.client(&server, "sealer"), &["seal", "--keyring", "default", "--backup-id", "ehr/b"], b"on B");
+    ok(&out, "seal on B");
+    assert_eq!(backup_hook(&b.client(&server, "restorer"), &["unseal"], &a).stdout, b"on A");
+    assert_eq!(unseal(&server, "restorer", &out.stdout).stdout, b"on B");
+    export_verifies(&server);
 }

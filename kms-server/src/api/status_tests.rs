@@ -91,6 +91,7 @@ async fn key_errors() -> Vec<(KeyError, Code, Reason)> {
         (KeyError::Store(StoreError::ConnectionLost { store: s("postgresql://db/kluis") }), Code::Unavailable, Reason::StoreUnavailable),
         (KeyError::Store(StoreError::TimedOut { store: s("postgresql://db/kluis"), secs: 2 }), Code::Unavailable, Reason::StoreUnavailable),
         (KeyError::Store(StoreError::BadFormat { store: s("kluis.redb") }), Code::Internal, Reason::Internal),
+        (KeyError::Store(StoreError::Conflict { what: s("Meta \"state_epoch\"") }), Code::Aborted, Reason::ConcurrentChange),
         (KeyError::Store(StoreError::GroupFailed), Code::Internal, Reason::Internal),
         (KeyError::Audit(AuditError::SignerPoisoned), Code::Internal, Reason::Internal),
         (KeyError::EscrowManifest(kluis_escrow::Manifest::parse(b"{}").unwrap_err()), Code::InvalidArgument, Reason::EscrowManifestInvalid),

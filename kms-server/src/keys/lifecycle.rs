@@ -105,7 +105,7 @@ impl KeyManager {
         if hold.is_some() {
             return Ok(());
         }
-        let admin = self.admin.lock().await;
+        let admin = self.lock_admin().await?;
         match scheduled.filter(|d| d.due <= now) {
             Some(d) => self.execute(&admin, d).await?,
             None => self.destroy_expired(vec![(*id, record.clone())]).await?,
@@ -143,13 +143,22 @@ impl KeyManager {
         if !self.rotation_due(keyring)? {
             return Ok(false);
         }
-        let admin = self.admin.lock().await;
-        // Another request may have rotated it while this one waited for the lock.
+        let admin = self.lock_admin().await?;
+        // Another request (or replica) may have rotated it while this one waited for the lock.
         if !self.rotation_due(keyring)? {
             return Ok(false);
         }
         let ev = self.server_event("RotateKeyring", Some(keyring), None, "rotation period reached".into());
-        let info = self.rotate_locked(&admin, keyring, ev).await?;
+        let info = match self.rotate_locked(&admin, keyring, ev).await {
+            Ok(info) => info,
+            // Another replica changed the state at the same moment (likely the same
+            // rotation): take its state; a rotation still due is made by the next request.
+            Err(KeyError::Store(StoreError::Conflict { .. })) => {
+                self.sync_locked(&admin).await?;
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        };
         tracing::info!(keyring, version = info.current_version, "keyring rotated by its rotation period");
         Ok(true)
     }
@@ -171,7 +180,7 @@ impl KeyManager {
         if retention_days.is_none() && rotation_period_days.is_none() {
             return Err(KeyError::InvalidArgument { field: "retention_days", reason: "give a retention or a rotation period to change" });
         }
-        let admin = self.admin.lock().await;
+        let admin = self.lock_admin().await?;
         let live = self.ring(name)?;
         if let Some(d) = live.record.destroyed {
             return Err(KeyError::KeyringDestroyed { keyring: name.to_owned(), date: format_date(d) });
@@ -219,7 +228,7 @@ impl KeyManager {
         }
         let now = self.now();
         let by = auth.principal().name().to_owned();
-        let admin = self.admin.lock().await;
+        let admin = self.lock_admin().await?;
         if !hold {
             let live = self.ring(keyring)?;
             let h = live.record.hold.clone().ok_or_else(|| KeyError::NoHold { keyring: keyring.to_owned() })?;
@@ -320,7 +329,7 @@ impl KeyManager {
         let id = parse_key_id(key_id)?;
         let rec = self.store.data_key(&id)?.ok_or_else(|| KeyError::UnknownKeyId { key_id: key_id.to_owned() })?;
         Self::check(auth, Action::DestroyKey, Some(&rec.keyring))?;
-        let admin = self.admin.lock().await;
+        let admin = self.lock_admin().await?;
         self.check_destroyable(&DestructionTarget::Key { id, keyring: rec.keyring.clone() }, key_id)?;
         if let KeyState::Destroyed { at } = rec.state {
             return Err(KeyError::Destroyed { key_id: key_id.to_owned(), date: format_date(at) });
@@ -337,7 +346,7 @@ impl KeyManager {
     pub async fn request_destroy_keyring(&self, auth: &Authorized, name: &str, audit: AuditEvent) -> Result<DestroyOutcome, KeyError> {
         Self::check(auth, Action::DestroyKeyring, Some(name))?;
         validate_keyring_name(name)?;
-        let _guard = self.admin.lock().await;
+        let _guard = self.lock_admin().await?;
         self.check_destroyable(&DestructionTarget::Keyring { name: name.to_owned() }, name)?;
         let action = PendingAction::DestroyKeyring { keyring: name.to_owned() };
         Ok(DestroyOutcome::Pending(self.new_approval(auth, action, audit).await?))
@@ -360,7 +369,7 @@ impl KeyManager {
     /// Asks to remove the escrow manifest in force (dual control).
     pub async fn request_remove_escrow(&self, auth: &Authorized, audit: AuditEvent) -> Result<ApprovalRecord, KeyError> {
         Self::check(auth, Action::RemoveEscrow, None)?;
-        let _admin = self.admin.lock().await;
+        let _admin = self.lock_admin().await?;
         let in_force = self.state().escrow.as_ref().is_some_and(|e| e.removed.is_none());
         if !in_force {
             return Err(KeyError::NoEscrow);
@@ -475,7 +484,7 @@ impl KeyManager {
             approval: approval.map(|a| a.id),
             reason: DestructionReason::Request,
         };
-        let mut ops = vec![WriteOp::PutDestruction(rec.clone())];
+        let mut ops = vec![WriteOp::NewDestruction(rec.clone())];
         if let Some(a) = approval {
             ops.push(WriteOp::PutApproval(a.clone()));
         }
@@ -487,7 +496,7 @@ impl KeyManager {
 
     /// Cancels a scheduled destruction.
     pub async fn cancel_destruction(&self, auth: &Authorized, id: u64, audit: AuditEvent) -> Result<DestructionRecord, KeyError> {
-        let admin = self.admin.lock().await;
+        let admin = self.lock_admin().await?;
         let mut rec = self.store.destruction(id)?.ok_or(KeyError::DestructionNotFound { id })?;
         Self::check(auth, Action::CancelDestruction, Some(rec.target.keyring()))?;
         match rec.state {
@@ -592,7 +601,7 @@ impl KeyManager {
                 Some(hex::encode(id)),
                 format!("destroyed at the end of its retention (expired {})", format_date(expired)),
             );
-            ops.extend([WriteOp::PutDataKey { id, record: rec }, WriteOp::PutDestruction(d), WriteOp::Audit(ev)]);
+            ops.extend([WriteOp::PutDataKey { id, record: rec }, WriteOp::NewDestruction(d), WriteOp::Audit(ev)]);
         }
         self.store.write(WriteOp::Atomic(ops)).await?;
         Ok(())
@@ -614,7 +623,7 @@ impl KeyManager {
             if self.is_held(d.target.keyring()) {
                 continue;
             }
-            let admin = self.admin.lock().await;
+            let admin = self.lock_admin().await?;
             self.execute(&admin, d).await?;
             done += 1;
         }
@@ -625,7 +634,7 @@ impl KeyManager {
             let skip = |k: &str| self.ring_state(k).map(|(h, dst)| h.is_some() || dst.is_some()).unwrap_or(true);
             let (batch, last) = self.store.expired_keys(now, after, SWEEP_BATCH, &skip)?;
             if !batch.is_empty() {
-                let _guard = self.admin.lock().await;
+                let _guard = self.lock_admin().await?;
                 done += batch.len() as u64;
                 self.destroy_expired(batch).await?;
             }
@@ -641,7 +650,7 @@ impl KeyManager {
     /// check value and the audit key under it, in one transaction.
     pub async fn rotate_master(&self, auth: &Authorized, audit: AuditEvent) -> Result<MasterRotation, KeyError> {
         Self::check(auth, Action::RotateMaster, None)?;
-        let admin = self.admin.lock().await;
+        let admin = self.lock_admin().await?;
         let state = self.state();
         let (generation, old) = state.master.clone();
         let next = generation + 1;

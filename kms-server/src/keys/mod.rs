@@ -161,6 +161,7 @@ impl From<RegistryError> for KeyError {
         match e {
             RegistryError::Store(e) => KeyError::Store(e),
             RegistryError::Audit(e) => KeyError::Audit(e),
+            RegistryError::Rng => KeyError::Rng,
         }
     }
 }
@@ -284,6 +285,68 @@ pub struct KeyManager {
     admin: Mutex<()>,
     rng: SystemRandom,
     approval_ttl_secs: u64,
+}
+
+/// Reads the [`State`] from the store: the master generation it records (`master` if that
+/// is the generation given, else `configured`'s sibling of it), every keyring with its
+/// version keys unwrapped (those `prev` holds under the same wrapped bytes are reused, not
+/// unwrapped again), the escrow in force, the scheduled destructions. Blocking (master-key
+/// operations).
+fn load_state(
+    store: &Registry,
+    configured: &Arc<dyn MasterKeyProvider>,
+    master: (u32, Arc<dyn MasterKeyProvider>),
+    prev: Option<&State>,
+) -> Result<State, KeyError> {
+    let master = match prev {
+        None => master,
+        Some(_) => {
+            let g = crate::master::decode_generation(store.get_meta(MASTER_GENERATION_META)?.as_deref())
+                .map_err(|e| KeyError::MasterGeneration { generation: 0, source: e })?;
+            if g == master.0 {
+                master
+            } else {
+                let m = configured.generation(g, false).map_err(|e| KeyError::MasterGeneration { generation: g, source: e })?;
+                (g, m)
+            }
+        }
+    };
+    let mut rings = HashMap::new();
+    for record in store.keyrings()? {
+        let before = prev.and_then(|p| p.rings.get(&record.name));
+        let mut keys = BTreeMap::new();
+        for v in record.versions.iter().filter(|_| record.destroyed.is_none()) {
+            let same = before.and_then(|b| {
+                let old = b.record.versions.iter().find(|o| o.version == v.version)?;
+                if old.wrapped_key == v.wrapped_key { b.keys.get(&v.version).cloned() } else { None }
+            });
+            if let Some(k) = same {
+                keys.insert(v.version, k);
+                continue;
+            }
+            let raw = master
+                .1
+                .unwrap(&krk_aad(&record.name, v.version), &v.wrapped_key)
+                .map_err(|e| KeyError::KeyringUnwrap { keyring: record.name.clone(), version: v.version, source: e })?;
+            let key = Key256::from_slice(&raw).ok_or(KeyError::KeyringUnwrap {
+                keyring: record.name.clone(),
+                version: v.version,
+                source: MasterError::UnwrapFailed,
+            })?;
+            keys.insert(v.version, Arc::new(key));
+        }
+        rings.insert(record.name.clone(), Arc::new(LiveKeyring { record, keys }));
+    }
+    let escrow = match store.get_meta(ESCROW_META)? {
+        Some(bytes) => Some(postcard::from_bytes(&bytes).map_err(|e| StoreError::Decode { what: "escrow", source: e })?),
+        None => None,
+    };
+    let scheduled = store
+        .destructions()?
+        .into_iter()
+        .filter(|d| d.state == crate::model::DestructionState::Scheduled)
+        .collect();
+    Ok(State { master, rings, escrow, scheduled })
 }
 
 pub(crate) fn format_date(unix: i64) -> String {
@@ -427,49 +490,24 @@ impl KeyManager {
                 MasterError::UnwrapFailed => KeyError::MasterMismatch { master: master.describe() },
                 other => KeyError::Master(other),
             })?;
-        let mut rings = HashMap::new();
-        for record in store.keyrings()? {
-            let mut keys = BTreeMap::new();
-            for v in record.versions.iter().filter(|_| record.destroyed.is_none()) {
-                let raw = master
-                    .unwrap(&krk_aad(&record.name, v.version), &v.wrapped_key)
-                    .map_err(|e| KeyError::KeyringUnwrap { keyring: record.name.clone(), version: v.version, source: e })?;
-                let key = Key256::from_slice(&raw).ok_or(KeyError::KeyringUnwrap {
-                    keyring: record.name.clone(),
-                    version: v.version,
-                    source: MasterError::UnwrapFailed,
-                })?;
-                keys.insert(v.version, Arc::new(key));
-            }
-            rings.insert(record.name.clone(), Arc::new(LiveKeyring { record, keys }));
-        }
+        // The epoch first: a change committed while the state is read is seen by the next sync.
+        let epoch = store.get_meta(registry::STATE_EPOCH_META)?;
+        let loaded = load_state(&store, &master, (generation, master.clone()), None)?;
         let audit_key = Arc::new(Self::audit_key(&store, master.as_ref())?);
         let checked = {
             use ring::signature::KeyPair;
             crate::audit::integrity::check_at_start(store.store(), audit_key.public_key().as_ref())?
         };
         chain.set_signer(audit_key.clone(), checked)?;
-        let escrow = match store.get_meta(ESCROW_META)? {
-            Some(bytes) => Some(
-                postcard::from_bytes(&bytes)
-                    .map_err(|e| StoreError::Decode { what: "escrow", source: e })?,
-            ),
-            None => None,
-        };
-        let scheduled = store
-            .destructions()?
-            .into_iter()
-            .filter(|d| d.state == crate::model::DestructionState::Scheduled)
-            .collect();
         Ok(Self {
-            store,
+            store: store.tracking_epoch(epoch),
             configured: master.clone(),
             clock,
             destruction_wait_secs: i64::from(DEFAULT_DESTRUCTION_WAIT_DAYS) * 86_400,
             scrub_interval_secs: DEFAULT_SCRUB_INTERVAL_SECS as i64,
             audit_key,
             chain: chain.clone(),
-            state: ArcSwap::from_pointee(State { master: (generation, master), rings, escrow, scheduled }),
+            state: ArcSwap::from_pointee(loaded),
             admin: Mutex::new(()),
             rng: SystemRandom::new(),
             approval_ttl_secs: DEFAULT_APPROVAL_TTL_SECS,
@@ -502,6 +540,47 @@ impl KeyManager {
         let mut next = State::clone(&self.state.load());
         change(&mut next);
         self.state.store(Arc::new(next));
+    }
+
+    /// Brings the state in force up to the store's, if another process (a replica on the
+    /// same database) changed it since it was loaded: compares the stored state epoch to
+    /// the one loaded (one read by key) and reloads when they differ. Returns whether it
+    /// reloaded. Called before an unwrap, after taking the admin lock, and by the server's
+    /// poll; a failure keeps the state in force.
+    pub async fn sync(&self) -> Result<bool, KeyError> {
+        let stored = self.store.get_meta(registry::STATE_EPOCH_META)?;
+        if self.store.loaded_epoch() == stored {
+            return Ok(false);
+        }
+        let admin = self.admin.lock().await;
+        self.sync_locked(&admin).await
+    }
+
+    /// The state epoch the state in force was loaded at (None: none was stored).
+    pub fn loaded_epoch(&self) -> Option<Vec<u8>> {
+        self.store.loaded_epoch()
+    }
+
+    /// [`sync`](Self::sync) with the admin lock held.
+    async fn sync_locked(&self, admin: &Admin<'_>) -> Result<bool, KeyError> {
+        let stored = self.store.get_meta(registry::STATE_EPOCH_META)?;
+        if self.store.loaded_epoch() == stored {
+            return Ok(false);
+        }
+        let (store, configured, prev) = (self.store.clone(), self.configured.clone(), self.state());
+        let next = tokio::task::spawn_blocking(move || load_state(&store, &configured, prev.master.clone(), Some(&prev))).await??;
+        self.publish(admin, |s| *s = next);
+        self.store.set_loaded_epoch(stored.clone());
+        tracing::info!(epoch = %stored.as_deref().map(hex::encode).unwrap_or_default(), "state reloaded");
+        Ok(true)
+    }
+
+    /// Takes the admin lock and brings the state up to the store's first, so that a
+    /// change is made on what every replica last committed.
+    async fn lock_admin(&self) -> Result<Admin<'_>, KeyError> {
+        let admin = self.admin.lock().await;
+        self.sync_locked(&admin).await?;
+        Ok(admin)
     }
 
     /// A keyring of the snapshot in force.
@@ -750,7 +829,7 @@ impl KeyManager {
         audit: AuditEvent,
     ) -> Result<KeyringInfo, KeyError> {
         validate_keyring_name(name)?;
-        let admin = self.admin.lock().await;
+        let admin = self.lock_admin().await?;
         if self.has_keyring(name) {
             return Err(KeyError::KeyringExists { name: name.to_owned() });
         }
@@ -780,7 +859,7 @@ impl KeyManager {
     pub async fn rotate_keyring(&self, auth: &Authorized, name: &str, audit: AuditEvent) -> Result<KeyringInfo, KeyError> {
         Self::check(auth, Action::RotateKeyring, Some(name))?;
         validate_keyring_name(name)?;
-        let admin = self.admin.lock().await;
+        let admin = self.lock_admin().await?;
         self.rotate_locked(&admin, name, audit).await
     }
 
@@ -874,7 +953,7 @@ impl KeyManager {
                 PendingAction::RetireVersionsForced { keyring: keyring.to_owned(), below, stranded }
             }
         };
-        let _guard = self.admin.lock().await;
+        let _guard = self.lock_admin().await?;
         self.new_approval(auth, action, audit).await
     }
 
@@ -913,7 +992,7 @@ impl KeyManager {
     /// Approves and carries out a pending request of another officer.
     pub async fn approve(&self, auth: &Authorized, id: u64, mut audit: AuditEvent) -> Result<ApprovalRecord, KeyError> {
         Self::check(auth, Action::Approve, None)?;
-        let admin = self.admin.lock().await;
+        let admin = self.lock_admin().await?;
         let mut rec = self.store.approval(id)?.ok_or(KeyError::ApprovalNotFound { id })?;
         if let Some(by) = &rec.approved_by {
             return Err(KeyError::ApprovalDone { id, by: by.clone() });
@@ -996,7 +1075,7 @@ impl KeyManager {
         if !self.has_keyring(keyring) {
             return Err(KeyError::KeyringNotFound { name: keyring.to_owned() });
         }
-        let _guard = self.admin.lock().await;
+        let _guard = self.lock_admin().await?;
         let mut set = self.runtime_grants()?;
         if grant {
             let action = PendingAction::Grant { principal: principal.to_owned(), role, keyring: keyring.to_owned() };
@@ -1190,6 +1269,9 @@ impl KeyManager {
         if wrapped.len() != WRAPPED_DK_LEN || !matches!(format, WRAPPED_DK_V1 | WRAPPED_DK_V2) {
             return Err(KeyError::InvalidArgument { field: "wrapped_key", reason: "not a Kluis wrapped data key (format 1 or 2)" });
         }
+        // Exact across replicas: a keyring destroyed or a version retired on another one is
+        // refused here at once (one read by key when nothing changed).
+        self.sync().await?;
         let record = self
             .store
             .data_key(&id)?
@@ -1294,7 +1376,7 @@ impl KeyManager {
         let (id, _, _) = self.unwrap_inner(key_id, keyring, wrapped).await?;
         // Under the admin lock: the escrow in force cannot change between this check and
         // the write, nor can a destruction rewrite the record in between.
-        let _admin = self.admin.lock().await;
+        let _admin = self.lock_admin().await?;
         match self.state().escrow.as_ref().and_then(|e| e.in_force()) {
             None => return Err(KeyError::NoEscrow),
             Some(r) if r != recipient => {
@@ -1338,7 +1420,7 @@ impl KeyManager {
         Self::check(auth, Action::InstallEscrow, None)?;
         // The same manifest type and checks as `kmsctl escrow` (kluis-escrow).
         let m = Manifest::parse(manifest_json.as_bytes()).map_err(KeyError::EscrowManifest)?;
-        let admin = self.admin.lock().await;
+        let admin = self.lock_admin().await?;
         let current = self.state().escrow.clone();
         let in_force = current.as_ref().and_then(|c| c.in_force().map(str::to_owned));
         match &in_force {

@@ -41,6 +41,9 @@ pub enum WriteOp {
     PutDataKey { id: [u8; 16], record: DataKeyRecord },
     /// A destruction record (new or updated).
     PutDestruction(DestructionRecord),
+    /// A new destruction record: fails ([`StoreError::Conflict`]) if its id was taken
+    /// meanwhile (by another replica).
+    NewDestruction(DestructionRecord),
 }
 
 /// Errors of encoding a write.
@@ -50,6 +53,31 @@ pub enum RegistryError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Audit(#[from] AuditError),
+    #[error("the system random number generator failed (state epoch)")]
+    Rng,
+}
+
+/// A random value that changes with every write of what a replica keeps in memory
+/// (keyrings, the master generation, the escrow, runtime grants, destructions an officer
+/// scheduled or cancelled) and of approvals: replicas on one store compare it to the value
+/// they loaded and reload when it differs (`KeyManager::sync`), and each such write expects
+/// the value its state was loaded at (compare-and-set: `Registry::tracking_epoch`).
+pub const STATE_EPOCH_META: &str = "state_epoch";
+
+/// Whether `op` changes what replicas keep in memory (see [`STATE_EPOCH_META`]). Expiry
+/// destructions do not: they are per key, read from the store at each unwrap, and a sweep
+/// writes them by the thousand.
+fn changes_state(op: &WriteOp) -> bool {
+    match op {
+        WriteOp::PutKeyring(_) => true,
+        WriteOp::PutMeta { key, .. } => [super::ESCROW_META, super::GRANTS_META, super::MASTER_GENERATION_META].contains(key),
+        WriteOp::PutDestruction(d) | WriteOp::NewDestruction(d) => d.reason == crate::model::DestructionReason::Request,
+        // Not in memory, but compared and set with it: two replicas approving one request,
+        // or numbering two new ones alike, cannot both succeed.
+        WriteOp::PutApproval(_) => true,
+        WriteOp::Atomic(ops) => ops.iter().any(changes_state),
+        WriteOp::IssueDataKey { .. } | WriteOp::Audit(_) | WriteOp::RestoreTest(_) | WriteOp::PutDataKey { .. } => false,
+    }
 }
 
 fn enc<T: Serialize>(what: &'static str, v: &T) -> Result<Vec<u8>, StoreError> {
@@ -103,6 +131,10 @@ fn lower(op: WriteOp, g: &mut WriteGroup) -> Result<(), RegistryError> {
         WriteOp::PutDestruction(rec) => {
             g.push(Op::Put { table: Table::Destructions, key: id_key(rec.id).to_vec(), value: enc("destruction", &rec)? })
         }
+        WriteOp::NewDestruction(rec) => {
+            g.push(Op::Expect { table: Table::Destructions, key: id_key(rec.id).to_vec(), value: None });
+            g.push(Op::Put { table: Table::Destructions, key: id_key(rec.id).to_vec(), value: enc("destruction", &rec)? })
+        }
     }
     Ok(())
 }
@@ -117,21 +149,61 @@ fn group_of(op: Op) -> WriteGroup {
     g
 }
 
-fn group(op: WriteOp) -> Result<WriteGroup, RegistryError> {
-    let mut g = WriteGroup::default();
-    lower(op, &mut g)?;
-    Ok(g)
-}
+/// The state epoch a process loaded its state at, shared by the clones of one [`Registry`].
+type Epoch = Arc<std::sync::Mutex<Option<Vec<u8>>>>;
 
 /// Typed reads and writes of the key layer's records.
 #[derive(Clone)]
 pub struct Registry {
     store: Arc<dyn Store>,
+    /// Set by [`tracking_epoch`](Self::tracking_epoch) (the key manager): a write that
+    /// changes the state then expects the epoch the state was loaded at, so a change made
+    /// on a stale state fails ([`StoreError::Conflict`]) instead of overwriting another
+    /// replica's. Offline commands leave it unset: they write a new epoch, expecting none.
+    epoch: Option<Epoch>,
 }
 
 impl Registry {
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Self { store }
+        Self { store, epoch: None }
+    }
+
+    /// This registry's state-changing writes compare and set the state epoch, starting
+    /// from `loaded`.
+    pub fn tracking_epoch(mut self, loaded: Option<Vec<u8>>) -> Self {
+        self.epoch = Some(Arc::new(std::sync::Mutex::new(loaded)));
+        self
+    }
+
+    /// The state epoch the state in force was loaded at (None when not tracking, or none was stored).
+    pub fn loaded_epoch(&self) -> Option<Vec<u8>> {
+        self.epoch.as_ref().and_then(|e| e.lock().ok().and_then(|e| e.clone()))
+    }
+
+    /// Records that the state in force is the store's at `epoch` (after a reload).
+    pub fn set_loaded_epoch(&self, epoch: Option<Vec<u8>>) {
+        if let Some(e) = &self.epoch
+            && let Ok(mut e) = e.lock()
+        {
+            *e = epoch;
+        }
+    }
+
+    /// The group of `op`, and the new state epoch it sets if it changes the state.
+    fn group(&self, op: WriteOp) -> Result<(WriteGroup, Option<Vec<u8>>), RegistryError> {
+        let mut g = WriteGroup::default();
+        let epoch = changes_state(&op);
+        if epoch && self.epoch.is_some() {
+            // First in the group: checked before anything of it is written.
+            g.push(Op::Expect { table: Table::Meta, key: STATE_EPOCH_META.as_bytes().to_vec(), value: self.loaded_epoch() });
+        }
+        lower(op, &mut g)?;
+        if !epoch {
+            return Ok((g, None));
+        }
+        let value: [u8; 16] = ring::rand::generate(&ring::rand::SystemRandom::new()).map_err(|_| RegistryError::Rng)?.expose();
+        g.push(Op::Put { table: Table::Meta, key: STATE_EPOCH_META.as_bytes().to_vec(), value: value.to_vec() });
+        Ok((g, Some(value.to_vec())))
     }
 
     /// The store underneath (for the audit reader).
@@ -148,15 +220,27 @@ impl Registry {
         self.store.describe()
     }
 
-    /// Writes durably, sharing the commit with concurrent writers.
+    /// Writes durably, sharing the commit with concurrent writers. A write that changes
+    /// the state (see [`STATE_EPOCH_META`]) is made with the admin lock held, and the
+    /// caller publishes the state it makes: so the state in force is then the store's at
+    /// the new epoch.
     pub async fn write(&self, op: WriteOp) -> Result<(), RegistryError> {
-        let g = group(op)?;
-        Ok(self.store.commit(g).await?)
+        let (g, epoch) = self.group(op)?;
+        self.store.commit(g).await?;
+        if epoch.is_some() {
+            self.set_loaded_epoch(epoch);
+        }
+        Ok(())
     }
 
     /// [`write`](Self::write) for synchronous callers.
     pub fn write_blocking(&self, op: WriteOp) -> Result<(), RegistryError> {
-        Ok(self.store.commit_blocking(group(op)?)?)
+        let (g, epoch) = self.group(op)?;
+        self.store.commit_blocking(g)?;
+        if epoch.is_some() {
+            self.set_loaded_epoch(epoch);
+        }
+        Ok(())
     }
 
     pub fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {

@@ -64,6 +64,12 @@ pub enum Op {
     Insert { table: Table, value: Vec<u8> },
     /// Appends one entry to the linked log (see [`Chain`]).
     Append { entry: Vec<u8> },
+    /// The row under `key` holds `value` (None: there is none) when the group commits, or
+    /// the group fails with [`StoreError::Conflict`] and writes nothing: a compare-and-set
+    /// across every process that writes the store. Checked in the order of the ops, after
+    /// the group's earlier writes; every group with an `Expect` is serialised with every
+    /// other such group (PostgreSQL: a transaction-level advisory lock taken first).
+    Expect { table: Table, key: Vec<u8>, value: Option<Vec<u8>> },
 }
 
 /// Writes that land together or not at all.
@@ -80,6 +86,11 @@ impl WriteGroup {
     /// Whether the group appends to the log.
     pub fn appends(&self) -> bool {
         self.ops.iter().any(|op| matches!(op, Op::Append { .. }))
+    }
+
+    /// Whether the group has an [`Op::Expect`].
+    pub fn expects(&self) -> bool {
+        self.ops.iter().any(|op| matches!(op, Op::Expect { .. }))
     }
 }
 
@@ -250,6 +261,8 @@ pub enum StoreError {
     ConnectionLost { store: String },
     #[error("store {store}: PostgreSQL did not answer within {secs} s")]
     TimedOut { store: String, secs: u64 },
+    #[error("another replica changed {what} at the same moment; nothing was done: run it again")]
+    Conflict { what: String },
     #[error("store CA file {path}: {source}")]
     CaFile { path: String, source: std::io::Error },
     #[error("cannot start the store's runtime: {source}")]
@@ -273,6 +286,14 @@ impl StoreError {
             StoreError::Pg { source, .. } => postgres::connection_lost(source),
             _ => false,
         }
+    }
+}
+
+/// What an [`Op::Expect`] that failed was about, for [`StoreError::Conflict`].
+pub fn expect_what(table: Table, key: &[u8]) -> String {
+    match std::str::from_utf8(key) {
+        Ok(k) if matches!(table, Table::Meta | Table::Keyrings) => format!("{table:?} {k:?}"),
+        _ => format!("{table:?} {}", key.iter().map(|b| format!("{b:02x}")).collect::<String>()),
     }
 }
 

@@ -52,6 +52,9 @@ const SCAN_PAGE: i64 = 1000;
 /// How long a connection attempt may take when the URL does not say (`connect_timeout`).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The transaction-level advisory lock that serialises groups with an `Op::Expect`.
+const EXPECT_LOCK: i64 = 0x6b6c_7569_735f_6578; // "kluis_ex"
+
 /// How long a health probe may wait for the database.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -125,6 +128,7 @@ fn check_group(group: &WriteGroup) -> Result<(), StoreError> {
             Op::Increment { table: Table::Issued, key, .. } => check_key(Table::Issued, key)?,
             Op::Increment { table, .. } => return Err(StoreError::WrongTable { table: *table }),
             Op::Insert { table: Table::RestoreTests, .. } | Op::Append { .. } => {}
+            Op::Expect { table, key, .. } => check_key(*table, key)?,
             Op::Insert { table, .. } => return Err(StoreError::WrongTable { table: *table }),
         }
     }
@@ -594,6 +598,11 @@ struct Head {
 async fn commit_groups(client: &mut Client, store: &str, groups: &[&WriteGroup], chain: &dyn Chain) -> Result<(), StoreError> {
     let pg = |source| StoreError::Pg { store: store.to_owned(), source };
     let txn = client.transaction().await.map_err(pg)?;
+    // First, before any row lock: groups that compare and set are serialised across every
+    // replica, and always take this lock before the audit head's (no lock-order cycle).
+    if groups.iter().any(|g| g.expects()) {
+        txn.execute_typed("SELECT pg_advisory_xact_lock($1)", &[(&EXPECT_LOCK, Type::INT8)]).await.map_err(pg)?;
+    }
     let mut head: Option<Head> = None;
     let mut linked_here: Vec<(u64, ChainHead)> = Vec::new();
     let mut on_commit = Vec::new();
@@ -640,6 +649,15 @@ async fn commit_groups(client: &mut Client, store: &str, groups: &[&WriteGroup],
                 let key = super::id_key(id).to_vec();
                 let sql = format!("INSERT INTO {} (k, v) VALUES ($1, $2)", name(*table));
                 txn.execute_typed(&sql, &[(&key, Type::BYTEA), (value, Type::BYTEA)]).await.map_err(pg)?;
+            }
+            Op::Expect { table, key, value } => {
+                // READ COMMITTED after the lock: sees every commit of the other holders.
+                let sql = format!("SELECT v FROM {} WHERE k = $1", name(*table));
+                let row = txn.query_typed_opt(&sql, &[(key, Type::BYTEA)]).await.map_err(pg)?;
+                let found: Option<Vec<u8>> = row.map(|r| r.get(0));
+                if found.as_deref() != value.as_deref() {
+                    return Err(StoreError::Conflict { what: super::expect_what(*table, key) });
+                }
             }
             Op::Append { entry } => {
                 if head.is_none() {

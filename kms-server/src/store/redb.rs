@@ -386,19 +386,38 @@ fn writer_loop(shared: &ArcSwap<Database>, path: &Path, rx: &mpsc::Receiver<Job>
                 Err(_) => break,
             }
         }
-        let (groups, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-        match commit_batch(&shared.load(), groups, chain, &mut head) {
-            Ok(()) => {
-                for r in replies {
-                    r.send(Ok(()));
-                }
+        // A group that compares and sets commits in a transaction of its own, so that a
+        // conflict fails it alone; the others share one, in their order.
+        let mut run = Vec::new();
+        for (g, r) in batch {
+            if g.expects() {
+                commit_run(&shared.load(), std::mem::take(&mut run), chain, &mut head);
+                commit_run(&shared.load(), vec![(g, r)], chain, &mut head);
+            } else {
+                run.push((g, r));
             }
-            Err(e) => {
-                tracing::error!(error = %e, writes = replies.len(), "store commit failed");
-                let mut first = Some(e);
-                for r in replies {
-                    r.send(Err(first.take().unwrap_or(StoreError::GroupFailed)));
-                }
+        }
+        commit_run(&shared.load(), run, chain, &mut head);
+    }
+}
+
+/// Commits `run` in one transaction and answers each writer.
+fn commit_run(database: &Database, run: Vec<(WriteGroup, Reply)>, chain: &dyn Chain, head: &mut LogHead) {
+    if run.is_empty() {
+        return;
+    }
+    let (groups, replies): (Vec<_>, Vec<_>) = run.into_iter().unzip();
+    match commit_batch(database, groups, chain, head) {
+        Ok(()) => {
+            for r in replies {
+                r.send(Ok(()));
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, writes = replies.len(), "store commit failed");
+            let mut first = Some(e);
+            for r in replies {
+                r.send(Err(first.take().unwrap_or(StoreError::GroupFailed)));
             }
         }
     }
@@ -471,6 +490,18 @@ fn commit_batch(database: &Database, groups: Vec<WriteGroup>, chain: &dyn Chain,
                     tests.insert(id, value.as_slice()).map_err(dberr)?;
                 }
                 Op::Insert { table, .. } => return Err(StoreError::WrongTable { table }),
+                Op::Expect { table, key, value } => {
+                    let found: Option<Vec<u8>> = match table {
+                        Table::Meta => meta.get(str_key(table, &key)?).map_err(dberr)?.map(|v| v.value().to_vec()),
+                        Table::Keyrings => keyrings.get(str_key(table, &key)?).map_err(dberr)?.map(|v| v.value().to_vec()),
+                        Table::Approvals => approvals.get(super::key_id(table, &key)?).map_err(dberr)?.map(|v| v.value().to_vec()),
+                        Table::Destructions => destructions.get(super::key_id(table, &key)?).map_err(dberr)?.map(|v| v.value().to_vec()),
+                        _ => return Err(StoreError::WrongTable { table }),
+                    };
+                    if found != value {
+                        return Err(StoreError::Conflict { what: super::expect_what(table, &key) });
+                    }
+                }
                 Op::Append { entry } => {
                     let seq = next_seq;
                     let base = match chain.base_of(seq) {
