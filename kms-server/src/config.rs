@@ -29,6 +29,8 @@ pub enum ConfigError {
     Parse { path: PathBuf, line: Option<usize>, column: Option<usize>, field: String, message: String },
     #[error("config file {path}: [limits] {field} must be at least 1")]
     Limit { path: PathBuf, field: &'static str },
+    #[error("config file {path}: {field} must be between {min} and {max}")]
+    Range { path: PathBuf, field: &'static str, min: u64, max: u64 },
     #[error("{role} file {path} could not be read: {source}")]
     File { role: &'static str, path: PathBuf, source: std::io::Error },
     #[error("config file {path} has version {found}; this kms-server understands version {CONFIG_VERSION}")]
@@ -81,6 +83,12 @@ pub struct ServerConfig {
     /// meets due work does it first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub maintenance_interval_secs: Option<u64>,
+    /// Replicas on one store: how long the replica doing the scheduled work may go without
+    /// renewing its lease before another takes the work over, seconds (default 10, 1 to
+    /// 3600). The holder renews every quarter of it and stops at half of it; the work
+    /// moves within 1.25 times it of the holder's last renewal (`keys::lease`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maintenance_lease_secs: Option<u64>,
     /// Least time between two scrubs of the store, seconds (default 86400). A scrub
     /// rewrites the store file so that the bytes of destroyed key material are gone from
     /// it; it runs with the scheduled work when something was destroyed since the last
@@ -194,6 +202,9 @@ impl StoreConfig {
         Ok(Some(zeroize::Zeroizing::new(line.to_owned())))
     }
 }
+
+/// The longest `maintenance_lease_secs`.
+pub const MAX_LEASE_SECS: u64 = 3600;
 
 /// Audit exports running at once unless `[audit] max_concurrent_exports` says otherwise.
 pub const DEFAULT_MAX_CONCURRENT_EXPORTS: usize = 4;
@@ -335,6 +346,11 @@ impl ServerConfig {
             if v == 0 {
                 return Err(ConfigError::Limit { path: path.to_owned(), field });
             }
+        }
+        if let Some(v) = cfg.maintenance_lease_secs
+            && !(1..=MAX_LEASE_SECS).contains(&v)
+        {
+            return Err(ConfigError::Range { path: path.to_owned(), field: "maintenance_lease_secs", min: 1, max: MAX_LEASE_SECS });
         }
         cfg.store.check(path)?;
         let base = path.parent().unwrap_or(Path::new("."));

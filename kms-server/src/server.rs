@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use kluis_proto::v1::admin_service_server::AdminServiceServer;
 use kluis_proto::v1::audit_service_server::AuditServiceServer;
@@ -17,6 +18,7 @@ use crate::health::{HealthService, Probe};
 use crate::metrics::Metrics;
 use tonic_health::pb::health_server::HealthServer;
 use crate::config::ServerConfig;
+use crate::keys::lease::{self, Fence, Lease, Tick};
 use crate::keys::{KeyError, KeyManager};
 use crate::master::MasterError;
 use crate::master::software::check_key_file_permissions;
@@ -40,6 +42,8 @@ pub enum ServerError {
     Reflection(#[source] tonic_reflection::server::Error),
     #[error("gRPC server failed: {0}")]
     Serve(#[source] tonic::transport::Error),
+    #[error("no random bytes from the system")]
+    Rng,
 }
 
 fn read(role: &'static str, path: &Path) -> Result<Vec<u8>, ServerError> {
@@ -64,23 +68,75 @@ pub async fn bind_metrics(cfg: &ServerConfig) -> Result<Option<tokio::net::TcpLi
     }
 }
 
-/// Runs the scheduled work (rotation periods, due destructions, expired keys) every
-/// `interval` (it also runs once at start, before the server listens).
-async fn maintenance_loop(keys: Arc<KeyManager>, interval: std::time::Duration) {
+/// Runs the scheduled work (rotation periods, due destructions, expired keys, the store
+/// scrub) every `interval` while this process holds the maintenance lease, and at once
+/// when it takes it (`taken`). Every write of the work is fenced by the lease.
+async fn maintenance_loop(keys: Arc<KeyManager>, lease: Arc<Lease>, taken: Arc<tokio::sync::Notify>, interval: Duration) {
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
-        match keys.maintain().await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(actions = n, "scheduled maintenance done"),
-            Err(e) => tracing::error!(error = %e, "scheduled maintenance failed; retrying at the next tick"),
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = taken.notified() => {}
         }
+        let Some(fence) = lease.fence(Instant::now()) else { continue };
+        maintain(&keys, fence, "scheduled").await;
         // Here, not in the start-up run: the keys are already gone for the server, only their
         // bytes are left, and a restart should not wait for a copy of the whole store.
-        if let Err(e) = keys.scrub_if_due().await {
+        if let Err(e) = keys.scrub_if_due(Some(fence)).await {
             tracing::error!(error = %e, "store scrub failed; retrying at the next tick");
         }
+    }
+}
+
+async fn maintain(keys: &KeyManager, fence: Fence, what: &'static str) {
+    match keys.maintain(Some(fence)).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(actions = n, token = fence.token(), "{what} maintenance done"),
+        Err(e) => tracing::error!(error = %e, token = fence.token(), "{what} maintenance failed; retrying at the next tick"),
+    }
+}
+
+/// Renews, takes or watches the maintenance lease every quarter of its time, and says in
+/// the log when this process takes it, loses it, or sees who holds it.
+async fn lease_loop(keys: Arc<KeyManager>, lease: Arc<Lease>, taken: Arc<tokio::sync::Notify>) {
+    let mut tick = tokio::time::interval(lease.renew_every());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tick.tick().await;
+        let r = keys.tick_lease(&lease, Instant::now()).await;
+        if r.is_ok() && failing {
+            failing = false;
+            tracing::warn!("maintenance lease works again");
+        }
+        match r {
+            Ok(t) => {
+                log_tick(&lease, &t);
+                if matches!(t, Tick::Took { .. }) {
+                    taken.notify_one();
+                }
+            }
+            Err(e) if !failing => {
+                failing = true;
+                tracing::error!(error = %e, "maintenance lease could not be read or renewed; scheduled work stops on this replica until it can");
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+fn log_tick(lease: &Lease, t: &Tick) {
+    match t {
+        Tick::Took { token, from: Some(from) } => {
+            tracing::warn!(token, from = %from, me = %lease.me(), "maintenance lease taken over: this replica does the scheduled work now")
+        }
+        Tick::Took { token, from: None } => tracing::info!(token, me = %lease.me(), "maintenance lease taken: this replica does the scheduled work"),
+        Tick::Lost { to } => tracing::warn!(to = %to.as_deref().unwrap_or("nobody"), "maintenance lease lost: this replica stops the scheduled work"),
+        Tick::Following { holder, first: true } => {
+            tracing::info!(holder = %holder, "scheduled work runs on the replica holding the maintenance lease")
+        }
+        Tick::Renewed | Tick::Following { first: false, .. } => {}
     }
 }
 
@@ -177,15 +233,29 @@ pub async fn serve(
     if let Some(l) = metrics_listener {
         tokio::spawn(crate::metrics::serve(l, metrics.clone(), probe));
     }
-    // Work that fell due while the server was down is done before it answers anyone.
-    match keys.maintain().await {
-        Ok(n) => tracing::info!(actions = n, "start-up maintenance done"),
-        Err(e) => tracing::error!(error = %e, "start-up maintenance failed; retrying on schedule"),
+    // The maintenance lease: on a store only this process writes (redb) it is taken at
+    // once; among replicas, by one of them.
+    let me = match listener.local_addr() {
+        Ok(a) => format!("{a} {}", hex::encode(crate::secret::random_array::<4>(&ring::rand::SystemRandom::new()).map_err(|_| ServerError::Rng)?)),
+        Err(_) => hex::encode(crate::secret::random_array::<4>(&ring::rand::SystemRandom::new()).map_err(|_| ServerError::Rng)?),
+    };
+    let ttl = cfg.maintenance_lease_secs.map_or(lease::DEFAULT_TTL, Duration::from_secs);
+    let lease = Arc::new(Lease::new(me, ttl));
+    match keys.tick_lease(&lease, Instant::now()).await {
+        Ok(t) => log_tick(&lease, &t),
+        Err(e) => tracing::error!(error = %e, "maintenance lease could not be read; retrying on schedule"),
     }
-    let interval = std::time::Duration::from_secs(cfg.maintenance_interval_secs.unwrap_or(60).max(1));
-    tokio::spawn(maintenance_loop(keys.clone(), interval));
+    // Work that fell due while the server was down is done before it answers anyone (by
+    // the replica that holds the lease).
+    if let Some(fence) = lease.fence(Instant::now()) {
+        maintain(&keys, fence, "start-up").await;
+    }
+    let interval = Duration::from_secs(cfg.maintenance_interval_secs.unwrap_or(60).max(1));
+    let taken = Arc::new(tokio::sync::Notify::new());
+    tokio::spawn(maintenance_loop(keys.clone(), lease.clone(), taken.clone(), interval));
+    tokio::spawn(lease_loop(keys.clone(), lease.clone(), taken));
     tokio::spawn(sync_loop(keys.clone(), policy.clone()));
-    let api = Api::new(keys, policy, authn, metrics).with_max_concurrent_exports(cfg.audit.max_concurrent_exports());
+    let api = Api::new(keys.clone(), policy, authn, metrics).with_max_concurrent_exports(cfg.audit.max_concurrent_exports());
     // Reflection v1 and the older v1alpha (still what many grpcurl builds ask for).
     let reflection_builder = || {
         tonic_reflection::server::Builder::configure()
@@ -213,5 +283,12 @@ pub async fn serve(
         .add_service(AuditServiceServer::new(api).max_decoding_message_size(validate::MAX_AUDIT_REQUEST))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
-        .map_err(ServerError::Serve)
+        .map_err(ServerError::Serve)?;
+    // Another replica takes the scheduled work at its next tick rather than after the lease time.
+    match keys.release_lease(&lease).await {
+        Ok(true) => tracing::info!("maintenance lease released"),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(error = %e, "maintenance lease could not be released; another replica takes it over after the lease time"),
+    }
+    Ok(())
 }

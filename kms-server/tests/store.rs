@@ -637,6 +637,94 @@ mod contract {
         a_scrub_keeps_every_live_row_and_writes_go_on,
     );
 
+    /// The maintenance lease between two replicas on one database, on a clock the test
+    /// moves: the holder keeps it while it renews; a contender takes it only after seeing
+    /// the same row for the lease time; the old holder's fence then writes nothing; a
+    /// released lease is taken at once.
+    #[test]
+    fn the_maintenance_lease_moves_only_when_its_holder_stops_renewing_and_fences_it_off() {
+        use kms_server::keys::lease::{FENCE_META, Lease, Tick};
+        use std::time::{Duration, Instant};
+        let f = Fixture::new(Kind::Postgres);
+        let a = f.create();
+        let b = f.open().unwrap();
+        let rt = rt();
+        let ttl = Duration::from_secs(10);
+        let (la, lb) = (Lease::new("replica-a".into(), ttl), Lease::new("replica-b".into(), ttl));
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        assert_eq!(rt.block_on(la.tick(&a, at(0))).unwrap(), Tick::Took { token: 1, from: None });
+        let fence1 = la.fence(at(0)).expect("the holder may work");
+        assert_eq!(fence1.token(), 1);
+        assert_eq!(rt.block_on(lb.tick(&b, at(0))).unwrap(), Tick::Following { holder: "replica-a".into(), first: true });
+        // A renews every quarter of the lease time for three lease times: B never takes it.
+        let mut now = 0;
+        for _ in 0..12 {
+            now += 2_500;
+            assert_eq!(rt.block_on(la.tick(&a, at(now))).unwrap(), Tick::Renewed);
+            assert!(matches!(rt.block_on(lb.tick(&b, at(now))).unwrap(), Tick::Following { .. }));
+            assert!(lb.fence(at(now)).is_none());
+        }
+        // A stops renewing (stalled). It stops working at half the lease time.
+        assert!(la.fence(at(now + 4_999)).is_some());
+        assert!(la.fence(at(now + 5_000)).is_none(), "the holder stops at ttl/2 without a renewal");
+        let seen = now + 1_000;
+        assert_eq!(rt.block_on(lb.tick(&b, at(seen))).unwrap(), Tick::Following { holder: "replica-a".into(), first: false });
+        assert_eq!(rt.block_on(lb.tick(&b, at(now + 9_999))).unwrap(), Tick::Following { holder: "replica-a".into(), first: false });
+        assert_eq!(
+            rt.block_on(lb.tick(&b, at(now + 10_000))).unwrap(),
+            Tick::Took { token: 2, from: Some("replica-a".into()) },
+            "taken over a lease time after the row last changed"
+        );
+        let fence2 = lb.fence(at(now + 10_000)).unwrap();
+        assert_eq!(fence2.token(), 2);
+        // A, stalled, still believes in its old fence: its write commits nothing.
+        let stale = la.fence(at(now)).expect("as A saw it before it stalled");
+        let write = |r: &Registry, fence: kms_server::keys::lease::Fence, what: &[u8]| {
+            rt.block_on(r.write(WriteOp::Atomic(vec![fence.expect(), WriteOp::PutMeta { key: "swept", value: what.to_vec() }, WriteOp::Audit(event("kms-server"))])))
+        };
+        let before = a.store().last(Table::Audit).unwrap();
+        match write(&a, stale, b"by A") {
+            Err(kms_server::keys::registry::RegistryError::Store(StoreError::Conflict { what })) => {
+                assert!(what.contains("maintenance_fence"), "{what}")
+            }
+            other => panic!("a fenced-off write was not refused: {:?}", other.err().map(|e| e.to_string())),
+        }
+        assert_eq!(a.get_meta("swept").unwrap(), None);
+        assert_eq!(a.store().last(Table::Audit).unwrap().map(|r| r.0), before.map(|r| r.0), "no audit entry of the refused write");
+        write(&b, fence2, b"by B").unwrap();
+        assert_eq!(b.get_meta("swept").unwrap().as_deref(), Some(&b"by B"[..]));
+        assert_eq!(b.get_meta(FENCE_META).unwrap().as_deref(), Some(&2u64.to_be_bytes()[..]));
+        // A wakes up: it has lost the lease, and says to whom.
+        assert_eq!(rt.block_on(la.tick(&a, at(now + 11_000))).unwrap(), Tick::Lost { to: Some("replica-b".into()) });
+        assert!(la.fence(at(now + 11_000)).is_none());
+        // B shuts down and releases it: A takes it at its next tick, not a lease time later.
+        assert!(rt.block_on(lb.release(&b)).unwrap());
+        assert!(lb.fence(at(now + 11_000)).is_none());
+        assert_eq!(rt.block_on(la.tick(&a, at(now + 11_001))).unwrap(), Tick::Took { token: 3, from: None });
+        assert!(!rt.block_on(lb.release(&b)).unwrap(), "B no longer holds it");
+    }
+
+    /// On a store only one process can write (redb), the lease is the opener's at once,
+    /// whoever held it before (a process killed without releasing it).
+    #[test]
+    fn on_an_exclusive_store_the_lease_is_taken_at_once() {
+        use kms_server::keys::lease::{Lease, Tick};
+        use std::time::{Duration, Instant};
+        let f = Fixture::new(Kind::Redb);
+        let rt = rt();
+        let now = Instant::now();
+        let first = f.create();
+        let l1 = Lease::new("first".into(), Duration::from_secs(10));
+        assert_eq!(rt.block_on(l1.tick(&first, now)).unwrap(), Tick::Took { token: 1, from: None });
+        assert_eq!(rt.block_on(l1.tick(&first, now + Duration::from_secs(3))).unwrap(), Tick::Renewed);
+        drop(first);
+        let second = f.open().unwrap();
+        let l2 = Lease::new("second".into(), Duration::from_secs(10));
+        assert_eq!(rt.block_on(l2.tick(&second, now)).unwrap(), Tick::Took { token: 2, from: Some("first".into()) });
+        assert_eq!(l2.fence(now).unwrap().token(), 2);
+    }
+
     /// A chain that signs (with `key`) and anchors its committed checkpoints to `file`.
     fn signing_chain(key: &Arc<ring::signature::Ed25519KeyPair>, file: &std::path::Path) -> Arc<AuditChain> {
         use kms_server::audit::anchor::AnchorTarget;

@@ -267,6 +267,20 @@ impl Server {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
 
+    /// Waits until the server's log (since its last start) has a line containing every one
+    /// of `needles` (checking every 20 ms; panics after two minutes); returns it. The log
+    /// level is `warn` unless [`Server::env`] sets `KLUIS_LOG`.
+    pub fn wait_for_line(&self, needles: &[&str]) -> String {
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(line) = self.log().lines().find(|l| needles.iter().all(|n| l.contains(n))) {
+                return line.to_owned();
+            }
+            assert!(start.elapsed() < std::time::Duration::from_secs(120), "no line with {needles:?} in:\n{}", self.log());
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// `kmsctl` as the dev identity `who` (no stdin).
     pub fn kmsctl(&self, who: &str, args: &[&str]) -> Output {
         kmsctl(&self.client(who), args)
@@ -742,13 +756,21 @@ pub struct Replica {
 
 impl Replica {
     pub fn start(config: &Path) -> Self {
+        Self::start_with_env(config, &[])
+    }
+
+    /// [`start`](Self::start) with extra environment; `KLUIS_TEST_*` seams (a clock file)
+    /// run `kms-server-testkit`, as [`Server`] does.
+    pub fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("replica.log");
-        let mut child = Command::new(bin("kms-server"))
+        let seams = env.iter().any(|(k, _)| k.starts_with("KLUIS_TEST_"));
+        let mut child = Command::new(bin(if seams { "kms-server-testkit" } else { "kms-server" }))
             .args(["serve", "--config"])
             .arg(config)
             .args(["--listen", "127.0.0.1:0"])
             .env("KLUIS_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))

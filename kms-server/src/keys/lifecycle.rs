@@ -17,6 +17,7 @@ use super::Requested;
 use crate::auth::{Action, Authorized, RuntimeGrant};
 use crate::master::MasterKeyProvider;
 use super::registry::WriteOp;
+use super::lease::Fence;
 use super::{Admin, LiveKeyring, master_rewrap};
 use crate::audit::AuditEvent;
 use crate::model::{
@@ -108,7 +109,7 @@ impl KeyManager {
         let admin = self.lock_admin().await?;
         match scheduled.filter(|d| d.due <= now) {
             Some(d) => self.execute(&admin, d).await?,
-            None => self.destroy_expired(vec![(*id, record.clone())]).await?,
+            None => self.destroy_expired(&admin, vec![(*id, record.clone())]).await?,
         }
         let at = match self.store.data_key(id)?.map(|r| r.state) {
             Some(KeyState::Destroyed { at }) => at,
@@ -139,11 +140,11 @@ impl KeyManager {
     }
 
     /// Rotates the keyring now if its rotation period has passed; true if it did.
-    pub(super) async fn rotate_if_due(&self, keyring: &str) -> Result<bool, KeyError> {
+    pub(super) async fn rotate_if_due(&self, keyring: &str, fence: Option<Fence>) -> Result<bool, KeyError> {
         if !self.rotation_due(keyring)? {
             return Ok(false);
         }
-        let admin = self.lock_admin().await?;
+        let admin = self.lock_admin_as(fence).await?;
         // Another request (or replica) may have rotated it while this one waited for the lock.
         if !self.rotation_due(keyring)? {
             return Ok(false);
@@ -546,7 +547,7 @@ impl KeyManager {
                     Some(hex::encode(id)),
                     format!("destroyed (destruction {}, requested by {})", d.id, d.requested_by),
                 )));
-                self.store.write(WriteOp::Atomic(ops)).await?;
+                self.write_as(admin, WriteOp::Atomic(ops)).await?;
             }
             DestructionTarget::Keyring { name } => {
                 let mut record = self.ring(name)?.record.clone();
@@ -564,7 +565,7 @@ impl KeyManager {
                     None,
                     format!("keyring keys erased (destruction {}, requested by {})", d.id, d.requested_by),
                 )));
-                self.store.write(WriteOp::Atomic(ops)).await?;
+                self.write_as(admin, WriteOp::Atomic(ops)).await?;
                 let live = Arc::new(LiveKeyring { record, keys: Default::default() });
                 self.publish(admin, |s| {
                     s.rings.insert(name.clone(), live);
@@ -578,7 +579,7 @@ impl KeyManager {
 
     /// Destroys keys at the end of their retention (admin lock held): one transaction
     /// for the batch, destruction ids numbered on from the table's last one.
-    async fn destroy_expired(&self, keys: Vec<([u8; 16], DataKeyRecord)>) -> Result<(), KeyError> {
+    async fn destroy_expired(&self, admin: &Admin<'_>, keys: Vec<([u8; 16], DataKeyRecord)>) -> Result<(), KeyError> {
         let now = self.now();
         let first_id = self.store.next_destruction_id()?;
         let mut ops = Vec::with_capacity(keys.len() * 3);
@@ -603,17 +604,20 @@ impl KeyManager {
             );
             ops.extend([WriteOp::PutDataKey { id, record: rec }, WriteOp::NewDestruction(d), WriteOp::Audit(ev)]);
         }
-        self.store.write(WriteOp::Atomic(ops)).await?;
+        self.write_as(admin, WriteOp::Atomic(ops)).await?;
         Ok(())
     }
 
     /// One pass of the scheduled work: due rotations, due destructions (not held),
     /// expired keys (not held). Returns how many things it did.
-    pub async fn maintain(&self) -> Result<u64, KeyError> {
+    ///
+    /// `fence`: the maintenance lease's (see [`super::lease`]), which every write of the
+    /// pass then expects; None where no other process can write the store.
+    pub async fn maintain(&self, fence: Option<Fence>) -> Result<u64, KeyError> {
         let mut done = 0u64;
         let names: Vec<String> = self.state().rings.keys().cloned().collect();
         for name in &names {
-            if self.rotate_if_due(name).await? {
+            if self.rotate_if_due(name, fence).await? {
                 done += 1;
             }
         }
@@ -623,7 +627,7 @@ impl KeyManager {
             if self.is_held(d.target.keyring()) {
                 continue;
             }
-            let admin = self.lock_admin().await?;
+            let admin = self.lock_admin_as(fence).await?;
             self.execute(&admin, d).await?;
             done += 1;
         }
@@ -634,9 +638,9 @@ impl KeyManager {
             let skip = |k: &str| self.ring_state(k).map(|(h, dst)| h.is_some() || dst.is_some()).unwrap_or(true);
             let (batch, last) = self.store.expired_keys(now, after, SWEEP_BATCH, &skip)?;
             if !batch.is_empty() {
-                let _guard = self.lock_admin().await?;
+                let admin = self.lock_admin_as(fence).await?;
                 done += batch.len() as u64;
-                self.destroy_expired(batch).await?;
+                self.destroy_expired(&admin, batch).await?;
             }
             match last {
                 Some(l) => after = Some(l),

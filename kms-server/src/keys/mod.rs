@@ -5,6 +5,7 @@
 //! Every function takes the auth layer's [`Authorized`] proof and checks that it
 //! covers the operation; nothing here trusts a caller-supplied principal.
 
+pub mod lease;
 mod lifecycle;
 pub mod master_rewrap;
 pub mod registry;
@@ -267,8 +268,12 @@ struct State {
 
 /// Proof that the caller holds the admin lock: every change of [`State`] is made under
 /// it, one at a time, so no change is lost between loading a snapshot and publishing
-/// the next.
-type Admin<'a> = tokio::sync::MutexGuard<'a, ()>;
+/// the next. Taken for scheduled work, it carries the maintenance lease's fence, which
+/// every write made through [`KeyManager::write_as`] then expects.
+pub(crate) struct Admin<'a> {
+    _guard: tokio::sync::MutexGuard<'a, ()>,
+    fence: Option<lease::Fence>,
+}
 
 /// The key manager: the service layer behind the gRPC handlers.
 pub struct KeyManager {
@@ -552,7 +557,7 @@ impl KeyManager {
         if self.store.loaded_epoch() == stored {
             return Ok(false);
         }
-        let admin = self.admin.lock().await;
+        let admin = Admin { _guard: self.admin.lock().await, fence: None };
         self.sync_locked(&admin).await
     }
 
@@ -575,12 +580,37 @@ impl KeyManager {
         Ok(true)
     }
 
+    /// One tick of the maintenance lease on this key manager's store (see [`lease`]).
+    pub async fn tick_lease(&self, lease: &lease::Lease, now: std::time::Instant) -> Result<lease::Tick, lease::LeaseError> {
+        lease.tick(&self.store, now).await
+    }
+
+    /// Gives the maintenance lease up, if this process holds it (at shutdown).
+    pub async fn release_lease(&self, lease: &lease::Lease) -> Result<bool, lease::LeaseError> {
+        lease.release(&self.store).await
+    }
+
     /// Takes the admin lock and brings the state up to the store's first, so that a
     /// change is made on what every replica last committed.
     async fn lock_admin(&self) -> Result<Admin<'_>, KeyError> {
-        let admin = self.admin.lock().await;
+        self.lock_admin_as(None).await
+    }
+
+    /// [`lock_admin`](Self::lock_admin) for scheduled work done under the maintenance
+    /// lease's `fence` (None: the store is this process's alone, or a request does it).
+    async fn lock_admin_as(&self, fence: Option<lease::Fence>) -> Result<Admin<'_>, KeyError> {
+        let admin = Admin { _guard: self.admin.lock().await, fence };
         self.sync_locked(&admin).await?;
         Ok(admin)
+    }
+
+    /// Writes `op`, fenced if `admin` carries a fence: if another process took the
+    /// maintenance lease over meanwhile, nothing is written ([`StoreError::Conflict`]).
+    async fn write_as(&self, admin: &Admin<'_>, op: WriteOp) -> Result<(), RegistryError> {
+        match admin.fence {
+            Some(fence) => self.store.write(WriteOp::Atomic(vec![fence.expect(), op])).await,
+            None => self.store.write(op).await,
+        }
     }
 
     /// A keyring of the snapshot in force.
@@ -602,7 +632,7 @@ impl KeyManager {
 
     /// Scrubs the store if key material was erased since the last scrub and the last one
     /// is at least the scrub interval ago. Returns what the scrub did, if it ran.
-    pub async fn scrub_if_due(&self) -> Result<Option<crate::store::ScrubReport>, KeyError> {
+    pub async fn scrub_if_due(&self, fence: Option<lease::Fence>) -> Result<Option<crate::store::ScrubReport>, KeyError> {
         if !self.store.scrub_pending()? {
             return Ok(None);
         }
@@ -615,16 +645,27 @@ impl KeyManager {
         if last.is_some_and(|l| now.saturating_sub(l) < self.scrub_interval_secs) {
             return Ok(None);
         }
-        self.scrub_now().await.map(Some)
+        self.scrub_as(fence).await.map(Some)
     }
 
     /// Scrubs the store now (whether or not anything was erased) and clears the pending mark.
     pub async fn scrub_now(&self) -> Result<crate::store::ScrubReport, KeyError> {
+        self.scrub_as(None).await
+    }
+
+    async fn scrub_as(&self, fence: Option<lease::Fence>) -> Result<crate::store::ScrubReport, KeyError> {
         let now = self.now();
         // Under the admin lock: nothing is erased between the copy and clearing the mark.
-        let _admin = self.admin.lock().await;
+        let admin = Admin { _guard: self.admin.lock().await, fence };
+        // Not fenced itself (it rewrites the store, it does not write rows): a process that
+        // lost the lease does not start one.
+        if let Some(f) = fence
+            && self.store.get_meta(lease::FENCE_META)?.as_deref() != Some(&f.token().to_be_bytes()[..])
+        {
+            return Err(StoreError::Conflict { what: crate::store::expect_what(crate::store::Table::Meta, lease::FENCE_META.as_bytes()) }.into());
+        }
         let report = self.store.scrub().await?;
-        self.store.write(WriteOp::PutMeta { key: SCRUB_LAST_META, value: now.to_be_bytes().to_vec() }).await?;
+        self.write_as(&admin, WriteOp::PutMeta { key: SCRUB_LAST_META, value: now.to_be_bytes().to_vec() }).await?;
         tracing::info!(
             bytes_before = report.bytes_before,
             bytes_after = report.bytes_after,
@@ -873,7 +914,7 @@ impl KeyManager {
         let version = record.versions.iter().map(|v| v.version).max().unwrap_or(0) + 1;
         let (key, wrapped) = self.mint_version_key(name, version).await?;
         record.versions.push(VersionRecord { version, created: self.now(), state: VersionState::Active, wrapped_key: wrapped });
-        self.store.write(WriteOp::Atomic(vec![WriteOp::PutKeyring(record.clone()), WriteOp::Audit(audit)])).await?;
+        self.write_as(admin, WriteOp::Atomic(vec![WriteOp::PutKeyring(record.clone()), WriteOp::Audit(audit)])).await?;
         let mut keys = old.keys.clone();
         keys.insert(version, Arc::new(key));
         let live = Arc::new(LiveKeyring { record, keys });
@@ -1181,7 +1222,9 @@ impl KeyManager {
             validate_text("labels", v, 256, true)?;
         }
         labels.sort();
-        self.rotate_if_due(keyring).await?;
+        // A request meeting a due rotation makes it (on any replica: the state epoch keeps two
+        // from both landing), so no key is issued under an overdue version.
+        self.rotate_if_due(keyring, None).await?;
         let state = self.state();
         let (version, krk, retention_days) = {
             let live = state

@@ -44,6 +44,10 @@ pub enum WriteOp {
     /// A new destruction record: fails ([`StoreError::Conflict`]) if its id was taken
     /// meanwhile (by another replica).
     NewDestruction(DestructionRecord),
+    /// The meta row `key` holds `value` (None: there is none) when the group commits, or
+    /// the group fails ([`StoreError::Conflict`]) and writes nothing: how the scheduled
+    /// work's writes are fenced by the maintenance lease (`keys::lease`).
+    ExpectMeta { key: &'static str, value: Option<Vec<u8>> },
 }
 
 /// Errors of encoding a write.
@@ -76,7 +80,11 @@ fn changes_state(op: &WriteOp) -> bool {
         // or numbering two new ones alike, cannot both succeed.
         WriteOp::PutApproval(_) => true,
         WriteOp::Atomic(ops) => ops.iter().any(changes_state),
-        WriteOp::IssueDataKey { .. } | WriteOp::Audit(_) | WriteOp::RestoreTest(_) | WriteOp::PutDataKey { .. } => false,
+        WriteOp::IssueDataKey { .. }
+        | WriteOp::Audit(_)
+        | WriteOp::RestoreTest(_)
+        | WriteOp::PutDataKey { .. }
+        | WriteOp::ExpectMeta { .. } => false,
     }
 }
 
@@ -131,6 +139,7 @@ fn lower(op: WriteOp, g: &mut WriteGroup) -> Result<(), RegistryError> {
         WriteOp::PutDestruction(rec) => {
             g.push(Op::Put { table: Table::Destructions, key: id_key(rec.id).to_vec(), value: enc("destruction", &rec)? })
         }
+        WriteOp::ExpectMeta { key, value } => g.push(Op::Expect { table: Table::Meta, key: key.as_bytes().to_vec(), value }),
         WriteOp::NewDestruction(rec) => {
             g.push(Op::Expect { table: Table::Destructions, key: id_key(rec.id).to_vec(), value: None });
             g.push(Op::Put { table: Table::Destructions, key: id_key(rec.id).to_vec(), value: enc("destruction", &rec)? })

@@ -45,6 +45,9 @@ impl Store for Flaky {
     fn describe(&self) -> String {
         self.inner.describe()
     }
+    fn exclusive(&self) -> bool {
+        self.inner.exclusive()
+    }
     fn commit(&self, group: WriteGroup) -> StoreFuture<'_, ()> {
         if self.fail.load(Ordering::SeqCst) {
             return Box::pin(async { Err(StoreError::Backend(Box::new(Refused))) });
@@ -145,7 +148,7 @@ async fn rotation_is_done_when_its_period_is_reached_and_not_before() {
     let first = c.issue("ehr", "b1").await;
     assert_eq!(first.version, 1);
     c.advance_days(29);
-    assert_eq!(c.keys.maintain().await.unwrap(), 0, "nothing is due on day 29");
+    assert_eq!(c.keys.maintain(None).await.unwrap(), 0, "nothing is due on day 29");
     assert_eq!(c.current_version("ehr"), 1);
     c.advance_days(1);
     // The next issuance meets the due rotation and rotates first.
@@ -155,7 +158,7 @@ async fn rotation_is_done_when_its_period_is_reached_and_not_before() {
     // Keys of the old version keep unwrapping.
     assert_eq!(c.unwrap(&first).await.unwrap().data_key.expose(), first.data_key.expose());
     c.advance_days(30);
-    assert_eq!(c.keys.maintain().await.unwrap(), 1, "the sweep rotates too");
+    assert_eq!(c.keys.maintain(None).await.unwrap(), 1, "the sweep rotates too");
     assert_eq!(c.current_version("ehr"), 3);
 }
 
@@ -165,10 +168,10 @@ async fn the_expiry_sweep_destroys_keys_at_the_end_of_their_retention() {
     c.create("short", 10, 0).await;
     let k = c.issue("short", "b1").await;
     c.advance_days(9);
-    assert_eq!(c.keys.maintain().await.unwrap(), 0);
+    assert_eq!(c.keys.maintain(None).await.unwrap(), 0);
     assert!(c.unwrap(&k).await.is_ok());
     c.advance_days(1);
-    assert_eq!(c.keys.maintain().await.unwrap(), 1);
+    assert_eq!(c.keys.maintain(None).await.unwrap(), 1);
     match c.unwrap(&k).await {
         Err(KeyError::Destroyed { key_id, .. }) => assert_eq!(key_id, k.key_id),
         other => panic!("expected destroyed, got {:?}", other.err()),
@@ -190,14 +193,14 @@ async fn a_destruction_waits_its_period_and_can_be_cancelled() {
     };
     c.approve("officer2", req.id).await.unwrap();
     c.advance_days(6);
-    assert_eq!(c.keys.maintain().await.unwrap(), 0, "the waiting period is 7 days");
+    assert_eq!(c.keys.maintain(None).await.unwrap(), 0, "the waiting period is 7 days");
     assert!(c.unwrap(&k).await.is_ok());
     let a = c.auth("officer", Action::ListDestructions, None);
     let d = c.keys.destructions(&a, |_| true).unwrap().remove(0);
     let a = c.auth("officer", Action::CancelDestruction, Some("ehr"));
     c.keys.cancel_destruction(&a, d.id, c.ev("officer", Action::CancelDestruction)).await.unwrap();
     c.advance_days(30);
-    assert_eq!(c.keys.maintain().await.unwrap(), 0, "a cancelled destruction is not carried out");
+    assert_eq!(c.keys.maintain(None).await.unwrap(), 0, "a cancelled destruction is not carried out");
     assert!(c.unwrap(&k).await.is_ok());
 }
 
@@ -214,7 +217,7 @@ async fn a_legal_hold_blocks_destruction_until_released() {
     let hold = c.auth("officer", Action::SetLegalHold, Some("ehr"));
     c.keys.set_legal_hold(&hold, "ehr", true, "litigation 2026-17", c.ev("officer", Action::SetLegalHold)).await.unwrap();
     c.advance_days(8);
-    assert_eq!(c.keys.maintain().await.unwrap(), 0, "held");
+    assert_eq!(c.keys.maintain(None).await.unwrap(), 0, "held");
     assert!(c.unwrap(&k).await.is_ok(), "a held key still unwraps after its due date");
     // Releasing is a request: the hold stays until a second officer approves.
     let Requested::Pending { approval, .. } =
@@ -222,10 +225,10 @@ async fn a_legal_hold_blocks_destruction_until_released() {
     else {
         panic!("a release needs a second officer");
     };
-    assert_eq!(c.keys.maintain().await.unwrap(), 0, "still held while the release waits");
+    assert_eq!(c.keys.maintain(None).await.unwrap(), 0, "still held while the release waits");
     assert!(matches!(c.approve("officer", approval.id).await, Err(KeyError::SelfApproval { .. })));
     c.approve("officer2", approval.id).await.unwrap();
-    assert_eq!(c.keys.maintain().await.unwrap(), 1);
+    assert_eq!(c.keys.maintain(None).await.unwrap(), 1);
     assert!(matches!(c.unwrap(&k).await, Err(KeyError::Destroyed { .. })));
 }
 
@@ -323,7 +326,7 @@ async fn lowering_retention_waits_for_a_second_officer_and_raising_does_not() {
     assert!(matches!(c.approve("officer", approval.id).await, Err(KeyError::SelfApproval { .. })));
     let early = c.issue("ehr", "before-approval").await;
     c.advance_days(2);
-    assert_eq!(c.keys.maintain().await.unwrap(), 0, "nothing expires under the retention in force");
+    assert_eq!(c.keys.maintain(None).await.unwrap(), 0, "nothing expires under the retention in force");
     assert!(c.unwrap(&early).await.is_ok());
     // The request expired unapproved: it never applies.
     assert!(matches!(c.approve("officer2", approval.id).await, Err(KeyError::ApprovalExpired { .. })));
@@ -334,7 +337,7 @@ async fn lowering_retention_waits_for_a_second_officer_and_raising_does_not() {
     assert_eq!(c.keys.get_keyring(&c.auth("officer", Action::GetKeyring, Some("ehr")), "ehr").unwrap().retention_days, 1);
     let late = c.issue("ehr", "after-approval").await;
     c.advance_days(2);
-    assert_eq!(c.keys.maintain().await.unwrap(), 1, "the approved retention applies to keys issued after it");
+    assert_eq!(c.keys.maintain(None).await.unwrap(), 1, "the approved retention applies to keys issued after it");
     assert!(matches!(c.unwrap(&late).await, Err(KeyError::Destroyed { .. })));
     assert!(c.unwrap(&early).await.is_ok());
     // Raising (1 -> 30, then 30 -> keep forever) and the rotation period apply at once.
@@ -378,8 +381,8 @@ async fn a_destroyed_key_stays_unopenable_when_an_attacker_rewrites_its_tombston
     let other = c.issue("short", "b2").await;
     assert_eq!(k.wrapped[0], WRAPPED_DK_V2, "new keys are format 2");
     c.advance_days(10);
-    assert_eq!(c.keys.maintain().await.unwrap(), 2);
-    assert!(c.keys.scrub_if_due().await.unwrap().is_some(), "the destruction made a scrub due");
+    assert_eq!(c.keys.maintain(None).await.unwrap(), 2);
+    assert!(c.keys.scrub_if_due(None).await.unwrap().is_some(), "the destruction made a scrub due");
     assert!(!c.keys.store.scrub_pending().unwrap());
     let id = parse_key_id(&k.key_id).unwrap();
     assert!(c.keys.store.key_secret(&id).unwrap().is_none());
@@ -463,21 +466,21 @@ async fn the_store_is_scrubbed_at_most_once_per_interval_and_a_due_scrub_is_not_
     let c = Core::new();
     c.create("short", 1, 0).await;
     let _ = c.issue("short", "b1").await;
-    assert!(c.keys.scrub_if_due().await.unwrap().is_none(), "nothing was erased");
+    assert!(c.keys.scrub_if_due(None).await.unwrap().is_none(), "nothing was erased");
     c.clock.0.fetch_add(DAY / 2, Ordering::SeqCst);
     let _ = c.issue("short", "b2").await;
     c.clock.0.fetch_add(DAY / 2, Ordering::SeqCst);
-    assert_eq!(c.keys.maintain().await.unwrap(), 1);
-    assert!(c.keys.scrub_if_due().await.unwrap().is_some(), "the first erasure is scrubbed at once");
+    assert_eq!(c.keys.maintain(None).await.unwrap(), 1);
+    assert!(c.keys.scrub_if_due(None).await.unwrap().is_some(), "the first erasure is scrubbed at once");
     assert!(!c.keys.store.scrub_pending().unwrap());
     c.clock.0.fetch_add(DAY / 2, Ordering::SeqCst);
-    assert_eq!(c.keys.maintain().await.unwrap(), 1);
-    assert!(c.keys.scrub_if_due().await.unwrap().is_none());
+    assert_eq!(c.keys.maintain(None).await.unwrap(), 1);
+    assert!(c.keys.scrub_if_due(None).await.unwrap().is_none());
     assert!(c.keys.store.scrub_pending().unwrap(), "half a day after the last scrub: pending");
     c.clock.0.fetch_add(DAY / 2 - 1, Ordering::SeqCst);
-    assert!(c.keys.scrub_if_due().await.unwrap().is_none(), "a second short of a day: still pending");
+    assert!(c.keys.scrub_if_due(None).await.unwrap().is_none(), "a second short of a day: still pending");
     c.clock.0.fetch_add(1, Ordering::SeqCst);
-    assert!(c.keys.scrub_if_due().await.unwrap().is_some(), "a day after the last scrub it runs");
+    assert!(c.keys.scrub_if_due(None).await.unwrap().is_some(), "a day after the last scrub it runs");
     assert!(!c.keys.store.scrub_pending().unwrap());
 }
 
@@ -557,6 +560,9 @@ impl Store for Without {
     fn describe(&self) -> String {
         self.inner.describe()
     }
+    fn exclusive(&self) -> bool {
+        self.inner.exclusive()
+    }
     fn commit(&self, group: WriteGroup) -> StoreFuture<'_, ()> {
         self.inner.commit(group)
     }
@@ -575,4 +581,48 @@ impl Store for Without {
     fn scrub(&self) -> StoreFuture<'_, crate::store::ScrubReport> {
         self.inner.scrub()
     }
+}
+
+/// Scheduled work done under a maintenance lease that another process has since taken
+/// over (a restart on the same store here: the second lease takes it at once) writes
+/// nothing: not the expiry sweep, not a due rotation, not a due destruction, not the
+/// scrub mark; the work is left to the holder of the newer fence, which does all of it.
+#[tokio::test]
+async fn scheduled_work_under_a_lease_taken_over_since_writes_nothing() {
+    let c = Core::new();
+    c.create("short", 1, 0).await;
+    c.create("rotating", 0, 30).await;
+    c.create("ehr", 0, 0).await;
+    let expiring = c.issue("short", "b1").await;
+    let doomed = c.issue("ehr", "b2").await;
+    let a = c.auth("officer", Action::DestroyKey, Some("ehr"));
+    let DestroyOutcome::Pending(req) = c.keys.request_destroy_key(&a, &doomed.key_id, c.ev("officer", Action::DestroyKey)).await.unwrap() else {
+        panic!("a key before its expiry needs a second officer");
+    };
+    c.approve("officer2", req.id).await.unwrap();
+    let now = std::time::Instant::now();
+    let old = lease::Lease::new("old".into(), std::time::Duration::from_secs(10));
+    c.keys.tick_lease(&old, now).await.unwrap();
+    let stale = old.fence(now).unwrap();
+    let new = lease::Lease::new("new".into(), std::time::Duration::from_secs(10));
+    assert!(matches!(c.keys.tick_lease(&new, now).await.unwrap(), lease::Tick::Took { token: 2, .. }));
+    c.advance_days(31);
+    let audit_before = c.keys.store.store().last(Table::Audit).unwrap().map(|r| r.0);
+    let err = c.keys.maintain(Some(stale)).await.unwrap_err();
+    assert!(matches!(err, KeyError::Store(StoreError::Conflict { .. })), "{err}");
+    assert_eq!(c.keys.store.store().last(Table::Audit).unwrap().map(|r| r.0), audit_before, "no audit entry written");
+    assert_eq!(c.current_version("rotating"), 1, "no rotation");
+    let id = |k: &IssuedDataKey| parse_key_id(&k.key_id).unwrap();
+    for k in [&expiring, &doomed] {
+        assert!(matches!(c.keys.store.data_key(&id(k)).unwrap().unwrap().state, KeyState::Active), "{} still active", k.keyring);
+    }
+    assert_eq!(c.keys.maintain(Some(new.fence(now).unwrap())).await.unwrap(), 3, "rotation, destruction, expiry: all done by the new holder");
+    assert_eq!(c.current_version("rotating"), 2);
+    for k in [&expiring, &doomed] {
+        assert!(matches!(c.keys.store.data_key(&id(k)).unwrap().unwrap().state, KeyState::Destroyed { .. }), "{} destroyed", k.keyring);
+    }
+    // The scrub mark, too: the stale holder's scrub leaves it pending, the holder's clears it.
+    assert!(c.keys.scrub_if_due(Some(stale)).await.is_err());
+    assert!(c.keys.store.scrub_pending().unwrap());
+    assert!(c.keys.scrub_if_due(Some(new.fence(now).unwrap())).await.unwrap().is_some());
 }

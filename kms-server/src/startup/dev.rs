@@ -72,6 +72,7 @@ fn make(dir: &Path, cfg_path: &Path, listen: SocketAddr, master: DevMaster, stor
         approval_ttl_secs: None,
         destruction_wait_days: None,
         maintenance_interval_secs: None,
+        maintenance_lease_secs: None,
         scrub_interval_secs: None,
         tls: TlsConfig { cert: pki.server_cert, key: pki.server_key, client_ca: pki.ca_cert },
         master: match master {

@@ -175,6 +175,11 @@ pub trait Store: Send + Sync {
     /// What this store is, for messages (e.g. the file's path).
     fn describe(&self) -> String;
 
+    /// Whether no other process can write the store while this one has it open (redb:
+    /// the file is locked by the process that opened it). The maintenance lease
+    /// (`keys::lease`) is then this process's at once, whoever held it before.
+    fn exclusive(&self) -> bool;
+
     /// Commits `group` atomically and durably (see the module docs).
     fn commit(&self, group: WriteGroup) -> StoreFuture<'_, ()>;
 

@@ -773,6 +773,10 @@ impl Store for PostgresStore {
         self.store.clone()
     }
 
+    fn exclusive(&self) -> bool {
+        false
+    }
+
     fn commit(&self, group: WriteGroup) -> StoreFuture<'_, ()> {
         let (tx, rx) = oneshot::channel();
         let sent = self.writer.send(Job::Write(group, tx)).map_err(|_| StoreError::WriterGone);

@@ -244,6 +244,10 @@ impl Store for RedbStore {
         self.path.display().to_string()
     }
 
+    fn exclusive(&self) -> bool {
+        true
+    }
+
     fn commit(&self, group: WriteGroup) -> StoreFuture<'_, ()> {
         let (tx, rx) = oneshot::channel();
         let sent = self.writer.send(Job::Write(group, Reply::Async(tx)));

@@ -54,6 +54,10 @@ impl Store for FailingAudit {
         self.0.describe()
     }
 
+    fn exclusive(&self) -> bool {
+        self.0.exclusive()
+    }
+
     fn commit(&self, group: WriteGroup) -> StoreFuture<'_, ()> {
         if group.appends() {
             return Box::pin(async { Err(StoreError::Backend(Box::new(Injected))) });
