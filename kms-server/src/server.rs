@@ -79,7 +79,10 @@ async fn maintenance_loop(keys: Arc<KeyManager>, lease: Arc<Lease>, taken: Arc<t
             _ = tick.tick() => {}
             () = taken.notified() => {}
         }
-        let Some(fence) = lease.fence(Instant::now()) else { continue };
+        let Some(fence) = lease.fence(Instant::now()) else {
+            tracing::debug!("scheduled work left to the holder of the maintenance lease");
+            continue;
+        };
         maintain(&keys, fence, "scheduled").await;
         // Here, not in the start-up run: the keys are already gone for the server, only their
         // bytes are left, and a restart should not wait for a copy of the whole store.

@@ -444,9 +444,11 @@ fn expired_in_audit(auditor: &Path) -> Vec<String> {
 }
 
 /// The scheduled work (here the expiry sweep) runs on the one replica holding the
-/// maintenance lease, never on both; kill -9 that replica and the survivor takes the lease
-/// over and does the work, each key destroyed exactly once. Time for expiry moves through
-/// the test clock file; the lease runs on the replicas' monotonic clocks (1 s lease).
+/// maintenance lease: the other, ticking every second, leaves due work alone while the
+/// holder lives; kill -9 the holder and the survivor takes the lease over and does the
+/// work, each key destroyed exactly once; the restarted replica then follows the
+/// survivor. Expiry time moves through the test clock file; the lease runs on the
+/// replicas' monotonic clocks (3 s lease).
 #[test]
 fn scheduled_work_runs_on_one_replica_and_moves_to_the_survivor_when_its_holder_is_killed() {
     let pg = Postgres::start();
@@ -457,21 +459,25 @@ fn scheduled_work_runs_on_one_replica_and_moves_to_the_survivor_when_its_holder_
     std::fs::write(&clock, t0.to_string()).unwrap();
     a.env.push(("KLUIS_TEST_CLOCK_FILE".into(), s(&clock).into()));
     a.env.push(("KLUIS_LOG".into(), "info".into()));
-    a.set_top_level("maintenance_interval_secs = 1\nmaintenance_lease_secs = 1\n");
+    // A does its scheduled work at start and hourly; B, from a copy of the config, every second.
+    a.set_top_level("maintenance_interval_secs = 3600\nmaintenance_lease_secs = 3\n");
+    let b_config = a.dir.path().join("server-b.toml");
+    let text = std::fs::read_to_string(config(&a)).unwrap();
+    std::fs::write(&b_config, text.replacen("maintenance_interval_secs = 3600", "maintenance_interval_secs = 1", 1)).unwrap();
+    // add_officer restarts A: the first start's process was killed holding the lease, so
+    // the restarted one takes it over a lease time later.
     let officer2 = a.add_officer("officer2");
-    // The first start's process was killed holding the lease: the restarted one takes it
-    // over a lease time later (or at once if the first never got to take it).
     a.wait_for_line(&["maintenance lease taken"]);
-    let mut b = Replica::start_with_env(&config(&a), &[("KLUIS_TEST_CLOCK_FILE", s(&clock))]);
+    let env = [("KLUIS_TEST_CLOCK_FILE", s(&clock)), ("KLUIS_LOG", "info,kms_server::server=debug")];
+    let mut b = Replica::start_with_env(&b_config, &env);
     b.wait_for_line(&["scheduled work runs on the replica holding the maintenance lease", &a.addr]);
     let (sealer_b, auditor_b) = (b.client(&a, "sealer"), b.client(&a, "auditor"));
     ok(&a.kmsctl("officer", &["keyring", "create", "short", "--retention-days", "1"]), "create keyring");
     let out = a.kmsctl("officer", &["keyring", "grant", "short", "--principal", "sealer", "--role", "sealer"]);
     ok(&kmsctl(&officer2, &["approve", &approval_id(&out)]), "approve the grant");
-    // B applies the grant at its next poll of the state.
     b.wait_for_line(&["runtime grants in force", &stored_epoch(&pg)]);
 
-    // Keys issued on both replicas expire; the holder (A) destroys all of them, B none.
+    // Keys issued on both replicas expire. B's ticks after that leave them to A.
     let mut ids = Vec::new();
     for i in 0..3 {
         ids.push(key_id(&seal(&a, "sealer", "short", &format!("a/{i}"), b"on A")));
@@ -479,26 +485,40 @@ fn scheduled_work_runs_on_one_replica_and_moves_to_the_survivor_when_its_holder_
         ok(&out, "seal on B");
         ids.push(key_id(&out.stdout));
     }
+    let left = "scheduled work left to the holder of the maintenance lease";
+    let ticks = |r: &Replica| r.log().lines().filter(|l| l.contains(left)).count();
+    let before = ticks(&b);
     std::fs::write(&clock, (t0 + 2 * 86_400).to_string()).unwrap();
-    a.wait_for_line(&["scheduled maintenance done", "actions=6"]);
-    ids.sort();
-    assert_eq!(expired_in_audit(&auditor_b), ids, "each expired key destroyed once");
-    assert!(!b.log().contains("maintenance done"), "B did scheduled work while A held the lease:\n{}", b.log());
+    // Two more ticks: at least one began after the clock moved.
+    while ticks(&b) < before + 2 {
+        b.wait_for_line(&[left]);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(expired_in_audit(&auditor_b), Vec::<String>::new(), "B swept while A held the lease:\n{}", b.log());
+    assert!(!b.log().contains("maintenance done"), "{}", b.log());
 
-    // A dies without releasing the lease: B takes it over and does the work from then on.
+    // A dies without releasing the lease: B takes it over and does the work.
     a.kill9();
     b.wait_for_line(&["maintenance lease taken over", &a.addr]);
+    b.wait_for_line(&["scheduled maintenance done", "actions=6"]);
+    ids.sort();
+    assert_eq!(expired_in_audit(&auditor_b), ids, "each expired key destroyed once");
+
+    // A comes back and follows B; B's further work is B's alone.
+    a.start_again();
+    a.wait_for_line(&["scheduled work runs on the replica holding the maintenance lease", &b.addr]);
     let mut later = Vec::new();
     for i in 0..3 {
         let out = backup_hook(&sealer_b, &["seal", "--keyring", "short", "--backup-id", &format!("b/later/{i}")], b"on B");
-        ok(&out, "seal on B after A died");
+        ok(&out, "seal on B");
         later.push(key_id(&out.stdout));
     }
     std::fs::write(&clock, (t0 + 4 * 86_400).to_string()).unwrap();
     b.wait_for_line(&["scheduled maintenance done", "actions=3"]);
     ids.extend(later);
     ids.sort();
-    assert_eq!(expired_in_audit(&auditor_b), ids, "each expired key destroyed once, by whichever replica held the lease");
-    // And the chain the two replicas wrote verifies.
+    assert_eq!(expired_in_audit(&auditor_b), ids, "each expired key destroyed once, by the replica holding the lease");
+    assert!(!a.log().contains("maintenance done"), "A worked while B held the lease:\n{}", a.log());
+    // The chain both replicas wrote verifies.
     export_verifies_through(&auditor_b);
 }
