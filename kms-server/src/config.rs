@@ -595,6 +595,18 @@ keyrings = ["ehr-db"]
     }
 
     #[test]
+    fn the_maintenance_lease_time_is_bounded_and_named_when_out_of_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let with = |line: &str| GOOD.replacen("version = 1\n", &format!("version = 1\n{line}\n"), 1);
+        assert_eq!(ServerConfig::load(&write(dir.path(), GOOD)).unwrap().maintenance_lease_secs, None);
+        assert_eq!(ServerConfig::load(&write(dir.path(), &with("maintenance_lease_secs = 3600"))).unwrap().maintenance_lease_secs, Some(3600));
+        for bad in ["maintenance_lease_secs = 0", "maintenance_lease_secs = 3601"] {
+            let e = ServerConfig::load(&write(dir.path(), &with(bad))).unwrap_err();
+            assert!(e.to_string().contains("maintenance_lease_secs must be between 1 and 3600"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn crl_paths_resolve_and_check_files_names_each_missing_file_by_role() {
         let dir = tempfile::tempdir().unwrap();
         let text = format!("{GOOD}\n[auth]\nrevoked = \"revoked.txt\"\ncrl = [\"ca.crl\", \"sub.crl\"]\n");
