@@ -1,4 +1,4 @@
-//! The `kms-server` command line: `dev`, `init`, `serve`, `migrate-master`.
+//! The `kms-server` command line: `dev`, `init`, `serve`, `migrate-master`, `migrate-store`.
 //!
 //! [`main_with`] runs it with an [`Environment`]; the `kms-server` binary passes the
 //! default one (system clock, store as it is). Tests build the same command line with
@@ -30,6 +30,8 @@ pub enum CliError {
     Keys(#[from] KeyError),
     #[error(transparent)]
     Migrate(#[from] Box<MigrateError>),
+    #[error(transparent)]
+    MigrateStore(#[from] Box<crate::startup::migrate_store::MigrateStoreError>),
     #[error("{path}: {source}")]
     Path { path: std::path::PathBuf, source: std::io::Error },
 }
@@ -95,6 +97,20 @@ enum Cmd {
         #[arg(long)]
         from: PathBuf,
         /// Config whose [master] should open the store afterwards (serve with it).
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// Copy the whole store (keyrings, issued keys and their secrets, the audit chain with
+    /// its checkpoints, approvals, destructions, restore tests) into a new, empty store of
+    /// another config, e.g. redb to PostgreSQL or back, and check the copy. Stop every
+    /// kms-server on the source first; the source is not changed. Both configs must name
+    /// the same master key.
+    MigrateStore {
+        /// Config of the store to copy.
+        #[arg(long)]
+        from: PathBuf,
+        /// Config of the new store (its [store] and [master]); the store must not exist yet
+        /// (redb) or the database must be empty (PostgreSQL).
         #[arg(long)]
         to: PathBuf,
     },
@@ -220,6 +236,11 @@ async fn run(cmd: Cmd, env: Environment) -> Result<(), CliError> {
         }
         Cmd::MigrateMaster { from, to } => {
             let report = startup::migrate::migrate_master(&from, &to, &env).map_err(Box::new)?;
+            eprint!("{report}");
+            Ok(())
+        }
+        Cmd::MigrateStore { from, to } => {
+            let report = startup::migrate_store::migrate_store(&from, &to, &env).map_err(Box::new)?;
             eprint!("{report}");
             Ok(())
         }

@@ -614,6 +614,55 @@ mod contract {
         assert_eq!(page.iter().map(|(r, _)| r.seq).collect::<Vec<_>>(), (1..=41).collect::<Vec<_>>(), "40 before the scrub, one after");
     }
 
+    /// Rows imported as they are (migrate-store): audit entries only in order after the
+    /// log's last, then appends link on from the imported head; counters and secrets keep
+    /// their values.
+    pub fn imported_rows_keep_their_bytes_and_appends_continue_the_chain(kind: Kind) {
+        let from = Fixture::new(Kind::Redb);
+        let src = from.create();
+        let rt = rt();
+        for i in 0..5 {
+            rt.block_on(src.write(WriteOp::Audit(event(&format!("host{i}"))))).unwrap();
+        }
+        let mut entries = Vec::new();
+        src.store()
+            .scan(Table::Audit, (Bound::Unbounded, Bound::Unbounded), &mut |k, v| {
+                entries.push((k.to_vec(), v.to_vec()));
+                Ok(true)
+            })
+            .unwrap();
+        let f = Fixture::new(kind);
+        let dst = f.create_store().unwrap();
+        let import = |table: Table, key: Vec<u8>, value: Vec<u8>| {
+            let mut g = WriteGroup::default();
+            g.push(Op::Import { table, key, value: zeroize::Zeroizing::new(value) });
+            g
+        };
+        // Out of order: entry 2 before entry 1.
+        match dst.commit_blocking(import(Table::Audit, entries[1].0.clone(), entries[1].1.clone())) {
+            Err(StoreError::ImportOrder { seq: 2, next: 1 }) => {}
+            other => panic!("an entry out of order was imported: {:?}", other.err().map(|e| e.to_string())),
+        }
+        let mut g = WriteGroup::default();
+        for (k, v) in &entries {
+            g.push(Op::Import { table: Table::Audit, key: k.clone(), value: zeroize::Zeroizing::new(v.clone()) });
+        }
+        g.push(Op::Import { table: Table::Issued, key: b"r".to_vec(), value: 41u64.to_be_bytes().to_vec().into() });
+        g.push(Op::Import { table: Table::KeySecrets, key: id(1).to_vec(), value: secret_of(1).to_vec().into() });
+        dst.commit_blocking(g).unwrap();
+        let dst = Registry::new(dst);
+        assert_eq!(dst.issued_count("r").unwrap(), 41);
+        assert_eq!(dst.key_secret(&id(1)).unwrap().unwrap().expose(), &secret_of(1));
+        // An append links to the imported head: the whole log reads back as one chain.
+        rt.block_on(dst.write(WriteOp::Audit(event("after")))).unwrap();
+        let page = kms_server::audit::page(dst.store(), 1, 100).unwrap();
+        assert_eq!(page.len(), 6);
+        for w in page.windows(2) {
+            assert_eq!(w[1].0.prev, w[0].0.hash, "entry {} links to entry {}", w[1].0.seq, w[0].0.seq);
+        }
+        assert_eq!(kms_server::audit::page(src.store(), 1, 100).unwrap()[4].0.hash, page[4].0.hash, "imported bytes kept");
+    }
+
     /// Runs each named contract test once per store.
     macro_rules! per_store {
         ($($name:ident),* $(,)?) => {
@@ -635,6 +684,7 @@ mod contract {
         opening_a_store_that_was_never_made_is_refused,
         a_store_of_a_newer_format_is_refused,
         a_scrub_keeps_every_live_row_and_writes_go_on,
+        imported_rows_keep_their_bytes_and_appends_continue_the_chain,
     );
 
     /// The maintenance lease between two replicas on one database, on a clock the test

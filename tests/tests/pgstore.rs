@@ -522,3 +522,95 @@ fn scheduled_work_runs_on_one_replica_and_moves_to_the_survivor_when_its_holder_
     // The chain both replicas wrote verifies.
     export_verifies_through(&auditor_b);
 }
+
+/// `kms-server migrate-store` (stderr on failure; exit code and stderr returned).
+fn migrate_store(from: &Path, to: &Path) -> Output {
+    Command::new(bin("kms-server")).args(["migrate-store", "--from"]).arg(from).arg("--to").arg(to).env("KLUIS_LOG", "error").output().unwrap()
+}
+
+/// The entry lines of an audit export (each with its hash), without the signed head.
+fn entry_lines(export: &str) -> Vec<String> {
+    export.lines().filter(|l| l.starts_with("{\"seq\":")).map(str::to_owned).collect()
+}
+
+/// A dev server's store moves to PostgreSQL and back with `migrate-store`: every file
+/// sealed before unseals after each move, the audit chain is the same entries and still
+/// verifies end to end, the counters and the pending destruction come along; a target
+/// that is not empty is refused in one line naming it, and nothing is written to it.
+#[test]
+fn a_store_moves_from_redb_to_postgres_and_back_and_everything_still_opens_and_verifies() {
+    let mut server = Server::start();
+    let officer = server.client("officer");
+    ok(&kmsctl(&officer, &["keyring", "create", "ehr", "--retention-days", "30"]), "create keyring");
+    let sealed: Vec<(Vec<u8>, Vec<u8>)> = (0..3)
+        .map(|i| {
+            let data = format!("backup {i} before any move").into_bytes();
+            (data.clone(), seal(&server, "sealer", "default", &format!("before/{i}"), &data))
+        })
+        .collect();
+    ok(&kmsctl(&officer, &["keyring", "rotate", "default"]), "rotate");
+    let destroy = kmsctl(&officer, &["key", "destroy", &key_id(&sealed[2].1)]);
+    ok(&destroy, "request a destruction (dual control: pending)");
+    let before = entry_lines(&export_verifies(&server));
+    let destructions = stdout(&server.kmsctl("auditor", &["destruction", "list", "--json"]));
+    server.kill9();
+
+    // redb -> PostgreSQL.
+    let pg = Postgres::start();
+    pg.create_db("kluis");
+    let redb_cfg = config(&server);
+    let text = std::fs::read_to_string(&redb_cfg).unwrap();
+    assert!(!text.contains("[store]"), "{text}");
+    let pg_cfg = server.data_dir().join("pg.toml");
+    std::fs::write(&pg_cfg, format!("{text}\n[store]\nbackend = \"postgres\"\nurl = \"{}\"\n", pg.url("kluis"))).unwrap();
+    let out = migrate_store(&redb_cfg, &pg_cfg);
+    ok(&out, "migrate-store redb -> postgres");
+    let report = stderr(&out);
+    assert!(report.contains("matches the source row for row"), "{report}");
+    assert!(report.lines().any(|l| l.trim_start().starts_with("DataKeys") && l.contains(" 3 rows")), "{report}");
+    assert!(report.lines().any(|l| l.trim_start().starts_with("KeySecrets") && l.contains(" 3 rows")), "{report}");
+    // Again into the same database: refused, in one line, and the copy is untouched.
+    let rows = pg.psql("kluis", "SELECT count(*) FROM kluis_audit");
+    refused_one_line(&migrate_store(&redb_cfg, &pg_cfg), 1, &["target store", "empty store only"]);
+    assert_eq!(pg.psql("kluis", "SELECT count(*) FROM kluis_audit"), rows);
+
+    // Served from PostgreSQL: everything opens, the history is the same and goes on.
+    let mut on_pg = Replica::start(&pg_cfg);
+    let restorer = on_pg.client(&server, "restorer");
+    for (data, file) in &sealed {
+        let out = backup_hook(&restorer, &["unseal"], file);
+        ok(&out, "unseal after the move to PostgreSQL");
+        assert_eq!(&out.stdout, data);
+    }
+    assert_eq!(stdout(&kmsctl(&on_pg.client(&server, "auditor"), &["destruction", "list", "--json"])), destructions);
+    let data = b"sealed on PostgreSQL".to_vec();
+    let out = backup_hook(&on_pg.client(&server, "sealer"), &["seal", "--keyring", "default", "--backup-id", "on-pg"], &data);
+    ok(&out, "seal on PostgreSQL");
+    let on_pg_file = out.stdout;
+    let after = entry_lines(&export_verifies_through(&on_pg.client(&server, "auditor")));
+    assert!(after.len() > before.len());
+    assert_eq!(&after[..before.len()], &before[..], "the moved chain holds the same entries");
+    on_pg.kill9();
+
+    // PostgreSQL -> a new redb file.
+    let back_dir = server.dir.path().join("back");
+    let back_cfg = server.data_dir().join("back.toml");
+    let back_text: String = text
+        .lines()
+        .map(|l| if l.starts_with("data_dir = ") { format!("data_dir = \"{}\"", back_dir.display()) } else { l.to_owned() })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&back_cfg, back_text + "\n").unwrap();
+    std::fs::create_dir_all(&back_dir).unwrap();
+    ok(&migrate_store(&pg_cfg, &back_cfg), "migrate-store postgres -> redb");
+    refused_one_line(&migrate_store(&pg_cfg, &back_cfg), 1, &["target store", "already exists"]);
+    let back = Replica::start(&back_cfg);
+    let restorer = back.client(&server, "restorer");
+    for (data, file) in sealed.iter().chain([(data, on_pg_file)].iter()) {
+        let out = backup_hook(&restorer, &["unseal"], file);
+        ok(&out, "unseal after the move back to redb");
+        assert_eq!(&out.stdout, data);
+    }
+    let back_entries = entry_lines(&export_verifies_through(&back.client(&server, "auditor")));
+    assert_eq!(&back_entries[..after.len()], &after[..], "the chain moved back holds the same entries");
+}

@@ -580,6 +580,11 @@ impl KeyManager {
         Ok(true)
     }
 
+    /// What the audit history check found wrong, if anything (at start, or since).
+    pub fn audit_alarm(&self) -> Option<crate::audit::integrity::IntegrityError> {
+        self.chain.alarmed()
+    }
+
     /// One tick of the maintenance lease on this key manager's store (see [`lease`]).
     pub async fn tick_lease(&self, lease: &lease::Lease, now: std::time::Instant) -> Result<lease::Tick, lease::LeaseError> {
         lease.tick(&self.store, now).await

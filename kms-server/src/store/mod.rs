@@ -70,7 +70,29 @@ pub enum Op {
     /// the group's earlier writes; every group with an `Expect` is serialised with every
     /// other such group (PostgreSQL: a transaction-level advisory lock taken first).
     Expect { table: Table, key: Vec<u8>, value: Option<Vec<u8>> },
+    /// A row copied as it is from another store (`kms-server migrate-store`), into any
+    /// table: the log's entries and checkpoints keep their numbers and bytes, counters their
+    /// value (u64 big-endian), secrets their 32 bytes. Entries of [`Table::Audit`] must come
+    /// in order, each numbered one more than the log's last (else [`StoreError::ImportOrder`]);
+    /// the log head then follows them ([`Chain::head_of`]), so appends continue the chain.
+    /// Zeroizes its value when dropped (it may be a secret).
+    Import { table: Table, key: Vec<u8>, value: Zeroizing<Vec<u8>> },
 }
+
+/// Every table, in the order `migrate-store` copies them.
+pub const ALL_TABLES: [Table; 11] = [
+    Table::Meta,
+    Table::Keyrings,
+    Table::DataKeys,
+    Table::Issued,
+    Table::Audit,
+    Table::Checkpoints,
+    Table::RestoreTests,
+    Table::Approvals,
+    Table::Destructions,
+    Table::Expiry,
+    Table::KeySecrets,
+];
 
 /// Writes that land together or not at all.
 #[derive(Default)]
@@ -268,6 +290,8 @@ pub enum StoreError {
     TimedOut { store: String, secs: u64 },
     #[error("another replica changed {what} at the same moment; nothing was done: run it again")]
     Conflict { what: String },
+    #[error("imported audit entry {seq} does not follow the log's last entry (the next is {next})")]
+    ImportOrder { seq: u64, next: u64 },
     #[error("store CA file {path}: {source}")]
     CaFile { path: String, source: std::io::Error },
     #[error("cannot start the store's runtime: {source}")]

@@ -81,19 +81,7 @@ fn name(table: Table) -> &'static str {
     }
 }
 
-const ALL_TABLES: [Table; 11] = [
-    Table::Meta,
-    Table::Keyrings,
-    Table::DataKeys,
-    Table::Issued,
-    Table::Audit,
-    Table::Checkpoints,
-    Table::RestoreTests,
-    Table::Approvals,
-    Table::Destructions,
-    Table::Expiry,
-    Table::KeySecrets,
-];
+use super::ALL_TABLES;
 
 /// Checks a key against its table's layout (as the redb store's typed keys do).
 fn check_key(table: Table, key: &[u8]) -> Result<(), StoreError> {
@@ -130,6 +118,17 @@ fn check_group(group: &WriteGroup) -> Result<(), StoreError> {
             Op::Insert { table: Table::RestoreTests, .. } | Op::Append { .. } => {}
             Op::Expect { table, key, .. } => check_key(*table, key)?,
             Op::Insert { table, .. } => return Err(StoreError::WrongTable { table: *table }),
+            Op::Import { table, key, value } => {
+                check_key(*table, key)?;
+                let fits = match table {
+                    Table::Issued => value.len() == 8,
+                    Table::KeySecrets => value.len() == 32,
+                    _ => true,
+                };
+                if !fits {
+                    return Err(StoreError::WrongTable { table: *table });
+                }
+            }
         }
     }
     Ok(())
@@ -659,14 +658,35 @@ async fn commit_groups(client: &mut Client, store: &str, groups: &[&WriteGroup],
                     return Err(StoreError::Conflict { what: super::expect_what(*table, key) });
                 }
             }
+            Op::Import { table: Table::Issued, key, value } => {
+                let n = <[u8; 8]>::try_from(value.as_slice()).map_err(|_| StoreError::WrongTable { table: Table::Issued })?;
+                let n = i64::try_from(u64::from_be_bytes(n)).unwrap_or(i64::MAX);
+                txn.execute_typed("INSERT INTO kluis_issued_per_keyring (k, v) VALUES ($1, $2)", &[(key, Type::BYTEA), (&n, Type::INT8)])
+                    .await
+                    .map_err(pg)?;
+            }
+            Op::Import { table: Table::Audit, key, value } => {
+                if head.is_none() {
+                    head = Some(lock_head(&txn, store).await?);
+                }
+                let h = head.as_mut().ok_or(StoreError::GroupFailed)?;
+                let seq = super::key_id(Table::Audit, key)?;
+                if seq != h.next_seq {
+                    return Err(StoreError::ImportOrder { seq, next: h.next_seq });
+                }
+                let v: &[u8] = value.as_slice();
+                txn.execute_typed("INSERT INTO kluis_audit (k, v) VALUES ($1, $2)", &[(key, Type::BYTEA), (&v, Type::BYTEA)]).await.map_err(pg)?;
+                h.prev = chain.head_of(seq, v).map_err(|source| StoreError::Resume { seq, source })?;
+                h.next_seq += 1;
+            }
+            Op::Import { table, key, value } => {
+                let v: &[u8] = value.as_slice();
+                let sql = format!("INSERT INTO {} (k, v) VALUES ($1, $2)", name(*table));
+                txn.execute_typed(&sql, &[(key, Type::BYTEA), (&v, Type::BYTEA)]).await.map_err(pg)?;
+            }
             Op::Append { entry } => {
                 if head.is_none() {
-                    let row = txn
-                        .query_typed_one("SELECT next_seq, head FROM kluis_audit_head WHERE id = 1 FOR UPDATE", &[])
-                        .await
-                        .map_err(pg)?;
-                    let next: i64 = row.get(0);
-                    head = Some(Head { next_seq: u64::try_from(next).map_err(|_| StoreError::BadFormat { store: store.to_owned() })?, prev: row.get(1) });
+                    head = Some(lock_head(&txn, store).await?);
                 }
                 let h = head.as_mut().ok_or(StoreError::GroupFailed)?;
                 let seq = h.next_seq;
@@ -717,6 +737,16 @@ async fn commit_groups(client: &mut Client, store: &str, groups: &[&WriteGroup],
         chain.committed(on_commit);
     }
     Ok(())
+}
+
+/// The log head, locked for the rest of the transaction.
+async fn lock_head(txn: &tokio_postgres::Transaction<'_>, store: &str) -> Result<Head, StoreError> {
+    let row = txn
+        .query_typed_one("SELECT next_seq, head FROM kluis_audit_head WHERE id = 1 FOR UPDATE", &[])
+        .await
+        .map_err(|source| StoreError::Pg { store: store.to_owned(), source })?;
+    let next: i64 = row.get(0);
+    Ok(Head { next_seq: u64::try_from(next).map_err(|_| StoreError::BadFormat { store: store.to_owned() })?, prev: row.get(1) })
 }
 
 /// Bytes of every Kluis table (heap, indexes, TOAST).

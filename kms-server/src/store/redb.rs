@@ -506,6 +506,33 @@ fn commit_batch(database: &Database, groups: Vec<WriteGroup>, chain: &dyn Chain,
                         return Err(StoreError::Conflict { what: super::expect_what(table, &key) });
                     }
                 }
+                Op::Import { table, key, value } => match table {
+                    Table::Audit => {
+                        let seq = super::key_id(table, &key)?;
+                        if seq != next_seq {
+                            return Err(StoreError::ImportOrder { seq, next: next_seq });
+                        }
+                        audit.insert(seq, value.as_slice()).map_err(dberr)?;
+                        prev = chain.head_of(seq, &value).map_err(|source| StoreError::Resume { seq, source })?;
+                        next_seq += 1;
+                    }
+                    Table::Checkpoints => drop(checkpoints.insert(super::key_id(table, &key)?, value.as_slice()).map_err(dberr)?),
+                    Table::Issued => {
+                        let n = <[u8; 8]>::try_from(value.as_slice()).map_err(|_| StoreError::WrongTable { table })?;
+                        issued.insert(str_key(table, &key)?, u64::from_be_bytes(n)).map_err(dberr)?;
+                    }
+                    Table::KeySecrets => {
+                        let v: &[u8; 32] = value.as_slice().try_into().map_err(|_| StoreError::WrongTable { table })?;
+                        secrets.insert(id16(table, &key)?, v).map_err(dberr)?;
+                    }
+                    Table::Meta => drop(meta.insert(str_key(table, &key)?, value.as_slice()).map_err(dberr)?),
+                    Table::Keyrings => drop(keyrings.insert(str_key(table, &key)?, value.as_slice()).map_err(dberr)?),
+                    Table::DataKeys => drop(keys.insert(id16(table, &key)?, value.as_slice()).map_err(dberr)?),
+                    Table::Approvals => drop(approvals.insert(super::key_id(table, &key)?, value.as_slice()).map_err(dberr)?),
+                    Table::Destructions => drop(destructions.insert(super::key_id(table, &key)?, value.as_slice()).map_err(dberr)?),
+                    Table::RestoreTests => drop(tests.insert(super::key_id(table, &key)?, value.as_slice()).map_err(dberr)?),
+                    Table::Expiry => drop(expiry.insert(super::parse_expiry_key(&key)?, ()).map_err(dberr)?),
+                },
                 Op::Append { entry } => {
                     let seq = next_seq;
                     let base = match chain.base_of(seq) {
