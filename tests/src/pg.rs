@@ -124,7 +124,8 @@ impl Postgres {
                     l.push_str(&line);
                     l.push('\n');
                 }
-                if line.contains("ready to accept connections")
+                // "ready to accept connections", or "... read-only connections" for a standby.
+                if line.contains("ready to accept")
                     && let Some(tx) = tx.take()
                 {
                     let _ = tx.send(());
@@ -136,6 +137,64 @@ impl Postgres {
             panic!("postgres did not start:\n{}", self.log());
         }
         self.child = Some(child);
+    }
+
+    /// A streaming-replication standby of `primary` in its own temp directory (its own
+    /// unix socket directory, same port number): `pg_basebackup -R` from the primary, then
+    /// started as a hot standby. Make it synchronous with
+    /// [`make_standby_synchronous`](Self::make_standby_synchronous) on the primary.
+    pub fn standby_of(primary: &Postgres) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let socket_dir = dir.path().join("sock");
+        std::fs::create_dir(&socket_dir).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        std::fs::set_permissions(&socket_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let mut cmd = Command::new(program("pg_basebackup"));
+        cmd.args(["-h", s(&primary.socket_dir), "-p", "5432", "-U", USER, "-D", s(&data), "-R", "-X", "stream", "-c", "fast", "--no-sync"]);
+        if let Some((uid, gid)) = run_as() {
+            cmd.uid(uid).gid(gid);
+        }
+        let out = cmd.current_dir(dir.path()).output().expect("pg_basebackup (Debian package postgresql)");
+        assert!(out.status.success(), "pg_basebackup: {}", String::from_utf8_lossy(&out.stderr));
+        let mut pg = Self { child: None, dir, data, socket_dir, log: Arc::new(Mutex::new(String::new())) };
+        pg.spawn();
+        pg
+    }
+
+    /// On the primary: every commit from now on waits for the standby to have it
+    /// (`synchronous_standby_names = '*'`, `synchronous_commit = on`); returns once the
+    /// standby streams as a synchronous one.
+    pub fn make_standby_synchronous(&self) {
+        self.psql("postgres", "ALTER SYSTEM SET synchronous_standby_names = '*'");
+        self.psql("postgres", "SELECT pg_reload_conf()");
+        let start = std::time::Instant::now();
+        while self.psql("postgres", "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'") != "1" {
+            assert!(start.elapsed() < std::time::Duration::from_secs(120), "the standby did not become synchronous:\n{}", self.log());
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// Promotes this standby to a primary and waits until it takes writes.
+    pub fn promote(&self) {
+        assert_eq!(self.psql("postgres", "SELECT pg_promote(true, 120)"), "t", "{}", self.log());
+        assert_eq!(self.psql("postgres", "SELECT pg_is_in_recovery()"), "f");
+    }
+
+    /// SIGKILL of the postmaster (its backends stay until they notice): a primary lost as
+    /// a machine would be.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The host part of a multi-host libpq URL for this server (`%2F`-encoded socket dir and port).
+    pub fn host(&self) -> String {
+        let host: String = s(&self.socket_dir).bytes().map(|b| if b == b'/' { "%2F".to_owned() } else { (b as char).to_string() }).collect();
+        format!("{host}:5432")
     }
 
     /// Stops the server (immediate shutdown) and starts it again on the same data
@@ -176,8 +235,14 @@ impl Postgres {
 
     /// A libpq URL of database `db` over the unix socket (no password in it).
     pub fn url(&self, db: &str) -> String {
-        let host: String = s(&self.socket_dir).bytes().map(|b| if b == b'/' { "%2F".to_owned() } else { (b as char).to_string() }).collect();
-        format!("postgresql://{USER}@{host}:5432/{db}")
+        format!("postgresql://{USER}@{}/{db}", self.host())
+    }
+
+    /// A libpq URL that lists this server and then `others`, and takes whichever is writable
+    /// (`target_session_attrs=read-write`), as Kluis is pointed at a cluster with a standby.
+    pub fn url_with(&self, others: &[&Postgres], db: &str) -> String {
+        let hosts: Vec<String> = std::iter::once(self).chain(others.iter().copied()).map(Postgres::host).collect();
+        format!("postgresql://{USER}@{}/{db}?target_session_attrs=read-write", hosts.join(","))
     }
 
     /// Runs `psql` on database `db` with `sql` (as [`USER`], no password: use only on a

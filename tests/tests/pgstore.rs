@@ -614,3 +614,82 @@ fn a_store_moves_from_redb_to_postgres_and_back_and_everything_still_opens_and_v
     let back_entries = entry_lines(&export_verifies_through(&back.client(&server, "auditor")));
     assert_eq!(&back_entries[..after.len()], &after[..], "the chain moved back holds the same entries");
 }
+
+/// PostgreSQL's own failover: a primary and a synchronous streaming standby, two Kluis
+/// replicas on the multi-host URL (`target_session_attrs=read-write`). kill -9 the primary
+/// under issuance load, promote the standby: the replicas reconnect to it without a
+/// restart, seals succeed again, and every key a client was given (every acknowledged
+/// seal, before and after the loss) unwraps from the promoted standby. Seals that failed
+/// during the gap failed cleanly (UNAVAILABLE), they were not acknowledged.
+#[test]
+fn the_primary_killed_under_load_and_the_standby_promoted_loses_no_acknowledged_key() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let mut primary = Postgres::start();
+    primary.create_db("kluis");
+    let standby = Postgres::standby_of(&primary);
+    primary.make_standby_synchronous();
+    let server = Server::start_on_postgres(&primary.url_with(&[&standby], "kluis"));
+    let b = Replica::start(&config(&server));
+    let text = std::fs::read_to_string(server.client("sealer")).unwrap();
+    let own = format!("endpoint = \"https://{}\"\n", server.addr);
+    let sealer = server.dir.path().join("sealer-both.toml");
+    std::fs::write(&sealer, text.replace(&own, &format!("endpoints = [\"https://{}\", \"https://{}\"]\n", server.addr, b.addr))).unwrap();
+
+    let load = Arc::new(Mutex::new(Load::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let (load, stop, sealer) = (load.clone(), stop.clone(), sealer.clone());
+            std::thread::spawn(move || {
+                let mut i = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    let data = format!("thread {t} backup {i}").into_bytes();
+                    let out = backup_hook(&sealer, &["seal", "--keyring", "default", "--backup-id", &format!("ehr/{t}/{i}")], &data);
+                    let mut l = load.lock().unwrap();
+                    if out.status.success() {
+                        l.acked.push((data, out.stdout));
+                    } else {
+                        l.failed.push(out);
+                    }
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    let cap = std::time::Duration::from_secs(180);
+    let started = std::time::Instant::now();
+    wait_until(&load, cap, "20 seals on the primary", |l| l.acked.len() >= 20);
+    eprintln!("failover: 20 seals after {:?}", started.elapsed());
+    let killed = std::time::Instant::now();
+    primary.kill9();
+    standby.promote();
+    let promoted = killed.elapsed();
+    let acked_at_promotion = load.lock().unwrap().acked.len();
+    wait_until(&load, cap, "a seal after the promotion", |l| l.acked.len() > acked_at_promotion);
+    let first = killed.elapsed();
+    wait_until(&load, cap, "20 seals after the promotion", |l| l.acked.len() >= acked_at_promotion + 20);
+    eprintln!(
+        "failover: promoted {promoted:?} after the kill, first seal acknowledged {first:?} after it, {} failed meanwhile",
+        load.lock().unwrap().failed.len()
+    );
+    stop.store(true, Ordering::SeqCst);
+    for t in threads {
+        t.join().unwrap();
+    }
+    let load = load.lock().unwrap();
+    eprintln!("failover: {} seals acknowledged, {:?} since the start of the load", load.acked.len(), started.elapsed());
+    for out in &load.failed {
+        // A failure while no primary took writes says so and names no other cause.
+        assert_eq!(out.status.code(), Some(3), "a seal failed otherwise than unavailable: {}", stderr(out));
+    }
+    // Every acknowledged seal unwraps from the promoted standby, through either replica.
+    let restorer_b = b.client(&server, "restorer");
+    for (n, (data, sealed)) in load.acked.iter().enumerate() {
+        let out = if n % 2 == 0 { unseal(&server, "restorer", sealed) } else { backup_hook(&restorer_b, &["unseal"], sealed) };
+        ok(&out, "unseal of an acknowledged seal after the failover");
+        assert_eq!(&out.stdout, data);
+    }
+    assert_eq!(standby.psql("kluis", "SELECT pg_is_in_recovery()"), "f");
+    export_verifies(&server);
+}
