@@ -108,6 +108,32 @@ pub struct Server {
     /// The PostgreSQL store (`kms-server dev --store-url`), if not the redb file.
     pub store_url: Option<String>,
     stderr_path: PathBuf,
+    /// The PostgreSQL cluster this server's store lives in, if [`Server::start_with`] made
+    /// one (dropped after the server: fields drop after `Drop::drop`).
+    _pg: Option<pg::Postgres>,
+}
+
+/// Where a server keeps its store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreKind {
+    /// The embedded redb file in the data directory.
+    Redb,
+    /// A database on a real PostgreSQL cluster started for the server.
+    Postgres,
+}
+
+/// What the end-to-end suite runs under: a master-key provider and a store (see
+/// [`per_provider!`]). A [`Provider`] alone means its store is redb.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Setup {
+    pub provider: Provider,
+    pub store: StoreKind,
+}
+
+impl From<Provider> for Setup {
+    fn from(provider: Provider) -> Self {
+        Setup { provider, store: StoreKind::Redb }
+    }
 }
 
 impl Server {
@@ -116,10 +142,18 @@ impl Server {
         Self::start_with(Provider::Software)
     }
 
-    /// Starts `kms-server dev` with the given master-key provider.
-    pub fn start_with(provider: Provider) -> Self {
+    /// Starts `kms-server dev` with the given master-key provider (and store: on
+    /// PostgreSQL, a cluster of its own that lives as long as the server).
+    pub fn start_with(setup: impl Into<Setup>) -> Self {
+        let Setup { provider, store } = setup.into();
         let dir = tempfile::tempdir().unwrap();
         let token = (provider == Provider::SoftHsm).then(|| SoftHsmToken::create(&dir.path().join("hsm"), "kluis-test"));
+        let pg = (store == StoreKind::Postgres).then(|| {
+            let pg = pg::Postgres::start();
+            pg.create_db("kluis");
+            pg
+        });
+        let store_url = pg.as_ref().map(|pg| pg.url("kluis"));
         let mut s = Server {
             child: None,
             dir,
@@ -129,8 +163,9 @@ impl Server {
             env: Vec::new(),
             metrics_addr: None,
             args: Vec::new(),
-            store_url: None,
+            store_url,
             stderr_path: PathBuf::new(),
+            _pg: pg,
         };
         s.spawn();
         s
@@ -140,7 +175,7 @@ impl Server {
     pub fn start_with_args(args: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let args = args.iter().map(|a| (*a).to_owned()).collect();
-        let mut s = Server { child: None, dir, addr: String::new(), provider: Provider::Software, token: None, env: Vec::new(), metrics_addr: None, args, store_url: None, stderr_path: PathBuf::new() };
+        let mut s = Server { child: None, dir, addr: String::new(), provider: Provider::Software, token: None, env: Vec::new(), metrics_addr: None, args, store_url: None, stderr_path: PathBuf::new(), _pg: None };
         s.spawn();
         s
     }
@@ -159,6 +194,7 @@ impl Server {
             args: Vec::new(),
             store_url: Some(url.to_owned()),
             stderr_path: PathBuf::new(),
+            _pg: None,
         };
         s.spawn();
         s
@@ -523,16 +559,22 @@ pub fn digest_reader(mut r: impl Read) -> (String, u64) {
     (hex::encode(ctx.finish().as_ref()), n)
 }
 
-/// Runs each named test function `fn name(p: Provider)` once per master-key
-/// provider: `software::name` and `softhsm::name`, from one test source.
+/// Runs each named test function `fn name(p: Setup)` once per master-key provider on
+/// the redb store (`software::name`, `softhsm::name`) and once on a PostgreSQL store
+/// (`postgres::name`, software master key), from one test source.
 #[macro_export]
 macro_rules! per_provider {
     ($($name:ident),* $(,)?) => {
         mod software {
-            $( #[test] fn $name() { super::$name($crate::Provider::Software) } )*
+            $( #[test] fn $name() { super::$name($crate::Provider::Software.into()) } )*
         }
         mod softhsm {
-            $( #[test] fn $name() { super::$name($crate::Provider::SoftHsm) } )*
+            $( #[test] fn $name() { super::$name($crate::Provider::SoftHsm.into()) } )*
+        }
+        mod postgres {
+            $( #[test] fn $name() {
+                super::$name($crate::Setup { provider: $crate::Provider::Software, store: $crate::StoreKind::Postgres })
+            } )*
         }
     };
 }

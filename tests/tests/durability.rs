@@ -13,7 +13,7 @@ const MAX_PER_CLIENT: usize = 150;
 /// The server is killed once this many seals have succeeded.
 const KILL_AFTER: usize = 40;
 
-fn kill9_mid_load_loses_no_issued_key(p: Provider) {
+fn kill9_mid_load_loses_no_issued_key(p: Setup) {
     let mut server = Server::start_with(p);
     // Clients stop at their first failure, so they must not ride the kill out.
     let sealer = server.client_with("sealer", "sealer-no-retry.toml", "[retry]\ndeadline_secs = 0\n");

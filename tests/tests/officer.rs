@@ -21,7 +21,7 @@ fn stanza_version(sealed: &[u8]) -> u32 {
     u32::from_be_bytes(body[1..5].try_into().unwrap())
 }
 
-fn rotation_adds_a_version_and_old_backups_still_unseal(p: Provider) {
+fn rotation_adds_a_version_and_old_backups_still_unseal(p: Setup) {
     let server = Server::start_with(p);
     let before = seal(&server, "sealer", "default", "before-rotation", b"old backup");
     assert_eq!(stanza_version(&before), 1);
@@ -43,7 +43,7 @@ fn rotation_adds_a_version_and_old_backups_still_unseal(p: Provider) {
     assert_eq!(v["versions"].as_array().unwrap().len(), 2);
 }
 
-fn master_rotation_rewraps_keyring_keys_only(p: Provider) {
+fn master_rotation_rewraps_keyring_keys_only(p: Setup) {
     let mut server = Server::start_with(p);
     let before = seal(&server, "sealer", "default", "before-master-rotation", b"old backup");
     let out = server.kmsctl("auditor", &["master", "rotate"]);
@@ -60,7 +60,7 @@ fn master_rotation_rewraps_keyring_keys_only(p: Provider) {
     }
     // A second rotation, then a restart: the server opens the store's generation.
     assert!(server.kmsctl("officer", &["master", "rotate"]).status.success());
-    if p == Provider::Software {
+    if p.provider == Provider::Software {
         // The software key files of generations 1 and 2 are no longer needed by this store.
         let key = server.data_dir().join("master.key");
         assert!(server.data_dir().join("master.key.g3").exists());

@@ -27,7 +27,7 @@ fn sample(len: usize) -> Vec<u8> {
     v
 }
 
-fn round_trip_at_chunk_boundaries(p: Provider) {
+fn round_trip_at_chunk_boundaries(p: Setup) {
     let server = Server::start_with(p);
     for len in [0usize, 1, 65_536, 65_537, 3 * 65_536 + 5] {
         let data = sample(len);
@@ -39,7 +39,7 @@ fn round_trip_at_chunk_boundaries(p: Provider) {
     }
 }
 
-fn round_trip_200_mib_stream_through_a_pipe(p: Provider) {
+fn round_trip_200_mib_stream_through_a_pipe(p: Setup) {
     const LEN: u64 = 200 << 20;
     let server = Server::start_with(p);
     let sealer = server.client("sealer");
@@ -114,7 +114,7 @@ fn install_recovery(server: &Server) -> age::x25519::Identity {
     secret.parse().unwrap()
 }
 
-fn sealed_file_is_a_standard_age_file_that_the_recovery_identity_opens(p: Provider) {
+fn sealed_file_is_a_standard_age_file_that_the_recovery_identity_opens(p: Setup) {
     let server = Server::start_with(p);
     // Before any escrow: a Kluis stanza only; the age crate still parses the header.
     let plain = seal(&server, "sealer", "default", "no-escrow", b"before escrow");
@@ -171,7 +171,7 @@ fn assert_refused(server: &Server, sealed: &[u8], code: i32, needle: &str) {
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temp file may be left behind");
 }
 
-fn tampered_truncated_and_foreign_files_are_refused(p: Provider) {
+fn tampered_truncated_and_foreign_files_are_refused(p: Setup) {
     let server = Server::start_with(p);
     let data = sample(200_000);
     let sealed = seal(&server, "sealer", "default", "victim", &data);
@@ -210,7 +210,7 @@ fn tampered_truncated_and_foreign_files_are_refused(p: Provider) {
     assert_refused(&server, &foreign, 4, "not known to this server");
 }
 
-fn sealer_cannot_unseal_and_restorer_can(p: Provider) {
+fn sealer_cannot_unseal_and_restorer_can(p: Setup) {
     let server = Server::start_with(p);
     let sealed = seal(&server, "sealer", "default", "ransomware-story", b"patient records");
     let out = unseal(&server, "sealer", &sealed);
@@ -222,7 +222,7 @@ fn sealer_cannot_unseal_and_restorer_can(p: Provider) {
     assert_eq!(out.stdout, b"patient records");
 }
 
-fn unreachable_server_fails_fast_with_a_clear_message(p: Provider) {
+fn unreachable_server_fails_fast_with_a_clear_message(p: Setup) {
     let server = Server::start_with(p);
     let cfg_text = std::fs::read_to_string(server.client("sealer")).unwrap();
     // Point at a port nothing listens on: bind one, then close it.
@@ -236,7 +236,7 @@ fn unreachable_server_fails_fast_with_a_clear_message(p: Provider) {
     assert!(out.stdout.is_empty(), "no sealed output on failure");
 }
 
-fn broken_pipe_while_sealing_is_a_failure(p: Provider) {
+fn broken_pipe_while_sealing_is_a_failure(p: Setup) {
     let server = Server::start_with(p);
     let cfg = server.client("sealer");
     let mut child = Command::new(bin("backup-hook"))
@@ -258,7 +258,7 @@ fn broken_pipe_while_sealing_is_a_failure(p: Provider) {
     assert!(stderr(&out).contains("broken pipe"), "{}", stderr(&out));
 }
 
-fn unknown_keyring_and_bad_arguments_are_named(p: Provider) {
+fn unknown_keyring_and_bad_arguments_are_named(p: Setup) {
     let server = Server::start_with(p);
     let cfg = server.client("dev");
     let out = run("backup-hook", &["--client-config", cfg.to_str().unwrap(), "seal", "--keyring", "nope", "--backup-id", "x"], b"d");
@@ -272,7 +272,7 @@ fn unknown_keyring_and_bad_arguments_are_named(p: Provider) {
     assert!(stderr(&out).contains("KLUIS_CLIENT_CONFIG"), "{}", stderr(&out));
 }
 
-fn kmsctl_keyring_create_list_show(p: Provider) {
+fn kmsctl_keyring_create_list_show(p: Setup) {
     let server = Server::start_with(p);
     let officer = server.client("officer");
     let o = officer.to_str().unwrap();
@@ -298,7 +298,7 @@ fn kmsctl_keyring_create_list_show(p: Provider) {
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
 }
 
-fn dev_restart_reuses_keys_and_data(p: Provider) {
+fn dev_restart_reuses_keys_and_data(p: Setup) {
     let mut server = Server::start_with(p);
     let sealed = seal(&server, "sealer", "default", "before-restart", b"kept");
     server.restart();
@@ -308,7 +308,7 @@ fn dev_restart_reuses_keys_and_data(p: Provider) {
     assert!(server.log().is_empty() || !server.log().contains("ERROR"), "{}", server.log());
 }
 
-fn write_is_flushed_to_output_file_atomically(p: Provider) {
+fn write_is_flushed_to_output_file_atomically(p: Setup) {
     let server = Server::start_with(p);
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("in.bin");
