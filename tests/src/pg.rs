@@ -56,6 +56,10 @@ pub struct Postgres {
     /// The directory of the server's unix socket.
     pub socket_dir: PathBuf,
     log: Arc<Mutex<String>>,
+    /// Extra `postgres` arguments, after the defaults (a later `-c` wins).
+    args: Vec<String>,
+    /// The TCP port on 127.0.0.1, if it listens there too ([`Postgres::start_tcp`]).
+    tcp_port: Option<u16>,
 }
 
 impl Postgres {
@@ -96,7 +100,7 @@ impl Postgres {
         }
         let out = initdb.current_dir(dir.path()).output().expect("initdb (Debian package postgresql) is required");
         assert!(out.status.success(), "initdb: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        let mut pg = Self { child: None, dir, data, socket_dir, log: Arc::new(Mutex::new(String::new())) };
+        let mut pg = Self { child: None, dir, data, socket_dir, log: Arc::new(Mutex::new(String::new())), args: Vec::new(), tcp_port: None };
         pg.spawn();
         pg
     }
@@ -106,6 +110,7 @@ impl Postgres {
         cmd.args(["-D", s(&self.data), "-k", s(&self.socket_dir)])
             .args(["-c", "listen_addresses=", "-c", "port=5432", "-c", "unix_socket_permissions=0777"])
             .args(["-c", "shared_buffers=16MB", "-c", "max_connections=60", "-c", "fsync=on"])
+            .args(&self.args)
             .current_dir(self.dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -152,13 +157,13 @@ impl Postgres {
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
         std::fs::set_permissions(&socket_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
         let mut cmd = Command::new(program("pg_basebackup"));
-        cmd.args(["-h", s(&primary.socket_dir), "-p", "5432", "-U", USER, "-D", s(&data), "-R", "-X", "stream", "-c", "fast", "--no-sync"]);
+        cmd.args(["-h", s(&primary.socket_dir), "-p", &primary.port().to_string(), "-U", USER, "-D", s(&data), "-R", "-X", "stream", "-c", "fast", "--no-sync"]);
         if let Some((uid, gid)) = run_as() {
             cmd.uid(uid).gid(gid);
         }
         let out = cmd.current_dir(dir.path()).output().expect("pg_basebackup (Debian package postgresql)");
         assert!(out.status.success(), "pg_basebackup: {}", String::from_utf8_lossy(&out.stderr));
-        let mut pg = Self { child: None, dir, data, socket_dir, log: Arc::new(Mutex::new(String::new())) };
+        let mut pg = Self { child: None, dir, data, socket_dir, log: Arc::new(Mutex::new(String::new())), args: Vec::new(), tcp_port: None };
         pg.spawn();
         pg
     }
@@ -194,7 +199,56 @@ impl Postgres {
     /// The host part of a multi-host libpq URL for this server (`%2F`-encoded socket dir and port).
     pub fn host(&self) -> String {
         let host: String = s(&self.socket_dir).bytes().map(|b| if b == b'/' { "%2F".to_owned() } else { (b as char).to_string() }).collect();
-        format!("{host}:5432")
+        format!("{host}:{}", self.port())
+    }
+
+    /// A trusting cluster that also listens on 127.0.0.1 at a free port, with TLS from
+    /// `cert` and `key` (PEM): TCP connections must use TLS (`hostssl`), the unix socket
+    /// stays plain for the test's own psql.
+    pub fn start_tcp_tls(cert: &Path, key: &Path) -> Self {
+        let mut pg = Self::start();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        for (from, to) in [(cert, "server.crt"), (key, "server.key")] {
+            let dest = pg.data.join(to);
+            std::fs::copy(from, &dest).unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o600)).unwrap();
+            if let Some((uid, gid)) = run_as() {
+                std::os::unix::fs::chown(&dest, Some(uid), Some(gid)).unwrap();
+            }
+        }
+        pg.args = ["listen_addresses=127.0.0.1".to_owned(), format!("port={port}"), "ssl=on".into()]
+            .into_iter()
+            .flat_map(|a| ["-c".to_owned(), a])
+            .collect();
+        // The unix socket keeps its name (.s.PGSQL.<port>): psql and url() follow the port.
+        pg.tcp_port = Some(port);
+        std::fs::write(pg.data.join("pg_hba.conf"), "local all all trust\nhostssl all all 127.0.0.1/32 trust\n").unwrap();
+        pg.restart();
+        pg
+    }
+
+    /// Restarts the server with TLS off (`ssl = off`, TCP connections plain: `host` in
+    /// pg_hba): a server that offers no TLS.
+    pub fn without_tls(&mut self) {
+        std::fs::write(self.data.join("pg_hba.conf"), "local all all trust\nhost all all 127.0.0.1/32 trust\n").unwrap();
+        for a in &mut self.args {
+            if a == "ssl=on" {
+                *a = "ssl=off".into();
+            }
+        }
+        self.restart();
+        assert_eq!(self.psql("postgres", "SHOW ssl"), "off");
+    }
+
+    /// The port: of the unix socket's name, and on 127.0.0.1 if it listens there.
+    pub fn port(&self) -> u16 {
+        self.tcp_port.unwrap_or(5432)
+    }
+
+    /// A libpq URL of database `db` over TCP on 127.0.0.1 ([`start_tcp_tls`](Self::start_tcp_tls)).
+    pub fn tcp_url(&self, db: &str) -> String {
+        format!("postgresql://{USER}@127.0.0.1:{}/{db}", self.tcp_port.expect("a cluster started with start_tcp_tls"))
     }
 
     /// Stops the server (immediate shutdown) and starts it again on the same data
@@ -249,7 +303,7 @@ impl Postgres {
     /// trusting cluster, or pass `password`).
     pub fn psql_with(&self, db: &str, sql: &str, password: Option<&str>) -> Output {
         let mut cmd = Command::new(program("psql"));
-        cmd.args(["-h", s(&self.socket_dir), "-p", "5432", "-U", USER, "-d", db, "-v", "ON_ERROR_STOP=1", "-XAtqc", sql]);
+        cmd.args(["-h", s(&self.socket_dir), "-p", &self.port().to_string(), "-U", USER, "-d", db, "-v", "ON_ERROR_STOP=1", "-XAtqc", sql]);
         if let Some(pw) = password {
             cmd.env("PGPASSWORD", pw);
         }

@@ -693,3 +693,95 @@ fn the_primary_killed_under_load_and_the_standby_promoted_loses_no_acknowledged_
     assert_eq!(standby.psql("kluis", "SELECT pg_is_in_recovery()"), "f");
     export_verifies(&server);
 }
+
+/// A CA (`NAME-ca.pem`) and, signed by it, a server certificate for 127.0.0.1
+/// (`NAME-server.pem`, `NAME-server.key`), made with the real `openssl`.
+fn openssl_ca_and_server(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let p = |f: &str| dir.join(format!("{name}-{f}"));
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl (Debian package openssl)");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let (ca, ca_key, crt, key, csr, ext) = (p("ca.pem"), p("ca.key"), p("server.pem"), p("server.key"), p("server.csr"), p("ext.cnf"));
+    run(&["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2", "-subj", &format!("/CN={name} test CA"), "-keyout", s(&ca_key), "-out", s(&ca)]);
+    run(&["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", s(&key), "-out", s(&csr)]);
+    std::fs::write(&ext, "subjectAltName = IP:127.0.0.1\nextendedKeyUsage = serverAuth\n").unwrap();
+    run(&["x509", "-req", "-in", s(&csr), "-CA", s(&ca), "-CAkey", s(&ca_key), "-CAcreateserial", "-days", "2", "-extfile", s(&ext), "-out", s(&crt)]);
+    (ca, crt, key)
+}
+
+/// `kms-server serve --config CFG`, which must refuse to start: its output once it exits.
+/// If it starts listening instead, it is killed and the test fails (rather than waiting
+/// on a server that serves).
+fn refused_start(config: &Path) -> Output {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(bin("kms-server"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .args(["--listen", "127.0.0.1:0"])
+        .env("KLUIS_LOG", "error")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        if line.contains("listening on") {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("kms-server started with {} although it should have refused: {}", config.display(), stderr(&out));
+        }
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// `[store] ca_file`: Kluis reaches PostgreSQL over TLS (the cluster takes TCP connections
+/// over TLS only) and checks the server's certificate against the file: the right CA
+/// serves, another CA's certificate refuses the start in one line, and a server that
+/// offers no TLS at all is refused too, never used in plain text.
+#[test]
+fn a_store_over_tls_checks_the_servers_certificate_and_never_falls_back_to_plain() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, crt, key) = openssl_ca_and_server(dir.path(), "db");
+    let (other_ca, _, _) = openssl_ca_and_server(dir.path(), "other");
+    let mut pg = Postgres::start_tcp_tls(&crt, &key);
+    pg.create_db("kluis");
+    // A dev server's store, moved to the database over TLS.
+    let mut server = Server::start();
+    let sealed = seal(&server, "sealer", "default", "before", b"sealed before the move");
+    server.kill9();
+    let text = std::fs::read_to_string(config(&server)).unwrap();
+    let with_ca = |file: &str, ca: &Path| {
+        let p = server.data_dir().join(file);
+        std::fs::write(&p, format!("{text}\n[store]\nbackend = \"postgres\"\nurl = \"{}\"\nca_file = \"{}\"\n", pg.tcp_url("kluis"), ca.display())).unwrap();
+        p
+    };
+    let tls_cfg = with_ca("tls.toml", &ca);
+    ok(&migrate_store(&config(&server), &tls_cfg), "migrate-store over TLS");
+    let replica = Replica::start(&tls_cfg);
+    let out = backup_hook(&replica.client(&server, "restorer"), &["unseal"], &sealed);
+    ok(&out, "unseal through a replica on the store over TLS");
+    assert_eq!(out.stdout, b"sealed before the move");
+    assert!(pg.psql("postgres", "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) WHERE ssl AND application_name = 'kluis'") != "0");
+    drop(replica);
+
+    // Another CA: the server's certificate is refused, the start with it.
+    let wrong = with_ca("wrong-ca.toml", &other_ca);
+    let out = refused_start(&wrong);
+    refused_one_line(&out, 1, &["127.0.0.1"]);
+    assert!(stderr(&out).to_lowercase().contains("certificate"), "{}", stderr(&out));
+
+    // A server that offers no TLS: refused, not used in plain text.
+    pg.without_tls();
+    let out = refused_start(&tls_cfg);
+    refused_one_line(&out, 1, &["127.0.0.1"]);
+    assert!(stderr(&out).contains("TLS") || stderr(&out).to_lowercase().contains("ssl"), "{}", stderr(&out));
+    // The same URL without a CA file connects in plain text: the refusal above was the CA file's.
+    let plain = server.data_dir().join("plain.toml");
+    std::fs::write(&plain, format!("{text}\n[store]\nbackend = \"postgres\"\nurl = \"{}\"\n", pg.tcp_url("kluis"))).unwrap();
+    let replica = Replica::start(&plain);
+    ok(&backup_hook(&replica.client(&server, "restorer"), &["unseal"], &sealed), "unseal in plain text without a CA file");
+    // sslmode=disable with a CA file is a contradiction, named.
+    std::fs::write(&wrong, format!("{text}\n[store]\nbackend = \"postgres\"\nurl = \"{}?sslmode=disable\"\nca_file = \"{}\"\n", pg.tcp_url("kluis"), ca.display())).unwrap();
+    refused_one_line(&refused_start(&wrong), 1, &["sslmode=disable", "ca_file"]);
+}

@@ -294,6 +294,8 @@ pub enum StoreError {
     ImportOrder { seq: u64, next: u64 },
     #[error("store CA file {path}: {source}")]
     CaFile { path: String, source: std::io::Error },
+    #[error("[store] url says sslmode=disable, but [store] ca_file asks for TLS; remove one of them")]
+    TlsDisabled,
     #[error("cannot start the store's runtime: {source}")]
     Runtime { source: std::io::Error },
     #[error("scrubbing store {store} failed at {step} ({path}); the store is unchanged: {source}")]

@@ -179,7 +179,15 @@ impl Connector {
         }
         let tls = match &opts.ca_file {
             None => Tls::Plain,
-            Some(path) => Tls::Rustls(tokio_postgres_rustls::MakeRustlsConnect::new(tls_config(path)?)),
+            Some(path) => {
+                // A CA file means TLS, always: libpq's default (`prefer`) would fall back to a
+                // plain connection when the server offers none, silently.
+                if config.get_ssl_mode() == tokio_postgres::config::SslMode::Disable {
+                    return Err(StoreError::TlsDisabled);
+                }
+                config.ssl_mode(tokio_postgres::config::SslMode::Require);
+                Tls::Rustls(tokio_postgres_rustls::MakeRustlsConnect::new(tls_config(path)?))
+            }
         };
         Ok(Self { config, tls, store })
     }
