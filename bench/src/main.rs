@@ -91,6 +91,10 @@ struct Cli {
     /// Print the report as one JSON object on stdout (the human line goes to stderr).
     #[arg(long)]
     json: bool,
+    /// Open the connections round-robin over every endpoint of the config (the load spread
+    /// over several replicas) instead of all to the first endpoint that takes them.
+    #[arg(long)]
+    spread: bool,
 }
 
 #[derive(Serialize, Debug)]
@@ -203,7 +207,7 @@ async fn require_loopback(ep: &Endpoint) -> Result<(), String> {
 /// over with one line on stderr; any other failure (a server certificate of another CA, ...)
 /// is final. Once connected the run stays on that endpoint: errors during the measurement
 /// are counted, not failed over (they are what a load test reports).
-async fn connect_all(path: &Path, n: u32) -> Result<(Vec<Channel>, ClientConfig, String), String> {
+async fn connect_all(path: &Path, n: u32, spread: bool) -> Result<(Vec<Channel>, ClientConfig, String), String> {
     let cfg = ClientConfig::load(path).map_err(|e| e.to_string())?;
     cfg.check_key_permissions().map_err(|e| e.to_string())?;
     let read = |p: &Path| std::fs::read(p).map_err(|e| format!("could not read {}: {e}", p.display()));
@@ -215,6 +219,14 @@ async fn connect_all(path: &Path, n: u32) -> Result<(Vec<Channel>, ClientConfig,
         let ep = endpoint(&cfg, url, &tls)?;
         require_loopback(&ep).await?;
         eps.push(ep);
+    }
+    if spread {
+        let mut channels = Vec::with_capacity(n as usize);
+        for i in 0..n as usize {
+            let (url, ep) = (&cfg.endpoints[i % eps.len()], &eps[i % eps.len()]);
+            channels.push(ep.connect().await.map_err(|e| ClientError::from_connect(url, e).to_string())?);
+        }
+        return Ok((channels, cfg.clone(), cfg.endpoints.join(" + ")));
     }
     let mut failures = Vec::new();
     for (i, (url, ep)) in cfg.endpoints.iter().zip(&eps).enumerate() {
@@ -410,7 +422,7 @@ async fn run(cli: Cli) -> Result<Report, String> {
     let s = cli.streams;
     let tasks = (c * s) as usize;
 
-    let (gen_channels, gen_cfg, gen_endpoint) = connect_all(&cli.client_config, c).await?;
+    let (gen_channels, gen_cfg, gen_endpoint) = connect_all(&cli.client_config, c, cli.spread).await?;
     let timeout = gen_cfg.timeout();
     let mut calls = Vec::with_capacity(tasks);
     let (endpoint, unwrap_keys) = match cli.op {
@@ -436,7 +448,7 @@ async fn run(cli: Cli) -> Result<Report, String> {
             let keys = Arc::new(issue_keys(&gen_channels, &cli.keyring, n, tasks, timeout).await?);
             drop(gen_channels);
             let path = cli.unwrap_client_config.as_deref().unwrap_or(&cli.client_config);
-            let (channels, _, endpoint) = connect_all(path, c).await?;
+            let (channels, _, endpoint) = connect_all(path, c, cli.spread).await?;
             for t in 0..tasks {
                 calls.push(Call::Unwrap {
                     client: KeyServiceClient::new(channels[t % c as usize].clone()),
