@@ -602,6 +602,85 @@ struct Head {
 }
 
 /// Commits `groups` in one transaction.
+/// A statement's parameter, owned: statements are queued and sent together.
+enum Param {
+    Bytes(Vec<u8>),
+    /// Secret bytes: zeroized when the statement is dropped; never printed.
+    Secret(Zeroizing<Vec<u8>>),
+    Int(i64),
+    Text(String),
+}
+
+impl std::fmt::Debug for Param {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Param::Bytes(b) => write!(f, "Bytes({} bytes)", b.len()),
+            Param::Secret(_) => f.write_str("Secret(..)"),
+            Param::Int(i) => write!(f, "Int({i})"),
+            Param::Text(t) => write!(f, "Text({t:?})"),
+        }
+    }
+}
+
+impl ToSql for Param {
+    fn to_sql(&self, ty: &Type, out: &mut tokio_postgres::types::private::BytesMut) -> Result<tokio_postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match self {
+            Param::Bytes(b) => b.as_slice().to_sql(ty, out),
+            Param::Secret(b) => b.as_slice().to_sql(ty, out),
+            Param::Int(i) => i.to_sql(ty, out),
+            Param::Text(t) => t.to_sql(ty, out),
+        }
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        <&[u8] as ToSql>::accepts(ty) || <i64 as ToSql>::accepts(ty) || <String as ToSql>::accepts(ty)
+    }
+
+    tokio_postgres::types::to_sql_checked!();
+}
+
+/// Writes of a transaction whose answers nothing waits for, queued in op order and sent
+/// together ([`flush`]): the server runs them in that order, and the transaction pays one
+/// round trip for them instead of one each.
+#[derive(Default)]
+struct Queue(Vec<(String, Vec<(Param, Type)>)>);
+
+impl Queue {
+    fn push(&mut self, sql: String, params: Vec<(Param, Type)>) {
+        self.0.push((sql, params));
+    }
+}
+
+/// Sends every queued statement at once (tokio-postgres pipelines requests that are in
+/// flight together) and waits for all of them; the first error fails the transaction.
+async fn flush(txn: &tokio_postgres::Transaction<'_>, queue: &mut Queue, store: &str) -> Result<(), StoreError> {
+    if queue.0.is_empty() {
+        return Ok(());
+    }
+    let stmts = std::mem::take(&mut queue.0);
+    let params: Vec<Vec<(&(dyn ToSql + Sync), Type)>> =
+        stmts.iter().map(|(_, ps)| ps.iter().map(|(p, t)| (p as &(dyn ToSql + Sync), t.clone())).collect()).collect();
+    let mut pending: Vec<_> = stmts.iter().zip(&params).map(|((sql, _), ps)| Box::pin(txn.execute_typed(sql, ps))).collect();
+    let mut results: Vec<Option<Result<u64, tokio_postgres::Error>>> = (0..pending.len()).map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut all = true;
+        for (f, r) in pending.iter_mut().zip(results.iter_mut()) {
+            if r.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *r = Some(v),
+                    std::task::Poll::Pending => all = false,
+                }
+            }
+        }
+        if all { std::task::Poll::Ready(()) } else { std::task::Poll::Pending }
+    })
+    .await;
+    for r in results.into_iter().flatten() {
+        r.map_err(|source| StoreError::Pg { store: store.to_owned(), source })?;
+    }
+    Ok(())
+}
+
 async fn commit_groups(client: &mut Client, store: &str, groups: &[&WriteGroup], chain: &dyn Chain) -> Result<(), StoreError> {
     let pg = |source| StoreError::Pg { store: store.to_owned(), source };
     let txn = client.transaction().await.map_err(pg)?;
@@ -614,20 +693,21 @@ async fn commit_groups(client: &mut Client, store: &str, groups: &[&WriteGroup],
     let mut linked_here: Vec<(u64, ChainHead)> = Vec::new();
     let mut on_commit = Vec::new();
     let mut locked_tests = false;
+    // Plain writes wait here until a statement whose answer is needed (or the commit).
+    let mut q = Queue::default();
+    let bytes = |b: &[u8]| (Param::Bytes(b.to_vec()), Type::BYTEA);
     for op in groups.iter().flat_map(|g| g.ops.iter()) {
         match op {
             Op::Put { table, key, value } => {
                 let sql = format!("INSERT INTO {0} (k, v) VALUES ($1, $2) ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v", name(*table));
-                txn.execute_typed(&sql, &[(key, Type::BYTEA), (value, Type::BYTEA)]).await.map_err(pg)?;
+                q.push(sql, vec![bytes(key), bytes(value)]);
             }
             Op::PutSecret { table, key, value } => {
                 let sql = format!("INSERT INTO {0} (k, v) VALUES ($1, $2) ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v", name(*table));
-                let v: &[u8] = value.as_slice();
-                txn.execute_typed(&sql, &[(key, Type::BYTEA), (&v, Type::BYTEA)]).await.map_err(pg)?;
+                q.push(sql, vec![bytes(key), (Param::Secret(Zeroizing::new(value.to_vec())), Type::BYTEA)]);
             }
             Op::Delete { table, key } => {
-                let sql = format!("DELETE FROM {} WHERE k = $1", name(*table));
-                txn.execute_typed(&sql, &[(key, Type::BYTEA)]).await.map_err(pg)?;
+                q.push(format!("DELETE FROM {} WHERE k = $1", name(*table)), vec![bytes(key)]);
             }
             Op::Increment { table, key, by } => {
                 let by = i64::try_from(*by).unwrap_or(i64::MAX);
@@ -636,9 +716,10 @@ async fn commit_groups(client: &mut Client, store: &str, groups: &[&WriteGroup],
                      CASE WHEN t.v > 9223372036854775807 - EXCLUDED.v THEN 9223372036854775807 ELSE t.v + EXCLUDED.v END",
                     name(*table)
                 );
-                txn.execute_typed(&sql, &[(key, Type::BYTEA), (&by, Type::INT8)]).await.map_err(pg)?;
+                q.push(sql, vec![bytes(key), (Param::Int(by), Type::INT8)]);
             }
             Op::Insert { table, value } => {
+                flush(&txn, &mut q, store).await?;
                 // The next id is one more than the largest: the table lock orders inserters
                 // across replicas (restore tests are rare).
                 if !locked_tests {
@@ -658,6 +739,8 @@ async fn commit_groups(client: &mut Client, store: &str, groups: &[&WriteGroup],
                 txn.execute_typed(&sql, &[(&key, Type::BYTEA), (value, Type::BYTEA)]).await.map_err(pg)?;
             }
             Op::Expect { table, key, value } => {
+                // After the group's earlier writes, which must be sent first.
+                flush(&txn, &mut q, store).await?;
                 // READ COMMITTED after the lock: sees every commit of the other holders.
                 let sql = format!("SELECT v FROM {} WHERE k = $1", name(*table));
                 let row = txn.query_typed_opt(&sql, &[(key, Type::BYTEA)]).await.map_err(pg)?;
@@ -669,9 +752,7 @@ async fn commit_groups(client: &mut Client, store: &str, groups: &[&WriteGroup],
             Op::Import { table: Table::Issued, key, value } => {
                 let n = <[u8; 8]>::try_from(value.as_slice()).map_err(|_| StoreError::WrongTable { table: Table::Issued })?;
                 let n = i64::try_from(u64::from_be_bytes(n)).unwrap_or(i64::MAX);
-                txn.execute_typed("INSERT INTO kluis_issued_per_keyring (k, v) VALUES ($1, $2)", &[(key, Type::BYTEA), (&n, Type::INT8)])
-                    .await
-                    .map_err(pg)?;
+                q.push("INSERT INTO kluis_issued_per_keyring (k, v) VALUES ($1, $2)".into(), vec![bytes(key), (Param::Int(n), Type::INT8)]);
             }
             Op::Import { table: Table::Audit, key, value } => {
                 if head.is_none() {
@@ -682,18 +763,18 @@ async fn commit_groups(client: &mut Client, store: &str, groups: &[&WriteGroup],
                 if seq != h.next_seq {
                     return Err(StoreError::ImportOrder { seq, next: h.next_seq });
                 }
-                let v: &[u8] = value.as_slice();
-                txn.execute_typed("INSERT INTO kluis_audit (k, v) VALUES ($1, $2)", &[(key, Type::BYTEA), (&v, Type::BYTEA)]).await.map_err(pg)?;
-                h.prev = chain.head_of(seq, v).map_err(|source| StoreError::Resume { seq, source })?;
+                q.push("INSERT INTO kluis_audit (k, v) VALUES ($1, $2)".into(), vec![bytes(key), bytes(value)]);
+                h.prev = chain.head_of(seq, value).map_err(|source| StoreError::Resume { seq, source })?;
                 h.next_seq += 1;
             }
             Op::Import { table, key, value } => {
-                let v: &[u8] = value.as_slice();
-                let sql = format!("INSERT INTO {} (k, v) VALUES ($1, $2)", name(*table));
-                txn.execute_typed(&sql, &[(key, Type::BYTEA), (&v, Type::BYTEA)]).await.map_err(pg)?;
+                let param = if *table == Table::KeySecrets { Param::Secret(Zeroizing::new(value.to_vec())) } else { Param::Bytes(value.to_vec()) };
+                q.push(format!("INSERT INTO {} (k, v) VALUES ($1, $2)", name(*table)), vec![bytes(key), (param, Type::BYTEA)]);
             }
             Op::Append { entry } => {
                 if head.is_none() {
+                    // Taken at the first append; what was queued before goes with it.
+                    flush(&txn, &mut q, store).await?;
                     head = Some(lock_head(&txn, store).await?);
                 }
                 let h = head.as_mut().ok_or(StoreError::GroupFailed)?;
@@ -718,16 +799,12 @@ async fn commit_groups(client: &mut Client, store: &str, groups: &[&WriteGroup],
                 linked_here.push((seq, linked.head.clone()));
                 on_commit.extend(linked.on_commit);
                 let key = super::id_key(seq).to_vec();
-                txn.execute_typed("INSERT INTO kluis_audit (k, v) VALUES ($1, $2)", &[(&key, Type::BYTEA), (&linked.stored, Type::BYTEA)])
-                    .await
-                    .map_err(pg)?;
-                if let Some(cp) = &linked.checkpoint {
-                    txn.execute_typed(
-                        "INSERT INTO kluis_audit_checkpoints (k, v) VALUES ($1, $2) ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v",
-                        &[(&key, Type::BYTEA), (cp, Type::BYTEA)],
-                    )
-                    .await
-                    .map_err(pg)?;
+                q.push("INSERT INTO kluis_audit (k, v) VALUES ($1, $2)".into(), vec![bytes(&key), (Param::Bytes(linked.stored), Type::BYTEA)]);
+                if let Some(cp) = linked.checkpoint {
+                    q.push(
+                        "INSERT INTO kluis_audit_checkpoints (k, v) VALUES ($1, $2) ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v".into(),
+                        vec![bytes(&key), (Param::Bytes(cp), Type::BYTEA)],
+                    );
                 }
                 h.prev = linked.head;
                 h.next_seq += 1;
@@ -736,10 +813,9 @@ async fn commit_groups(client: &mut Client, store: &str, groups: &[&WriteGroup],
     }
     if let Some(h) = &head {
         let next = i64::try_from(h.next_seq).map_err(|_| StoreError::BadFormat { store: store.to_owned() })?;
-        txn.execute_typed("UPDATE kluis_audit_head SET next_seq = $1, head = $2 WHERE id = 1", &[(&next, Type::INT8), (&h.prev, Type::TEXT)])
-            .await
-            .map_err(pg)?;
+        q.push("UPDATE kluis_audit_head SET next_seq = $1, head = $2 WHERE id = 1".into(), vec![(Param::Int(next), Type::INT8), (Param::Text(h.prev.clone()), Type::TEXT)]);
     }
+    flush(&txn, &mut q, store).await?;
     txn.commit().await.map_err(pg)?;
     if !on_commit.is_empty() {
         chain.committed(on_commit);
