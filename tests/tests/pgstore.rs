@@ -785,3 +785,22 @@ fn a_store_over_tls_checks_the_servers_certificate_and_never_falls_back_to_plain
     std::fs::write(&wrong, format!("{text}\n[store]\nbackend = \"postgres\"\nurl = \"{}?sslmode=disable\"\nca_file = \"{}\"\n", pg.tcp_url("kluis"), ca.display())).unwrap();
     refused_one_line(&refused_start(&wrong), 1, &["sslmode=disable", "ca_file"]);
 }
+
+/// A database that belongs to another Kluis (made with another master key) refuses the
+/// start in one line that says the master key does not open it, and is left as it was.
+#[test]
+fn a_database_of_another_kluis_is_refused_naming_the_master_key() {
+    let pg = Postgres::start();
+    pg.create_db("kluis");
+    let mut theirs = Server::start_on_postgres(&pg.url("kluis"));
+    seal(&theirs, "sealer", "default", "theirs", b"their backup");
+    theirs.kill9();
+    let before = pg.psql("kluis", "SELECT count(*) FROM kluis_audit");
+    let mut ours = Server::start();
+    ours.kill9();
+    let text = std::fs::read_to_string(config(&ours)).unwrap();
+    let cfg = ours.data_dir().join("theirs.toml");
+    std::fs::write(&cfg, format!("{text}\n[store]\nbackend = \"postgres\"\nurl = \"{}\"\n", pg.url("kluis"))).unwrap();
+    refused_one_line(&refused_start(&cfg), 1, &["the master key does not open this store"]);
+    assert_eq!(pg.psql("kluis", "SELECT count(*) FROM kluis_audit"), before, "nothing written to their database");
+}
