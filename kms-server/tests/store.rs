@@ -663,6 +663,39 @@ mod contract {
         assert_eq!(kms_server::audit::page(src.store(), 1, 100).unwrap()[4].0.hash, page[4].0.hash, "imported bytes kept");
     }
 
+    /// Several writes of one row in one group: the last one counts, increments add up
+    /// (the PostgreSQL writer folds them into one statement per table).
+    pub fn writes_of_one_row_in_one_group_apply_in_order(kind: Kind) {
+        let f = Fixture::new(kind);
+        let store = f.create_store().unwrap();
+        let meta = |k: &str| store.get(Table::Meta, k.as_bytes()).unwrap();
+        let mut g = WriteGroup::default();
+        let put = |k: &str, v: &[u8]| Op::Put { table: Table::Meta, key: k.as_bytes().to_vec(), value: v.to_vec() };
+        store.commit_blocking({
+            let mut g = WriteGroup::default();
+            g.push(put("old", b"1"));
+            g
+        })
+        .unwrap();
+        for op in [
+            put("gone", b"a"),
+            Op::Delete { table: Table::Meta, key: b"gone".to_vec() },
+            put("twice", b"x"),
+            put("twice", b"y"),
+            Op::Delete { table: Table::Meta, key: b"old".to_vec() },
+            put("old", b"2"),
+            Op::Increment { table: Table::Issued, key: b"r".to_vec(), by: 2 },
+            Op::Increment { table: Table::Issued, key: b"r".to_vec(), by: 3 },
+        ] {
+            g.push(op);
+        }
+        store.commit_blocking(g).unwrap();
+        assert_eq!(meta("gone"), None);
+        assert_eq!(meta("twice").as_deref(), Some(&b"y"[..]));
+        assert_eq!(meta("old").as_deref(), Some(&b"2"[..]));
+        assert_eq!(store.get(Table::Issued, b"r").unwrap().as_deref(), Some(&5u64.to_be_bytes()[..]));
+    }
+
     /// Runs each named contract test once per store.
     macro_rules! per_store {
         ($($name:ident),* $(,)?) => {
@@ -685,6 +718,7 @@ mod contract {
         a_store_of_a_newer_format_is_refused,
         a_scrub_keeps_every_live_row_and_writes_go_on,
         imported_rows_keep_their_bytes_and_appends_continue_the_chain,
+        writes_of_one_row_in_one_group_apply_in_order,
     );
 
     /// The maintenance lease between two replicas on one database, on a clock the test

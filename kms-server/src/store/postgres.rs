@@ -605,59 +605,169 @@ struct Head {
 /// A statement's parameter, owned: statements are queued and sent together.
 enum Param {
     Bytes(Vec<u8>),
-    /// Secret bytes: zeroized when the statement is dropped; never printed.
-    Secret(Zeroizing<Vec<u8>>),
     Int(i64),
     Text(String),
+    BytesArray(Vec<Vec<u8>>),
+    /// Secret values: zeroized when the statement is dropped; never printed.
+    SecretArray(Vec<Zeroizing<Vec<u8>>>),
+    IntArray(Vec<i64>),
 }
 
 impl std::fmt::Debug for Param {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Param::Bytes(b) => write!(f, "Bytes({} bytes)", b.len()),
-            Param::Secret(_) => f.write_str("Secret(..)"),
             Param::Int(i) => write!(f, "Int({i})"),
             Param::Text(t) => write!(f, "Text({t:?})"),
+            Param::BytesArray(a) => write!(f, "BytesArray({} rows)", a.len()),
+            Param::SecretArray(a) => write!(f, "SecretArray({} rows, ..)", a.len()),
+            Param::IntArray(a) => write!(f, "IntArray({} rows)", a.len()),
         }
     }
 }
 
 impl ToSql for Param {
-    fn to_sql(&self, ty: &Type, out: &mut tokio_postgres::types::private::BytesMut) -> Result<tokio_postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut tokio_postgres::types::private::BytesMut,
+    ) -> Result<tokio_postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
         match self {
             Param::Bytes(b) => b.as_slice().to_sql(ty, out),
-            Param::Secret(b) => b.as_slice().to_sql(ty, out),
             Param::Int(i) => i.to_sql(ty, out),
             Param::Text(t) => t.to_sql(ty, out),
+            Param::BytesArray(a) => a.iter().map(Vec::as_slice).collect::<Vec<&[u8]>>().to_sql(ty, out),
+            Param::SecretArray(a) => a.iter().map(|v| v.as_slice()).collect::<Vec<&[u8]>>().to_sql(ty, out),
+            Param::IntArray(a) => a.to_sql(ty, out),
         }
     }
 
     fn accepts(ty: &Type) -> bool {
-        <&[u8] as ToSql>::accepts(ty) || <i64 as ToSql>::accepts(ty) || <String as ToSql>::accepts(ty)
+        <&[u8] as ToSql>::accepts(ty)
+            || <i64 as ToSql>::accepts(ty)
+            || <String as ToSql>::accepts(ty)
+            || <Vec<&[u8]> as ToSql>::accepts(ty)
+            || <Vec<i64> as ToSql>::accepts(ty)
     }
 
     tokio_postgres::types::to_sql_checked!();
 }
 
-/// Writes of a transaction whose answers nothing waits for, queued in op order and sent
-/// together ([`flush`]): the server runs them in that order, and the transaction pays one
-/// round trip for them instead of one each.
+/// What a transaction's queued plain writes leave in one row.
+enum Net {
+    Put(Zeroizing<Vec<u8>>),
+    Delete,
+    Increment(i64),
+}
+
+/// Writes of a transaction whose answers nothing waits for, queued and sent together
+/// ([`flush`]) in one statement per table and kind (multi-row, `unnest`), pipelined: the
+/// transaction pays a few round trips for them instead of one per op, and PostgreSQL runs
+/// a few statements instead of several per issued key.
+///
+/// Rows (put, delete, increment) keep only their net effect in op order: a later write of
+/// a row replaces an earlier one, increments add up; no two writes of one row meet in one
+/// statement. The log's entries and checkpoints, imports and the head's update follow.
 #[derive(Default)]
-struct Queue(Vec<(String, Vec<(Param, Type)>)>);
+struct Queue {
+    rows: std::collections::BTreeMap<(&'static str, Vec<u8>), Net>,
+    audit: Vec<(Vec<u8>, Vec<u8>)>,
+    checkpoints: Vec<(Vec<u8>, Vec<u8>)>,
+    stmts: Vec<(String, Vec<(Param, Type)>)>,
+}
 
 impl Queue {
+    fn put(&mut self, table: Table, key: &[u8], value: &[u8]) {
+        self.rows.insert((name(table), key.to_vec()), Net::Put(Zeroizing::new(value.to_vec())));
+    }
+
+    fn delete(&mut self, table: Table, key: &[u8]) {
+        self.rows.insert((name(table), key.to_vec()), Net::Delete);
+    }
+
+    fn increment(&mut self, table: Table, key: &[u8], by: i64) {
+        let e = self.rows.entry((name(table), key.to_vec())).or_insert(Net::Increment(0));
+        // Only counters are incremented (check_group), never put or deleted.
+        *e = match e {
+            Net::Increment(n) => Net::Increment(n.saturating_add(by)),
+            _ => Net::Increment(by),
+        };
+    }
+
     fn push(&mut self, sql: String, params: Vec<(Param, Type)>) {
-        self.0.push((sql, params));
+        self.stmts.push((sql, params));
+    }
+
+    fn is_empty(&self) -> bool {
+        self.rows.is_empty() && self.audit.is_empty() && self.checkpoints.is_empty() && self.stmts.is_empty()
+    }
+
+    /// The statements, rows first (one per table and kind), then the log, then the rest.
+    fn statements(&mut self) -> Vec<(String, Vec<(Param, Type)>)> {
+        let mut out = Vec::new();
+        let rows = std::mem::take(&mut self.rows);
+        let mut tables: Vec<&'static str> = rows.keys().map(|(t, _)| *t).collect();
+        tables.dedup();
+        let mut rows = rows.into_iter().peekable();
+        for t in tables {
+            let (mut put_k, mut put_v, mut del_k, mut inc_k, mut inc_v) = (vec![], vec![], vec![], vec![], vec![]);
+            while let Some(((_, k), net)) = rows.next_if(|((tt, _), _)| *tt == t) {
+                match net {
+                    Net::Put(v) => {
+                        put_k.push(k);
+                        put_v.push(v);
+                    }
+                    Net::Delete => del_k.push(k),
+                    Net::Increment(n) => {
+                        inc_k.push(k);
+                        inc_v.push(n);
+                    }
+                }
+            }
+            if !del_k.is_empty() {
+                out.push((format!("DELETE FROM {t} WHERE k = ANY($1)"), vec![(Param::BytesArray(del_k), Type::BYTEA_ARRAY)]));
+            }
+            if !put_k.is_empty() {
+                out.push((
+                    format!("INSERT INTO {t} (k, v) SELECT * FROM unnest($1::bytea[], $2::bytea[]) ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v"),
+                    vec![(Param::BytesArray(put_k), Type::BYTEA_ARRAY), (Param::SecretArray(put_v), Type::BYTEA_ARRAY)],
+                ));
+            }
+            if !inc_k.is_empty() {
+                out.push((
+                    format!(
+                        "INSERT INTO {t} AS t (k, v) SELECT * FROM unnest($1::bytea[], $2::int8[]) ON CONFLICT (k) DO UPDATE SET v = \
+                         CASE WHEN t.v > 9223372036854775807 - EXCLUDED.v THEN 9223372036854775807 ELSE t.v + EXCLUDED.v END"
+                    ),
+                    vec![(Param::BytesArray(inc_k), Type::BYTEA_ARRAY), (Param::IntArray(inc_v), Type::INT8_ARRAY)],
+                ));
+            }
+        }
+        for (table, rows, upsert) in
+            [("kluis_audit", std::mem::take(&mut self.audit), ""), ("kluis_audit_checkpoints", std::mem::take(&mut self.checkpoints), " ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v")]
+        {
+            if rows.is_empty() {
+                continue;
+            }
+            let (k, v): (Vec<Vec<u8>>, Vec<Vec<u8>>) = rows.into_iter().unzip();
+            out.push((
+                format!("INSERT INTO {table} (k, v) SELECT * FROM unnest($1::bytea[], $2::bytea[]){upsert}"),
+                vec![(Param::BytesArray(k), Type::BYTEA_ARRAY), (Param::BytesArray(v), Type::BYTEA_ARRAY)],
+            ));
+        }
+        out.append(&mut self.stmts);
+        out
     }
 }
 
 /// Sends every queued statement at once (tokio-postgres pipelines requests that are in
-/// flight together) and waits for all of them; the first error fails the transaction.
+/// flight together; the server runs them in order) and waits for all of them; the first
+/// error fails the transaction.
 async fn flush(txn: &tokio_postgres::Transaction<'_>, queue: &mut Queue, store: &str) -> Result<(), StoreError> {
-    if queue.0.is_empty() {
+    if queue.is_empty() {
         return Ok(());
     }
-    let stmts = std::mem::take(&mut queue.0);
+    let stmts = queue.statements();
     let params: Vec<Vec<(&(dyn ToSql + Sync), Type)>> =
         stmts.iter().map(|(_, ps)| ps.iter().map(|(p, t)| (p as &(dyn ToSql + Sync), t.clone())).collect()).collect();
     let mut pending: Vec<_> = stmts.iter().zip(&params).map(|((sql, _), ps)| Box::pin(txn.execute_typed(sql, ps))).collect();
@@ -698,26 +808,10 @@ async fn commit_groups(client: &mut Client, store: &str, groups: &[&WriteGroup],
     let bytes = |b: &[u8]| (Param::Bytes(b.to_vec()), Type::BYTEA);
     for op in groups.iter().flat_map(|g| g.ops.iter()) {
         match op {
-            Op::Put { table, key, value } => {
-                let sql = format!("INSERT INTO {0} (k, v) VALUES ($1, $2) ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v", name(*table));
-                q.push(sql, vec![bytes(key), bytes(value)]);
-            }
-            Op::PutSecret { table, key, value } => {
-                let sql = format!("INSERT INTO {0} (k, v) VALUES ($1, $2) ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v", name(*table));
-                q.push(sql, vec![bytes(key), (Param::Secret(Zeroizing::new(value.to_vec())), Type::BYTEA)]);
-            }
-            Op::Delete { table, key } => {
-                q.push(format!("DELETE FROM {} WHERE k = $1", name(*table)), vec![bytes(key)]);
-            }
-            Op::Increment { table, key, by } => {
-                let by = i64::try_from(*by).unwrap_or(i64::MAX);
-                let sql = format!(
-                    "INSERT INTO {0} AS t (k, v) VALUES ($1, $2) ON CONFLICT (k) DO UPDATE SET v = \
-                     CASE WHEN t.v > 9223372036854775807 - EXCLUDED.v THEN 9223372036854775807 ELSE t.v + EXCLUDED.v END",
-                    name(*table)
-                );
-                q.push(sql, vec![bytes(key), (Param::Int(by), Type::INT8)]);
-            }
+            Op::Put { table, key, value } => q.put(*table, key, value),
+            Op::PutSecret { table, key, value } => q.put(*table, key, value),
+            Op::Delete { table, key } => q.delete(*table, key),
+            Op::Increment { table, key, by } => q.increment(*table, key, i64::try_from(*by).unwrap_or(i64::MAX)),
             Op::Insert { table, value } => {
                 flush(&txn, &mut q, store).await?;
                 // The next id is one more than the largest: the table lock orders inserters
@@ -763,13 +857,18 @@ async fn commit_groups(client: &mut Client, store: &str, groups: &[&WriteGroup],
                 if seq != h.next_seq {
                     return Err(StoreError::ImportOrder { seq, next: h.next_seq });
                 }
-                q.push("INSERT INTO kluis_audit (k, v) VALUES ($1, $2)".into(), vec![bytes(key), bytes(value)]);
+                q.audit.push((key.clone(), value.to_vec()));
                 h.prev = chain.head_of(seq, value).map_err(|source| StoreError::Resume { seq, source })?;
                 h.next_seq += 1;
             }
             Op::Import { table, key, value } => {
-                let param = if *table == Table::KeySecrets { Param::Secret(Zeroizing::new(value.to_vec())) } else { Param::Bytes(value.to_vec()) };
-                q.push(format!("INSERT INTO {} (k, v) VALUES ($1, $2)", name(*table)), vec![bytes(key), (param, Type::BYTEA)]);
+                let param = if *table == Table::KeySecrets {
+                    Param::SecretArray(vec![Zeroizing::new(value.to_vec())])
+                } else {
+                    Param::BytesArray(vec![value.to_vec()])
+                };
+                let sql = format!("INSERT INTO {} (k, v) SELECT * FROM unnest($1::bytea[], $2::bytea[])", name(*table));
+                q.push(sql, vec![(Param::BytesArray(vec![key.clone()]), Type::BYTEA_ARRAY), (param, Type::BYTEA_ARRAY)]);
             }
             Op::Append { entry } => {
                 if head.is_none() {
@@ -799,13 +898,10 @@ async fn commit_groups(client: &mut Client, store: &str, groups: &[&WriteGroup],
                 linked_here.push((seq, linked.head.clone()));
                 on_commit.extend(linked.on_commit);
                 let key = super::id_key(seq).to_vec();
-                q.push("INSERT INTO kluis_audit (k, v) VALUES ($1, $2)".into(), vec![bytes(&key), (Param::Bytes(linked.stored), Type::BYTEA)]);
                 if let Some(cp) = linked.checkpoint {
-                    q.push(
-                        "INSERT INTO kluis_audit_checkpoints (k, v) VALUES ($1, $2) ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v".into(),
-                        vec![bytes(&key), (Param::Bytes(cp), Type::BYTEA)],
-                    );
+                    q.checkpoints.push((key.clone(), cp));
                 }
+                q.audit.push((key, linked.stored));
                 h.prev = linked.head;
                 h.next_seq += 1;
             }
