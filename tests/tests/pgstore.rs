@@ -804,3 +804,42 @@ fn a_database_of_another_kluis_is_refused_naming_the_master_key() {
     refused_one_line(&refused_start(&cfg), 1, &["the master key does not open this store"]);
     assert_eq!(pg.psql("kluis", "SELECT count(*) FROM kluis_audit"), before, "nothing written to their database");
 }
+
+/// Dual control across replicas: a request made on one replica is approved on the other
+/// by a second officer (the requester's own approval refused there too), carried out once,
+/// and enforced by both.
+#[test]
+fn dual_control_spans_replicas_request_on_one_approve_on_the_other() {
+    let pg = Postgres::start();
+    pg.create_db("kluis");
+    let mut server = Server::start_on_postgres(&pg.url("kluis"));
+    let officer2 = server.add_officer("officer2");
+    let b = Replica::start(&config(&server));
+    let on_b = |cfg: &Path, name: &str| {
+        let p = server.dir.path().join(format!("{name}-on-b.toml"));
+        std::fs::write(&p, std::fs::read_to_string(cfg).unwrap().replace(&server.addr, &b.addr)).unwrap();
+        p
+    };
+    let (officer_b, officer2_b) = (on_b(&server.client("officer"), "officer"), on_b(&officer2, "officer2"));
+    let sealed = seal(&server, "sealer", "default", "ehr/1", b"a backup");
+    let sealer_b = b.client(&server, "sealer");
+    refused(&backup_hook(&sealer_b, &["unseal"], &sealed), 4, &["may not UnwrapDataKey"]);
+
+    // Requested on A; the requester cannot approve it on B; officer2 approves it on B.
+    let out = server.kmsctl("officer", &["keyring", "grant", "default", "--principal", "sealer", "--role", "restorer"]);
+    ok(&out, "grant request on A");
+    let id = approval_id(&out);
+    refused(&kmsctl(&officer_b, &["approve", &id]), 4, &["a second, different officer must approve it"]);
+    let out = kmsctl(&officer2_b, &["approve", &id]);
+    ok(&out, "approve on B");
+    assert!(stdout(&out).contains("approved and carried out"), "{}", stdout(&out));
+    // Once: approving it again, on A, is refused.
+    let again = kmsctl(&officer2, &["approve", &id]);
+    assert!(!again.status.success(), "approved twice: {}", stdout(&again));
+
+    // B carried it out and applies it at once (A at its next state poll, within 0.5 s).
+    let out = backup_hook(&sealer_b, &["unseal"], &sealed);
+    ok(&out, "the grant approved on B works on B");
+    assert_eq!(out.stdout, b"a backup");
+    export_verifies(&server);
+}
