@@ -201,21 +201,30 @@ fn wait_until(load: &std::sync::Mutex<Load>, cap: std::time::Duration, what: &st
     }
 }
 
-#[test]
-fn the_database_stopped_and_started_again_under_load() {
+/// The dev `sealer` config of `server` with `endpoints` (in that order) instead of its one endpoint.
+fn sealer_with_endpoints(server: &Server, endpoints: [&str; 2]) -> PathBuf {
+    let text = std::fs::read_to_string(server.client("sealer")).unwrap();
+    let own = format!("endpoint = \"https://{}\"\n", server.addr);
+    assert!(text.contains(&own), "{text}");
+    let list = format!("endpoints = [\"https://{}\", \"https://{}\"]\n", endpoints[0], endpoints[1]);
+    let p = server.dir.path().join("sealer-both.toml");
+    std::fs::write(&p, text.replace(&own, &list)).unwrap();
+    p
+}
+
+/// What [`seal_load`] returns: the record, the stop flag, the threads.
+type SealLoad = (std::sync::Arc<std::sync::Mutex<Load>>, std::sync::Arc<std::sync::atomic::AtomicBool>, Vec<std::thread::JoinHandle<()>>);
+
+/// `threads` closed-loop `backup-hook seal` loops through `sealer` (keyring `default`) until
+/// the flag is set, recording each acknowledged seal (data, file) and each failure.
+fn seal_load(sealer: &Path, threads: usize) -> SealLoad {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
-    let mut pg = Postgres::start();
-    pg.create_db("kluis");
-    let server = Server::start_on_postgres(&pg.url("kluis"));
-    assert_eq!(health_now(&server), SERVING);
-    // No client-side retry: each failure during the outage is seen, not waited out.
-    let sealer = server.client_with("sealer", "sealer-once.toml", "\n[retry]\ndeadline_secs = 0\n");
     let load = Arc::new(Mutex::new(Load::default()));
     let stop = Arc::new(AtomicBool::new(false));
-    let threads: Vec<_> = (0..4)
+    let handles = (0..threads)
         .map(|t| {
-            let (load, stop, sealer) = (load.clone(), stop.clone(), sealer.clone());
+            let (load, stop, sealer) = (load.clone(), stop.clone(), sealer.to_owned());
             std::thread::spawn(move || {
                 let mut i = 0;
                 while !stop.load(Ordering::SeqCst) {
@@ -232,6 +241,19 @@ fn the_database_stopped_and_started_again_under_load() {
             })
         })
         .collect();
+    (load, stop, handles)
+}
+
+#[test]
+fn the_database_stopped_and_started_again_under_load() {
+    use std::sync::atomic::Ordering;
+    let mut pg = Postgres::start();
+    pg.create_db("kluis");
+    let server = Server::start_on_postgres(&pg.url("kluis"));
+    assert_eq!(health_now(&server), SERVING);
+    // No client-side retry: each failure during the outage is seen, not waited out.
+    let sealer = server.client_with("sealer", "sealer-once.toml", "\n[retry]\ndeadline_secs = 0\n");
+    let (load, stop, threads) = seal_load(&sealer, 4);
     let cap = std::time::Duration::from_secs(120);
     wait_until(&load, cap, "5 seals before the outage", |l| l.acked.len() >= 5);
     assert!(load.lock().unwrap().failed.is_empty(), "a seal failed with the database up");
@@ -325,40 +347,15 @@ fn a_change_on_one_replica_is_enforced_by_the_other() {
 
 #[test]
 fn a_replica_killed_during_concurrent_seals_fails_no_seal() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::{Arc, Mutex};
+    use std::sync::atomic::Ordering;
     let pg = Postgres::start();
     pg.create_db("kluis");
     let server = Server::start_on_postgres(&pg.url("kluis"));
     let mut b = Replica::start(&config(&server));
     // Both replicas, the one to be killed first; the default retry policy.
-    let text = std::fs::read_to_string(server.client("sealer")).unwrap();
-    let own = format!("endpoint = \"https://{}\"\n", server.addr);
-    assert!(text.contains(&own), "{text}");
-    let sealer = server.dir.path().join("sealer-both.toml");
-    std::fs::write(&sealer, text.replace(&own, &format!("endpoints = [\"https://{}\", \"https://{}\"]\n", b.addr, server.addr))).unwrap();
+    let sealer = sealer_with_endpoints(&server, [&b.addr, &server.addr]);
 
-    let load = Arc::new(Mutex::new(Load::default()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let threads: Vec<_> = (0..4)
-        .map(|t| {
-            let (load, stop, sealer) = (load.clone(), stop.clone(), sealer.clone());
-            std::thread::spawn(move || {
-                let mut i = 0;
-                while !stop.load(Ordering::SeqCst) {
-                    let data = format!("thread {t} backup {i}").into_bytes();
-                    let out = backup_hook(&sealer, &["seal", "--keyring", "default", "--backup-id", &format!("ehr/{t}/{i}")], &data);
-                    let mut l = load.lock().unwrap();
-                    if out.status.success() {
-                        l.acked.push((data, out.stdout));
-                    } else {
-                        l.failed.push(out);
-                    }
-                    i += 1;
-                }
-            })
-        })
-        .collect();
+    let (load, stop, threads) = seal_load(&sealer, 4);
     let cap = std::time::Duration::from_secs(120);
     wait_until(&load, cap, "10 seals through the first replica", |l| l.acked.len() >= 10 || !l.failed.is_empty());
     b.kill9();
@@ -623,40 +620,16 @@ fn a_store_moves_from_redb_to_postgres_and_back_and_everything_still_opens_and_v
 /// during the gap failed cleanly (UNAVAILABLE), they were not acknowledged.
 #[test]
 fn the_primary_killed_under_load_and_the_standby_promoted_loses_no_acknowledged_key() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::{Arc, Mutex};
+    use std::sync::atomic::Ordering;
     let mut primary = Postgres::start();
     primary.create_db("kluis");
     let standby = Postgres::standby_of(&primary);
     primary.make_standby_synchronous();
     let server = Server::start_on_postgres(&primary.url_with(&[&standby], "kluis"));
     let b = Replica::start(&config(&server));
-    let text = std::fs::read_to_string(server.client("sealer")).unwrap();
-    let own = format!("endpoint = \"https://{}\"\n", server.addr);
-    let sealer = server.dir.path().join("sealer-both.toml");
-    std::fs::write(&sealer, text.replace(&own, &format!("endpoints = [\"https://{}\", \"https://{}\"]\n", server.addr, b.addr))).unwrap();
+    let sealer = sealer_with_endpoints(&server, [&server.addr, &b.addr]);
 
-    let load = Arc::new(Mutex::new(Load::default()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let threads: Vec<_> = (0..4)
-        .map(|t| {
-            let (load, stop, sealer) = (load.clone(), stop.clone(), sealer.clone());
-            std::thread::spawn(move || {
-                let mut i = 0;
-                while !stop.load(Ordering::SeqCst) {
-                    let data = format!("thread {t} backup {i}").into_bytes();
-                    let out = backup_hook(&sealer, &["seal", "--keyring", "default", "--backup-id", &format!("ehr/{t}/{i}")], &data);
-                    let mut l = load.lock().unwrap();
-                    if out.status.success() {
-                        l.acked.push((data, out.stdout));
-                    } else {
-                        l.failed.push(out);
-                    }
-                    i += 1;
-                }
-            })
-        })
-        .collect();
+    let (load, stop, threads) = seal_load(&sealer, 4);
     let cap = std::time::Duration::from_secs(180);
     let started = std::time::Instant::now();
     wait_until(&load, cap, "20 seals on the primary", |l| l.acked.len() >= 20);
