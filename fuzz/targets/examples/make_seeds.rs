@@ -187,6 +187,81 @@ fn from_a_server(out: &Out) {
     out.put("revocation_list", "valid-revoked.txt", list.as_bytes());
 }
 
+/// KMIP requests of the operations and appliance sequences the server serves, as TTLV.
+fn kmip_requests(out: &Out) {
+    use kluis_kmip::message::{ContinuationOption, Operation, ProtocolVersion, Request, RequestHeader, RequestItem};
+    use kluis_kmip::tag;
+    use kluis_kmip::ttlv::{Item, encode};
+    fn attr(name: &str, value: Item) -> Item {
+        Item::structure(tag::ATTRIBUTE, vec![Item::text(tag::ATTRIBUTE_NAME, name), value])
+    }
+    fn payload(children: Vec<Item>) -> Item {
+        Item::structure(tag::REQUEST_PAYLOAD, children)
+    }
+    fn name(v: &str) -> Item {
+        attr(
+            "Name",
+            Item::structure(tag::ATTRIBUTE_VALUE, vec![Item::text(tag::NAME_VALUE, v), Item::enumeration(tag::NAME_TYPE, 1)]),
+        )
+    }
+    let aes256 = |extra: Vec<Item>| {
+        let mut attrs = vec![
+            attr("Cryptographic Algorithm", Item::enumeration(tag::ATTRIBUTE_VALUE, 3)),
+            attr("Cryptographic Length", Item::integer(tag::ATTRIBUTE_VALUE, 256)),
+            attr("Cryptographic Usage Mask", Item::integer(tag::ATTRIBUTE_VALUE, 12)),
+        ];
+        attrs.extend(extra);
+        payload(vec![Item::enumeration(tag::OBJECT_TYPE, 2), Item::structure(tag::TEMPLATE_ATTRIBUTE, attrs)])
+    };
+    let uid = |u: &str| payload(vec![Item::text(tag::UNIQUE_IDENTIFIER, u)]);
+    let one = |op: Operation, p: Item| vec![(op, p)];
+    let cases: Vec<(&str, Vec<(Operation, Item)>)> = vec![
+        ("discover-versions", one(Operation::DiscoverVersions, payload(vec![]))),
+        (
+            "query",
+            one(
+                Operation::Query,
+                payload(vec![Item::enumeration(tag::QUERY_FUNCTION, 1), Item::enumeration(tag::QUERY_FUNCTION, 2)]),
+            ),
+        ),
+        ("create-aes256", one(Operation::Create, aes256(vec![name("vsphere-kek-1")]))),
+        (
+            "create-lto",
+            one(
+                Operation::Create,
+                aes256(vec![attr(
+                    "Application Specific Information",
+                    Item::structure(
+                        tag::ATTRIBUTE_VALUE,
+                        vec![Item::text(tag::APPLICATION_NAMESPACE, "LIBRARY-LTO"), Item::text(tag::APPLICATION_DATA, "0123456789ABCDEF")],
+                    ),
+                )]),
+            ),
+        ),
+        ("get", one(Operation::Get, uid("1"))),
+        ("locate-by-name", one(Operation::Locate, payload(vec![name("vsphere-kek-1")]))),
+        ("activate-then-get", vec![(Operation::Activate, uid("1")), (Operation::Get, uid("1"))]),
+        ("destroy", one(Operation::Destroy, uid("1"))),
+    ];
+    for (file, ops) in cases {
+        let request = Request {
+            header: RequestHeader {
+                version: ProtocolVersion::new(1, 2),
+                max_response_size: None,
+                continuation: ContinuationOption::Stop,
+                batch_order: true,
+                batch_count: i32::try_from(ops.len()).unwrap(),
+            },
+            items: ops
+                .into_iter()
+                .enumerate()
+                .map(|(i, (operation, payload))| RequestItem { operation, unique_id: Some(vec![u8::try_from(i).unwrap()]), payload })
+                .collect(),
+        };
+        out.put("kmip", &format!("valid-{file}.ttlv"), &encode(&request.to_item()).unwrap());
+    }
+}
+
 fn main() {
     let dir = PathBuf::from(std::env::args().nth(1).expect("usage: make_seeds OUT_DIR (fuzz/corpus)"));
     for (t, _) in TARGETS {
@@ -208,6 +283,7 @@ fn main() {
     let manifest = escrow(&out, tmp.path());
     requests(&out, manifest);
     from_a_server(&out);
+    kmip_requests(&out);
     for (t, _) in TARGETS {
         let n = std::fs::read_dir(dir.join(t)).unwrap().count();
         println!("{t}: {n} seeds");

@@ -33,6 +33,7 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("client_config", client_config),
     ("revocation_list", revocation_list),
     ("rpc", rpc::rpc),
+    ("kmip", kmip),
 ];
 
 /// A throwaway test identity; the seeds are sealed to its recipient
@@ -189,6 +190,33 @@ pub fn client_config(data: &[u8]) {
     with_file("toml", data, |p| {
         let _ = kms_client::config::ClientConfig::load(p);
     });
+}
+
+/// A KMIP message as the server reads it off the wire: the frame length from the first 8
+/// bytes, the TTLV decoded under the server's limits, the Request Message read from it.
+/// Properties: the length from the header agrees with what decodes; what decodes encodes
+/// back to the same bytes (the decoder accepts only the canonical form); a request that
+/// parses encodes and parses again to the same request.
+pub fn kmip(data: &[u8]) {
+    use kluis_kmip::message::Request;
+    use kluis_kmip::ttlv::{HEADER_LEN, Limits, decode, encode, message_len};
+    let limits = Limits { max_len: 64 * 1024, max_depth: 16 };
+    let framed = data.first_chunk::<HEADER_LEN>().map(|h| message_len(h, &limits));
+    let Ok(item) = decode(data, &limits) else { return };
+    if let Some(Ok(len)) = framed {
+        assert_eq!(len, data.len(), "the header's length disagrees with the decoded item");
+    }
+    let again = match encode(&item) {
+        Ok(b) => b,
+        Err(e) => panic!("a decoded item does not encode: {e}"),
+    };
+    assert_eq!(&again[..], data, "decode then encode changed the bytes");
+    if let Ok(req) = Request::from_item(&item) {
+        match Request::from_item(&req.to_item()) {
+            Ok(back) => assert_eq!(back.items, req.items, "a request changed in a round trip"),
+            Err(e) => panic!("a parsed request does not parse again: {e}"),
+        }
+    }
 }
 
 /// The revocation list of client certificate fingerprints.

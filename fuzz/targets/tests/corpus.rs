@@ -99,6 +99,10 @@ fn valid_seeds_are_accepted_by_todays_parsers() {
                     kms_server::auth::RevocationList::load(&file).map_err(|e| e.to_string()).expect(&what);
                 }
                 "rpc" => kluis_fuzz_targets::rpc::validate_ok(&data).expect(&what),
+                "kmip" => {
+                    let item = kluis_kmip::ttlv::decode(&data, &kluis_kmip::ttlv::Limits::default()).expect(&what);
+                    kluis_kmip::message::Request::from_item(&item).expect(&what);
+                }
                 other => panic!("no validity check for target {other}"),
             }
             checked += 1;
