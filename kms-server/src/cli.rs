@@ -74,6 +74,10 @@ enum Cmd {
         /// only): a libpq URL without a password, e.g. postgresql://kluis@%2Frun%2Fpostgresql/kluis.
         #[arg(long)]
         store_url: Option<String>,
+        /// Also serve KMIP (TTLV over mutual TLS, for backup appliances, NAS and tape
+        /// libraries) here; without a value on 127.0.0.1:5696, KMIP's port.
+        #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:5696")]
+        kmip_listen: Option<SocketAddr>,
     },
     /// Create the master key and the store for a config (once).
     Init {
@@ -165,6 +169,15 @@ async fn metrics_listener(cfg: &ServerConfig) -> Result<Option<tokio::net::TcpLi
     Ok(l)
 }
 
+async fn kmip_listener(cfg: &ServerConfig) -> Result<Option<tokio::net::TcpListener>, ServerError> {
+    let l = server::bind_kmip(cfg).await?;
+    if let Some(addr) = l.as_ref().and_then(|l| l.local_addr().ok()) {
+        // Tests and scripts wait for this line too.
+        println!("kmip listening on {addr}");
+    }
+    Ok(l)
+}
+
 fn announce(addr: SocketAddr) {
     // Tests and scripts wait for this exact line on stdout.
     println!("kms-server listening on {addr}");
@@ -173,7 +186,7 @@ fn announce(addr: SocketAddr) {
 
 async fn run(cmd: Cmd, env: Environment) -> Result<(), CliError> {
     match cmd {
-        Cmd::Dev { data_dir, listen, pkcs11_module, pkcs11_token_label, pkcs11_key_label, pkcs11_pin_file, client_endpoints, store_url } => {
+        Cmd::Dev { data_dir, listen, pkcs11_module, pkcs11_token_label, pkcs11_key_label, pkcs11_pin_file, client_endpoints, store_url, kmip_listen } => {
             let data_dir = std::path::absolute(&data_dir)
                 .map_err(|e| CliError::Path { path: data_dir.clone(), source: e })?;
             let master = match (pkcs11_module, pkcs11_token_label, pkcs11_pin_file) {
@@ -191,7 +204,8 @@ async fn run(cmd: Cmd, env: Environment) -> Result<(), CliError> {
                     store
                 }
             };
-            let (cfg, created) = dev::prepare(&data_dir, listen, master, &store)?;
+            let (mut cfg, created) = dev::prepare(&data_dir, listen, master, &store)?;
+            cfg.kmip_listen = kmip_listen;
             cfg.check_files()?;
             let prepared = server::prepare(&cfg)?;
             let keys = startup::open_keys(&cfg, &env)?;
@@ -211,8 +225,10 @@ async fn run(cmd: Cmd, env: Environment) -> Result<(), CliError> {
                 clients.display()
             );
             let metrics = metrics_listener(&cfg).await?;
+            let kmip = kmip_listener(&cfg).await?;
             announce(addr);
-            Ok(server::serve(&cfg, keys, listener, metrics, prepared, shutdown_signal()).await?)
+            let listeners = server::Listeners { grpc: listener, metrics, kmip };
+            Ok(server::serve(&cfg, keys, listeners, prepared, shutdown_signal()).await?)
         }
         Cmd::Init { config } => {
             let cfg = ServerConfig::load(&config)?;
@@ -231,8 +247,10 @@ async fn run(cmd: Cmd, env: Environment) -> Result<(), CliError> {
             let listener = server::bind(&cfg).await?;
             let addr = listener.local_addr().map_err(|e| ServerError::Bind { addr: cfg.listen, source: e })?;
             let metrics = metrics_listener(&cfg).await?;
+            let kmip = kmip_listener(&cfg).await?;
             announce(addr);
-            Ok(server::serve(&cfg, keys, listener, metrics, prepared, shutdown_signal()).await?)
+            let listeners = server::Listeners { grpc: listener, metrics, kmip };
+            Ok(server::serve(&cfg, keys, listeners, prepared, shutdown_signal()).await?)
         }
         Cmd::MigrateMaster { from, to } => {
             let report = startup::migrate::migrate_master(&from, &to, &env).map_err(Box::new)?;

@@ -98,6 +98,10 @@ pub struct ServerConfig {
     /// Plain-HTTP Prometheus endpoint (`GET /metrics`), e.g. `127.0.0.1:9464`; off if absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<SocketAddr>,
+    /// KMIP over mutual TLS (the same certificate, CA and principals as gRPC), e.g.
+    /// `0.0.0.0:5696`; an address without a port gets KMIP's 5696. Off if absent.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "kmip_listen")]
+    pub kmip_listen: Option<SocketAddr>,
     pub tls: TlsConfig,
     pub master: MasterConfig,
     /// How client certificates become principals, and which are revoked.
@@ -115,6 +119,20 @@ pub struct ServerConfig {
     /// `[store]`: where the keys and the audit trail are kept (default: the redb file in `data_dir`).
     #[serde(default, skip_serializing_if = "StoreConfig::is_default")]
     pub store: StoreConfig,
+}
+
+/// KMIP's registered port (IANA), used when `kmip_listen` names only an address.
+pub const KMIP_PORT: u16 = 5696;
+
+fn kmip_listen<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let s = String::deserialize(d)?;
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(Some(a));
+    }
+    match s.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>() {
+        Ok(ip) => Ok(Some(SocketAddr::new(ip, KMIP_PORT))),
+        Err(_) => Err(serde::de::Error::custom(format!("`{s}` is not an address like 0.0.0.0:5696, 127.0.0.1 or [::1]:5696"))),
+    }
 }
 
 /// Largest store password file read.

@@ -11,6 +11,7 @@ pub mod clock;
 pub mod config;
 pub mod health;
 pub mod keys;
+pub mod kmip;
 pub mod master;
 pub mod metrics;
 pub mod model;

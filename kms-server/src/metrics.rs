@@ -43,6 +43,7 @@ pub struct Metrics {
     refusals: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     errors: Mutex<BTreeMap<(&'static str, String), u64>>,
     latency: Mutex<BTreeMap<&'static str, Histogram>>,
+    kmip: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
 }
 
 impl Metrics {
@@ -99,6 +100,12 @@ impl Metrics {
             *m.entry((action, format!("{code:?}"))).or_default() += 1;
         }
     }
+    /// A KMIP batch item answered: its operation and result (`success` or the result reason).
+    pub fn kmip(&self, operation: &'static str, result: &'static str) {
+        if let Ok(mut m) = self.kmip.lock() {
+            *m.entry((operation, result)).or_default() += 1;
+        }
+    }
     pub fn observe(&self, action: &'static str, took: Duration) {
         let secs = took.as_secs_f64();
         if let Ok(mut m) = self.latency.lock() {
@@ -124,7 +131,7 @@ impl Metrics {
         let _ = writeln!(o, "# HELP kluis_reload_failures_total Changed revocation lists or CRLs that were refused (the previous one is kept).");
         let _ = writeln!(o, "# TYPE kluis_reload_failures_total counter");
         let _ = writeln!(o, "kluis_reload_failures_total {}", self.reload_failures.load(Ordering::Relaxed));
-        let _ = writeln!(o, "# HELP kluis_connections_open TCP connections open on the gRPC listener, handshakes included.");
+        let _ = writeln!(o, "# HELP kluis_connections_open TCP connections open on the gRPC and KMIP listeners, handshakes included.");
         let _ = writeln!(o, "# TYPE kluis_connections_open gauge");
         let _ = writeln!(o, "kluis_connections_open {}", self.connections_open.load(Ordering::Relaxed));
         let _ = writeln!(o, "# HELP kluis_connections_handshake_timeout_total Connections closed because the TLS handshake did not finish in time.");
@@ -160,6 +167,13 @@ impl Metrics {
         if let Ok(m) = self.errors.lock() {
             for ((action, code), n) in m.iter() {
                 let _ = writeln!(o, "kluis_request_errors_total{{action=\"{action}\",code=\"{code}\"}} {n}");
+            }
+        }
+        let _ = writeln!(o, "# HELP kluis_kmip_operations_total KMIP batch items answered, by operation and result.");
+        let _ = writeln!(o, "# TYPE kluis_kmip_operations_total counter");
+        if let Ok(m) = self.kmip.lock() {
+            for ((operation, result), n) in m.iter() {
+                let _ = writeln!(o, "kluis_kmip_operations_total{{operation=\"{operation}\",result=\"{result}\"}} {n}");
             }
         }
         let _ = writeln!(o, "# HELP kluis_request_duration_seconds Request latency by action, including the durable audit write.");

@@ -57,6 +57,24 @@ pub async fn bind(cfg: &ServerConfig) -> Result<tokio::net::TcpListener, ServerE
         .map_err(|e| ServerError::Bind { addr: cfg.listen, source: e })
 }
 
+/// Binds the KMIP listener, if configured.
+pub async fn bind_kmip(cfg: &ServerConfig) -> Result<Option<tokio::net::TcpListener>, ServerError> {
+    match cfg.kmip_listen {
+        None => Ok(None),
+        Some(addr) => tokio::net::TcpListener::bind(addr)
+            .await
+            .map(Some)
+            .map_err(|e| ServerError::Bind { addr, source: e }),
+    }
+}
+
+/// The listeners a server serves on: gRPC, and the metrics and KMIP ones if configured.
+pub struct Listeners {
+    pub grpc: tokio::net::TcpListener,
+    pub metrics: Option<tokio::net::TcpListener>,
+    pub kmip: Option<tokio::net::TcpListener>,
+}
+
 /// Binds the metrics endpoint, if configured.
 pub async fn bind_metrics(cfg: &ServerConfig) -> Result<Option<tokio::net::TcpListener>, ServerError> {
     match cfg.metrics_listen {
@@ -186,6 +204,8 @@ async fn sync_loop(keys: Arc<KeyManager>, policy: Arc<Policy>) {
 /// the metrics it counts into.
 pub struct Prepared {
     tls: crate::tls::Tls,
+    /// The KMIP listener's TLS (the same files, no ALPN), if `kmip_listen` is set.
+    kmip_tls: Option<crate::tls::Tls>,
     metrics: Arc<Metrics>,
     revoked: Option<RevocationList>,
 }
@@ -202,31 +222,36 @@ pub fn prepare(cfg: &ServerConfig) -> Result<Prepared, ServerError> {
         other => ServerError::Master(other),
     })?;
     let metrics = Arc::new(Metrics::default());
-    let tls = crate::tls::Tls::new(
-        (&cfg.tls.cert, &read("TLS certificate", &cfg.tls.cert)?),
-        (&cfg.tls.key, &read("TLS key", &cfg.tls.key)?),
-        (&cfg.tls.client_ca, &read("CA", &cfg.tls.client_ca)?),
-        &cfg.auth.crl,
-        metrics.clone(),
-    )
-    .map_err(ServerError::Tls)?;
+    let tls_for = |alpn| {
+        crate::tls::Tls::new(
+            (&cfg.tls.cert, &read("TLS certificate", &cfg.tls.cert)?),
+            (&cfg.tls.key, &read("TLS key", &cfg.tls.key)?),
+            (&cfg.tls.client_ca, &read("CA", &cfg.tls.client_ca)?),
+            &cfg.auth.crl,
+            metrics.clone(),
+            alpn,
+        )
+        .map_err(ServerError::Tls)
+    };
+    let tls = tls_for(crate::tls::Alpn::H2)?;
+    let kmip_tls = cfg.kmip_listen.map(|_| tls_for(crate::tls::Alpn::None)).transpose()?;
     let revoked = match &cfg.auth.revoked {
         Some(p) => Some(RevocationList::load(p)?.with_failure_counter(metrics.reload_failure_counter())),
         None => None,
     };
-    Ok(Prepared { tls, metrics, revoked })
+    Ok(Prepared { tls, kmip_tls, metrics, revoked })
 }
 
 /// Serves until `shutdown` resolves.
 pub async fn serve(
     cfg: &ServerConfig,
     keys: Arc<KeyManager>,
-    listener: tokio::net::TcpListener,
-    metrics_listener: Option<tokio::net::TcpListener>,
+    listeners: Listeners,
     prepared: Prepared,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
-    let Prepared { tls, metrics, revoked } = prepared;
+    let Listeners { grpc: listener, metrics: metrics_listener, kmip: kmip_listener } = listeners;
+    let Prepared { tls, kmip_tls, metrics, revoked } = prepared;
     let policy = Arc::new(Policy::new(cfg.grants.clone()));
     policy.set_runtime(&keys.runtime_grants()?);
     let authn = Arc::new(Authenticator::new(cfg.auth.identity, revoked));
@@ -258,6 +283,21 @@ pub async fn serve(
     tokio::spawn(maintenance_loop(keys.clone(), lease.clone(), taken.clone(), interval));
     tokio::spawn(lease_loop(keys.clone(), lease.clone(), taken));
     tokio::spawn(sync_loop(keys.clone(), policy.clone()));
+    // KMIP beside gRPC, with the same limits; its accept loop stops when `_kmip_accepting` drops.
+    let limits = crate::tls::Limits {
+        handshake_timeout: cfg.limits.handshake_timeout(),
+        idle_timeout: cfg.limits.idle_timeout(),
+        max_connections: cfg.limits.max_connections,
+    };
+    let _kmip_accepting = match (kmip_listener, kmip_tls) {
+        (Some(l), Some(t)) => {
+            let (incoming, accepting) = crate::tls::incoming(l, Arc::new(t), limits);
+            let kmip = Arc::new(crate::kmip::Kmip::new(keys.clone(), authn.clone(), metrics.clone()));
+            tokio::spawn(kmip.serve(incoming));
+            Some(accepting)
+        }
+        _ => None,
+    };
     let api = Api::new(keys.clone(), policy, authn, metrics).with_max_concurrent_exports(cfg.audit.max_concurrent_exports());
     // Reflection v1 and the older v1alpha (still what many grpcurl builds ask for).
     let reflection_builder = || {
@@ -270,11 +310,6 @@ pub async fn serve(
 
     // TLS is done by our own listener (crate::tls), so a refused client certificate
     // reaches the client as an alert rather than a reset.
-    let limits = crate::tls::Limits {
-        handshake_timeout: cfg.limits.handshake_timeout(),
-        idle_timeout: cfg.limits.idle_timeout(),
-        max_connections: cfg.limits.max_connections,
-    };
     let (incoming, _accepting) = crate::tls::incoming(listener, Arc::new(tls), limits);
     Server::builder()
         .add_service(health_service)

@@ -144,6 +144,16 @@ pub struct Tls {
     crl_paths: Vec<PathBuf>,
     current: Mutex<(Stamps, TlsAcceptor)>,
     metrics: Arc<Metrics>,
+    alpn: Alpn,
+}
+
+/// The application protocol a listener announces by ALPN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Alpn {
+    /// HTTP/2, for gRPC (what tonic's `ServerTlsConfig` set up).
+    H2,
+    /// None: KMIP clients negotiate no application protocol.
+    None,
 }
 
 impl Tls {
@@ -156,6 +166,7 @@ impl Tls {
         (ca_path, ca_pem): (&Path, &[u8]),
         crls: &[PathBuf],
         metrics: Arc<Metrics>,
+        alpn: Alpn,
     ) -> Result<Self, TlsSetupError> {
         let certs = certificates(cert_path, cert_pem)?;
         if is_encrypted_key(key_pem) {
@@ -180,8 +191,8 @@ impl Tls {
             .with_client_cert_verifier(verifier(&roots, all)?)
             .with_single_cert(certs, key)?;
         let resolver = first.cert_resolver.clone();
-        let acceptor = h2_acceptor(first);
-        Ok(Self { resolver, roots, crl_paths: crls.to_vec(), current: Mutex::new((stamp, acceptor)), metrics })
+        let acceptor = acceptor_for(first, alpn);
+        Ok(Self { resolver, roots, crl_paths: crls.to_vec(), current: Mutex::new((stamp, acceptor)), metrics, alpn })
     }
 
     /// The acceptor for a new connection: rebuilt first if a CRL file changed. A file
@@ -202,7 +213,7 @@ impl Tls {
                 Ok(v) => {
                     tracing::info!(files = self.crl_paths.len(), "CRLs reloaded");
                     let config = rustls::ServerConfig::builder().with_client_cert_verifier(v).with_cert_resolver(self.resolver.clone());
-                    cur.1 = h2_acceptor(config);
+                    cur.1 = acceptor_for(config, self.alpn);
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "CRLs not reloaded; keeping the previous ones");
@@ -224,9 +235,11 @@ fn verifier(
     Ok(WebPkiClientVerifier::builder(roots.clone()).with_crls(crls).allow_unknown_revocation_status().build()?)
 }
 
-/// HTTP/2 by ALPN (what tonic's `ServerTlsConfig` set up).
-fn h2_acceptor(mut config: rustls::ServerConfig) -> TlsAcceptor {
-    config.alpn_protocols = vec![b"h2".to_vec()];
+fn acceptor_for(mut config: rustls::ServerConfig, alpn: Alpn) -> TlsAcceptor {
+    config.alpn_protocols = match alpn {
+        Alpn::H2 => vec![b"h2".to_vec()],
+        Alpn::None => Vec::new(),
+    };
     TlsAcceptor::from(Arc::new(config))
 }
 
@@ -263,6 +276,11 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// The client's certificate (the handshake required one), DER.
+    pub fn peer_leaf(&self) -> Option<&[u8]> {
+        self.inner.get_ref().1.peer_certificates()?.first().map(|c| c.as_ref())
+    }
+
     /// A write's result, for both write paths: progress is traffic; a write still waiting
     /// once the idle timeout has passed fails.
     fn wrote(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {

@@ -5,6 +5,7 @@
 //! project's test command does).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod kmip;
 pub mod pg;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -103,6 +104,8 @@ pub struct Server {
     pub env: Vec<(String, String)>,
     /// `host:port` of the metrics endpoint, if the config enables it.
     pub metrics_addr: Option<String>,
+    /// `host:port` of the KMIP listener, if started with `--kmip-listen`.
+    pub kmip_addr: Option<String>,
     /// Extra arguments of `kms-server dev` (e.g. `--client-endpoint URL`).
     pub args: Vec<String>,
     /// The PostgreSQL store (`kms-server dev --store-url`), if not the redb file.
@@ -162,6 +165,7 @@ impl Server {
             token,
             env: Vec::new(),
             metrics_addr: None,
+            kmip_addr: None,
             args: Vec::new(),
             store_url,
             stderr_path: PathBuf::new(),
@@ -175,7 +179,7 @@ impl Server {
     pub fn start_with_args(args: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let args = args.iter().map(|a| (*a).to_owned()).collect();
-        let mut s = Server { child: None, dir, addr: String::new(), provider: Provider::Software, token: None, env: Vec::new(), metrics_addr: None, args, store_url: None, stderr_path: PathBuf::new(), _pg: None };
+        let mut s = Server { child: None, dir, addr: String::new(), provider: Provider::Software, token: None, env: Vec::new(), metrics_addr: None, kmip_addr: None, args, store_url: None, stderr_path: PathBuf::new(), _pg: None };
         s.spawn();
         s
     }
@@ -191,6 +195,7 @@ impl Server {
             token: None,
             env: Vec::new(),
             metrics_addr: None,
+            kmip_addr: None,
             args: Vec::new(),
             store_url: Some(url.to_owned()),
             stderr_path: PathBuf::new(),
@@ -240,6 +245,9 @@ impl Server {
                 Some(Ok(line)) => {
                     if let Some(a) = line.strip_prefix("kms-server metrics on http://") {
                         self.metrics_addr = a.strip_suffix("/metrics").map(str::to_owned);
+                    }
+                    if let Some(a) = line.strip_prefix("kmip listening on ") {
+                        self.kmip_addr = Some(a.to_owned());
                     }
                     if let Some(a) = line.strip_prefix("kms-server listening on ") {
                         break a.to_owned();

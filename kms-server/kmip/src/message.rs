@@ -230,6 +230,15 @@ impl Request {
         if let Some(m) = h.max_response_size {
             header.push(Item::integer(tag::MAXIMUM_RESPONSE_SIZE, m));
         }
+        // Stop and ordered execution are the defaults, left out as clients do.
+        match h.continuation {
+            ContinuationOption::Stop => {}
+            ContinuationOption::Continue => header.push(Item::enumeration(tag::BATCH_ERROR_CONTINUATION_OPTION, 1)),
+            ContinuationOption::Undo => header.push(Item::enumeration(tag::BATCH_ERROR_CONTINUATION_OPTION, 3)),
+        }
+        if !h.batch_order {
+            header.push(Item::boolean(tag::BATCH_ORDER_OPTION, false));
+        }
         header.push(Item::integer(tag::BATCH_COUNT, h.batch_count));
         let mut children = vec![Item::structure(tag::REQUEST_HEADER, header)];
         for i in &self.items {

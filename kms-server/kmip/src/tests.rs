@@ -58,8 +58,8 @@ fn a_nested_message_round_trips() {
         header: RequestHeader {
             version: ProtocolVersion::new(1, 2),
             max_response_size: Some(4096),
-            continuation: ContinuationOption::Stop,
-            batch_order: true,
+            continuation: ContinuationOption::Continue,
+            batch_order: false,
             batch_count: 2,
         },
         items: vec![
@@ -81,9 +81,12 @@ fn a_nested_message_round_trips() {
     let back = dec(&bytes).unwrap();
     assert_eq!(back, item);
     let req = Request::from_item(&back).unwrap();
+    assert_eq!(Request::from_item(&item).unwrap(), req);
     assert_eq!(req.items.len(), 2);
     assert_eq!(req.items[1].operation, Operation::Get);
     assert_eq!(req.header.max_response_size, Some(4096));
+    assert_eq!(req.header.continuation, ContinuationOption::Continue);
+    assert!(!req.header.batch_order);
 }
 
 // One test per rule of the decoder.
@@ -180,6 +183,10 @@ fn rule_a_child_stays_inside_its_structure() {
          42 00 05 07 00 00 00 08 41 41 41 41 41 41 41 41",
     );
     assert_eq!(dec(&b), Err(TtlvError::Overrun { offset: 24 }));
+    // The same when the structure ends where the input does: the child still overruns its
+    // structure, the input is not short.
+    let b = hex("42 00 20 01 00 00 00 10 42 00 05 07 00 00 00 10 41 41 41 41 41 41 41 41");
+    assert_eq!(dec(&b), Err(TtlvError::Overrun { offset: 8 }));
 }
 
 #[test]

@@ -323,7 +323,7 @@ pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Item, TtlvError> {
         return Err(TtlvError::TooLarge { len: bytes.len() as u64, max: limits.max_len });
     }
     let mut d = Decoder { buf: bytes, pos: 0, max_depth: limits.max_depth };
-    let item = d.item(bytes.len(), 0)?;
+    let item = d.item(bytes.len(), 0, false)?;
     if d.pos != bytes.len() {
         return Err(TtlvError::TrailingBytes { offset: d.pos, len: bytes.len() - d.pos });
     }
@@ -337,10 +337,12 @@ struct Decoder<'a> {
 }
 
 impl Decoder<'_> {
-    /// Reads one item that must end at or before `end`; `depth` structures enclose it.
-    fn item(&mut self, end: usize, depth: usize) -> Result<Item, TtlvError> {
+    /// Reads one item that must end at or before `end`: the end of the input, or of the
+    /// structure that encloses it (`inside`; that structure already fits in the input).
+    /// `depth` structures enclose it.
+    fn item(&mut self, end: usize, depth: usize, inside: bool) -> Result<Item, TtlvError> {
         let offset = self.pos;
-        let header = self.take(end, HEADER_LEN, offset)?;
+        let header = self.take(end, HEADER_LEN, offset, inside)?;
         let tag = Tag::new(u32::from_be_bytes([0, header[0], header[1], header[2]]));
         let ty_byte = header[3];
         let len = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
@@ -364,11 +366,7 @@ impl Decoder<'_> {
         let room = end - value_start;
         let full = padded(len);
         if full > room {
-            return Err(if end == self.buf.len() {
-                TtlvError::Truncated { offset, needed: full - room }
-            } else {
-                TtlvError::Overrun { offset }
-            });
+            return Err(if inside { TtlvError::Overrun { offset } } else { TtlvError::Truncated { offset, needed: full - room } });
         }
         let value = if ty == ItemType::Structure {
             if depth + 1 > self.max_depth {
@@ -377,7 +375,7 @@ impl Decoder<'_> {
             let stop = value_start + len;
             let mut children = Vec::new();
             while self.pos < stop {
-                children.push(self.item(stop, depth + 1)?);
+                children.push(self.item(stop, depth + 1, true)?);
             }
             Value::Structure(children)
         } else {
@@ -413,14 +411,10 @@ impl Decoder<'_> {
         Ok(Item { tag, value })
     }
 
-    fn take(&mut self, end: usize, n: usize, offset: usize) -> Result<&[u8], TtlvError> {
+    fn take(&mut self, end: usize, n: usize, offset: usize, inside: bool) -> Result<&[u8], TtlvError> {
         let room = end - self.pos;
         if n > room {
-            return Err(if end == self.buf.len() {
-                TtlvError::Truncated { offset, needed: n - room }
-            } else {
-                TtlvError::Overrun { offset }
-            });
+            return Err(if inside { TtlvError::Overrun { offset } } else { TtlvError::Truncated { offset, needed: n - room } });
         }
         let s = &self.buf[self.pos..self.pos + n];
         self.pos += n;

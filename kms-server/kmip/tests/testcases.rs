@@ -141,5 +141,5 @@ fn a_batch_item_longer_than_its_message_is_refused() {
     let len = u32::from_be_bytes(m[at..at + 4].try_into().unwrap());
     assert!(decode(&m, &Limits::default()).is_ok(), "the message before the change");
     m[at..at + 4].copy_from_slice(&(len + 8).to_be_bytes());
-    assert!(matches!(decode(&m, &Limits::default()), Err(kluis_kmip::ttlv::TtlvError::Truncated { offset: 88, .. })));
+    assert!(matches!(decode(&m, &Limits::default()), Err(kluis_kmip::ttlv::TtlvError::Overrun { offset: 88 })));
 }

@@ -69,6 +69,7 @@ fn make(dir: &Path, cfg_path: &Path, listen: SocketAddr, master: DevMaster, stor
         listen,
         data_dir: dir.join("data"),
         metrics_listen: None,
+        kmip_listen: None,
         approval_ttl_secs: None,
         destruction_wait_days: None,
         maintenance_interval_secs: None,

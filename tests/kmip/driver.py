@@ -1,0 +1,142 @@
+"""Drives PyKMIP (the real client, its own encoding) against a Kluis KMIP listener for the
+end-to-end tests (tests/tests/kmip.rs).
+
+Usage: python driver.py HOST PORT CA CERT KEY < steps.json
+
+stdin is a JSON list of steps; stdout gets one JSON object per step, in order. A step that
+fails inside PyKMIP is reported as {"error": "..."}, never raised, so the test sees what
+happened to every step.
+"""
+import json
+import socket
+import ssl
+import sys
+
+from kmip.core import enums
+from kmip.core.messages.contents import ProtocolVersion
+from kmip.services.kmip_client import KMIPProxy
+
+
+def name(e):
+    return None if e is None else getattr(e, "name", str(e))
+
+
+def result(r):
+    out = {"status": name(r.result_status.value)}
+    if r.result_reason is not None:
+        out["reason"] = name(r.result_reason.value)
+    if r.result_message is not None:
+        out["message"] = r.result_message.value
+    return out
+
+
+def batch_result(r):
+    """A result of _process_batch_items (a *Result object of PyKMIP)."""
+    out = result(r)
+    for field, kind in (("operations", enums.Operation), ("object_types", enums.ObjectType)):
+        v = getattr(r, field, None)
+        if v is not None:
+            out[field] = [kind(x.value if hasattr(x, "value") else x).name for x in v]
+    v = getattr(r, "vendor_identification", None)
+    if v is not None:
+        out["vendor"] = v.value if hasattr(v, "value") else v
+    v = getattr(r, "protocol_versions", None)
+    if v is not None:
+        out["versions"] = [[p.major, p.minor] for p in v]
+    return out
+
+
+def raw(host, port, ca, cert, key, data, read_for):
+    """Sends bytes on a TLS connection of its own and reads until the server closes or one
+    whole message has come (for malformed input)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(ca)
+    ctx.load_cert_chain(cert, key)
+    with socket.create_connection((host, port), timeout=30) as s:
+        with ctx.wrap_socket(s) as t:
+            t.sendall(data)
+            if read_for == "close-write":
+                # Half of a message, then end of input (a TCP half-close). What comes back is
+                # no longer TLS-decoded, so only whether the server closes is reported.
+                t.shutdown(socket.SHUT_WR)
+                try:
+                    while t.recv(65536):
+                        pass
+                except socket.timeout:
+                    return {"closed": False, "timeout": True}
+                except (ConnectionResetError, OSError):
+                    pass
+                return {"closed": True}
+            got = b""
+            closed = False
+            while True:
+                try:
+                    chunk = t.recv(65536)
+                except socket.timeout:
+                    return {"response": got.hex(), "closed": False, "timeout": True}
+                except (ConnectionResetError, ssl.SSLError):
+                    closed = True
+                    break
+                if not chunk:
+                    closed = True
+                    break
+                got += chunk
+                if len(got) >= 8:
+                    want = 8 + int.from_bytes(got[4:8], "big")
+                    if len(got) >= want and read_for == "one":
+                        break
+            return {"response": got.hex(), "closed": closed}
+
+
+def main():
+    host, port, ca, cert, key = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+    steps = json.load(sys.stdin)
+    client = KMIPProxy(
+        host=host, port=port, certfile=cert, keyfile=key, ca_certs=ca,
+        cert_reqs="CERT_REQUIRED", ssl_version="PROTOCOL_TLS",
+        kmip_version=enums.KMIPVersion.KMIP_1_2, config_file="/dev/null",
+    )
+    opened = False
+    for step in steps:
+        op = step["op"]
+        try:
+            if op == "raw":
+                out = raw(host, port, ca, cert, key, bytes.fromhex(step["hex"]), step.get("read", "all"))
+            else:
+                if not opened:
+                    client.open()
+                    opened = True
+                if op == "discover_versions":
+                    versions = [ProtocolVersion(a, b) for a, b in step.get("versions", [])] or None
+                    out = batch_result(client.discover_versions(protocol_versions=versions))
+                elif op == "query":
+                    fs = [getattr(enums.QueryFunction, f) for f in step["functions"]]
+                    out = batch_result(client.query(query_functions=fs))
+                elif op == "get":
+                    out = result(client.get(uuid=step["uid"]))
+                elif op == "batch":
+                    # PyKMIP's batch mode: several items in one request message.
+                    client.batch_items = []
+                    for item in step["items"]:
+                        if item["op"] == "discover_versions":
+                            client.discover_versions(batch=True)
+                        elif item["op"] == "query":
+                            client.query(batch=True, query_functions=[getattr(enums.QueryFunction, f) for f in item["functions"]])
+                        else:
+                            raise ValueError("no batch form for " + item["op"])
+                    request = client._build_request_message(None, client.batch_items)
+                    response = client._send_and_receive_message(request)
+                    client.batch_items = []
+                    out = {"items": [batch_result(r) for r in client._process_batch_items(response)]}
+                else:
+                    raise ValueError("unknown step " + op)
+        except Exception as e:  # reported to the test, which decides
+            out = {"error": "%s: %s" % (type(e).__name__, e)}
+        print(json.dumps(out), flush=True)
+    if opened:
+        client.close()
+
+
+if __name__ == "__main__":
+    main()
