@@ -153,7 +153,7 @@ fn a_newer_schema_and_a_database_never_initialised_are_refused() {
     let mut server = Server::start_on_postgres(&pg.url("kluis"));
     server.kill9();
     pg.psql("kluis", "UPDATE kluis_schema SET format = 9");
-    refused_one_line(&serve(&config(&server)), 1, &["has format 9, newer than this kms-server reads (format 1)", &pg.url("kluis")]);
+    refused_one_line(&serve(&config(&server)), 1, &["has format 9, newer than this kms-server reads (format 2)", &pg.url("kluis")]);
 
     pg.create_db("empty");
     edit(&config(&server), &pg.url("kluis"), &pg.url("empty"));

@@ -50,6 +50,24 @@ pub enum Table {
     /// 32 bytes, written only with [`Op::PutSecret`]. Deleting a row is what destroys a
     /// key; [`Store::scrub`] then removes its bytes from the medium.
     KeySecrets,
+    /// KMIP managed objects (their attributes and their key material sealed under a
+    /// per-object key; the KMIP layer encodes the value); key: the 16-byte object id;
+    /// value: at most [`KMIP_OBJECT_MAX`] bytes. Holds sealed key material, so
+    /// [`Store::scrub`] removes the bytes of deleted and overwritten rows too.
+    KmipObjects,
+}
+
+/// The largest value of a [`Table::KmipObjects`] row, in bytes (64 KiB).
+pub const KMIP_OBJECT_MAX: usize = 64 << 10;
+
+impl Table {
+    /// The largest value a row of this table may hold, if the table bounds it.
+    pub fn max_value(self) -> Option<usize> {
+        match self {
+            Table::KmipObjects => Some(KMIP_OBJECT_MAX),
+            _ => None,
+        }
+    }
 }
 
 /// One write of a group. No `Debug`: a group may carry secret bytes.
@@ -80,7 +98,7 @@ pub enum Op {
 }
 
 /// Every table, in the order `migrate-store` copies them.
-pub const ALL_TABLES: [Table; 11] = [
+pub const ALL_TABLES: [Table; 12] = [
     Table::Meta,
     Table::Keyrings,
     Table::DataKeys,
@@ -92,6 +110,7 @@ pub const ALL_TABLES: [Table; 11] = [
     Table::Destructions,
     Table::Expiry,
     Table::KeySecrets,
+    Table::KmipObjects,
 ];
 
 /// Writes that land together or not at all.
@@ -113,6 +132,24 @@ impl WriteGroup {
     /// Whether the group has an [`Op::Expect`].
     pub fn expects(&self) -> bool {
         self.ops.iter().any(|op| matches!(op, Op::Expect { .. }))
+    }
+
+    /// Refuses the group if it writes a value larger than its table takes
+    /// ([`Table::max_value`]): every store checks this before it writes anything of the group.
+    pub fn check_sizes(&self) -> Result<(), StoreError> {
+        for op in &self.ops {
+            let (table, len) = match op {
+                Op::Put { table, value, .. } | Op::Insert { table, value } => (*table, value.len()),
+                Op::PutSecret { table, value, .. } | Op::Import { table, value, .. } => (*table, value.len()),
+                Op::Delete { .. } | Op::Increment { .. } | Op::Append { .. } | Op::Expect { .. } => continue,
+            };
+            if let Some(max) = table.max_value()
+                && len > max
+            {
+                return Err(StoreError::ValueTooLarge { table, len, max });
+            }
+        }
+        Ok(())
     }
 }
 
@@ -270,10 +307,18 @@ pub enum StoreError {
     Resume { seq: u64, source: ChainError },
     #[error("{table:?} cannot take this operation")]
     WrongTable { table: Table },
+    #[error("a value of {len} bytes is too large for {table:?} (at most {max} bytes); nothing of the group was written")]
+    ValueTooLarge { table: Table, len: usize, max: usize },
     #[error("store {store} has format {found}, newer than this kms-server reads (format {supported}); run the newer version")]
     NewerFormat { store: String, found: u32, supported: u32 },
     #[error("store {store} has an unreadable format marker")]
     BadFormat { store: String },
+    #[error(
+        "store {store}: upgrading its schema from format {found} to {supported} failed (the role must be allowed \
+         to create tables in the schema, as the one that ran `kms-server init` is): {reason}",
+        reason = postgres::pg_reason(.source)
+    )]
+    SchemaUpgrade { store: String, found: u32, supported: u32, source: tokio_postgres::Error },
     #[error("store url is not a libpq connection string or URL: {reason}", reason = postgres::pg_reason(.source))]
     BadUrl { source: tokio_postgres::Error },
     #[error("store url carries a password; put it in [store] password_file instead")]
@@ -314,7 +359,7 @@ impl StoreError {
     pub fn is_unavailable(&self) -> bool {
         match self {
             StoreError::Unreachable { .. } | StoreError::WriterGone | StoreError::ConnectionLost { .. } | StoreError::TimedOut { .. } => true,
-            StoreError::Pg { source, .. } => postgres::connection_lost(source),
+            StoreError::Pg { source, .. } | StoreError::SchemaUpgrade { source, .. } => postgres::connection_lost(source),
             _ => false,
         }
     }

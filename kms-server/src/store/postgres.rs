@@ -4,7 +4,11 @@
 //! - **Schema** (format [`FORMAT`], in `kluis_schema`): one table per [`Table`] (`k bytea`
 //!   primary key, `v bytea`; the per-keyring counters keep `v bigint`), and `kluis_audit_head`,
 //!   the one row that numbers and links the audit chain. Made by [`PostgresStore::create`]
-//!   (`kms-server init`); [`PostgresStore::open`] refuses a newer format.
+//!   (`kms-server init`); [`PostgresStore::open`] refuses a newer format and upgrades an
+//!   older one in place. Formats: 1, the first; 2 adds `kluis_kmip_objects`
+//!   ([`Table::KmipObjects`]). An upgrade is one transaction under an advisory lock that
+//!   reads the format again, so replicas that open an old database at once upgrade it once;
+//!   it needs a role that may create tables in the schema (the one that ran `init`).
 //! - **Writes**: one writer task per store takes the queued [`WriteGroup`]s and commits them
 //!   together in one transaction (group commit, like the redb writer). If that transaction
 //!   fails, each of its groups is committed again on its own, so one bad group fails alone.
@@ -38,7 +42,7 @@ use zeroize::Zeroizing;
 use super::{Chain, ChainHead, KeyRange, Op, Row, ScrubReport, Store, StoreError, StoreFuture, Table, Visit, WriteGroup};
 
 /// The schema format this kms-server writes; a database of a later one is refused.
-pub const FORMAT: i32 = 1;
+pub const FORMAT: i32 = 2;
 
 /// Largest number of groups committed in one transaction.
 const MAX_BATCH: usize = 1024;
@@ -61,8 +65,8 @@ const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 /// The transaction-level advisory lock that orders schema changes (create, upgrade).
 const SCHEMA_LOCK: i64 = 0x6b6c_7569_735f_7363; // "kluis_sc"
 
-/// The tables the scrub rewrites: the ones that hold secret or wrapped-key bytes.
-const SECRET_TABLES: [&str; 3] = ["kluis_key_secrets", "kluis_keyrings", "kluis_meta"];
+/// The tables the scrub rewrites: the ones that hold secret, wrapped-key or sealed-key bytes.
+const SECRET_TABLES: [&str; 4] = ["kluis_key_secrets", "kluis_keyrings", "kluis_meta", "kluis_kmip_objects"];
 
 /// The SQL name of a table.
 fn name(table: Table) -> &'static str {
@@ -78,6 +82,7 @@ fn name(table: Table) -> &'static str {
         Table::Destructions => "kluis_destructions",
         Table::Expiry => "kluis_expiry_index",
         Table::KeySecrets => "kluis_key_secrets",
+        Table::KmipObjects => "kluis_kmip_objects",
     }
 }
 
@@ -87,7 +92,7 @@ use super::ALL_TABLES;
 fn check_key(table: Table, key: &[u8]) -> Result<(), StoreError> {
     let ok = match table {
         Table::Meta | Table::Keyrings | Table::Issued => std::str::from_utf8(key).is_ok(),
-        Table::DataKeys | Table::KeySecrets => key.len() == 16,
+        Table::DataKeys | Table::KeySecrets | Table::KmipObjects => key.len() == 16,
         Table::Audit | Table::Checkpoints | Table::RestoreTests | Table::Approvals | Table::Destructions => key.len() == 8,
         Table::Expiry => key.len() == 24,
     };
@@ -96,6 +101,7 @@ fn check_key(table: Table, key: &[u8]) -> Result<(), StoreError> {
 
 /// Checks every op of a group before any of it is sent: the same refusals as the redb store.
 fn check_group(group: &WriteGroup) -> Result<(), StoreError> {
+    group.check_sizes()?;
     for op in &group.ops {
         match op {
             Op::Put { table, key, .. } => match table {
@@ -111,7 +117,7 @@ fn check_group(group: &WriteGroup) -> Result<(), StoreError> {
                 }
             }
             Op::PutSecret { table, .. } => return Err(StoreError::WrongTable { table: *table }),
-            Op::Delete { table: table @ (Table::Expiry | Table::Meta | Table::KeySecrets), key } => check_key(*table, key)?,
+            Op::Delete { table: table @ (Table::Expiry | Table::Meta | Table::KeySecrets | Table::KmipObjects), key } => check_key(*table, key)?,
             Op::Delete { table, .. } => return Err(StoreError::WrongTable { table: *table }),
             Op::Increment { table: Table::Issued, key, .. } => check_key(Table::Issued, key)?,
             Op::Increment { table, .. } => return Err(StoreError::WrongTable { table: *table }),
@@ -496,8 +502,42 @@ async fn check_schema(client: &mut Client, store: &str) -> Result<(), StoreError
     if found < 1 {
         return Err(StoreError::BadFormat { store: store.to_owned() });
     }
-    // Format 1 is the first: nothing to upgrade yet. An upgrade takes SCHEMA_LOCK, checks the
-    // format again and moves it on in one transaction.
+    if found < FORMAT {
+        upgrade_schema(client, store, found).await?;
+    }
+    Ok(())
+}
+
+/// Moves a schema of format `seen` on to [`FORMAT`] in one transaction: takes SCHEMA_LOCK,
+/// reads the format again (READ COMMITTED: a snapshot taken after the lock, so an upgrade
+/// another replica committed meanwhile is seen, and found done), and makes each later
+/// format's changes in turn.
+async fn upgrade_schema(client: &mut Client, store: &str, seen: i32) -> Result<(), StoreError> {
+    let failed = |source| StoreError::SchemaUpgrade {
+        store: store.to_owned(),
+        found: u32::try_from(seen).unwrap_or(0),
+        supported: FORMAT as u32,
+        source,
+    };
+    let txn = client.build_transaction().isolation_level(tokio_postgres::IsolationLevel::ReadCommitted).start().await.map_err(failed)?;
+    txn.execute_typed("SELECT pg_advisory_xact_lock($1)", &[(&SCHEMA_LOCK, Type::INT8)]).await.map_err(failed)?;
+    let row = txn.query_typed_opt("SELECT format FROM kluis_schema WHERE id = 1", &[]).await.map_err(failed)?;
+    let found: i32 = row.ok_or_else(|| StoreError::BadFormat { store: store.to_owned() })?.get(0);
+    if found > FORMAT {
+        let found = u32::try_from(found).unwrap_or(u32::MAX);
+        return Err(StoreError::NewerFormat { store: store.to_owned(), found, supported: FORMAT as u32 });
+    }
+    if found == FORMAT {
+        // Another replica upgraded it while this one waited for the lock.
+        return Ok(());
+    }
+    if found < 2 {
+        let sql = format!("CREATE TABLE {} (k bytea PRIMARY KEY, v bytea NOT NULL)", name(Table::KmipObjects));
+        txn.batch_execute(&sql).await.map_err(failed)?;
+    }
+    txn.execute_typed("UPDATE kluis_schema SET format = $1 WHERE id = 1", &[(&FORMAT, Type::INT4)]).await.map_err(failed)?;
+    txn.commit().await.map_err(failed)?;
+    tracing::info!(store, from = found, to = FORMAT, "upgraded the store's schema");
     Ok(())
 }
 
@@ -940,10 +980,10 @@ async fn size(client: &Client, store: &str) -> Result<u64, StoreError> {
     Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
 }
 
-/// `VACUUM FULL` of the tables that hold secrets (key secrets, keyrings, meta): PostgreSQL
-/// writes each into new files with only the live rows and removes the old ones, so a copy
-/// of the data directory taken afterwards no longer holds a destroyed key's secret in a
-/// table. It does **not** remove: the WAL that recorded the row (until PostgreSQL recycles
+/// `VACUUM FULL` of the tables that hold secrets (key secrets, keyrings, meta, KMIP
+/// objects): PostgreSQL writes each into new files with only the live rows and removes the
+/// old ones, so a copy of the data directory taken afterwards no longer holds a destroyed
+/// key's secret (or a deleted KMIP object's sealed key) in a table. It does **not** remove: the WAL that recorded the row (until PostgreSQL recycles
 /// the segment) and any WAL archive; a standby's WAL (its heap is rewritten too, when it
 /// replays the VACUUM FULL); backups of the database taken before; the blocks the file
 /// system freed (as for the redb file's rename). Needs the tables' owner (the role that ran

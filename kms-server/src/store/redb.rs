@@ -33,10 +33,11 @@ const APPROVALS: TableDefinition<u64, &[u8]> = TableDefinition::new("approvals")
 const DESTRUCTIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("destructions");
 const EXPIRY: TableDefinition<(i64, [u8; 16]), ()> = TableDefinition::new("expiry_index");
 const KEY_SECRETS: TableDefinition<[u8; 16], [u8; 32]> = TableDefinition::new("key_secrets");
+const KMIP_OBJECTS: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("kmip_objects");
 
 /// Every table of the file, by name: a scrub copies exactly these and refuses a file
 /// that holds any other.
-const TABLE_NAMES: [&str; 11] = [
+const TABLE_NAMES: [&str; 12] = [
     "meta",
     "keyrings",
     "data_keys",
@@ -48,6 +49,7 @@ const TABLE_NAMES: [&str; 11] = [
     "destructions",
     "expiry_index",
     "key_secrets",
+    "kmip_objects",
 ];
 
 /// META key of the store format: absent in format 1; 2 since audit records are stored
@@ -77,6 +79,14 @@ fn u64_table(table: Table) -> Option<TableDefinition<'static, u64, &'static [u8]
         Table::RestoreTests => Some(RESTORE_TESTS),
         Table::Approvals => Some(APPROVALS),
         Table::Destructions => Some(DESTRUCTIONS),
+        _ => None,
+    }
+}
+
+fn id16_table(table: Table) -> Option<TableDefinition<'static, [u8; 16], &'static [u8]>> {
+    match table {
+        Table::DataKeys => Some(DATA_KEYS),
+        Table::KmipObjects => Some(KMIP_OBJECTS),
         _ => None,
     }
 }
@@ -207,6 +217,7 @@ impl RedbStore {
                 txn.open_table(DESTRUCTIONS).map_err(dberr)?;
                 txn.open_table(EXPIRY).map_err(dberr)?;
                 txn.open_table(KEY_SECRETS).map_err(dberr)?;
+                txn.open_table(KMIP_OBJECTS).map_err(dberr)?;
                 let audit = txn.open_table(AUDIT).map_err(dberr)?;
                 match audit.last().map_err(dberr)? {
                     Some((k, v)) => {
@@ -250,7 +261,8 @@ impl Store for RedbStore {
 
     fn commit(&self, group: WriteGroup) -> StoreFuture<'_, ()> {
         let (tx, rx) = oneshot::channel();
-        let sent = self.writer.send(Job::Write(group, Reply::Async(tx)));
+        // Refused here, it fails alone: never in a transaction shared with other groups.
+        let sent = group.check_sizes().and_then(|()| self.writer.send(Job::Write(group, Reply::Async(tx))));
         Box::pin(async move {
             sent?;
             rx.await.map_err(|_| StoreError::WriterGone)?
@@ -258,6 +270,7 @@ impl Store for RedbStore {
     }
 
     fn commit_blocking(&self, group: WriteGroup) -> Result<(), StoreError> {
+        group.check_sizes()?;
         let (tx, rx) = mpsc::sync_channel(1);
         self.writer.send(Job::Write(group, Reply::Blocking(tx)))?;
         rx.recv().map_err(|_| StoreError::WriterGone)?
@@ -273,11 +286,11 @@ impl Store for RedbStore {
             let t = txn.open_table(def).map_err(dberr)?;
             return Ok(t.get(super::key_id(table, key)?).map_err(dberr)?.map(|v| v.value().to_vec()));
         }
+        if let Some(def) = id16_table(table) {
+            let t = txn.open_table(def).map_err(dberr)?;
+            return Ok(t.get(id16(table, key)?).map_err(dberr)?.map(|v| v.value().to_vec()));
+        }
         match table {
-            Table::DataKeys => {
-                let t = txn.open_table(DATA_KEYS).map_err(dberr)?;
-                Ok(t.get(id16(table, key)?).map_err(dberr)?.map(|v| v.value().to_vec()))
-            }
             Table::Issued => {
                 let t = txn.open_table(ISSUED).map_err(dberr)?;
                 Ok(t.get(str_key(table, key)?).map_err(dberr)?.map(|v| v.value().to_be_bytes().to_vec()))
@@ -317,8 +330,10 @@ impl Store for RedbStore {
         if let Some(def) = u64_table(table) {
             return walk!(def, u64, |b: &[u8]| super::key_id(table, b), |k: &u64| k.to_be_bytes().to_vec(), |v: &&[u8]| v.to_vec());
         }
+        if let Some(def) = id16_table(table) {
+            return walk!(def, [u8; 16], |b: &[u8]| id16(table, b), |k: &[u8; 16]| k.to_vec(), |v: &&[u8]| v.to_vec());
+        }
         match table {
-            Table::DataKeys => walk!(DATA_KEYS, [u8; 16], |b: &[u8]| id16(table, b), |k: &[u8; 16]| k.to_vec(), |v: &&[u8]| v.to_vec()),
             Table::Issued => {
                 walk!(ISSUED, &str, |b| str_key(table, b), |k: &&str| k.as_bytes().to_vec(), |v: &u64| v.to_be_bytes().to_vec())
             }
@@ -456,6 +471,7 @@ fn commit_batch(database: &Database, groups: Vec<WriteGroup>, chain: &dyn Chain,
         let mut destructions = txn.open_table(DESTRUCTIONS).map_err(dberr)?;
         let mut expiry = txn.open_table(EXPIRY).map_err(dberr)?;
         let mut secrets = txn.open_table(KEY_SECRETS).map_err(dberr)?;
+        let mut kmip = txn.open_table(KMIP_OBJECTS).map_err(dberr)?;
         for op in groups.into_iter().flat_map(|g| g.ops) {
             match op {
                 Op::Put { table, key, value } => match table {
@@ -468,6 +484,7 @@ fn commit_batch(database: &Database, groups: Vec<WriteGroup>, chain: &dyn Chain,
                     }
                     Table::RestoreTests => drop(tests.insert(super::key_id(table, &key)?, value.as_slice()).map_err(dberr)?),
                     Table::Expiry => drop(expiry.insert(super::parse_expiry_key(&key)?, ()).map_err(dberr)?),
+                    Table::KmipObjects => drop(kmip.insert(id16(table, &key)?, value.as_slice()).map_err(dberr)?),
                     Table::Issued | Table::Audit | Table::Checkpoints | Table::KeySecrets => {
                         return Err(StoreError::WrongTable { table });
                     }
@@ -481,6 +498,7 @@ fn commit_batch(database: &Database, groups: Vec<WriteGroup>, chain: &dyn Chain,
                     Table::Expiry => drop(expiry.remove(super::parse_expiry_key(&key)?).map_err(dberr)?),
                     Table::Meta => drop(meta.remove(str_key(table, &key)?).map_err(dberr)?),
                     Table::KeySecrets => drop(secrets.remove(id16(table, &key)?).map_err(dberr)?),
+                    Table::KmipObjects => drop(kmip.remove(id16(table, &key)?).map_err(dberr)?),
                     _ => return Err(StoreError::WrongTable { table }),
                 },
                 Op::Increment { table: Table::Issued, key, by } => {
@@ -500,6 +518,7 @@ fn commit_batch(database: &Database, groups: Vec<WriteGroup>, chain: &dyn Chain,
                         Table::Keyrings => keyrings.get(str_key(table, &key)?).map_err(dberr)?.map(|v| v.value().to_vec()),
                         Table::Approvals => approvals.get(super::key_id(table, &key)?).map_err(dberr)?.map(|v| v.value().to_vec()),
                         Table::Destructions => destructions.get(super::key_id(table, &key)?).map_err(dberr)?.map(|v| v.value().to_vec()),
+                        Table::KmipObjects => kmip.get(id16(table, &key)?).map_err(dberr)?.map(|v| v.value().to_vec()),
                         _ => return Err(StoreError::WrongTable { table }),
                     };
                     if found != value {
@@ -532,6 +551,7 @@ fn commit_batch(database: &Database, groups: Vec<WriteGroup>, chain: &dyn Chain,
                     Table::Destructions => drop(destructions.insert(super::key_id(table, &key)?, value.as_slice()).map_err(dberr)?),
                     Table::RestoreTests => drop(tests.insert(super::key_id(table, &key)?, value.as_slice()).map_err(dberr)?),
                     Table::Expiry => drop(expiry.insert(super::parse_expiry_key(&key)?, ()).map_err(dberr)?),
+                    Table::KmipObjects => drop(kmip.insert(id16(table, &key)?, value.as_slice()).map_err(dberr)?),
                 },
                 Op::Append { entry } => {
                     let seq = next_seq;
@@ -673,6 +693,7 @@ fn copy_tables(from: &Database, to: &Database, store: &Path) -> Result<(), Store
     copy!(DESTRUCTIONS);
     copy!(EXPIRY);
     copy!(KEY_SECRETS);
+    copy!(KMIP_OBJECTS);
     // One durable commit makes every commit before it durable, with the allocator state
     // saved (quick repair) as every commit of the store does.
     begin_write(to)?.commit().map_err(dberr)?;
