@@ -11,11 +11,12 @@ use kms_server::audit::{AuditChain, AuditEvent};
 use kms_server::keys::registry::{Registry, WriteOp};
 use kms_server::model::{DataKeyRecord, KeyState};
 use kms_server::store::redb::{FORMAT, FORMAT_META, RedbStore};
-use kms_server::store::{StoreError, Table};
-use redb::{Database, TableDefinition};
+use kms_server::store::{Op, StoreError, Table, WriteGroup};
+use redb::{Database, ReadableDatabase, TableDefinition, TableHandle};
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+const KMIP_OBJECTS: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("kmip_objects");
 
 fn rec(ring: &str) -> DataKeyRecord {
     DataKeyRecord {
@@ -163,6 +164,38 @@ fn secret_of(i: u32) -> [u8; 32] {
     d.as_ref().try_into().unwrap()
 }
 
+/// A KMIP object's value no other row shares (300 bytes: SHA-256 chained from the index),
+/// small enough to stay in a PostgreSQL heap tuple (not TOASTed).
+fn kmip_of(i: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut d = ring::digest::digest(&ring::digest::SHA256, format!("kmip object {i}").as_bytes());
+    while out.len() < 300 {
+        out.extend_from_slice(d.as_ref());
+        d = ring::digest::digest(&ring::digest::SHA256, d.as_ref());
+    }
+    out.truncate(300);
+    out
+}
+
+/// The 16-byte id `i`, big-endian in its first 4 bytes (so ids sort as numbers).
+fn kmip_id(i: u32) -> [u8; 16] {
+    let mut id = [0u8; 16];
+    id[..4].copy_from_slice(&i.to_be_bytes());
+    id
+}
+
+fn put_kmip(i: u32, value: Vec<u8>) -> Op {
+    Op::Put { table: Table::KmipObjects, key: kmip_id(i).to_vec(), value }
+}
+
+fn group(ops: impl IntoIterator<Item = Op>) -> WriteGroup {
+    let mut g = WriteGroup::default();
+    for op in ops {
+        g.push(op);
+    }
+    g
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scrub_removes_a_destroyed_keys_secret_from_the_file_and_keeps_every_live_row() {
     use kms_server::secret::Key256;
@@ -222,6 +255,37 @@ async fn a_scrub_removes_a_destroyed_keys_secret_from_the_file_and_keeps_every_l
     assert_eq!(seqs, (1..=301).collect::<Vec<_>>(), "300 entries before the scrub, one after, numbered on");
 }
 
+/// KMIP objects hold sealed key material: a scrub leaves a deleted and an overwritten
+/// object's bytes out of the file, and keeps the live ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scrub_removes_deleted_and_overwritten_kmip_objects_from_the_file() {
+    use kms_server::store::Store;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let store = RedbStore::create(&path, AuditChain::new()).unwrap();
+    let id = |i: u32| kmip_id(i).to_vec();
+    store.commit(group((0..200).map(|i| put_kmip(i, kmip_of(i))))).await.unwrap();
+    // One group, the last before the scrub: the pages it frees are not reused before it.
+    store.commit(group([put_kmip(2, kmip_of(1002)), Op::Delete { table: Table::KmipObjects, key: id(1) }])).await.unwrap();
+    // The premise: redb frees the pages that held them but leaves their bytes.
+    let before = std::fs::read(&path).unwrap();
+    assert!(contains(&before, &kmip_of(1)) && contains(&before, &kmip_of(2)), "deleted and overwritten, the objects are still in the file");
+
+    store.scrub().await.unwrap();
+    let file = std::fs::read(&path).unwrap();
+    assert!(!contains(&file, &kmip_of(1)), "after the scrub the deleted object is not in the file");
+    assert!(!contains(&file, &kmip_of(2)), "after the scrub the overwritten object is not in the file");
+    assert_eq!(store.get(Table::KmipObjects, &id(1)).unwrap(), None);
+    for i in (0..200u32).filter(|&i| i != 1) {
+        let value = if i == 2 { kmip_of(1002) } else { kmip_of(i) };
+        assert!(contains(&file, &value), "live object {i} is in the copy");
+        assert_eq!(store.get(Table::KmipObjects, &id(i)).unwrap(), Some(value));
+    }
+    drop(store);
+    let store = RedbStore::open(&path, AuditChain::new()).unwrap();
+    assert_eq!(store.get(Table::KmipObjects, &id(2)).unwrap(), Some(kmip_of(1002)));
+}
+
 #[test]
 fn a_copy_left_by_a_scrub_cut_off_is_removed_at_open_and_is_never_the_store() {
     let dir = tempfile::tempdir().unwrap();
@@ -232,6 +296,54 @@ fn a_copy_left_by_a_scrub_cut_off_is_removed_at_open_and_is_never_the_store() {
     let store = open(&path).unwrap();
     assert!(!tmp.exists(), "the stale copy is removed once the store is open");
     assert_eq!(store.issued_count("r").unwrap(), 0);
+}
+
+fn redb_tables(path: &Path) -> Vec<String> {
+    let db = Database::open(path).unwrap();
+    let txn = db.begin_read().unwrap();
+    txn.list_tables().unwrap().map(|t| t.name().to_owned()).collect()
+}
+
+/// A file made before `kmip_objects` existed (here: made now, the table then deleted with
+/// redb's own API) opens; the table is made at open, reads of it find nothing, writes work,
+/// and a scrub carries it over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_made_before_kmip_objects_opens_and_the_table_works() {
+    use kms_server::store::Store;
+    use std::ops::Bound;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let store = create(&path);
+    store.write(WriteOp::Audit(event("old-host"))).await.unwrap();
+    drop(store);
+    {
+        let db = Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        assert!(txn.delete_table(KMIP_OBJECTS).unwrap(), "a new file has the table");
+        txn.commit().unwrap();
+    }
+    assert!(!redb_tables(&path).contains(&"kmip_objects".to_owned()));
+
+    let store = RedbStore::open(&path, AuditChain::new()).unwrap();
+    let id = [9u8; 16];
+    assert_eq!(store.get(Table::KmipObjects, &id).unwrap(), None);
+    let mut rows = 0;
+    store
+        .scan(Table::KmipObjects, (Bound::Unbounded, Bound::Unbounded), &mut |_, _| {
+            rows += 1;
+            Ok(true)
+        })
+        .unwrap();
+    assert_eq!(rows, 0);
+    store.commit(group([Op::Put { table: Table::KmipObjects, key: id.to_vec(), value: b"object".to_vec() }])).await.unwrap();
+    assert_eq!(store.get(Table::KmipObjects, &id).unwrap().as_deref(), Some(&b"object"[..]));
+    store.scrub().await.unwrap();
+    assert_eq!(store.get(Table::KmipObjects, &id).unwrap().as_deref(), Some(&b"object"[..]), "the scrub copied the table");
+    drop(store);
+    assert!(redb_tables(&path).contains(&"kmip_objects".to_owned()));
+    let store = open(&path).unwrap();
+    assert_eq!(store.store().get(Table::KmipObjects, &id).unwrap().as_deref(), Some(&b"object"[..]));
+    assert_eq!(kms_server::audit::page(store.store(), 1, 10).unwrap().len(), 1, "the rest of the file as it was");
 }
 
 /// The store contract, once per store (see `per_store!` at the end).
@@ -248,7 +360,7 @@ mod contract {
     use kms_server::store::redb::RedbStore;
     use kms_server::store::{Op, Store, StoreError, Table, WriteGroup, id_key};
 
-    use super::{event, rec, secret_of};
+    use super::{contains, event, group, kmip_of, put_kmip, rec, secret_of};
 
     #[derive(Clone, Copy, Debug)]
     pub enum Kind {
@@ -649,7 +761,9 @@ mod contract {
         }
         g.push(Op::Import { table: Table::Issued, key: b"r".to_vec(), value: 41u64.to_be_bytes().to_vec().into() });
         g.push(Op::Import { table: Table::KeySecrets, key: id(1).to_vec(), value: secret_of(1).to_vec().into() });
+        g.push(Op::Import { table: Table::KmipObjects, key: id(1).to_vec(), value: kmip_of(1).into() });
         dst.commit_blocking(g).unwrap();
+        assert_eq!(dst.get(Table::KmipObjects, &id(1)).unwrap(), Some(kmip_of(1)));
         let dst = Registry::new(dst);
         assert_eq!(dst.issued_count("r").unwrap(), 41);
         assert_eq!(dst.key_secret(&id(1)).unwrap().unwrap().expose(), &secret_of(1));
@@ -696,6 +810,149 @@ mod contract {
         assert_eq!(store.get(Table::Issued, b"r").unwrap().as_deref(), Some(&5u64.to_be_bytes()[..]));
     }
 
+    fn kmip_rows(store: &dyn Store, range: (Bound<&[u8]>, Bound<&[u8]>)) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut out = Vec::new();
+        store
+            .scan(Table::KmipObjects, range, &mut |k, v| {
+                out.push((k.to_vec(), v.to_vec()));
+                Ok(true)
+            })
+            .unwrap();
+        out
+    }
+
+    /// `Table::KmipObjects`: put, get, overwrite, delete, compare-and-set, imports, scans in
+    /// key order; the rows are there after a reopen; keys of another length are refused.
+    pub fn kmip_objects_put_get_overwrite_delete_expect_scan_and_import(kind: Kind) {
+        let f = Fixture::new(kind);
+        let store = f.create_store().unwrap();
+        let kmip = |i: u32| store.get(Table::KmipObjects, &id(i)).unwrap();
+        store.commit_blocking(group([put_kmip(3, kmip_of(3)), put_kmip(1, kmip_of(1)), put_kmip(2, kmip_of(2))])).unwrap();
+        assert_eq!(kmip(1), Some(kmip_of(1)));
+        assert_eq!(kmip(4), None);
+        store.commit_blocking(group([put_kmip(1, kmip_of(11))])).unwrap();
+        assert_eq!(kmip(1), Some(kmip_of(11)), "overwritten");
+        store.commit_blocking(group([Op::Delete { table: Table::KmipObjects, key: id(2).to_vec() }])).unwrap();
+        assert_eq!(kmip(2), None, "deleted");
+        // Compare-and-set: on the value there, on an absent row; a stale one writes nothing.
+        let expect = |i: u32, value: Option<Vec<u8>>| Op::Expect { table: Table::KmipObjects, key: id(i).to_vec(), value };
+        store.commit_blocking(group([expect(1, Some(kmip_of(11))), put_kmip(1, kmip_of(12))])).unwrap();
+        store.commit_blocking(group([expect(4, None), put_kmip(4, kmip_of(4))])).unwrap();
+        for (what, stale) in [
+            ("an old value", group([put_kmip(5, kmip_of(5)), expect(1, Some(kmip_of(11))), put_kmip(1, kmip_of(13))])),
+            ("absent, but there", group([put_kmip(5, kmip_of(5)), expect(4, None)])),
+            ("there, but deleted", group([put_kmip(5, kmip_of(5)), expect(2, Some(kmip_of(2)))])),
+        ] {
+            match store.commit_blocking(stale) {
+                Err(StoreError::Conflict { what: w }) => assert!(w.starts_with("KmipObjects "), "{w}"),
+                other => panic!("{what}: not a conflict: {:?}", other.map_err(|e| e.to_string())),
+            }
+        }
+        assert_eq!(kmip(1), Some(kmip_of(12)));
+        assert_eq!(kmip(5), None, "nothing of a group whose expect failed is written");
+        // Rows copied from another store (migrate-store).
+        let import = |i: u32, v: Vec<u8>| Op::Import { table: Table::KmipObjects, key: id(i).to_vec(), value: v.into() };
+        store.commit_blocking(group([import(7, kmip_of(107)), import(0, kmip_of(100))])).unwrap();
+        // Scans in key order, with every kind of bound and an early stop.
+        let all = kmip_rows(store.as_ref(), (Bound::Unbounded, Bound::Unbounded));
+        let want: Vec<_> = [(0, kmip_of(100)), (1, kmip_of(12)), (3, kmip_of(3)), (4, kmip_of(4)), (7, kmip_of(107))]
+            .into_iter()
+            .map(|(i, v)| (id(i).to_vec(), v))
+            .collect();
+        assert_eq!(all, want);
+        let (lo, hi) = (id(1), id(4));
+        let ids = |r: Vec<Vec<u8>>| r.iter().map(|k| u32::from_be_bytes(k[..4].try_into().unwrap())).collect::<Vec<_>>();
+        let t = Table::KmipObjects;
+        assert_eq!(ids(keys(store.as_ref(), t, (Bound::Included(&lo[..]), Bound::Excluded(&hi[..])), usize::MAX)), [1, 3]);
+        assert_eq!(ids(keys(store.as_ref(), t, (Bound::Excluded(&lo[..]), Bound::Included(&hi[..])), usize::MAX)), [3, 4]);
+        assert_eq!(ids(keys(store.as_ref(), t, (Bound::Unbounded, Bound::Unbounded), 2)), [0, 1]);
+        // Keys are 16 bytes; an object table has no last row.
+        let short = Op::Put { table: t, key: vec![1, 2, 3], value: b"x".to_vec() };
+        assert!(matches!(store.commit_blocking(group([put_kmip(6, kmip_of(6)), short])), Err(StoreError::BadKey { table: Table::KmipObjects })));
+        assert!(matches!(store.get(t, &[0u8; 15]), Err(StoreError::BadKey { table: Table::KmipObjects })));
+        assert!(matches!(store.last(t), Err(StoreError::WrongTable { table: Table::KmipObjects })));
+        assert_eq!(kmip(6), None);
+        drop(store);
+        let store = f.open_store().unwrap();
+        assert_eq!(kmip_rows(store.as_ref(), (Bound::Unbounded, Bound::Unbounded)), want, "durable across a reopen");
+    }
+
+    /// A KMIP object larger than 64 KiB is refused, naming the table and the sizes, before
+    /// anything of its group is written, and fails alone among groups sharing a commit;
+    /// 64 KiB itself is taken.
+    pub fn a_kmip_object_over_64_kib_is_refused_and_nothing_of_its_group_is_written(kind: Kind) {
+        let f = Fixture::new(kind);
+        let store = f.create_store().unwrap();
+        let max = kms_server::store::KMIP_OBJECT_MAX;
+        assert_eq!(max, 64 * 1024);
+        let half = || Op::Put { table: Table::Meta, key: b"half".to_vec(), value: b"written".to_vec() };
+        let import = |i: u32, v: Vec<u8>| Op::Import { table: Table::KmipObjects, key: id(i).to_vec(), value: v.into() };
+        let big = vec![7u8; max + 1];
+        let refused = |r: Result<(), StoreError>| match r {
+            Err(e @ StoreError::ValueTooLarge { table: Table::KmipObjects, len: 65_537, max: 65_536 }) => {
+                let msg = e.to_string();
+                assert!(msg.contains("KmipObjects") && msg.contains("65537 bytes") && msg.contains("65536 bytes"), "{msg}");
+            }
+            other => panic!("not refused as too large: {:?}", other.map_err(|e| e.to_string())),
+        };
+        refused(store.commit_blocking(group([half(), put_kmip(1, kmip_of(1)), put_kmip(2, big.clone())])));
+        refused(store.commit_blocking(group([half(), import(3, big.clone())])));
+        let rt = rt();
+        refused(rt.block_on(store.commit(group([put_kmip(1, kmip_of(1)), put_kmip(2, big.clone()), half()]))));
+        let results = rt.block_on(async {
+            let mut tasks = Vec::new();
+            for i in 10..30u32 {
+                let s = store.clone();
+                let value = if i == 20 { big.clone() } else { kmip_of(i) };
+                tasks.push(tokio::spawn(async move { s.commit(group([put_kmip(i, value)])).await }));
+            }
+            let mut out = Vec::new();
+            for t in tasks {
+                out.push(t.await.unwrap());
+            }
+            out
+        });
+        for (i, r) in (10..30u32).zip(results) {
+            if i == 20 {
+                refused(r);
+            } else {
+                r.unwrap();
+            }
+        }
+        assert_eq!(store.get(Table::Meta, b"half").unwrap(), None, "nothing of a refused group is written");
+        for i in [1, 2, 3, 20] {
+            assert_eq!(store.get(Table::KmipObjects, &id(i)).unwrap(), None, "object {i}");
+        }
+        for i in (10..30u32).filter(|&i| i != 20) {
+            assert_eq!(store.get(Table::KmipObjects, &id(i)).unwrap(), Some(kmip_of(i)), "the groups beside it commit");
+        }
+        let full = vec![8u8; max];
+        store.commit_blocking(group([put_kmip(2, full.clone()), import(3, full.clone())])).unwrap();
+        assert_eq!(store.get(Table::KmipObjects, &id(2)).unwrap(), Some(full.clone()));
+        assert_eq!(store.get(Table::KmipObjects, &id(3)).unwrap(), Some(full));
+    }
+
+    /// KmipObjects takes no counter, no numbered insert, no secret put: each is refused and
+    /// nothing of its group is written.
+    pub fn kmip_objects_refuse_increment_insert_and_put_secret(kind: Kind) {
+        let f = Fixture::new(kind);
+        let store = f.create_store().unwrap();
+        let key = id(1).to_vec();
+        for (what, op) in [
+            ("Increment", Op::Increment { table: Table::KmipObjects, key: key.clone(), by: 1 }),
+            ("Insert", Op::Insert { table: Table::KmipObjects, value: kmip_of(1) }),
+            ("PutSecret", Op::PutSecret { table: Table::KmipObjects, key: key.clone(), value: secret_of(1).to_vec().into() }),
+        ] {
+            let half = Op::Put { table: Table::Meta, key: b"half".to_vec(), value: b"written".to_vec() };
+            match store.commit_blocking(group([half, put_kmip(2, kmip_of(2)), op])) {
+                Err(StoreError::WrongTable { table: Table::KmipObjects }) => {}
+                other => panic!("{what} on KmipObjects: {:?}", other.map_err(|e| e.to_string())),
+            }
+        }
+        assert_eq!(store.get(Table::Meta, b"half").unwrap(), None);
+        assert_eq!(kmip_rows(store.as_ref(), (Bound::Unbounded, Bound::Unbounded)), vec![], "nothing of the refused groups");
+    }
+
     /// Runs each named contract test once per store.
     macro_rules! per_store {
         ($($name:ident),* $(,)?) => {
@@ -719,7 +976,105 @@ mod contract {
         a_scrub_keeps_every_live_row_and_writes_go_on,
         imported_rows_keep_their_bytes_and_appends_continue_the_chain,
         writes_of_one_row_in_one_group_apply_in_order,
+        kmip_objects_put_get_overwrite_delete_expect_scan_and_import,
+        a_kmip_object_over_64_kib_is_refused_and_nothing_of_its_group_is_written,
+        kmip_objects_refuse_increment_insert_and_put_secret,
     );
+
+    /// A database of schema format 1 (made before KmipObjects) is upgraded at open: the
+    /// table made and the format set to 2 in one transaction, also when several replicas
+    /// open it at the same moment (each opens, one upgrades). A role that may not create
+    /// tables gets the upgrade's own error, and the database stays as it was.
+    #[test]
+    fn a_postgres_database_of_format_1_is_upgraded_at_open_also_by_replicas_at_once() {
+        let f = Fixture::new(Kind::Postgres);
+        let pg = f.pg.as_ref().unwrap();
+        let store = f.create_store().unwrap();
+        store.commit_blocking(group([Op::Put { table: Table::Meta, key: b"kept".to_vec(), value: b"yes".to_vec() }])).unwrap();
+        drop(store);
+        let format = || pg.psql("kluis", "SELECT format FROM kluis_schema");
+        let has_table = || pg.psql("kluis", "SELECT to_regclass('kluis_kmip_objects') IS NOT NULL") == "t";
+        let to_format_1 = || pg.psql("kluis", "DROP TABLE kluis_kmip_objects; UPDATE kluis_schema SET format = 1");
+        assert_eq!((format().as_str(), has_table()), ("2", true), "a new database is made at format 2");
+
+        to_format_1();
+        pg.psql("kluis", "CREATE ROLE app LOGIN; GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO app");
+        let app = PgOptions { url: format!("postgresql://app@{}/kluis", pg.host()), password: None, ca_file: None };
+        match PostgresStore::open(&app, AuditChain::new()) {
+            Err(e @ StoreError::SchemaUpgrade { found: 1, supported: 2, .. }) => {
+                let msg = e.to_string();
+                assert!(msg.contains("from format 1 to 2") && msg.contains("permission denied"), "{msg}");
+            }
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("a role that cannot create tables upgraded the schema"),
+        }
+        assert_eq!((format().as_str(), has_table()), ("1", false), "a failed upgrade changes nothing");
+
+        for round in 0..3u32 {
+            if round > 0 {
+                to_format_1();
+            }
+            let barrier = Arc::new(std::sync::Barrier::new(4));
+            let threads: Vec<_> = (0..4)
+                .map(|_| {
+                    let (opts, barrier) = (f.opts(), barrier.clone());
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        PostgresStore::open(&opts, AuditChain::new())
+                    })
+                })
+                .collect();
+            let stores: Vec<PostgresStore> =
+                threads.into_iter().map(|t| t.join().unwrap().unwrap_or_else(|e| panic!("round {round}: an open failed: {e}"))).collect();
+            assert_eq!((format().as_str(), has_table()), ("2", true), "round {round}");
+            stores[0].commit_blocking(group([put_kmip(round, kmip_of(round))])).unwrap();
+            assert_eq!(stores[3].get(Table::KmipObjects, &id(round)).unwrap(), Some(kmip_of(round)));
+            assert_eq!(stores[1].get(Table::Meta, b"kept").unwrap().as_deref(), Some(&b"yes"[..]), "the rows of format 1 kept");
+        }
+    }
+
+    /// The PostgreSQL scrub rewrites the tables that hold secrets: the bytes of a deleted
+    /// and of an overwritten KMIP object, and of a deleted key secret, leave the database's
+    /// files (the WAL aside, as documented); the live rows stay.
+    #[test]
+    fn a_postgres_scrub_removes_deleted_kmip_objects_and_key_secrets_from_the_table_files() {
+        let f = Fixture::new(Kind::Postgres);
+        let pg = f.pg.as_ref().unwrap();
+        let store = f.create_store().unwrap();
+        let secret = |i: u32| Op::PutSecret { table: Table::KeySecrets, key: id(i).to_vec(), value: secret_of(i).to_vec().into() };
+        store.commit_blocking(group([put_kmip(1, kmip_of(1)), put_kmip(2, kmip_of(2)), put_kmip(3, kmip_of(3)), secret(1), secret(2)])).unwrap();
+        store.commit_blocking(group([put_kmip(3, kmip_of(103))])).unwrap();
+        store
+            .commit_blocking(group([
+                Op::Delete { table: Table::KmipObjects, key: id(2).to_vec() },
+                Op::Delete { table: Table::KeySecrets, key: id(2).to_vec() },
+            ]))
+            .unwrap();
+        let file = |table: &str| pg.data.join(pg.psql("kluis", &format!("SELECT pg_relation_filepath('{table}')")));
+        // The premise: deleted or overwritten, the bytes are still in the tables' files.
+        pg.psql("kluis", "CHECKPOINT");
+        let (objects, secrets) = (std::fs::read(file("kluis_kmip_objects")).unwrap(), std::fs::read(file("kluis_key_secrets")).unwrap());
+        assert!(contains(&objects, &kmip_of(2)) && contains(&objects, &kmip_of(3)), "before the scrub the old objects are in the heap");
+        assert!(contains(&secrets, &secret_of(2)), "before the scrub the deleted secret is in the heap");
+
+        rt().block_on(store.scrub()).unwrap();
+        pg.psql("kluis", "CHECKPOINT");
+        // Every file of the database (the old heaps are truncated once rewritten).
+        let db_dir = file("kluis_kmip_objects").parent().unwrap().to_owned();
+        let mut all = Vec::new();
+        for entry in std::fs::read_dir(&db_dir).unwrap() {
+            all.extend(std::fs::read(entry.unwrap().path()).unwrap());
+        }
+        for (what, gone) in [("deleted object", kmip_of(2)), ("overwritten object", kmip_of(3)), ("deleted secret", secret_of(2).to_vec())] {
+            assert!(!contains(&all, &gone), "after the scrub the {what} is in no file of the database");
+        }
+        let (objects, secrets) = (std::fs::read(file("kluis_kmip_objects")).unwrap(), std::fs::read(file("kluis_key_secrets")).unwrap());
+        assert!(contains(&objects, &kmip_of(1)) && contains(&objects, &kmip_of(103)) && contains(&secrets, &secret_of(1)));
+        assert_eq!(store.get(Table::KmipObjects, &id(1)).unwrap(), Some(kmip_of(1)));
+        assert_eq!(store.get(Table::KmipObjects, &id(3)).unwrap(), Some(kmip_of(103)));
+        assert_eq!(store.get(Table::KmipObjects, &id(2)).unwrap(), None);
+        assert_eq!(store.get(Table::KeySecrets, &id(1)).unwrap().as_deref(), Some(&secret_of(1)[..]));
+    }
 
     /// The maintenance lease between two replicas on one database, on a clock the test
     /// moves: the holder keeps it while it renews; a contender takes it only after seeing
