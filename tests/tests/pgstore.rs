@@ -532,8 +532,9 @@ fn entry_lines(export: &str) -> Vec<String> {
 
 /// A dev server's store moves to PostgreSQL and back with `migrate-store`: every file
 /// sealed before unseals after each move, the audit chain is the same entries and still
-/// verifies end to end, the counters and the pending destruction come along; a target
-/// that is not empty is refused in one line naming it, and nothing is written to it.
+/// verifies end to end, the counters, the pending destruction and the KMIP objects come
+/// along; a target that is not empty is refused in one line naming it, and nothing is
+/// written to it.
 #[test]
 fn a_store_moves_from_redb_to_postgres_and_back_and_everything_still_opens_and_verifies() {
     let mut server = Server::start();
@@ -551,6 +552,15 @@ fn a_store_moves_from_redb_to_postgres_and_back_and_everything_still_opens_and_v
     let before = entry_lines(&export_verifies(&server));
     let destructions = stdout(&server.kmsctl("auditor", &["destruction", "list", "--json"]));
     server.kill9();
+    // A KMIP object, put into the stopped server's store as the KMIP layer will.
+    let (object_id, object) = ([0x4b_u8; 16], b"attributes and sealed key material ".repeat(40));
+    {
+        let path = kms_server::config::ServerConfig::load(&config(&server)).unwrap().store_path();
+        let store = kms_server::store::redb::RedbStore::open(&path, kms_server::audit::AuditChain::new()).unwrap();
+        let mut g = kms_server::store::WriteGroup::default();
+        g.push(kms_server::store::Op::Put { table: kms_server::store::Table::KmipObjects, key: object_id.to_vec(), value: object.clone() });
+        kms_server::store::Store::commit_blocking(&store, g).unwrap();
+    }
 
     // redb -> PostgreSQL.
     let pg = Postgres::start();
@@ -566,6 +576,9 @@ fn a_store_moves_from_redb_to_postgres_and_back_and_everything_still_opens_and_v
     assert!(report.contains("matches the source row for row"), "{report}");
     assert!(report.lines().any(|l| l.trim_start().starts_with("DataKeys") && l.contains(" 3 rows")), "{report}");
     assert!(report.lines().any(|l| l.trim_start().starts_with("KeySecrets") && l.contains(" 3 rows")), "{report}");
+    assert!(report.lines().any(|l| l.trim_start().starts_with("KmipObjects") && l.contains(" 1 rows")), "{report}");
+    let in_pg = pg.psql("kluis", "SELECT encode(k, 'hex') || ' ' || encode(v, 'hex') FROM kluis_kmip_objects");
+    assert_eq!(in_pg, format!("{} {}", hex::encode(object_id), hex::encode(&object)));
     // Again into the same database: refused, in one line, and the copy is untouched.
     let rows = pg.psql("kluis", "SELECT count(*) FROM kluis_audit");
     refused_one_line(&migrate_store(&redb_cfg, &pg_cfg), 1, &["target store", "empty store only"]);
@@ -601,7 +614,7 @@ fn a_store_moves_from_redb_to_postgres_and_back_and_everything_still_opens_and_v
     std::fs::create_dir_all(&back_dir).unwrap();
     ok(&migrate_store(&pg_cfg, &back_cfg), "migrate-store postgres -> redb");
     refused_one_line(&migrate_store(&pg_cfg, &back_cfg), 1, &["target store", "already exists"]);
-    let back = Replica::start(&back_cfg);
+    let mut back = Replica::start(&back_cfg);
     let restorer = back.client(&server, "restorer");
     for (data, file) in sealed.iter().chain([(data, on_pg_file)].iter()) {
         let out = backup_hook(&restorer, &["unseal"], file);
@@ -610,6 +623,11 @@ fn a_store_moves_from_redb_to_postgres_and_back_and_everything_still_opens_and_v
     }
     let back_entries = entry_lines(&export_verifies_through(&back.client(&server, "auditor")));
     assert_eq!(&back_entries[..after.len()], &after[..], "the chain moved back holds the same entries");
+    back.kill9();
+    let path = kms_server::config::ServerConfig::load(&back_cfg).unwrap().store_path();
+    let store = kms_server::store::redb::RedbStore::open(&path, kms_server::audit::AuditChain::new()).unwrap();
+    let moved_back = kms_server::store::Store::get(&store, kms_server::store::Table::KmipObjects, &object_id).unwrap();
+    assert_eq!(moved_back, Some(object), "the KMIP object moved back");
 }
 
 /// PostgreSQL's own failover: a primary and a synchronous streaming standby, two Kluis
