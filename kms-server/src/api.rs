@@ -300,7 +300,9 @@ fn key_code_reason(e: &KeyError) -> (tonic::Code, kluis_proto::error::Reason) {
         KeyError::EscrowManifest { .. } => (Code::InvalidArgument, Reason::EscrowManifestInvalid),
         KeyError::KeyringNotFound { .. } => (Code::NotFound, Reason::KeyringNotFound),
         KeyError::DestructionNotFound { .. } => (Code::NotFound, Reason::DestructionNotFound),
-        KeyError::UnknownKeyId { .. } => (Code::NotFound, Reason::KeyUnknown),
+        KeyError::UnknownKeyId { .. } | KeyError::KmipObjectNotFound { .. } => (Code::NotFound, Reason::KeyUnknown),
+        // KMIP only; gRPC never reaches it.
+        KeyError::KmipState { .. } => (Code::FailedPrecondition, Reason::InvalidArgument),
         KeyError::GrantNotFound { .. } => (Code::NotFound, Reason::GrantNotFound),
         KeyError::ApprovalNotFound { .. } => (Code::NotFound, Reason::ApprovalNotFound),
         KeyError::SelfApproval { .. } => (Code::PermissionDenied, Reason::SelfApproval),

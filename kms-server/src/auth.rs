@@ -494,6 +494,28 @@ impl Policy {
         }
     }
 
+    /// The keyring a KMIP client's objects go to, from its grants: the one keyring its
+    /// `sealer` grants name (not `"*"`), if there is exactly one.
+    pub fn kmip_keyring(&self, principal: &Principal) -> Option<String> {
+        let mut named = BTreeSet::new();
+        let mut visit = |g: &Grant| {
+            if g.principal == principal.0 && g.roles.contains(&Role::Sealer) {
+                named.extend(g.keyrings.iter().filter(|k| *k != "*").cloned());
+            }
+        };
+        self.config.iter().for_each(&mut visit);
+        self.runtime.load().iter().for_each(&mut visit);
+        if named.len() == 1 { named.pop_first() } else { None }
+    }
+
+    /// Whether `principal` holds `sealer` or `restorer` on `keyring`: the objects a KMIP
+    /// Locate may show it.
+    pub fn may_use(&self, principal: &Principal, keyring: &str) -> bool {
+        self.any_grant(|g| {
+            g.principal == principal.0 && (g.roles.contains(&Role::Sealer) || g.roles.contains(&Role::Restorer)) && g.covers(keyring)
+        })
+    }
+
     /// Whether an authorized lister may see `keyring` in a listing.
     pub fn may_see(&self, auth: &Authorized, keyring: &str) -> bool {
         let roles = auth.action.permitted_roles();

@@ -102,6 +102,11 @@ pub struct ServerConfig {
     /// `0.0.0.0:5696`; an address without a port gets KMIP's 5696. Off if absent.
     #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "kmip_listen")]
     pub kmip_listen: Option<SocketAddr>,
+    /// The keyring KMIP objects go to for a client whose `sealer` grants do not name exactly
+    /// one keyring (such a client's objects go to that one). Absent: such a client cannot
+    /// create objects (Permission Denied, naming this setting).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kmip_keyring: Option<String>,
     pub tls: TlsConfig,
     pub master: MasterConfig,
     /// How client certificates become principals, and which are revoked.

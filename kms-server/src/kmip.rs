@@ -21,13 +21,31 @@ use kluis_kmip::ttlv::{self, HEADER_LEN, Item, TtlvError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_stream::StreamExt;
 
-use crate::auth::{AuthError, Authenticator, Principal};
-use crate::keys::KeyManager;
+use crate::auth::{Action, AuthError, Authenticator, Authorized, Policy, Principal};
+use crate::keys::kmip::{Material, NewObject, object_type};
+use crate::keys::{KeyError, KeyManager};
 use crate::metrics::Metrics;
+use crate::model::Outcome;
 use crate::tls::Conn;
 
 /// The operations this server answers (Query lists them).
-pub const OPERATIONS: [Operation; 2] = [Operation::DiscoverVersions, Operation::Query];
+pub const OPERATIONS: [Operation; 7] = [
+    Operation::Create,
+    Operation::Locate,
+    Operation::Get,
+    Operation::GetAttributes,
+    Operation::Activate,
+    Operation::Query,
+    Operation::DiscoverVersions,
+];
+
+/// Cryptographic Algorithm AES (section 9.1.3.2.13).
+const AES: u32 = 0x03;
+/// Key Format Types (section 9.1.3.2.3).
+const RAW: u32 = 0x01;
+const TRANSPARENT_SYMMETRIC_KEY: u32 = 0x07;
+/// The most identifiers one Locate answers (a client pages with Offset Items).
+pub const MAX_LOCATE: usize = 1000;
 
 /// Why a connection ended other than by the client closing it between requests.
 #[derive(Debug, thiserror::Error)]
@@ -43,14 +61,23 @@ pub enum ConnError {
 /// The KMIP service: what a connection needs.
 pub struct Kmip {
     keys: Arc<KeyManager>,
+    policy: Arc<Policy>,
     authn: Arc<Authenticator>,
     metrics: Arc<Metrics>,
     limits: ttlv::Limits,
+    /// `kmip_keyring` of the config.
+    default_keyring: Option<String>,
 }
 
 impl Kmip {
-    pub fn new(keys: Arc<KeyManager>, authn: Arc<Authenticator>, metrics: Arc<Metrics>) -> Self {
-        Self { keys, authn, metrics, limits: ttlv::Limits::default() }
+    pub fn new(
+        keys: Arc<KeyManager>,
+        policy: Arc<Policy>,
+        authn: Arc<Authenticator>,
+        metrics: Arc<Metrics>,
+        default_keyring: Option<String>,
+    ) -> Self {
+        Self { keys, policy, authn, metrics, limits: ttlv::Limits::default(), default_keyring }
     }
 
     /// Serves every connection of `incoming` until it ends.
@@ -156,6 +183,9 @@ impl Kmip {
         let version = answer_version(req.header.version);
         let supported = SUPPORTED_VERSIONS.contains(&req.header.version);
         let mut items = Vec::with_capacity(req.items.len());
+        // The ID Placeholder: the object the last item made or named, for an item without a
+        // Unique Identifier (Create then Activate in one batch).
+        let mut placeholder: Option<String> = None;
         if req.header.continuation == ContinuationOption::Undo && req.items.len() > 1 {
             return self.each(&req, |_| {
                 Err(Failure::new(ResultReason::FeatureNotSupported, "Batch Error Continuation Option Undo: Kluis cannot undo batch items; use Stop or Continue"))
@@ -168,7 +198,7 @@ impl Kmip {
                     format!("protocol version {} is not supported; this server speaks 1.0 to 1.4 (ask with Discover Versions)", req.header.version),
                 ))
             } else {
-                self.run(who, item).await
+                self.run(who, item, &mut placeholder).await
             };
             self.metrics.kmip(operation_name(item.operation), result_name(&result));
             let failed = result.is_err();
@@ -208,16 +238,355 @@ impl Kmip {
     }
 
     #[tracing::instrument(skip_all, fields(operation = operation_name(item.operation)))]
-    async fn run(&self, _who: &Principal, item: &RequestItem) -> Result<Option<Item>, Failure> {
+    async fn run(&self, who: &Principal, item: &RequestItem, placeholder: &mut Option<String>) -> Result<Option<Item>, Failure> {
+        let p = &item.payload;
         match item.operation {
-            Operation::DiscoverVersions => discover_versions(&item.payload).map(Some),
-            Operation::Query => query(&item.payload).map(Some),
+            Operation::DiscoverVersions => discover_versions(p).map(Some),
+            Operation::Query => query(p).map(Some),
+            Operation::Create => self.create(who, p, placeholder).await.map(Some),
+            Operation::Get => self.get(who, p, placeholder).await.map(Some),
+            Operation::Activate => self.activate(who, p, placeholder).await.map(Some),
+            Operation::GetAttributes => self.get_attributes(who, p, placeholder).await.map(Some),
+            Operation::Locate => self.locate(who, p).await.map(Some),
             other => Err(Failure::new(
                 ResultReason::OperationNotSupported,
-                format!("operation {} is not supported by this server (Query lists those that are)", operation_name(other)),
+                format!("operation {other:?} is not supported by this server (Query lists those that are)"),
             )),
         }
     }
+
+    /// Authorizes `action` on `keyring`; a refusal is audited (fail closed) and answered
+    /// Permission Denied.
+    async fn authorize(&self, who: &Principal, action: Action, audit_action: &str, keyring: &str, uid: Option<&str>) -> Result<Authorized, Failure> {
+        match self.policy.authorize(who, action, Some(keyring)) {
+            Ok(a) => Ok(a),
+            Err(e) => {
+                self.metrics.refused(action.name(), "permission");
+                let mut ev = self.keys.event(who.name(), audit_action, Some(keyring), None, Outcome::Denied(e.to_string()));
+                ev.key_id = uid.map(str::to_owned);
+                self.audit(ev).await?;
+                Err(Failure::new(ResultReason::PermissionDenied, e.to_string()))
+            }
+        }
+    }
+
+    /// Writes an audit entry of a request that wrote nothing else; if it cannot be written,
+    /// the request fails (fail closed).
+    async fn audit(&self, ev: crate::audit::AuditEvent) -> Result<(), Failure> {
+        self.keys.audit(ev).await.map_err(|e| {
+            self.metrics.audit_failure();
+            tracing::error!(error = %e, "audit trail not writable; KMIP request refused");
+            Failure::new(ResultReason::GeneralFailure, format!("the audit trail cannot be written, so nothing was done: {e}"))
+        })
+    }
+
+    /// A key-layer failure of an authorized request: audited, then mapped.
+    async fn failed(&self, who: &Principal, audit_action: &str, keyring: Option<&str>, uid: Option<&str>, e: KeyError) -> Failure {
+        let f = key_failure(e);
+        let mut ev = self.keys.event(
+            who.name(),
+            audit_action,
+            keyring,
+            None,
+            Outcome::Failed { kind: format!("{:?}", f.reason), detail: f.message.clone() },
+        );
+        ev.key_id = uid.map(str::to_owned);
+        match self.audit(ev).await {
+            Ok(()) => f,
+            Err(audit) => audit,
+        }
+    }
+
+    /// The keyring a client's new objects go to.
+    fn keyring_for(&self, who: &Principal) -> Result<String, Failure> {
+        self.policy.kmip_keyring(who).or_else(|| self.default_keyring.clone()).ok_or_else(|| {
+            Failure::new(
+                ResultReason::PermissionDenied,
+                format!(
+                    "no KMIP keyring for {}: grant it sealer on exactly one keyring, or set kmip_keyring in the server config",
+                    who.name()
+                ),
+            )
+        })
+    }
+
+    async fn create(&self, who: &Principal, p: &Item, placeholder: &mut Option<String>) -> Result<Item, Failure> {
+        use kluis_kmip::message::{enumeration, opt, req};
+        let kind = enumeration(req(p, tag::OBJECT_TYPE).map_err(invalid_field)?).map_err(invalid_field)?;
+        if kind != object_type::SYMMETRIC_KEY {
+            return Err(Failure::new(ResultReason::InvalidField, format!("Create makes symmetric keys (Object Type 2), not Object Type {kind}; key pairs come with Create Key Pair")));
+        }
+        let template = opt(p, tag::TEMPLATE_ATTRIBUTE).map_err(invalid_field)?;
+        let mut new = NewObject { object_type: kind, key_format: RAW, ..NewObject::default() };
+        if let Some(t) = template {
+            read_template(t, &mut new)?;
+        }
+        if new.algorithm != Some(AES) {
+            return Err(Failure::new(ResultReason::InvalidField, "Cryptographic Algorithm must be AES (3)"));
+        }
+        let bytes = match new.length {
+            Some(128) => 16,
+            Some(256) => 32,
+            _ => return Err(Failure::new(ResultReason::InvalidField, "Cryptographic Length must be 128 or 256 for AES")),
+        };
+        let keyring = self.keyring_for(who)?;
+        let auth = self.authorize(who, Action::GenerateDataKey, "KmipCreate", &keyring, None).await?;
+        let mut key = zeroize::Zeroizing::new(vec![0u8; bytes]);
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
+            .map_err(|_| Failure::new(ResultReason::CryptographicFailure, "no random bytes from the system"))?;
+        let audit = self.keys.event(who.name(), "KmipCreate", Some(&keyring), None, Outcome::ok());
+        let uid = match self.keys.kmip_create(&auth, &keyring, new, Material::new(key), audit).await {
+            Ok(uid) => uid,
+            Err(e) => return Err(self.failed(who, "KmipCreate", Some(&keyring), None, e).await),
+        };
+        *placeholder = Some(uid.clone());
+        Ok(payload(vec![Item::enumeration(tag::OBJECT_TYPE, kind), Item::text(tag::UNIQUE_IDENTIFIER, uid)]))
+    }
+
+    /// The Unique Identifier of a payload, or the ID Placeholder.
+    fn uid(p: &Item, placeholder: &Option<String>) -> Result<String, Failure> {
+        match kluis_kmip::message::opt(p, tag::UNIQUE_IDENTIFIER).map_err(invalid_field)? {
+            Some(u) => Ok(kluis_kmip::message::text(u).map_err(invalid_field)?.to_owned()),
+            None => placeholder
+                .clone()
+                .ok_or_else(|| Failure::new(ResultReason::MissingData, "Unique Identifier is missing and no earlier batch item set the ID Placeholder")),
+        }
+    }
+
+    /// The keyring of the object `uid`, or Item Not Found.
+    fn keyring_of(&self, uid: &str) -> Result<String, Failure> {
+        self.keys.kmip_object(uid).map(|(_, o)| o.keyring).map_err(key_failure)
+    }
+
+    async fn get(&self, who: &Principal, p: &Item, placeholder: &mut Option<String>) -> Result<Item, Failure> {
+        use kluis_kmip::message::{enumeration, only, opt};
+        only(p, &[tag::UNIQUE_IDENTIFIER, tag::KEY_FORMAT_TYPE, tag::KEY_COMPRESSION_TYPE, tag::KEY_WRAPPING_SPECIFICATION])
+            .map_err(invalid_field)?;
+        if opt(p, tag::KEY_WRAPPING_SPECIFICATION).map_err(invalid_field)?.is_some() {
+            return Err(Failure::new(ResultReason::FeatureNotSupported, "Key Wrapping Specification: Kluis returns keys unwrapped, over the mutual TLS connection"));
+        }
+        let format = opt(p, tag::KEY_FORMAT_TYPE).map_err(invalid_field)?.map(enumeration).transpose().map_err(invalid_field)?;
+        if let Some(f) = format
+            && f != RAW
+            && f != TRANSPARENT_SYMMETRIC_KEY
+        {
+            return Err(Failure::new(ResultReason::KeyFormatTypeNotSupported, format!("Key Format Type {f}: a symmetric key is given as Raw (1) or Transparent Symmetric Key (7)")));
+        }
+        let uid = Self::uid(p, placeholder)?;
+        let keyring = self.keyring_of(&uid)?;
+        let auth = self.authorize(who, Action::UnwrapDataKey, "KmipGet", &keyring, Some(&uid)).await?;
+        let (object, material) = match self.keys.kmip_get(&auth, &uid).await {
+            Ok(got) => got,
+            Err(e) => return Err(self.failed(who, "KmipGet", Some(&keyring), Some(&uid), e).await),
+        };
+        let mut ev = self.keys.event(who.name(), "KmipGet", Some(&keyring), None, Outcome::ok());
+        ev.key_id = Some(uid.clone());
+        // Fail closed: no key leaves without its audit entry.
+        self.audit(ev).await?;
+        self.metrics.unwrapped();
+        let value = match format {
+            Some(TRANSPARENT_SYMMETRIC_KEY) => {
+                Item::structure(tag::KEY_VALUE, vec![Item::structure(tag::KEY_MATERIAL, vec![Item::bytes(tag::KEY, material.expose())])])
+            }
+            _ => Item::structure(tag::KEY_VALUE, vec![Item::bytes(tag::KEY_MATERIAL, material.expose())]),
+        };
+        let mut block = vec![Item::enumeration(tag::KEY_FORMAT_TYPE, format.unwrap_or(RAW)), value];
+        if let Some(a) = object.algorithm {
+            block.push(Item::enumeration(tag::CRYPTOGRAPHIC_ALGORITHM, a));
+        }
+        if let Some(l) = object.length {
+            block.push(Item::integer(tag::CRYPTOGRAPHIC_LENGTH, l));
+        }
+        *placeholder = Some(uid.clone());
+        Ok(payload(vec![
+            Item::enumeration(tag::OBJECT_TYPE, object.object_type),
+            Item::text(tag::UNIQUE_IDENTIFIER, uid),
+            Item::structure(tag::SYMMETRIC_KEY, vec![Item::structure(tag::KEY_BLOCK, block)]),
+        ]))
+    }
+
+    async fn activate(&self, who: &Principal, p: &Item, placeholder: &mut Option<String>) -> Result<Item, Failure> {
+        kluis_kmip::message::only(p, &[tag::UNIQUE_IDENTIFIER]).map_err(invalid_field)?;
+        let uid = Self::uid(p, placeholder)?;
+        let keyring = self.keyring_of(&uid)?;
+        let auth = self.authorize(who, Action::GenerateDataKey, "KmipActivate", &keyring, Some(&uid)).await?;
+        let mut audit = self.keys.event(who.name(), "KmipActivate", Some(&keyring), None, Outcome::ok());
+        audit.key_id = Some(uid.clone());
+        if let Err(e) = self.keys.kmip_activate(&auth, &uid, audit).await {
+            return Err(self.failed(who, "KmipActivate", Some(&keyring), Some(&uid), e).await);
+        }
+        *placeholder = Some(uid.clone());
+        Ok(payload(vec![Item::text(tag::UNIQUE_IDENTIFIER, uid)]))
+    }
+
+    async fn get_attributes(&self, who: &Principal, p: &Item, placeholder: &mut Option<String>) -> Result<Item, Failure> {
+        kluis_kmip::message::only(p, &[tag::UNIQUE_IDENTIFIER, tag::ATTRIBUTE_NAME]).map_err(invalid_field)?;
+        let uid = Self::uid(p, placeholder)?;
+        let wanted = p
+            .children_with(tag::ATTRIBUTE_NAME)
+            .map(|n| kluis_kmip::message::text(n).map(str::to_owned))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(invalid_field)?;
+        let (_, object) = self.keys.kmip_object(&uid).map_err(key_failure)?;
+        // Reading attributes is a sealer's (or restorer's) business on the object's keyring.
+        if !self.policy.may_use(who, &object.keyring) {
+            let _ = self.authorize(who, Action::GenerateDataKey, "KmipGetAttributes", &object.keyring, Some(&uid)).await?;
+        }
+        let mut out = vec![Item::text(tag::UNIQUE_IDENTIFIER, uid.clone())];
+        out.extend(attributes(&uid, &object).into_iter().filter(|(name, _)| wanted.is_empty() || wanted.iter().any(|w| w == name)).map(|(_, a)| a));
+        *placeholder = Some(uid);
+        Ok(payload(out))
+    }
+
+    async fn locate(&self, who: &Principal, p: &Item) -> Result<Item, Failure> {
+        use kluis_kmip::message::{int, opt};
+        let max = opt(p, tag::MAXIMUM_ITEMS).map_err(invalid_field)?.map(int).transpose().map_err(invalid_field)?;
+        let offset = opt(p, tag::OFFSET_ITEMS).map_err(invalid_field)?.map(int).transpose().map_err(invalid_field)?;
+        let max = usize::try_from(max.unwrap_or(i32::MAX)).unwrap_or(0).min(MAX_LOCATE);
+        let offset = usize::try_from(offset.unwrap_or(0)).unwrap_or(0);
+        let mut want = NewObject::default();
+        let mut want_state = None;
+        let mut want_type = None;
+        for a in p.children_with(tag::ATTRIBUTE) {
+            let (name, value) = attribute(a)?;
+            match name.as_str() {
+                "Object Type" => want_type = Some(kluis_kmip::message::enumeration(value).map_err(invalid_field)?),
+                "State" => want_state = Some(kluis_kmip::message::enumeration(value).map_err(invalid_field)?),
+                _ => read_attribute(&name, value, &mut want)?,
+            }
+        }
+        for c in p.children().unwrap_or(&[]) {
+            if ![tag::ATTRIBUTE, tag::MAXIMUM_ITEMS, tag::OFFSET_ITEMS, tag::STORAGE_STATUS_MASK, tag::OBJECT_GROUP_MEMBER].contains(&c.tag) {
+                return Err(Failure::new(ResultReason::InvalidField, format!("{} is not a field of a Locate request", c.tag)));
+            }
+        }
+        let found = self
+            .keys
+            .kmip_locate(offset, max, |o| {
+                self.policy.may_use(who, &o.keyring)
+                    && want_type.is_none_or(|t| t == o.object_type)
+                    && want_state.is_none_or(|s| s == o.state)
+                    && want.algorithm.is_none_or(|a| Some(a) == o.algorithm)
+                    && want.length.is_none_or(|l| Some(l) == o.length)
+                    && want.names.iter().all(|n| o.names.contains(n))
+                    && want.app_info.iter().all(|(ns, data)| o.app_info.iter().any(|(ons, od)| ons == ns && (data.is_empty() || od == data)))
+            })
+            .map_err(key_failure)?;
+        let ev = self.keys.event(who.name(), "KmipLocate", None, None, Outcome::ok_with(format!("{} found", found.len())));
+        self.audit(ev).await?;
+        Ok(payload(found.into_iter().map(|u| Item::text(tag::UNIQUE_IDENTIFIER, u)).collect()))
+    }
+}
+
+/// A Template-Attribute's attributes into a new object. Unknown attributes are refused by
+/// name rather than dropped: a client must not believe a setting took that did not.
+fn read_template(t: &Item, new: &mut NewObject) -> Result<(), Failure> {
+    for c in t.children().unwrap_or(&[]) {
+        if c.tag == tag::NAME {
+            // A Template's own name (templates are not kept): refused.
+            return Err(Failure::new(ResultReason::FeatureNotSupported, "named templates are not supported; give the attributes themselves"));
+        }
+        if c.tag != tag::ATTRIBUTE {
+            return Err(Failure::new(ResultReason::InvalidField, format!("{} is not a field of a Template-Attribute", c.tag)));
+        }
+        let (name, value) = attribute(c)?;
+        read_attribute(&name, value, new)?;
+    }
+    new.names.sort();
+    new.names.dedup();
+    Ok(())
+}
+
+/// An Attribute's name and value.
+fn attribute(a: &Item) -> Result<(String, &Item), Failure> {
+    use kluis_kmip::message::{only, req, text};
+    only(a, &[tag::ATTRIBUTE_NAME, tag::ATTRIBUTE_INDEX, tag::ATTRIBUTE_VALUE]).map_err(invalid_field)?;
+    let name = text(req(a, tag::ATTRIBUTE_NAME).map_err(invalid_field)?).map_err(invalid_field)?.to_owned();
+    let value = req(a, tag::ATTRIBUTE_VALUE).map_err(invalid_field)?;
+    Ok((name, value))
+}
+
+fn read_attribute(name: &str, v: &Item, new: &mut NewObject) -> Result<(), Failure> {
+    use kluis_kmip::message::{enumeration, int, req, text};
+    let bad = |e| invalid_field(e);
+    match name {
+        "Cryptographic Algorithm" => new.algorithm = Some(enumeration(v).map_err(bad)?),
+        "Cryptographic Length" => new.length = Some(int(v).map_err(bad)?),
+        "Cryptographic Usage Mask" => new.usage_mask = Some(int(v).map_err(bad)?),
+        "Name" => new.names.push(text(req(v, tag::NAME_VALUE).map_err(bad)?).map_err(bad)?.to_owned()),
+        "Application Specific Information" => {
+            let ns = text(req(v, tag::APPLICATION_NAMESPACE).map_err(bad)?).map_err(bad)?.to_owned();
+            let data = match kluis_kmip::message::opt(v, tag::APPLICATION_DATA).map_err(bad)? {
+                Some(d) => text(d).map_err(bad)?.to_owned(),
+                None => String::new(),
+            };
+            new.app_info.push((ns, data));
+        }
+        // Kluis's policy is its grants; a client's policy name changes nothing.
+        "Operation Policy Name" => {}
+        other => {
+            return Err(Failure::new(
+                ResultReason::InvalidField,
+                format!("attribute {:?} is not supported here", other.escape_debug().take(64).collect::<String>()),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The attributes of an object, as (name, Attribute) in the order Get Attributes lists them.
+fn attributes(uid: &str, o: &crate::keys::kmip::KmipObject) -> Vec<(&'static str, Item)> {
+    let attr = |name: &'static str, value: Item| {
+        (name, Item::structure(tag::ATTRIBUTE, vec![Item::text(tag::ATTRIBUTE_NAME, name), value]))
+    };
+    let v = tag::ATTRIBUTE_VALUE;
+    let mut out = vec![
+        attr("Unique Identifier", Item::text(v, uid)),
+        attr("Object Type", Item::enumeration(v, o.object_type)),
+    ];
+    if let Some(a) = o.algorithm {
+        out.push(attr("Cryptographic Algorithm", Item::enumeration(v, a)));
+    }
+    if let Some(l) = o.length {
+        out.push(attr("Cryptographic Length", Item::integer(v, l)));
+    }
+    if let Some(m) = o.usage_mask {
+        out.push(attr("Cryptographic Usage Mask", Item::integer(v, m)));
+    }
+    for n in &o.names {
+        out.push(attr("Name", Item::structure(v, vec![Item::text(tag::NAME_VALUE, n.clone()), Item::enumeration(tag::NAME_TYPE, 1)])));
+    }
+    for (ns, data) in &o.app_info {
+        out.push(attr(
+            "Application Specific Information",
+            Item::structure(v, vec![Item::text(tag::APPLICATION_NAMESPACE, ns.clone()), Item::text(tag::APPLICATION_DATA, data.clone())]),
+        ));
+    }
+    out.push(attr("State", Item::enumeration(v, o.state)));
+    out.push(attr("Initial Date", Item::date_time(v, o.initial_date)));
+    if let Some(d) = o.activation_date {
+        out.push(attr("Activation Date", Item::date_time(v, d)));
+    }
+    out
+}
+
+/// The KMIP answer to a key-layer error.
+fn key_failure(e: KeyError) -> Failure {
+    let reason = match &e {
+        KeyError::KmipObjectNotFound { .. } | KeyError::UnknownKeyId { .. } => ResultReason::ItemNotFound,
+        KeyError::KmipState { .. } => ResultReason::PermissionDenied,
+        KeyError::NotCovered => ResultReason::PermissionDenied,
+        KeyError::InvalidArgument { .. } => ResultReason::InvalidField,
+        KeyError::Destroyed { .. } | KeyError::KeyMaterialErased { .. } => ResultReason::KeyValueNotPresent,
+        KeyError::KeyringNotFound { .. } | KeyError::KeyringDestroyed { .. } | KeyError::VersionRetired { .. } => ResultReason::PermissionDenied,
+        KeyError::LegalHold { .. } => ResultReason::PermissionDenied,
+        KeyError::UnwrapFailed { .. } => ResultReason::CryptographicFailure,
+        _ => ResultReason::GeneralFailure,
+    };
+    if reason == ResultReason::GeneralFailure {
+        tracing::error!(error = %e, "KMIP request failed");
+    }
+    Failure::new(reason, e.to_string())
 }
 
 /// The version a response is in: the request's, or the newest Kluis speaks if the request's
@@ -260,8 +629,7 @@ fn query(p: &Item) -> Result<Item, Failure> {
     for f in p.children_with(tag::QUERY_FUNCTION) {
         match kluis_kmip::message::enumeration(f).map_err(invalid_field)? {
             QUERY_OPERATIONS => out.extend(OPERATIONS.iter().map(|o| Item::enumeration(tag::OPERATION, o.to_u32()))),
-            // No managed objects are served yet: the list is empty.
-            QUERY_OBJECTS => {}
+            QUERY_OBJECTS => out.push(Item::enumeration(tag::OBJECT_TYPE, object_type::SYMMETRIC_KEY)),
             QUERY_SERVER_INFORMATION => {
                 out.push(Item::text(tag::VENDOR_IDENTIFICATION, concat!("Kluis ", env!("CARGO_PKG_VERSION"))));
                 out.push(Item::structure(tag::SERVER_INFORMATION, vec![]));

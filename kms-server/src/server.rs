@@ -292,7 +292,7 @@ pub async fn serve(
     let _kmip_accepting = match (kmip_listener, kmip_tls) {
         (Some(l), Some(t)) => {
             let (incoming, accepting) = crate::tls::incoming(l, Arc::new(t), limits);
-            let kmip = Arc::new(crate::kmip::Kmip::new(keys.clone(), authn.clone(), metrics.clone()));
+            let kmip = Arc::new(crate::kmip::Kmip::new(keys.clone(), policy.clone(), authn.clone(), metrics.clone(), cfg.kmip_keyring.clone()));
             tokio::spawn(kmip.serve(incoming));
             Some(accepting)
         }

@@ -8,7 +8,7 @@ use std::path::Path;
 /// Lowest first. A module may use any module before it in this list.
 const LAYERS: &[&str] = &[
     "secret", "clock", "model", "store", "audit", "auth", "config", "master", "keys", "health", "metrics", "api",
-    "tls", "server", "startup", "cli",
+    "tls", "kmip", "server", "startup", "cli",
 ];
 
 fn rank(m: &str) -> Option<usize> {

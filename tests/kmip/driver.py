@@ -13,8 +13,44 @@ import ssl
 import sys
 
 from kmip.core import enums
+from kmip.core import objects as cobjects
+from kmip.core.factories.attributes import AttributeFactory
 from kmip.core.messages.contents import ProtocolVersion
+from kmip.pie.client import ProxyKmipClient
 from kmip.services.kmip_client import KMIPProxy
+
+ATTRS = AttributeFactory()
+
+
+def template(step):
+    """The attributes of a create step, as PyKMIP builds them."""
+    a = []
+    if "algorithm" in step:
+        a.append(ATTRS.create_attribute(enums.AttributeType.CRYPTOGRAPHIC_ALGORITHM,
+                                        getattr(enums.CryptographicAlgorithm, step["algorithm"])))
+    if "length" in step:
+        a.append(ATTRS.create_attribute(enums.AttributeType.CRYPTOGRAPHIC_LENGTH, step["length"]))
+    a.append(ATTRS.create_attribute(enums.AttributeType.CRYPTOGRAPHIC_USAGE_MASK,
+                                    [enums.CryptographicUsageMask.ENCRYPT, enums.CryptographicUsageMask.DECRYPT]))
+    if "name" in step:
+        a.append(ATTRS.create_attribute(enums.AttributeType.NAME, step["name"]))
+    if "app_info" in step:
+        ns, data = step["app_info"]
+        a.append(ATTRS.create_attribute(enums.AttributeType.APPLICATION_SPECIFIC_INFORMATION,
+                                        {"application_namespace": ns, "application_data": data}))
+    for name, value in step.get("extra", []):
+        a.append(ATTRS.create_attribute(getattr(enums.AttributeType, name), value))
+    return a
+
+
+def attr_value(a):
+    v = a.attribute_value
+    if hasattr(v, "name_value"):
+        return v.name_value.value
+    if hasattr(v, "application_namespace"):
+        return [v.application_namespace, v.application_data]
+    v = getattr(v, "value", v)
+    return getattr(v, "name", v)
 
 
 def name(e):
@@ -86,6 +122,10 @@ def raw(host, port, ca, cert, key, data, read_for):
                     want = 8 + int.from_bytes(got[4:8], "big")
                     if len(got) >= want and read_for == "one":
                         break
+                    if read_for == "two" and len(got) >= want + 8:
+                        second = want + 8 + int.from_bytes(got[want + 4:want + 8], "big")
+                        if len(got) >= second:
+                            break
             return {"response": got.hex(), "closed": closed}
 
 
@@ -113,8 +153,66 @@ def main():
                 elif op == "query":
                     fs = [getattr(enums.QueryFunction, f) for f in step["functions"]]
                     out = batch_result(client.query(query_functions=fs))
+                elif op == "create":
+                    r = client.create(enums.ObjectType.SYMMETRIC_KEY, cobjects.TemplateAttribute(attributes=template(step)))
+                    out = result(r)
+                    if r.uuid is not None:
+                        out["uid"] = r.uuid
                 elif op == "get":
-                    out = result(client.get(uuid=step["uid"]))
+                    fmt = step.get("format")
+                    from kmip.core.misc import KeyFormatType
+                    r = client.get(uuid=step["uid"], key_format_type=KeyFormatType(getattr(enums.KeyFormatType, fmt)) if fmt else None)
+                    out = result(r)
+                    if r.secret is not None:
+                        block = r.secret.key_block
+                        material = block.key_value.key_material
+                        out["key"] = bytes(getattr(material, "value", b"")).hex() if hasattr(material, "value") else None
+                        out["format"] = block.key_format_type.value.name
+                        out["algorithm"] = block.cryptographic_algorithm.value.name
+                        out["length"] = block.cryptographic_length.value
+                elif op == "activate":
+                    out = result(client.activate(uuid=step["uid"]))
+                elif op == "locate":
+                    a = []
+                    if "name" in step:
+                        a.append(ATTRS.create_attribute(enums.AttributeType.NAME, step["name"]))
+                    if "object_type" in step:
+                        a.append(ATTRS.create_attribute(enums.AttributeType.OBJECT_TYPE, getattr(enums.ObjectType, step["object_type"])))
+                    if "state" in step:
+                        a.append(ATTRS.create_attribute(enums.AttributeType.STATE, getattr(enums.State, step["state"])))
+                    if "app_info" in step:
+                        ns, data = step["app_info"]
+                        a.append(ATTRS.create_attribute(enums.AttributeType.APPLICATION_SPECIFIC_INFORMATION,
+                                                        {"application_namespace": ns, "application_data": data}))
+                    r = client.locate(attributes=a, maximum_items=step.get("max"), offset_items=step.get("offset"))
+                    out = result(r)
+                    out["uids"] = list(r.uuids or [])
+                elif op == "get_attributes":
+                    r = client.get_attributes(uuid=step["uid"], attribute_names=step.get("names"))
+                    out = result(r)
+                    attrs = {}
+                    for a in (r.attributes or []):
+                        attrs.setdefault(a.attribute_name.value, []).append(attr_value(a))
+                    out["attributes"] = attrs
+                elif op.startswith("pie_"):
+                    # The high-level client (kmip.pie), as applications use it.
+                    pie = ProxyKmipClient(hostname=host, port=port, cert=cert, key=key, ca=ca,
+                                          ssl_version="PROTOCOL_TLS", config_file="/dev/null",
+                                          kmip_version=enums.KMIPVersion.KMIP_1_2)
+                    with pie:
+                        if op == "pie_create":
+                            out = {"uid": pie.create(getattr(enums.CryptographicAlgorithm, step["algorithm"]), step["length"], name=step.get("name"))}
+                        elif op == "pie_get":
+                            k = pie.get(step["uid"])
+                            out = {"key": bytes(k.value).hex(), "algorithm": k.cryptographic_algorithm.name, "length": k.cryptographic_length}
+                        elif op == "pie_activate":
+                            pie.activate(step["uid"])
+                            out = {"done": True}
+                        elif op == "pie_locate":
+                            a = [ATTRS.create_attribute(enums.AttributeType.NAME, step["name"])]
+                            out = {"uids": pie.locate(attributes=a)}
+                        else:
+                            raise ValueError("unknown step " + op)
                 elif op == "batch":
                     # PyKMIP's batch mode: several items in one request message.
                     client.batch_items = []

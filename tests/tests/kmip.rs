@@ -12,6 +12,25 @@ fn server() -> Server {
     Server::start_with_args(&["--kmip-listen", "127.0.0.1:0"])
 }
 
+/// One step's result, which must be a success.
+fn ok(v: &Value) -> &Value {
+    assert!(v.get("error").is_none() && v.get("status").is_none_or(|s| s == "SUCCESS"), "step failed: {v}");
+    v
+}
+
+/// One step's result, which must be a failure with `reason`.
+fn refused<'a>(v: &'a Value, reason: &str) -> &'a Value {
+    assert_eq!(v["status"], "OPERATION_FAILED", "{v}");
+    assert_eq!(v["reason"], reason, "{v}");
+    v
+}
+
+fn audit_lines(s: &Server, action: &str) -> Vec<String> {
+    let out = s.kmsctl("auditor", &["audit", "export"]);
+    assert!(out.status.success(), "{}", kluis_tests::stderr(&out));
+    kluis_tests::stdout(&out).lines().filter(|l| l.contains(&format!("\"{action}\""))).map(str::to_owned).collect()
+}
+
 /// The response a raw step got, decoded.
 fn response(v: &Value) -> Response {
     let bytes = hex::decode(v["response"].as_str().unwrap()).unwrap();
@@ -55,7 +74,8 @@ fn discover_versions_and_query_answer_pykmip_over_mutual_tls() {
     assert_eq!(r[1], json!({"status": "SUCCESS", "versions": [[1, 2], [1, 0]]}));
     assert_eq!(r[2], json!({"status": "SUCCESS", "versions": []}));
     assert_eq!(r[3]["status"], "SUCCESS", "{}", r[3]);
-    assert_eq!(r[3]["operations"], json!(["DISCOVER_VERSIONS", "QUERY"]));
+    assert_eq!(r[3]["operations"], json!(["CREATE", "LOCATE", "GET", "GET_ATTRIBUTES", "ACTIVATE", "QUERY", "DISCOVER_VERSIONS"]));
+    assert_eq!(r[3]["object_types"], json!(["SYMMETRIC_KEY"]));
     assert!(r[3]["vendor"].as_str().unwrap().starts_with("Kluis "), "{}", r[3]);
 }
 
@@ -70,17 +90,27 @@ fn a_batch_is_answered_item_by_item_in_one_response() {
     let items = r[0]["items"].as_array().unwrap_or_else(|| panic!("{}", r[0]));
     assert_eq!(items.len(), 2);
     assert_eq!(items[0]["versions"][0], json!([1, 4]));
-    assert_eq!(items[1]["operations"], json!(["DISCOVER_VERSIONS", "QUERY"]));
+    assert_eq!(items[1]["operations"].as_array().unwrap().len(), 7, "{}", items[1]);
 }
 
 #[test]
 fn an_operation_not_served_gets_operation_not_supported_and_the_connection_goes_on() {
     let s = server();
-    let r = kmip::run(&s, "sealer", json!([{"op": "get", "uid": "1"}, {"op": "query", "functions": ["QUERY_OPERATIONS"]}]));
-    assert_eq!(r[0]["status"], "OPERATION_FAILED", "{}", r[0]);
-    assert_eq!(r[0]["reason"], "OPERATION_NOT_SUPPORTED", "{}", r[0]);
-    assert!(r[0]["message"].as_str().unwrap().contains("get"), "{}", r[0]);
-    assert_eq!(r[1]["status"], "SUCCESS", "{}", r[1]);
+    let uid = Item::structure(tag::REQUEST_PAYLOAD, vec![Item::text(tag::UNIQUE_IDENTIFIER, "1")]);
+    let archive = request(None, vec![(Operation::Archive, uid)]);
+    let query = request(None, vec![(Operation::Query, query_payload(&[1]))]);
+    let mut both = archive.clone();
+    both.extend_from_slice(&query);
+    // Two requests on one connection: the second is answered after the first's refusal.
+    let r = kmip::run(&s, "sealer", json!([{"op": "raw", "hex": hex::encode(&both), "read": "two"}]));
+    let bytes = hex::decode(r[0]["response"].as_str().unwrap()).unwrap();
+    let first_len = 8 + usize::try_from(u32::from_be_bytes(bytes[4..8].try_into().unwrap())).unwrap();
+    let first = Response::from_item(&decode(&bytes[..first_len], &Limits::default()).unwrap()).unwrap();
+    let f = first.items[0].result.clone().unwrap_err();
+    assert_eq!(f.reason, ResultReason::OperationNotSupported);
+    assert!(f.message.contains("operation Archive is not supported"), "{}", f.message);
+    let second = Response::from_item(&decode(&bytes[first_len..], &Limits::default()).unwrap()).unwrap();
+    assert!(second.items[0].result.is_ok(), "{:?}", second.items[0]);
 }
 
 /// Frames that do not decode get Invalid Message and a closed connection; the answer to a
@@ -164,7 +194,7 @@ fn a_response_over_the_maximum_response_size_is_refused_as_too_large() {
     let f = response(&r[0]).items[0].result.clone().unwrap_err();
     assert_eq!(f.reason, ResultReason::ResponseTooLarge, "{}", f.message);
     let ok = response(&r[1]).items[0].result.clone().unwrap().unwrap();
-    assert_eq!(ok.children_with(tag::OPERATION).count(), 2);
+    assert_eq!(ok.children_with(tag::OPERATION).count(), 7);
 }
 
 /// A request in a version the server does not speak gets Invalid Message for everything but
@@ -199,4 +229,197 @@ fn an_unsupported_protocol_version_is_refused_except_for_discover_versions() {
     let bytes = encode(&r.to_item()).unwrap();
     let got = kmip::run(&s, "sealer", json!([{"op": "raw", "hex": hex::encode(&bytes), "read": "one"}]));
     assert_eq!(response(&got[0]).items.len(), 1);
+}
+
+/// vSphere's key provider: Create AES-256 with a name, Activate, Get, Locate by name, with
+/// PyKMIP's high-level client; the key is the same 32 bytes on every Get, through the raw
+/// client too (Raw and Transparent Symmetric Key formats).
+#[test]
+fn vsphere_like_create_activate_get_and_locate_by_name() {
+    let s = server();
+    let r = kmip::run(&s, "dev", json!([{"op": "pie_create", "algorithm": "AES", "length": 256, "name": "vsphere-kek-1"}]));
+    let uid = ok(&r[0])["uid"].as_str().unwrap().to_owned();
+    let r = kmip::run(
+        &s,
+        "dev",
+        json!([
+            {"op": "pie_activate", "uid": uid},
+            {"op": "pie_get", "uid": uid},
+            {"op": "pie_locate", "name": "vsphere-kek-1"},
+            {"op": "pie_locate", "name": "no-such-name"},
+            {"op": "get", "uid": uid},
+        ]),
+    );
+    ok(&r[0]);
+    let key = ok(&r[1])["key"].as_str().unwrap().to_owned();
+    assert_eq!(key.len(), 64, "{}", r[1]);
+    assert_eq!(r[1]["algorithm"], "AES");
+    assert_eq!(r[1]["length"], 256);
+    assert_eq!(ok(&r[2])["uids"], json!([uid]));
+    assert_eq!(ok(&r[3])["uids"], json!([]));
+    assert_eq!(ok(&r[4])["key"].as_str(), Some(key.as_str()));
+    assert_eq!(r[4]["format"], "RAW");
+    // Transparent Symmetric Key (PyKMIP cannot read that form, so read with Kluis's codec):
+    // the Key Material is a structure holding the Key.
+    let get = Item::structure(
+        tag::REQUEST_PAYLOAD,
+        vec![Item::text(tag::UNIQUE_IDENTIFIER, uid.clone()), Item::enumeration(tag::KEY_FORMAT_TYPE, 7)],
+    );
+    let raw = kmip::run(&s, "dev", json!([{"op": "raw", "hex": hex::encode(request(None, vec![(Operation::Get, get)])), "read": "one"}]));
+    let p = response(&raw[0]).items[0].result.clone().unwrap().unwrap();
+    let block = p.child(tag::SYMMETRIC_KEY).unwrap().child(tag::KEY_BLOCK).unwrap();
+    assert_eq!(block.child(tag::KEY_FORMAT_TYPE).unwrap().value, kluis_kmip::ttlv::Value::Enumeration(7));
+    let material = block.child(tag::KEY_VALUE).unwrap().child(tag::KEY_MATERIAL).unwrap().child(tag::KEY).unwrap();
+    let kluis_kmip::ttlv::Value::ByteString(k) = &material.value else { panic!("{material:?}") };
+    assert_eq!(hex::encode(&k[..]), key);
+    // Each step is in the audit trail, under the object's id.
+    for action in ["KmipCreate", "KmipActivate", "KmipGet", "KmipLocate"] {
+        let lines = audit_lines(&s, action);
+        assert!(!lines.is_empty(), "no {action} entry");
+    }
+    assert!(audit_lines(&s, "KmipGet").iter().all(|l| l.contains(&uid)));
+}
+
+/// The tape library profile: a key created with Application Specific Information in the
+/// LIBRARY-LTO namespace is found by it, and by nothing else's.
+#[test]
+fn tape_library_create_with_lto_information_locate_by_it_and_get() {
+    let s = server();
+    let r = kmip::run(
+        &s,
+        "dev",
+        json!([
+            {"op": "create", "algorithm": "AES", "length": 256, "app_info": ["LIBRARY-LTO", "0123456789ABCDEF"]},
+            {"op": "create", "algorithm": "AES", "length": 128, "app_info": ["LIBRARY-LTO", "FEDCBA9876543210"]},
+        ]),
+    );
+    let a = ok(&r[0])["uid"].as_str().unwrap().to_owned();
+    let b = ok(&r[1])["uid"].as_str().unwrap().to_owned();
+    let r = kmip::run(
+        &s,
+        "dev",
+        json!([
+            {"op": "locate", "app_info": ["LIBRARY-LTO", "0123456789ABCDEF"]},
+            {"op": "locate", "app_info": ["LIBRARY-LTO", "FEDCBA9876543210"]},
+            {"op": "locate", "app_info": ["OTHER", "0123456789ABCDEF"]},
+            {"op": "get", "uid": a},
+            {"op": "get", "uid": b},
+            {"op": "get_attributes", "uid": a, "names": ["Application Specific Information", "State", "Cryptographic Length"]},
+        ]),
+    );
+    assert_eq!(ok(&r[0])["uids"], json!([a]));
+    assert_eq!(ok(&r[1])["uids"], json!([b]));
+    assert_eq!(ok(&r[2])["uids"], json!([]));
+    assert_eq!(ok(&r[3])["key"].as_str().unwrap().len(), 64);
+    assert_eq!(ok(&r[4])["key"].as_str().unwrap().len(), 32, "AES-128: 16 bytes");
+    let attrs = &ok(&r[5])["attributes"];
+    assert_eq!(attrs["Application Specific Information"], json!([["LIBRARY-LTO", "0123456789ABCDEF"]]), "{attrs}");
+    assert_eq!(attrs["State"], json!(["PRE_ACTIVE"]), "{attrs}");
+    assert_eq!(attrs["Cryptographic Length"], json!([256]), "{attrs}");
+}
+
+/// Roles as over gRPC: sealer makes objects and reads their attributes but gets no key
+/// material; restorer gets it; an identity without a grant on the keyring gets Permission
+/// Denied and sees nothing in a Locate. Every refusal is audited.
+#[test]
+fn a_sealer_cannot_get_material_a_restorer_can_and_no_grant_means_permission_denied() {
+    let s = server();
+    let r = kmip::run(&s, "sealer", json!([{"op": "create", "algorithm": "AES", "length": 256, "name": "backup-key"}]));
+    let uid = ok(&r[0])["uid"].as_str().unwrap().to_owned();
+    let r = kmip::run(
+        &s,
+        "sealer",
+        json!([
+            {"op": "activate", "uid": uid},
+            {"op": "get", "uid": uid},
+            {"op": "get_attributes", "uid": uid, "names": ["State"]},
+            {"op": "locate", "name": "backup-key"},
+        ]),
+    );
+    ok(&r[0]);
+    let denied = refused(&r[1], "PERMISSION_DENIED");
+    assert!(denied["message"].as_str().unwrap().contains("UnwrapDataKey"), "{denied}");
+    assert!(r[1].get("key").is_none());
+    assert_eq!(ok(&r[2])["attributes"]["State"], json!(["ACTIVE"]));
+    assert_eq!(ok(&r[3])["uids"], json!([uid]));
+    let r = kmip::run(&s, "restorer", json!([{"op": "get", "uid": uid}, {"op": "create", "algorithm": "AES", "length": 256}]));
+    assert_eq!(ok(&r[0])["key"].as_str().unwrap().len(), 64);
+    refused(&r[1], "PERMISSION_DENIED");
+    // The auditor holds no sealer or restorer grant.
+    let r = kmip::run(
+        &s,
+        "auditor",
+        json!([
+            {"op": "get", "uid": uid},
+            {"op": "activate", "uid": uid},
+            {"op": "locate", "name": "backup-key"},
+            {"op": "get_attributes", "uid": uid},
+        ]),
+    );
+    refused(&r[0], "PERMISSION_DENIED");
+    refused(&r[1], "PERMISSION_DENIED");
+    assert_eq!(ok(&r[2])["uids"], json!([]));
+    refused(&r[3], "PERMISSION_DENIED");
+    let denials: Vec<String> = audit_lines(&s, "KmipGet").into_iter().filter(|l| l.contains("denied") || l.contains("Denied")).collect();
+    assert_eq!(denials.len(), 2, "the sealer's and the auditor's Get: {denials:?}");
+}
+
+/// State rules: Activate only from Pre-Active; an unknown identifier is Item Not Found; a
+/// Create the server cannot honour names what is wrong.
+#[test]
+fn wrong_states_unknown_objects_and_unsupported_attributes_are_refused_by_name() {
+    let s = server();
+    let r = kmip::run(&s, "dev", json!([{"op": "create", "algorithm": "AES", "length": 256}]));
+    let uid = ok(&r[0])["uid"].as_str().unwrap().to_owned();
+    let r = kmip::run(
+        &s,
+        "dev",
+        json!([
+            {"op": "activate", "uid": uid},
+            {"op": "activate", "uid": uid},
+            {"op": "get", "uid": "00000000000000000000000000000000"},
+            {"op": "get", "uid": "not-an-id"},
+            {"op": "create", "algorithm": "AES", "length": 192},
+            {"op": "create", "algorithm": "RSA", "length": 2048},
+            {"op": "create", "algorithm": "AES", "length": 256, "extra": [["CONTACT_INFORMATION", "ops@example.org"]]},
+        ]),
+    );
+    ok(&r[0]);
+    assert!(refused(&r[1], "PERMISSION_DENIED")["message"].as_str().unwrap().contains("Active"), "{}", r[1]);
+    refused(&r[2], "ITEM_NOT_FOUND");
+    refused(&r[3], "ITEM_NOT_FOUND");
+    assert!(refused(&r[4], "INVALID_FIELD")["message"].as_str().unwrap().contains("128 or 256"), "{}", r[4]);
+    assert!(refused(&r[5], "INVALID_FIELD")["message"].as_str().unwrap().contains("AES"), "{}", r[5]);
+    assert!(refused(&r[6], "INVALID_FIELD")["message"].as_str().unwrap().contains("Contact Information"), "{}", r[6]);
+}
+
+/// Objects are in the store, not in the process: after a restart the same identifier gives
+/// the same key.
+#[test]
+fn an_object_outlives_a_restart_with_the_same_key() {
+    let mut s = server();
+    let r = kmip::run(&s, "dev", json!([{"op": "create", "algorithm": "AES", "length": 256, "name": "kept"}]));
+    let uid = ok(&r[0])["uid"].as_str().unwrap().to_owned();
+    let before = kmip::run(&s, "dev", json!([{"op": "get", "uid": uid}]));
+    s.restart();
+    let after = kmip::run(&s, "dev", json!([{"op": "get", "uid": uid}, {"op": "locate", "name": "kept"}]));
+    assert_eq!(ok(&after[0])["key"], ok(&before[0])["key"]);
+    assert_eq!(ok(&after[1])["uids"], json!([uid]));
+}
+
+/// The same object life on the PostgreSQL store: create, activate, get, locate, restart.
+#[test]
+fn objects_live_in_the_postgresql_store_too() {
+    let mut s = Server::start_with(kluis_tests::Setup { provider: kluis_tests::Provider::Software, store: kluis_tests::StoreKind::Postgres });
+    s.args.extend(["--kmip-listen".to_owned(), "127.0.0.1:0".to_owned()]);
+    s.restart();
+    let r = kmip::run(&s, "dev", json!([{"op": "create", "algorithm": "AES", "length": 256, "name": "on-pg"}]));
+    let uid = ok(&r[0])["uid"].as_str().unwrap().to_owned();
+    let before = kmip::run(&s, "dev", json!([{"op": "activate", "uid": uid}, {"op": "get", "uid": uid}]));
+    ok(&before[0]);
+    s.restart();
+    let after = kmip::run(&s, "dev", json!([{"op": "get", "uid": uid}, {"op": "locate", "name": "on-pg"}, {"op": "get_attributes", "uid": uid, "names": ["State"]}]));
+    assert_eq!(ok(&after[0])["key"], ok(&before[1])["key"]);
+    assert_eq!(ok(&after[1])["uids"], json!([uid]));
+    assert_eq!(ok(&after[2])["attributes"]["State"], json!(["ACTIVE"]));
 }

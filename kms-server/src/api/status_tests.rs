@@ -58,9 +58,11 @@ fn key_variant(e: &KeyError) -> usize {
         KeyError::Derivation => 37,
         KeyError::RetireStrands { .. } => 38,
         KeyError::EscrowRecipientNotInForce { .. } => 39,
+        KeyError::KmipObjectNotFound { .. } => 40,
+        KeyError::KmipState { .. } => 41,
     }
 }
-const KEY_VARIANTS: usize = 40;
+const KEY_VARIANTS: usize = 42;
 
 async fn join_error() -> tokio::task::JoinError {
     let task = tokio::spawn(std::future::pending::<()>());
@@ -76,6 +78,8 @@ async fn key_errors() -> Vec<(KeyError, Code, Reason)> {
         (KeyError::KeyringNotFound { name: s("ehr-db") }, Code::NotFound, Reason::KeyringNotFound),
         (KeyError::KeyringExists { name: s("ehr-db") }, Code::AlreadyExists, Reason::KeyringExists),
         (KeyError::UnknownKeyId { key_id: s("k1") }, Code::NotFound, Reason::KeyUnknown),
+        (KeyError::KmipObjectNotFound { uid: s("k1") }, Code::NotFound, Reason::KeyUnknown),
+        (KeyError::KmipState { uid: s("k1"), state: "Active", operation: "Activate" }, Code::FailedPrecondition, Reason::InvalidArgument),
         (KeyError::KeyringMismatch { key_id: s("k1"), claimed: s("a"), actual: s("b") }, Code::InvalidArgument, Reason::KeyringMismatch),
         (KeyError::Destroyed { key_id: s("k1"), date: s("2026-01-01") }, Code::FailedPrecondition, Reason::KeyDestroyed),
         (KeyError::VersionRetired { keyring: s("ehr-db"), version: 1 }, Code::FailedPrecondition, Reason::VersionRetired),

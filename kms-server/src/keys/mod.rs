@@ -5,6 +5,7 @@
 //! Every function takes the auth layer's [`Authorized`] proof and checks that it
 //! covers the operation; nothing here trusts a caller-supplied principal.
 
+pub mod kmip;
 pub mod lease;
 mod lifecycle;
 pub mod master_rewrap;
@@ -76,6 +77,10 @@ pub(crate) const MASTER_CHECK_AAD: &[u8] = b"kluis/v1/master-check";
 pub enum KeyError {
     #[error("invalid {field}: {reason}")]
     InvalidArgument { field: &'static str, reason: &'static str },
+    #[error("KMIP object {uid} does not exist")]
+    KmipObjectNotFound { uid: String },
+    #[error("KMIP object {uid} is {state}: {operation} is not possible in that state")]
+    KmipState { uid: String, state: &'static str, operation: &'static str },
     #[error("keyring {name:?} does not exist")]
     KeyringNotFound { name: String },
     #[error("keyring {name:?} already exists")]
@@ -195,6 +200,17 @@ pub struct IssuedDataKey {
     pub keyring: String,
     pub version: u32,
     pub recovery_recipient: Option<String>,
+}
+
+/// A data key issued but not yet written ([`KeyManager::issue`]).
+struct Issue {
+    id: [u8; 16],
+    data_key: Key256,
+    wrapped: Vec<u8>,
+    version: u32,
+    recovery_recipient: Option<String>,
+    record: DataKeyRecord,
+    secret: Key256,
 }
 
 /// What [`KeyManager::rewrap_data_key`] answers.
@@ -1227,6 +1243,27 @@ impl KeyManager {
             validate_text("labels", v, 256, true)?;
         }
         labels.sort();
+        let issue = self.issue(auth, keyring, backup_id, labels).await?;
+        // The registry record and its audit entry land in one transaction.
+        audit.key_id = Some(hex::encode(issue.id));
+        let Issue { id, data_key, wrapped, version, recovery_recipient, record, secret } = issue;
+        self.store
+            .write(WriteOp::Atomic(vec![WriteOp::IssueDataKey { id, record, secret: Some(secret) }, WriteOp::Audit(audit)]))
+            .await?;
+        Ok(IssuedDataKey {
+            key_id: hex::encode(id),
+            data_key,
+            wrapped,
+            keyring: keyring.to_owned(),
+            version,
+            recovery_recipient,
+        })
+    }
+
+    /// A new data key under `keyring`'s current version, not yet written: its id, the key,
+    /// its wrapped form, and the registry record and secret to write with it (the caller
+    /// writes them, with its audit entry, in one transaction).
+    async fn issue(&self, auth: &Authorized, keyring: &str, backup_id: &str, labels: Vec<(String, String)>) -> Result<Issue, KeyError> {
         // A request meeting a due rotation makes it (on any replica: the state epoch keeps two
         // from both landing), so no key is issued under an overdue version.
         self.rotate_if_due(keyring, None).await?;
@@ -1264,19 +1301,7 @@ impl KeyManager {
             issued_to: auth.principal().name().to_owned(),
             escrowed: recovery_recipient.is_some(),
         };
-        // The registry record and its audit entry land in one transaction.
-        audit.key_id = Some(hex::encode(id));
-        self.store
-            .write(WriteOp::Atomic(vec![WriteOp::IssueDataKey { id, record, secret: Some(secret) }, WriteOp::Audit(audit)]))
-            .await?;
-        Ok(IssuedDataKey {
-            key_id: hex::encode(id),
-            data_key,
-            wrapped,
-            keyring: keyring.to_owned(),
-            version,
-            recovery_recipient,
-        })
+        Ok(Issue { id, data_key, wrapped, version, recovery_recipient, record, secret })
     }
 
     /// Unwraps a data key: key known and not destroyed, keyring matches, version

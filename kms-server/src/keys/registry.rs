@@ -48,6 +48,10 @@ pub enum WriteOp {
     /// the group fails ([`StoreError::Conflict`]) and writes nothing: how the scheduled
     /// work's writes are fenced by the maintenance lease (`keys::lease`).
     ExpectMeta { key: &'static str, value: Option<Vec<u8>> },
+    /// A KMIP managed object (new or changed). `previous` is what the row must hold when the
+    /// group commits (None: no row), or the group fails ([`StoreError::Conflict`]): a change
+    /// made on another replica meanwhile is never overwritten.
+    PutKmipObject { id: [u8; 16], object: Box<super::kmip::KmipObject>, previous: Option<Box<super::kmip::KmipObject>> },
 }
 
 /// Errors of encoding a write.
@@ -84,6 +88,7 @@ fn changes_state(op: &WriteOp) -> bool {
         | WriteOp::Audit(_)
         | WriteOp::RestoreTest(_)
         | WriteOp::PutDataKey { .. }
+        | WriteOp::PutKmipObject { .. }
         | WriteOp::ExpectMeta { .. } => false,
     }
 }
@@ -140,6 +145,11 @@ fn lower(op: WriteOp, g: &mut WriteGroup) -> Result<(), RegistryError> {
             g.push(Op::Put { table: Table::Destructions, key: id_key(rec.id).to_vec(), value: enc("destruction", &rec)? })
         }
         WriteOp::ExpectMeta { key, value } => g.push(Op::Expect { table: Table::Meta, key: key.as_bytes().to_vec(), value }),
+        WriteOp::PutKmipObject { id, object, previous } => {
+            let previous = previous.map(|p| enc("KMIP object", &*p)).transpose()?;
+            g.push(Op::Expect { table: Table::KmipObjects, key: id.to_vec(), value: previous });
+            g.push(Op::Put { table: Table::KmipObjects, key: id.to_vec(), value: enc("KMIP object", &*object)? })
+        }
         WriteOp::NewDestruction(rec) => {
             g.push(Op::Expect { table: Table::Destructions, key: id_key(rec.id).to_vec(), value: None });
             g.push(Op::Put { table: Table::Destructions, key: id_key(rec.id).to_vec(), value: enc("destruction", &rec)? })
@@ -291,6 +301,19 @@ impl Registry {
             return Ok(None);
         };
         Key256::from_slice(&bytes).map(Some).ok_or(StoreError::BadKey { table: Table::KeySecrets })
+    }
+
+    /// A KMIP managed object.
+    pub fn kmip_object(&self, id: &[u8; 16]) -> Result<Option<super::kmip::KmipObject>, StoreError> {
+        self.one(Table::KmipObjects, id, "KMIP object")
+    }
+
+    /// Visits KMIP objects in id order until `f` returns false.
+    pub fn for_each_kmip_object(&self, mut f: impl FnMut(&[u8; 16], super::kmip::KmipObject) -> bool) -> Result<(), StoreError> {
+        self.store.scan(Table::KmipObjects, (Bound::Unbounded, Bound::Unbounded), &mut |k, v| {
+            let id: [u8; 16] = k.try_into().map_err(|_| StoreError::BadKey { table: Table::KmipObjects })?;
+            Ok(f(&id, dec("KMIP object", v)?))
+        })
     }
 
     /// Whether key material was erased since the last scrub.

@@ -626,3 +626,38 @@ async fn scheduled_work_under_a_lease_taken_over_since_writes_nothing() {
     assert!(c.keys.store.scrub_pending().unwrap());
     assert!(c.keys.scrub_if_due(Some(new.fence(now).unwrap())).await.unwrap().is_some());
 }
+
+/// A KMIP object is a data key of its keyring: its material is kept only sealed (never in the
+/// clear in its row), a sealer's proof does not open it, and the keyring's destruction of the
+/// data key (requested, approved, waited out) erases it.
+#[tokio::test]
+async fn a_kmip_object_is_a_data_key_and_destroying_that_key_erases_its_material() {
+    use super::kmip::{Material, NewObject};
+    let c = Core::new();
+    c.create("ehr", 0, 0).await;
+    let sealer = c.auth("host", Action::GenerateDataKey, Some("ehr"));
+    let new = NewObject { object_type: 2, algorithm: Some(3), length: Some(256), names: vec!["k1".into()], key_format: 1, ..NewObject::default() };
+    let material = [0x5Au8; 32];
+    let uid = c.keys.kmip_create(&sealer, "ehr", new, Material::new(Zeroizing::new(material.to_vec())), c.ev("host", Action::GenerateDataKey)).await.unwrap();
+    assert!(matches!(c.keys.kmip_get(&sealer, &uid).await, Err(KeyError::NotCovered)));
+    let restorer = c.auth("ops", Action::UnwrapDataKey, Some("ehr"));
+    let (object, got) = c.keys.kmip_get(&restorer, &uid).await.unwrap();
+    assert_eq!(got.expose(), &material);
+    assert_eq!(object.names, vec!["k1".to_owned()]);
+    let id: [u8; 16] = hex::decode(&uid).unwrap().try_into().unwrap();
+    let row = c.store.get(Table::KmipObjects, &id).unwrap().unwrap();
+    assert!(!row.windows(32).any(|w| w == material), "the row holds the material in the clear");
+    // The registry has it as a data key of the keyring.
+    assert_eq!(c.keys.store.data_key(&id).unwrap().unwrap().keyring, "ehr");
+    let a = c.auth("officer", Action::DestroyKey, Some("ehr"));
+    let DestroyOutcome::Pending(req) = c.keys.request_destroy_key(&a, &uid, c.ev("officer", Action::DestroyKey)).await.unwrap() else {
+        panic!("a key before its expiry needs a second officer");
+    };
+    c.approve("officer2", req.id).await.unwrap();
+    assert!(c.keys.kmip_get(&restorer, &uid).await.is_ok(), "served until the destruction is carried out");
+    c.advance_days(8);
+    assert_eq!(c.keys.maintain(None).await.unwrap(), 1);
+    assert!(c.keys.store.key_secret(&id).unwrap().is_none(), "the secret is erased");
+    let gone = c.keys.kmip_get(&restorer, &uid).await;
+    assert!(matches!(gone, Err(KeyError::Destroyed { .. }) | Err(KeyError::KeyMaterialErased { .. })), "{:?}", gone.err());
+}
