@@ -110,7 +110,7 @@ bench_start_server() {
     t0=$(date +%s.%N)
     KLUIS_LOG=warn "$BIN/kms-server" dev --data-dir "$dir" --listen 127.0.0.1:0 "$@" > "$out" 2> "$err" &
     SERVER_PID=$!
-    until line=$(grep -m1 'listening on' "$out" 2>/dev/null); do
+    until line=$(grep -m1 '^kms-server listening on' "$out" 2>/dev/null); do
         kill -0 "$SERVER_PID" 2>/dev/null || { cat "$err" >&2; bench_die "kms-server exited before listening"; }
         (( SECONDS < deadline )) || { cat "$err" >&2; bench_die "kms-server did not start within 60 s"; }
         sleep 0.005
