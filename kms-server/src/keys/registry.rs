@@ -48,9 +48,11 @@ pub enum WriteOp {
     /// the group fails ([`StoreError::Conflict`]) and writes nothing: how the scheduled
     /// work's writes are fenced by the maintenance lease (`keys::lease`).
     ExpectMeta { key: &'static str, value: Option<Vec<u8>> },
-    /// A KMIP managed object (new or changed). `previous` is what the row must hold when the
-    /// group commits (None: no row), or the group fails ([`StoreError::Conflict`]): a change
-    /// made on another replica meanwhile is never overwritten.
+    /// A KMIP managed object, new (`previous` None) or changed: then `previous` is what the
+    /// row must hold when the group commits, or the group fails ([`StoreError::Conflict`]), so
+    /// a change made on another replica meanwhile is never overwritten. A new object is not
+    /// compared: its id is 16 fresh random bytes, and a group with an `Expect` would not share
+    /// a commit with others (a Create would cost one fsync of its own).
     PutKmipObject { id: [u8; 16], object: Box<super::kmip::KmipObject>, previous: Option<Box<super::kmip::KmipObject>> },
 }
 
@@ -146,8 +148,9 @@ fn lower(op: WriteOp, g: &mut WriteGroup) -> Result<(), RegistryError> {
         }
         WriteOp::ExpectMeta { key, value } => g.push(Op::Expect { table: Table::Meta, key: key.as_bytes().to_vec(), value }),
         WriteOp::PutKmipObject { id, object, previous } => {
-            let previous = previous.map(|p| enc("KMIP object", &*p)).transpose()?;
-            g.push(Op::Expect { table: Table::KmipObjects, key: id.to_vec(), value: previous });
+            if let Some(p) = previous {
+                g.push(Op::Expect { table: Table::KmipObjects, key: id.to_vec(), value: Some(enc("KMIP object", &*p)?) });
+            }
             g.push(Op::Put { table: Table::KmipObjects, key: id.to_vec(), value: enc("KMIP object", &*object)? })
         }
         WriteOp::NewDestruction(rec) => {
