@@ -138,16 +138,7 @@ impl Kmip {
 
     /// Answers a frame that did not decode with Invalid Message, and ends the connection.
     async fn refuse_frame(&self, conn: &mut Conn, e: TtlvError) -> Result<(), ConnError> {
-        self.metrics.kmip("none", "invalid_message");
-        let response = Response {
-            version: ProtocolVersion::new(1, 0),
-            time_stamp: self.keys.now(),
-            items: vec![ResponseItem {
-                operation: None,
-                unique_id: None,
-                result: Err(Failure::new(ResultReason::InvalidMessage, e.to_string())),
-            }],
-        };
+        let response = self.invalid_message(ProtocolVersion::new(1, 0), e.to_string());
         if let Ok(bytes) = ttlv::encode(&response.to_item()) {
             let _ = conn.write_all(&bytes).await;
             let _ = conn.shutdown().await;
@@ -157,17 +148,22 @@ impl Kmip {
 
     /// A message that decoded but is no valid request: one failed batch item.
     fn invalid(&self, item: &Item, e: &MessageError) -> Response {
-        self.metrics.kmip("none", "invalid_message");
         // Answer in the client's version when its header said one.
         let version = item
             .child(tag::REQUEST_HEADER)
             .and_then(|h| h.child(tag::PROTOCOL_VERSION))
             .and_then(|v| ProtocolVersion::from_item(v).ok())
             .map_or(ProtocolVersion::new(1, 0), answer_version);
+        self.invalid_message(version, e.to_string())
+    }
+
+    /// One failed batch item, Invalid Message, counted.
+    fn invalid_message(&self, version: ProtocolVersion, message: String) -> Response {
+        self.metrics.kmip("none", "invalid_message");
         Response {
             version,
             time_stamp: self.keys.now(),
-            items: vec![ResponseItem { operation: None, unique_id: None, result: Err(Failure::new(ResultReason::InvalidMessage, e.to_string())) }],
+            items: vec![ResponseItem { operation: None, unique_id: None, result: Err(Failure::new(ResultReason::InvalidMessage, message)) }],
         }
     }
 
