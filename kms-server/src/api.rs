@@ -302,7 +302,8 @@ fn key_code_reason(e: &KeyError) -> (tonic::Code, kluis_proto::error::Reason) {
         KeyError::DestructionNotFound { .. } => (Code::NotFound, Reason::DestructionNotFound),
         KeyError::UnknownKeyId { .. } | KeyError::KmipObjectNotFound { .. } => (Code::NotFound, Reason::KeyUnknown),
         // KMIP only; gRPC never reaches it.
-        KeyError::KmipState { .. } => (Code::FailedPrecondition, Reason::InvalidArgument),
+        KeyError::KmipState { .. } | KeyError::KmipAttributeFixed { .. } => (Code::FailedPrecondition, Reason::InvalidArgument),
+        KeyError::KmipAttributeMissing { .. } => (Code::NotFound, Reason::InvalidArgument),
         KeyError::GrantNotFound { .. } => (Code::NotFound, Reason::GrantNotFound),
         KeyError::ApprovalNotFound { .. } => (Code::NotFound, Reason::ApprovalNotFound),
         KeyError::SelfApproval { .. } => (Code::PermissionDenied, Reason::SelfApproval),

@@ -22,19 +22,25 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_stream::StreamExt;
 
 use crate::auth::{Action, AuthError, Authenticator, Authorized, Policy, Principal};
-use crate::keys::kmip::{Material, NewObject, object_type};
+use crate::keys::kmip::{Attribute, AttributeEdit, KmipObject, Material, NewObject, object_type};
 use crate::keys::{KeyError, KeyManager};
 use crate::metrics::Metrics;
 use crate::model::Outcome;
 use crate::tls::Conn;
 
 /// The operations this server answers (Query lists them).
-pub const OPERATIONS: [Operation; 7] = [
+pub const OPERATIONS: [Operation; 13] = [
     Operation::Create,
     Operation::Locate,
     Operation::Get,
     Operation::GetAttributes,
+    Operation::GetAttributeList,
+    Operation::AddAttribute,
+    Operation::ModifyAttribute,
+    Operation::DeleteAttribute,
     Operation::Activate,
+    Operation::Revoke,
+    Operation::Destroy,
     Operation::Query,
     Operation::DiscoverVersions,
 ];
@@ -243,6 +249,12 @@ impl Kmip {
             Operation::Get => self.get(who, p, placeholder).await.map(Some),
             Operation::Activate => self.activate(who, p, placeholder).await.map(Some),
             Operation::GetAttributes => self.get_attributes(who, p, placeholder).await.map(Some),
+            Operation::GetAttributeList => self.get_attribute_list(who, p, placeholder).await.map(Some),
+            Operation::AddAttribute | Operation::ModifyAttribute | Operation::DeleteAttribute => {
+                self.edit_attribute(who, item.operation, p, placeholder).await.map(Some)
+            }
+            Operation::Revoke => self.revoke(who, p, placeholder).await.map(Some),
+            Operation::Destroy => self.destroy(who, p, placeholder).await.map(Some),
             Operation::Locate => self.locate(who, p).await.map(Some),
             other => Err(Failure::new(
                 ResultReason::OperationNotSupported,
@@ -423,15 +435,125 @@ impl Kmip {
             .map(|n| kluis_kmip::message::text(n).map(str::to_owned))
             .collect::<Result<Vec<_>, _>>()
             .map_err(invalid_field)?;
-        let (_, object) = self.keys.kmip_object(&uid).map_err(key_failure)?;
-        // Reading attributes is a sealer's (or restorer's) business on the object's keyring.
-        if !self.policy.may_use(who, &object.keyring) {
-            let _ = self.authorize(who, Action::GenerateDataKey, "KmipGetAttributes", &object.keyring, Some(&uid)).await?;
-        }
+        let (object, seen) = self.readable(who, &uid, "KmipGetAttributes").await?;
         let mut out = vec![Item::text(tag::UNIQUE_IDENTIFIER, uid.clone())];
-        out.extend(attributes(&uid, &object).into_iter().filter(|(name, _)| wanted.is_empty() || wanted.iter().any(|w| w == name)).map(|(_, a)| a));
+        out.extend(
+            attributes(&uid, &object, seen).into_iter().filter(|(name, _)| wanted.is_empty() || wanted.iter().any(|w| w == name)).map(|(_, a)| a),
+        );
         *placeholder = Some(uid);
         Ok(payload(out))
+    }
+
+    /// An object whose attributes `who` may read (sealer or restorer on its keyring; a
+    /// refusal audited as `audit_action`), and the state and Destroy Date clients see.
+    async fn readable(&self, who: &Principal, uid: &str, audit_action: &str) -> Result<(KmipObject, (u32, Option<i64>)), Failure> {
+        let (id, object) = self.keys.kmip_object(uid).map_err(key_failure)?;
+        if !self.policy.may_use(who, &object.keyring) {
+            let _ = self.authorize(who, Action::GenerateDataKey, audit_action, &object.keyring, Some(uid)).await?;
+        }
+        let seen = self.keys.kmip_state(&id, &object).map_err(key_failure)?;
+        Ok((object, seen))
+    }
+
+    /// Get Attribute List: the names of the attributes the object has.
+    async fn get_attribute_list(&self, who: &Principal, p: &Item, placeholder: &mut Option<String>) -> Result<Item, Failure> {
+        kluis_kmip::message::only(p, &[tag::UNIQUE_IDENTIFIER]).map_err(invalid_field)?;
+        let uid = Self::uid(p, placeholder)?;
+        let (object, seen) = self.readable(who, &uid, "KmipGetAttributeList").await?;
+        let mut names: Vec<&str> = Vec::new();
+        for (name, _) in attributes(&uid, &object, seen) {
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        let mut out = vec![Item::text(tag::UNIQUE_IDENTIFIER, uid.clone())];
+        out.extend(names.into_iter().map(|n| Item::text(tag::ATTRIBUTE_NAME, n)));
+        *placeholder = Some(uid);
+        Ok(payload(out))
+    }
+
+    /// Add, Modify or Delete Attribute, for the attributes a client may set.
+    async fn edit_attribute(&self, who: &Principal, op: Operation, p: &Item, placeholder: &mut Option<String>) -> Result<Item, Failure> {
+        use kluis_kmip::message::{int, opt, req, text};
+        let (edit, audit_action) = if op == Operation::DeleteAttribute {
+            kluis_kmip::message::only(p, &[tag::UNIQUE_IDENTIFIER, tag::ATTRIBUTE_NAME, tag::ATTRIBUTE_INDEX]).map_err(invalid_field)?;
+            let name = text(req(p, tag::ATTRIBUTE_NAME).map_err(invalid_field)?).map_err(invalid_field)?;
+            let index = attribute_index(opt(p, tag::ATTRIBUTE_INDEX).map_err(invalid_field)?.map(int).transpose().map_err(invalid_field)?)?;
+            (AttributeEdit::Delete(settable(name)?, index), "KmipDeleteAttribute")
+        } else {
+            kluis_kmip::message::only(p, &[tag::UNIQUE_IDENTIFIER, tag::ATTRIBUTE]).map_err(invalid_field)?;
+            let a = req(p, tag::ATTRIBUTE).map_err(invalid_field)?;
+            let (name, value) = attribute(a)?;
+            let index = opt(a, tag::ATTRIBUTE_INDEX).map_err(invalid_field)?.map(int).transpose().map_err(invalid_field)?;
+            let value = settable_value(settable(&name)?, value)?;
+            if op == Operation::AddAttribute {
+                if index.is_some() {
+                    return Err(Failure::new(ResultReason::InvalidField, "Add Attribute takes no Attribute Index: the server gives it"));
+                }
+                (AttributeEdit::Add(value), "KmipAddAttribute")
+            } else {
+                (AttributeEdit::Modify(value, attribute_index(index)?), "KmipModifyAttribute")
+            }
+        };
+        let uid = Self::uid(p, placeholder)?;
+        let keyring = self.keyring_of(&uid)?;
+        let auth = self.authorize(who, Action::GenerateDataKey, audit_action, &keyring, Some(&uid)).await?;
+        let mut audit = self.keys.event(who.name(), audit_action, Some(&keyring), None, Outcome::ok_with(edit_summary(&edit)));
+        audit.key_id = Some(uid.clone());
+        let (a, index) = match self.keys.kmip_edit(&auth, &uid, edit, audit).await {
+            Ok(done) => done,
+            Err(e) => return Err(self.failed(who, audit_action, Some(&keyring), Some(&uid), e).await),
+        };
+        *placeholder = Some(uid.clone());
+        let mut attr = vec![Item::text(tag::ATTRIBUTE_NAME, a.name())];
+        if index > 0 {
+            attr.push(Item::integer(tag::ATTRIBUTE_INDEX, i32::try_from(index).unwrap_or(i32::MAX)));
+        }
+        attr.push(attribute_value(&a));
+        Ok(payload(vec![Item::text(tag::UNIQUE_IDENTIFIER, uid), Item::structure(tag::ATTRIBUTE, attr)]))
+    }
+
+    /// Revoke: Deactivated, or Compromised for a compromise reason.
+    async fn revoke(&self, who: &Principal, p: &Item, placeholder: &mut Option<String>) -> Result<Item, Failure> {
+        use kluis_kmip::message::{date_time, enumeration, only, opt, req, text};
+        only(p, &[tag::UNIQUE_IDENTIFIER, tag::REVOCATION_REASON, tag::COMPROMISE_OCCURRENCE_DATE]).map_err(invalid_field)?;
+        let r = req(p, tag::REVOCATION_REASON).map_err(invalid_field)?;
+        only(r, &[tag::REVOCATION_REASON_CODE, tag::REVOCATION_MESSAGE]).map_err(invalid_field)?;
+        let code = enumeration(req(r, tag::REVOCATION_REASON_CODE).map_err(invalid_field)?).map_err(invalid_field)?;
+        if !(1..=8).contains(&code) {
+            return Err(Failure::new(ResultReason::InvalidField, format!("Revocation Reason Code {code} is not one KMIP defines (1 to 8)")));
+        }
+        let message = opt(r, tag::REVOCATION_MESSAGE).map_err(invalid_field)?.map(text).transpose().map_err(invalid_field)?.map(str::to_owned);
+        let occurred = opt(p, tag::COMPROMISE_OCCURRENCE_DATE).map_err(invalid_field)?.map(date_time).transpose().map_err(invalid_field)?;
+        let uid = Self::uid(p, placeholder)?;
+        let keyring = self.keyring_of(&uid)?;
+        let auth = self.authorize(who, Action::GenerateDataKey, "KmipRevoke", &keyring, Some(&uid)).await?;
+        let mut audit = self.keys.event(who.name(), "KmipRevoke", Some(&keyring), None, Outcome::ok_with(format!("revocation reason {code}")));
+        audit.key_id = Some(uid.clone());
+        if let Err(e) = self.keys.kmip_revoke(&auth, &uid, code, message, occurred, audit).await {
+            return Err(self.failed(who, "KmipRevoke", Some(&keyring), Some(&uid), e).await);
+        }
+        *placeholder = Some(uid.clone());
+        Ok(payload(vec![Item::text(tag::UNIQUE_IDENTIFIER, uid)]))
+    }
+
+    /// Destroy: Destroyed to clients at once; the material is erased when the keyring's
+    /// waiting period has passed (a scheduled destruction an officer can cancel).
+    async fn destroy(&self, who: &Principal, p: &Item, placeholder: &mut Option<String>) -> Result<Item, Failure> {
+        kluis_kmip::message::only(p, &[tag::UNIQUE_IDENTIFIER]).map_err(invalid_field)?;
+        let uid = Self::uid(p, placeholder)?;
+        let keyring = self.keyring_of(&uid)?;
+        let auth = self.authorize(who, Action::GenerateDataKey, "KmipDestroy", &keyring, Some(&uid)).await?;
+        let mut audit = self.keys.event(who.name(), "KmipDestroy", Some(&keyring), None, Outcome::ok());
+        audit.key_id = Some(uid.clone());
+        match self.keys.kmip_destroy(&auth, &uid, audit).await {
+            Ok(d) => {
+                tracing::info!(destruction = d.id, keyring = %keyring, "KMIP Destroy: destruction scheduled");
+            }
+            Err(e) => return Err(self.failed(who, "KmipDestroy", Some(&keyring), Some(&uid), e).await),
+        }
+        *placeholder = Some(uid.clone());
+        Ok(payload(vec![Item::text(tag::UNIQUE_IDENTIFIER, uid)]))
     }
 
     async fn locate(&self, who: &Principal, p: &Item) -> Result<Item, Failure> {
@@ -458,10 +580,10 @@ impl Kmip {
         }
         let found = self
             .keys
-            .kmip_locate(offset, max, |o| {
+            .kmip_locate(offset, max, |id, o| {
                 self.policy.may_use(who, &o.keyring)
                     && want_type.is_none_or(|t| t == o.object_type)
-                    && want_state.is_none_or(|s| s == o.state)
+                    && want_state.is_none_or(|s| self.keys.kmip_state(id, o).is_ok_and(|(seen, _)| seen == s))
                     && want.algorithm.is_none_or(|a| Some(a) == o.algorithm)
                     && want.length.is_none_or(|l| Some(l) == o.length)
                     && want.names.iter().all(|n| o.names.contains(n))
@@ -531,7 +653,7 @@ fn read_attribute(name: &str, v: &Item, new: &mut NewObject) -> Result<(), Failu
 }
 
 /// The attributes of an object, as (name, Attribute) in the order Get Attributes lists them.
-fn attributes(uid: &str, o: &crate::keys::kmip::KmipObject) -> Vec<(&'static str, Item)> {
+fn attributes(uid: &str, o: &KmipObject, (state, destroy_date): (u32, Option<i64>)) -> Vec<(&'static str, Item)> {
     let attr = |name: &'static str, value: Item| {
         (name, Item::structure(tag::ATTRIBUTE, vec![Item::text(tag::ATTRIBUTE_NAME, name), value]))
     };
@@ -558,19 +680,98 @@ fn attributes(uid: &str, o: &crate::keys::kmip::KmipObject) -> Vec<(&'static str
             Item::structure(v, vec![Item::text(tag::APPLICATION_NAMESPACE, ns.clone()), Item::text(tag::APPLICATION_DATA, data.clone())]),
         ));
     }
-    out.push(attr("State", Item::enumeration(v, o.state)));
+    out.push(attr("State", Item::enumeration(v, state)));
     out.push(attr("Initial Date", Item::date_time(v, o.initial_date)));
-    if let Some(d) = o.activation_date {
-        out.push(attr("Activation Date", Item::date_time(v, d)));
+    let dates = [
+        ("Activation Date", o.activation_date),
+        ("Deactivation Date", o.deactivation_date),
+        ("Compromise Date", o.compromise_date),
+        ("Compromise Occurrence Date", o.compromise_occurrence),
+        ("Destroy Date", destroy_date),
+    ];
+    for (name, d) in dates {
+        if let Some(d) = d {
+            out.push(attr(name, Item::date_time(v, d)));
+        }
+    }
+    if let Some((code, message)) = &o.revocation {
+        let mut r = vec![Item::enumeration(tag::REVOCATION_REASON_CODE, *code)];
+        if let Some(m) = message {
+            r.push(Item::text(tag::REVOCATION_MESSAGE, m.clone()));
+        }
+        out.push(attr("Revocation Reason", Item::structure(v, r)));
     }
     out
+}
+
+/// The Attribute Value of an attribute a client set.
+fn attribute_value(a: &Attribute) -> Item {
+    let v = tag::ATTRIBUTE_VALUE;
+    match a {
+        Attribute::Name(n) => Item::structure(v, vec![Item::text(tag::NAME_VALUE, n.clone()), Item::enumeration(tag::NAME_TYPE, 1)]),
+        Attribute::AppInfo(ns, data) => {
+            Item::structure(v, vec![Item::text(tag::APPLICATION_NAMESPACE, ns.clone()), Item::text(tag::APPLICATION_DATA, data.clone())])
+        }
+        Attribute::UsageMask(m) => Item::integer(v, *m),
+    }
+}
+
+/// The attributes a client may add, change or delete, by name; the others are refused
+/// naming the attribute.
+fn settable(name: &str) -> Result<&'static str, Failure> {
+    match name {
+        "Name" => Ok("Name"),
+        "Application Specific Information" => Ok("Application Specific Information"),
+        "Cryptographic Usage Mask" => Ok("Cryptographic Usage Mask"),
+        "Unique Identifier" | "Object Type" | "Cryptographic Algorithm" | "Cryptographic Length" | "State" | "Initial Date"
+        | "Activation Date" | "Deactivation Date" | "Compromise Date" | "Compromise Occurrence Date" | "Destroy Date"
+        | "Revocation Reason" | "Link" => Err(Failure::new(
+            ResultReason::PermissionDenied,
+            format!("{name} is set by the server (or by its own operation) and cannot be added, changed or deleted"),
+        )),
+        other => Err(Failure::new(
+            ResultReason::InvalidField,
+            format!("attribute {:?} is not supported here", other.escape_debug().take(64).collect::<String>()),
+        )),
+    }
+}
+
+fn settable_value(name: &'static str, v: &Item) -> Result<Attribute, Failure> {
+    let mut new = NewObject::default();
+    read_attribute(name, v, &mut new)?;
+    Ok(match name {
+        "Name" => Attribute::Name(new.names.pop().unwrap_or_default()),
+        "Application Specific Information" => {
+            let (ns, data) = new.app_info.pop().unwrap_or_default();
+            Attribute::AppInfo(ns, data)
+        }
+        _ => Attribute::UsageMask(new.usage_mask.unwrap_or_default()),
+    })
+}
+
+/// An Attribute Index: 0 when not given; never negative.
+fn attribute_index(index: Option<i32>) -> Result<usize, Failure> {
+    usize::try_from(index.unwrap_or(0))
+        .map_err(|_| Failure::new(ResultReason::InvalidField, "Attribute Index must not be negative"))
+}
+
+/// What an attribute edit did, for the audit entry (the attribute's name and index, not
+/// its value).
+fn edit_summary(e: &AttributeEdit) -> String {
+    match e {
+        AttributeEdit::Add(a) => format!("added {}", a.name()),
+        AttributeEdit::Modify(a, i) => format!("modified {} index {i}", a.name()),
+        AttributeEdit::Delete(name, i) => format!("deleted {name} index {i}"),
+    }
 }
 
 /// The KMIP answer to a key-layer error.
 fn key_failure(e: KeyError) -> Failure {
     let reason = match &e {
         KeyError::KmipObjectNotFound { .. } | KeyError::UnknownKeyId { .. } => ResultReason::ItemNotFound,
-        KeyError::KmipState { .. } => ResultReason::PermissionDenied,
+        KeyError::KmipState { .. } | KeyError::KmipAttributeFixed { .. } => ResultReason::PermissionDenied,
+        KeyError::KmipAttributeMissing { .. } => ResultReason::ItemNotFound,
+        KeyError::AlreadyScheduled { .. } => ResultReason::PermissionDenied,
         KeyError::NotCovered => ResultReason::PermissionDenied,
         KeyError::InvalidArgument { .. } => ResultReason::InvalidField,
         KeyError::Destroyed { .. } | KeyError::KeyMaterialErased { .. } => ResultReason::KeyValueNotPresent,

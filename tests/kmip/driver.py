@@ -14,6 +14,9 @@ import sys
 
 from kmip.core import enums
 from kmip.core import objects as cobjects
+from kmip.core import primitives
+from kmip.core.exceptions import OperationFailure
+from kmip.pie.exceptions import KmipOperationFailure
 from kmip.core.factories.attributes import AttributeFactory
 from kmip.core.messages.contents import ProtocolVersion
 from kmip.pie.client import ProxyKmipClient
@@ -194,6 +197,21 @@ def main():
                     for a in (r.attributes or []):
                         attrs.setdefault(a.attribute_name.value, []).append(attr_value(a))
                     out["attributes"] = attrs
+                elif op == "revoke":
+                    import datetime
+                    when = step.get("occurred")
+                    r = client.revoke(getattr(enums.RevocationReasonCode, step["reason"]), uuid=step["uid"],
+                                      revocation_message=step.get("message"),
+                                      compromise_occurrence_date=None if when is None else primitives.DateTime(
+                                          int(datetime.datetime.fromisoformat(when).timestamp()),
+                                          enums.Tags.COMPROMISE_OCCURRENCE_DATE))
+                    out = result(r)
+                elif op == "destroy":
+                    out = result(client.destroy(uuid=step["uid"]))
+                elif op == "get_attribute_list":
+                    r = client.get_attribute_list(uid=step["uid"])
+                    out = result(r)
+                    out["names"] = list(r.names or [])
                 elif op.startswith("pie_"):
                     # The high-level client (kmip.pie), as applications use it.
                     pie = ProxyKmipClient(hostname=host, port=port, cert=cert, key=key, ca=ca,
@@ -207,6 +225,20 @@ def main():
                             out = {"key": bytes(k.value).hex(), "algorithm": k.cryptographic_algorithm.name, "length": k.cryptographic_length}
                         elif op == "pie_activate":
                             pie.activate(step["uid"])
+                            out = {"done": True}
+                        elif op == "pie_modify_attribute":
+                            a = ATTRS.create_attribute(getattr(enums.AttributeType, step["name"]), step["value"], step.get("index"))
+                            uid, got = pie.modify_attribute(unique_identifier=step["uid"], attribute=a)
+                            out = {"uid": uid, "value": attr_value(got)}
+                        elif op == "pie_delete_attribute":
+                            uid, got = pie.delete_attribute(unique_identifier=step["uid"], attribute_name=step["name"],
+                                                            attribute_index=step.get("index"))
+                            out = {"uid": uid, "value": attr_value(got)}
+                        elif op == "pie_revoke":
+                            pie.revoke(getattr(enums.RevocationReasonCode, step["reason"]), step["uid"])
+                            out = {"done": True}
+                        elif op == "pie_destroy":
+                            pie.destroy(step["uid"])
                             out = {"done": True}
                         elif op == "pie_locate":
                             a = [ATTRS.create_attribute(enums.AttributeType.NAME, step["name"])]
@@ -229,6 +261,8 @@ def main():
                     out = {"items": [batch_result(r) for r in client._process_batch_items(response)]}
                 else:
                     raise ValueError("unknown step " + op)
+        except (KmipOperationFailure, OperationFailure) as e:  # the high-level client's form of a failed result
+            out = {"status": name(e.status), "reason": name(e.reason), "message": getattr(e, "message", str(e))}
         except Exception as e:  # reported to the test, which decides
             out = {"error": "%s: %s" % (type(e).__name__, e)}
         print(json.dumps(out), flush=True)

@@ -74,7 +74,13 @@ fn discover_versions_and_query_answer_pykmip_over_mutual_tls() {
     assert_eq!(r[1], json!({"status": "SUCCESS", "versions": [[1, 2], [1, 0]]}));
     assert_eq!(r[2], json!({"status": "SUCCESS", "versions": []}));
     assert_eq!(r[3]["status"], "SUCCESS", "{}", r[3]);
-    assert_eq!(r[3]["operations"], json!(["CREATE", "LOCATE", "GET", "GET_ATTRIBUTES", "ACTIVATE", "QUERY", "DISCOVER_VERSIONS"]));
+    assert_eq!(
+        r[3]["operations"],
+        json!([
+            "CREATE", "LOCATE", "GET", "GET_ATTRIBUTES", "GET_ATTRIBUTE_LIST", "ADD_ATTRIBUTE", "MODIFY_ATTRIBUTE",
+            "DELETE_ATTRIBUTE", "ACTIVATE", "REVOKE", "DESTROY", "QUERY", "DISCOVER_VERSIONS"
+        ])
+    );
     assert_eq!(r[3]["object_types"], json!(["SYMMETRIC_KEY"]));
     assert!(r[3]["vendor"].as_str().unwrap().starts_with("Kluis "), "{}", r[3]);
 }
@@ -90,7 +96,7 @@ fn a_batch_is_answered_item_by_item_in_one_response() {
     let items = r[0]["items"].as_array().unwrap_or_else(|| panic!("{}", r[0]));
     assert_eq!(items.len(), 2);
     assert_eq!(items[0]["versions"][0], json!([1, 4]));
-    assert_eq!(items[1]["operations"].as_array().unwrap().len(), 7, "{}", items[1]);
+    assert_eq!(items[1]["operations"].as_array().unwrap().len(), 13, "{}", items[1]);
 }
 
 #[test]
@@ -194,7 +200,7 @@ fn a_response_over_the_maximum_response_size_is_refused_as_too_large() {
     let f = response(&r[0]).items[0].result.clone().unwrap_err();
     assert_eq!(f.reason, ResultReason::ResponseTooLarge, "{}", f.message);
     let ok = response(&r[1]).items[0].result.clone().unwrap().unwrap();
-    assert_eq!(ok.children_with(tag::OPERATION).count(), 7);
+    assert_eq!(ok.children_with(tag::OPERATION).count(), 13);
 }
 
 /// A request in a version the server does not speak gets Invalid Message for everything but
@@ -231,9 +237,9 @@ fn an_unsupported_protocol_version_is_refused_except_for_discover_versions() {
     assert_eq!(response(&got[0]).items.len(), 1);
 }
 
-/// vSphere's key provider: Create AES-256 with a name, Activate, Get, Locate by name, with
-/// PyKMIP's high-level client; the key is the same 32 bytes on every Get, through the raw
-/// client too (Raw and Transparent Symmetric Key formats).
+/// vSphere's key provider: Create AES-256 with a name, Activate, Get, Locate by name,
+/// Revoke, with PyKMIP's high-level client; the key is the same 32 bytes on every Get,
+/// through the raw client too (Raw and Transparent Symmetric Key formats).
 #[test]
 fn vsphere_like_create_activate_get_and_locate_by_name() {
     let s = server();
@@ -278,6 +284,32 @@ fn vsphere_like_create_activate_get_and_locate_by_name() {
         assert!(!lines.is_empty(), "no {action} entry");
     }
     assert!(audit_lines(&s, "KmipGet").iter().all(|l| l.contains(&uid)));
+    // Revoke (Cessation of Operation): Deactivated, dated; the key is still readable (a
+    // deactivated key still decrypts what it encrypted).
+    let r = kmip::run(
+        &s,
+        "dev",
+        json!([
+            {"op": "pie_revoke", "reason": "CESSATION_OF_OPERATION", "uid": uid},
+            {"op": "get_attributes", "uid": uid, "names": ["State", "Deactivation Date"]},
+            {"op": "pie_get", "uid": uid},
+        ]),
+    );
+    ok(&r[0]);
+    let attrs = &ok(&r[1])["attributes"];
+    assert_eq!(attrs["State"], json!(["DEACTIVATED"]), "{attrs}");
+    assert_eq!(attrs["Deactivation Date"].as_array().map(Vec::len), Some(1), "{attrs}");
+    assert_eq!(ok(&r[2])["key"].as_str(), Some(key.as_str()));
+    // PyKMIP 0.11 cannot decode a Revocation Reason attribute: read it with Kluis's codec.
+    let ga = Item::structure(
+        tag::REQUEST_PAYLOAD,
+        vec![Item::text(tag::UNIQUE_IDENTIFIER, uid.clone()), Item::text(tag::ATTRIBUTE_NAME, "Revocation Reason")],
+    );
+    let raw = kmip::run(&s, "dev", json!([{"op": "raw", "hex": hex::encode(request(None, vec![(Operation::GetAttributes, ga)])), "read": "one"}]));
+    let p = response(&raw[0]).items[0].result.clone().unwrap().unwrap();
+    let reason = p.child(tag::ATTRIBUTE).unwrap().child(tag::ATTRIBUTE_VALUE).unwrap().child(tag::REVOCATION_REASON_CODE).unwrap();
+    assert_eq!(reason.value, kluis_kmip::ttlv::Value::Enumeration(6), "Cessation of Operation");
+    assert_eq!(audit_lines(&s, "KmipRevoke").len(), 1);
 }
 
 /// The tape library profile: a key created with Application Specific Information in the
@@ -422,4 +454,227 @@ fn objects_live_in_the_postgresql_store_too() {
     assert_eq!(ok(&after[0])["key"], ok(&before[1])["key"]);
     assert_eq!(ok(&after[1])["uids"], json!([uid]));
     assert_eq!(ok(&after[2])["attributes"]["State"], json!(["ACTIVE"]));
+}
+
+
+/// A server with the test clock, for the waiting periods of destructions.
+fn server_with_clock() -> (Server, std::path::PathBuf, i64) {
+    let mut s = server();
+    let clock = s.dir.path().join("clock");
+    let t0 = time::OffsetDateTime::now_utc().unix_timestamp();
+    std::fs::write(&clock, t0.to_string()).unwrap();
+    s.env.push(("KLUIS_TEST_CLOCK_FILE".into(), clock.to_str().unwrap().into()));
+    s.restart();
+    (s, clock, t0)
+}
+
+/// The destruction of `key_id` in `kmsctl destruction list --json`, as an officer sees it.
+fn destructions_of(s: &Server, key_id: &str) -> Vec<Value> {
+    let out = s.kmsctl("officer", &["destruction", "list", "--json"]);
+    assert!(out.status.success(), "{}", kluis_tests::stderr(&out));
+    let all: Value = serde_json::from_str(&kluis_tests::stdout(&out)).unwrap();
+    all.as_array().unwrap().iter().filter(|d| d["target"] == key_id).cloned().collect()
+}
+
+/// Destroy follows the keyring's rules. An Active object must be revoked first; then it is
+/// Destroyed to clients at once (Get refused, Locate by State finds it), and its material is
+/// erased only after the waiting period, by a destruction officers see and can cancel
+/// (cancelled, the object is back as it was, key and all). A legal hold refuses a Destroy
+/// and holds a scheduled one past its due date; released, the erasure goes ahead.
+#[test]
+fn destroy_waits_out_the_keyring_period_an_officer_can_cancel_it_and_a_hold_blocks_it() {
+    const DAY: i64 = 86_400;
+    let (mut s, clock, t0) = server_with_clock();
+    let officer2 = s.add_officer("officer2");
+    let r = kmip::run(&s, "dev", json!([{"op": "create", "algorithm": "AES", "length": 256, "name": "to-destroy"}]));
+    let uid = ok(&r[0])["uid"].as_str().unwrap().to_owned();
+    let r = kmip::run(
+        &s,
+        "dev",
+        json!([
+            {"op": "activate", "uid": uid},
+            {"op": "get", "uid": uid},
+            {"op": "destroy", "uid": uid},
+            {"op": "revoke", "reason": "CESSATION_OF_OPERATION", "uid": uid, "message": "decommissioned"},
+            {"op": "destroy", "uid": uid},
+            {"op": "get", "uid": uid},
+            {"op": "get_attributes", "uid": uid, "names": ["State", "Destroy Date"]},
+            {"op": "locate", "state": "DESTROYED"},
+            {"op": "destroy", "uid": uid},
+            {"op": "activate", "uid": uid},
+        ]),
+    );
+    ok(&r[0]);
+    let key = ok(&r[1])["key"].as_str().unwrap().to_owned();
+    assert!(refused(&r[2], "PERMISSION_DENIED")["message"].as_str().unwrap().contains("is Active"), "{}", r[2]);
+    ok(&r[3]);
+    ok(&r[4]);
+    assert!(refused(&r[5], "KEY_VALUE_NOT_PRESENT")["message"].as_str().unwrap().contains("destroyed"), "{}", r[5]);
+    assert!(r[5].get("key").is_none());
+    let attrs = &ok(&r[6])["attributes"];
+    assert_eq!(attrs["State"], json!(["DESTROYED"]), "{attrs}");
+    assert_eq!(attrs["Destroy Date"].as_array().map(Vec::len), Some(1), "{attrs}");
+    assert_eq!(ok(&r[7])["uids"], json!([uid]));
+    refused(&r[8], "PERMISSION_DENIED");
+    refused(&r[9], "PERMISSION_DENIED");
+    // Officers see the destruction, requested by the appliance's identity, due after the
+    // waiting period; the object's key is not gone yet.
+    let d = destructions_of(&s, &uid);
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert_eq!((d[0]["state"].as_str(), d[0]["requested_by"].as_str(), d[0]["target_kind"].as_str()), (Some("scheduled"), Some("dev"), Some("key")), "{d:?}");
+    assert!(d[0]["due_unix"].as_i64().unwrap() > t0 + DAY, "{d:?}");
+    // Cancelled by an officer: back to Deactivated, the same key readable.
+    let id = d[0]["id"].as_u64().unwrap().to_string();
+    assert!(kluis_tests::kmsctl(&officer2, &["destruction", "cancel", &id]).status.success());
+    let r = kmip::run(&s, "dev", json!([{"op": "get", "uid": uid}, {"op": "get_attributes", "uid": uid, "names": ["State", "Destroy Date"]}]));
+    assert_eq!(ok(&r[0])["key"].as_str(), Some(key.as_str()));
+    assert_eq!(ok(&r[1])["attributes"], json!({"State": ["DEACTIVATED"]}));
+
+    // Destroyed again, then a hold: past the due date nothing is erased; a Destroy of
+    // another object is refused while the hold stands.
+    let r = kmip::run(&s, "dev", json!([{"op": "destroy", "uid": uid}, {"op": "create", "algorithm": "AES", "length": 128}]));
+    ok(&r[0]);
+    let other = ok(&r[1])["uid"].as_str().unwrap().to_owned();
+    let hold = s.kmsctl("officer", &["keyring", "hold", "default", "--reason", "court order 2026-311"]);
+    assert!(hold.status.success(), "{}", kluis_tests::stderr(&hold));
+    std::fs::write(&clock, (t0 + 30 * DAY).to_string()).unwrap();
+    let r = kmip::run(&s, "dev", json!([{"op": "get", "uid": uid}, {"op": "destroy", "uid": other}]));
+    refused(&r[0], "KEY_VALUE_NOT_PRESENT");
+    assert!(refused(&r[1], "PERMISSION_DENIED")["message"].as_str().unwrap().contains("legal hold"), "{}", r[1]);
+    let d = destructions_of(&s, &uid);
+    assert_eq!(d.iter().filter(|d| d["state"] == "held").count(), 1, "{d:?}");
+
+    // Released (dual control): the next Get carries out the due destruction; the material
+    // is erased for good, across a restart.
+    let out = s.kmsctl("officer", &["keyring", "release", "default"]);
+    let approval = kluis_tests::approval_id(&out);
+    assert!(kluis_tests::kmsctl(&officer2, &["approve", &approval]).status.success());
+    let r = kmip::run(&s, "dev", json!([{"op": "get", "uid": uid}]));
+    refused(&r[0], "KEY_VALUE_NOT_PRESENT");
+    let d = destructions_of(&s, &uid);
+    assert_eq!(d.iter().filter(|d| d["state"] == "destroyed").count(), 1, "{d:?}");
+    s.restart();
+    let r = kmip::run(&s, "dev", json!([{"op": "get", "uid": uid}, {"op": "get_attributes", "uid": uid, "names": ["State"]}]));
+    refused(&r[0], "KEY_VALUE_NOT_PRESENT");
+    assert_eq!(ok(&r[1])["attributes"]["State"], json!(["DESTROYED"]));
+    assert_eq!(audit_lines(&s, "KmipDestroy").len(), 5, "three done, two refused (Active, hold); the repeat was refused too");
+}
+
+/// Revoke for a compromise: Compromised, with the Compromise Occurrence Date the client
+/// gave; a second compromise is refused; destroyed, it is Destroyed Compromised.
+#[test]
+fn a_compromised_object_is_compromised_then_destroyed_compromised() {
+    let s = server();
+    let r = kmip::run(&s, "dev", json!([{"op": "create", "algorithm": "AES", "length": 256}]));
+    let uid = ok(&r[0])["uid"].as_str().unwrap().to_owned();
+    let r = kmip::run(
+        &s,
+        "dev",
+        json!([
+            {"op": "activate", "uid": uid},
+            {"op": "revoke", "reason": "KEY_COMPROMISE", "uid": uid, "occurred": "2026-11-30T12:00:00+00:00"},
+            {"op": "get_attributes", "uid": uid, "names": ["State", "Compromise Occurrence Date", "Compromise Date"]},
+            {"op": "revoke", "reason": "KEY_COMPROMISE", "uid": uid},
+            {"op": "revoke", "reason": "SUPERSEDED", "uid": uid},
+            {"op": "destroy", "uid": uid},
+            {"op": "get_attributes", "uid": uid, "names": ["State"]},
+            {"op": "revoke", "reason": "UNSPECIFIED", "uid": "00000000000000000000000000000000"},
+        ]),
+    );
+    ok(&r[0]);
+    ok(&r[1]);
+    let attrs = &ok(&r[2])["attributes"];
+    assert_eq!(attrs["State"], json!(["COMPROMISED"]), "{attrs}");
+    assert_eq!(attrs["Compromise Occurrence Date"], json!([1_796_040_000]), "{attrs}");
+    assert_eq!(attrs["Compromise Date"].as_array().map(Vec::len), Some(1), "{attrs}");
+    refused(&r[3], "PERMISSION_DENIED");
+    refused(&r[4], "PERMISSION_DENIED");
+    ok(&r[5]);
+    assert_eq!(ok(&r[6])["attributes"]["State"], json!(["DESTROYED_COMPROMISED"]));
+    refused(&r[7], "ITEM_NOT_FOUND");
+}
+
+/// Add, Modify and Delete Attribute on the attributes a client may set; Get Attribute List
+/// names what the object has. Server-set attributes are refused by name, a missing index
+/// is Item Not Found, and an identity without a grant changes nothing. PyKMIP 0.11 has no
+/// Add Attribute call, so that request is built with Kluis's own encoder.
+#[test]
+fn attributes_are_added_modified_deleted_and_listed() {
+    let s = server();
+    let r = kmip::run(&s, "sealer", json!([{"op": "create", "algorithm": "AES", "length": 256, "name": "first"}]));
+    let uid = ok(&r[0])["uid"].as_str().unwrap().to_owned();
+    let add = |name: &str, value: Item| {
+        let p = Item::structure(
+            tag::REQUEST_PAYLOAD,
+            vec![
+                Item::text(tag::UNIQUE_IDENTIFIER, uid.clone()),
+                Item::structure(tag::ATTRIBUTE, vec![Item::text(tag::ATTRIBUTE_NAME, name), value]),
+            ],
+        );
+        json!({"op": "raw", "hex": hex::encode(request(None, vec![(Operation::AddAttribute, p)])), "read": "one"})
+    };
+    let name_value = |n: &str| Item::structure(tag::ATTRIBUTE_VALUE, vec![Item::text(tag::NAME_VALUE, n), Item::enumeration(tag::NAME_TYPE, 1)]);
+    let lto = Item::structure(
+        tag::ATTRIBUTE_VALUE,
+        vec![Item::text(tag::APPLICATION_NAMESPACE, "LIBRARY-LTO"), Item::text(tag::APPLICATION_DATA, "00AA")],
+    );
+    let r = kmip::run(
+        &s,
+        "sealer",
+        json!([
+            {"op": "get_attribute_list", "uid": uid},
+            add("Name", name_value("second")),
+            add("Application Specific Information", lto),
+            add("State", Item::enumeration(tag::ATTRIBUTE_VALUE, 2)),
+            add("Name", name_value("second")),
+            {"op": "pie_modify_attribute", "uid": uid, "name": "NAME", "value": "renamed", "index": 0},
+            {"op": "pie_delete_attribute", "uid": uid, "name": "Name", "index": 1},
+            {"op": "pie_delete_attribute", "uid": uid, "name": "Name", "index": 5},
+            {"op": "pie_delete_attribute", "uid": uid, "name": "Object Type"},
+            {"op": "get_attributes", "uid": uid, "names": ["Name", "Application Specific Information"]},
+            {"op": "locate", "name": "renamed"},
+            {"op": "locate", "name": "first"},
+            {"op": "get_attribute_list", "uid": uid},
+        ]),
+    );
+    let names = ok(&r[0])["names"].as_array().unwrap().clone();
+    for n in ["Unique Identifier", "Object Type", "Cryptographic Algorithm", "Cryptographic Length", "Name", "State", "Initial Date"] {
+        assert!(names.contains(&json!(n)), "{n} missing from {names:?}");
+    }
+    assert!(!names.contains(&json!("Activation Date")), "not activated: {names:?}");
+    let added = response(&r[1]).items[0].result.clone().unwrap().unwrap();
+    let a = added.child(tag::ATTRIBUTE).unwrap();
+    assert_eq!(a.child(tag::ATTRIBUTE_INDEX).map(|i| i.value.clone()), Some(kluis_kmip::ttlv::Value::Integer(1)), "the second name: {a:?}");
+    assert!(response(&r[2]).items[0].result.is_ok());
+    let f = response(&r[3]).items[0].result.clone().unwrap_err();
+    assert_eq!(f.reason, ResultReason::PermissionDenied);
+    assert!(f.message.contains("State is set by the server"), "{}", f.message);
+    let f = response(&r[4]).items[0].result.clone().unwrap_err();
+    assert_eq!(f.reason, ResultReason::InvalidField);
+    assert!(f.message.contains("already has this name"), "{}", f.message);
+    assert_eq!(ok(&r[5])["value"], "renamed");
+    assert_eq!(ok(&r[6])["value"], "second");
+    refused(&r[7], "ITEM_NOT_FOUND");
+    assert!(refused(&r[8], "PERMISSION_DENIED")["message"].as_str().unwrap().contains("Object Type is set by the server"), "{}", r[8]);
+    let attrs = &ok(&r[9])["attributes"];
+    assert_eq!(attrs["Name"], json!(["renamed"]), "{attrs}");
+    assert_eq!(attrs["Application Specific Information"], json!([["LIBRARY-LTO", "00AA"]]), "{attrs}");
+    assert_eq!(ok(&r[10])["uids"], json!([uid]));
+    assert_eq!(ok(&r[11])["uids"], json!([]));
+    assert!(ok(&r[12])["names"].as_array().unwrap().contains(&json!("Application Specific Information")));
+    // No grant on the keyring: nothing changes, and the refusal is audited.
+    let r = kmip::run(
+        &s,
+        "auditor",
+        json!([
+            {"op": "pie_modify_attribute", "uid": uid, "name": "NAME", "value": "stolen", "index": 0},
+            {"op": "get_attribute_list", "uid": uid},
+        ]),
+    );
+    refused(&r[0], "PERMISSION_DENIED");
+    refused(&r[1], "PERMISSION_DENIED");
+    let denied: Vec<_> = audit_lines(&s, "KmipModifyAttribute").into_iter().filter(|l| l.to_lowercase().contains("denied")).collect();
+    assert_eq!(denied.len(), 1, "{denied:?}");
+    let r = kmip::run(&s, "sealer", json!([{"op": "get_attributes", "uid": uid, "names": ["Name"]}]));
+    assert_eq!(ok(&r[0])["attributes"]["Name"], json!(["renamed"]));
 }

@@ -467,6 +467,13 @@ pub fn boolean(item: &Item) -> Result<bool, MessageError> {
     }
 }
 
+pub fn date_time(item: &Item) -> Result<i64, MessageError> {
+    match item.value {
+        Value::DateTime(v) => Ok(v),
+        ref other => Err(MessageError::WrongType { field: item.tag, expected: ItemType::DateTime, found: other.item_type() }),
+    }
+}
+
 pub fn text(item: &Item) -> Result<&str, MessageError> {
     match &item.value {
         Value::TextString(s) => Ok(s),

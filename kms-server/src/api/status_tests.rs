@@ -60,9 +60,11 @@ fn key_variant(e: &KeyError) -> usize {
         KeyError::EscrowRecipientNotInForce { .. } => 39,
         KeyError::KmipObjectNotFound { .. } => 40,
         KeyError::KmipState { .. } => 41,
+        KeyError::KmipAttributeMissing { .. } => 42,
+        KeyError::KmipAttributeFixed { .. } => 43,
     }
 }
-const KEY_VARIANTS: usize = 42;
+const KEY_VARIANTS: usize = 44;
 
 async fn join_error() -> tokio::task::JoinError {
     let task = tokio::spawn(std::future::pending::<()>());
@@ -80,6 +82,8 @@ async fn key_errors() -> Vec<(KeyError, Code, Reason)> {
         (KeyError::UnknownKeyId { key_id: s("k1") }, Code::NotFound, Reason::KeyUnknown),
         (KeyError::KmipObjectNotFound { uid: s("k1") }, Code::NotFound, Reason::KeyUnknown),
         (KeyError::KmipState { uid: s("k1"), state: "Active", operation: "Activate" }, Code::FailedPrecondition, Reason::InvalidArgument),
+        (KeyError::KmipAttributeMissing { name: "Name", index: 2 }, Code::NotFound, Reason::InvalidArgument),
+        (KeyError::KmipAttributeFixed { name: "Cryptographic Usage Mask", reason: "it cannot be deleted" }, Code::FailedPrecondition, Reason::InvalidArgument),
         (KeyError::KeyringMismatch { key_id: s("k1"), claimed: s("a"), actual: s("b") }, Code::InvalidArgument, Reason::KeyringMismatch),
         (KeyError::Destroyed { key_id: s("k1"), date: s("2026-01-01") }, Code::FailedPrecondition, Reason::KeyDestroyed),
         (KeyError::VersionRetired { keyring: s("ehr-db"), version: 1 }, Code::FailedPrecondition, Reason::VersionRetired),

@@ -22,6 +22,7 @@ use super::registry::WriteOp;
 use super::{KeyError, KeyManager};
 use crate::audit::AuditEvent;
 use crate::auth::{Action, Authorized};
+use crate::model::{DestructionRecord, DestructionTarget, KeyState, PendingAction};
 use crate::secret::{aes_gcm_open, aes_gcm_seal};
 
 /// KMIP Object Type values (KMIP 1.4 section 9.1.3.2.12) Kluis keeps.
@@ -54,6 +55,50 @@ pub mod state {
     }
 }
 
+/// Revocation Reason Code values (section 9.1.3.2.19) that mean a compromise.
+pub mod revocation {
+    pub const KEY_COMPROMISE: u32 = 2;
+    pub const CA_COMPROMISE: u32 = 3;
+}
+
+/// An attribute a client may set after the object is made.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Attribute {
+    Name(String),
+    /// Application Specific Information: namespace, data.
+    AppInfo(String, String),
+    UsageMask(i32),
+}
+
+impl Attribute {
+    /// Its KMIP name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Attribute::Name(_) => "Name",
+            Attribute::AppInfo(..) => "Application Specific Information",
+            Attribute::UsageMask(_) => "Cryptographic Usage Mask",
+        }
+    }
+}
+
+/// Add, Modify or Delete Attribute. The index is the Attribute Index (0 when not given).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AttributeEdit {
+    Add(Attribute),
+    Modify(Attribute, usize),
+    /// The attribute's name and index.
+    Delete(&'static str, usize),
+}
+
+/// The prefix of the registry labels of a KMIP object's data key (`kmip.object_type`,
+/// `kmip.name`); reserved: a backup's data key cannot carry it.
+pub const LABEL_PREFIX: &str = "kmip.";
+
+/// Whether a registry record is a KMIP object's data key.
+pub fn is_kmip_key(labels: &[(String, String)]) -> bool {
+    labels.iter().any(|(k, _)| k.starts_with(LABEL_PREFIX))
+}
+
 /// Most names and Application Specific Information entries an object keeps, and their size.
 pub const MAX_NAMES: usize = 16;
 pub const MAX_APP_INFO: usize = 16;
@@ -79,6 +124,9 @@ pub struct KmipObject {
     pub activation_date: Option<i64>,
     pub deactivation_date: Option<i64>,
     pub compromise_date: Option<i64>,
+    /// When the client said the compromise happened (Compromise Occurrence Date).
+    pub compromise_occurrence: Option<i64>,
+    /// When a KMIP client asked to destroy it (see [`KeyManager::kmip_state`]).
     pub destroy_date: Option<i64>,
     /// Revocation Reason: (code, message).
     pub revocation: Option<(u32, Option<String>)>,
@@ -160,14 +208,94 @@ impl NewObject {
             check_text("Name", n)?;
         }
         for (ns, data) in &self.app_info {
-            check_text("Application Namespace", ns)?;
-            // Application Data may be empty (the tape library profile asks the server to fill it).
-            if !data.is_empty() {
-                check_text("Application Data", data)?;
-            }
+            check_app_info(ns, data)?;
         }
         Ok(())
     }
+}
+
+impl KmipObject {
+    /// Applies an attribute edit; returns the attribute as it now is (or was, deleted)
+    /// and its index.
+    fn edit(&mut self, edit: AttributeEdit) -> Result<(Attribute, usize), KeyError> {
+        let missing = |name: &'static str, index: usize| KeyError::KmipAttributeMissing { name, index };
+        match edit {
+            AttributeEdit::Add(a) => {
+                let index = match &a {
+                    Attribute::Name(n) => {
+                        check_text("Name", n)?;
+                        if self.names.contains(n) {
+                            return Err(KeyError::InvalidArgument { field: "Name", reason: "the object already has this name" });
+                        }
+                        if self.names.len() >= MAX_NAMES {
+                            return Err(KeyError::InvalidArgument { field: "Name", reason: "at most 16 names" });
+                        }
+                        self.names.push(n.clone());
+                        self.names.len() - 1
+                    }
+                    Attribute::AppInfo(ns, data) => {
+                        check_app_info(ns, data)?;
+                        if self.app_info.len() >= MAX_APP_INFO {
+                            return Err(KeyError::InvalidArgument { field: "Application Specific Information", reason: "at most 16 entries" });
+                        }
+                        self.app_info.push((ns.clone(), data.clone()));
+                        self.app_info.len() - 1
+                    }
+                    Attribute::UsageMask(m) => {
+                        if self.usage_mask.is_some() {
+                            return Err(KeyError::KmipAttributeFixed { name: a.name(), reason: "it is set already and has one instance; use Modify Attribute" });
+                        }
+                        self.usage_mask = Some(*m);
+                        0
+                    }
+                };
+                Ok((a, index))
+            }
+            AttributeEdit::Modify(a, index) => {
+                match &a {
+                    Attribute::Name(n) => {
+                        check_text("Name", n)?;
+                        if self.names.iter().enumerate().any(|(i, x)| i != index && x == n) {
+                            return Err(KeyError::InvalidArgument { field: "Name", reason: "the object already has this name" });
+                        }
+                        *self.names.get_mut(index).ok_or(missing(a.name(), index))? = n.clone();
+                    }
+                    Attribute::AppInfo(ns, data) => {
+                        check_app_info(ns, data)?;
+                        *self.app_info.get_mut(index).ok_or(missing(a.name(), index))? = (ns.clone(), data.clone());
+                    }
+                    Attribute::UsageMask(m) => {
+                        if index != 0 || self.usage_mask.is_none() {
+                            return Err(missing(a.name(), index));
+                        }
+                        self.usage_mask = Some(*m);
+                    }
+                }
+                Ok((a, index))
+            }
+            AttributeEdit::Delete(name, index) => {
+                let was = match name {
+                    "Name" if index < self.names.len() => Attribute::Name(self.names.remove(index)),
+                    "Application Specific Information" if index < self.app_info.len() => {
+                        let (ns, data) = self.app_info.remove(index);
+                        Attribute::AppInfo(ns, data)
+                    }
+                    "Name" | "Application Specific Information" => return Err(missing(name, index)),
+                    _ => return Err(KeyError::KmipAttributeFixed { name, reason: "it cannot be deleted" }),
+                };
+                Ok((was, index))
+            }
+        }
+    }
+}
+
+fn check_app_info(ns: &str, data: &str) -> Result<(), KeyError> {
+    check_text("Application Namespace", ns)?;
+    // Application Data may be empty (the tape library profile asks the server to fill it).
+    if !data.is_empty() {
+        check_text("Application Data", data)?;
+    }
+    Ok(())
 }
 
 impl KeyManager {
@@ -212,6 +340,7 @@ impl KeyManager {
             activation_date: None,
             deactivation_date: None,
             compromise_date: None,
+            compromise_occurrence: None,
             destroy_date: None,
             revocation: None,
             created_by: auth.principal().name().to_owned(),
@@ -241,10 +370,15 @@ impl KeyManager {
     /// The object and its material. Needs `restorer` on its keyring; the data key is opened
     /// with every check of an unwrap (destroyed, retired version, keyring destroyed).
     pub async fn kmip_get(&self, auth: &Authorized, uid: &str) -> Result<(KmipObject, Material), KeyError> {
+        // A Destroy made on another replica is seen.
+        self.sync().await?;
         let (id, object) = self.kmip_object(uid)?;
         Self::check(auth, Action::UnwrapDataKey, Some(&object.keyring))?;
-        if matches!(object.state, state::DESTROYED | state::DESTROYED_COMPROMISED) {
-            return Err(KeyError::KmipState { uid: uid_of(&id), state: state::name(object.state), operation: "Get" });
+        // A destruction that is due (and not held) is carried out now, as an unwrap would.
+        let record = self.store.data_key(&id)?.ok_or_else(|| KeyError::KmipObjectNotFound { uid: shown(uid) })?;
+        self.refuse_destroyed(&id, &uid_of(&id), &record).await?;
+        if let (_, Some(at)) = self.kmip_state(&id, &object)? {
+            return Err(KeyError::Destroyed { key_id: uid_of(&id), date: super::format_date(at) });
         }
         let k = self.unwrap_data_key(auth, &uid_of(&id), &object.keyring, &object.wrapped).await?;
         let material = aes_gcm_open(&k.data_key, &material_aad(&id), &object.sealed)
@@ -252,34 +386,156 @@ impl KeyManager {
         Ok((object, Material(material)))
     }
 
+    /// The state a KMIP client sees, and the Destroy Date: the row's state, or Destroyed
+    /// (Destroyed Compromised if it was Compromised) once the material is gone (the data
+    /// key or its keyring destroyed) or while a KMIP Destroy waits out its destruction. An
+    /// officer who cancels that destruction gives the object back its state before the
+    /// Destroy; nothing else has to change.
+    pub fn kmip_state(&self, id: &[u8; 16], o: &KmipObject) -> Result<(u32, Option<i64>), KeyError> {
+        let destroyed = |at: i64| {
+            let s = if o.state == state::COMPROMISED { state::DESTROYED_COMPROMISED } else { state::DESTROYED };
+            (s, Some(at))
+        };
+        if let (_, Some(at)) = self.ring_state(&o.keyring)? {
+            return Ok(destroyed(at));
+        }
+        if let Some(KeyState::Destroyed { at }) = self.store.data_key(id)?.map(|r| r.state) {
+            return Ok(destroyed(at));
+        }
+        if let Some(at) = o.destroy_date
+            && self.state().scheduled.iter().any(|d| matches!(&d.target, DestructionTarget::Key { id: k, .. } if k == id))
+        {
+            return Ok(destroyed(at));
+        }
+        Ok((o.state, None))
+    }
+
     /// Activate: Pre-Active to Active, dated now. Needs `sealer` on the object's keyring.
     pub async fn kmip_activate(&self, auth: &Authorized, uid: &str, audit: AuditEvent) -> Result<(), KeyError> {
-        self.kmip_change(auth, uid, "Activate", audit, |o, now| {
-            if o.state != state::PRE_ACTIVE {
-                return Err(o.state);
+        self.kmip_change(auth, uid, "Activate", audit, |o, seen, now| {
+            if seen != state::PRE_ACTIVE {
+                return Err(seen);
             }
             o.state = state::ACTIVE;
             o.activation_date = Some(now);
             Ok(())
         })
         .await
+        .map(|_| ())
     }
 
-    /// A state change of an object and its audit entry, in one transaction that fails if
-    /// the object changed meanwhile (another replica). `change` says no with the state it saw.
+    /// Revoke (KMIP 1.4 section 4.20): a compromise (reason Key Compromise 2 or CA
+    /// Compromise 3) makes the object Compromised (Destroyed Compromised if destroyed),
+    /// dated now, its Compromise Occurrence Date the one given or else its Initial Date;
+    /// any other reason makes a Pre-Active or Active object Deactivated, dated now.
+    /// Needs `sealer` on the object's keyring.
+    pub async fn kmip_revoke(
+        &self,
+        auth: &Authorized,
+        uid: &str,
+        reason: u32,
+        message: Option<String>,
+        occurred: Option<i64>,
+        audit: AuditEvent,
+    ) -> Result<(), KeyError> {
+        if let Some(m) = &message {
+            check_text("Revocation Message", m)?;
+        }
+        let compromise = matches!(reason, revocation::KEY_COMPROMISE | revocation::CA_COMPROMISE);
+        self.kmip_change(auth, uid, "Revoke", audit, |o, seen, now| {
+            if compromise {
+                if matches!(seen, state::COMPROMISED | state::DESTROYED_COMPROMISED) {
+                    return Err(seen);
+                }
+                o.state = state::COMPROMISED;
+                o.compromise_date = Some(now);
+                o.compromise_occurrence = Some(occurred.unwrap_or(o.initial_date));
+            } else {
+                if !matches!(seen, state::PRE_ACTIVE | state::ACTIVE) {
+                    return Err(seen);
+                }
+                o.state = state::DEACTIVATED;
+                o.deactivation_date = Some(now);
+            }
+            o.revocation = Some((reason, message));
+            Ok(())
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Destroy from a KMIP client, under the keyring's rules: the object is Destroyed to
+    /// KMIP clients at once (Get refused), and a destruction of its data key is scheduled
+    /// for after the waiting period, which erases the material; a legal hold on the
+    /// keyring refuses it; an officer sees it in the destructions and can cancel it. An
+    /// Active object must be revoked first (KMIP 1.4 section 4.21). Needs `sealer`.
+    pub async fn kmip_destroy(&self, auth: &Authorized, uid: &str, mut audit: AuditEvent) -> Result<DestructionRecord, KeyError> {
+        let admin = self.lock_admin().await?;
+        let (id, before) = self.kmip_object(uid)?;
+        Self::check(auth, Action::GenerateDataKey, Some(&before.keyring))?;
+        let (seen, _) = self.kmip_state(&id, &before)?;
+        if !matches!(seen, state::PRE_ACTIVE | state::DEACTIVATED | state::COMPROMISED) {
+            return Err(KeyError::KmipState { uid: uid_of(&id), state: state::name(seen), operation: "Destroy" });
+        }
+        let target = DestructionTarget::Key { id, keyring: before.keyring.clone() };
+        self.check_destroyable(&target, &uid_of(&id))?;
+        let mut after = before.clone();
+        after.destroy_date = Some(self.now());
+        audit.key_id = Some(uid_of(&id));
+        let action = PendingAction::DestroyKey { id, keyring: before.keyring.clone() };
+        let put = WriteOp::PutKmipObject { id, object: Box::new(after), previous: Some(Box::new(before)) };
+        self.schedule_with_ops(&admin, &action, auth.principal().name(), None, audit, vec![put]).await
+    }
+
+    /// Adds, changes or deletes one attribute a client may set (Name, Application
+    /// Specific Information, Cryptographic Usage Mask); returns the attribute as it now
+    /// is (or was, deleted) and its index. Not on a destroyed object. Needs `sealer` on
+    /// the object's keyring.
+    pub async fn kmip_edit(&self, auth: &Authorized, uid: &str, edit: AttributeEdit, audit: AuditEvent) -> Result<(Attribute, usize), KeyError> {
+        let mut out = None;
+        self.kmip_write(auth, uid, audit, |o, seen, _| {
+            if matches!(seen, state::DESTROYED | state::DESTROYED_COMPROMISED) {
+                return Err(KeyError::KmipState { uid: shown(uid), state: state::name(seen), operation: "changing attributes" });
+            }
+            out = Some(o.edit(edit)?);
+            Ok(())
+        })
+        .await?;
+        out.ok_or(KeyError::Internal { what: "an attribute edit returned nothing" })
+    }
+
+    /// A state change of an object: `change` sees the state a client sees
+    /// ([`kmip_state`](Self::kmip_state)) and says no with it.
     async fn kmip_change(
         &self,
         auth: &Authorized,
         uid: &str,
         operation: &'static str,
-        mut audit: AuditEvent,
-        change: impl FnOnce(&mut KmipObject, i64) -> Result<(), u32>,
+        audit: AuditEvent,
+        change: impl FnOnce(&mut KmipObject, u32, i64) -> Result<(), u32>,
     ) -> Result<(), KeyError> {
+        self.kmip_write(auth, uid, audit, |o, seen, now| {
+            change(o, seen, now).map_err(|s| KeyError::KmipState { uid: shown(uid), state: state::name(s), operation })
+        })
+        .await
+    }
+
+    /// A change of an object's row and its audit entry, in one transaction that fails if
+    /// the row changed meanwhile (another replica). Reads the replicas' state first, so a
+    /// Destroy made on another replica is seen.
+    async fn kmip_write(
+        &self,
+        auth: &Authorized,
+        uid: &str,
+        mut audit: AuditEvent,
+        change: impl FnOnce(&mut KmipObject, u32, i64) -> Result<(), KeyError>,
+    ) -> Result<(), KeyError> {
+        self.sync().await?;
         let (id, before) = self.kmip_object(uid)?;
         Self::check(auth, Action::GenerateDataKey, Some(&before.keyring))?;
+        let (seen, _) = self.kmip_state(&id, &before)?;
         let mut after = before.clone();
-        change(&mut after, self.now())
-            .map_err(|s| KeyError::KmipState { uid: uid_of(&id), state: state::name(s), operation })?;
+        change(&mut after, seen, self.now())?;
         audit.key_id = Some(uid_of(&id));
         self.store
             .write(WriteOp::Atomic(vec![
@@ -292,11 +548,11 @@ impl KeyManager {
 
     /// The objects `matches` accepts, in id order, at most `max`, after skipping `offset`.
     /// Reads the table once; the caller's `matches` also decides what the client may see.
-    pub fn kmip_locate(&self, offset: usize, max: usize, mut matches: impl FnMut(&KmipObject) -> bool) -> Result<Vec<String>, KeyError> {
+    pub fn kmip_locate(&self, offset: usize, max: usize, mut matches: impl FnMut(&[u8; 16], &KmipObject) -> bool) -> Result<Vec<String>, KeyError> {
         let mut found = Vec::new();
         let mut skipped = 0;
         self.store.for_each_kmip_object(|id, o| {
-            if matches(&o) {
+            if matches(id, &o) {
                 if skipped < offset {
                     skipped += 1;
                 } else {

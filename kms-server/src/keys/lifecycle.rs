@@ -122,7 +122,7 @@ impl KeyManager {
     }
 
     /// The scheduled destruction that covers this key (of the key or its keyring).
-    fn scheduled_for(&self, id: &[u8; 16], keyring: &str) -> Option<DestructionRecord> {
+    pub(super) fn scheduled_for(&self, id: &[u8; 16], keyring: &str) -> Option<DestructionRecord> {
         self.state()
             .scheduled
             .iter()
@@ -354,7 +354,7 @@ impl KeyManager {
     }
 
     /// Refuses a destruction of a held or destroyed keyring, or a double schedule.
-    fn check_destroyable(&self, target: &DestructionTarget, label: &str) -> Result<(), KeyError> {
+    pub(super) fn check_destroyable(&self, target: &DestructionTarget, label: &str) -> Result<(), KeyError> {
         let keyring = target.keyring();
         match self.ring_state(keyring)? {
             (_, Some(at)) => return Err(KeyError::KeyringDestroyed { keyring: keyring.to_owned(), date: format_date(at) }),
@@ -461,13 +461,26 @@ impl KeyManager {
     }
 
     /// Records a scheduled destruction (and the approval that led to it) with its audit entry.
-    async fn schedule_with(
+    pub(super) async fn schedule_with(
         &self,
         admin: &Admin<'_>,
         action: &PendingAction,
         requested_by: &str,
         approval: Option<&ApprovalRecord>,
         audit: AuditEvent,
+    ) -> Result<DestructionRecord, KeyError> {
+        self.schedule_with_ops(admin, action, requested_by, approval, audit, Vec::new()).await
+    }
+
+    /// [`schedule_with`](Self::schedule_with), with more writes in the same transaction.
+    pub(super) async fn schedule_with_ops(
+        &self,
+        admin: &Admin<'_>,
+        action: &PendingAction,
+        requested_by: &str,
+        approval: Option<&ApprovalRecord>,
+        audit: AuditEvent,
+        extra: Vec<WriteOp>,
     ) -> Result<DestructionRecord, KeyError> {
         let target = match action {
             PendingAction::DestroyKey { id, keyring } => DestructionTarget::Key { id: *id, keyring: keyring.clone() },
@@ -489,6 +502,7 @@ impl KeyManager {
         if let Some(a) = approval {
             ops.push(WriteOp::PutApproval(a.clone()));
         }
+        ops.extend(extra);
         ops.push(WriteOp::Audit(audit));
         self.store.write(WriteOp::Atomic(ops)).await?;
         self.publish(admin, |s| s.scheduled.push(rec.clone()));

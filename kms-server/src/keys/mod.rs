@@ -81,6 +81,10 @@ pub enum KeyError {
     KmipObjectNotFound { uid: String },
     #[error("KMIP object {uid} is {state}: {operation} is not possible in that state")]
     KmipState { uid: String, state: &'static str, operation: &'static str },
+    #[error("the object has no {name} at index {index}")]
+    KmipAttributeMissing { name: &'static str, index: usize },
+    #[error("{name} cannot be changed that way: {reason}")]
+    KmipAttributeFixed { name: &'static str, reason: &'static str },
     #[error("keyring {name:?} does not exist")]
     KeyringNotFound { name: String },
     #[error("keyring {name:?} already exists")]
@@ -1241,6 +1245,11 @@ impl KeyManager {
         for (k, v) in &labels {
             validate_text("labels", k, 64, false)?;
             validate_text("labels", v, 256, true)?;
+            // The registry tells KMIP objects' data keys from backups' by this prefix (the
+            // report counts them apart), so a backup's key may not wear it.
+            if k.starts_with(kmip::LABEL_PREFIX) {
+                return Err(KeyError::InvalidArgument { field: "labels", reason: "the label prefix \"kmip.\" is reserved for KMIP objects" });
+            }
         }
         labels.sort();
         let issue = self.issue(auth, keyring, backup_id, labels).await?;

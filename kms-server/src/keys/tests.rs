@@ -661,3 +661,33 @@ async fn a_kmip_object_is_a_data_key_and_destroying_that_key_erases_its_material
     let gone = c.keys.kmip_get(&restorer, &uid).await;
     assert!(matches!(gone, Err(KeyError::Destroyed { .. }) | Err(KeyError::KeyMaterialErased { .. })), "{:?}", gone.err());
 }
+
+/// A KMIP Destroy is Destroyed to clients at once and a scheduled destruction of the data
+/// key, which the scheduled work carries out after the waiting period (the secret erased);
+/// a backup's data key cannot wear the labels that mark a KMIP object's.
+#[tokio::test]
+async fn a_kmip_destroy_is_a_scheduled_destruction_of_the_data_key() {
+    use super::kmip::{Material, NewObject, state};
+    let c = Core::new();
+    c.create("ehr", 0, 0).await;
+    let sealer = c.auth("host", Action::GenerateDataKey, Some("ehr"));
+    let new = NewObject { object_type: 2, algorithm: Some(3), length: Some(256), key_format: 1, ..NewObject::default() };
+    let uid = c.keys.kmip_create(&sealer, "ehr", new, Material::new(Zeroizing::new(vec![7u8; 32])), c.ev("host", Action::GenerateDataKey)).await.unwrap();
+    let id: [u8; 16] = hex::decode(&uid).unwrap().try_into().unwrap();
+    let other = c.auth("host", Action::GenerateDataKey, Some("other"));
+    assert!(matches!(c.keys.kmip_destroy(&other, &uid, c.ev("host", Action::GenerateDataKey)).await, Err(KeyError::NotCovered)));
+    let d = c.keys.kmip_destroy(&sealer, &uid, c.ev("host", Action::GenerateDataKey)).await.unwrap();
+    assert_eq!(d.requested_by, "host");
+    let (_, o) = c.keys.kmip_object(&uid).unwrap();
+    assert_eq!(c.keys.kmip_state(&id, &o).unwrap().0, state::DESTROYED);
+    assert!(c.keys.store.key_secret(&id).unwrap().is_some(), "not erased inside the waiting period");
+    c.advance_days(8);
+    assert_eq!(c.keys.maintain(None).await.unwrap(), 1);
+    assert!(c.keys.store.key_secret(&id).unwrap().is_none(), "the secret is erased");
+    assert_eq!(c.keys.kmip_state(&id, &o).unwrap().0, state::DESTROYED);
+    let labelled = c
+        .keys
+        .generate_data_key(&sealer, "ehr", "b1", [("kmip.object_type".to_owned(), "2".to_owned())], c.ev("host", Action::GenerateDataKey))
+        .await;
+    assert!(matches!(labelled, Err(KeyError::InvalidArgument { field: "labels", .. })), "{:?}", labelled.err());
+}
