@@ -90,6 +90,39 @@ pub struct KeyringReport {
     pub legal_hold: Option<HoldEntry>,
     /// Set if the keyring itself was destroyed (a tombstone).
     pub destroyed: Option<String>,
+    /// The keyring's KMIP objects (absent: it has none, or the server predates KMIP). Their
+    /// data keys count in `keys_*` and `versions` like any key of the keyring, but not in
+    /// `keys_without_escrow` or the untested backups: they are appliances' keys, not backups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kmip: Option<KmipEntry>,
+}
+
+/// The KMIP objects of one keyring: how many, in which state, who made them, and their use.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KmipEntry {
+    pub objects: u64,
+    /// Objects per state as KMIP clients see it ("Active", "Destroyed", ...).
+    pub by_state: std::collections::BTreeMap<String, u64>,
+    /// Objects per creating identity, most first.
+    pub creators: Vec<KmipCreator>,
+    /// Successful Gets of key material in the period.
+    pub gets: u64,
+    /// The last successful Get of key material (all time).
+    pub last_get: Option<KmipGet>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KmipCreator {
+    pub principal: String,
+    pub objects: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KmipGet {
+    pub time: String,
+    pub principal: String,
+    /// The object's Unique Identifier.
+    pub uid: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

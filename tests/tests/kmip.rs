@@ -678,3 +678,40 @@ fn attributes_are_added_modified_deleted_and_listed() {
     let r = kmip::run(&s, "sealer", json!([{"op": "get_attributes", "uid": uid, "names": ["Name"]}]));
     assert_eq!(ok(&r[0])["attributes"]["Name"], json!(["renamed"]));
 }
+
+/// The compliance report covers KMIP objects per keyring: how many in which state, who
+/// made them, the Gets and the last one; a refused Get is in the deviation register; the
+/// objects' keys are not counted as backups (never restore-tested, without escrow).
+#[test]
+fn the_report_counts_kmip_objects_per_keyring_with_creators_and_the_last_get() {
+    let s = server();
+    let r = kmip::run(&s, "sealer", json!([{"op": "create", "algorithm": "AES", "length": 256}, {"op": "create", "algorithm": "AES", "length": 128}]));
+    let a = ok(&r[0])["uid"].as_str().unwrap().to_owned();
+    let b = ok(&r[1])["uid"].as_str().unwrap().to_owned();
+    let r = kmip::run(&s, "dev", json!([{"op": "create", "algorithm": "AES", "length": 256}]));
+    ok(&r[0]);
+    let r = kmip::run(&s, "sealer", json!([{"op": "activate", "uid": a}, {"op": "get", "uid": a}, {"op": "destroy", "uid": b}]));
+    ok(&r[0]);
+    refused(&r[1], "PERMISSION_DENIED");
+    ok(&r[2]);
+    let r = kmip::run(&s, "restorer", json!([{"op": "get", "uid": a}]));
+    ok(&r[0]);
+    let out = s.kmsctl("auditor", &["report", "--format", "json"]);
+    assert!(out.status.success(), "{}", kluis_tests::stderr(&out));
+    let rep: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ring = rep["keyrings"].as_array().unwrap().iter().find(|k| k["name"] == "default").unwrap();
+    let k = &ring["kmip"];
+    assert_eq!(k["objects"], 3, "{k}");
+    assert_eq!(k["by_state"], json!({"Active": 1, "Destroyed": 1, "Pre-Active": 1}), "{k}");
+    assert_eq!(k["creators"], json!([{"principal": "sealer", "objects": 2}, {"principal": "dev", "objects": 1}]), "{k}");
+    assert_eq!(k["gets"], 1, "{k}");
+    assert_eq!((k["last_get"]["principal"].as_str(), k["last_get"]["uid"].as_str()), (Some("restorer"), Some(a.as_str())), "{k}");
+    let devs = ring["deviations"].as_array().unwrap();
+    assert!(devs.iter().any(|d| d["kind"] == "kmip-get-refused" && d["principal"] == "sealer" && d["key_id"] == a.as_str()), "{devs:?}");
+    assert_eq!(ring["untested_backups_total"], 0, "{ring}");
+    assert_eq!(ring["keys_without_escrow"], 0, "{ring}");
+    assert_eq!(ring["keys_issued_total"], 3, "the objects' data keys are keys of the keyring: {ring}");
+    let text = s.kmsctl("auditor", &["report"]);
+    let text = kluis_tests::stdout(&text);
+    assert!(text.contains("-- KMIP objects (3) --") && text.contains("Made by:   sealer (2 objects)"), "{text}");
+}

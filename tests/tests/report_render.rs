@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use kluis_proto::report::{
-    ApprovalEntry, BackupEntry, DestructionEntry, DeviationEntry, EscrowEntry, HoldEntry, KeyringReport, MasterEntry,
-    REPORT_FORMAT, Report, RestoreTestEntry, RotationEntry, VersionEntry,
+    ApprovalEntry, BackupEntry, DestructionEntry, DeviationEntry, EscrowEntry, HoldEntry, KeyringReport, KmipCreator, KmipEntry,
+    KmipGet, MasterEntry, REPORT_FORMAT, Report, RestoreTestEntry, RotationEntry, VersionEntry,
 };
 use kmsctl::report::{ESCROW_COPY_NOTICE, ReportFormat, render};
 
@@ -290,6 +290,13 @@ fn sample_report() -> Report {
             reason: "litigation 2024-117".into(),
         }),
         destroyed: None,
+        kmip: Some(KmipEntry {
+            objects: 3,
+            by_state: [("Active".to_owned(), 2), ("Destroyed".to_owned(), 1)].into_iter().collect(),
+            creators: vec![KmipCreator { principal: "<img src=x onerror=alert(3)>".into(), objects: 3 }],
+            gets: 4,
+            last_get: Some(KmipGet { time: "2024-11-19T02:00:00Z".into(), principal: "veeam-01".into(), uid: "0123456789abcdef0123456789abcdef".into() }),
+        }),
     };
     let lab = KeyringReport {
         name: "lab".into(),
@@ -313,6 +320,7 @@ fn sample_report() -> Report {
         destructions_done: vec![],
         legal_hold: None,
         destroyed: None,
+        kmip: None,
     };
     Report {
         format: REPORT_FORMAT.into(),
@@ -389,6 +397,7 @@ fn html_report_renders_in_headless_chromium() {
         "restore-tests-pacs",
         "untested-pacs",
         "deviations-pacs",
+        "kmip-pacs",
         "destructions-pacs",
         "keyring-lab",
         "versions-lab",
@@ -407,6 +416,7 @@ fn html_report_renders_in_headless_chromium() {
         "Never restore-tested",
         "Deviation register",
         "Destructions and legal hold",
+        "KMIP objects",
         "Escrow",
         "Pending approvals",
         "Summary",
@@ -425,6 +435,8 @@ fn html_report_renders_in_headless_chromium() {
         "the hostile backup id is not shown as escaped text"
     );
     assert!(dom.contains("&lt;img src=x onerror=alert(2)&gt;"));
+    assert!(dom.contains("&lt;img src=x onerror=alert(3)&gt;"), "the KMIP creator is escaped too");
+    assert!(!dom.contains("id=\"kmip-lab\""), "a keyring without KMIP objects has no KMIP section");
     let elements = element_names(&dom);
     for forbidden in ["script", "img", "link", "iframe", "object", "embed", "base"] {
         assert!(!elements.iter().any(|e| e == forbidden), "the parsed page has a <{forbidden}> element");

@@ -12,7 +12,7 @@ use std::fmt::{self, Write as _};
 use std::str::FromStr;
 
 use kluis_proto::report::{
-    ApprovalEntry, BackupEntry, DestructionEntry, DeviationEntry, EscrowEntry, KeyringReport, Report, RestoreTestEntry,
+    ApprovalEntry, BackupEntry, DestructionEntry, DeviationEntry, EscrowEntry, KeyringReport, KmipEntry, Report, RestoreTestEntry,
     RotationEntry, VersionEntry,
 };
 
@@ -371,6 +371,10 @@ fn text_keyring(o: &mut String, k: &KeyringReport) {
         let _ = writeln!(o, "{line}");
     }
 
+    if let Some(x) = &k.kmip {
+        text_kmip(o, x);
+    }
+
     let _ = writeln!(o, "  -- Destructions and legal hold --");
     match &k.legal_hold {
         Some(h) => {
@@ -395,6 +399,31 @@ fn text_keyring(o: &mut String, k: &KeyringReport) {
     }
     for d in &k.destructions_done {
         let _ = writeln!(o, "      {}", text_destruction(d));
+    }
+}
+
+/// A keyring's KMIP objects: how many in which state, who made them, their Gets.
+fn text_kmip(o: &mut String, x: &KmipEntry) {
+    let _ = writeln!(o, "  -- KMIP objects ({}) --", x.objects);
+    let states: Vec<String> = x.by_state.iter().map(|(s, n)| format!("{n} {}", t(s))).collect();
+    let _ = writeln!(o, "    States:    {}", states.join(", "));
+    for c in &x.creators {
+        let _ = writeln!(o, "    Made by:   {} ({})", t(&c.principal), plural(c.objects, "object", "objects"));
+    }
+    match &x.last_get {
+        Some(g) => {
+            let _ = writeln!(
+                o,
+                "    Gets:      {} in the period; last {} by {} (object {})",
+                x.gets,
+                t(&g.time),
+                t(&g.principal),
+                t(&g.uid)
+            );
+        }
+        None => {
+            let _ = writeln!(o, "    Gets:      none");
+        }
     }
 }
 
@@ -807,8 +836,36 @@ fn html_keyring(o: &mut String, k: &KeyringReport) {
     html_tests(o, &slug, &k.last_tests);
     html_untested(o, &slug, k);
     html_deviations(o, &slug, &k.deviations);
+    if let Some(x) = &k.kmip {
+        html_kmip(o, &slug, x);
+    }
     html_destructions(o, &slug, k);
     o.push_str("</section>\n");
+}
+
+fn html_kmip(o: &mut String, slug: &str, x: &KmipEntry) {
+    sub_open(o, "kmip", slug, usize::try_from(x.objects).unwrap_or(usize::MAX), "KMIP objects");
+    o.push_str("<dl class=\"facts\">\n");
+    let states: Vec<String> = x.by_state.iter().map(|(s, n)| format!("{n} {}", h(s))).collect();
+    let _ = writeln!(o, "<dt>Objects</dt><dd>{}: {}</dd>", x.objects, states.join(", "));
+    let makers: Vec<String> = x.creators.iter().map(|c| format!("<code>{}</code> ({})", h(&c.principal), c.objects)).collect();
+    let _ = writeln!(o, "<dt>Made by</dt><dd>{}</dd>", makers.join(", "));
+    match &x.last_get {
+        Some(g) => {
+            let _ = writeln!(
+                o,
+                "<dt>Gets</dt><dd>{} in the period; last {} by <code>{}</code> (object <code>{}</code>)</dd>",
+                x.gets,
+                h(&g.time),
+                h(&g.principal),
+                h(&g.uid)
+            );
+        }
+        None => {
+            let _ = writeln!(o, "<dt>Gets</dt><dd>none</dd>");
+        }
+    }
+    o.push_str("</dl>\n</section>\n");
 }
 
 fn html_versions(o: &mut String, slug: &str, versions: &[VersionEntry]) {
@@ -1152,6 +1209,7 @@ mod tests {
                 reason: "litigation 2024-117".into(),
             }),
             destroyed: None,
+            kmip: None,
         };
         let lab = KeyringReport {
             name: "lab".into(),
@@ -1175,6 +1233,7 @@ mod tests {
             destructions_done: vec![],
             legal_hold: None,
             destroyed: None,
+            kmip: None,
         };
         Report {
             format: REPORT_FORMAT.into(),

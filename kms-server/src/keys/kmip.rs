@@ -22,7 +22,7 @@ use super::registry::WriteOp;
 use super::{KeyError, KeyManager};
 use crate::audit::AuditEvent;
 use crate::auth::{Action, Authorized};
-use crate::model::{DestructionRecord, DestructionTarget, KeyState, PendingAction};
+use crate::model::{DestructionRecord, DestructionTarget, PendingAction};
 use crate::secret::{aes_gcm_open, aes_gcm_seal};
 
 /// KMIP Object Type values (KMIP 1.4 section 9.1.3.2.12) Kluis keeps.
@@ -387,27 +387,52 @@ impl KeyManager {
     }
 
     /// The state a KMIP client sees, and the Destroy Date: the row's state, or Destroyed
-    /// (Destroyed Compromised if it was Compromised) once the material is gone (the data
-    /// key or its keyring destroyed) or while a KMIP Destroy waits out its destruction. An
-    /// officer who cancels that destruction gives the object back its state before the
-    /// Destroy; nothing else has to change.
-    pub fn kmip_state(&self, id: &[u8; 16], o: &KmipObject) -> Result<(u32, Option<i64>), KeyError> {
+    /// (Destroyed Compromised if it was Compromised) while a KMIP Destroy waits out its
+    /// destruction (the row's `destroy_date`, which an officer's cancel clears) or once the
+    /// keyring is destroyed. The erasure of the data key writes Destroyed into the row
+    /// ([`kmip_erased`](Self::kmip_erased)). Reads no store: Locate and the report call it
+    /// inside a scan.
+    pub fn kmip_state(&self, _id: &[u8; 16], o: &KmipObject) -> Result<(u32, Option<i64>), KeyError> {
         let destroyed = |at: i64| {
             let s = if o.state == state::COMPROMISED { state::DESTROYED_COMPROMISED } else { state::DESTROYED };
             (s, Some(at))
         };
+        if matches!(o.state, state::DESTROYED | state::DESTROYED_COMPROMISED) {
+            return Ok((o.state, o.destroy_date));
+        }
         if let (_, Some(at)) = self.ring_state(&o.keyring)? {
-            return Ok(destroyed(at));
+            return Ok(destroyed(o.destroy_date.unwrap_or(at)));
         }
-        if let Some(KeyState::Destroyed { at }) = self.store.data_key(id)?.map(|r| r.state) {
-            return Ok(destroyed(at));
+        Ok(match o.destroy_date {
+            Some(at) => destroyed(at),
+            None => (o.state, None),
+        })
+    }
+
+    /// The row change that goes with erasing data key `id` (`record`) at `at`, if it is a
+    /// KMIP object's: Destroyed (Destroyed Compromised), dated when a client asked or else
+    /// now. Compare-and-set on the row, like every change of it.
+    pub(super) fn kmip_erased(&self, id: &[u8; 16], record: &crate::model::DataKeyRecord, at: i64) -> Result<Option<WriteOp>, KeyError> {
+        if !is_kmip_key(&record.labels) {
+            return Ok(None);
         }
-        if let Some(at) = o.destroy_date
-            && self.state().scheduled.iter().any(|d| matches!(&d.target, DestructionTarget::Key { id: k, .. } if k == id))
-        {
-            return Ok(destroyed(at));
+        let Some(before) = self.store.kmip_object(id)? else { return Ok(None) };
+        let mut after = before.clone();
+        after.state = if before.state == state::COMPROMISED { state::DESTROYED_COMPROMISED } else { state::DESTROYED };
+        after.destroy_date = Some(before.destroy_date.unwrap_or(at));
+        Ok(Some(WriteOp::PutKmipObject { id: *id, object: Box::new(after), previous: Some(Box::new(before)) }))
+    }
+
+    /// The row change that goes with an officer cancelling the destruction of data key
+    /// `id`, if a KMIP client's Destroy asked for it: the object is back in its state.
+    pub(super) fn kmip_destroy_cancelled(&self, id: &[u8; 16]) -> Result<Option<WriteOp>, KeyError> {
+        let Some(before) = self.store.kmip_object(id)? else { return Ok(None) };
+        if before.destroy_date.is_none() || matches!(before.state, state::DESTROYED | state::DESTROYED_COMPROMISED) {
+            return Ok(None);
         }
-        Ok((o.state, None))
+        let mut after = before.clone();
+        after.destroy_date = None;
+        Ok(Some(WriteOp::PutKmipObject { id: *id, object: Box::new(after), previous: Some(Box::new(before)) }))
     }
 
     /// Activate: Pre-Active to Active, dated now. Needs `sealer` on the object's keyring.

@@ -520,7 +520,12 @@ impl KeyManager {
             DestructionState::Done { .. } => return Err(KeyError::DestructionNotPending { id, state: "already carried out" }),
         }
         rec.state = DestructionState::Cancelled { by: auth.principal().name().to_owned(), at: self.now() };
-        self.store.write(WriteOp::Atomic(vec![WriteOp::PutDestruction(rec.clone()), WriteOp::Audit(audit)])).await?;
+        let mut ops = vec![WriteOp::PutDestruction(rec.clone())];
+        if let DestructionTarget::Key { id, .. } = &rec.target {
+            ops.extend(self.kmip_destroy_cancelled(id)?);
+        }
+        ops.push(WriteOp::Audit(audit));
+        self.store.write(WriteOp::Atomic(ops)).await?;
         self.publish(&admin, |s| s.scheduled.retain(|d| d.id != id));
         Ok(rec)
     }
@@ -551,6 +556,7 @@ impl KeyManager {
                 if let Some(mut rec) = self.store.data_key(id)?
                     && matches!(rec.state, KeyState::Active)
                 {
+                    ops.extend(self.kmip_erased(id, &rec, now)?);
                     rec.state = KeyState::Destroyed { at: now };
                     ops.push(WriteOp::PutDataKey { id: *id, record: rec });
                 }
@@ -599,6 +605,7 @@ impl KeyManager {
         let mut ops = Vec::with_capacity(keys.len() * 3);
         for (next_id, (id, mut rec)) in (first_id..).zip(keys) {
             let expired = rec.expires.unwrap_or(now);
+            ops.extend(self.kmip_erased(&id, &rec, now)?);
             rec.state = KeyState::Destroyed { at: now };
             let d = DestructionRecord {
                 id: next_id,

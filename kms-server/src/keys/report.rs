@@ -5,8 +5,8 @@
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 
 use kluis_proto::report::{
-    ApprovalEntry, BackupEntry, DestructionEntry, DeviationEntry, EscrowEntry, HoldEntry, KeyringReport, MasterEntry,
-    REPORT_FORMAT, Report, RestoreTestEntry, RotationEntry, UNTESTED_CAP, VersionEntry,
+    ApprovalEntry, BackupEntry, DestructionEntry, DeviationEntry, EscrowEntry, HoldEntry, KeyringReport, KmipCreator, KmipEntry,
+    KmipGet, MasterEntry, REPORT_FORMAT, Report, RestoreTestEntry, RotationEntry, UNTESTED_CAP, VersionEntry,
 };
 
 use super::{KeyError, KeyManager, format_date, next_rotation};
@@ -156,18 +156,34 @@ impl KeyManager {
             }
         }
 
-        // Failed and refused unwraps from the audit trail.
+        // Failed and refused unwraps (and KMIP Gets) from the audit trail; the KMIP Gets.
         let since_text = since.as_ref().map(|s| s.1.clone());
+        let mut kmip_gets: Vec<(u64, Option<KmipGet>)> = vec![(0, None); records.len()];
         crate::audit::for_each(self.store.store(), 1, |r, _| {
-            let outcome = Outcome::parse(&r.outcome);
-            if !matches!(r.action.as_str(), "UnwrapDataKey" | "RewrapDataKey") || outcome.is_ok() {
-                return true;
-            }
-            if since_text.as_ref().is_some_and(|s| r.time.as_str() < s.as_str()) {
+            let kmip_get = r.action == "KmipGet";
+            if !matches!(r.action.as_str(), "UnwrapDataKey" | "RewrapDataKey" | "KmipGet") {
                 return true;
             }
             let Some(&i) = r.keyring.as_deref().and_then(|k| names.get(k)) else { return true };
-            let kind = if matches!(outcome, Outcome::Denied(_)) { "unwrap-refused" } else { "unwrap-failed" };
+            let outcome = Outcome::parse(&r.outcome);
+            let in_period = since_text.as_ref().is_none_or(|s| r.time.as_str() >= s.as_str());
+            if outcome.is_ok() {
+                if kmip_get {
+                    let g = &mut kmip_gets[i];
+                    g.0 += u64::from(in_period);
+                    g.1 = Some(KmipGet { time: r.time, principal: r.principal, uid: r.key_id.unwrap_or_default() });
+                }
+                return true;
+            }
+            if !in_period {
+                return true;
+            }
+            let kind = match (kmip_get, matches!(outcome, Outcome::Denied(_))) {
+                (false, true) => "unwrap-refused",
+                (false, false) => "unwrap-failed",
+                (true, true) => "kmip-get-refused",
+                (true, false) => "kmip-get-failed",
+            };
             deviations[i].push(DeviationEntry {
                 time: r.time,
                 kind: kind.into(),
@@ -196,6 +212,10 @@ impl KeyManager {
             }
             t.active += 1;
             *t.per_version.entry(rec.version).or_default() += 1;
+            // A KMIP object's key is an appliance's, not a backup's (the KMIP part counts it).
+            if super::kmip::is_kmip_key(&rec.labels) {
+                return;
+            }
             if !rec.escrowed {
                 t.without_escrow += 1;
             }
@@ -209,9 +229,48 @@ impl KeyManager {
             }
         })?;
 
+        // One pass over the KMIP objects.
+        let mut kmip: Vec<Option<(KmipEntry, BTreeMap<String, u64>)>> = vec![None; records.len()];
+        let mut failed = None;
+        self.store.for_each_kmip_object(|id, o| {
+            let Some(&i) = names.get(o.keyring.as_str()) else { return true };
+            let state = match self.kmip_state(id, &o) {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    failed = Some(e);
+                    return false;
+                }
+            };
+            let (entry, creators) = kmip[i].get_or_insert_with(|| {
+                (KmipEntry { objects: 0, by_state: BTreeMap::new(), creators: Vec::new(), gets: 0, last_get: None }, BTreeMap::new())
+            });
+            entry.objects += 1;
+            *entry.by_state.entry(super::kmip::state::name(state).to_owned()).or_default() += 1;
+            // Bounded by the grants: an object's creator is an identity that held sealer.
+            *creators.entry(o.created_by.clone()).or_default() += 1;
+            true
+        })?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let kmip: Vec<Option<KmipEntry>> = kmip
+            .into_iter()
+            .zip(kmip_gets)
+            .map(|(k, (gets, last_get))| {
+                k.map(|(mut entry, creators)| {
+                    let mut c: Vec<KmipCreator> = creators.into_iter().map(|(principal, objects)| KmipCreator { principal, objects }).collect();
+                    c.sort_by(|a, b| b.objects.cmp(&a.objects).then(a.principal.cmp(&b.principal)));
+                    entry.creators = c;
+                    entry.gets = gets;
+                    entry.last_get = last_get;
+                    entry
+                })
+            })
+            .collect();
+
         let destructions = self.store.destructions()?;
         let mut keyrings = Vec::with_capacity(records.len());
-        for ((r, tally), mut devs) in records.iter().zip(tallies).zip(deviations) {
+        for (((r, tally), mut devs), kmip) in records.iter().zip(tallies).zip(deviations).zip(kmip) {
             let held = r.hold.is_some();
             let mine = |d: &&DestructionRecord| d.target.keyring() == r.name;
             let pending = destructions
@@ -286,6 +345,7 @@ impl KeyManager {
                 destructions_done: done,
                 legal_hold: r.hold.as_ref().map(|h| HoldEntry { by: h.by.clone(), since: format_date(h.since), reason: h.reason.clone() }),
                 destroyed: r.destroyed.map(format_date),
+                kmip,
             });
         }
 
