@@ -454,6 +454,21 @@ fn objects_live_in_the_postgresql_store_too() {
     assert_eq!(ok(&after[0])["key"], ok(&before[1])["key"]);
     assert_eq!(ok(&after[1])["uids"], json!([uid]));
     assert_eq!(ok(&after[2])["attributes"]["State"], json!(["ACTIVE"]));
+    // Revoke and Destroy: the destruction and the row change commit together on PostgreSQL
+    // too, and an officer's cancel gives the object back.
+    let r = kmip::run(&s, "dev", json!([{"op": "revoke", "reason": "SUPERSEDED", "uid": uid}, {"op": "destroy", "uid": uid}, {"op": "get", "uid": uid}]));
+    ok(&r[0]);
+    ok(&r[1]);
+    refused(&r[2], "KEY_VALUE_NOT_PRESENT");
+    s.restart();
+    let d = destructions_of(&s, &uid);
+    assert_eq!((d.len(), d[0]["state"].as_str()), (1, Some("scheduled")), "{d:?}");
+    let officer2 = s.add_officer("officer2");
+    let cancel = kluis_tests::kmsctl(&officer2, &["destruction", "cancel", &d[0]["id"].as_u64().unwrap().to_string()]);
+    assert!(cancel.status.success(), "{}", kluis_tests::stderr(&cancel));
+    let r = kmip::run(&s, "dev", json!([{"op": "get", "uid": uid}, {"op": "get_attributes", "uid": uid, "names": ["State"]}]));
+    assert_eq!(ok(&r[0])["key"], ok(&before[1])["key"]);
+    assert_eq!(ok(&r[1])["attributes"]["State"], json!(["DEACTIVATED"]));
 }
 
 
