@@ -723,6 +723,8 @@ fn the_report_counts_kmip_objects_per_keyring_with_creators_and_the_last_get() {
     assert_eq!((k["last_get"]["principal"].as_str(), k["last_get"]["uid"].as_str()), (Some("restorer"), Some(a.as_str())), "{k}");
     let devs = ring["deviations"].as_array().unwrap();
     assert!(devs.iter().any(|d| d["kind"] == "kmip-get-refused" && d["principal"] == "sealer" && d["key_id"] == a.as_str()), "{devs:?}");
+    let pending = ring["pending_destructions"].as_array().unwrap();
+    assert!(pending.iter().any(|d| d["requested_by"] == "sealer" && d.to_string().contains(&b)), "the Destroy waits there: {pending:?}");
     assert_eq!(ring["untested_backups_total"], 0, "{ring}");
     assert_eq!(ring["keys_without_escrow"], 0, "{ring}");
     assert_eq!(ring["keys_issued_total"], 3, "the objects' data keys are keys of the keyring: {ring}");
