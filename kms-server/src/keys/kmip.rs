@@ -24,6 +24,8 @@ use crate::audit::AuditEvent;
 use crate::auth::{Action, Authorized};
 use crate::secret::{aes_gcm_open, aes_gcm_seal};
 
+pub mod pair;
+
 /// KMIP Object Type values (KMIP 1.4 section 9.1.3.2.12) Kluis keeps.
 pub mod object_type {
     pub const SYMMETRIC_KEY: u32 = 0x02;
@@ -90,6 +92,13 @@ pub struct KmipObject {
     pub wrapped: Vec<u8>,
     /// The material, sealed under the data key.
     pub sealed: Vec<u8>,
+    /// Links to other objects: (Link Type, Unique Identifier), e.g. a pair's Private Key
+    /// Link and Public Key Link ([`pair::link_type`]).
+    pub links: Vec<(u32, String)>,
+    /// Secret Data Type of a Secret Data object (Password 1, Seed 2). An RSA key's material
+    /// is kept as PKCS#1 whatever `key_format` says: for RSA, `key_format` is the format a Get
+    /// that names none is given (the one the key was registered in), see [`pair`].
+    pub secret_data_type: Option<u32>,
 }
 
 /// What a client asks for in a new object (the attributes it may set).
@@ -218,6 +227,8 @@ impl KeyManager {
             key_format: new.key_format,
             wrapped: issue.wrapped,
             sealed,
+            links: Vec::new(),
+            secret_data_type: None,
         };
         audit.key_id = Some(uid_of(&id));
         self.store
