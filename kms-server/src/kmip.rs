@@ -28,9 +28,13 @@ use crate::metrics::Metrics;
 use crate::model::Outcome;
 use crate::tls::Conn;
 
+mod pairs;
+
 /// The operations this server answers (Query lists them).
-pub const OPERATIONS: [Operation; 7] = [
+pub const OPERATIONS: [Operation; 9] = [
     Operation::Create,
+    Operation::CreateKeyPair,
+    Operation::Register,
     Operation::Locate,
     Operation::Get,
     Operation::GetAttributes,
@@ -244,6 +248,8 @@ impl Kmip {
             Operation::Activate => self.activate(who, p, placeholder).await.map(Some),
             Operation::GetAttributes => self.get_attributes(who, p, placeholder).await.map(Some),
             Operation::Locate => self.locate(who, p).await.map(Some),
+            Operation::CreateKeyPair => self.create_key_pair(who, p, placeholder).await.map(Some),
+            Operation::Register => self.register(who, p, placeholder).await.map(Some),
             other => Err(Failure::new(
                 ResultReason::OperationNotSupported,
                 format!("operation {other:?} is not supported by this server (Query lists those that are)"),
@@ -356,6 +362,10 @@ impl Kmip {
 
     async fn get(&self, who: &Principal, p: &Item, placeholder: &mut Option<String>) -> Result<Item, Failure> {
         use kluis_kmip::message::{enumeration, only, opt};
+        // Private and public keys and secret data: pairs.rs.
+        if let Some(other) = self.get_other(who, p, placeholder).await {
+            return other;
+        }
         only(p, &[tag::UNIQUE_IDENTIFIER, tag::KEY_FORMAT_TYPE, tag::KEY_COMPRESSION_TYPE, tag::KEY_WRAPPING_SPECIFICATION])
             .map_err(invalid_field)?;
         if opt(p, tag::KEY_WRAPPING_SPECIFICATION).map_err(invalid_field)?.is_some() {
@@ -563,6 +573,9 @@ fn attributes(uid: &str, o: &crate::keys::kmip::KmipObject) -> Vec<(&'static str
     if let Some(d) = o.activation_date {
         out.push(attr("Activation Date", Item::date_time(v, d)));
     }
+    for (link_type, linked) in &o.links {
+        out.push(attr("Link", Item::structure(v, vec![Item::enumeration(tag::LINK_TYPE, *link_type), Item::text(tag::LINKED_OBJECT_IDENTIFIER, linked.clone())])));
+    }
     out
 }
 
@@ -625,7 +638,9 @@ fn query(p: &Item) -> Result<Item, Failure> {
     for f in p.children_with(tag::QUERY_FUNCTION) {
         match kluis_kmip::message::enumeration(f).map_err(invalid_field)? {
             QUERY_OPERATIONS => out.extend(OPERATIONS.iter().map(|o| Item::enumeration(tag::OPERATION, o.to_u32()))),
-            QUERY_OBJECTS => out.push(Item::enumeration(tag::OBJECT_TYPE, object_type::SYMMETRIC_KEY)),
+            QUERY_OBJECTS => out.extend(
+                [object_type::SYMMETRIC_KEY, object_type::PUBLIC_KEY, object_type::PRIVATE_KEY, object_type::SECRET_DATA].map(|t| Item::enumeration(tag::OBJECT_TYPE, t)),
+            ),
             QUERY_SERVER_INFORMATION => {
                 out.push(Item::text(tag::VENDOR_IDENTIFICATION, concat!("Kluis ", env!("CARGO_PKG_VERSION"))));
                 out.push(Item::structure(tag::SERVER_INFORMATION, vec![]));
