@@ -770,3 +770,35 @@ fn veeam_like_create_key_pair_activate_get_public_locate_get_private() {
     assert_eq!((&ok(&r[4])["object_type"], &r[4]["cryptographic_algorithm"]), (&json!("PRIVATE_KEY"), &json!("RSA")), "{}", r[4]);
     assert_eq!(spki_by_openssl("private", &key_of(&r[4])), spki_by_openssl("pkcs1-public", &key_of(&r[2])));
 }
+
+/// Register of a Transparent Symmetric Key (PyKMIP cannot build one, so with Kluis's codec):
+/// the Key inside the Key Material structure is the key PyKMIP then gets.
+#[test]
+fn register_a_transparent_symmetric_key_and_get_it_raw() {
+    let s = server();
+    let key: Vec<u8> = (100u8..116).collect();
+    let attr = |name: &str, value: Item| Item::structure(tag::ATTRIBUTE, vec![Item::text(tag::ATTRIBUTE_NAME, name), value]);
+    let block = Item::structure(
+        tag::KEY_BLOCK,
+        vec![
+            Item::enumeration(tag::KEY_FORMAT_TYPE, 7),
+            Item::structure(tag::KEY_VALUE, vec![Item::structure(tag::KEY_MATERIAL, vec![Item::bytes(tag::KEY, key.clone())])]),
+            Item::enumeration(tag::CRYPTOGRAPHIC_ALGORITHM, 3),
+            Item::integer(tag::CRYPTOGRAPHIC_LENGTH, 128),
+        ],
+    );
+    let payload = Item::structure(
+        tag::REQUEST_PAYLOAD,
+        vec![
+            Item::enumeration(tag::OBJECT_TYPE, 2),
+            Item::structure(tag::TEMPLATE_ATTRIBUTE, vec![attr("Name", Item::structure(tag::ATTRIBUTE_VALUE, vec![Item::text(tag::NAME_VALUE, "tsk"), Item::enumeration(tag::NAME_TYPE, 1)]))]),
+            Item::structure(tag::SYMMETRIC_KEY, vec![block]),
+        ],
+    );
+    let r = kmip::run(&s, "dev", json!([{"op": "raw", "hex": hex::encode(request(None, vec![(Operation::Register, payload)])), "read": "one"}]));
+    let p = response(&r[0]).items[0].result.clone().unwrap().unwrap();
+    let kluis_kmip::ttlv::Value::TextString(uid) = &p.child(tag::UNIQUE_IDENTIFIER).unwrap().value else { panic!("{p:?}") };
+    let r = kmip::run(&s, "dev", json!([{"op": "get", "uid": uid}, {"op": "locate", "name": "tsk"}]));
+    assert_eq!((key_of(&r[0]), &r[0]["length"], &r[0]["format"]), (key, &json!(128), &json!("RAW")));
+    assert_eq!(ok(&r[1])["uids"], json!([uid]));
+}

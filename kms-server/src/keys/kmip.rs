@@ -86,7 +86,9 @@ pub struct KmipObject {
     pub revocation: Option<(u32, Option<String>)>,
     /// The principal that made it.
     pub created_by: String,
-    /// The Key Format Type the material is kept in (Raw 1, PKCS#1 3, PKCS#8 4, ...).
+    /// The Key Format Type the material is kept in (Raw 1, PKCS#1 3, PKCS#8 4, ...). For an
+    /// RSA key, the format a Get that names none is given (the one it was registered in): its
+    /// material is kept as PKCS#1 whatever this says, and converted on Get ([`pair`]).
     pub key_format: u32,
     /// The data key, wrapped under the keyring version (format 2, as issued).
     pub wrapped: Vec<u8>,
@@ -95,9 +97,7 @@ pub struct KmipObject {
     /// Links to other objects: (Link Type, Unique Identifier), e.g. a pair's Private Key
     /// Link and Public Key Link ([`pair::link_type`]).
     pub links: Vec<(u32, String)>,
-    /// Secret Data Type of a Secret Data object (Password 1, Seed 2). An RSA key's material
-    /// is kept as PKCS#1 whatever `key_format` says: for RSA, `key_format` is the format a Get
-    /// that names none is given (the one the key was registered in), see [`pair`].
+    /// Secret Data Type of a Secret Data object (Password 1, Seed 2).
     pub secret_data_type: Option<u32>,
 }
 
