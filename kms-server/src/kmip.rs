@@ -28,9 +28,13 @@ use crate::metrics::Metrics;
 use crate::model::Outcome;
 use crate::tls::Conn;
 
+mod pairs;
+
 /// The operations this server answers (Query lists them).
-pub const OPERATIONS: [Operation; 13] = [
+pub const OPERATIONS: [Operation; 15] = [
     Operation::Create,
+    Operation::CreateKeyPair,
+    Operation::Register,
     Operation::Locate,
     Operation::Get,
     Operation::GetAttributes,
@@ -256,6 +260,8 @@ impl Kmip {
             Operation::Revoke => self.revoke(who, p, placeholder).await.map(Some),
             Operation::Destroy => self.destroy(who, p, placeholder).await.map(Some),
             Operation::Locate => self.locate(who, p).await.map(Some),
+            Operation::CreateKeyPair => self.create_key_pair(who, p, placeholder).await.map(Some),
+            Operation::Register => self.register(who, p, placeholder).await.map(Some),
             other => Err(Failure::new(
                 ResultReason::OperationNotSupported,
                 format!("operation {other:?} is not supported by this server (Query lists those that are)"),
@@ -368,6 +374,10 @@ impl Kmip {
 
     async fn get(&self, who: &Principal, p: &Item, placeholder: &mut Option<String>) -> Result<Item, Failure> {
         use kluis_kmip::message::{enumeration, only, opt};
+        // Private and public keys and secret data: pairs.rs.
+        if let Some(other) = self.get_other(who, p, placeholder).await {
+            return other;
+        }
         only(p, &[tag::UNIQUE_IDENTIFIER, tag::KEY_FORMAT_TYPE, tag::KEY_COMPRESSION_TYPE, tag::KEY_WRAPPING_SPECIFICATION])
             .map_err(invalid_field)?;
         if opt(p, tag::KEY_WRAPPING_SPECIFICATION).map_err(invalid_field)?.is_some() {
@@ -701,6 +711,9 @@ fn attributes(uid: &str, o: &KmipObject, (state, destroy_date): (u32, Option<i64
         }
         out.push(attr("Revocation Reason", Item::structure(v, r)));
     }
+    for (link_type, linked) in &o.links {
+        out.push(attr("Link", Item::structure(v, vec![Item::enumeration(tag::LINK_TYPE, *link_type), Item::text(tag::LINKED_OBJECT_IDENTIFIER, linked.clone())])));
+    }
     out
 }
 
@@ -826,7 +839,9 @@ fn query(p: &Item) -> Result<Item, Failure> {
     for f in p.children_with(tag::QUERY_FUNCTION) {
         match kluis_kmip::message::enumeration(f).map_err(invalid_field)? {
             QUERY_OPERATIONS => out.extend(OPERATIONS.iter().map(|o| Item::enumeration(tag::OPERATION, o.to_u32()))),
-            QUERY_OBJECTS => out.push(Item::enumeration(tag::OBJECT_TYPE, object_type::SYMMETRIC_KEY)),
+            QUERY_OBJECTS => out.extend(
+                [object_type::SYMMETRIC_KEY, object_type::PUBLIC_KEY, object_type::PRIVATE_KEY, object_type::SECRET_DATA].map(|t| Item::enumeration(tag::OBJECT_TYPE, t)),
+            ),
             QUERY_SERVER_INFORMATION => {
                 out.push(Item::text(tag::VENDOR_IDENTIFICATION, concat!("Kluis ", env!("CARGO_PKG_VERSION"))));
                 out.push(Item::structure(tag::SERVER_INFORMATION, vec![]));

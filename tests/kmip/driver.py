@@ -259,6 +259,97 @@ def main():
                     response = client._send_and_receive_message(request)
                     client.batch_items = []
                     out = {"items": [batch_result(r) for r in client._process_batch_items(response)]}
+                elif op == "create_key_pair":
+                    # The raw client: the three Template-Attributes as the step gives them. Key
+                    # generation takes seconds for RSA-4096: no 30-second socket timeout for it.
+                    client.socket.settimeout(300)
+                    def tmpl(key, tag):
+                        t = step.get(key)
+                        return None if t is None else cobjects.TemplateAttribute(attributes=template(t), tag=tag)
+                    r = client.create_key_pair(
+                        common_template_attribute=tmpl("common", enums.Tags.COMMON_TEMPLATE_ATTRIBUTE),
+                        private_key_template_attribute=tmpl("private", enums.Tags.PRIVATE_KEY_TEMPLATE_ATTRIBUTE),
+                        public_key_template_attribute=tmpl("public", enums.Tags.PUBLIC_KEY_TEMPLATE_ATTRIBUTE))
+                    out = result(r)
+                    if r.private_key_uuid is not None:
+                        out["private"] = r.private_key_uuid
+                        out["public"] = r.public_key_uuid
+                elif op == "get_key":
+                    # Get of any key or secret data: the material, its format and what PyKMIP read.
+                    from kmip.core.misc import KeyFormatType
+                    fmt = step.get("format")
+                    r = client.get(uuid=step["uid"], key_format_type=KeyFormatType(getattr(enums.KeyFormatType, fmt)) if fmt else None)
+                    out = result(r)
+                    if r.secret is not None:
+                        out["object_type"] = name(r.object_type)
+                        block = r.secret.key_block
+                        out["key"] = bytes(block.key_value.key_material.value).hex()
+                        out["format"] = block.key_format_type.value.name
+                        if block.cryptographic_algorithm is not None:
+                            out["algorithm"] = block.cryptographic_algorithm.value.name
+                        if block.cryptographic_length is not None:
+                            out["length"] = block.cryptographic_length.value
+                        if getattr(r.secret, "secret_data_type", None) is not None:
+                            out["secret_data_type"] = r.secret.secret_data_type.value.name
+                elif op == "register":
+                    # The raw client with a Key Block built as PyKMIP's object factory builds it,
+                    # but from the step's bytes, format, algorithm and length as given (so a
+                    # mismatch reaches the server).
+                    from kmip.core import attributes as cattributes, misc, secrets
+                    kind = getattr(enums.ObjectType, step["object_type"])
+                    material = bytes.fromhex(step["key"])
+                    block = cobjects.KeyBlock(
+                        key_format_type=misc.KeyFormatType(getattr(enums.KeyFormatType, step["format"])),
+                        key_compression_type=None,
+                        key_value=cobjects.KeyValue(cobjects.KeyMaterial(material)),
+                        cryptographic_algorithm=cattributes.CryptographicAlgorithm(getattr(enums.CryptographicAlgorithm, step["key_algorithm"])) if "key_algorithm" in step else None,
+                        cryptographic_length=cattributes.CryptographicLength(step["key_length"]) if "key_length" in step else None,
+                        key_wrapping_data=None)
+                    if kind == enums.ObjectType.SECRET_DATA:
+                        secret = secrets.SecretData(secrets.SecretData.SecretDataType(getattr(enums.SecretDataType, step["secret_data_type"])), block)
+                    else:
+                        secret = {enums.ObjectType.SYMMETRIC_KEY: secrets.SymmetricKey, enums.ObjectType.PRIVATE_KEY: secrets.PrivateKey,
+                                  enums.ObjectType.PUBLIC_KEY: secrets.PublicKey}[kind](block)
+                    r = client.register(kind, cobjects.TemplateAttribute(attributes=template(step.get("template", {}))), secret)
+                    out = result(r)
+                    if r.uuid is not None:
+                        out["uid"] = r.uuid
+                elif op.startswith("pie2_"):
+                    # The high-level client for key pairs and registered objects.
+                    from kmip.pie import objects as pobjects
+                    pie = ProxyKmipClient(hostname=host, port=port, cert=cert, key=key, ca=ca,
+                                          ssl_version="PROTOCOL_TLS", config_file="/dev/null",
+                                          kmip_version=enums.KMIPVersion.KMIP_1_2)
+                    with pie:
+                        pie.proxy.socket.settimeout(300)
+                        if op == "pie2_create_key_pair":
+                            public, private = pie.create_key_pair(enums.CryptographicAlgorithm.RSA, step["length"],
+                                                                  public_name=step.get("public_name"), private_name=step.get("private_name"))
+                            out = {"public": public, "private": private}
+                        elif op == "pie2_get":
+                            o = pie.get(step["uid"])
+                            out = {"object_type": o.object_type.name, "key": bytes(o.value).hex()}
+                            for field in ("key_format_type", "cryptographic_algorithm", "data_type"):
+                                v = getattr(o, field, None)
+                                if v is not None:
+                                    out[field] = v.name
+                            if getattr(o, "cryptographic_length", None) is not None:
+                                out["length"] = o.cryptographic_length
+                        elif op == "pie2_register":
+                            value = bytes.fromhex(step["key"])
+                            if step["object_type"] == "PRIVATE_KEY":
+                                o = pobjects.PrivateKey(enums.CryptographicAlgorithm.RSA, step["length"], value, getattr(enums.KeyFormatType, step["format"]))
+                            elif step["object_type"] == "PUBLIC_KEY":
+                                o = pobjects.PublicKey(enums.CryptographicAlgorithm.RSA, step["length"], value, getattr(enums.KeyFormatType, step["format"]))
+                            elif step["object_type"] == "SYMMETRIC_KEY":
+                                o = pobjects.SymmetricKey(enums.CryptographicAlgorithm.AES, step["length"], value)
+                            else:
+                                o = pobjects.SecretData(value, getattr(enums.SecretDataType, step["secret_data_type"]))
+                            if "name" in step:
+                                o.names = [step["name"]]
+                            out = {"uid": pie.register(o)}
+                        else:
+                            raise ValueError("unknown step " + op)
                 else:
                     raise ValueError("unknown step " + op)
         except (KmipOperationFailure, OperationFailure) as e:  # the high-level client's form of a failed result

@@ -77,11 +77,11 @@ fn discover_versions_and_query_answer_pykmip_over_mutual_tls() {
     assert_eq!(
         r[3]["operations"],
         json!([
-            "CREATE", "LOCATE", "GET", "GET_ATTRIBUTES", "GET_ATTRIBUTE_LIST", "ADD_ATTRIBUTE", "MODIFY_ATTRIBUTE",
-            "DELETE_ATTRIBUTE", "ACTIVATE", "REVOKE", "DESTROY", "QUERY", "DISCOVER_VERSIONS"
+            "CREATE", "CREATE_KEY_PAIR", "REGISTER", "LOCATE", "GET", "GET_ATTRIBUTES", "GET_ATTRIBUTE_LIST", "ADD_ATTRIBUTE",
+            "MODIFY_ATTRIBUTE", "DELETE_ATTRIBUTE", "ACTIVATE", "REVOKE", "DESTROY", "QUERY", "DISCOVER_VERSIONS"
         ])
     );
-    assert_eq!(r[3]["object_types"], json!(["SYMMETRIC_KEY"]));
+    assert_eq!(r[3]["object_types"], json!(["SYMMETRIC_KEY", "PUBLIC_KEY", "PRIVATE_KEY", "SECRET_DATA"]));
     assert!(r[3]["vendor"].as_str().unwrap().starts_with("Kluis "), "{}", r[3]);
 }
 
@@ -96,7 +96,7 @@ fn a_batch_is_answered_item_by_item_in_one_response() {
     let items = r[0]["items"].as_array().unwrap_or_else(|| panic!("{}", r[0]));
     assert_eq!(items.len(), 2);
     assert_eq!(items[0]["versions"][0], json!([1, 4]));
-    assert_eq!(items[1]["operations"].as_array().unwrap().len(), 13, "{}", items[1]);
+    assert_eq!(items[1]["operations"].as_array().unwrap().len(), 15, "{}", items[1]);
 }
 
 #[test]
@@ -200,7 +200,7 @@ fn a_response_over_the_maximum_response_size_is_refused_as_too_large() {
     let f = response(&r[0]).items[0].result.clone().unwrap_err();
     assert_eq!(f.reason, ResultReason::ResponseTooLarge, "{}", f.message);
     let ok = response(&r[1]).items[0].result.clone().unwrap().unwrap();
-    assert_eq!(ok.children_with(tag::OPERATION).count(), 13);
+    assert_eq!(ok.children_with(tag::OPERATION).count(), 15);
 }
 
 /// A request in a version the server does not speak gets Invalid Message for everything but
@@ -731,4 +731,412 @@ fn the_report_counts_kmip_objects_per_keyring_with_creators_and_the_last_get() {
     let text = s.kmsctl("auditor", &["report"]);
     let text = kluis_tests::stdout(&text);
     assert!(text.contains("-- KMIP objects (3) --") && text.contains("Made by:   sealer (2 objects)"), "{text}");
+}
+
+// Key pairs and registered objects (Create Key Pair, Register, Get of private and public keys
+// and secret data). The keys are checked with the openssl command, an RSA implementation
+// other than the server's.
+
+/// Runs `openssl ARGS -in FILE` on `input` written to a file; its stdout.
+fn openssl(args: &[&str], input: &[u8]) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("in.der");
+    std::fs::write(&f, input).unwrap();
+    let out = std::process::Command::new("openssl").args(args).arg("-in").arg(&f).output().expect("the openssl command");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}
+
+/// The X.509 SubjectPublicKeyInfo (DER) that openssl derives from a key in `form`.
+fn spki_by_openssl(form: &str, der: &[u8]) -> Vec<u8> {
+    match form {
+        "private" => openssl(&["pkey", "-inform", "DER", "-pubout", "-outform", "DER"], der),
+        "pkcs1-public" => openssl(&["rsa", "-RSAPublicKey_in", "-inform", "DER", "-pubout", "-outform", "DER"], der),
+        "spki" => openssl(&["pkey", "-pubin", "-inform", "DER", "-pubout", "-outform", "DER"], der),
+        other => panic!("{other}"),
+    }
+}
+
+/// A new RSA key made by openssl: (PKCS#1 private, PKCS#8 private, PKCS#1 public, X.509 public), DER.
+fn openssl_rsa(bits: u32) -> (Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>) {
+    let out = std::process::Command::new("openssl")
+        .args(["genpkey", "-algorithm", "RSA", "-pkeyopt", &format!("rsa_keygen_bits:{bits}"), "-outform", "DER", "-quiet"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let pkcs8 = openssl(&["pkcs8", "-topk8", "-nocrypt", "-inform", "DER", "-outform", "DER"], &out.stdout);
+    let pkcs1 = openssl(&["rsa", "-inform", "DER", "-outform", "DER", "-traditional"], &pkcs8);
+    let public1 = openssl(&["rsa", "-inform", "DER", "-RSAPublicKey_out", "-outform", "DER"], &pkcs1);
+    let spki = openssl(&["rsa", "-inform", "DER", "-pubout", "-outform", "DER"], &pkcs1);
+    (pkcs1, pkcs8, public1, spki)
+}
+
+fn key_of(v: &Value) -> Vec<u8> {
+    hex::decode(ok(v)["key"].as_str().unwrap_or_else(|| panic!("no key: {v}"))).unwrap()
+}
+
+/// Get Attributes for `names` through Kluis's own codec (PyKMIP 0.11 cannot read a Link
+/// attribute: its attribute factory raises NotImplementedError for it).
+fn raw_attributes(s: &Server, who: &str, uid: &str, names: &[&str]) -> Vec<Item> {
+    let mut children = vec![Item::text(tag::UNIQUE_IDENTIFIER, uid)];
+    children.extend(names.iter().map(|n| Item::text(tag::ATTRIBUTE_NAME, *n)));
+    let req = request(None, vec![(Operation::GetAttributes, Item::structure(tag::REQUEST_PAYLOAD, children))]);
+    let r = kmip::run(s, who, json!([{"op": "raw", "hex": hex::encode(req), "read": "one"}]));
+    let p = response(&r[0]).items[0].result.clone().unwrap().unwrap();
+    p.children_with(tag::ATTRIBUTE).cloned().collect()
+}
+
+/// The (Link Type, Linked Object Identifier) of each Link attribute.
+fn links(attrs: &[Item]) -> Vec<(u32, String)> {
+    use kluis_kmip::ttlv::Value as V;
+    attrs
+        .iter()
+        .filter(|a| a.child(tag::ATTRIBUTE_NAME).is_some_and(|n| n.value == V::TextString("Link".into())))
+        .map(|a| {
+            let v = a.child(tag::ATTRIBUTE_VALUE).unwrap();
+            let V::Enumeration(t) = v.child(tag::LINK_TYPE).unwrap().value else { panic!("{v:?}") };
+            let V::TextString(u) = &v.child(tag::LINKED_OBJECT_IDENTIFIER).unwrap().value else { panic!("{v:?}") };
+            (t, u.clone())
+        })
+        .collect()
+}
+
+/// Create Key Pair RSA-2048 and RSA-3072: two objects linked to each other; the private key
+/// as PKCS#1 (the default) and PKCS#8, the public key as PKCS#1 (the default) and X.509, all
+/// four one key pair by openssl's reading; other formats refused; both audited.
+#[test]
+fn create_key_pair_makes_a_linked_rsa_pair_given_in_each_format() {
+    let s = server();
+    let r = kmip::run(
+        &s,
+        "dev",
+        json!([
+            {"op": "create_key_pair", "common": {"algorithm": "RSA", "length": 2048}, "private": {"name": "pair-private"}, "public": {"name": "pair-public"}},
+            {"op": "create_key_pair", "common": {"algorithm": "RSA", "length": 3072}},
+            {"op": "create_key_pair", "common": {"algorithm": "RSA", "length": 1024}},
+            {"op": "create_key_pair", "common": {"algorithm": "AES", "length": 2048}},
+            {"op": "create_key_pair", "common": {"algorithm": "RSA"}, "private": {"length": 2048}, "public": {"length": 3072}},
+        ]),
+    );
+    let (private, public) = (ok(&r[0])["private"].as_str().unwrap().to_owned(), r[0]["public"].as_str().unwrap().to_owned());
+    let (private3, public3) = (ok(&r[1])["private"].as_str().unwrap().to_owned(), r[1]["public"].as_str().unwrap().to_owned());
+    assert!(refused(&r[2], "INVALID_FIELD")["message"].as_str().unwrap().contains("2048, 3072 or 4096"), "{}", r[2]);
+    assert!(refused(&r[3], "INVALID_FIELD")["message"].as_str().unwrap().contains("RSA"), "{}", r[3]);
+    assert!(refused(&r[4], "INVALID_FIELD")["message"].as_str().unwrap().contains("differs"), "{}", r[4]);
+    let r = kmip::run(
+        &s,
+        "dev",
+        json!([
+            {"op": "get_key", "uid": private},
+            {"op": "get_key", "uid": private, "format": "PKCS_8"},
+            {"op": "get_key", "uid": public},
+            {"op": "get_key", "uid": public, "format": "X_509"},
+            {"op": "get_key", "uid": public, "format": "PKCS_8"},
+            {"op": "get_key", "uid": private, "format": "X_509"},
+            {"op": "get_key", "uid": private, "format": "RAW"},
+            {"op": "get_key", "uid": private3, "format": "PKCS_8"},
+            {"op": "get_key", "uid": public3, "format": "X_509"},
+            {"op": "locate", "name": "pair-private"},
+            {"op": "locate", "object_type": "PUBLIC_KEY"},
+            {"op": "get_attributes", "uid": private, "names": ["Object Type", "Cryptographic Algorithm", "Cryptographic Length", "State", "Name"]},
+        ]),
+    );
+    assert_eq!((&r[0]["format"], &r[0]["object_type"], &r[0]["algorithm"], &r[0]["length"]), (&json!("PKCS_1"), &json!("PRIVATE_KEY"), &json!("RSA"), &json!(2048)), "{}", r[0]);
+    assert_eq!(r[1]["format"], "PKCS_8", "{}", r[1]);
+    assert_eq!((&r[2]["format"], &r[2]["object_type"]), (&json!("PKCS_1"), &json!("PUBLIC_KEY")), "{}", r[2]);
+    assert_eq!(r[3]["format"], "X_509", "{}", r[3]);
+    let spki = key_of(&r[3]);
+    assert_eq!(spki_by_openssl("private", &key_of(&r[0])), spki, "PKCS#1 private key of another pair");
+    assert_eq!(spki_by_openssl("private", &key_of(&r[1])), spki, "PKCS#8 private key of another pair");
+    assert_eq!(spki_by_openssl("pkcs1-public", &key_of(&r[2])), spki, "PKCS#1 public key differs");
+    assert_eq!(spki_by_openssl("spki", &spki), spki, "the X.509 public key is not canonical DER");
+    let text = String::from_utf8(openssl(&["rsa", "-inform", "DER", "-check", "-noout", "-text"], &key_of(&r[0]))).unwrap();
+    assert!(text.contains("2048 bit") && text.contains("RSA key ok"), "{text}");
+    for (i, needle) in [(4, "PKCS#1 (3) or X.509 (5)"), (5, "PKCS#1 (3) or PKCS#8 (4)"), (6, "PKCS#1 (3) or PKCS#8 (4)")] {
+        assert!(refused(&r[i], "KEY_FORMAT_TYPE_NOT_SUPPORTED")["message"].as_str().unwrap().contains(needle), "{}", r[i]);
+    }
+    assert_eq!(spki_by_openssl("private", &key_of(&r[7])), key_of(&r[8]));
+    assert!(String::from_utf8(openssl(&["pkey", "-inform", "DER", "-noout", "-text"], &key_of(&r[7]))).unwrap().contains("3072 bit"));
+    assert_eq!(ok(&r[9])["uids"], json!([private]));
+    let mut publics = ok(&r[10])["uids"].as_array().unwrap().clone();
+    publics.sort_by_key(|v| v.as_str().unwrap().to_owned());
+    let mut want = vec![json!(public), json!(public3)];
+    want.sort_by_key(|v| v.as_str().unwrap().to_owned());
+    assert_eq!(publics, want);
+    let attrs = &ok(&r[11])["attributes"];
+    assert_eq!(attrs["Object Type"], json!(["PRIVATE_KEY"]), "{attrs}");
+    assert_eq!(attrs["Cryptographic Algorithm"], json!(["RSA"]), "{attrs}");
+    assert_eq!(attrs["Cryptographic Length"], json!([2048]), "{attrs}");
+    assert_eq!(attrs["State"], json!(["PRE_ACTIVE"]), "{attrs}");
+    assert_eq!(attrs["Name"], json!(["pair-private"]), "{attrs}");
+    // The Link attributes (Public Key Link 0x102 on the private key, Private Key Link 0x103 on the public).
+    assert_eq!(links(&raw_attributes(&s, "dev", &private, &["Link"])), vec![(0x102, public.clone())]);
+    assert_eq!(links(&raw_attributes(&s, "dev", &public, &[])), vec![(0x103, private.clone())]);
+    // One audit entry per object made, under its id.
+    let made = audit_lines(&s, "KmipCreateKeyPair");
+    for uid in [&private, &public, &private3, &public3] {
+        assert_eq!(made.iter().filter(|l| l.contains(uid.as_str())).count(), 1, "{uid}: {made:?}");
+    }
+}
+
+/// The ID Placeholder after Create Key Pair is the private key: Create Key Pair then Activate
+/// in one batch activates the private key.
+#[test]
+fn create_key_pair_sets_the_id_placeholder_to_the_private_key() {
+    let s = server();
+    let attr = |name: &str, value: Item| Item::structure(tag::ATTRIBUTE, vec![Item::text(tag::ATTRIBUTE_NAME, name), value]);
+    let common = Item::structure(
+        tag::COMMON_TEMPLATE_ATTRIBUTE,
+        vec![attr("Cryptographic Algorithm", Item::enumeration(tag::ATTRIBUTE_VALUE, 4)), attr("Cryptographic Length", Item::integer(tag::ATTRIBUTE_VALUE, 2048))],
+    );
+    let req = request(
+        None,
+        vec![
+            (Operation::CreateKeyPair, Item::structure(tag::REQUEST_PAYLOAD, vec![common])),
+            (Operation::Activate, Item::structure(tag::REQUEST_PAYLOAD, vec![])),
+        ],
+    );
+    let r = kmip::run(&s, "dev", json!([{"op": "raw", "hex": hex::encode(req), "read": "one"}]));
+    let resp = response(&r[0]);
+    let made = resp.items[0].result.clone().unwrap().unwrap();
+    let activated = resp.items[1].result.clone().unwrap().unwrap();
+    let private = made.child(tag::PRIVATE_KEY_UNIQUE_IDENTIFIER).unwrap();
+    assert_eq!(activated.child(tag::UNIQUE_IDENTIFIER).unwrap().value, private.value);
+    let kluis_kmip::ttlv::Value::TextString(private) = &private.value else { panic!() };
+    let kluis_kmip::ttlv::Value::TextString(public) = &made.child(tag::PUBLIC_KEY_UNIQUE_IDENTIFIER).unwrap().value else { panic!() };
+    let r = kmip::run(
+        &s,
+        "dev",
+        json!([{"op": "get_attributes", "uid": private, "names": ["State"]}, {"op": "get_attributes", "uid": public, "names": ["State"]}]),
+    );
+    assert_eq!(ok(&r[0])["attributes"]["State"], json!(["ACTIVE"]));
+    assert_eq!(ok(&r[1])["attributes"]["State"], json!(["PRE_ACTIVE"]));
+}
+
+/// RSA-4096 with PyKMIP's high-level client: the pair is made and reads as one 4096-bit key.
+#[test]
+fn create_key_pair_rsa_4096_with_the_high_level_client() {
+    let s = server();
+    let r = kmip::run(&s, "dev", json!([{"op": "pie2_create_key_pair", "length": 4096}]));
+    let (private, public) = (ok(&r[0])["private"].as_str().unwrap().to_owned(), r[0]["public"].as_str().unwrap().to_owned());
+    let r = kmip::run(&s, "dev", json!([{"op": "pie2_get", "uid": private}, {"op": "get_key", "uid": public, "format": "X_509"}]));
+    assert_eq!((&ok(&r[0])["key_format_type"], &r[0]["length"]), (&json!("PKCS_1"), &json!(4096)), "{}", r[0]);
+    assert_eq!(spki_by_openssl("private", &key_of(&r[0])), key_of(&r[1]));
+    assert!(String::from_utf8(openssl(&["rsa", "-inform", "DER", "-noout", "-text"], &key_of(&r[0]))).unwrap().contains("4096 bit"));
+}
+
+/// A public key is no secret: a sealer-only identity gets it, but is refused the private key
+/// (Permission Denied, audited); a restorer gets the private key; an identity without a grant
+/// on the keyring gets neither.
+#[test]
+fn a_sealer_gets_the_public_key_but_not_the_private_key() {
+    let s = server();
+    let r = kmip::run(&s, "sealer", json!([{"op": "create_key_pair", "common": {"algorithm": "RSA", "length": 2048}}]));
+    let (private, public) = (ok(&r[0])["private"].as_str().unwrap().to_owned(), r[0]["public"].as_str().unwrap().to_owned());
+    let r = kmip::run(&s, "sealer", json!([{"op": "get_key", "uid": public, "format": "X_509"}, {"op": "get_key", "uid": private}]));
+    let spki = key_of(&r[0]);
+    assert!(refused(&r[1], "PERMISSION_DENIED")["message"].as_str().unwrap().contains("UnwrapDataKey"), "{}", r[1]);
+    assert!(r[1].get("key").is_none());
+    let r = kmip::run(&s, "restorer", json!([{"op": "get_key", "uid": private}, {"op": "get_key", "uid": public}]));
+    assert_eq!(spki_by_openssl("private", &key_of(&r[0])), spki);
+    ok(&r[1]);
+    let r = kmip::run(&s, "auditor", json!([{"op": "get_key", "uid": public}, {"op": "get_key", "uid": private}]));
+    refused(&r[0], "PERMISSION_DENIED");
+    refused(&r[1], "PERMISSION_DENIED");
+    let gets = audit_lines(&s, "KmipGet");
+    let denied: Vec<&String> = gets.iter().filter(|l| l.contains("enied")).collect();
+    assert_eq!(denied.iter().filter(|l| l.contains(&private)).count(), 2, "the sealer's and the auditor's Get of the private key: {denied:?}");
+    assert_eq!(denied.iter().filter(|l| l.contains(&public)).count(), 1, "the auditor's Get of the public key: {denied:?}");
+    assert_eq!(gets.iter().filter(|l| !l.contains("enied") && l.contains(&public)).count(), 2, "{gets:?}");
+}
+
+/// Register of each kind, and Get gives back the bytes registered, in the format registered
+/// (and the private key in the other format, as openssl writes it). Registered objects start
+/// Pre-Active.
+#[test]
+fn register_each_kind_and_get_back_the_same_bytes() {
+    let s = server();
+    let (pkcs1, pkcs8, public1, spki) = openssl_rsa(2048);
+    let aes = (0u8..32).collect::<Vec<_>>();
+    let r = kmip::run(
+        &s,
+        "dev",
+        json!([
+            {"op": "register", "object_type": "PRIVATE_KEY", "format": "PKCS_1", "key": hex::encode(&pkcs1), "key_algorithm": "RSA", "key_length": 2048, "template": {"name": "reg-private"}},
+            {"op": "register", "object_type": "PRIVATE_KEY", "format": "PKCS_8", "key": hex::encode(&pkcs8), "key_algorithm": "RSA", "key_length": 2048},
+            {"op": "register", "object_type": "PUBLIC_KEY", "format": "PKCS_1", "key": hex::encode(&public1), "key_algorithm": "RSA", "key_length": 2048},
+            {"op": "register", "object_type": "PUBLIC_KEY", "format": "X_509", "key": hex::encode(&spki), "key_algorithm": "RSA"},
+            {"op": "register", "object_type": "SYMMETRIC_KEY", "format": "RAW", "key": hex::encode(&aes), "key_algorithm": "AES", "key_length": 256, "template": {"name": "reg-aes"}},
+            {"op": "register", "object_type": "SECRET_DATA", "format": "OPAQUE", "key": hex::encode(b"correct horse battery staple"), "secret_data_type": "PASSWORD"},
+            {"op": "register", "object_type": "SECRET_DATA", "format": "OPAQUE", "key": "00112233445566778899aabbccddeeff", "secret_data_type": "SEED"},
+            {"op": "pie2_register", "object_type": "PRIVATE_KEY", "format": "PKCS_8", "key": hex::encode(&pkcs8), "length": 2048, "name": "pie-private"},
+            {"op": "pie2_register", "object_type": "SECRET_DATA", "key": hex::encode(b"s3cret"), "secret_data_type": "PASSWORD"},
+        ]),
+    );
+    let uids: Vec<String> = r.iter().map(|v| ok(v)["uid"].as_str().unwrap_or_else(|| panic!("{v}")).to_owned()).collect();
+    let r = kmip::run(
+        &s,
+        "dev",
+        json!([
+            {"op": "get_key", "uid": uids[0]},
+            {"op": "get_key", "uid": uids[1]},
+            {"op": "get_key", "uid": uids[2]},
+            {"op": "get_key", "uid": uids[3]},
+            {"op": "get", "uid": uids[4]},
+            {"op": "get_key", "uid": uids[5]},
+            {"op": "get_key", "uid": uids[6]},
+            {"op": "pie2_get", "uid": uids[7]},
+            {"op": "pie2_get", "uid": uids[8]},
+            {"op": "get_key", "uid": uids[0], "format": "PKCS_8"},
+            {"op": "get_key", "uid": uids[1], "format": "PKCS_1"},
+            {"op": "get_key", "uid": uids[3], "format": "PKCS_1"},
+            {"op": "get_attributes", "uid": uids[0], "names": ["State", "Cryptographic Length", "Name", "Object Type"]},
+            {"op": "get_key", "uid": uids[5], "format": "RAW"},
+            {"op": "locate", "name": "reg-private"},
+        ]),
+    );
+    assert_eq!((key_of(&r[0]), &r[0]["format"]), (pkcs1.clone(), &json!("PKCS_1")));
+    assert_eq!((key_of(&r[1]), &r[1]["format"], &r[1]["length"]), (pkcs8.clone(), &json!("PKCS_8"), &json!(2048)));
+    assert_eq!((key_of(&r[2]), &r[2]["format"]), (public1.clone(), &json!("PKCS_1")));
+    assert_eq!((key_of(&r[3]), &r[3]["format"], &r[3]["length"]), (spki.clone(), &json!("X_509"), &json!(2048)));
+    assert_eq!(key_of(&r[4]), aes);
+    assert_eq!((key_of(&r[5]), &r[5]["secret_data_type"], &r[5]["format"]), (b"correct horse battery staple".to_vec(), &json!("PASSWORD"), &json!("OPAQUE")));
+    assert_eq!((&r[6]["key"], &r[6]["secret_data_type"]), (&json!("00112233445566778899aabbccddeeff"), &json!("SEED")));
+    assert_eq!((key_of(&r[7]), &r[7]["key_format_type"], &r[7]["object_type"]), (pkcs8.clone(), &json!("PKCS_8"), &json!("PRIVATE_KEY")));
+    assert_eq!((key_of(&r[8]), &r[8]["data_type"], &r[8]["object_type"]), (b"s3cret".to_vec(), &json!("PASSWORD"), &json!("SECRET_DATA")));
+    // Converted: the same bytes openssl writes for the other format.
+    assert_eq!(key_of(&r[9]), pkcs8);
+    assert_eq!(key_of(&r[10]), pkcs1);
+    assert_eq!(key_of(&r[11]), public1);
+    let attrs = &ok(&r[12])["attributes"];
+    assert_eq!((&attrs["State"], &attrs["Cryptographic Length"], &attrs["Name"]), (&json!(["PRE_ACTIVE"]), &json!([2048]), &json!(["reg-private"])), "{attrs}");
+    assert!(refused(&r[13], "KEY_FORMAT_TYPE_NOT_SUPPORTED")["message"].as_str().unwrap().contains("Opaque"), "{}", r[13]);
+    assert_eq!(ok(&r[14])["uids"], json!([uids[0]]));
+    assert_eq!(audit_lines(&s, "KmipRegister").len(), 9);
+}
+
+/// What Register cannot keep is refused before anything is made, by the reason the
+/// specification names and a message saying what is wrong.
+#[test]
+fn register_refuses_malformed_small_and_mismatched_keys_by_name() {
+    let s = server();
+    let (pkcs1, _, _, spki) = openssl_rsa(2048);
+    let (small, _, _, small_spki) = openssl_rsa(1024);
+    let r = kmip::run(
+        &s,
+        "dev",
+        json!([
+            {"op": "register", "object_type": "PRIVATE_KEY", "format": "PKCS_1", "key": hex::encode(&pkcs1[..pkcs1.len() - 9]), "key_algorithm": "RSA"},
+            {"op": "register", "object_type": "PRIVATE_KEY", "format": "PKCS_1", "key": hex::encode(&small), "key_algorithm": "RSA", "key_length": 1024},
+            {"op": "register", "object_type": "PUBLIC_KEY", "format": "X_509", "key": hex::encode(&small_spki), "key_algorithm": "RSA"},
+            {"op": "register", "object_type": "SYMMETRIC_KEY", "format": "RAW", "key": hex::encode([7u8; 31]), "key_algorithm": "AES", "key_length": 256},
+            {"op": "register", "object_type": "SYMMETRIC_KEY", "format": "RAW", "key": hex::encode([7u8; 24]), "key_algorithm": "AES", "key_length": 192},
+            {"op": "register", "object_type": "PRIVATE_KEY", "format": "RAW", "key": hex::encode(&pkcs1), "key_algorithm": "RSA"},
+            {"op": "register", "object_type": "PRIVATE_KEY", "format": "PKCS_1", "key": hex::encode(&pkcs1), "key_algorithm": "RSA", "key_length": 4096},
+            {"op": "register", "object_type": "PUBLIC_KEY", "format": "PKCS_1", "key": hex::encode(&spki), "key_algorithm": "RSA"},
+            {"op": "register", "object_type": "SECRET_DATA", "format": "RAW", "key": "0011", "secret_data_type": "PASSWORD"},
+            {"op": "register", "object_type": "PRIVATE_KEY", "format": "PKCS_1", "key": hex::encode(&pkcs1), "key_algorithm": "AES"},
+        ]),
+    );
+    let message = |i: usize, reason: &str| refused(&r[i], reason)["message"].as_str().unwrap().to_owned();
+    assert!(message(0, "INVALID_FIELD").contains("not a PKCS#1 RSAPrivateKey"), "{}", r[0]);
+    assert!(message(1, "INVALID_FIELD").contains("RSA-1024"), "{}", r[1]);
+    assert!(message(2, "INVALID_FIELD").contains("RSA-1024"), "{}", r[2]);
+    assert!(message(3, "INVALID_FIELD").contains("31 bytes"), "{}", r[3]);
+    assert!(message(4, "INVALID_FIELD").contains("128 or 256"), "{}", r[4]);
+    assert!(message(5, "KEY_FORMAT_TYPE_NOT_SUPPORTED").contains("PKCS#1 (3) or PKCS#8 (4)"), "{}", r[5]);
+    assert!(message(6, "INVALID_FIELD").contains("RSA-2048"), "{}", r[6]);
+    assert!(message(7, "INVALID_FIELD").contains("not a PKCS#1 RSAPublicKey"), "{}", r[7]);
+    assert!(message(8, "KEY_FORMAT_TYPE_NOT_SUPPORTED").contains("Opaque"), "{}", r[8]);
+    assert!(message(9, "INVALID_FIELD").contains("RSA"), "{}", r[9]);
+    assert!(audit_lines(&s, "KmipRegister").is_empty(), "nothing was made");
+    let r = kmip::run(&s, "dev", json!([{"op": "locate"}]));
+    assert_eq!(ok(&r[0])["uids"], json!([]));
+}
+
+/// Veeam's key pair sequence with PyKMIP's high-level client: Create Key Pair RSA-2048 with
+/// names, Activate, Get the public key, Locate by name, Get the private key, Destroy. KMIP
+/// destroys no Active object (1.4, 4.21), so the pair is revoked (Cessation of Operation)
+/// before the Destroy; a Destroy of the Active key is refused first.
+#[test]
+fn veeam_like_create_key_pair_activate_get_public_locate_get_private() {
+    let s = server();
+    let r = kmip::run(&s, "dev", json!([{"op": "pie2_create_key_pair", "length": 2048, "private_name": "veeam-rsa-1", "public_name": "veeam-rsa-1-pub"}]));
+    let (private, public) = (ok(&r[0])["private"].as_str().unwrap().to_owned(), r[0]["public"].as_str().unwrap().to_owned());
+    let r = kmip::run(
+        &s,
+        "dev",
+        json!([
+            {"op": "pie_activate", "uid": private},
+            {"op": "pie_activate", "uid": public},
+            {"op": "pie2_get", "uid": public},
+            {"op": "pie_locate", "name": "veeam-rsa-1"},
+            {"op": "pie2_get", "uid": private},
+        ]),
+    );
+    ok(&r[0]);
+    ok(&r[1]);
+    assert_eq!((&ok(&r[2])["object_type"], &r[2]["key_format_type"], &r[2]["length"]), (&json!("PUBLIC_KEY"), &json!("PKCS_1"), &json!(2048)), "{}", r[2]);
+    assert_eq!(ok(&r[3])["uids"], json!([private]));
+    assert_eq!((&ok(&r[4])["object_type"], &r[4]["cryptographic_algorithm"]), (&json!("PRIVATE_KEY"), &json!("RSA")), "{}", r[4]);
+    assert_eq!(spki_by_openssl("private", &key_of(&r[4])), spki_by_openssl("pkcs1-public", &key_of(&r[2])));
+    let r = kmip::run(
+        &s,
+        "dev",
+        json!([
+            {"op": "pie_destroy", "uid": private},
+            {"op": "pie_revoke", "reason": "CESSATION_OF_OPERATION", "uid": private},
+            {"op": "pie_revoke", "reason": "CESSATION_OF_OPERATION", "uid": public},
+            {"op": "pie_destroy", "uid": private},
+            {"op": "pie_destroy", "uid": public},
+            {"op": "pie2_get", "uid": private},
+            {"op": "pie2_get", "uid": public},
+            {"op": "locate", "state": "DESTROYED"},
+        ]),
+    );
+    assert!(refused(&r[0], "PERMISSION_DENIED")["message"].as_str().unwrap().contains("is Active"), "{}", r[0]);
+    for step in &r[1..5] {
+        ok(step);
+    }
+    refused(&r[5], "KEY_VALUE_NOT_PRESENT");
+    refused(&r[6], "KEY_VALUE_NOT_PRESENT");
+    let mut destroyed: Vec<String> = serde_json::from_value(ok(&r[7])["uids"].clone()).unwrap();
+    destroyed.sort();
+    let mut pair = vec![private.clone(), public.clone()];
+    pair.sort();
+    assert_eq!(destroyed, pair);
+    // Both wait out the keyring's waiting period, as officers see.
+    assert_eq!(destructions_of(&s, &private).len() + destructions_of(&s, &public).len(), 2);
+}
+
+/// Register of a Transparent Symmetric Key (PyKMIP cannot build one, so with Kluis's codec):
+/// the Key inside the Key Material structure is the key PyKMIP then gets.
+#[test]
+fn register_a_transparent_symmetric_key_and_get_it_raw() {
+    let s = server();
+    let key: Vec<u8> = (100u8..116).collect();
+    let attr = |name: &str, value: Item| Item::structure(tag::ATTRIBUTE, vec![Item::text(tag::ATTRIBUTE_NAME, name), value]);
+    let block = Item::structure(
+        tag::KEY_BLOCK,
+        vec![
+            Item::enumeration(tag::KEY_FORMAT_TYPE, 7),
+            Item::structure(tag::KEY_VALUE, vec![Item::structure(tag::KEY_MATERIAL, vec![Item::bytes(tag::KEY, key.clone())])]),
+            Item::enumeration(tag::CRYPTOGRAPHIC_ALGORITHM, 3),
+            Item::integer(tag::CRYPTOGRAPHIC_LENGTH, 128),
+        ],
+    );
+    let payload = Item::structure(
+        tag::REQUEST_PAYLOAD,
+        vec![
+            Item::enumeration(tag::OBJECT_TYPE, 2),
+            Item::structure(tag::TEMPLATE_ATTRIBUTE, vec![attr("Name", Item::structure(tag::ATTRIBUTE_VALUE, vec![Item::text(tag::NAME_VALUE, "tsk"), Item::enumeration(tag::NAME_TYPE, 1)]))]),
+            Item::structure(tag::SYMMETRIC_KEY, vec![block]),
+        ],
+    );
+    let r = kmip::run(&s, "dev", json!([{"op": "raw", "hex": hex::encode(request(None, vec![(Operation::Register, payload)])), "read": "one"}]));
+    let p = response(&r[0]).items[0].result.clone().unwrap().unwrap();
+    let kluis_kmip::ttlv::Value::TextString(uid) = &p.child(tag::UNIQUE_IDENTIFIER).unwrap().value else { panic!("{p:?}") };
+    let r = kmip::run(&s, "dev", json!([{"op": "get", "uid": uid}, {"op": "locate", "name": "tsk"}]));
+    assert_eq!((key_of(&r[0]), &r[0]["length"], &r[0]["format"]), (key, &json!(128), &json!("RAW")));
+    assert_eq!(ok(&r[1])["uids"], json!([uid]));
 }

@@ -25,6 +25,8 @@ use crate::auth::{Action, Authorized};
 use crate::model::{DestructionRecord, DestructionTarget, PendingAction};
 use crate::secret::{aes_gcm_open, aes_gcm_seal};
 
+pub mod pair;
+
 /// KMIP Object Type values (KMIP 1.4 section 9.1.3.2.12) Kluis keeps.
 pub mod object_type {
     pub const SYMMETRIC_KEY: u32 = 0x02;
@@ -132,12 +134,19 @@ pub struct KmipObject {
     pub revocation: Option<(u32, Option<String>)>,
     /// The principal that made it.
     pub created_by: String,
-    /// The Key Format Type the material is kept in (Raw 1, PKCS#1 3, PKCS#8 4, ...).
+    /// The Key Format Type the material is kept in (Raw 1, PKCS#1 3, PKCS#8 4, ...). For an
+    /// RSA key, the format a Get that names none is given (the one it was registered in): its
+    /// material is kept as PKCS#1 whatever this says, and converted on Get ([`pair`]).
     pub key_format: u32,
     /// The data key, wrapped under the keyring version (format 2, as issued).
     pub wrapped: Vec<u8>,
     /// The material, sealed under the data key.
     pub sealed: Vec<u8>,
+    /// Links to other objects: (Link Type, Unique Identifier), e.g. a pair's Private Key
+    /// Link and Public Key Link ([`pair::link_type`]).
+    pub links: Vec<(u32, String)>,
+    /// Secret Data Type of a Secret Data object (Password 1, Seed 2).
+    pub secret_data_type: Option<u32>,
 }
 
 /// What a client asks for in a new object (the attributes it may set).
@@ -347,6 +356,8 @@ impl KeyManager {
             key_format: new.key_format,
             wrapped: issue.wrapped,
             sealed,
+            links: Vec::new(),
+            secret_data_type: None,
         };
         audit.key_id = Some(uid_of(&id));
         self.store
@@ -374,12 +385,7 @@ impl KeyManager {
         self.sync().await?;
         let (id, object) = self.kmip_object(uid)?;
         Self::check(auth, Action::UnwrapDataKey, Some(&object.keyring))?;
-        // A destruction that is due (and not held) is carried out now, as an unwrap would.
-        let record = self.store.data_key(&id)?.ok_or_else(|| KeyError::KmipObjectNotFound { uid: shown(uid) })?;
-        self.refuse_destroyed(&id, &uid_of(&id), &record).await?;
-        if let (_, Some(at)) = self.kmip_state(&id, &object)? {
-            return Err(KeyError::Destroyed { key_id: uid_of(&id), date: super::format_date(at) });
-        }
+        self.refuse_destroyed_object(&id, &object).await?;
         let k = self.unwrap_data_key(auth, &uid_of(&id), &object.keyring, &object.wrapped).await?;
         let material = aes_gcm_open(&k.data_key, &material_aad(&id), &object.sealed)
             .map_err(|_| KeyError::UnwrapFailed { key_id: uid_of(&id) })?;
@@ -433,6 +439,18 @@ impl KeyManager {
         let mut after = before.clone();
         after.destroy_date = None;
         Ok(Some(WriteOp::PutKmipObject { id: *id, object: Box::new(after), previous: Some(Box::new(before)) }))
+    }
+
+    /// Refuses an object whose material is not served: Destroyed to clients, or its data
+    /// key destroyed. A destruction that is due (and not held) is carried out first, as an
+    /// unwrap would.
+    async fn refuse_destroyed_object(&self, id: &[u8; 16], object: &KmipObject) -> Result<(), KeyError> {
+        let record = self.store.data_key(id)?.ok_or_else(|| KeyError::KmipObjectNotFound { uid: uid_of(id) })?;
+        self.refuse_destroyed(id, &uid_of(id), &record).await?;
+        if let (_, Some(at)) = self.kmip_state(id, object)? {
+            return Err(KeyError::Destroyed { key_id: uid_of(id), date: super::format_date(at) });
+        }
+        Ok(())
     }
 
     /// Activate: Pre-Active to Active, dated now. Needs `sealer` on the object's keyring.

@@ -684,10 +684,59 @@ async fn a_kmip_destroy_is_a_scheduled_destruction_of_the_data_key() {
     c.advance_days(8);
     assert_eq!(c.keys.maintain(None).await.unwrap(), 1);
     assert!(c.keys.store.key_secret(&id).unwrap().is_none(), "the secret is erased");
-    assert_eq!(c.keys.kmip_state(&id, &o).unwrap().0, state::DESTROYED);
+    let (_, erased) = c.keys.kmip_object(&uid).unwrap();
+    assert_eq!((erased.state, erased.destroy_date), (state::DESTROYED, o.destroy_date), "the erasure is written into the row, dated when asked");
     let labelled = c
         .keys
         .generate_data_key(&sealer, "ehr", "b1", [("kmip.object_type".to_owned(), "2".to_owned())], c.ev("host", Action::GenerateDataKey))
         .await;
     assert!(matches!(labelled, Err(KeyError::InvalidArgument { field: "labels", .. })), "{:?}", labelled.err());
+}
+
+/// Create Key Pair on the core: two data keys and two rows in one write, linked to each
+/// other, neither row holding its material in the clear; a sealer's proof opens the public
+/// key but not the private one; destroying the public key's data key erases it.
+#[tokio::test]
+async fn a_kmip_key_pair_is_two_linked_data_keys_and_a_sealer_reads_only_the_public_one() {
+    use super::kmip::pair::{self, Made, link_type};
+    use super::kmip::{NewObject, object_type};
+    let c = Core::new();
+    c.create("ehr", 0, 0).await;
+    let sealer = c.auth("host", Action::GenerateDataKey, Some("ehr"));
+    let (private_key, public_key) = pair::generate_rsa(2048).unwrap();
+    let private_der = private_key.expose().to_vec();
+    let made = |kind, material| Made {
+        new: NewObject { object_type: kind, algorithm: Some(pair::RSA), length: Some(2048), key_format: pair::key_format::PKCS_1, ..NewObject::default() },
+        material,
+        secret_data_type: None,
+        audit: c.ev("host", Action::GenerateDataKey),
+    };
+    let private = made(object_type::PRIVATE_KEY, private_key);
+    let public = made(object_type::PUBLIC_KEY, super::kmip::Material::new(Zeroizing::new(public_key.clone())));
+    let (private_uid, public_uid) = c.keys.kmip_create_pair(&sealer, "ehr", private, public).await.unwrap();
+    let (_, private_row) = c.keys.kmip_object(&private_uid).unwrap();
+    let (_, public_row) = c.keys.kmip_object(&public_uid).unwrap();
+    assert_eq!(private_row.links, vec![(link_type::PUBLIC_KEY_LINK, public_uid.clone())]);
+    assert_eq!(public_row.links, vec![(link_type::PRIVATE_KEY_LINK, private_uid.clone())]);
+    for (uid, secret) in [(&private_uid, &private_der), (&public_uid, &public_key)] {
+        let id: [u8; 16] = hex::decode(uid).unwrap().try_into().unwrap();
+        let row = c.store.get(Table::KmipObjects, &id).unwrap().unwrap();
+        let head = &secret[..64];
+        assert!(!row.windows(64).any(|w| w == head), "a row holds its key in the clear");
+        assert_eq!(c.keys.store.data_key(&id).unwrap().unwrap().keyring, "ehr");
+    }
+    assert_eq!(c.keys.kmip_get_public(&sealer, &public_uid).await.unwrap().1, public_key);
+    assert!(matches!(c.keys.kmip_get(&sealer, &private_uid).await, Err(KeyError::NotCovered)));
+    assert!(c.keys.kmip_get_public(&sealer, &private_uid).await.is_err(), "the private key is no public key");
+    let restorer = c.auth("ops", Action::UnwrapDataKey, Some("ehr"));
+    assert_eq!(c.keys.kmip_get(&restorer, &private_uid).await.unwrap().1.expose(), &private_der[..]);
+    let a = c.auth("officer", Action::DestroyKey, Some("ehr"));
+    let DestroyOutcome::Pending(req) = c.keys.request_destroy_key(&a, &public_uid, c.ev("officer", Action::DestroyKey)).await.unwrap() else {
+        panic!("a key before its expiry needs a second officer");
+    };
+    c.approve("officer2", req.id).await.unwrap();
+    c.advance_days(8);
+    assert_eq!(c.keys.maintain(None).await.unwrap(), 1);
+    assert!(c.keys.kmip_get_public(&sealer, &public_uid).await.is_err(), "the public key outlived its data key");
+    assert!(c.keys.kmip_get(&restorer, &private_uid).await.is_ok(), "the private key is a data key of its own");
 }
