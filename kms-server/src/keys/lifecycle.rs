@@ -522,6 +522,9 @@ impl KeyManager {
         rec.state = DestructionState::Cancelled { by: auth.principal().name().to_owned(), at: self.now() };
         self.store.write(WriteOp::Atomic(vec![WriteOp::PutDestruction(rec.clone()), WriteOp::Audit(audit)])).await?;
         self.publish(&admin, |s| s.scheduled.retain(|d| d.id != id));
+        if let DestructionTarget::Key { id, .. } = &rec.target {
+            self.kmip_escrow_resync(id).await;
+        }
         Ok(rec)
     }
 
@@ -562,6 +565,7 @@ impl KeyManager {
                     format!("destroyed (destruction {}, requested by {})", d.id, d.requested_by),
                 )));
                 self.write_as(admin, WriteOp::Atomic(ops)).await?;
+                self.kmip_escrow_erase(&[*id]).await;
             }
             DestructionTarget::Keyring { name } => {
                 let mut record = self.ring(name)?.record.clone();
@@ -584,6 +588,7 @@ impl KeyManager {
                 self.publish(admin, |s| {
                     s.rings.insert(name.clone(), live);
                 });
+                self.kmip_escrow_erase_keyring(name).await;
             }
         }
         self.publish(admin, |s| s.scheduled.retain(|x| x.id != d.id));
@@ -597,6 +602,7 @@ impl KeyManager {
         let now = self.now();
         let first_id = self.store.next_destruction_id()?;
         let mut ops = Vec::with_capacity(keys.len() * 3);
+        let ids: Vec<[u8; 16]> = keys.iter().map(|(id, _)| *id).collect();
         for (next_id, (id, mut rec)) in (first_id..).zip(keys) {
             let expired = rec.expires.unwrap_or(now);
             rec.state = KeyState::Destroyed { at: now };
@@ -619,6 +625,7 @@ impl KeyManager {
             ops.extend([WriteOp::PutDataKey { id, record: rec }, WriteOp::NewDestruction(d), WriteOp::Audit(ev)]);
         }
         self.write_as(admin, WriteOp::Atomic(ops)).await?;
+        self.kmip_escrow_erase(&ids).await;
         Ok(())
     }
 
@@ -661,6 +668,7 @@ impl KeyManager {
                 None => break,
             }
         }
+        done += self.kmip_escrow_sweep().await?;
         Ok(done)
     }
 
