@@ -335,6 +335,7 @@ async fn kmip_import(client: &KmsClient, entries: Vec<(String, kmsctl::kmip::Ent
     let io = |e: std::io::Error| fail(format!("writing output failed: {e}"));
     let mut sum = Summary::default();
     let mut last_code = ErrorClass::Other.exit_code();
+    let mut bad_file = false;
     for (uid, entry) in entries {
         let line = match entry {
             Entry::Skipped(why) => {
@@ -343,7 +344,7 @@ async fn kmip_import(client: &KmsClient, entries: Vec<(String, kmsctl::kmip::Ent
             }
             Entry::Bad(e) => {
                 sum.failed += 1;
-                last_code = ErrorClass::Integrity.exit_code();
+                bad_file = true;
                 format!("{uid} FAILED: {}", Esc(&e.to_string()))
             }
             Entry::Ready(ready) => {
@@ -374,7 +375,9 @@ async fn kmip_import(client: &KmsClient, entries: Vec<(String, kmsctl::kmip::Ent
     }
     writeln!(out, "{sum}").map_err(io)?;
     if sum.failed > 0 {
-        return Err(Failure { code: last_code, message: format!("{} of the bundle's objects failed; see the lines above", sum.failed) });
+        // A damaged or altered file is an integrity failure, whatever the server said of others.
+        let code = if bad_file { ErrorClass::Integrity.exit_code() } else { last_code };
+        return Err(Failure { code, message: format!("{} of the bundle's objects failed; see the lines above", sum.failed) });
     }
     Ok(())
 }
