@@ -308,7 +308,7 @@ impl KeyRecord {
         check_uid(path, &wire.uid, KEY_SUFFIX)?;
         let field = |field, reason| BundleError::Field { path: path.to_owned(), field, reason };
         let hex_text = Zeroizing::new(std::mem::take(&mut wire.material_hex));
-        if hex_text.is_empty() || hex_text.len() > 2 * MAX_MATERIAL || hex_text.len() % 2 != 0 {
+        if hex_text.is_empty() || hex_text.len() > 2 * MAX_MATERIAL || !hex_text.len().is_multiple_of(2) {
             return Err(field("material_hex", "2 to 16384 hex digits"));
         }
         let mut material = Zeroizing::new(vec![0u8; hex_text.len() / 2]);
