@@ -252,6 +252,11 @@ fn import_refuses_a_wrong_identity_and_names_an_altered_file() {
     assert_eq!(good(&r[0])["uids"], json!([]));
     assert_eq!(r[1]["reason"], "ITEM_NOT_FOUND", "{}", r[1]);
 
+    // Only an officer imports: an auditor's attempt is refused by the server, per object.
+    let o = s2.kmsctl("auditor", &["kmip", "import", "--recovery-identity", s(&recovery), s(&bundle)]);
+    refused(&o, 4, &["2 of the bundle's objects failed"]);
+    assert!(stdout(&o).contains("may not KmipImport"), "{}", stdout(&o));
+
     // One key file altered (one bit of its payload): named and refused; the other object
     // is imported; the exit code says integrity.
     let altered = bundle.join(format!("{}.key.age", uids[0]));

@@ -771,13 +771,34 @@ async fn kmip_objects_are_escrowed_before_they_commit_and_erased_with_their_data
     let sealer_only = other.auth("host", Action::GenerateDataKey, Some("ehr"));
     assert!(matches!(other.keys.kmip_import(&sealer_only, read_key(escrow.path()), read_state(escrow.path()), ev()).await, Err(KeyError::NotCovered)));
 
-    // The retention ends: the data key is destroyed, the key file goes with it.
-    c.advance_days(2);
+    // A KMIP Destroy: Destroyed in the bundle at once; cancelled by an officer: not any
+    // more; carried out after its waiting period: the key file is deleted.
+    c.create("pacs", 0, 0).await;
+    let pacs = c.auth("host", Action::GenerateDataKey, Some("pacs"));
+    let uid2 = c.keys.kmip_create(&pacs, "pacs", new(), material(), c.ev("host", Action::GenerateDataKey)).await.unwrap();
+    let state2 = || {
+        let p = escrow.path().join(state_file_name(&uid2));
+        StateRecord::open(&identity, &std::fs::read(&p).unwrap(), &p).unwrap()
+    };
+    let d = c.keys.kmip_destroy(&pacs, &uid2, c.ev("host", Action::GenerateDataKey)).await.unwrap();
+    assert!(state2().destroyed.is_some());
+    let officer = c.auth("officer", Action::CancelDestruction, Some("pacs"));
+    c.keys.cancel_destruction(&officer, d.id, c.ev("officer", Action::CancelDestruction)).await.unwrap();
+    assert_eq!(state2().destroyed, None, "a cancelled Destroy gives the object back");
+    c.keys.kmip_destroy(&pacs, &uid2, c.ev("host", Action::GenerateDataKey)).await.unwrap();
+    assert!(listing().contains(&key_file_name(&uid2)), "kept during the waiting period");
+
+    // The retention of the first ends, the second's waiting period too: both data keys
+    // are destroyed, their key files go with them.
+    c.advance_days(8);
     c.keys.maintain(None).await.unwrap();
-    assert_eq!(listing(), vec![state_file_name(&uid)]);
+    let mut left = vec![state_file_name(&uid), state_file_name(&uid2)];
+    left.sort();
+    assert_eq!(listing(), left);
     assert!(read_state(escrow.path()).destroyed.is_some());
+    assert!(state2().destroyed.is_some());
     // A key file an interrupted erase left is deleted by the next pass.
     std::fs::write(escrow.path().join(key_file_name(&uid)), b"left over").unwrap();
     assert_eq!(c.keys.maintain(None).await.unwrap(), 1);
-    assert_eq!(listing(), vec![state_file_name(&uid)]);
+    assert_eq!(listing(), left);
 }
