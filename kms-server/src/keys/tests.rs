@@ -791,7 +791,8 @@ async fn kmip_objects_are_escrowed_before_they_commit_and_erased_with_their_data
     // The retention of the first ends, the second's waiting period too: both data keys
     // are destroyed, their key files go with them.
     c.advance_days(8);
-    c.keys.maintain(None).await.unwrap();
+    // One expiry, one destruction; nothing left for the sweep (which would count a third).
+    assert_eq!(c.keys.maintain(None).await.unwrap(), 2);
     let mut left = vec![state_file_name(&uid), state_file_name(&uid2)];
     left.sort();
     assert_eq!(listing(), left);
@@ -801,4 +802,20 @@ async fn kmip_objects_are_escrowed_before_they_commit_and_erased_with_their_data
     std::fs::write(escrow.path().join(key_file_name(&uid)), b"left over").unwrap();
     assert_eq!(c.keys.maintain(None).await.unwrap(), 1);
     assert_eq!(listing(), left);
+
+    // A keyring destroyed: the key files of its objects go with its keys.
+    c.create("tape", 0, 0).await;
+    let tape = c.auth("host", Action::GenerateDataKey, Some("tape"));
+    let uid3 = c.keys.kmip_create(&tape, "tape", new(), material(), c.ev("host", Action::GenerateDataKey)).await.unwrap();
+    assert!(listing().contains(&key_file_name(&uid3)));
+    let a = c.auth("officer", Action::DestroyKeyring, Some("tape"));
+    let DestroyOutcome::Pending(req) = c.keys.request_destroy_keyring(&a, "tape", c.ev("officer", Action::DestroyKeyring)).await.unwrap() else {
+        panic!("destroying a keyring needs a second officer");
+    };
+    c.approve("officer2", req.id).await.unwrap();
+    c.advance_days(8);
+    assert_eq!(c.keys.maintain(None).await.unwrap(), 1, "the keyring's destruction; nothing left for the sweep");
+    assert!(!listing().contains(&key_file_name(&uid3)), "{:?}", listing());
+    let p = escrow.path().join(state_file_name(&uid3));
+    assert!(StateRecord::open(&identity, &std::fs::read(&p).unwrap(), &p).unwrap().destroyed.is_some());
 }
