@@ -137,7 +137,12 @@ impl KeyManager {
             files.push((bundle::key_file_name(&uid), key_record(id, o, m).seal(&recipient).map_err(|e| esc.error(e))?));
         }
         files.push((bundle::state_file_name(&uid), state_record(id, o, destroyed).seal(&recipient).map_err(|e| esc.error(e))?));
-        let _order = esc.lock.lock().await;
+        // A new object's id is fresh: no other write of its files can race this one, so
+        // Creates do not wait for each other here (their fsyncs overlap).
+        let _order = match material {
+            None => Some(esc.lock.lock().await),
+            Some(_) => None,
+        };
         esc.write(files).await?;
         Ok(Some(Written { id: *id, created: material.is_some() }))
     }
@@ -148,6 +153,10 @@ impl KeyManager {
     /// failure is logged (the next change or the maintenance sweep writes again).
     pub(in crate::keys) async fn kmip_escrow_after<T>(&self, written: Option<Written>, r: Result<T, KeyError>) -> Result<T, KeyError> {
         let (Some(w), Some(esc)) = (written, &self.kmip_escrow) else { return r };
+        // A new object committed: its state file was written from the row just committed.
+        if r.is_ok() && w.created {
+            return r;
+        }
         // A failed commit may still have landed (a store that went away at the end):
         // the store decides.
         let absent = r.is_err() && w.created && matches!(self.store.kmip_object(&w.id), Ok(None));
