@@ -395,6 +395,16 @@ pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), BundleErro
     Ok(())
 }
 
+/// [`write_file`] for several files, with one directory sync after the last rename (each
+/// file is synced before its rename): what a new object writes, its key and state files.
+pub fn write_files(dir: &Path, files: &[(String, Vec<u8>)]) -> Result<(), BundleError> {
+    for (name, bytes) in files {
+        fsutil::replace_file_atomically(dir, &dir.join(name), ".kluis-escrow-", ".tmp", bytes, 0o600)?;
+    }
+    fsutil::sync_dir_if_supported(dir)?;
+    Ok(())
+}
+
 /// Deletes `dir/name` durably (the directory synced); true if it was there.
 pub fn remove_file(dir: &Path, name: &str) -> Result<bool, BundleError> {
     let path = dir.join(name);

@@ -46,10 +46,11 @@ impl EscrowDir {
         KeyError::KmipEscrow { dir: self.dir.clone(), source }
     }
 
-    /// Writes each `(name, bytes)` durably, in order (a blocking task).
+    /// Writes each `(name, bytes)` durably, in order, the directory synced once after (a
+    /// blocking task).
     async fn write(&self, files: Vec<(String, Vec<u8>)>) -> Result<(), KeyError> {
         let dir = self.dir.clone();
-        tokio::task::spawn_blocking(move || files.iter().try_for_each(|(name, bytes)| bundle::write_file(&dir, name, bytes)))
+        tokio::task::spawn_blocking(move || bundle::write_files(&dir, &files))
             .await?
             .map_err(|e| self.error(e))
     }
