@@ -16,6 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .skip_debug([
             "kluis.v1.GenerateDataKeyResponse",
             "kluis.v1.UnwrapDataKeyResponse",
+            "kluis.v1.ImportKmipObjectRequest",
         ])
         .compile_fds(fds)?;
     Ok(())

@@ -72,13 +72,15 @@ impl ErrorClass {
             | Reason::GrantNotFound
             | Reason::NoEscrow
             | Reason::EscrowRecipientChange
-            | Reason::EscrowRecipientNotInForce => ErrorClass::Refused,
+            | Reason::EscrowRecipientNotInForce
+            | Reason::KmipObjectExists => ErrorClass::Refused,
             Reason::WrappedKeyNotAuthentic | Reason::KeyringMismatch | Reason::AuditTampered => ErrorClass::Integrity,
             Reason::AuditUnavailable
             | Reason::MasterKeyUnavailable
             | Reason::StoreUnavailable
             | Reason::AuditExportBusy
-            | Reason::ConcurrentChange => {
+            | Reason::ConcurrentChange
+            | Reason::KmipEscrowUnavailable => {
                 ErrorClass::Unavailable
             }
             Reason::InvalidArgument | Reason::EscrowManifestInvalid | Reason::KeyringExists | Reason::Internal => {
@@ -135,7 +137,8 @@ mod tests {
             | Reason::MasterKeyUnavailable
             | Reason::StoreUnavailable
             | Reason::AuditExportBusy
-            | Reason::ConcurrentChange => {
+            | Reason::ConcurrentChange
+            | Reason::KmipEscrowUnavailable => {
                     ErrorClass::Unavailable
                 }
                 Reason::InvalidArgument | Reason::EscrowManifestInvalid | Reason::KeyringExists | Reason::Internal => {

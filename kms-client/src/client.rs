@@ -988,6 +988,16 @@ impl KmsClient {
         })
     }
 
+    /// Recreates one KMIP object of an escrow bundle with its Unique Identifier (officer,
+    /// `kmsctl kmip import`); answers the uid. The request's material is zeroized after.
+    pub async fn import_kmip_object(&self, mut req: pb::ImportKmipObjectRequest) -> Result<String, ClientError> {
+        let material = std::mem::take(&mut req.material);
+        let sent = pb::ImportKmipObjectRequest { material: material.clone(), ..req };
+        zeroize::Zeroize::zeroize(&mut { material });
+        let r = call!(self, Rpc::ImportKmipObject, admin.import_kmip_object(sent));
+        Ok(r?.into_inner().uid)
+    }
+
     /// The compliance report (officer, auditor).
     pub async fn report(&self, since: Option<&str>) -> Result<kluis_proto::report::Report, ClientError> {
         let req = pb::GetReportRequest { since: since.unwrap_or_default().to_owned() };

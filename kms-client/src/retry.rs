@@ -82,6 +82,7 @@ pub enum Rpc {
     GetReport,
     ExportAudit,
     GetAuditPublicKey,
+    ImportKmipObject,
 }
 
 /// When a failed request may be sent again.
@@ -136,7 +137,9 @@ impl Rpc {
             | Rpc::CancelDestruction
             | Rpc::RotateMaster
             | Rpc::InstallEscrow
-            | Rpc::RemoveEscrow => Replay::OnlyIfNeverSent,
+            | Rpc::RemoveEscrow
+            // A replay would answer KMIP_OBJECT_EXISTS, hiding that the first one made it.
+            | Rpc::ImportKmipObject => Replay::OnlyIfNeverSent,
         }
     }
 

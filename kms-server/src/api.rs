@@ -312,6 +312,11 @@ fn key_code_reason(e: &KeyError) -> (tonic::Code, kluis_proto::error::Reason) {
         KeyError::ApprovalOutdated { .. } => (Code::FailedPrecondition, Reason::ApprovalOutdated),
         KeyError::BadRetire { .. } | KeyError::RetireStrands { .. } => (Code::FailedPrecondition, Reason::RetireNotPossible),
         KeyError::KeyringExists { .. } => (Code::AlreadyExists, Reason::KeyringExists),
+        KeyError::KmipObjectExists { .. } => (Code::AlreadyExists, Reason::KmipObjectExists),
+        // The config asks for a bundle and there is no recipient to write it to.
+        KeyError::KmipEscrowNoRecipient { .. } => (Code::FailedPrecondition, Reason::NoEscrow),
+        // The directory or disk failed; nothing was done, a retry may succeed once fixed.
+        KeyError::KmipEscrow { .. } => (Code::Unavailable, Reason::KmipEscrowUnavailable),
         KeyError::KeyringMismatch { .. } => (Code::InvalidArgument, Reason::KeyringMismatch),
         KeyError::UnwrapFailed { .. } => (Code::InvalidArgument, Reason::WrappedKeyNotAuthentic),
         KeyError::Destroyed { .. } | KeyError::KeyMaterialErased { .. } => (Code::FailedPrecondition, Reason::KeyDestroyed),
@@ -794,6 +799,17 @@ impl pb::admin_service_server::AdminService for Api {
         }))
     }
 
+    #[instrument(skip_all, fields(principal, keyring = %Shown(&req.get_ref().keyring), key_id = %Shown(&req.get_ref().uid)))]
+    async fn import_kmip_object(&self, req: Request<pb::ImportKmipObjectRequest>) -> Result<Response<pb::ImportKmipObjectResponse>, Status> {
+        let (r, mut ev) = self.valid(&req, Action::KmipImport).await?;
+        let auth = self.authorize(&req, &mut ev).await?;
+        let (key, st) = Self::kmip_import_records(&r, req.into_inner());
+        let outcome = Outcome::ok_with(format!("KMIP object imported from the escrow bundle, state {}", kluis_escrow::kmip_bundle::state_name(st.state)));
+        self.settle(&ev, self.keys.kmip_import(&auth, key, st, ev.with_outcome(outcome)).await).await?;
+        tracing::warn!(uid = r.uid.as_str(), "KMIP object imported from the escrow bundle");
+        Ok(Response::new(pb::ImportKmipObjectResponse { uid: r.uid.as_str().to_owned() }))
+    }
+
     #[instrument(skip_all, fields(principal))]
     async fn get_report(&self, req: Request<pb::GetReportRequest>) -> Result<Response<pb::Report>, Status> {
         let (r, mut ev) = self.valid(&req, Action::GetReport).await?;
@@ -806,6 +822,41 @@ impl pb::admin_service_server::AdminService for Api {
         let json = serde_json::to_string(&report).map_err(|e| kluis_proto::error::status(tonic::Code::Internal, format!("report encoding: {e}"), kluis_proto::error::Reason::Internal))?;
         self.done(&ev).await?;
         Ok(Response::new(pb::Report { json }))
+    }
+}
+
+impl Api {
+    /// The bundle records of an import request (material moved out, zeroized on drop).
+    fn kmip_import_records(
+        r: &validate::ImportKmipObject,
+        mut p: pb::ImportKmipObjectRequest,
+    ) -> (kluis_escrow::kmip_bundle::KeyRecord, kluis_escrow::kmip_bundle::StateRecord) {
+        use kluis_escrow::kmip_bundle::{AppInfo, KeyRecord, Revocation, StateRecord};
+        let key = KeyRecord {
+            uid: r.uid.as_str().to_owned(),
+            keyring: r.keyring.as_str().to_owned(),
+            object_type: p.object_type,
+            algorithm: p.algorithm,
+            length: p.length,
+            key_format: p.key_format,
+            initial_date: p.initial_date_unix,
+            created_by: std::mem::take(&mut p.created_by),
+            material: zeroize::Zeroizing::new(std::mem::take(&mut p.material)),
+        };
+        let st = StateRecord {
+            uid: r.uid.as_str().to_owned(),
+            state: p.state,
+            usage_mask: p.usage_mask,
+            names: p.names,
+            app_info: p.app_info.into_iter().map(|a| AppInfo { namespace: a.namespace, data: a.data }).collect(),
+            activation_date: p.activation_date_unix,
+            deactivation_date: p.deactivation_date_unix,
+            compromise_date: p.compromise_date_unix,
+            compromise_occurrence: p.compromise_occurrence_unix,
+            revocation: p.revocation_code.map(|code| Revocation { code, message: p.revocation_message }),
+            destroyed: None,
+        };
+        (key, st)
     }
 }
 

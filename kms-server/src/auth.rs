@@ -42,6 +42,7 @@ pub enum Action {
     RotateMaster,
     GetReport,
     MarkDataKeyEscrowed,
+    KmipImport,
 }
 
 impl Action {
@@ -58,7 +59,8 @@ impl Action {
             | Action::DestroyKey
             | Action::DestroyKeyring
             | Action::CancelDestruction
-            | Action::RotateMaster => &[Role::Officer],
+            | Action::RotateMaster
+            | Action::KmipImport => &[Role::Officer],
             Action::GetDataKey | Action::FindDataKeys | Action::ListDestructions | Action::GetReport => &[Role::Officer, Role::Auditor],
             Action::RotateKeyring | Action::ChangeGrant | Action::RetireVersions | Action::Approve => &[Role::Officer],
             Action::ListApprovals => &[Role::Officer, Role::Auditor],
@@ -103,6 +105,7 @@ impl Action {
             Action::RotateMaster => "RotateMaster",
             Action::GetReport => "GetReport",
             Action::MarkDataKeyEscrowed => "MarkDataKeyEscrowed",
+            Action::KmipImport => "KmipImport",
         }
     }
 }

@@ -78,6 +78,10 @@ enum Cmd {
         /// libraries) here; without a value on 127.0.0.1:5696, KMIP's port.
         #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:5696")]
         kmip_listen: Option<SocketAddr>,
+        /// Write the escrow bundle of KMIP objects into this directory (the config's
+        /// `kmip_escrow_dir`; docs/kmip-escrow.md).
+        #[arg(long, value_name = "DIR")]
+        kmip_escrow_dir: Option<PathBuf>,
     },
     /// Create the master key and the store for a config (once).
     Init {
@@ -186,7 +190,7 @@ fn announce(addr: SocketAddr) {
 
 async fn run(cmd: Cmd, env: Environment) -> Result<(), CliError> {
     match cmd {
-        Cmd::Dev { data_dir, listen, pkcs11_module, pkcs11_token_label, pkcs11_key_label, pkcs11_pin_file, client_endpoints, store_url, kmip_listen } => {
+        Cmd::Dev { data_dir, listen, pkcs11_module, pkcs11_token_label, pkcs11_key_label, pkcs11_pin_file, client_endpoints, store_url, kmip_listen, kmip_escrow_dir } => {
             let data_dir = std::path::absolute(&data_dir)
                 .map_err(|e| CliError::Path { path: data_dir.clone(), source: e })?;
             let master = match (pkcs11_module, pkcs11_token_label, pkcs11_pin_file) {
@@ -206,6 +210,9 @@ async fn run(cmd: Cmd, env: Environment) -> Result<(), CliError> {
             };
             let (mut cfg, created) = dev::prepare(&data_dir, listen, master, &store)?;
             cfg.kmip_listen = kmip_listen;
+            if let Some(d) = kmip_escrow_dir {
+                cfg.kmip_escrow_dir = Some(std::path::absolute(&d).map_err(|e| CliError::Path { path: d.clone(), source: e })?);
+            }
             cfg.check_files()?;
             let prepared = server::prepare(&cfg)?;
             let keys = startup::open_keys(&cfg, &env)?;

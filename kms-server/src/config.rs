@@ -107,6 +107,13 @@ pub struct ServerConfig {
     /// create objects (Permission Denied, naming this setting).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kmip_keyring: Option<String>,
+    /// Where the escrow bundle of KMIP objects is written (docs/kmip-escrow.md): one age
+    /// file per object with its material, one with its state, encrypted to the installed
+    /// recovery recipient, written durably before an object is made or changes state. A
+    /// directory that can sit beside the backups; made at start if absent. Absent: no
+    /// bundle is written (the log says so at start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kmip_escrow_dir: Option<PathBuf>,
     pub tls: TlsConfig,
     pub master: MasterConfig,
     /// How client certificates become principals, and which are revoked.
@@ -454,6 +461,9 @@ impl ServerConfig {
             }
         };
         abs(&mut self.data_dir);
+        if let Some(p) = &mut self.kmip_escrow_dir {
+            abs(p);
+        }
         if let Some(p) = &mut self.store.password_file {
             abs(p);
         }

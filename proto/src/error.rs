@@ -129,6 +129,11 @@ reasons! {
     ConcurrentChange = "CONCURRENT_CHANGE",
     /// A fault of the server itself; see its log.
     Internal = "INTERNAL",
+    /// A KMIP object with this Unique Identifier exists already (an import run twice).
+    KmipObjectExists = "KMIP_OBJECT_EXISTS",
+    /// The escrow bundle of KMIP objects (`kmip_escrow_dir`) could not be written, so
+    /// nothing was done; see the message and the server's log.
+    KmipEscrowUnavailable = "KMIP_ESCROW_UNAVAILABLE",
 }
 
 impl fmt::Display for Reason {

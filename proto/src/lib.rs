@@ -23,6 +23,18 @@ pub mod v1 {
         }
     }
 
+    impl std::fmt::Debug for ImportKmipObjectRequest {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("ImportKmipObjectRequest")
+                .field("uid", &self.uid)
+                .field("keyring", &self.keyring)
+                .field("object_type", &self.object_type)
+                .field("material", &"<redacted>")
+                .field("state", &self.state)
+                .finish_non_exhaustive()
+        }
+    }
+
     impl std::fmt::Debug for UnwrapDataKeyResponse {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             f.debug_struct("UnwrapDataKeyResponse")

@@ -81,6 +81,32 @@ pub fn write_new_file_atomically(
     }
 }
 
+/// Writes `bytes` to `target` atomically, replacing a file that is there: a temporary
+/// file (`tmp_prefix`..`tmp_suffix`) in `dir`, the directory of `target`, is given `mode`,
+/// written, synced and renamed over `target`. The directory itself is not synced.
+pub fn replace_file_atomically(
+    dir: &Path,
+    target: &Path,
+    tmp_prefix: &str,
+    tmp_suffix: &str,
+    bytes: &[u8],
+    mode: u32,
+) -> Result<(), FsError> {
+    let mut tmp = tempfile::Builder::new()
+        .prefix(tmp_prefix)
+        .suffix(tmp_suffix)
+        .permissions(fs::Permissions::from_mode(mode))
+        .tempfile_in(dir)
+        .map_err(|e| FsError::new("create a temporary file in", dir, e))?;
+    tmp.as_file()
+        .set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(|e| FsError::new("set permissions of", tmp.path(), e))?;
+    tmp.write_all(bytes).map_err(|e| FsError::new("write", tmp.path(), e))?;
+    tmp.as_file().sync_all().map_err(|e| FsError::new("sync", tmp.path(), e))?;
+    tmp.persist(target).map_err(|e| FsError::new("rename a temporary file to", target, e.error))?;
+    Ok(())
+}
+
 /// Makes the directory entries (creations, renames) in `dir` durable.
 pub fn sync_dir(dir: &Path) -> Result<(), FsError> {
     let d = fs::File::open(dir).map_err(|e| FsError::new("open directory", dir, e))?;

@@ -51,6 +51,7 @@
 
 mod ceremony;
 mod error;
+pub mod kmip_bundle;
 mod manifest;
 mod recipient;
 mod secret;

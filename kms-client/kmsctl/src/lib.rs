@@ -7,5 +7,6 @@
 
 pub mod cert;
 pub mod escrow;
+pub mod kmip;
 pub mod output;
 pub mod report;

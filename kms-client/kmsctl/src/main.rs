@@ -61,6 +61,9 @@ enum Cmd {
     /// The master key.
     #[command(subcommand)]
     Master(MasterCmd),
+    /// KMIP objects: their escrow bundle.
+    #[command(subcommand)]
+    Kmip(KmipCmd),
     /// The compliance report per keyring (officer, auditor).
     Report {
         /// Only events at or after this time (RFC 3339, e.g. 2026-01-01T00:00:00Z).
@@ -311,6 +314,75 @@ enum KeyringCmd {
 }
 
 #[derive(Subcommand)]
+enum KmipCmd {
+    /// Load an escrow bundle of KMIP objects (a server's kmip_escrow_dir) into this server
+    /// (officer), with the same identifiers: every file is opened with the recovery
+    /// identity first, then each object is recreated. One line per object and a summary;
+    /// exit 1 if any failed. Objects that exist already are left as they are.
+    Import {
+        /// The recovery identity the custodians rebuilt (`kmsctl escrow combine -o FILE`).
+        #[arg(long, value_name = "FILE")]
+        recovery_identity: PathBuf,
+        /// The bundle directory.
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
+}
+
+/// `kmsctl kmip import`: the bundle read and checked offline first, then imported.
+async fn kmip_import(client: &KmsClient, entries: Vec<(String, kmsctl::kmip::Entry)>, out: &mut dyn Write) -> Result<(), Failure> {
+    use kmsctl::kmip::{Entry, Summary, request};
+    let io = |e: std::io::Error| fail(format!("writing output failed: {e}"));
+    let mut sum = Summary::default();
+    let mut last_code = ErrorClass::Other.exit_code();
+    let mut bad_file = false;
+    for (uid, entry) in entries {
+        let line = match entry {
+            Entry::Skipped(why) => {
+                sum.skipped += 1;
+                format!("{uid} skipped: {why}")
+            }
+            Entry::Bad(e) => {
+                sum.failed += 1;
+                bad_file = true;
+                format!("{uid} FAILED: {}", Esc(&e.to_string()))
+            }
+            Entry::Ready(ready) => {
+                let (key, st) = &*ready;
+                match client.import_kmip_object(request(key, st)).await {
+                    Ok(_) => {
+                        sum.imported += 1;
+                        format!("{uid} imported: {} in keyring {}", kluis_escrow::kmip_bundle::state_name(st.state), Esc(&key.keyring))
+                    }
+                    Err(e) if e.reason() == Some(kluis_proto::error::Reason::KmipObjectExists) => {
+                        sum.existing += 1;
+                        format!("{uid} already exists on this server: left as it is")
+                    }
+                    Err(e) => {
+                        sum.failed += 1;
+                        last_code = e.class().exit_code();
+                        let hint = if e.reason() == Some(kluis_proto::error::Reason::KeyringNotFound) {
+                            format!("; create it first (`kmsctl keyring create {}`, with the retention it had), then import again", Esc(&key.keyring))
+                        } else {
+                            String::new()
+                        };
+                        format!("{uid} FAILED: {}{hint}", Esc(&e.to_string()))
+                    }
+                }
+            }
+        };
+        writeln!(out, "{line}").map_err(io)?;
+    }
+    writeln!(out, "{sum}").map_err(io)?;
+    if sum.failed > 0 {
+        // A damaged or altered file is an integrity failure, whatever the server said of others.
+        let code = if bad_file { ErrorClass::Integrity.exit_code() } else { last_code };
+        return Err(Failure { code, message: format!("{} of the bundle's objects failed; see the lines above", sum.failed) });
+    }
+    Ok(())
+}
+
+#[derive(Subcommand)]
 enum EscrowCmd {
     /// Install a ceremony's manifest at the server (officer): its recovery
     /// recipient goes out with every data key from then on. A recipient other than the
@@ -501,6 +573,15 @@ fn run(cli: Cli) -> Result<(), Failure> {
     {
         return Err(exists(path));
     }
+    // The bundle is read and checked before the server is asked for anything.
+    let kmip_entries = match &cli.cmd {
+        Cmd::Kmip(KmipCmd::Import { recovery_identity, dir }) => {
+            let refused = |e: kmsctl::kmip::ImportError| Failure { code: ErrorClass::Integrity.exit_code(), message: e.to_string() };
+            let identity = kmsctl::kmip::read_identity(recovery_identity).map_err(|e| fail(e.to_string()))?;
+            Some(kmsctl::kmip::load(dir, identity.as_ref(), recovery_identity).map_err(refused)?)
+        }
+        _ => None,
+    };
     let cfg = ClientConfig::from_arg_or_env(cli.client_config.as_deref()).map_err(|e| fail(e.to_string()))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -599,6 +680,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     m.generation, Esc(&m.description), m.versions_rewrapped, m.keyrings_rewrapped
                 )
                 .map_err(io)?;
+            }
+            Cmd::Kmip(KmipCmd::Import { .. }) => {
+                kmip_import(&client, kmip_entries.unwrap_or_default(), &mut out).await?;
             }
             Cmd::Report { since, format } => {
                 let format: kmsctl::report::ReportFormat = format.parse().map_err(|e: kmsctl::report::ReportFormatError| Failure { code: ErrorClass::Usage.exit_code(), message: e.to_string() })?;

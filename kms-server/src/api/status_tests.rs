@@ -62,9 +62,12 @@ fn key_variant(e: &KeyError) -> usize {
         KeyError::KmipState { .. } => 41,
         KeyError::KmipAttributeMissing { .. } => 42,
         KeyError::KmipAttributeFixed { .. } => 43,
+        KeyError::KmipObjectExists { .. } => 44,
+        KeyError::KmipEscrowNoRecipient { .. } => 45,
+        KeyError::KmipEscrow { .. } => 46,
     }
 }
-const KEY_VARIANTS: usize = 44;
+const KEY_VARIANTS: usize = 47;
 
 async fn join_error() -> tokio::task::JoinError {
     let task = tokio::spawn(std::future::pending::<()>());
@@ -138,6 +141,16 @@ async fn key_errors() -> Vec<(KeyError, Code, Reason)> {
             Reason::EscrowRecipientNotInForce,
         ),
         (KeyError::MasterGeneration { generation: 2, source: MasterError::Rng }, Code::Internal, Reason::Internal),
+        (KeyError::KmipObjectExists { uid: s("00112233445566778899aabbccddeeff") }, Code::AlreadyExists, Reason::KmipObjectExists),
+        (KeyError::KmipEscrowNoRecipient { dir: "/escrow".into() }, Code::FailedPrecondition, Reason::NoEscrow),
+        (
+            KeyError::KmipEscrow {
+                dir: "/escrow".into(),
+                source: kluis_escrow::kmip_bundle::BundleError::Recipient(s("x")),
+            },
+            Code::Unavailable,
+            Reason::KmipEscrowUnavailable,
+        ),
     ]
 }
 

@@ -299,6 +299,55 @@ macro_rules! key_requests {
 
 key_requests!(pb::GetDataKeyRequest, pb::DestroyKeyRequest);
 
+/// The most key material one imported KMIP object carries (the key layer's `MAX_MATERIAL`).
+pub const MAX_KMIP_MATERIAL: usize = 8192;
+
+/// ImportKmipObject, validated: its identifier and keyring (the key layer checks the
+/// attributes, as it does for a KMIP Create).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImportKmipObject {
+    pub uid: KeyId,
+    pub keyring: KeyringName,
+}
+
+impl Validate for pb::ImportKmipObjectRequest {
+    type Valid = ImportKmipObject;
+    fn validate(&self) -> Result<ImportKmipObject, Invalid> {
+        let uid = KeyId::parse(&self.uid).map_err(|e| Invalid { field: "uid", ..e })?;
+        let keyring = KeyringName::parse("keyring", &self.keyring)?;
+        if self.material.is_empty() {
+            return bad("material", Problem::Empty);
+        }
+        if self.material.len() > MAX_KMIP_MATERIAL {
+            return bad("material", Problem::TooLong { len: self.material.len(), max: MAX_KMIP_MATERIAL });
+        }
+        if self.names.len() > 16 {
+            return bad("names", Problem::TooMany { count: self.names.len(), max: 16 });
+        }
+        if self.app_info.len() > 16 {
+            return bad("app_info", Problem::TooMany { count: self.app_info.len(), max: 16 });
+        }
+        text("created_by", &self.created_by, MAX_TEXT, false)?;
+        for n in &self.names {
+            text("names", n, MAX_TEXT, false)?;
+        }
+        for a in &self.app_info {
+            text("app_info", &a.namespace, MAX_TEXT, false)?;
+            text("app_info", &a.data, MAX_TEXT, true)?;
+        }
+        if let Some(m) = &self.revocation_message {
+            text("revocation_message", m, MAX_TEXT, false)?;
+        }
+        Ok(ImportKmipObject { uid, keyring })
+    }
+    fn claimed(&self) -> Subject<'_> {
+        Subject { keyring: Some(self.keyring.as_str()), key_id: Some(self.uid.as_str()), ..Subject::default() }
+    }
+    fn subject(v: &ImportKmipObject) -> Subject<'_> {
+        Subject { keyring: Some(v.keyring.as_str()), key_id: Some(v.uid.as_str()), ..Subject::default() }
+    }
+}
+
 /// FindDataKeys, validated: the backup id as GenerateDataKey's, the keyring optional.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FindDataKeys {

@@ -18,6 +18,8 @@
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
+pub mod escrow;
+
 use super::registry::WriteOp;
 use super::{KeyError, KeyManager};
 use crate::audit::AuditEvent;
@@ -360,13 +362,13 @@ impl KeyManager {
             secret_data_type: None,
         };
         audit.key_id = Some(uid_of(&id));
-        self.store
-            .write(WriteOp::Atomic(vec![
-                WriteOp::IssueDataKey { id, record: issue.record, secret: Some(issue.secret) },
-                WriteOp::PutKmipObject { id, object: Box::new(object), previous: None },
-                WriteOp::Audit(audit),
-            ]))
-            .await?;
+        let op = WriteOp::Atomic(vec![
+            WriteOp::IssueDataKey { id, record: issue.record, secret: Some(issue.secret) },
+            WriteOp::PutKmipObject { id, object: Box::new(object), previous: None },
+            WriteOp::Audit(audit),
+        ]);
+        let escrowed = self.kmip_escrow_before(&op, Some(&material), false).await?;
+        self.kmip_escrow_after(escrowed, self.store.write(op).await.map_err(KeyError::from)).await?;
         Ok(uid_of(&id))
     }
 
@@ -527,7 +529,8 @@ impl KeyManager {
         audit.key_id = Some(uid_of(&id));
         let action = PendingAction::DestroyKey { id, keyring: before.keyring.clone() };
         let put = WriteOp::PutKmipObject { id, object: Box::new(after), previous: Some(Box::new(before)) };
-        self.schedule_with_ops(&admin, &action, auth.principal().name(), None, audit, vec![put]).await
+        let escrowed = self.kmip_escrow_before(&put, None, true).await?;
+        self.kmip_escrow_after(escrowed, self.schedule_with_ops(&admin, &action, auth.principal().name(), None, audit, vec![put]).await).await
     }
 
     /// Adds, changes or deletes one attribute a client may set (Name, Application
@@ -580,13 +583,9 @@ impl KeyManager {
         let mut after = before.clone();
         change(&mut after, seen, self.now())?;
         audit.key_id = Some(uid_of(&id));
-        self.store
-            .write(WriteOp::Atomic(vec![
-                WriteOp::PutKmipObject { id, object: Box::new(after), previous: Some(Box::new(before)) },
-                WriteOp::Audit(audit),
-            ]))
-            .await?;
-        Ok(())
+        let op = WriteOp::Atomic(vec![WriteOp::PutKmipObject { id, object: Box::new(after), previous: Some(Box::new(before)) }, WriteOp::Audit(audit)]);
+        let escrowed = self.kmip_escrow_before(&op, None, false).await?;
+        self.kmip_escrow_after(escrowed, self.store.write(op).await.map_err(KeyError::from)).await
     }
 
     /// The objects `matches` accepts, in id order, at most `max`, after skipping `offset`.

@@ -527,6 +527,9 @@ impl KeyManager {
         ops.push(WriteOp::Audit(audit));
         self.store.write(WriteOp::Atomic(ops)).await?;
         self.publish(&admin, |s| s.scheduled.retain(|d| d.id != id));
+        if let DestructionTarget::Key { id, .. } = &rec.target {
+            self.kmip_escrow_resync(id).await;
+        }
         Ok(rec)
     }
 
@@ -568,6 +571,7 @@ impl KeyManager {
                     format!("destroyed (destruction {}, requested by {})", d.id, d.requested_by),
                 )));
                 self.write_as(admin, WriteOp::Atomic(ops)).await?;
+                self.kmip_escrow_erase(&[*id]).await;
             }
             DestructionTarget::Keyring { name } => {
                 let mut record = self.ring(name)?.record.clone();
@@ -590,6 +594,7 @@ impl KeyManager {
                 self.publish(admin, |s| {
                     s.rings.insert(name.clone(), live);
                 });
+                self.kmip_escrow_erase_keyring(name).await;
             }
         }
         self.publish(admin, |s| s.scheduled.retain(|x| x.id != d.id));
@@ -603,6 +608,7 @@ impl KeyManager {
         let now = self.now();
         let first_id = self.store.next_destruction_id()?;
         let mut ops = Vec::with_capacity(keys.len() * 3);
+        let ids: Vec<[u8; 16]> = keys.iter().map(|(id, _)| *id).collect();
         for (next_id, (id, mut rec)) in (first_id..).zip(keys) {
             let expired = rec.expires.unwrap_or(now);
             ops.extend(self.kmip_erased(&id, &rec, now)?);
@@ -626,6 +632,7 @@ impl KeyManager {
             ops.extend([WriteOp::PutDataKey { id, record: rec }, WriteOp::NewDestruction(d), WriteOp::Audit(ev)]);
         }
         self.write_as(admin, WriteOp::Atomic(ops)).await?;
+        self.kmip_escrow_erase(&ids).await;
         Ok(())
     }
 
@@ -668,6 +675,7 @@ impl KeyManager {
                 None => break,
             }
         }
+        done += self.kmip_escrow_sweep().await?;
         Ok(done)
     }
 

@@ -79,6 +79,12 @@ pub enum KeyError {
     InvalidArgument { field: &'static str, reason: &'static str },
     #[error("KMIP object {uid} does not exist")]
     KmipObjectNotFound { uid: String },
+    #[error("KMIP object {uid} already exists on this server; it was left as it is")]
+    KmipObjectExists { uid: String },
+    #[error("kmip_escrow_dir is set ({}) but no escrow manifest is in force, so KMIP objects cannot be escrowed and none is made or changed: install one with `kmsctl escrow install`", .dir.display())]
+    KmipEscrowNoRecipient { dir: std::path::PathBuf },
+    #[error("the KMIP escrow bundle could not be written in {}, so nothing was done: {source}", .dir.display())]
+    KmipEscrow { dir: std::path::PathBuf, source: kluis_escrow::kmip_bundle::BundleError },
     #[error("KMIP object {uid} is {state}: {operation} is not possible in that state")]
     KmipState { uid: String, state: &'static str, operation: &'static str },
     #[error("the object has no {name} at index {index}")]
@@ -310,6 +316,8 @@ pub struct KeyManager {
     admin: Mutex<()>,
     rng: SystemRandom,
     approval_ttl_secs: u64,
+    /// `kmip_escrow_dir`: where KMIP objects are escrowed (None: they are not).
+    kmip_escrow: Option<kmip::escrow::EscrowDir>,
 }
 
 /// Reads the [`State`] from the store: the master generation it records (`master` if that
@@ -536,6 +544,7 @@ impl KeyManager {
             admin: Mutex::new(()),
             rng: SystemRandom::new(),
             approval_ttl_secs: DEFAULT_APPROVAL_TTL_SECS,
+            kmip_escrow: None,
         })
     }
 
@@ -646,6 +655,12 @@ impl KeyManager {
     /// The waiting period between a destruction request and the destruction.
     pub fn with_destruction_wait_days(mut self, days: u32) -> Self {
         self.destruction_wait_secs = i64::from(days) * 86_400;
+        self
+    }
+
+    /// Escrows KMIP objects into `dir` (docs/kmip-escrow.md); None: no bundle is written.
+    pub fn with_kmip_escrow_dir(mut self, dir: Option<std::path::PathBuf>) -> Self {
+        self.kmip_escrow = dir.map(kmip::escrow::EscrowDir::new);
         self
     }
 
@@ -1273,6 +1288,20 @@ impl KeyManager {
     /// its wrapped form, and the registry record and secret to write with it (the caller
     /// writes them, with its audit entry, in one transaction).
     async fn issue(&self, auth: &Authorized, keyring: &str, backup_id: &str, labels: Vec<(String, String)>) -> Result<Issue, KeyError> {
+        self.issue_as(auth, keyring, backup_id, labels, None).await
+    }
+
+    /// [`issue`](Self::issue), with the id and creation date given (`(id, created)`: a
+    /// KMIP import keeps the object's identifier, and its expiry counts from its Initial
+    /// Date) instead of fresh ones.
+    async fn issue_as(
+        &self,
+        auth: &Authorized,
+        keyring: &str,
+        backup_id: &str,
+        labels: Vec<(String, String)>,
+        given: Option<([u8; 16], i64)>,
+    ) -> Result<Issue, KeyError> {
         // A request meeting a due rotation makes it (on any replica: the state epoch keeps two
         // from both landing), so no key is issued under an overdue version.
         self.rotate_if_due(keyring, None).await?;
@@ -1290,7 +1319,10 @@ impl KeyManager {
                 .ok_or(KeyError::VersionRetired { keyring: keyring.to_owned(), version: 0 })?;
             (v, k, live.record.retention_days)
         };
-        let id: [u8; 16] = random_array(&self.rng).map_err(|_| KeyError::Rng)?;
+        let id: [u8; 16] = match given {
+            Some((id, _)) => id,
+            None => random_array(&self.rng).map_err(|_| KeyError::Rng)?,
+        };
         // Format 2: the file's header carries the base key; the data key also needs the
         // secret that stays in the registry until the key is destroyed.
         let base = Key256::generate(&self.rng).map_err(|_| KeyError::Rng)?;
@@ -1298,7 +1330,7 @@ impl KeyManager {
         let data_key = derive_data_key(&base, &secret, &id)?;
         let wrapped = self.wrap_data_key(WRAPPED_DK_V2, &krk, &id, keyring, version, backup_id, &labels, &base)?;
         let recovery_recipient = state.escrow.as_ref().and_then(|e| e.in_force().map(str::to_owned));
-        let created = self.now();
+        let created = given.map_or_else(|| self.now(), |(_, at)| at);
         let record = DataKeyRecord {
             keyring: keyring.to_owned(),
             version,

@@ -54,6 +54,10 @@ pub enum WriteOp {
     /// compared: its id is 16 fresh random bytes, and a group with an `Expect` would not share
     /// a commit with others (a Create would cost one fsync of its own).
     PutKmipObject { id: [u8; 16], object: Box<super::kmip::KmipObject>, previous: Option<Box<super::kmip::KmipObject>> },
+    /// No data key and no KMIP object with this id exists when the group commits, or the
+    /// group fails ([`StoreError::Conflict`]): a key issued with a given id (a KMIP import)
+    /// never replaces one, even made on another replica meanwhile.
+    ExpectNoKey { id: [u8; 16] },
 }
 
 /// Errors of encoding a write.
@@ -91,7 +95,8 @@ fn changes_state(op: &WriteOp) -> bool {
         | WriteOp::RestoreTest(_)
         | WriteOp::PutDataKey { .. }
         | WriteOp::PutKmipObject { .. }
-        | WriteOp::ExpectMeta { .. } => false,
+        | WriteOp::ExpectMeta { .. }
+        | WriteOp::ExpectNoKey { .. } => false,
     }
 }
 
@@ -147,6 +152,10 @@ fn lower(op: WriteOp, g: &mut WriteGroup) -> Result<(), RegistryError> {
             g.push(Op::Put { table: Table::Destructions, key: id_key(rec.id).to_vec(), value: enc("destruction", &rec)? })
         }
         WriteOp::ExpectMeta { key, value } => g.push(Op::Expect { table: Table::Meta, key: key.as_bytes().to_vec(), value }),
+        WriteOp::ExpectNoKey { id } => {
+            g.push(Op::Expect { table: Table::DataKeys, key: id.to_vec(), value: None });
+            g.push(Op::Expect { table: Table::KmipObjects, key: id.to_vec(), value: None });
+        }
         WriteOp::PutKmipObject { id, object, previous } => {
             if let Some(p) = previous {
                 g.push(Op::Expect { table: Table::KmipObjects, key: id.to_vec(), value: Some(enc("KMIP object", &*p)?) });

@@ -740,3 +740,131 @@ async fn a_kmip_key_pair_is_two_linked_data_keys_and_a_sealer_reads_only_the_pub
     assert!(c.keys.kmip_get_public(&sealer, &public_uid).await.is_err(), "the public key outlived its data key");
     assert!(c.keys.kmip_get(&restorer, &private_uid).await.is_ok(), "the private key is a data key of its own");
 }
+
+/// The escrow bundle of KMIP objects (`kmip_escrow_dir`): a Create is escrowed before it
+/// commits and its files removed when the commit fails; no recipient refuses it; a state
+/// change rewrites the state file; the expiry of the data key deletes the key file (and the
+/// sweep deletes one an interrupted erase left); an import into another server keeps the
+/// uid and the material and refuses a second time.
+#[tokio::test]
+async fn kmip_objects_are_escrowed_before_they_commit_and_erased_with_their_data_key() {
+    use super::kmip::{Material, NewObject, state};
+    use kluis_escrow::kmip_bundle::{KeyRecord, StateRecord, key_file_name, state_file_name};
+    let escrow = tempfile::tempdir().unwrap();
+    let c = Core::new();
+    let c = Core { keys: c.keys.with_kmip_escrow_dir(Some(escrow.path().to_owned())), ..c };
+    c.create("ehr", 1, 0).await;
+    let sealer = c.auth("host", Action::GenerateDataKey, Some("ehr"));
+    let new = || NewObject { object_type: 2, algorithm: Some(3), length: Some(256), names: vec!["k1".into()], key_format: 1, ..NewObject::default() };
+    let material = || Material::new(Zeroizing::new(vec![0x5Au8; 32]));
+    let create = || c.keys.kmip_create(&sealer, "ehr", new(), material(), c.ev("host", Action::GenerateDataKey));
+    let listing = || {
+        let mut v: Vec<String> = std::fs::read_dir(escrow.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        v.sort();
+        v
+    };
+
+    // No recipient in force: refused, nothing made, nothing written.
+    assert!(matches!(create().await, Err(KeyError::KmipEscrowNoRecipient { .. })));
+    assert!(listing().is_empty());
+    let identity = age::x25519::Identity::generate();
+    let info = EscrowInfo {
+        ceremony_id: "c".into(),
+        recovery_recipient: identity.to_public().to_string(),
+        threshold: 2,
+        shares: 3,
+        custodians: vec![],
+        installed: T0,
+        manifest_json: String::new(),
+        previous_recipients: vec![],
+        removed: None,
+    };
+    let mut s = State::clone(&c.keys.state());
+    s.escrow = Some(info);
+    c.keys.state.store(Arc::new(s));
+
+    // A commit that fails leaves no escrow files behind.
+    c.store.fail.store(true, Ordering::SeqCst);
+    assert!(create().await.is_err());
+    c.store.fail.store(false, Ordering::SeqCst);
+    assert!(listing().is_empty(), "{:?}", listing());
+
+    let uid = create().await.unwrap();
+    assert_eq!(listing(), vec![key_file_name(&uid), state_file_name(&uid)]);
+    let read_key = |dir: &std::path::Path| {
+        let p = dir.join(key_file_name(&uid));
+        KeyRecord::open(&identity, &std::fs::read(&p).unwrap(), &p).unwrap()
+    };
+    let read_state = |dir: &std::path::Path| {
+        let p = dir.join(state_file_name(&uid));
+        StateRecord::open(&identity, &std::fs::read(&p).unwrap(), &p).unwrap()
+    };
+    let k = read_key(escrow.path());
+    assert_eq!((k.material.as_slice(), k.keyring.as_str(), k.created_by.as_str()), (&[0x5Au8; 32][..], "ehr", "host"));
+    assert_eq!(read_state(escrow.path()).state, state::PRE_ACTIVE);
+    c.keys.kmip_revoke(&sealer, &uid, 5, Some("retired".into()), None, c.ev("host", Action::GenerateDataKey)).await.unwrap();
+    let st = read_state(escrow.path());
+    assert_eq!((st.state, st.revocation.as_ref().map(|r| r.code), st.destroyed), (state::DEACTIVATED, Some(5), None));
+
+    // Into another server (its own store and master key), with the same uid.
+    let other = Core::new();
+    other.create("ehr", 0, 0).await;
+    let officer = other.auth("officer", Action::KmipImport, Some("ehr"));
+    let ev = || other.ev("officer", Action::KmipImport);
+    other.keys.kmip_import(&officer, read_key(escrow.path()), read_state(escrow.path()), ev()).await.unwrap();
+    let restorer = other.auth("ops", Action::UnwrapDataKey, Some("ehr"));
+    let (o, got) = other.keys.kmip_get(&restorer, &uid).await.unwrap();
+    assert_eq!((got.expose(), o.state, o.names.as_slice()), (&[0x5Au8; 32][..], state::DEACTIVATED, &["k1".to_owned()][..]));
+    let again = other.keys.kmip_import(&officer, read_key(escrow.path()), read_state(escrow.path()), ev()).await;
+    assert!(matches!(again, Err(KeyError::KmipObjectExists { .. })), "{:?}", again.err());
+    let sealer_only = other.auth("host", Action::GenerateDataKey, Some("ehr"));
+    assert!(matches!(other.keys.kmip_import(&sealer_only, read_key(escrow.path()), read_state(escrow.path()), ev()).await, Err(KeyError::NotCovered)));
+
+    // A KMIP Destroy: Destroyed in the bundle at once; cancelled by an officer: not any
+    // more; carried out after its waiting period: the key file is deleted.
+    c.create("pacs", 0, 0).await;
+    let pacs = c.auth("host", Action::GenerateDataKey, Some("pacs"));
+    let uid2 = c.keys.kmip_create(&pacs, "pacs", new(), material(), c.ev("host", Action::GenerateDataKey)).await.unwrap();
+    let state2 = || {
+        let p = escrow.path().join(state_file_name(&uid2));
+        StateRecord::open(&identity, &std::fs::read(&p).unwrap(), &p).unwrap()
+    };
+    let d = c.keys.kmip_destroy(&pacs, &uid2, c.ev("host", Action::GenerateDataKey)).await.unwrap();
+    assert!(state2().destroyed.is_some());
+    let officer = c.auth("officer", Action::CancelDestruction, Some("pacs"));
+    c.keys.cancel_destruction(&officer, d.id, c.ev("officer", Action::CancelDestruction)).await.unwrap();
+    assert_eq!(state2().destroyed, None, "a cancelled Destroy gives the object back");
+    c.keys.kmip_destroy(&pacs, &uid2, c.ev("host", Action::GenerateDataKey)).await.unwrap();
+    assert!(listing().contains(&key_file_name(&uid2)), "kept during the waiting period");
+
+    // The retention of the first ends, the second's waiting period too: both data keys
+    // are destroyed, their key files go with them.
+    c.advance_days(8);
+    // One expiry, one destruction; nothing left for the sweep (which would count a third).
+    assert_eq!(c.keys.maintain(None).await.unwrap(), 2);
+    let mut left = vec![state_file_name(&uid), state_file_name(&uid2)];
+    left.sort();
+    assert_eq!(listing(), left);
+    assert!(read_state(escrow.path()).destroyed.is_some());
+    assert!(state2().destroyed.is_some());
+    // A key file an interrupted erase left is deleted by the next pass.
+    std::fs::write(escrow.path().join(key_file_name(&uid)), b"left over").unwrap();
+    assert_eq!(c.keys.maintain(None).await.unwrap(), 1);
+    assert_eq!(listing(), left);
+
+    // A keyring destroyed: the key files of its objects go with its keys.
+    c.create("tape", 0, 0).await;
+    let tape = c.auth("host", Action::GenerateDataKey, Some("tape"));
+    let uid3 = c.keys.kmip_create(&tape, "tape", new(), material(), c.ev("host", Action::GenerateDataKey)).await.unwrap();
+    assert!(listing().contains(&key_file_name(&uid3)));
+    let a = c.auth("officer", Action::DestroyKeyring, Some("tape"));
+    let DestroyOutcome::Pending(req) = c.keys.request_destroy_keyring(&a, "tape", c.ev("officer", Action::DestroyKeyring)).await.unwrap() else {
+        panic!("destroying a keyring needs a second officer");
+    };
+    c.approve("officer2", req.id).await.unwrap();
+    c.advance_days(8);
+    assert_eq!(c.keys.maintain(None).await.unwrap(), 1, "the keyring's destruction; nothing left for the sweep");
+    assert!(!listing().contains(&key_file_name(&uid3)), "{:?}", listing());
+    let p = escrow.path().join(state_file_name(&uid3));
+    assert!(StateRecord::open(&identity, &std::fs::read(&p).unwrap(), &p).unwrap().destroyed.is_some());
+}

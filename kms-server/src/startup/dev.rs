@@ -71,6 +71,7 @@ fn make(dir: &Path, cfg_path: &Path, listen: SocketAddr, master: DevMaster, stor
         metrics_listen: None,
         kmip_listen: None,
         kmip_keyring: Some(DEFAULT_KEYRING.to_owned()),
+        kmip_escrow_dir: None,
         approval_ttl_secs: None,
         destruction_wait_days: None,
         maintenance_interval_secs: None,

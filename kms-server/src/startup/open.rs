@@ -75,6 +75,24 @@ pub fn open_store(cfg: &ServerConfig, chain: Arc<dyn Chain>, create: bool) -> Re
     })
 }
 
+/// The KMIP escrow directory of the config, made (mode 0700) if absent; logged either way.
+fn kmip_escrow_dir(cfg: &ServerConfig) -> Result<Option<PathBuf>, StartupError> {
+    let Some(dir) = &cfg.kmip_escrow_dir else {
+        tracing::info!("kmip_escrow_dir is not set: no escrow bundle of KMIP objects is written");
+        return Ok(None);
+    };
+    if !dir.is_dir() {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| StartupError::Io { path: dir.clone(), source: e })?;
+    }
+    tracing::info!(dir = %dir.display(), "KMIP objects are escrowed to the recovery recipient in this directory");
+    Ok(Some(dir.clone()))
+}
+
 /// Opens master key and store and returns the key manager; every failure says why.
 pub fn open_keys(cfg: &ServerConfig, env: &Environment) -> Result<Arc<KeyManager>, StartupError> {
     let chain = AuditChain::new();
@@ -92,7 +110,8 @@ pub fn open_keys(cfg: &ServerConfig, env: &Environment) -> Result<Arc<KeyManager
         KeyManager::open(store, &chain, generation, master, env.clock.clone())?
             .with_approval_ttl(ttl)
             .with_destruction_wait_days(wait)
-            .with_scrub_interval_secs(cfg.scrub_interval_secs.unwrap_or(crate::keys::DEFAULT_SCRUB_INTERVAL_SECS)),
+            .with_scrub_interval_secs(cfg.scrub_interval_secs.unwrap_or(crate::keys::DEFAULT_SCRUB_INTERVAL_SECS))
+            .with_kmip_escrow_dir(kmip_escrow_dir(cfg)?),
     ))
 }
 

@@ -519,6 +519,7 @@ fn commit_batch(database: &Database, groups: Vec<WriteGroup>, chain: &dyn Chain,
                         Table::Approvals => approvals.get(super::key_id(table, &key)?).map_err(dberr)?.map(|v| v.value().to_vec()),
                         Table::Destructions => destructions.get(super::key_id(table, &key)?).map_err(dberr)?.map(|v| v.value().to_vec()),
                         Table::KmipObjects => kmip.get(id16(table, &key)?).map_err(dberr)?.map(|v| v.value().to_vec()),
+                        Table::DataKeys => keys.get(id16(table, &key)?).map_err(dberr)?.map(|v| v.value().to_vec()),
                         _ => return Err(StoreError::WrongTable { table }),
                     };
                     if found != value {
