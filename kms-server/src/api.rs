@@ -842,6 +842,8 @@ impl Api {
             initial_date: p.initial_date_unix,
             created_by: std::mem::take(&mut p.created_by),
             material: zeroize::Zeroizing::new(std::mem::take(&mut p.material)),
+            links: p.links.drain(..).map(|l| (l.link_type, l.uid)).collect(),
+            secret_data_type: p.secret_data_type,
         };
         let st = StateRecord {
             uid: r.uid.as_str().to_owned(),

@@ -312,3 +312,52 @@ fn create_fails_closed_when_the_bundle_cannot_be_written() {
     let uid = good(&r[0])["uid"].as_str().unwrap().to_owned();
     assert_eq!(files(&bundle), vec![format!("{uid}.key.age"), format!("{uid}.state.age")]);
 }
+
+/// A key pair comes back from the bundle whole: both keys with their bytes and uids, and
+/// the Links that tie them (in the key files, readable with the stock `age`, and on the new
+/// server after the import).
+#[test]
+fn an_imported_key_pair_keeps_both_keys_and_their_links() {
+    let site = tempfile::tempdir().unwrap();
+    let bundle = site.path().join("kmip-escrow");
+    let (manifest, custodian_keys) = ceremony(site.path());
+    let s1 = server(Some(&bundle));
+    install(&s1, &manifest);
+    let r = kmip::run(&s1, "dev", json!([{"op": "pie2_create_key_pair", "length": 2048, "private_name": "veeam-rsa-1", "public_name": "veeam-rsa-1-pub"}]));
+    let (private, public) = (good(&r[0])["private"].as_str().unwrap().to_owned(), r[0]["public"].as_str().unwrap().to_owned());
+    let seed = kmip::run(&s1, "dev", json!([{"op": "pie2_register", "object_type": "SECRET_DATA", "key": hex::encode(b"seed-bytes"), "secret_data_type": "SEED"}]));
+    let seed = good(&seed[0])["uid"].as_str().unwrap().to_owned();
+    let before = kmip::run(&s1, "dev", json!([{"op": "pie2_get", "uid": private}, {"op": "pie2_get", "uid": public}]));
+    let (private_key, public_key) = (good(&before[0])["key"].clone(), good(&before[1])["key"].clone());
+    drop(s1);
+
+    let recovery = rebuild(site.path(), &manifest, &custodian_keys);
+    let k = stock_decrypt(&recovery, &bundle.join(format!("{private}.key.age")));
+    assert_eq!(k["links"], json!([{"link_type": 0x102, "uid": public}]), "{k}");
+    let k = stock_decrypt(&recovery, &bundle.join(format!("{public}.key.age")));
+    assert_eq!(k["links"], json!([{"link_type": 0x103, "uid": private}]), "{k}");
+    let k = stock_decrypt(&recovery, &bundle.join(format!("{seed}.key.age")));
+    assert_eq!((k["secret_data_type"].as_u64(), k["material_hex"].as_str()), (Some(2), Some(hex::encode(b"seed-bytes").as_str())), "a registered object is escrowed too: {k}");
+
+    let s2 = server(Some(&site.path().join("kmip-escrow-new")));
+    install(&s2, &manifest);
+    let o = import(&s2, &recovery, &bundle);
+    ok(&o, "kmip import");
+    assert!(stdout(&o).contains("3 imported, 0 already present, 0 skipped, 0 failed"), "{}", stdout(&o));
+    let after = kmip::run(
+        &s2,
+        "dev",
+        json!([
+            {"op": "pie2_get", "uid": private},
+            {"op": "pie2_get", "uid": public},
+            {"op": "get_attribute_list", "uid": private},
+            {"op": "pie_locate", "name": "veeam-rsa-1"},
+            {"op": "pie2_get", "uid": seed},
+        ]),
+    );
+    assert_eq!((good(&after[4])["key"].as_str(), after[4]["data_type"].as_str()), (Some(hex::encode(b"seed-bytes").as_str()), Some("SEED")), "{}", after[4]);
+    assert_eq!(good(&after[0])["key"], private_key);
+    assert_eq!(good(&after[1])["key"], public_key);
+    assert!(good(&after[2])["names"].as_array().unwrap().contains(&json!("Link")), "{}", after[2]);
+    assert_eq!(good(&after[3])["uids"], json!([private]));
+}

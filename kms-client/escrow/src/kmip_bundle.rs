@@ -96,6 +96,10 @@ pub struct KeyRecord {
     /// The principal that made the object.
     pub created_by: String,
     pub material: Zeroizing<Vec<u8>>,
+    /// Links to other objects: (KMIP Link Type, uid); a key pair's two keys name each other.
+    pub links: Vec<(u32, String)>,
+    /// Secret Data Type (Password 1, Seed 2) of Secret Data.
+    pub secret_data_type: Option<u32>,
 }
 
 /// Application Specific Information: namespace and data.
@@ -188,7 +192,21 @@ struct KeyWire {
     created_by: String,
     /// The material, lowercase hex.
     material_hex: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    links: Vec<LinkWire>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    secret_data_type: Option<u32>,
 }
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LinkWire {
+    link_type: u32,
+    uid: String,
+}
+
+/// Most links a key file carries (a key pair's keys have one each).
+pub const MAX_LINKS: usize = 4;
 
 impl Drop for KeyWire {
     fn drop(&mut self) {
@@ -291,6 +309,8 @@ impl KeyRecord {
             initial_date: Some(self.initial_date),
             created_by: self.created_by.clone(),
             material_hex: hex::encode(self.material.as_slice()),
+            links: self.links.iter().map(|(link_type, uid)| LinkWire { link_type: *link_type, uid: uid.clone() }).collect(),
+            secret_data_type: self.secret_data_type,
         };
         let mut text = Zeroizing::new(Vec::with_capacity(4 * MAX_MATERIAL));
         serde_json::to_writer_pretty(&mut *text, &wire).map_err(|e| BundleError::Encrypt(e.to_string()))?;
@@ -314,6 +334,13 @@ impl KeyRecord {
         let mut material = Zeroizing::new(vec![0u8; hex_text.len() / 2]);
         hex::decode_to_slice(hex_text.as_bytes(), &mut material).map_err(|_| field("material_hex", "not hex"))?;
         let initial_date = wire.initial_date.ok_or_else(|| field("initial_date", "missing"))?;
+        if wire.links.len() > MAX_LINKS {
+            return Err(field("links", "at most 4"));
+        }
+        if wire.links.iter().any(|l| l.uid.len() != 32 || !l.uid.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))) {
+            return Err(field("links", "a uid of 32 lowercase hex digits"));
+        }
+        let links = wire.links.drain(..).map(|l| (l.link_type, l.uid)).collect();
         Ok(KeyRecord {
             uid: std::mem::take(&mut wire.uid),
             keyring: std::mem::take(&mut wire.keyring),
@@ -324,6 +351,8 @@ impl KeyRecord {
             initial_date,
             created_by: std::mem::take(&mut wire.created_by),
             material,
+            links,
+            secret_data_type: wire.secret_data_type,
         })
     }
 }
@@ -454,6 +483,8 @@ mod tests {
             initial_date: 1_767_225_600,
             created_by: "dev".into(),
             material: Zeroizing::new((0u8..32).collect()),
+            links: vec![(0x102, "ffeeddccbbaa99887766554433221100".into())],
+            secret_data_type: None,
         }
     }
 
@@ -484,6 +515,7 @@ mod tests {
         let k = KeyRecord::open(&id, &sealed, &kp).unwrap();
         assert_eq!((k.uid.as_str(), k.keyring.as_str(), k.algorithm, k.length, k.initial_date), (UID, "dev", Some(3), Some(256), 1_767_225_600));
         assert_eq!(k.material.as_slice(), (0u8..32).collect::<Vec<_>>());
+        assert_eq!((k.links, k.secret_data_type), (key().links, None));
         let s = StateRecord::open(&id, &state().seal(&id.to_public()).unwrap(), &sp).unwrap();
         assert_eq!(s, state());
 

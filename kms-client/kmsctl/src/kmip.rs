@@ -140,6 +140,8 @@ pub fn request(key: &KeyRecord, st: &StateRecord) -> pb::ImportKmipObjectRequest
         compromise_occurrence_unix: st.compromise_occurrence,
         revocation_code: st.revocation.as_ref().map(|r| r.code),
         revocation_message: st.revocation.as_ref().and_then(|r| r.message.clone()),
+        links: key.links.iter().map(|(link_type, uid)| pb::KmipLink { link_type: *link_type, uid: uid.clone() }).collect(),
+        secret_data_type: key.secret_data_type,
     }
 }
 

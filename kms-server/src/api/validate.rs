@@ -338,6 +338,12 @@ impl Validate for pb::ImportKmipObjectRequest {
         if let Some(m) = &self.revocation_message {
             text("revocation_message", m, MAX_TEXT, false)?;
         }
+        if self.links.len() > 4 {
+            return bad("links", Problem::TooMany { count: self.links.len(), max: 4 });
+        }
+        for l in &self.links {
+            KeyId::parse(&l.uid).map_err(|e| Invalid { field: "links", ..e })?;
+        }
         Ok(ImportKmipObject { uid, keyring })
     }
     fn claimed(&self) -> Subject<'_> {

@@ -107,6 +107,8 @@ fn key_record(id: &[u8; 16], o: &KmipObject, material: &Material) -> KeyRecord {
         initial_date: o.initial_date,
         created_by: o.created_by.clone(),
         material: Zeroizing::new(material.expose().to_vec()),
+        links: o.links.clone(),
+        secret_data_type: o.secret_data_type,
     }
 }
 
@@ -332,10 +334,8 @@ impl KeyManager {
             key_format: new.key_format,
             wrapped: issue.wrapped,
             sealed,
-            // Not in the bundle yet: an imported key pair's keys lose their Links to each
-            // other, and imported Secret Data is given as a Password.
-            links: Vec::new(),
-            secret_data_type: None,
+            links: std::mem::take(&mut key.links),
+            secret_data_type: key.secret_data_type,
         };
         audit.key_id = Some(key.uid.clone());
         let op = WriteOp::Atomic(vec![

@@ -206,19 +206,29 @@ impl KeyManager {
     /// the public key's Unique Identifiers.
     pub async fn kmip_create_pair(&self, auth: &Authorized, keyring: &str, private: Made, public: Made) -> Result<(String, String), KeyError> {
         Self::check(auth, Action::GenerateDataKey, Some(keyring))?;
-        let (private_id, mut private_ops, mut private_row) = self.kmip_prepare(auth, keyring, private).await?;
-        let (public_id, mut public_ops, mut public_row) = self.kmip_prepare(auth, keyring, public).await?;
+        let (private_id, mut private_ops, mut private_row, private_material) = self.kmip_prepare(auth, keyring, private).await?;
+        let (public_id, mut public_ops, mut public_row, public_material) = self.kmip_prepare(auth, keyring, public).await?;
         private_row.links.push((link_type::PUBLIC_KEY_LINK, uid_of(&public_id)));
         public_row.links.push((link_type::PRIVATE_KEY_LINK, uid_of(&private_id)));
-        let mut ops = Vec::with_capacity(6);
         let put = |id, object| WriteOp::PutKmipObject { id, object: Box::new(object), previous: None };
+        let (private_put, public_put) = (put(private_id, private_row), put(public_id, public_row));
+        // Both keys are escrowed before either commits (as a Create is); if the second
+        // cannot be, the first's files go again and nothing is made.
+        let private_escrow = self.kmip_escrow_before(&private_put, Some(&private_material), false).await?;
+        let public_escrow = match self.kmip_escrow_before(&public_put, Some(&public_material), false).await {
+            Ok(w) => w,
+            Err(e) => return self.kmip_escrow_after(private_escrow, Err(e)).await,
+        };
+        let mut ops = Vec::with_capacity(6);
         ops.push(private_ops.remove(0));
-        ops.push(put(private_id, private_row));
+        ops.push(private_put);
         ops.append(&mut private_ops);
         ops.push(public_ops.remove(0));
-        ops.push(put(public_id, public_row));
+        ops.push(public_put);
         ops.append(&mut public_ops);
-        self.store.write(WriteOp::Atomic(ops)).await?;
+        let r = self.store.write(WriteOp::Atomic(ops)).await.map_err(KeyError::from);
+        let r = self.kmip_escrow_after(private_escrow, r).await;
+        self.kmip_escrow_after(public_escrow, r).await?;
         Ok((uid_of(&private_id), uid_of(&public_id)))
     }
 
@@ -227,16 +237,19 @@ impl KeyManager {
     /// The object starts Pre-Active.
     pub async fn kmip_register(&self, auth: &Authorized, keyring: &str, made: Made) -> Result<String, KeyError> {
         Self::check(auth, Action::GenerateDataKey, Some(keyring))?;
-        let (id, mut ops, row) = self.kmip_prepare(auth, keyring, made).await?;
+        let (id, mut ops, row, material) = self.kmip_prepare(auth, keyring, made).await?;
         ops.insert(1, WriteOp::PutKmipObject { id, object: Box::new(row), previous: None });
-        self.store.write(WriteOp::Atomic(ops)).await?;
+        let op = WriteOp::Atomic(ops);
+        // Escrowed before it commits, as a Create is.
+        let escrowed = self.kmip_escrow_before(&op, Some(&material), false).await?;
+        self.kmip_escrow_after(escrowed, self.store.write(op).await.map_err(KeyError::from)).await?;
         Ok(uid_of(&id))
     }
 
     /// A data key issued for an object and its row, the material sealed under it: the
     /// writes (the data key, then the audit entry) and the row, for the caller to link and
-    /// put between them.
-    async fn kmip_prepare(&self, auth: &Authorized, keyring: &str, made: Made) -> Result<([u8; 16], Vec<WriteOp>, KmipObject), KeyError> {
+    /// put between them, and the material (for the escrow bundle).
+    async fn kmip_prepare(&self, auth: &Authorized, keyring: &str, made: Made) -> Result<([u8; 16], Vec<WriteOp>, KmipObject, Material), KeyError> {
         let Made { new, material, secret_data_type, mut audit } = made;
         new.validate()?;
         if material.expose().is_empty() || material.expose().len() > MAX_MATERIAL {
@@ -277,7 +290,7 @@ impl KeyManager {
         };
         audit.key_id = Some(uid_of(&id));
         let ops = vec![WriteOp::IssueDataKey { id, record: issue.record, secret: Some(issue.secret) }, WriteOp::Audit(audit)];
-        Ok((id, ops, row))
+        Ok((id, ops, row, material))
     }
 
     /// A public key's object and material, for a caller with `sealer` or `restorer` on its
