@@ -989,12 +989,11 @@ impl KmsClient {
     }
 
     /// Recreates one KMIP object of an escrow bundle with its Unique Identifier (officer,
-    /// `kmsctl kmip import`); answers the uid. The request's material is zeroized after.
-    pub async fn import_kmip_object(&self, mut req: pb::ImportKmipObjectRequest) -> Result<String, ClientError> {
-        let material = std::mem::take(&mut req.material);
-        let sent = pb::ImportKmipObjectRequest { material: material.clone(), ..req };
-        zeroize::Zeroize::zeroize(&mut { material });
-        let r = call!(self, Rpc::ImportKmipObject, admin.import_kmip_object(sent));
+    /// `kmsctl kmip import`); answers the uid. The material travels in the protobuf
+    /// request, a plain `Vec` that the transport (and each retry's copy) does not zeroize,
+    /// as with the keys the server answers.
+    pub async fn import_kmip_object(&self, req: pb::ImportKmipObjectRequest) -> Result<String, ClientError> {
+        let r = call!(self, Rpc::ImportKmipObject, admin.import_kmip_object(req.clone()));
         Ok(r?.into_inner().uid)
     }
 

@@ -530,8 +530,8 @@ impl Kmip {
         let r = req(p, tag::REVOCATION_REASON).map_err(invalid_field)?;
         only(r, &[tag::REVOCATION_REASON_CODE, tag::REVOCATION_MESSAGE]).map_err(invalid_field)?;
         let code = enumeration(req(r, tag::REVOCATION_REASON_CODE).map_err(invalid_field)?).map_err(invalid_field)?;
-        if !(1..=8).contains(&code) {
-            return Err(Failure::new(ResultReason::InvalidField, format!("Revocation Reason Code {code} is not one KMIP defines (1 to 8)")));
+        if !(1..=7).contains(&code) {
+            return Err(Failure::new(ResultReason::InvalidField, format!("Revocation Reason Code {code} is not one KMIP defines (1 to 7)")));
         }
         let message = opt(r, tag::REVOCATION_MESSAGE).map_err(invalid_field)?.map(text).transpose().map_err(invalid_field)?.map(str::to_owned);
         let occurred = opt(p, tag::COMPROMISE_OCCURRENCE_DATE).map_err(invalid_field)?.map(date_time).transpose().map_err(invalid_field)?;

@@ -1107,6 +1107,12 @@ fn veeam_like_create_key_pair_activate_get_public_locate_get_private() {
     assert_eq!(destroyed, pair);
     // Both wait out the keyring's waiting period, as officers see.
     assert_eq!(destructions_of(&s, &private).len() + destructions_of(&s, &public).len(), 2);
+    // An identity without a role on the keyring learns nothing of the object, not even
+    // its type (which a wrong format's refusal would name), and the refusal is audited.
+    let r = kmip::run(&s, "auditor", json!([{"op": "get", "uid": private, "format": "X_509"}]));
+    let denied = refused(&r[0], "PERMISSION_DENIED");
+    assert!(!denied["message"].as_str().unwrap().contains("private key"), "{denied}");
+    assert!(audit_lines(&s, "KmipGet").iter().any(|l| l.contains("\"auditor\"") && l.contains(&private)), "the refusal is audited");
 }
 
 /// Register of a Transparent Symmetric Key (PyKMIP cannot build one, so with Kluis's codec):

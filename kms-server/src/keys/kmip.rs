@@ -367,7 +367,7 @@ impl KeyManager {
             WriteOp::PutKmipObject { id, object: Box::new(object), previous: None },
             WriteOp::Audit(audit),
         ]);
-        let escrowed = self.kmip_escrow_before(&op, Some(&material), false).await?;
+        let escrowed = self.kmip_escrow_before(&op, Some(&material)).await?;
         self.kmip_escrow_after(escrowed, self.store.write(op).await.map_err(KeyError::from)).await?;
         Ok(uid_of(&id))
     }
@@ -529,8 +529,13 @@ impl KeyManager {
         audit.key_id = Some(uid_of(&id));
         let action = PendingAction::DestroyKey { id, keyring: before.keyring.clone() };
         let put = WriteOp::PutKmipObject { id, object: Box::new(after), previous: Some(Box::new(before)) };
-        let escrowed = self.kmip_escrow_before(&put, None, true).await?;
-        self.kmip_escrow_after(escrowed, self.schedule_with_ops(&admin, &action, auth.principal().name(), None, audit, vec![put]).await).await
+        // The bundle learns of the Destroy only once it is committed: a state file that said
+        // Destroyed for a Destroy that never committed would make an import skip a live key,
+        // while one a step behind only brings back a key a client meant to destroy.
+        self.kmip_escrow_recipient_ready()?;
+        let done = self.schedule_with_ops(&admin, &action, auth.principal().name(), None, audit, vec![put]).await?;
+        self.kmip_escrow_resync(&id).await;
+        Ok(done)
     }
 
     /// Adds, changes or deletes one attribute a client may set (Name, Application
@@ -584,7 +589,7 @@ impl KeyManager {
         change(&mut after, seen, self.now())?;
         audit.key_id = Some(uid_of(&id));
         let op = WriteOp::Atomic(vec![WriteOp::PutKmipObject { id, object: Box::new(after), previous: Some(Box::new(before)) }, WriteOp::Audit(audit)]);
-        let escrowed = self.kmip_escrow_before(&op, None, false).await?;
+        let escrowed = self.kmip_escrow_before(&op, None).await?;
         self.kmip_escrow_after(escrowed, self.store.write(op).await.map_err(KeyError::from)).await
     }
 

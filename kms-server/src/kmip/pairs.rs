@@ -231,6 +231,11 @@ impl Kmip {
         let format = opt(p, tag::KEY_FORMAT_TYPE).map_err(invalid_field)?.map(enumeration).transpose().map_err(invalid_field)?.unwrap_or(object.key_format);
         let keyring = object.keyring.clone();
         let kind = object.object_type;
+        // Who has no role on the keyring learns nothing of the object (not even its type,
+        // which the format refusal names): refused and audited first.
+        if !self.policy.may_use(who, &keyring) {
+            self.authorize(who, Action::UnwrapDataKey, "KmipGet", &keyring, Some(&uid)).await?;
+        }
         // The format is checked before the key is opened: a wrong one is refused by name.
         let (what, served): (&str, &[u32]) = match kind {
             object_type::PRIVATE_KEY => ("an RSA private key is given as PKCS#1 (3) or PKCS#8 (4)", &[key_format::PKCS_1, key_format::PKCS_8]),

@@ -124,16 +124,25 @@ impl KeyManager {
         bundle::parse_recipient(recipient).map_err(|e| esc.error(e))
     }
 
+    /// Refuses a change that could not be escrowed: a bundle is configured but no recipient
+    /// is in force (the check `kmip_escrow_before` makes, for a change escrowed after it
+    /// commits).
+    pub(in crate::keys) fn kmip_escrow_recipient_ready(&self) -> Result<(), KeyError> {
+        match &self.kmip_escrow {
+            Some(esc) => self.kmip_escrow_recipient(esc).map(|_| ()),
+            None => Ok(()),
+        }
+    }
+
     /// Before `op` (a write that puts a KMIP object) commits: writes the object's state
     /// file, and its key file when `material` is given (a new object), durably. An error
-    /// means nothing may be committed. `destroying`: `op` schedules the object's
-    /// destruction, so it is Destroyed to clients from now. Does nothing (None) when no
-    /// bundle is configured.
-    pub(in crate::keys) async fn kmip_escrow_before(&self, op: &WriteOp, material: Option<&Material>, destroying: bool) -> Result<Option<Written>, KeyError> {
+    /// means nothing may be committed. Does nothing (None) when no bundle is configured.
+    /// (A Destroy is escrowed after it commits: see `kmip_destroy`.)
+    pub(in crate::keys) async fn kmip_escrow_before(&self, op: &WriteOp, material: Option<&Material>) -> Result<Option<Written>, KeyError> {
         let Some(esc) = &self.kmip_escrow else { return Ok(None) };
         let (id, o) = put_of(op).ok_or(KeyError::Internal { what: "an escrowed write puts no KMIP object" })?;
         let recipient = self.kmip_escrow_recipient(esc)?;
-        let destroyed = if destroying { Some(self.now()) } else { self.kmip_state(id, o)?.1 };
+        let destroyed = self.kmip_state(id, o)?.1;
         let uid = uid_of(id);
         let mut files = Vec::with_capacity(2);
         if let Some(m) = material {
@@ -344,7 +353,7 @@ impl KeyManager {
             WriteOp::PutKmipObject { id, object: Box::new(object), previous: None },
             WriteOp::Audit(audit),
         ]);
-        let written = self.kmip_escrow_before(&op, Some(&material), false).await?;
+        let written = self.kmip_escrow_before(&op, Some(&material)).await?;
         let r = self.store.write(op).await.map_err(KeyError::from);
         // Made meanwhile (another import, on another replica): said as such.
         let r = match r {

@@ -214,8 +214,8 @@ impl KeyManager {
         let (private_put, public_put) = (put(private_id, private_row), put(public_id, public_row));
         // Both keys are escrowed before either commits (as a Create is); if the second
         // cannot be, the first's files go again and nothing is made.
-        let private_escrow = self.kmip_escrow_before(&private_put, Some(&private_material), false).await?;
-        let public_escrow = match self.kmip_escrow_before(&public_put, Some(&public_material), false).await {
+        let private_escrow = self.kmip_escrow_before(&private_put, Some(&private_material)).await?;
+        let public_escrow = match self.kmip_escrow_before(&public_put, Some(&public_material)).await {
             Ok(w) => w,
             Err(e) => return self.kmip_escrow_after(private_escrow, Err(e)).await,
         };
@@ -241,7 +241,7 @@ impl KeyManager {
         ops.insert(1, WriteOp::PutKmipObject { id, object: Box::new(row), previous: None });
         let op = WriteOp::Atomic(ops);
         // Escrowed before it commits, as a Create is.
-        let escrowed = self.kmip_escrow_before(&op, Some(&material), false).await?;
+        let escrowed = self.kmip_escrow_before(&op, Some(&material)).await?;
         self.kmip_escrow_after(escrowed, self.store.write(op).await.map_err(KeyError::from)).await?;
         Ok(uid_of(&id))
     }
