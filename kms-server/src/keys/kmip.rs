@@ -25,7 +25,7 @@ use super::{KeyError, KeyManager};
 use crate::audit::AuditEvent;
 use crate::auth::{Action, Authorized};
 use crate::model::{DestructionRecord, DestructionTarget, PendingAction};
-use crate::secret::{aes_gcm_open, aes_gcm_seal};
+use crate::secret::aes_gcm_open;
 
 pub mod pair;
 
@@ -320,56 +320,10 @@ impl KeyManager {
         keyring: &str,
         new: NewObject,
         material: Material,
-        mut audit: AuditEvent,
+        audit: AuditEvent,
     ) -> Result<String, KeyError> {
-        Self::check(auth, Action::GenerateDataKey, Some(keyring))?;
-        new.validate()?;
-        if material.expose().is_empty() || material.expose().len() > MAX_MATERIAL {
-            return Err(KeyError::InvalidArgument { field: "Key Material", reason: "1 to 8192 bytes" });
-        }
-        let mut labels = vec![("kmip.object_type".to_owned(), new.object_type.to_string())];
-        if let Some(n) = new.names.first() {
-            labels.push(("kmip.name".to_owned(), n.clone()));
-        }
-        labels.sort();
-        let mut issue = self.issue(auth, keyring, "kmip", labels).await?;
-        // An escrow bundle of KMIP objects is another matter than a backup's escrow stanza:
-        // the object is not counted as escrowed by the stanza's rules.
-        issue.record.escrowed = false;
-        let id = issue.id;
-        let sealed = aes_gcm_seal(&issue.data_key, &self.rng, &material_aad(&id), material.expose()).map_err(|_| KeyError::Rng)?;
-        let object = KmipObject {
-            object_type: new.object_type,
-            keyring: keyring.to_owned(),
-            algorithm: new.algorithm,
-            length: new.length,
-            usage_mask: new.usage_mask,
-            names: new.names,
-            app_info: new.app_info,
-            state: state::PRE_ACTIVE,
-            initial_date: issue.record.created,
-            activation_date: None,
-            deactivation_date: None,
-            compromise_date: None,
-            compromise_occurrence: None,
-            destroy_date: None,
-            revocation: None,
-            created_by: auth.principal().name().to_owned(),
-            key_format: new.key_format,
-            wrapped: issue.wrapped,
-            sealed,
-            links: Vec::new(),
-            secret_data_type: None,
-        };
-        audit.key_id = Some(uid_of(&id));
-        let op = WriteOp::Atomic(vec![
-            WriteOp::IssueDataKey { id, record: issue.record, secret: Some(issue.secret) },
-            WriteOp::PutKmipObject { id, object: Box::new(object), previous: None },
-            WriteOp::Audit(audit),
-        ]);
-        let escrowed = self.kmip_escrow_before(&op, Some(&material)).await?;
-        self.kmip_escrow_after(escrowed, self.store.write(op).await.map_err(KeyError::from)).await?;
-        Ok(uid_of(&id))
+        // A created object is a registered one whose material the server chose.
+        self.kmip_register(auth, keyring, pair::Made { new, material, secret_data_type: None, audit }).await
     }
 
     /// The object `uid` names, as stored (no check of who asks: the caller authorizes on its
